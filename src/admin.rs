@@ -1,0 +1,263 @@
+//! Admin API (bearer token): members with their memberships, access and activity log,
+//! events with raw body and outcome, leads. Read-only here; never shows a secret.
+
+use crate::http_error::ApiError;
+use crate::pipeline::Ctx;
+use crate::store::{EventRow, MemberDetail, MembershipRow};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::Json;
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+
+/// Proof that the request carried the admin token.
+pub struct AdminToken;
+
+impl FromRequestParts<Arc<Ctx>> for AdminToken {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        ctx: &Arc<Ctx>,
+    ) -> Result<Self, Self::Rejection> {
+        let Some(expected) = &ctx.config.admin_token else {
+            return Err(ApiError::AdminUnauthorized);
+        };
+        let given = parts
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes())) {
+            Ok(AdminToken)
+        } else {
+            Err(ApiError::AdminUnauthorized)
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> crate::store::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+fn rfc(t: Option<DateTime<Utc>>) -> Value {
+    t.map(|t| Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)))
+        .unwrap_or(Value::Null)
+}
+
+/// One membership as the API shows it.
+pub fn membership_json(
+    m: &MembershipRow,
+    now: DateTime<Utc>,
+    timers: &[crate::store::TimerRow],
+) -> Value {
+    let has_access = m.has_access(now);
+    json!({
+        "id": m.id,
+        "provider": m.provider,
+        "subscription_id": m.subscription_id,
+        "product_id": m.product_id,
+        "plan_id": m.plan_id,
+        "provider_status": m.status,
+        "state": m.state,
+        "has_access": has_access,
+        "access_levels": if has_access { m.access_levels.clone() } else { vec![] },
+        "period_end": rfc(m.period_end),
+        "grace_until": rfc(m.grace_until),
+        "access_until": rfc(m.access_until),
+        "cancel_at_period_end": m.cancel_at_period_end,
+        "last_event_at": rfc(m.last_event_at),
+        "last_event_id": m.last_event_id,
+        "last_reconciled_at": rfc(m.last_reconciled_at),
+        "sync_status": m.sync_status,
+        "flags": m.flags,
+        "timers": timers.iter().filter(|t| t.membership_id == m.id)
+            .map(|t| json!({"name": t.name, "due_at": rfc(Some(t.due_at)), "set_by_event": t.set_by_event}))
+            .collect::<Vec<_>>(),
+    })
+}
+
+/// One activity-log line: the event, its outcome, the rule and transition, its source.
+pub fn activity_json(e: &EventRow) -> Value {
+    let o = &e.outcome;
+    json!({
+        "event_id": e.event_id,
+        "provider": e.provider,
+        "event_type": e.event_type,
+        "kind": e.kind,
+        "source": e.source,
+        "status": e.status,
+        "reason": e.reason,
+        "occurred_at": rfc(e.occurred_at),
+        "received_at": rfc(Some(e.received_at)),
+        "membership_id": e.membership_id,
+        "from": o.get("from").cloned().unwrap_or(Value::Null),
+        "to": o.get("to").cloned().unwrap_or(Value::Null),
+        "input": o.get("input").cloned().unwrap_or(Value::Null),
+        "rule": o.get("rule").cloned().unwrap_or(Value::Null),
+        "effects": o.get("effects").cloned().unwrap_or(Value::Null),
+    })
+}
+
+/// The member JSON of DESIGN.md.
+pub fn member_json(d: &MemberDetail, now: DateTime<Utc>) -> Value {
+    let levels: BTreeSet<String> = d
+        .memberships
+        .iter()
+        .filter(|m| m.has_access(now))
+        .flat_map(|m| m.access_levels.iter().cloned())
+        .collect();
+    json!({
+        "id": d.member.id,
+        "tenant": d.member.tenant,
+        "email": d.member.email,
+        "name": d.member.name,
+        "has_access": !levels.is_empty() || d.memberships.iter().any(|m| m.has_access(now)),
+        "access_levels": levels,
+        "flags": d.member.flags,
+        "memberships": d.memberships.iter().map(|m| membership_json(m, now, &d.timers)).collect::<Vec<_>>(),
+        "recent_events": d.recent_events.iter().map(activity_json).collect::<Vec<_>>(),
+    })
+}
+
+/// `GET /members/{id}`.
+pub async fn member(
+    _: AdminToken,
+    State(ctx): State<Arc<Ctx>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let store = ctx.store.clone();
+    let d = blocking(move || store.member_detail(&id, 50))
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    Ok(Json(member_json(&d, ctx.clock.now())))
+}
+
+#[derive(Deserialize)]
+pub struct EmailQuery {
+    email: Option<String>,
+}
+
+/// `GET /members?email=E`.
+pub async fn members(
+    _: AdminToken,
+    State(ctx): State<Arc<Ctx>>,
+    Query(q): Query<EmailQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let email = q
+        .email
+        .ok_or_else(|| ApiError::BadRequest("`email` query parameter is required".into()))?;
+    let store = ctx.store.clone();
+    let details = blocking(move || {
+        let mut out = Vec::new();
+        for m in store.members_by_email(&email)? {
+            if let Some(d) = store.member_detail(&m.id, 20)? {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    })
+    .await?;
+    let now = ctx.clock.now();
+    Ok(Json(
+        json!({ "members": details.iter().map(|d| member_json(d, now)).collect::<Vec<_>>() }),
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct EventsQuery {
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /events?status=S&limit=N`.
+pub async fn events(
+    _: AdminToken,
+    State(ctx): State<Arc<Ctx>>,
+    Query(q): Query<EventsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let store = ctx.store.clone();
+    let limit = q.limit.unwrap_or(50).min(1000);
+    let rows = blocking(move || store.events(q.status.as_deref(), limit)).await?;
+    Ok(Json(
+        json!({ "events": rows.iter().map(activity_json).collect::<Vec<_>>() }),
+    ))
+}
+
+/// The full stored event: raw body, canonical event, outcome, rule and transition.
+pub fn event_json(e: &EventRow) -> Value {
+    let raw = match std::str::from_utf8(&e.raw) {
+        Ok(s) => json!({ "encoding": "utf-8", "body": s }),
+        Err(_) => {
+            json!({ "encoding": "base64", "body": base64::engine::general_purpose::STANDARD.encode(&e.raw) })
+        }
+    };
+    json!({
+        "seq": e.seq,
+        "tenant": e.tenant,
+        "provider": e.provider,
+        "event_id": e.event_id,
+        "idempotency_key": e.idempotency_key,
+        "event_type": e.event_type,
+        "kind": e.kind,
+        "source": e.source,
+        "status": e.status,
+        "reason": e.reason,
+        "received_at": rfc(Some(e.received_at)),
+        "occurred_at": rfc(e.occurred_at),
+        "member_id": e.member_id,
+        "membership_id": e.membership_id,
+        "raw": raw,
+        "headers": e.headers,
+        "canonical": e.canonical,
+        "outcome": e.outcome,
+    })
+}
+
+/// `GET /events/{event_id}`.
+pub async fn event(
+    _: AdminToken,
+    State(ctx): State<Arc<Ctx>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let store = ctx.store.clone();
+    let rows = blocking(move || store.events_by_event_id(&id)).await?;
+    match rows.len() {
+        0 => Err(ApiError::NotFound),
+        1 => Ok(Json(event_json(&rows[0]))),
+        _ => Ok(Json(
+            json!({ "events": rows.iter().map(event_json).collect::<Vec<_>>() }),
+        )),
+    }
+}
+
+/// `GET /leads`.
+pub async fn leads(_: AdminToken, State(ctx): State<Arc<Ctx>>) -> Result<Json<Value>, ApiError> {
+    let store = ctx.store.clone();
+    let rows = blocking(move || store.leads(None)).await?;
+    Ok(Json(json!({ "leads": rows })))
+}
+
+/// `GET /metrics`: Prometheus text.
+pub async fn metrics(State(ctx): State<Arc<Ctx>>) -> Result<String, ApiError> {
+    let store = ctx.store.clone();
+    let counts = blocking(move || store.event_counts()).await?;
+    let mut out = String::from("# HELP membersync_events_total Stored events by outcome.\n# TYPE membersync_events_total gauge\n");
+    for (status, n) in counts {
+        out.push_str(&format!(
+            "membersync_events_total{{status=\"{status}\"}} {n}\n"
+        ));
+    }
+    Ok(out)
+}

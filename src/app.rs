@@ -1,0 +1,57 @@
+//! The HTTP application: one router for ingest, admin, health and metrics, and `serve`,
+//! which runs it with the timer task until shutdown.
+
+use crate::pipeline::Ctx;
+use crate::{admin, ingest, timers};
+use axum::routing::get;
+use axum::Router;
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+/// The router, for `serve` and for `oneshot` tests.
+pub fn router(ctx: Arc<Ctx>) -> Router {
+    Router::new()
+        .route(
+            "/webhooks/{tenant}/{provider}",
+            get(ingest::probe).head(ingest::probe).post(ingest::webhook),
+        )
+        .route("/members", get(admin::members))
+        .route("/members/{id}", get(admin::member))
+        .route("/events", get(admin::events))
+        .route("/events/{event_id}", get(admin::event))
+        .route("/leads", get(admin::leads))
+        .route("/metrics", get(admin::metrics))
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .with_state(ctx)
+}
+
+/// Serves until `shutdown` resolves: stops accepting, finishes requests in flight (and
+/// their commits), stops the timer task, then returns.
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let timer_ctx = ctx.clone();
+    let mut timer_stop = stop_rx.clone();
+    let timer_task = tokio::spawn(async move {
+        timers::run(timer_ctx, async move {
+            let _ = timer_stop.wait_for(|s| *s).await;
+        })
+        .await
+    });
+    let app = router(ctx);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
+        .await;
+    let _ = timer_task.await;
+    result
+}

@@ -1,0 +1,494 @@
+//! The command line: one function per command. `anyhow` lives here and in `main.rs` only.
+
+use crate::canonical::Source;
+use crate::clock::{Clock, FixedClock, SystemClock};
+use crate::config::Config;
+use crate::machine::MState;
+use crate::pipeline::{self, Ctx, Incoming, Raw};
+use crate::rules::RuleSet;
+use crate::store::sqlite::{Options, SqliteStore};
+use crate::store::Store;
+use crate::verify::Scheme;
+use anyhow::{bail, Context as _, Result};
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "membersync",
+    version,
+    about = "Keeps member access in sync with payment-provider webhooks."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server (webhooks, admin API, timers).
+    Serve {
+        #[arg(long, default_value = "membersync.yaml")]
+        config: PathBuf,
+        /// Address to listen on (overrides the config and MEMBERSYNC_LISTEN).
+        #[arg(long)]
+        listen: Option<String>,
+        /// SQLite database file (overrides the config and MEMBERSYNC_DATABASE).
+        #[arg(long)]
+        database: Option<String>,
+    },
+    /// Validate the config, provider YAML and Rhai rules; report every problem.
+    Check {
+        #[arg(long, default_value = "membersync.yaml")]
+        config: PathBuf,
+    },
+    /// Dry-run one payload: print the canonical event and the outcome as JSON.
+    Simulate(SimulateArgs),
+    /// Sign FILE with the tenant's secret the way the provider does and POST it.
+    Send {
+        #[arg(long)]
+        provider: String,
+        #[arg(long, default_value = "demo")]
+        tenant: String,
+        /// Webhook URL; defaults to the local server's URL for this tenant and provider.
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long, default_value = "membersync.yaml")]
+        config: PathBuf,
+        file: PathBuf,
+    },
+}
+
+/// `membersync simulate`.
+#[derive(Debug, clap::Args)]
+pub struct SimulateArgs {
+    #[arg(long)]
+    provider: String,
+    #[arg(long, default_value = "demo")]
+    tenant: String,
+    /// Extra request header, `Name: value` (repeatable).
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// The time to simulate at (RFC 3339); defaults to the event's own time.
+    #[arg(long)]
+    now: Option<String>,
+    /// Run it against the configured database instead of an empty in-memory one.
+    #[arg(long)]
+    apply: bool,
+    /// Start from a membership already in this state (active, past_due, canceling, …)
+    /// instead of none; for dry runs on the in-memory store.
+    #[arg(long, conflicts_with = "apply")]
+    state: Option<String>,
+    #[arg(long, default_value = "membersync.yaml")]
+    config: PathBuf,
+    file: PathBuf,
+}
+
+/// Runs the CLI; the exit code is the process's.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cmd: Command) -> Result<ExitCode> {
+    match cmd {
+        Command::Serve {
+            config,
+            listen,
+            database,
+        } => serve(&config, listen, database).await,
+        Command::Check { config } => Ok(check(&config)),
+        Command::Simulate(args) => simulate(args).await,
+        Command::Send {
+            provider,
+            tenant,
+            url,
+            config,
+            file,
+        } => send(&config, &provider, &tenant, url, &file).await,
+    }
+}
+
+fn load_config(path: &Path) -> Result<Config> {
+    Config::load(path).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))
+}
+
+fn load_rules(config: &Config, now: DateTime<Utc>) -> Result<RuleSet> {
+    RuleSet::load(&config.rules_dir, "rules", now)
+        .map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))
+}
+
+fn open_store(config: &Config, database: &str) -> Result<Arc<dyn Store>> {
+    let opts = Options {
+        queue_capacity: config.queue_capacity,
+        max_batch: config.max_batch,
+    };
+    let store = SqliteStore::open(database, opts)
+        .with_context(|| format!("Failed to open the database {database}"))?;
+    Ok(Arc::new(store))
+}
+
+async fn serve(
+    config_path: &Path,
+    listen: Option<String>,
+    database: Option<String>,
+) -> Result<ExitCode> {
+    let mut config = load_config(config_path)?;
+    if let Some(l) = listen {
+        config.listen = l;
+    }
+    if let Some(d) = database {
+        config.database = d;
+    }
+    let rules = load_rules(&config, Utc::now())?;
+    let store = open_store(&config, &config.database)?;
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("Failed to listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, database = %config.database, rules = %rules.version, tenants = config.tenants.len(), "Listening.");
+    if config.admin_token.is_none() {
+        tracing::warn!("No admin token configured: the admin API answers 401 to everyone.");
+    }
+    let ctx = Arc::new(Ctx::new(config, rules, store, Arc::new(SystemClock)));
+    crate::app::serve(listener, ctx, shutdown_signal()).await?;
+    tracing::info!("Stopped.");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("Shutting down: finishing requests in flight.");
+}
+
+fn check(config_path: &Path) -> ExitCode {
+    let mut problems = Vec::new();
+    match Config::load(config_path) {
+        Ok(config) => {
+            if let Err(e) = RuleSet::load(&config.rules_dir, "rules", Utc::now()) {
+                problems.extend(e.0);
+            }
+        }
+        Err(e) => problems.extend(e.0),
+    }
+    if problems.is_empty() {
+        println!("ok: {} is valid", config_path.display());
+        ExitCode::SUCCESS
+    } else {
+        for p in &problems {
+            println!("{p}");
+        }
+        println!("{} problem(s)", problems.len());
+        ExitCode::FAILURE
+    }
+}
+
+fn parse_headers(headers: &[String]) -> Result<Vec<(String, String)>> {
+    headers
+        .iter()
+        .map(|h| {
+            let (k, v) = h
+                .split_once(':')
+                .with_context(|| format!("header `{h}` is not `Name: value`"))?;
+            Ok((k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+fn content_type_for(file: &Path) -> &'static str {
+    if file.extension().is_some_and(|e| e == "form") {
+        "application/x-www-form-urlencoded"
+    } else {
+        "application/json"
+    }
+}
+
+/// What `simulate` runs.
+pub struct SimulateInput {
+    pub provider: String,
+    pub tenant: String,
+    pub headers: Vec<(String, String)>,
+    pub now: Option<DateTime<Utc>>,
+    /// Seed the membership in this state first.
+    pub state: Option<MState>,
+    pub body: Vec<u8>,
+    pub content_type: String,
+}
+
+/// The JSON `simulate` prints for one payload.
+pub async fn simulate_json(
+    config: Config,
+    rules: RuleSet,
+    store: Arc<dyn Store>,
+    input: SimulateInput,
+) -> Result<serde_json::Value> {
+    let SimulateInput {
+        provider,
+        tenant,
+        headers,
+        now,
+        state,
+        body,
+        content_type,
+    } = input;
+    let (provider, tenant, content_type) =
+        (provider.as_str(), tenant.as_str(), content_type.as_str());
+    let extractor = config
+        .extractors
+        .get(provider)
+        .with_context(|| format!("no provider `{provider}` in rules/providers"))?
+        .clone();
+    let decoded = extractor
+        .decode(&body, Some(content_type))
+        .context("Failed to decode the payload")?;
+    let extracted = extractor.extract(tenant, &decoded, &body, &headers);
+    let at = now.unwrap_or_else(|| match &extracted {
+        Ok(x) => x.event.occurred_at,
+        Err(f) => f.occurred_at.unwrap_or_else(Utc::now),
+    });
+    let event = extracted.as_ref().ok().map(|x| x.event.clone());
+    if let (Some(state), Some(ev)) = (state, event.clone()) {
+        let seed_config = config.clone();
+        store
+            .write(move |tx| pipeline::seed_membership(tx, &seed_config, &ev, state))
+            .await?;
+    }
+    let incoming = match extracted {
+        Ok(x) => Incoming::Extracted(Box::new(x)),
+        Err(failure) => Incoming::Unreadable {
+            provider: provider.to_string(),
+            tenant: tenant.to_string(),
+            failure,
+        },
+    };
+    let ctx = Arc::new(Ctx::new(
+        config,
+        rules,
+        store,
+        Arc::new(FixedClock::new(at)),
+    ));
+    let raw = Raw {
+        body,
+        headers,
+        source: Source::Simulate,
+    };
+    let ack = pipeline::process(&ctx, incoming, raw).await?;
+    let o = ack.outcome;
+    let mut out = json!({
+        "event": event,
+        "outcome": {
+            "status": o.status,
+            "from": o.from,
+            "to": o.to,
+            "input": o.input,
+            "effects": o.effects,
+            "reason": o.reason,
+            "mapping": o.mapping,
+            "rule": o.rule,
+        }
+    });
+    if let Some(s) = state {
+        out["seeded_state"] = json!(s);
+    }
+    Ok(out)
+}
+
+async fn simulate(args: SimulateArgs) -> Result<ExitCode> {
+    let SimulateArgs {
+        provider,
+        tenant,
+        headers,
+        now,
+        apply,
+        state,
+        config: config_path,
+        file,
+    } = args;
+    let state = state
+        .as_deref()
+        .map(|s| {
+            MState::parse(s).with_context(|| {
+                let names: Vec<&str> = MState::ALL.iter().map(|m| m.as_str()).collect();
+                format!("unknown state `{s}`; one of {}", names.join(", "))
+            })
+        })
+        .transpose()?;
+    let config = load_config(&config_path)?;
+    let now = now
+        .map(|s| DateTime::parse_from_rfc3339(&s).map(|t| t.with_timezone(&Utc)))
+        .transpose()
+        .context("`--now` must be RFC 3339, e.g. 2026-01-01T00:00:00Z")?;
+    let rules = load_rules(&config, now.unwrap_or_else(Utc::now))?;
+    let body =
+        std::fs::read(&file).with_context(|| format!("Failed to read {}", file.display()))?;
+    let store = if apply {
+        open_store(&config, &config.database)?
+    } else {
+        open_store(&config, ":memory:")?
+    };
+    let input = SimulateInput {
+        headers: parse_headers(&headers)?,
+        content_type: content_type_for(&file).to_string(),
+        provider,
+        tenant,
+        now,
+        state,
+        body,
+    };
+    let out = simulate_json(config, rules, store, input).await?;
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn send(
+    config_path: &Path,
+    provider: &str,
+    tenant: &str,
+    url: Option<String>,
+    file: &Path,
+) -> Result<ExitCode> {
+    let config = load_config(config_path)?;
+    let extractor = config
+        .extractors
+        .get(provider)
+        .with_context(|| format!("no provider `{provider}` in rules/providers"))?;
+    let secret = config
+        .tenants
+        .get(tenant)
+        .and_then(|t| t.providers.get(provider))
+        .and_then(|p| p.secret.clone())
+        .with_context(|| format!("tenant `{tenant}` has no secret for `{provider}`"))?;
+    let body = std::fs::read(file).with_context(|| format!("Failed to read {}", file.display()))?;
+    let now = SystemClock.now();
+    let body = expand_time(&body, now.timestamp())
+        .with_context(|| format!("Failed to expand times in {}", file.display()))?;
+    let url =
+        url.unwrap_or_else(|| format!("http://{}/webhooks/{tenant}/{provider}", config.listen));
+    let signed = Scheme::compile(&extractor.spec.verify).sign(&secret, &body, now);
+    let mut req = reqwest::Client::new()
+        .post(&url)
+        .header("content-type", content_type_for(file))
+        .body(body);
+    for (k, v) in signed {
+        req = req.header(k, v);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("Failed to POST to {url}"))?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    println!("{} {}", status.as_u16(), text);
+    if status.is_success() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        bail!("the server answered {status}")
+    }
+}
+
+/// Replaces `"${now}"`, `"${now+30d}"`, `"${now-90s}"` (units s, m, h, d; quoted or not)
+/// with unix seconds, so example payloads can describe a story that starts when sent.
+/// Bodies without placeholders pass through unchanged.
+pub fn expand_time(body: &[u8], now: i64) -> Result<Vec<u8>> {
+    let Ok(text) = std::str::from_utf8(body) else {
+        return Ok(body.to_vec());
+    };
+    if !text.contains("${now") {
+        return Ok(body.to_vec());
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("${now") {
+        let quoted = rest[..i].ends_with('"');
+        out.push_str(&rest[..if quoted { i - 1 } else { i }]);
+        let after = &rest[i + 5..];
+        let close = after.find('}').context("unclosed ${now…} placeholder")?;
+        let spec = &after[..close];
+        let offset = if spec.is_empty() {
+            0
+        } else {
+            let (sign, num) = spec.split_at(1);
+            let (digits, unit) = num.split_at(num.len().saturating_sub(1));
+            let n: i64 = digits
+                .parse()
+                .with_context(|| format!("bad placeholder ${{now{spec}}}"))?;
+            let secs = match unit {
+                "s" => n,
+                "m" => n * 60,
+                "h" => n * 3600,
+                "d" => n * 86_400,
+                _ => bail!("bad unit in ${{now{spec}}}: use s, m, h or d"),
+            };
+            match sign {
+                "+" => secs,
+                "-" => -secs,
+                _ => bail!("bad placeholder ${{now{spec}}}: use +N or -N"),
+            }
+        };
+        out.push_str(&(now + offset).to_string());
+        rest = &after[close + 1..];
+        if quoted && rest.starts_with('"') {
+            rest = &rest[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out.into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expand_time_replaces_quoted_and_bare_placeholders() {
+        let got = expand_time(
+            br#"{"a": "${now}", "b": ${now+2m}, "c": "${now-1d}", "d": "x"}"#,
+            1000,
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            r#"{"a": 1000, "b": 1120, "c": -85400, "d": "x"}"#
+        );
+        assert_eq!(expand_time(b"{}", 5).unwrap(), b"{}");
+        assert!(expand_time(b"${now+3y}", 5).is_err());
+        assert!(expand_time(b"${now", 5).is_err());
+    }
+}

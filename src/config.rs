@@ -1,0 +1,280 @@
+//! Configuration: `membersync.yaml` as written (`ConfigFile`) → resolved (`Config`), with
+//! secrets read from the environment and every provider file under `rules/providers/`
+//! compiled. Problems are gathered, not reported one at a time.
+
+use crate::diagnostic::Diagnostic;
+use crate::extract::Extractor;
+use crate::secret::Secret;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Loading the configuration failed; every problem is listed.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", crate::diagnostic::render(.0))]
+pub struct Error(pub Vec<Diagnostic>);
+
+/// `membersync.yaml` as written.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Address to listen on (env `MEMBERSYNC_LISTEN` overrides).
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// SQLite file path (env `MEMBERSYNC_DATABASE` overrides), relative to the config file.
+    #[serde(default)]
+    pub database: Option<String>,
+    /// Bearer token for the admin API (env `MEMBERSYNC_ADMIN_TOKEN` overrides).
+    #[serde(default)]
+    pub admin_token: Option<SecretSpec>,
+    /// Directory holding `*.rhai` and `providers/*.yaml`, relative to the config file.
+    #[serde(default)]
+    pub rules_dir: Option<String>,
+    /// Limits.
+    #[serde(default)]
+    pub limits: LimitsSpec,
+    /// Tenants by name (the `{tenant}` URL segment).
+    pub tenants: BTreeMap<String, TenantSpec>,
+}
+
+/// Request and queue limits.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    /// Largest webhook body accepted, in bytes (413 above). Default 1 MiB.
+    #[serde(default)]
+    pub max_body_bytes: Option<usize>,
+    /// Writes that may wait before new ones get 503. Default 4096.
+    #[serde(default)]
+    pub queue_capacity: Option<usize>,
+    /// Most events committed in one transaction. Default 256.
+    #[serde(default)]
+    pub max_batch: Option<usize>,
+}
+
+/// A secret: a literal, or an environment variable with an optional local default.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum SecretSpec {
+    Env {
+        env: String,
+        #[serde(default)]
+        default: Option<String>,
+    },
+    Literal(String),
+}
+
+impl SecretSpec {
+    fn resolve(&self) -> Option<Secret> {
+        match self {
+            SecretSpec::Literal(s) => Some(Secret::new(s.clone())),
+            SecretSpec::Env { env, default } => std::env::var(env)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .or_else(|| default.clone())
+                .map(Secret::new),
+        }
+    }
+}
+
+/// One tenant (one platform/app).
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSpec {
+    /// Policy values handed to the rules as `cfg` (e.g. `grace_days`).
+    #[serde(default)]
+    pub policy: serde_json::Map<String, serde_json::Value>,
+    /// Providers this tenant accepts webhooks from.
+    #[serde(default)]
+    pub providers: BTreeMap<String, TenantProviderSpec>,
+}
+
+/// A tenant's settings for one provider.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TenantProviderSpec {
+    /// Webhook signing secret.
+    pub secret: SecretSpec,
+    /// Product (or plan/price) id → access levels it grants.
+    #[serde(default)]
+    pub products: BTreeMap<String, Vec<String>>,
+}
+
+/// A resolved tenant provider.
+#[derive(Debug, Clone)]
+pub struct TenantProvider {
+    pub secret: Option<Secret>,
+    pub products: BTreeMap<String, Vec<String>>,
+}
+
+/// A resolved tenant.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub name: String,
+    pub policy: serde_json::Map<String, serde_json::Value>,
+    pub providers: BTreeMap<String, TenantProvider>,
+}
+
+impl Tenant {
+    /// Access levels for a product (tried by product id, then plan id); `None` when unmapped.
+    pub fn access_levels(
+        &self,
+        provider: &str,
+        product: Option<&str>,
+        plan: Option<&str>,
+    ) -> Option<Vec<String>> {
+        let p = self.providers.get(provider)?;
+        [product, plan]
+            .into_iter()
+            .flatten()
+            .find_map(|id| p.products.get(id).cloned())
+    }
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub listen: String,
+    pub database: String,
+    pub admin_token: Option<Secret>,
+    pub rules_dir: PathBuf,
+    pub max_body_bytes: usize,
+    pub queue_capacity: usize,
+    pub max_batch: usize,
+    pub tenants: BTreeMap<String, Tenant>,
+    pub extractors: BTreeMap<String, Extractor>,
+}
+
+/// Defaults for local use, documented in the README.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_DATABASE: &str = "membersync.db";
+
+impl Config {
+    /// Reads `path` and everything it points at.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let shown = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|e| {
+            Error(vec![Diagnostic::new(
+                &shown,
+                1,
+                1,
+                format!("cannot read config: {e}"),
+            )])
+        })?;
+        let file: ConfigFile = crate::yaml::from_str(&src)
+            .map_err(|e| Error(vec![Diagnostic::from_yaml(&shown, &e)]))?;
+        Config::compile(path, &src, file)
+    }
+
+    /// Resolves a parsed config file.
+    pub fn compile(path: &Path, src: &str, file: ConfigFile) -> Result<Config, Error> {
+        let shown = path.display().to_string();
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut diags = Vec::new();
+        let rules_dir = base.join(file.rules_dir.as_deref().unwrap_or("rules"));
+        let extractors = load_extractors(&rules_dir, &mut diags);
+        let mut tenants = BTreeMap::new();
+        for (name, t) in &file.tenants {
+            let mut providers = BTreeMap::new();
+            for (pname, p) in &t.providers {
+                if !extractors.contains_key(pname) {
+                    let (line, col) = crate::extract::locate(src, &format!("{pname}:"));
+                    let known: Vec<&str> = extractors.keys().map(String::as_str).collect();
+                    let mut d = Diagnostic::new(
+                        &shown,
+                        line,
+                        col,
+                        format!("tenant `{name}` names provider `{pname}`, which has no valid rules/providers/{pname}.yaml"),
+                    );
+                    if let Some(best) = crate::diagnostic::closest(pname, &known) {
+                        d = d.with_hint(format!("did you mean `{best}`?"));
+                    }
+                    diags.push(d);
+                }
+                providers.insert(
+                    pname.clone(),
+                    TenantProvider {
+                        secret: p.secret.resolve(),
+                        products: p.products.clone(),
+                    },
+                );
+            }
+            tenants.insert(
+                name.clone(),
+                Tenant {
+                    name: name.clone(),
+                    policy: t.policy.clone(),
+                    providers,
+                },
+            );
+        }
+        if !diags.is_empty() {
+            return Err(Error(diags));
+        }
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let database = env("MEMBERSYNC_DATABASE")
+            .or(file.database.clone())
+            .unwrap_or_else(|| DEFAULT_DATABASE.to_string());
+        let database = if database == ":memory:" || Path::new(&database).is_absolute() {
+            database
+        } else {
+            base.join(database).display().to_string()
+        };
+        Ok(Config {
+            path: path.to_path_buf(),
+            listen: env("MEMBERSYNC_LISTEN")
+                .or(file.listen.clone())
+                .unwrap_or_else(|| DEFAULT_LISTEN.to_string()),
+            database,
+            admin_token: env("MEMBERSYNC_ADMIN_TOKEN")
+                .map(Secret::new)
+                .or_else(|| file.admin_token.as_ref().and_then(SecretSpec::resolve)),
+            rules_dir,
+            max_body_bytes: file.limits.max_body_bytes.unwrap_or(1024 * 1024),
+            queue_capacity: file.limits.queue_capacity.unwrap_or(4096),
+            max_batch: file.limits.max_batch.unwrap_or(256),
+            tenants,
+            extractors,
+        })
+    }
+}
+
+fn load_extractors(rules_dir: &Path, diags: &mut Vec<Diagnostic>) -> BTreeMap<String, Extractor> {
+    let dir = rules_dir.join("providers");
+    let mut out = BTreeMap::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) => {
+            diags.push(Diagnostic::new(
+                dir.display().to_string(),
+                1,
+                1,
+                format!("cannot read provider directory: {e}"),
+            ));
+            return out;
+        }
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    paths.sort();
+    for p in paths {
+        let shown = format!(
+            "rules/providers/{}",
+            p.file_name().unwrap_or_default().to_string_lossy()
+        );
+        match std::fs::read_to_string(&p) {
+            Ok(src) => match Extractor::load(&shown, &src) {
+                Ok(x) => {
+                    out.insert(x.provider.clone(), x);
+                }
+                Err(e) => diags.extend(e.0),
+            },
+            Err(e) => diags.push(Diagnostic::new(&shown, 1, 1, format!("cannot read: {e}"))),
+        }
+    }
+    out
+}

@@ -1,0 +1,718 @@
+//! Extract stage: a decoded provider body → one `CanonicalEvent`, driven only by the
+//! provider's YAML (`rules/providers/<provider>.yaml`). No provider is named in this code;
+//! adding a provider takes YAML. Unknown event types become `kind: None` (stored as
+//! ignored), never an error; a mapped field of the wrong type is an error (dead letter).
+
+pub mod decode;
+pub mod path;
+pub mod spec;
+pub mod time;
+
+use crate::canonical::{CanonicalEvent, EventKind, MemberRef};
+use crate::diagnostic::Diagnostic;
+use chrono::{DateTime, Utc};
+use path::Path;
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use spec::{AmountUnit, Condition, DecodeSpec, FieldSpec, FieldsSpec, ProviderSpec, TimeUnit};
+use std::collections::{BTreeMap, HashMap};
+
+/// Reading a provider file failed; every problem is listed.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", crate::diagnostic::render(.0))]
+pub struct CompileError(pub Vec<Diagnostic>);
+
+/// A mapped field could not be read as its canonical type: the event is dead-lettered.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct Error(pub String);
+
+/// Canonical fields, in a fixed order (index into `Fields`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum F {
+    Email,
+    CustomerId,
+    Name,
+    SubscriptionId,
+    ProductId,
+    PlanId,
+    Status,
+    PeriodEnd,
+    CancelAtPeriodEnd,
+    AmountCents,
+    Currency,
+}
+
+const FIELD_NAMES: [(F, &str); 11] = [
+    (F::Email, "email"),
+    (F::CustomerId, "provider_customer_id"),
+    (F::Name, "name"),
+    (F::SubscriptionId, "subscription_id"),
+    (F::ProductId, "product_id"),
+    (F::PlanId, "plan_id"),
+    (F::Status, "status"),
+    (F::PeriodEnd, "period_end"),
+    (F::CancelAtPeriodEnd, "cancel_at_period_end"),
+    (F::AmountCents, "amount_cents"),
+    (F::Currency, "currency"),
+];
+
+/// A compiled field extractor.
+#[derive(Debug, Clone)]
+struct Field {
+    paths: Vec<Path>,
+    constant: Option<Value>,
+    time: Option<TimeUnit>,
+    amount: Option<AmountUnit>,
+    map: BTreeMap<String, Value>,
+}
+
+type Fields = [Option<Field>; 11];
+
+/// Where a mapped event's kind comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Kind(EventKind),
+    Ignore,
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    name: String,
+    conds: Vec<(Path, Cond)>,
+    target: Target,
+    fields: Fields,
+}
+
+#[derive(Debug, Clone)]
+enum Cond {
+    Equals(Value),
+    NotEquals(Value),
+    OneOf(Vec<Value>),
+    Present(bool),
+    Null(bool),
+}
+
+#[derive(Debug, Clone)]
+struct EventMap {
+    target: Option<Target>,
+    cases: Vec<Case>,
+    fields: Fields,
+}
+
+#[derive(Debug, Clone)]
+enum Idempotency {
+    Paths(Vec<Path>),
+    Header(String),
+    BodyHash,
+}
+
+/// The compiled form of one provider file.
+#[derive(Debug, Clone)]
+pub struct Extractor {
+    pub provider: String,
+    pub spec: ProviderSpec,
+    decode: DecodeSpec,
+    idempotency: Idempotency,
+    event_id: Option<Field>,
+    event_type: Field,
+    occurred_at: Field,
+    defaults: Fields,
+    events: HashMap<String, EventMap>,
+}
+
+/// Which part of the YAML decided the event's kind: recorded for `simulate` and the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Mapping {
+    /// `rules/providers/<provider>.yaml`
+    pub file: String,
+    /// The `events:` key that matched, if any.
+    pub event: Option<String>,
+    /// The case that matched (name or `cases[i]`), if any.
+    pub case: Option<String>,
+    /// Why the event maps to no kind, when it does not.
+    pub ignored_because: Option<String>,
+}
+
+/// An extracted event, with the idempotency key and what decided it.
+#[derive(Debug, Clone)]
+pub struct Extraction {
+    pub event: CanonicalEvent,
+    pub idempotency_key: String,
+    pub mapping: Mapping,
+}
+
+/// What is known of an event whose fields could not be read, for the dead letter.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub idempotency_key: String,
+    pub event_id: String,
+    pub event_type: String,
+    pub occurred_at: Option<DateTime<Utc>>,
+    pub error: Error,
+}
+
+/// Request headers as (lower-case name, value) pairs.
+pub type Headers = [(String, String)];
+
+impl Extractor {
+    /// Parses and compiles one provider file. `file` is used in diagnostics.
+    pub fn load(file: &str, src: &str) -> Result<Extractor, CompileError> {
+        let spec: ProviderSpec = crate::yaml::from_str(src)
+            .map_err(|e| CompileError(vec![Diagnostic::from_yaml(file, &e)]))?;
+        Extractor::compile(file, src, spec)
+    }
+
+    /// Compiles a parsed provider spec, gathering every problem.
+    pub fn compile(file: &str, src: &str, spec: ProviderSpec) -> Result<Extractor, CompileError> {
+        let mut diags = Vec::new();
+        let mut cx = Cx {
+            file,
+            src,
+            diags: &mut diags,
+        };
+        let idempotency = if spec.idempotency.body_hash {
+            Idempotency::BodyHash
+        } else if let Some(h) = &spec.idempotency.header {
+            Idempotency::Header(h.to_ascii_lowercase())
+        } else if let Some(p) = &spec.idempotency.path {
+            Idempotency::Paths(p.paths().into_iter().filter_map(|p| cx.path(p)).collect())
+        } else {
+            cx.err(
+                "idempotency",
+                "`idempotency` needs one of `path`, `header`, `body_hash`",
+            );
+            Idempotency::BodyHash
+        };
+        let event_id = spec.event_id.as_ref().map(|f| cx.field("event_id", f));
+        let event_type = cx.field("event_type", &spec.event_type);
+        let occurred_at = cx.field("occurred_at", &spec.occurred_at);
+        if occurred_at.time.is_none() {
+            cx.err(
+                "occurred_at",
+                "`occurred_at` needs a `time:` unit (unix_seconds, unix_millis, iso8601, auto)",
+            );
+        }
+        let defaults = cx.fields(&spec.fields);
+        let mut events = HashMap::new();
+        for (name, ev) in &spec.events {
+            let target = ev.kind.as_deref().map(|k| cx.target(k));
+            let cases = ev
+                .cases
+                .iter()
+                .enumerate()
+                .map(|(i, c)| Case {
+                    name: c.name.clone().unwrap_or_else(|| format!("cases[{i}]")),
+                    conds: c
+                        .when
+                        .iter()
+                        .filter_map(|(p, cond)| Some((cx.path(p)?, cond)))
+                        .flat_map(|(p, cond)| {
+                            compile_cond(cond).into_iter().map(move |c| (p.clone(), c))
+                        })
+                        .collect(),
+                    target: cx.target(&c.kind),
+                    fields: cx.fields(&c.fields),
+                })
+                .collect();
+            let fields = cx.fields(&ev.fields);
+            events.insert(
+                name.clone(),
+                EventMap {
+                    target,
+                    cases,
+                    fields,
+                },
+            );
+        }
+        let stem = std::path::Path::new(file)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("");
+        if !stem.is_empty() && stem != spec.provider {
+            cx.err(
+                "provider:",
+                &format!(
+                    "`provider: {}` does not match the file name `{stem}`",
+                    spec.provider
+                ),
+            );
+        }
+        if !diags.is_empty() {
+            return Err(CompileError(diags));
+        }
+        Ok(Extractor {
+            provider: spec.provider.clone(),
+            decode: spec.decode,
+            idempotency,
+            event_id,
+            event_type,
+            occurred_at,
+            defaults,
+            events,
+            spec,
+        })
+    }
+
+    /// The provider file this came from, relative to the rules dir.
+    pub fn file(&self) -> String {
+        format!("rules/providers/{}.yaml", self.provider)
+    }
+
+    /// Decodes a raw body the way the provider encodes it.
+    pub fn decode(
+        &self,
+        body: &[u8],
+        content_type: Option<&str>,
+    ) -> Result<Value, decode::DecodeError> {
+        let form = match self.decode {
+            DecodeSpec::Json => false,
+            DecodeSpec::Form => true,
+            DecodeSpec::Auto => content_type
+                .map(|c| {
+                    c.to_ascii_lowercase()
+                        .starts_with("application/x-www-form-urlencoded")
+                })
+                .unwrap_or(false),
+        };
+        if form {
+            decode::form(body)
+        } else {
+            decode::json(body)
+        }
+    }
+
+    /// Maps a decoded body onto the canonical event.
+    pub fn extract(
+        &self,
+        tenant: &str,
+        body: &Value,
+        raw: &[u8],
+        headers: &Headers,
+    ) -> Result<Extraction, Box<Failure>> {
+        let idempotency_key = match &self.idempotency {
+            Idempotency::BodyHash => body_hash(raw),
+            Idempotency::Header(h) => header(headers, h)
+                .map(str::to_string)
+                .unwrap_or_else(|| body_hash(raw)),
+            Idempotency::Paths(ps) => first(ps, body)
+                .and_then(as_string)
+                .unwrap_or_else(|| body_hash(raw)),
+        };
+        let event_type = read(&self.event_type, body)
+            .ok()
+            .flatten()
+            .and_then(|v| as_string(&v));
+        let event_id = self
+            .event_id
+            .as_ref()
+            .and_then(|f| read(f, body).ok().flatten())
+            .and_then(|v| as_string(&v))
+            .unwrap_or_else(|| idempotency_key.clone());
+        let occurred_at = read(&self.occurred_at, body)
+            .and_then(|v| {
+                v.map(|v| time::to_time(&v, self.occurred_at.time.unwrap_or(TimeUnit::Auto)))
+                    .transpose()
+            })
+            .map_err(Error);
+        let fail = |error: Error, occurred_at: Option<DateTime<Utc>>| {
+            Box::new(Failure {
+                idempotency_key: idempotency_key.clone(),
+                event_id: event_id.clone(),
+                event_type: event_type.clone().unwrap_or_default(),
+                occurred_at,
+                error,
+            })
+        };
+        let Some(event_type) = event_type.clone() else {
+            return Err(fail(
+                Error("no event type found at the configured `event_type` path".into()),
+                None,
+            ));
+        };
+        let occurred_at = match occurred_at {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                return Err(fail(
+                    Error("no event time found at the configured `occurred_at` path".into()),
+                    None,
+                ))
+            }
+            Err(e) => return Err(fail(Error(format!("occurred_at: {e}")), None)),
+        };
+
+        let mut mapping = Mapping {
+            file: self.file(),
+            event: None,
+            case: None,
+            ignored_because: None,
+        };
+        let mut layers: Vec<&Fields> = Vec::with_capacity(3);
+        let kind = match self.events.get(&event_type) {
+            None => {
+                mapping.ignored_because = Some(format!("event type `{event_type}` is not mapped"));
+                None
+            }
+            Some(em) => {
+                mapping.event = Some(event_type.clone());
+                let matched = em
+                    .cases
+                    .iter()
+                    .find(|c| c.conds.iter().all(|(p, c)| holds(c, p.lookup(body))));
+                if let Some(case) = matched {
+                    layers.push(&case.fields);
+                }
+                layers.push(&em.fields);
+                let target = match matched {
+                    Some(case) => {
+                        mapping.case = Some(case.name.clone());
+                        Some(case.target)
+                    }
+                    None => em.target,
+                };
+                match target {
+                    Some(Target::Kind(k)) => Some(k),
+                    Some(Target::Ignore) => {
+                        mapping.ignored_because = Some(format!(
+                            "case `{}` of `{event_type}` says ignore",
+                            mapping.case.clone().unwrap_or_default()
+                        ));
+                        None
+                    }
+                    None => {
+                        mapping.ignored_because = Some(format!(
+                            "no case of `{event_type}` matched and it has no default kind"
+                        ));
+                        None
+                    }
+                }
+            }
+        };
+        layers.push(&self.defaults);
+
+        let get = |f: F| -> Result<Option<Value>, Error> {
+            for layer in &layers {
+                if let Some(field) = &layer[f as usize] {
+                    return read(field, body)
+                        .map_err(|e| Error(format!("{}: {e}", FIELD_NAMES[f as usize].1)));
+                }
+            }
+            Ok(None)
+        };
+        let string =
+            |f: F| -> Result<Option<String>, Error> { Ok(get(f)?.and_then(|v| as_string(&v))) };
+        let build = || -> Result<CanonicalEvent, Error> {
+            let period_end = match get(F::PeriodEnd)? {
+                None => None,
+                Some(v) => {
+                    let unit = field_in(&layers, F::PeriodEnd)
+                        .and_then(|f| f.time)
+                        .unwrap_or(TimeUnit::Auto);
+                    Some(time::to_time(&v, unit).map_err(|e| Error(format!("period_end: {e}")))?)
+                }
+            };
+            let amount_cents = match get(F::AmountCents)? {
+                None => None,
+                Some(v) => {
+                    let unit = field_in(&layers, F::AmountCents)
+                        .and_then(|f| f.amount)
+                        .unwrap_or(AmountUnit::Cents);
+                    Some(
+                        time::to_cents(&v, unit)
+                            .map_err(|e| Error(format!("amount_cents: {e}")))?,
+                    )
+                }
+            };
+            let cancel_at_period_end = match get(F::CancelAtPeriodEnd)? {
+                None => false,
+                Some(v) => as_bool(&v).ok_or_else(|| {
+                    Error(format!("cancel_at_period_end: expected a boolean, got {v}"))
+                })?,
+            };
+            Ok(CanonicalEvent {
+                kind,
+                provider: self.provider.clone(),
+                tenant: tenant.to_string(),
+                event_id: event_id.clone(),
+                event_type: event_type.clone(),
+                occurred_at,
+                member: MemberRef {
+                    email: string(F::Email)?,
+                    provider_customer_id: string(F::CustomerId)?,
+                    name: string(F::Name)?,
+                },
+                subscription_id: string(F::SubscriptionId)?,
+                product_id: string(F::ProductId)?,
+                plan_id: string(F::PlanId)?,
+                status: string(F::Status)?,
+                period_end,
+                cancel_at_period_end,
+                amount_cents,
+                currency: string(F::Currency)?,
+            })
+        };
+        match build() {
+            Ok(event) => Ok(Extraction {
+                event,
+                idempotency_key,
+                mapping,
+            }),
+            Err(e) if kind.is_none() => {
+                // An unmapped event is stored as ignored even when default fields don't read.
+                let _ = e;
+                Ok(Extraction {
+                    event: CanonicalEvent {
+                        kind: None,
+                        provider: self.provider.clone(),
+                        tenant: tenant.to_string(),
+                        event_id: event_id.clone(),
+                        event_type: event_type.clone(),
+                        occurred_at,
+                        member: MemberRef::default(),
+                        subscription_id: None,
+                        product_id: None,
+                        plan_id: None,
+                        status: None,
+                        period_end: None,
+                        cancel_at_period_end: false,
+                        amount_cents: None,
+                        currency: None,
+                    },
+                    idempotency_key,
+                    mapping,
+                })
+            }
+            Err(e) => Err(fail(e, Some(occurred_at))),
+        }
+    }
+}
+
+fn field_in<'a>(layers: &[&'a Fields], f: F) -> Option<&'a Field> {
+    layers.iter().find_map(|l| l[f as usize].as_ref())
+}
+
+/// Hex SHA-256 of the raw body: the idempotency key of providers that send no id.
+pub fn body_hash(raw: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(raw)))
+}
+
+fn header<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// Literal strings "null" (form bodies) and "" read as absent.
+fn is_nullish(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::String(s) => s.is_empty() || s == "null",
+        _ => false,
+    }
+}
+
+fn first<'a>(paths: &[Path], body: &'a Value) -> Option<&'a Value> {
+    paths
+        .iter()
+        .filter_map(|p| p.lookup(body))
+        .find(|v| !is_nullish(v))
+}
+
+/// Reads a field: first non-null path, else the constant; then the value map.
+fn read(field: &Field, body: &Value) -> Result<Option<Value>, String> {
+    let v = first(&field.paths, body)
+        .cloned()
+        .or_else(|| field.constant.clone());
+    let Some(v) = v else { return Ok(None) };
+    if field.map.is_empty() {
+        return Ok(Some(v));
+    }
+    let key = as_string(&v).unwrap_or_default();
+    Ok(Some(field.map.get(&key).cloned().unwrap_or(v)))
+}
+
+fn as_string(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if !is_nullish(v) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn as_bool(v: &Value) -> Option<bool> {
+    match v {
+        Value::Bool(b) => Some(*b),
+        Value::Number(n) => n.as_i64().map(|n| n != 0),
+        Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" => Some(true),
+            "false" | "0" | "no" | "" | "null" => Some(false),
+            _ => None,
+        },
+        Value::Null => Some(false),
+        _ => None,
+    }
+}
+
+/// Equality that reads `"true"` as `true` and `"6900"` as `6900` (form bodies).
+fn loose_eq(a: &Value, b: &Value) -> bool {
+    if a == b {
+        return true;
+    }
+    match (as_string(a), as_string(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => false,
+    }
+}
+
+fn holds(cond: &Cond, v: Option<&Value>) -> bool {
+    match cond {
+        Cond::Present(want) => v.is_some() == *want,
+        Cond::Null(want) => v.is_none_or(is_nullish) == *want,
+        Cond::Equals(x) => v.is_some_and(|v| loose_eq(v, x)),
+        Cond::NotEquals(x) => !v.is_some_and(|v| loose_eq(v, x)),
+        Cond::OneOf(xs) => v.is_some_and(|v| xs.iter().any(|x| loose_eq(v, x))),
+    }
+}
+
+fn compile_cond(c: &Condition) -> Vec<Cond> {
+    match c {
+        Condition::Equals(v) => vec![Cond::Equals(v.clone())],
+        Condition::Test(t) => {
+            let mut out = Vec::new();
+            if let Some(v) = &t.equals {
+                out.push(Cond::Equals(v.clone()));
+            }
+            if let Some(v) = &t.not_equals {
+                out.push(Cond::NotEquals(v.clone()));
+            }
+            if let Some(v) = &t.one_of {
+                out.push(Cond::OneOf(v.clone()));
+            }
+            if let Some(b) = t.present {
+                out.push(Cond::Present(b));
+            }
+            if let Some(b) = t.is_null {
+                out.push(Cond::Null(b));
+            }
+            if out.is_empty() {
+                out.push(Cond::Present(true));
+            }
+            out
+        }
+    }
+}
+
+/// Compile context: collects diagnostics with their location in the source.
+struct Cx<'a> {
+    file: &'a str,
+    src: &'a str,
+    diags: &'a mut Vec<Diagnostic>,
+}
+
+impl Cx<'_> {
+    fn err(&mut self, needle: &str, msg: &str) {
+        let (line, col) = locate(self.src, needle);
+        self.diags.push(Diagnostic::new(self.file, line, col, msg));
+    }
+
+    fn path(&mut self, p: &str) -> Option<Path> {
+        match Path::parse(p) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                self.err(p, &e);
+                None
+            }
+        }
+    }
+
+    fn target(&mut self, kind: &str) -> Target {
+        if kind == "ignore" {
+            return Target::Ignore;
+        }
+        match EventKind::parse(kind) {
+            Some(k) => Target::Kind(k),
+            None => {
+                let (line, col) = locate(self.src, &format!("kind: {kind}"));
+                let names: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
+                let mut d = Diagnostic::new(
+                    self.file,
+                    line,
+                    col,
+                    format!("unknown canonical kind `{kind}`"),
+                );
+                d = match crate::diagnostic::closest(kind, &names) {
+                    Some(best) => d.with_hint(format!("did you mean `{best}`?")),
+                    None => d.with_hint(format!("one of: {}, ignore", names.join(", "))),
+                };
+                self.diags.push(d);
+                Target::Ignore
+            }
+        }
+    }
+
+    fn field(&mut self, name: &str, spec: &FieldSpec) -> Field {
+        let detail = match spec {
+            FieldSpec::Path(p) => spec::FieldDetail {
+                paths: vec![p.clone()],
+                ..Default::default()
+            },
+            FieldSpec::Paths(ps) => spec::FieldDetail {
+                paths: ps.clone(),
+                ..Default::default()
+            },
+            FieldSpec::Full(d) => d.clone(),
+        };
+        if detail.paths.is_empty() && detail.constant.is_none() {
+            self.err(name, &format!("field `{name}` needs `paths` or `const`"));
+        }
+        Field {
+            paths: detail.paths.iter().filter_map(|p| self.path(p)).collect(),
+            constant: detail.constant,
+            time: detail.time,
+            amount: detail.amount,
+            map: detail.map,
+        }
+    }
+
+    fn fields(&mut self, spec: &FieldsSpec) -> Fields {
+        let specs = [
+            &spec.email,
+            &spec.provider_customer_id,
+            &spec.name,
+            &spec.subscription_id,
+            &spec.product_id,
+            &spec.plan_id,
+            &spec.status,
+            &spec.period_end,
+            &spec.cancel_at_period_end,
+            &spec.amount_cents,
+            &spec.currency,
+        ];
+        let mut out: Fields = Default::default();
+        for (i, s) in specs.into_iter().enumerate() {
+            if let Some(s) = s {
+                out[i] = Some(self.field(FIELD_NAMES[i].1, s));
+            }
+        }
+        out
+    }
+}
+
+/// 1-based line and column of the first occurrence of `needle` in `src` (1:1 if absent).
+pub fn locate(src: &str, needle: &str) -> (usize, usize) {
+    match src.find(needle) {
+        Some(at) => {
+            let before = &src[..at];
+            let line = before.matches('\n').count() + 1;
+            let col = at - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+            (line, col)
+        }
+        None => (1, 1),
+    }
+}
+
+#[cfg(test)]
+mod tests;

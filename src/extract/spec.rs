@@ -1,0 +1,233 @@
+//! The provider YAML as written (`rules/providers/<provider>.yaml`). Compiled into an
+//! `Extractor` by `extract::compile`; nothing here evaluates anything.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One provider file.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSpec {
+    /// Provider name; must match the file name and the URL segment.
+    pub provider: String,
+    /// How a delivery proves it came from the provider.
+    pub verify: VerifySpec,
+    /// Body encoding.
+    #[serde(default)]
+    pub decode: DecodeSpec,
+    /// Where the idempotency key comes from.
+    pub idempotency: IdempotencySpec,
+    /// Path(s) to the provider's event id (defaults to the idempotency key).
+    #[serde(default)]
+    pub event_id: Option<FieldSpec>,
+    /// Path(s) to the provider's event type.
+    pub event_type: FieldSpec,
+    /// Path(s) to when the event happened, with the time unit.
+    pub occurred_at: FieldSpec,
+    /// Field extractors that apply to every event type (overridden per event type).
+    #[serde(default)]
+    pub fields: FieldsSpec,
+    /// Event type → canonical kind, with conditions and field overrides.
+    #[serde(default)]
+    pub events: BTreeMap<String, EventSpec>,
+    /// Operator notes (ignored by the engine).
+    #[serde(default)]
+    pub notes: Option<String>,
+}
+
+/// Signature scheme and its parameters.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifySpec {
+    pub scheme: SchemeName,
+    /// Header carrying the signature (scheme default when omitted).
+    #[serde(default)]
+    pub header: Option<String>,
+    /// Accepted clock skew for timestamped schemes, in seconds.
+    #[serde(default)]
+    pub tolerance_secs: Option<i64>,
+}
+
+/// Signature schemes the engine implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SchemeName {
+    /// `Stripe-Signature: t=…,v1=…`, HMAC-SHA256 hex over `"{t}.{body}"`.
+    Stripe,
+}
+
+/// Body encodings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DecodeSpec {
+    #[default]
+    Json,
+    /// `application/x-www-form-urlencoded` with PHP bracket keys.
+    Form,
+    /// By `Content-Type`: form when it says so, JSON otherwise.
+    Auto,
+}
+
+/// Where the idempotency key is read from: exactly one of `path`, `header`, `body_hash`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencySpec {
+    /// A body field (first non-null of the paths).
+    #[serde(default)]
+    pub path: Option<PathList>,
+    /// A request header.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// SHA-256 of the raw body (providers that send no id).
+    #[serde(default)]
+    pub body_hash: bool,
+}
+
+/// One path or a first-non-null list of paths.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum PathList {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl PathList {
+    pub fn paths(&self) -> Vec<&str> {
+        match self {
+            PathList::One(p) => vec![p.as_str()],
+            PathList::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// How to read one canonical field.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum FieldSpec {
+    /// A single path.
+    Path(String),
+    /// First non-null of several paths.
+    Paths(Vec<String>),
+    /// Paths with a unit, a constant or a value map.
+    Full(FieldDetail),
+}
+
+/// The long form of a field extractor.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FieldDetail {
+    /// First non-null of these paths.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// A fixed value used when no path resolves (or alone).
+    #[serde(default, rename = "const")]
+    pub constant: Option<serde_json::Value>,
+    /// Time unit of the value.
+    #[serde(default)]
+    pub time: Option<TimeUnit>,
+    /// Money unit of the value.
+    #[serde(default)]
+    pub amount: Option<AmountUnit>,
+    /// Translate values (after reading, before typing), e.g. provider status names.
+    #[serde(default)]
+    pub map: BTreeMap<String, serde_json::Value>,
+}
+
+/// Time units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeUnit {
+    UnixSeconds,
+    UnixMillis,
+    Iso8601,
+    /// Numbers by magnitude (seconds or milliseconds), strings as ISO 8601.
+    Auto,
+}
+
+/// Money units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AmountUnit {
+    /// Integer minor units (cents).
+    Cents,
+    /// Decimal major units (2.50 → 250 cents).
+    Major,
+}
+
+/// Canonical fields an extractor can fill.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FieldsSpec {
+    pub email: Option<FieldSpec>,
+    pub provider_customer_id: Option<FieldSpec>,
+    pub name: Option<FieldSpec>,
+    pub subscription_id: Option<FieldSpec>,
+    pub product_id: Option<FieldSpec>,
+    pub plan_id: Option<FieldSpec>,
+    pub status: Option<FieldSpec>,
+    pub period_end: Option<FieldSpec>,
+    pub cancel_at_period_end: Option<FieldSpec>,
+    pub amount_cents: Option<FieldSpec>,
+    pub currency: Option<FieldSpec>,
+}
+
+/// One event type's mapping.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EventSpec {
+    /// Canonical kind when no case matches (omit to store unmatched events as ignored).
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Conditional kinds, first match wins.
+    #[serde(default)]
+    pub cases: Vec<CaseSpec>,
+    /// Field overrides for this event type.
+    #[serde(default)]
+    pub fields: FieldsSpec,
+}
+
+/// A conditional mapping: every condition in `when` must hold.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CaseSpec {
+    /// A short name shown in `simulate` and the activity log.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Path → condition.
+    pub when: BTreeMap<String, Condition>,
+    /// Canonical kind, or `ignore` to store the event as ignored.
+    pub kind: String,
+    /// Field overrides when this case matches.
+    #[serde(default)]
+    pub fields: FieldsSpec,
+}
+
+/// A condition on one path. A bare scalar means `equals`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Condition {
+    Test(ConditionTest),
+    Equals(serde_json::Value),
+}
+
+/// The long form of a condition; all given tests must hold.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConditionTest {
+    /// Value equals this (strings compare with the literal text of numbers and booleans).
+    #[serde(default)]
+    pub equals: Option<serde_json::Value>,
+    /// Value differs from this.
+    #[serde(default)]
+    pub not_equals: Option<serde_json::Value>,
+    /// Value is one of these.
+    #[serde(default, rename = "in")]
+    pub one_of: Option<Vec<serde_json::Value>>,
+    /// The key is present in the body (even if its value is null).
+    #[serde(default)]
+    pub present: Option<bool>,
+    /// The value is null or absent (`true`), or a non-null value (`false`).
+    #[serde(default)]
+    pub is_null: Option<bool>,
+}

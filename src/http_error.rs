@@ -1,0 +1,77 @@
+//! The one status table: every error the HTTP layer can answer, and its status code.
+//! A 500 is opaque to the caller; the error itself is logged.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+/// Errors answered over HTTP.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 404: no such tenant, or the tenant does not accept this provider.
+    #[error("unknown tenant or provider: {0}")]
+    UnknownTarget(String),
+    /// 401: the signature did not verify.
+    #[error("signature rejected: {0}")]
+    Unauthorized(String),
+    /// 400: the body could not be decoded.
+    #[error("undecodable body: {0}")]
+    BadRequest(String),
+    /// 413: the body is larger than the limit.
+    #[error("body larger than {0} bytes")]
+    TooLarge(usize),
+    /// 404: no such member or event.
+    #[error("not found")]
+    NotFound,
+    /// 401: admin token missing or wrong.
+    #[error("admin token missing or wrong")]
+    AdminUnauthorized,
+    /// 503 with Retry-After: the write queue is full.
+    #[error("busy, retry later")]
+    Busy,
+    /// 500: anything else (logged, not shown).
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::UnknownTarget(_) | ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::Unauthorized(_) | ApiError::AdminUnauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<crate::store::Error> for ApiError {
+    fn from(e: crate::store::Error) -> Self {
+        match e {
+            crate::store::Error::Busy | crate::store::Error::Closed => ApiError::Busy,
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status_code();
+        let message = match &self {
+            ApiError::Internal(e) => {
+                tracing::error!(error = %e, "Internal error.");
+                "internal error".to_string()
+            }
+            other => other.to_string(),
+        };
+        let mut resp = (status, Json(json!({ "error": message }))).into_response();
+        if matches!(self, ApiError::Busy) {
+            resp.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}

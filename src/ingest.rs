@@ -1,0 +1,129 @@
+//! Ingest: `POST /webhooks/{tenant}/{provider}` → size limit → verify → decode → extract
+//! → `pipeline::process`, answered only once the event is durable. `HEAD`/`GET` on the same
+//! URL answer 200 (providers probe the URL when it is added). Never logs a secret.
+
+use crate::canonical::Source;
+use crate::http_error::ApiError;
+use crate::pipeline::{self, Ack, Ctx, Incoming, Raw};
+use crate::verify::Scheme;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// Headers never stored with an event.
+const UNSTORED_HEADERS: [&str; 3] = ["authorization", "cookie", "proxy-authorization"];
+
+/// `HEAD`/`GET /webhooks/{tenant}/{provider}`: the URL check providers make.
+pub async fn probe(
+    State(ctx): State<Arc<Ctx>>,
+    Path((tenant, provider)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    target(&ctx, &tenant, &provider)?;
+    Ok(Json(json!({ "ok": true })))
+}
+
+fn target<'a>(
+    ctx: &'a Ctx,
+    tenant: &str,
+    provider: &str,
+) -> Result<&'a crate::config::TenantProvider, ApiError> {
+    let t = ctx
+        .config
+        .tenants
+        .get(tenant)
+        .ok_or_else(|| ApiError::UnknownTarget(format!("tenant `{tenant}`")))?;
+    let p = t.providers.get(provider).ok_or_else(|| {
+        ApiError::UnknownTarget(format!("provider `{provider}` for tenant `{tenant}`"))
+    })?;
+    if !ctx.config.extractors.contains_key(provider) {
+        return Err(ApiError::UnknownTarget(format!("provider `{provider}`")));
+    }
+    Ok(p)
+}
+
+/// `POST /webhooks/{tenant}/{provider}`.
+pub async fn webhook(
+    State(ctx): State<Arc<Ctx>>,
+    Path((tenant, provider)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Ack>, ApiError> {
+    target(&ctx, &tenant, &provider).inspect_err(|e| {
+        tracing::warn!(%tenant, %provider, error = %e, "Webhook for an unknown target.");
+    })?;
+    let limit = ctx.config.max_body_bytes;
+    let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit");
+        if too_large {
+            tracing::warn!(%tenant, %provider, limit, "Webhook body too large.");
+            ApiError::TooLarge(limit)
+        } else {
+            tracing::warn!(%tenant, %provider, error = %e, "Webhook body could not be read.");
+            ApiError::BadRequest(e.to_string())
+        }
+    })?;
+    let hdrs: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect();
+    let ack = accept(&ctx, &tenant, &provider, hdrs, body.to_vec()).await?;
+    tracing::info!(%tenant, %provider, event_id = %ack.event_id, status = ack.status.as_str(), "Webhook processed.");
+    Ok(Json(ack))
+}
+
+/// Verifies, decodes and extracts one delivery, then runs it through the pipeline.
+/// `headers` are (lower-case name, value). Shared by the HTTP handler and the tests.
+pub async fn accept(
+    ctx: &Arc<Ctx>,
+    tenant: &str,
+    provider: &str,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+) -> Result<Ack, ApiError> {
+    let tp = target(ctx, tenant, provider)?;
+    let extractor = &ctx.config.extractors[provider];
+    let now = ctx.clock.now();
+    Scheme::compile(&extractor.spec.verify)
+        .verify(tp.secret.as_ref(), &headers, &body, now)
+        .map_err(|e| {
+            tracing::warn!(%tenant, %provider, reason = %e, "Signature did not verify.");
+            ApiError::Unauthorized(e.to_string())
+        })?;
+    let content_type = headers
+        .iter()
+        .find(|(k, _)| k == "content-type")
+        .map(|(_, v)| v.as_str());
+    let decoded = extractor.decode(&body, content_type).map_err(|e| {
+        tracing::warn!(%tenant, %provider, error = %e, "Webhook body could not be decoded.");
+        ApiError::BadRequest(e.to_string())
+    })?;
+    let incoming = match extractor.extract(tenant, &decoded, &body, &headers) {
+        Ok(x) => Incoming::Extracted(Box::new(x)),
+        Err(failure) => {
+            tracing::warn!(%tenant, %provider, event_id = %failure.event_id, error = %failure.error, "Webhook fields could not be read; storing it as failed.");
+            Incoming::Unreadable {
+                provider: provider.to_string(),
+                tenant: tenant.to_string(),
+                failure,
+            }
+        }
+    };
+    let stored: Vec<(String, String)> = headers
+        .into_iter()
+        .filter(|(k, _)| !UNSTORED_HEADERS.contains(&k.as_str()))
+        .collect();
+    let raw = Raw {
+        body,
+        headers: stored,
+        source: Source::Webhook,
+    };
+    pipeline::process(ctx, incoming, raw).await.map_err(|e| {
+        tracing::error!(%tenant, %provider, error = %e, "Webhook could not be stored; the provider will retry.");
+        ApiError::from(e)
+    })
+}

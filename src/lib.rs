@@ -1,0 +1,41 @@
+//! membersync keeps member access in sync with payment-provider webhooks.
+//!
+//! ```text
+//! POST /webhooks/{tenant}/{provider}
+//!   → verify   (verify/: the scheme the provider's YAML names; 401)
+//!   → decode   (extract/decode.rs: json | form with bracket keys; 400)
+//!   → extract  (extract/: YAML field extractors → CanonicalEvent; unmapped → ignored)
+//!   → dedupe   (pipeline.rs: idempotency key from body, header or body hash)
+//!   → rules    (rules/: Rhai decides the machine input and the effects)
+//!   → machine  (machine/: statig graph; an illegal transition is refused and recorded)
+//!   → store    (store/: one transaction per batch; event, state, access, leads, timers)
+//!   → respond  (2xx only after the commit)
+//! timers.rs feeds due timers through the same path.
+//! ```
+//!
+//! # Layout
+//! - `cli`: commands; `app`: router and `serve`; `ingest`, `admin`: HTTP handlers;
+//!   `http_error`: the status table.
+//! - `config`: `membersync.yaml`; `canonical`: the event model; `clock`: injectable time.
+//! - `pipeline`: the order of stages; `effects`: effect values.
+
+pub mod admin;
+pub mod app;
+pub mod canonical;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod diagnostic;
+pub mod effects;
+pub mod extract;
+pub mod http_error;
+pub mod ingest;
+pub mod machine;
+pub mod pipeline;
+pub mod rules;
+pub mod schema;
+pub mod secret;
+pub mod store;
+pub mod timers;
+pub mod verify;
+pub mod yaml;

@@ -1,0 +1,879 @@
+//! The pipeline: the one place the order of stages lives.
+//!
+//! ```text
+//! ingest: verify → decode → extract ─┐
+//! timers: due timer ─────────────────┼→ process (in the writer, one savepoint per event):
+//! replay/reconcile (later) ──────────┘   dedupe → resolve member → stale? → rules → machine → store
+//! ```
+//! A caller hears the outcome only after the batch holding its event has committed.
+
+use crate::canonical::{CanonicalEvent, EventKind, MemberRef, Source};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::effects::Effect;
+use crate::extract::{Extraction, Failure, Mapping};
+use crate::machine::{self, Input, MState, Step};
+use crate::rules::{MembershipView, RuleRef, RuleSet};
+use crate::store::{self, EventRow, LeadRow, MemberRow, MembershipRow, Store, TimerRow, Tx};
+use chrono::{DateTime, Utc};
+use rhai::Dynamic;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+/// What became of an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Applied,
+    Duplicate,
+    Ignored,
+    Stale,
+    Refused,
+    Failed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Applied => "applied",
+            Status::Duplicate => "duplicate",
+            Status::Ignored => "ignored",
+            Status::Stale => "stale",
+            Status::Refused => "refused",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+/// The outcome of one event: what `simulate` prints and the event row stores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub status: Status,
+    pub from: Option<MState>,
+    pub to: Option<MState>,
+    pub effects: Vec<Effect>,
+    /// The machine input the rule chose.
+    pub input: Option<Input>,
+    /// Why the event was ignored, stale, refused or failed.
+    pub reason: Option<String>,
+    /// The YAML mapping that produced the canonical event.
+    pub mapping: Option<Mapping>,
+    /// The rule that decided (file, function, line, rule-set version).
+    pub rule: Option<RuleRef>,
+    pub source: Source,
+    pub member_id: Option<String>,
+    pub membership_id: Option<String>,
+}
+
+impl Outcome {
+    fn new(status: Status, source: Source) -> Outcome {
+        Outcome {
+            status,
+            from: None,
+            to: None,
+            effects: vec![],
+            input: None,
+            reason: None,
+            mapping: None,
+            rule: None,
+            source,
+            member_id: None,
+            membership_id: None,
+        }
+    }
+}
+
+/// The answer to the provider: the event id and its status.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Ack {
+    pub event_id: String,
+    pub status: Status,
+    #[serde(skip)]
+    pub outcome: Outcome,
+}
+
+/// Everything the pipeline needs, shared by the HTTP layer, the timer task and the CLI.
+pub struct Ctx {
+    pub config: Arc<Config>,
+    rules: RwLock<Arc<RuleSet>>,
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    policies: HashMap<String, Dynamic>,
+    /// Woken when a timer is scheduled, so the timer task re-reads the next due time.
+    pub timers_changed: tokio::sync::Notify,
+}
+
+impl Ctx {
+    pub fn new(
+        config: Config,
+        rules: RuleSet,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+    ) -> Ctx {
+        let policies = config
+            .tenants
+            .iter()
+            .map(|(name, t)| {
+                let d = rhai::serde::to_dynamic(&t.policy)
+                    .unwrap_or_else(|_| Dynamic::from_map(rhai::Map::new()));
+                (name.clone(), d)
+            })
+            .collect();
+        Ctx {
+            config: Arc::new(config),
+            rules: RwLock::new(Arc::new(rules)),
+            store,
+            clock,
+            policies,
+            timers_changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The rule set in force.
+    pub fn rules(&self) -> Arc<RuleSet> {
+        self.rules
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Swaps in a new rule set; events already in the writer finish under the old one.
+    pub fn set_rules(&self, rules: RuleSet) {
+        match self.rules.write() {
+            Ok(mut r) => *r = Arc::new(rules),
+            Err(p) => *p.into_inner() = Arc::new(rules),
+        }
+    }
+
+    fn policy(&self, tenant: &str) -> Dynamic {
+        self.policies
+            .get(tenant)
+            .cloned()
+            .unwrap_or_else(|| Dynamic::from_map(rhai::Map::new()))
+    }
+}
+
+/// An event ready for the writer.
+pub enum Incoming {
+    /// A delivery whose fields were extracted.
+    Extracted(Box<Extraction>),
+    /// A delivery whose fields could not be read: stored as a dead letter.
+    Unreadable {
+        provider: String,
+        tenant: String,
+        failure: Box<Failure>,
+    },
+    /// A timer that fell due.
+    Timer(TimerRow),
+}
+
+/// The raw request kept with the event.
+pub struct Raw {
+    pub body: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+    pub source: Source,
+}
+
+/// Runs one event through dedupe → rules → machine → store and waits for its commit.
+pub async fn process(ctx: &Arc<Ctx>, incoming: Incoming, raw: Raw) -> store::Result<Ack> {
+    let now = ctx.clock.now();
+    let job_ctx = ctx.clone();
+    let rules = ctx.rules();
+    let ack = ctx
+        .store
+        .write(move |tx| apply(&job_ctx, &rules, tx, incoming, raw, now))
+        .await?;
+    if ack
+        .outcome
+        .effects
+        .iter()
+        .any(|e| matches!(e, Effect::ScheduleTimer { .. }))
+    {
+        ctx.timers_changed.notify_one();
+    }
+    Ok(ack)
+}
+
+/// The job the writer runs for one event, inside its savepoint.
+pub fn apply(
+    ctx: &Ctx,
+    rules: &RuleSet,
+    tx: &mut dyn Tx,
+    incoming: Incoming,
+    raw: Raw,
+    now: DateTime<Utc>,
+) -> store::Result<Ack> {
+    let source = raw.source;
+    let (tenant, provider, key) = match &incoming {
+        Incoming::Extracted(x) => (
+            x.event.tenant.clone(),
+            x.event.provider.clone(),
+            x.idempotency_key.clone(),
+        ),
+        Incoming::Unreadable {
+            provider,
+            tenant,
+            failure,
+        } => (
+            tenant.clone(),
+            provider.clone(),
+            failure.idempotency_key.clone(),
+        ),
+        Incoming::Timer(t) => (t.tenant.clone(), String::new(), String::new()),
+    };
+
+    // Timers become a canonical `expired` event for their membership.
+    let incoming = match incoming {
+        Incoming::Timer(t) => match timer_event(tx, &t)? {
+            Some(x) => {
+                tx.delete_timer_if_due(&t.membership_id, &t.name, t.due_at)?;
+                Incoming::Extracted(Box::new(x))
+            }
+            None => {
+                tx.cancel_timer(&t.membership_id, &t.name)?;
+                let outcome = Outcome::new(Status::Ignored, source);
+                return Ok(Ack {
+                    event_id: format!("timer:{}:{}", t.membership_id, t.name),
+                    status: Status::Ignored,
+                    outcome,
+                });
+            }
+        },
+        other => other,
+    };
+    let (provider, key) = match &incoming {
+        Incoming::Extracted(x) => (x.event.provider.clone(), x.idempotency_key.clone()),
+        _ => (provider, key),
+    };
+
+    // Dedupe.
+    if let Some(prev) = tx.event_by_key(&tenant, &provider, &key)? {
+        tx.note_duplicate(prev.seq)?;
+        let mut outcome = Outcome::new(Status::Duplicate, source);
+        outcome.reason = Some(format!(
+            "already received as event #{} ({})",
+            prev.seq, prev.status
+        ));
+        outcome.member_id = prev.member_id.clone();
+        outcome.membership_id = prev.membership_id.clone();
+        return Ok(Ack {
+            event_id: prev.event_id,
+            status: Status::Duplicate,
+            outcome,
+        });
+    }
+
+    let mut rec = EventRow {
+        seq: 0,
+        tenant: tenant.clone(),
+        provider: provider.clone(),
+        event_id: String::new(),
+        idempotency_key: key,
+        event_type: String::new(),
+        kind: None,
+        source: source.as_str().to_string(),
+        received_at: now,
+        occurred_at: None,
+        member_id: None,
+        membership_id: None,
+        status: String::new(),
+        reason: None,
+        raw: raw.body,
+        headers: serde_json::to_value(&raw.headers).unwrap_or_default(),
+        canonical: None,
+        outcome: serde_json::Value::Null,
+    };
+
+    let x = match incoming {
+        Incoming::Unreadable { failure, .. } => {
+            rec.event_id = failure.event_id.clone();
+            rec.event_type = failure.event_type.clone();
+            rec.occurred_at = failure.occurred_at;
+            let mut outcome = Outcome::new(Status::Failed, source);
+            outcome.reason = Some(failure.error.0.clone());
+            return finish(tx, rec, outcome);
+        }
+        Incoming::Extracted(x) => x,
+        Incoming::Timer(_) => unreachable!("timers were turned into events above"),
+    };
+    let ev = &x.event;
+    rec.event_id = ev.event_id.clone();
+    rec.event_type = ev.event_type.clone();
+    rec.kind = ev.kind.map(|k| k.as_str().to_string());
+    rec.occurred_at = Some(ev.occurred_at);
+    rec.canonical = serde_json::to_value(ev).ok();
+    let mut outcome = Outcome::new(Status::Applied, source);
+    outcome.mapping = Some(x.mapping.clone());
+
+    if ev.kind.is_none() {
+        outcome.status = Status::Ignored;
+        outcome.reason = x
+            .mapping
+            .ignored_because
+            .clone()
+            .or(Some("unmapped event".into()));
+        return finish(tx, rec, outcome);
+    }
+    let Some(tenant_cfg) = ctx.config.tenants.get(&tenant) else {
+        outcome.status = Status::Refused;
+        outcome.reason = Some(format!("unknown tenant `{tenant}`"));
+        return finish(tx, rec, outcome);
+    };
+
+    // Resolve who and which membership.
+    let mkey = membership_key(ev);
+    let mut membership = match &mkey {
+        Some(k) => tx.membership_by_key(&tenant, &provider, k)?,
+        None => None,
+    };
+    let mut member = match &membership {
+        Some(m) => tx.member(&m.member_id)?,
+        None => find_member(tx, &tenant, &provider, &ev.member)?,
+    };
+    if membership.is_none() && mkey.is_none() {
+        if let Some(mem) = &member {
+            let mut mine: Vec<MembershipRow> = tx
+                .memberships_of(&mem.id)?
+                .into_iter()
+                .filter(|m| m.provider == provider)
+                .collect();
+            match mine.len() {
+                0 => {}
+                1 => membership = mine.pop(),
+                n => {
+                    if needs_membership(ev.kind) {
+                        outcome.status = Status::Refused;
+                        outcome.member_id = Some(mem.id.clone());
+                        outcome.reason = Some(format!(
+                            "the event names no subscription or product and member has {n} {provider} memberships: not guessing which"
+                        ));
+                        rec.member_id = Some(mem.id.clone());
+                        flag_member(tx, mem, &outcome, now)?;
+                        return finish(tx, rec, outcome);
+                    }
+                }
+            }
+        }
+    }
+    outcome.member_id = member.as_ref().map(|m| m.id.clone());
+    outcome.membership_id = membership.as_ref().map(|m| m.id.clone());
+    rec.member_id = outcome.member_id.clone();
+    rec.membership_id = outcome.membership_id.clone();
+    let view = view_of(membership.as_ref());
+
+    // Stale?
+    if membership.is_some() {
+        match rules.is_stale(ev, &view) {
+            Ok(true) => {
+                outcome.status = Status::Stale;
+                outcome.reason = Some(format!(
+                    "occurred at {} but the membership already reflects {}",
+                    ev.occurred_at.to_rfc3339(),
+                    view.last_event_at
+                        .map(|t| t.to_rfc3339())
+                        .unwrap_or_default()
+                ));
+                return finish(tx, rec, outcome);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                outcome.status = Status::Failed;
+                outcome.reason = Some(format!("rule error: {e}"));
+                return finish(tx, rec, outcome);
+            }
+        }
+    }
+
+    // Rules.
+    let decision = match rules.decide(ev, &view, &ctx.policy(&tenant), now) {
+        Ok(d) => d,
+        Err(e) => {
+            outcome.status = Status::Failed;
+            outcome.reason = Some(format!("rule error: {e}"));
+            return finish(tx, rec, outcome);
+        }
+    };
+    outcome.rule = decision.rule.clone();
+    outcome.input = decision.input;
+    let from = membership.as_ref().map(|m| m.state).unwrap_or(MState::None);
+    if let Some(reason) = decision.ignore {
+        outcome.status = Status::Ignored;
+        outcome.reason = Some(reason);
+        return finish(tx, rec, outcome);
+    }
+    if let Some(reason) = decision.refuse {
+        outcome.status = Status::Refused;
+        outcome.reason = Some(reason);
+        outcome.from = Some(from);
+        if let Some(m) = membership.as_mut() {
+            flag_membership(tx, m, &outcome, now)?;
+        }
+        return finish(tx, rec, outcome);
+    }
+
+    // Machine.
+    let mut effects = decision.effects;
+    let Some(input) = decision.input else {
+        // Effects only (a lead, a flag): no membership moves.
+        apply_member_effects(
+            tx,
+            ctx,
+            &tenant,
+            &provider,
+            ev,
+            member.as_ref(),
+            &effects,
+            now,
+        )?;
+        outcome.effects = effects;
+        return finish(tx, rec, outcome);
+    };
+    let to = match machine::step(from, input) {
+        Step::Refused { .. } => {
+            outcome.status = Status::Refused;
+            outcome.from = Some(from);
+            outcome.reason = Some(format!(
+                "the machine has no `{}` edge from `{}`",
+                input.as_str(),
+                from.as_str()
+            ));
+            if let Some(m) = membership.as_mut() {
+                flag_membership(tx, m, &outcome, now)?;
+            }
+            return finish(tx, rec, outcome);
+        }
+        Step::Moved { to, .. } => to,
+    };
+    outcome.from = Some(from);
+    outcome.to = Some(to);
+
+    // Who it is: create the member on first sight, learn new details.
+    let mem = match member.take() {
+        Some(mut m) => {
+            let mut changed = false;
+            if m.email.is_none() && ev.member.email.is_some() {
+                m.email = ev.member.email.clone();
+                changed = true;
+            }
+            if m.name.is_none() && ev.member.name.is_some() {
+                m.name = ev.member.name.clone();
+                changed = true;
+            }
+            if changed {
+                m.updated_at = now;
+                tx.save_member(&m)?;
+            }
+            m
+        }
+        None => {
+            if ev.member.email.is_none() && ev.member.provider_customer_id.is_none() {
+                outcome.status = Status::Refused;
+                outcome.to = None;
+                outcome.reason = Some(
+                    "the event names no member (no email, no customer id) and no known membership"
+                        .into(),
+                );
+                return finish(tx, rec, outcome);
+            }
+            let m = MemberRow {
+                id: format!("mbr_{}", uuid::Uuid::new_v4().simple()),
+                tenant: tenant.clone(),
+                email: ev.member.email.clone(),
+                name: ev.member.name.clone(),
+                flags: vec![],
+                created_at: now,
+                updated_at: now,
+            };
+            tx.save_member(&m)?;
+            m
+        }
+    };
+    if let Some(cid) = &ev.member.provider_customer_id {
+        tx.link_customer(&tenant, &provider, cid, &mem.id)?;
+    }
+    let Some(mkey) = mkey.or_else(|| membership.as_ref().map(|m| m.key.clone())) else {
+        outcome.status = Status::Refused;
+        outcome.to = None;
+        outcome.reason = Some(
+            "the event names no subscription or product, so no membership can be started".into(),
+        );
+        return finish(tx, rec, outcome);
+    };
+    let mut ms = membership.unwrap_or_else(|| MembershipRow {
+        id: format!("msp_{}", uuid::Uuid::new_v4().simple()),
+        tenant: tenant.clone(),
+        member_id: mem.id.clone(),
+        provider: provider.clone(),
+        key: mkey,
+        subscription_id: None,
+        product_id: None,
+        plan_id: None,
+        status: None,
+        state: MState::None,
+        period_end: None,
+        grace_until: None,
+        access_until: None,
+        cancel_at_period_end: false,
+        access_levels: vec![],
+        flags: vec![],
+        last_event_at: None,
+        last_event_id: None,
+        last_reconciled_at: None,
+        sync_status: "never_reconciled".into(),
+        created_at: now,
+        updated_at: now,
+    });
+    let had_access = ms.has_access(now);
+    let old_levels = ms.access_levels.clone();
+
+    // Data the provider reports.
+    ms.state = to;
+    if ev.subscription_id.is_some() {
+        ms.subscription_id = ev.subscription_id.clone();
+    }
+    if ev.product_id.is_some() {
+        ms.product_id = ev.product_id.clone();
+    }
+    if ev.plan_id.is_some() {
+        ms.plan_id = ev.plan_id.clone();
+    }
+    if ev.status.is_some() && !ev.event_type.starts_with("timer.") {
+        ms.status = ev.status.clone();
+    }
+    if ev.period_end.is_some() {
+        ms.period_end = ev.period_end;
+    }
+    // The state is the truth about a scheduled cancel; the event's flag only informs rules.
+    ms.cancel_at_period_end = to == MState::Canceling;
+    ms.last_event_at = Some(
+        ms.last_event_at
+            .map_or(ev.occurred_at, |t| t.max(ev.occurred_at)),
+    );
+    ms.last_event_id = Some(ev.event_id.clone());
+    ms.updated_at = now;
+
+    // Effects the rule asked for.
+    for e in &effects {
+        match e {
+            Effect::SetGrace { until } => ms.grace_until = *until,
+            Effect::SetAccessUntil { until } => ms.access_until = *until,
+            Effect::Flag { reason } => push_flag(&mut ms.flags, reason),
+            _ => {}
+        }
+    }
+    if !to.holds_access() {
+        ms.grace_until = None;
+        ms.access_until = None;
+    }
+
+    // Access levels through the product mapping; unmapped grants nothing and is flagged.
+    match tenant_cfg.access_levels(&provider, ms.product_id.as_deref(), ms.plan_id.as_deref()) {
+        Some(levels) => {
+            ms.access_levels = levels;
+            ms.flags.retain(|f| !f.starts_with("unmapped_product"));
+        }
+        None => {
+            ms.access_levels = vec![];
+            let reason = match ms.product_id.clone().or(ms.plan_id.clone()) {
+                Some(id) => format!("unmapped_product: {provider} product `{id}` maps to no access level in the config"),
+                None => "unmapped_product: no product known for this membership yet".to_string(),
+            };
+            if !ms.flags.contains(&reason) {
+                effects.push(Effect::Flag {
+                    reason: reason.clone(),
+                });
+            }
+            push_flag(&mut ms.flags, &reason);
+        }
+    }
+    let has_access = ms.has_access(now);
+    if has_access && (!had_access || ms.access_levels != old_levels) {
+        effects.push(Effect::GrantAccess {
+            levels: ms.access_levels.clone(),
+            until: ms.access_until.or(ms.grace_until),
+        });
+    } else if had_access && !has_access {
+        effects.push(Effect::RevokeAccess {
+            levels: old_levels,
+            reason: format!("{} → {}", from.as_str(), to.as_str()),
+        });
+    }
+    tx.save_membership(&ms)?;
+    for e in &effects {
+        match e {
+            Effect::ScheduleTimer { timer, at } => tx.set_timer(&TimerRow {
+                tenant: tenant.clone(),
+                membership_id: ms.id.clone(),
+                name: timer.clone(),
+                due_at: *at,
+                set_by_event: ev.event_id.clone(),
+            })?,
+            Effect::CancelTimer { timer } => tx.cancel_timer(&ms.id, timer)?,
+            _ => {}
+        }
+    }
+    apply_member_effects(tx, ctx, &tenant, &provider, ev, Some(&mem), &effects, now)?;
+    outcome.member_id = Some(mem.id.clone());
+    outcome.membership_id = Some(ms.id.clone());
+    rec.member_id = outcome.member_id.clone();
+    rec.membership_id = outcome.membership_id.clone();
+    outcome.effects = effects;
+    finish(tx, rec, outcome)
+}
+
+/// Kinds that act on one membership (a lead or a member update does not).
+fn needs_membership(kind: Option<EventKind>) -> bool {
+    !matches!(
+        kind,
+        None | Some(EventKind::LeadCaptured | EventKind::MemberUpdated | EventKind::MemberDeleted)
+    )
+}
+
+/// `sub:<id>` for subscriptions, `product:<id>` for one-time products.
+pub fn membership_key(ev: &CanonicalEvent) -> Option<String> {
+    if let Some(s) = &ev.subscription_id {
+        return Some(format!("sub:{s}"));
+    }
+    ev.product_id.as_ref().map(|p| format!("product:{p}"))
+}
+
+fn find_member(
+    tx: &mut dyn Tx,
+    tenant: &str,
+    provider: &str,
+    who: &MemberRef,
+) -> store::Result<Option<MemberRow>> {
+    if let Some(cid) = &who.provider_customer_id {
+        if let Some(m) = tx.member_by_customer(tenant, provider, cid)? {
+            return Ok(Some(m));
+        }
+    }
+    match &who.email {
+        Some(e) => tx.member_by_email(tenant, e),
+        None => Ok(None),
+    }
+}
+
+fn view_of(m: Option<&MembershipRow>) -> MembershipView {
+    match m {
+        None => MembershipView::default(),
+        Some(m) => MembershipView {
+            exists: true,
+            state: Some(m.state),
+            period_end: m.period_end,
+            grace_until: m.grace_until,
+            access_until: m.access_until,
+            last_event_at: m.last_event_at,
+            cancel_at_period_end: m.cancel_at_period_end,
+            product_id: m.product_id.clone(),
+            plan_id: m.plan_id.clone(),
+            status: m.status.clone(),
+        },
+    }
+}
+
+fn push_flag(flags: &mut Vec<String>, reason: &str) {
+    if !flags.iter().any(|f| f == reason) {
+        flags.push(reason.to_string());
+    }
+    if flags.len() > 20 {
+        flags.remove(0);
+    }
+}
+
+fn flag_membership(
+    tx: &mut dyn Tx,
+    m: &mut MembershipRow,
+    o: &Outcome,
+    now: DateTime<Utc>,
+) -> store::Result<()> {
+    push_flag(
+        &mut m.flags,
+        &format!(
+            "{}: {}",
+            o.status.as_str(),
+            o.reason.clone().unwrap_or_default()
+        ),
+    );
+    m.updated_at = now;
+    tx.save_membership(m)
+}
+
+fn flag_member(
+    tx: &mut dyn Tx,
+    m: &MemberRow,
+    o: &Outcome,
+    now: DateTime<Utc>,
+) -> store::Result<()> {
+    let mut m = m.clone();
+    push_flag(
+        &mut m.flags,
+        &format!(
+            "{}: {}",
+            o.status.as_str(),
+            o.reason.clone().unwrap_or_default()
+        ),
+    );
+    m.updated_at = now;
+    tx.save_member(&m)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn apply_member_effects(
+    tx: &mut dyn Tx,
+    _ctx: &Ctx,
+    tenant: &str,
+    provider: &str,
+    ev: &CanonicalEvent,
+    member: Option<&MemberRow>,
+    effects: &[Effect],
+    now: DateTime<Utc>,
+) -> store::Result<()> {
+    for e in effects {
+        match e {
+            Effect::CaptureLead { email, name } => tx.capture_lead(&LeadRow {
+                tenant: tenant.to_string(),
+                email: email.clone(),
+                name: name.clone(),
+                provider: provider.to_string(),
+                event_id: ev.event_id.clone(),
+                captured_at: ev.occurred_at,
+                converted_at: None,
+                member_id: None,
+            })?,
+            Effect::ConvertLead { email } => {
+                if let Some(m) = member {
+                    tx.convert_lead(tenant, email, &m.id, now)?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn finish(tx: &mut dyn Tx, mut rec: EventRow, outcome: Outcome) -> store::Result<Ack> {
+    rec.status = outcome.status.as_str().to_string();
+    rec.reason = outcome.reason.clone();
+    rec.outcome = serde_json::to_value(&outcome).unwrap_or_default();
+    tx.insert_event(&rec)?;
+    Ok(Ack {
+        event_id: rec.event_id,
+        status: outcome.status,
+        outcome,
+    })
+}
+
+/// The canonical event a due timer stands for (`None` if its membership is gone).
+fn timer_event(tx: &mut dyn Tx, t: &TimerRow) -> store::Result<Option<Extraction>> {
+    let Some(m) = tx.membership(&t.membership_id)? else {
+        return Ok(None);
+    };
+    let event_id = format!(
+        "timer:{}:{}:{}",
+        t.membership_id,
+        t.name,
+        t.due_at.timestamp()
+    );
+    Ok(Some(Extraction {
+        event: CanonicalEvent {
+            kind: Some(EventKind::Expired),
+            provider: m.provider.clone(),
+            tenant: m.tenant.clone(),
+            event_id: event_id.clone(),
+            event_type: format!("timer.{}", t.name),
+            occurred_at: t.due_at,
+            member: MemberRef::default(),
+            subscription_id: m.subscription_id.clone(),
+            product_id: if m.subscription_id.is_some() {
+                m.product_id.clone()
+            } else {
+                m.key.strip_prefix("product:").map(str::to_string)
+            },
+            plan_id: m.plan_id.clone(),
+            status: None,
+            period_end: None,
+            cancel_at_period_end: m.cancel_at_period_end,
+            amount_cents: None,
+            currency: None,
+        },
+        idempotency_key: event_id,
+        mapping: Mapping {
+            file: "timers".into(),
+            event: Some(format!("timer.{}", t.name)),
+            case: None,
+            ignored_because: None,
+        },
+    }))
+}
+
+/// Puts a member and membership in `state` for the event's membership, as if earlier
+/// events had led there (`simulate --state`): lets a dry run show what one event does to
+/// a membership that is, say, active or past_due.
+pub fn seed_membership(
+    tx: &mut dyn Tx,
+    config: &Config,
+    ev: &CanonicalEvent,
+    state: MState,
+) -> store::Result<()> {
+    let at = ev.occurred_at;
+    let member = MemberRow {
+        id: "mbr_seeded".into(),
+        tenant: ev.tenant.clone(),
+        email: Some(
+            ev.member
+                .email
+                .clone()
+                .unwrap_or_else(|| "seeded@example.invalid".into()),
+        ),
+        name: ev.member.name.clone(),
+        flags: vec![],
+        created_at: at,
+        updated_at: at,
+    };
+    tx.save_member(&member)?;
+    if let Some(cid) = &ev.member.provider_customer_id {
+        tx.link_customer(&ev.tenant, &ev.provider, cid, &member.id)?;
+    }
+    let products = config
+        .tenants
+        .get(&ev.tenant)
+        .and_then(|t| t.providers.get(&ev.provider))
+        .map(|p| &p.products);
+    let product_id = ev
+        .product_id
+        .clone()
+        .or_else(|| products.and_then(|p| p.keys().next().cloned()));
+    let levels = products
+        .and_then(|p| product_id.as_ref().and_then(|id| p.get(id)).cloned())
+        .unwrap_or_default();
+    let period_end = ev
+        .period_end
+        .filter(|t| *t > at)
+        .unwrap_or(at + chrono::Duration::days(30));
+    tx.save_membership(&MembershipRow {
+        id: "msp_seeded".into(),
+        tenant: ev.tenant.clone(),
+        member_id: member.id.clone(),
+        provider: ev.provider.clone(),
+        key: membership_key(ev).unwrap_or_else(|| "sub:seeded".into()),
+        subscription_id: ev.subscription_id.clone(),
+        product_id,
+        plan_id: ev.plan_id.clone(),
+        status: None,
+        state,
+        period_end: Some(period_end),
+        grace_until: (state == MState::PastDue).then(|| at + chrono::Duration::days(3)),
+        access_until: (state == MState::Canceling).then_some(period_end),
+        cancel_at_period_end: state == MState::Canceling,
+        access_levels: levels,
+        flags: vec![],
+        last_event_at: None,
+        last_event_id: None,
+        last_reconciled_at: None,
+        sync_status: "never_reconciled".into(),
+        created_at: at,
+        updated_at: at,
+    })
+}

@@ -1,0 +1,25 @@
+//! The checked-in files under `schemas/`: JSON Schemas generated from the Rust types an
+//! operator writes (config, provider YAML) or reads (canonical event, effects), and the
+//! machine's graph. A test compares them with what the code generates now.
+
+use crate::canonical::CanonicalEvent;
+use crate::config::ConfigFile;
+use crate::effects::Effect;
+use crate::extract::spec::ProviderSpec;
+use crate::machine::graph;
+
+fn schema<T: schemars::JsonSchema>() -> String {
+    serde_json::to_string_pretty(&schemars::schema_for!(T)).expect("schema serializes") + "\n"
+}
+
+/// (file name under `schemas/`, contents).
+pub fn all() -> Vec<(&'static str, String)> {
+    vec![
+        ("config.schema.json", schema::<ConfigFile>()),
+        ("provider.schema.json", schema::<ProviderSpec>()),
+        ("canonical-event.schema.json", schema::<CanonicalEvent>()),
+        ("effect.schema.json", schema::<Effect>()),
+        ("membership.graph.json", graph::to_json()),
+        ("membership.mmd", graph::to_mermaid()),
+    ]
+}

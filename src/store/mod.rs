@@ -1,0 +1,241 @@
+//! Store stage: durable members, memberships, events (raw body, canonical event, outcome),
+//! leads and timers. Writes go through one writer that batches concurrent jobs into one
+//! transaction (group commit); each job runs in its own savepoint, and its caller hears
+//! back only after the batch commits. A full queue is `Busy` (503), never unbounded memory.
+//! `Tx` is what a PostgreSQL implementation fills in; nothing above this module writes SQL.
+
+pub mod sqlite;
+
+use crate::machine::MState;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+/// Storage failures.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The database rejected an operation (500).
+    #[error("database error: {0}")]
+    Db(String),
+    /// The write queue is full (503 with Retry-After).
+    #[error("write queue is full")]
+    Busy,
+    /// The writer has stopped (503).
+    #[error("store is shut down")]
+    Closed,
+    /// A stored value could not be read back (500).
+    #[error("corrupt stored value: {0}")]
+    Corrupt(String),
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Error::Db(e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A person, matched across providers by customer id then case-insensitive email.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MemberRow {
+    pub id: String,
+    pub tenant: String,
+    pub email: Option<String>,
+    pub name: Option<String>,
+    pub flags: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One subscription (or one-time product) of a member at one provider.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MembershipRow {
+    pub id: String,
+    pub tenant: String,
+    pub member_id: String,
+    pub provider: String,
+    /// `sub:<subscription id>` or `product:<product id>`.
+    pub key: String,
+    pub subscription_id: Option<String>,
+    pub product_id: Option<String>,
+    pub plan_id: Option<String>,
+    /// The provider's own status string, as last seen.
+    pub status: Option<String>,
+    pub state: MState,
+    pub period_end: Option<DateTime<Utc>>,
+    pub grace_until: Option<DateTime<Utc>>,
+    pub access_until: Option<DateTime<Utc>>,
+    pub cancel_at_period_end: bool,
+    pub access_levels: Vec<String>,
+    pub flags: Vec<String>,
+    pub last_event_at: Option<DateTime<Utc>>,
+    pub last_event_id: Option<String>,
+    pub last_reconciled_at: Option<DateTime<Utc>>,
+    pub sync_status: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl MembershipRow {
+    /// Access is held in an access-holding state, through a mapped product (an unmapped one
+    /// grants nothing) and, where the rules set an end, until it.
+    pub fn has_access(&self, now: DateTime<Utc>) -> bool {
+        let grace_ok = self.state != MState::PastDue || self.grace_until.is_none_or(|t| now < t);
+        self.state.holds_access()
+            && !self.access_levels.is_empty()
+            && grace_ok
+            && self.access_until.is_none_or(|t| now < t)
+    }
+}
+
+/// One stored delivery (or timer/replay/reconcile event) with its outcome.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventRow {
+    pub seq: i64,
+    pub tenant: String,
+    pub provider: String,
+    pub event_id: String,
+    pub idempotency_key: String,
+    pub event_type: String,
+    pub kind: Option<String>,
+    pub source: String,
+    pub received_at: DateTime<Utc>,
+    pub occurred_at: Option<DateTime<Utc>>,
+    pub member_id: Option<String>,
+    pub membership_id: Option<String>,
+    pub status: String,
+    pub reason: Option<String>,
+    #[serde(skip)]
+    pub raw: Vec<u8>,
+    pub headers: serde_json::Value,
+    pub canonical: Option<serde_json::Value>,
+    pub outcome: serde_json::Value,
+}
+
+/// An abandoned checkout's contact, until (and after) it converts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LeadRow {
+    pub tenant: String,
+    pub email: String,
+    pub name: Option<String>,
+    pub provider: String,
+    pub event_id: String,
+    pub captured_at: DateTime<Utc>,
+    pub converted_at: Option<DateTime<Utc>>,
+    pub member_id: Option<String>,
+}
+
+/// A pending timer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TimerRow {
+    pub tenant: String,
+    pub membership_id: String,
+    pub name: String,
+    pub due_at: DateTime<Utc>,
+    pub set_by_event: String,
+}
+
+/// Reads and writes inside one job's savepoint of the current batch transaction.
+pub trait Tx {
+    fn event_by_key(&mut self, tenant: &str, provider: &str, key: &str)
+        -> Result<Option<EventRow>>;
+    /// Counts one more delivery of an already stored event.
+    fn note_duplicate(&mut self, seq: i64) -> Result<()>;
+    /// Inserts an event; returns its sequence number.
+    fn insert_event(&mut self, e: &EventRow) -> Result<i64>;
+    fn member(&mut self, id: &str) -> Result<Option<MemberRow>>;
+    fn member_by_customer(
+        &mut self,
+        tenant: &str,
+        provider: &str,
+        customer_id: &str,
+    ) -> Result<Option<MemberRow>>;
+    fn member_by_email(&mut self, tenant: &str, email: &str) -> Result<Option<MemberRow>>;
+    fn save_member(&mut self, m: &MemberRow) -> Result<()>;
+    fn link_customer(
+        &mut self,
+        tenant: &str,
+        provider: &str,
+        customer_id: &str,
+        member_id: &str,
+    ) -> Result<()>;
+    fn membership(&mut self, id: &str) -> Result<Option<MembershipRow>>;
+    fn membership_by_key(
+        &mut self,
+        tenant: &str,
+        provider: &str,
+        key: &str,
+    ) -> Result<Option<MembershipRow>>;
+    fn memberships_of(&mut self, member_id: &str) -> Result<Vec<MembershipRow>>;
+    fn save_membership(&mut self, m: &MembershipRow) -> Result<()>;
+    /// Records a lead (a second capture of the same email updates name and time).
+    fn capture_lead(&mut self, l: &LeadRow) -> Result<()>;
+    /// Marks an unconverted lead converted; returns whether one was.
+    fn convert_lead(
+        &mut self,
+        tenant: &str,
+        email: &str,
+        member_id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool>;
+    fn set_timer(&mut self, t: &TimerRow) -> Result<()>;
+    fn cancel_timer(&mut self, membership_id: &str, name: &str) -> Result<()>;
+    fn delete_timer_if_due(
+        &mut self,
+        membership_id: &str,
+        name: &str,
+        due_at: DateTime<Utc>,
+    ) -> Result<bool>;
+}
+
+/// What the writer runs: a job gets the transaction and returns whether it succeeded
+/// (its savepoint is rolled back otherwise) and what to do once the batch has committed.
+pub type Work = Box<dyn FnOnce(&mut dyn Tx) -> (bool, Done) + Send>;
+/// Called after the batch commits (or fails to).
+pub type Done = Box<dyn FnOnce(Result<()>) + Send>;
+
+/// A member with everything the admin API shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberDetail {
+    pub member: MemberRow,
+    pub memberships: Vec<MembershipRow>,
+    pub recent_events: Vec<EventRow>,
+    pub timers: Vec<TimerRow>,
+}
+
+/// Durable storage. Reads block (call them from `spawn_blocking`); writes are queued.
+pub trait Store: Send + Sync + 'static {
+    /// Queues a job for the writer; `Busy` when the queue is full.
+    fn submit(&self, work: Work) -> Result<()>;
+    fn member_detail(&self, id: &str, recent: usize) -> Result<Option<MemberDetail>>;
+    fn members_by_email(&self, email: &str) -> Result<Vec<MemberRow>>;
+    fn events(&self, status: Option<&str>, limit: usize) -> Result<Vec<EventRow>>;
+    fn events_by_event_id(&self, event_id: &str) -> Result<Vec<EventRow>>;
+    fn leads(&self, tenant: Option<&str>) -> Result<Vec<LeadRow>>;
+    /// Timers due at or before `now`, oldest first.
+    fn due_timers(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<TimerRow>>;
+    /// When the next timer falls due.
+    fn next_timer(&self) -> Result<Option<DateTime<Utc>>>;
+    /// Count of events by status (for /metrics).
+    fn event_counts(&self) -> Result<Vec<(String, i64)>>;
+}
+
+impl dyn Store {
+    /// Runs `f` in the writer and returns its result once the batch holding it committed.
+    pub async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Tx) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let work: Work = Box::new(move |t: &mut dyn Tx| {
+            let r = f(t);
+            let ok = r.is_ok();
+            let done: Done = Box::new(move |commit: Result<()>| {
+                let _ = tx.send(commit.and(r));
+            });
+            (ok, done)
+        });
+        self.submit(work)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+}

@@ -1,0 +1,655 @@
+//! Embedded SQLite store: WAL, `synchronous=FULL`, one writer thread with group commit,
+//! and a small pool of read connections. `:memory:` opens a private shared-cache database
+//! (used by `simulate`).
+
+use super::*;
+use chrono::TimeZone;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
+use std::sync::Mutex;
+use tokio::sync::mpsc;
+
+const MIGRATIONS: &[&str] = &[include_str!("migrations/sqlite/001_init.sql")];
+
+/// Tuning for the writer.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Jobs that may wait for the writer before new ones are refused (503).
+    pub queue_capacity: usize,
+    /// Most jobs committed in one transaction.
+    pub max_batch: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            queue_capacity: 4096,
+            max_batch: 256,
+        }
+    }
+}
+
+/// The SQLite store.
+pub struct SqliteStore {
+    sender: mpsc::Sender<Work>,
+    readers: Mutex<Vec<Connection>>,
+    uri: String,
+    flags: OpenFlags,
+}
+
+fn ts(t: DateTime<Utc>) -> i64 {
+    t.timestamp()
+}
+
+fn opt_ts(t: Option<DateTime<Utc>>) -> Option<i64> {
+    t.map(ts)
+}
+
+fn from_ts(s: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(s, 0).single().unwrap_or_default()
+}
+
+fn opt_from(s: Option<i64>) -> Option<DateTime<Utc>> {
+    s.map(from_ts)
+}
+
+fn json_list(s: String) -> rusqlite::Result<Vec<String>> {
+    serde_json::from_str(&s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn json_value(s: Option<String>) -> rusqlite::Result<Option<serde_json::Value>> {
+    s.map(|s| serde_json::from_str(&s))
+        .transpose()
+        .map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+        })
+}
+
+fn open(uri: &str, flags: OpenFlags, memory: bool) -> Result<Connection> {
+    let conn = Connection::open_with_flags(uri, flags)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    if !memory {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating) the database at `path` (`:memory:` for a private
+    /// in-memory one) and starts the writer thread.
+    pub fn open(path: &str, opts: Options) -> Result<SqliteStore> {
+        let memory = path == ":memory:";
+        let uri = if memory {
+            format!(
+                "file:membersync-{}?mode=memory&cache=shared",
+                uuid::Uuid::new_v4()
+            )
+        } else {
+            path.strip_prefix("sqlite://").unwrap_or(path).to_string()
+        };
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut writer = open(&uri, flags, memory)?;
+        migrate(&mut writer)?;
+        let (sender, receiver) = mpsc::channel(opts.queue_capacity.max(1));
+        let max_batch = opts.max_batch.max(1);
+        std::thread::Builder::new()
+            .name("membersync-writer".into())
+            .spawn(move || run_writer(writer, receiver, max_batch))
+            .map_err(|e| Error::Db(format!("cannot start writer: {e}")))?;
+        let mut readers = Vec::new();
+        for _ in 0..2 {
+            readers.push(open(&uri, flags, memory)?);
+        }
+        Ok(SqliteStore {
+            sender,
+            readers: Mutex::new(readers),
+            uri,
+            flags,
+        })
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.readers.lock().map_err(|_| Error::Closed)?.pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => open(&self.uri, self.flags, self.uri.contains("mode=memory"))?,
+        };
+        let r = f(&conn);
+        if let Ok(mut pool) = self.readers.lock() {
+            if pool.len() < 8 {
+                pool.push(conn);
+            }
+        }
+        r
+    }
+}
+
+fn run_writer(mut conn: Connection, mut rx: mpsc::Receiver<Work>, max_batch: usize) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let mut dones = Vec::with_capacity(batch.len());
+        let result = (|| -> Result<()> {
+            let txn = conn.transaction()?;
+            for work in batch.drain(..) {
+                txn.execute_batch("SAVEPOINT job")?;
+                let (ok, done) = work(&mut SqliteTx(&txn));
+                if ok {
+                    txn.execute_batch("RELEASE job")?;
+                } else {
+                    txn.execute_batch("ROLLBACK TO job; RELEASE job")?;
+                }
+                dones.push(done);
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        if let Err(e) = &result {
+            tracing::error!(error = %e, jobs = dones.len(), "Batch failed to commit; none of its requests is acknowledged.");
+        }
+        for done in dones {
+            done(result.clone());
+        }
+        // Work still in `batch` (an error before it ran) is dropped: its caller sees `Closed`.
+    }
+}
+
+/// The writer's transaction.
+struct SqliteTx<'a>(&'a Connection);
+
+const EVENT_COLS: &str = "seq, tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome";
+const MEMBER_COLS: &str = "id, tenant, email, name, flags, created_at, updated_at";
+const MEMBERSHIP_COLS: &str = "id, tenant, member_id, provider, key, subscription_id, product_id, plan_id, status, state, period_end, grace_until, access_until, cancel_at_period_end, access_levels, flags, last_event_at, last_event_id, last_reconciled_at, sync_status, created_at, updated_at";
+
+fn event_row(r: &Row) -> rusqlite::Result<EventRow> {
+    Ok(EventRow {
+        seq: r.get(0)?,
+        tenant: r.get(1)?,
+        provider: r.get(2)?,
+        event_id: r.get(3)?,
+        idempotency_key: r.get(4)?,
+        event_type: r.get(5)?,
+        kind: r.get(6)?,
+        source: r.get(7)?,
+        received_at: from_ts(r.get(8)?),
+        occurred_at: opt_from(r.get(9)?),
+        member_id: r.get(10)?,
+        membership_id: r.get(11)?,
+        status: r.get(12)?,
+        reason: r.get(13)?,
+        raw: r.get(14)?,
+        headers: json_value(r.get(15)?)?.unwrap_or(serde_json::Value::Null),
+        canonical: json_value(r.get(16)?)?,
+        outcome: json_value(r.get(17)?)?.unwrap_or(serde_json::Value::Null),
+    })
+}
+
+fn member_row(r: &Row) -> rusqlite::Result<MemberRow> {
+    Ok(MemberRow {
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        email: r.get(2)?,
+        name: r.get(3)?,
+        flags: json_list(r.get(4)?)?,
+        created_at: from_ts(r.get(5)?),
+        updated_at: from_ts(r.get(6)?),
+    })
+}
+
+fn membership_row(r: &Row) -> rusqlite::Result<MembershipRow> {
+    let state: String = r.get(9)?;
+    Ok(MembershipRow {
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        member_id: r.get(2)?,
+        provider: r.get(3)?,
+        key: r.get(4)?,
+        subscription_id: r.get(5)?,
+        product_id: r.get(6)?,
+        plan_id: r.get(7)?,
+        status: r.get(8)?,
+        state: MState::parse(&state).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                9,
+                rusqlite::types::Type::Text,
+                format!("unknown state {state}").into(),
+            )
+        })?,
+        period_end: opt_from(r.get(10)?),
+        grace_until: opt_from(r.get(11)?),
+        access_until: opt_from(r.get(12)?),
+        cancel_at_period_end: r.get(13)?,
+        access_levels: json_list(r.get(14)?)?,
+        flags: json_list(r.get(15)?)?,
+        last_event_at: opt_from(r.get(16)?),
+        last_event_id: r.get(17)?,
+        last_reconciled_at: opt_from(r.get(18)?),
+        sync_status: r.get(19)?,
+        created_at: from_ts(r.get(20)?),
+        updated_at: from_ts(r.get(21)?),
+    })
+}
+
+fn lead_row(r: &Row) -> rusqlite::Result<LeadRow> {
+    Ok(LeadRow {
+        tenant: r.get(0)?,
+        email: r.get(1)?,
+        name: r.get(2)?,
+        provider: r.get(3)?,
+        event_id: r.get(4)?,
+        captured_at: from_ts(r.get(5)?),
+        converted_at: opt_from(r.get(6)?),
+        member_id: r.get(7)?,
+    })
+}
+
+fn timer_row(r: &Row) -> rusqlite::Result<TimerRow> {
+    Ok(TimerRow {
+        tenant: r.get(0)?,
+        membership_id: r.get(1)?,
+        name: r.get(2)?,
+        due_at: from_ts(r.get(3)?),
+        set_by_event: r.get(4)?,
+    })
+}
+
+fn to_json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+impl Tx for SqliteTx<'_> {
+    fn event_by_key(
+        &mut self,
+        tenant: &str,
+        provider: &str,
+        key: &str,
+    ) -> Result<Option<EventRow>> {
+        let sql = format!("SELECT {EVENT_COLS} FROM events WHERE tenant = ?1 AND provider = ?2 AND idempotency_key = ?3");
+        Ok(self
+            .0
+            .prepare_cached(&sql)?
+            .query_row(params![tenant, provider, key], event_row)
+            .optional()?)
+    }
+
+    fn note_duplicate(&mut self, seq: i64) -> Result<()> {
+        self.0
+            .prepare_cached("UPDATE events SET deliveries = deliveries + 1 WHERE seq = ?1")?
+            .execute([seq])?;
+        Ok(())
+    }
+
+    fn insert_event(&mut self, e: &EventRow) -> Result<i64> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO events (tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+            )?
+            .execute(params![
+                e.tenant,
+                e.provider,
+                e.event_id,
+                e.idempotency_key,
+                e.event_type,
+                e.kind,
+                e.source,
+                ts(e.received_at),
+                opt_ts(e.occurred_at),
+                e.member_id,
+                e.membership_id,
+                e.status,
+                e.reason,
+                e.raw,
+                to_json(&e.headers),
+                e.canonical.as_ref().map(to_json),
+                to_json(&e.outcome),
+            ])?;
+        Ok(self.0.last_insert_rowid())
+    }
+
+    fn member(&mut self, id: &str) -> Result<Option<MemberRow>> {
+        let sql = format!("SELECT {MEMBER_COLS} FROM members WHERE id = ?1");
+        Ok(self
+            .0
+            .prepare_cached(&sql)?
+            .query_row([id], member_row)
+            .optional()?)
+    }
+
+    fn member_by_customer(
+        &mut self,
+        tenant: &str,
+        provider: &str,
+        customer_id: &str,
+    ) -> Result<Option<MemberRow>> {
+        let sql = format!(
+            "SELECT {} FROM members m JOIN member_customers c ON c.member_id = m.id
+             WHERE c.tenant = ?1 AND c.provider = ?2 AND c.customer_id = ?3",
+            MEMBER_COLS
+                .split(", ")
+                .map(|c| format!("m.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok(self
+            .0
+            .prepare_cached(&sql)?
+            .query_row(params![tenant, provider, customer_id], member_row)
+            .optional()?)
+    }
+
+    fn member_by_email(&mut self, tenant: &str, email: &str) -> Result<Option<MemberRow>> {
+        let sql = format!("SELECT {MEMBER_COLS} FROM members WHERE tenant = ?1 AND email_lc = ?2 ORDER BY created_at LIMIT 1");
+        Ok(self
+            .0
+            .prepare_cached(&sql)?
+            .query_row(params![tenant, email.to_lowercase()], member_row)
+            .optional()?)
+    }
+
+    fn save_member(&mut self, m: &MemberRow) -> Result<()> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO members (id, tenant, email, email_lc, name, flags, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (id) DO UPDATE SET email = excluded.email, email_lc = excluded.email_lc,
+                   name = excluded.name, flags = excluded.flags, updated_at = excluded.updated_at",
+            )?
+            .execute(params![
+                m.id,
+                m.tenant,
+                m.email,
+                m.email.as_ref().map(|e| e.to_lowercase()),
+                m.name,
+                to_json(&m.flags),
+                ts(m.created_at),
+                ts(m.updated_at)
+            ])?;
+        Ok(())
+    }
+
+    fn link_customer(
+        &mut self,
+        tenant: &str,
+        provider: &str,
+        customer_id: &str,
+        member_id: &str,
+    ) -> Result<()> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO member_customers (tenant, provider, customer_id, member_id) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT DO NOTHING",
+            )?
+            .execute(params![tenant, provider, customer_id, member_id])?;
+        Ok(())
+    }
+
+    fn membership(&mut self, id: &str) -> Result<Option<MembershipRow>> {
+        let sql = format!("SELECT {MEMBERSHIP_COLS} FROM memberships WHERE id = ?1");
+        Ok(self
+            .0
+            .prepare_cached(&sql)?
+            .query_row([id], membership_row)
+            .optional()?)
+    }
+
+    fn membership_by_key(
+        &mut self,
+        tenant: &str,
+        provider: &str,
+        key: &str,
+    ) -> Result<Option<MembershipRow>> {
+        let sql = format!("SELECT {MEMBERSHIP_COLS} FROM memberships WHERE tenant = ?1 AND provider = ?2 AND key = ?3");
+        Ok(self
+            .0
+            .prepare_cached(&sql)?
+            .query_row(params![tenant, provider, key], membership_row)
+            .optional()?)
+    }
+
+    fn memberships_of(&mut self, member_id: &str) -> Result<Vec<MembershipRow>> {
+        let sql = format!("SELECT {MEMBERSHIP_COLS} FROM memberships WHERE member_id = ?1 ORDER BY created_at, id");
+        let mut st = self.0.prepare_cached(&sql)?;
+        let rows = st
+            .query_map([member_id], membership_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    fn save_membership(&mut self, m: &MembershipRow) -> Result<()> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO memberships (id, tenant, member_id, provider, key, subscription_id, product_id, plan_id, status, state,
+                   period_end, grace_until, access_until, cancel_at_period_end, access_levels, flags, last_event_at, last_event_id,
+                   last_reconciled_at, sync_status, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)
+                 ON CONFLICT (id) DO UPDATE SET member_id = excluded.member_id, subscription_id = excluded.subscription_id,
+                   product_id = excluded.product_id, plan_id = excluded.plan_id, status = excluded.status, state = excluded.state,
+                   period_end = excluded.period_end, grace_until = excluded.grace_until, access_until = excluded.access_until,
+                   cancel_at_period_end = excluded.cancel_at_period_end, access_levels = excluded.access_levels,
+                   flags = excluded.flags, last_event_at = excluded.last_event_at, last_event_id = excluded.last_event_id,
+                   last_reconciled_at = excluded.last_reconciled_at, sync_status = excluded.sync_status,
+                   updated_at = excluded.updated_at",
+            )?
+            .execute(params![
+                m.id,
+                m.tenant,
+                m.member_id,
+                m.provider,
+                m.key,
+                m.subscription_id,
+                m.product_id,
+                m.plan_id,
+                m.status,
+                m.state.as_str(),
+                opt_ts(m.period_end),
+                opt_ts(m.grace_until),
+                opt_ts(m.access_until),
+                m.cancel_at_period_end,
+                to_json(&m.access_levels),
+                to_json(&m.flags),
+                opt_ts(m.last_event_at),
+                m.last_event_id,
+                opt_ts(m.last_reconciled_at),
+                m.sync_status,
+                ts(m.created_at),
+                ts(m.updated_at),
+            ])?;
+        Ok(())
+    }
+
+    fn capture_lead(&mut self, l: &LeadRow) -> Result<()> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO leads (tenant, email_lc, email, name, provider, event_id, captured_at, converted_at, member_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, NULL)
+                 ON CONFLICT (tenant, email_lc) DO UPDATE SET name = COALESCE(excluded.name, leads.name),
+                   provider = excluded.provider, event_id = excluded.event_id, captured_at = excluded.captured_at
+                 WHERE leads.converted_at IS NULL",
+            )?
+            .execute(params![l.tenant, l.email.to_lowercase(), l.email, l.name, l.provider, l.event_id, ts(l.captured_at)])?;
+        Ok(())
+    }
+
+    fn convert_lead(
+        &mut self,
+        tenant: &str,
+        email: &str,
+        member_id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool> {
+        let n = self
+            .0
+            .prepare_cached(
+                "UPDATE leads SET converted_at = ?4, member_id = ?3 WHERE tenant = ?1 AND email_lc = ?2 AND converted_at IS NULL",
+            )?
+            .execute(params![tenant, email.to_lowercase(), member_id, ts(at)])?;
+        Ok(n > 0)
+    }
+
+    fn set_timer(&mut self, t: &TimerRow) -> Result<()> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO timers (membership_id, name, tenant, due_at, set_by_event) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (membership_id, name) DO UPDATE SET due_at = excluded.due_at, set_by_event = excluded.set_by_event",
+            )?
+            .execute(params![t.membership_id, t.name, t.tenant, ts(t.due_at), t.set_by_event])?;
+        Ok(())
+    }
+
+    fn cancel_timer(&mut self, membership_id: &str, name: &str) -> Result<()> {
+        self.0
+            .prepare_cached("DELETE FROM timers WHERE membership_id = ?1 AND name = ?2")?
+            .execute(params![membership_id, name])?;
+        Ok(())
+    }
+
+    fn delete_timer_if_due(
+        &mut self,
+        membership_id: &str,
+        name: &str,
+        due_at: DateTime<Utc>,
+    ) -> Result<bool> {
+        let n = self
+            .0
+            .prepare_cached(
+                "DELETE FROM timers WHERE membership_id = ?1 AND name = ?2 AND due_at = ?3",
+            )?
+            .execute(params![membership_id, name, ts(due_at)])?;
+        Ok(n > 0)
+    }
+}
+
+impl Store for SqliteStore {
+    fn submit(&self, work: Work) -> Result<()> {
+        self.sender.try_send(work).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Error::Busy,
+            mpsc::error::TrySendError::Closed(_) => Error::Closed,
+        })
+    }
+
+    fn member_detail(&self, id: &str, recent: usize) -> Result<Option<MemberDetail>> {
+        self.read(|c| {
+            let mut tx = SqliteTx(c);
+            let Some(member) = tx.member(id)? else { return Ok(None) };
+            let memberships = tx.memberships_of(id)?;
+            let sql = format!("SELECT {EVENT_COLS} FROM events WHERE member_id = ?1 ORDER BY seq DESC LIMIT ?2");
+            let recent_events = c
+                .prepare_cached(&sql)?
+                .query_map(params![id, recent as i64], event_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut timers = Vec::new();
+            for m in &memberships {
+                let mut st = c.prepare_cached(
+                    "SELECT tenant, membership_id, name, due_at, set_by_event FROM timers WHERE membership_id = ?1 ORDER BY due_at",
+                )?;
+                timers.extend(st.query_map([&m.id], timer_row)?.collect::<rusqlite::Result<Vec<_>>>()?);
+            }
+            Ok(Some(MemberDetail { member, memberships, recent_events, timers }))
+        })
+    }
+
+    fn members_by_email(&self, email: &str) -> Result<Vec<MemberRow>> {
+        self.read(|c| {
+            let sql = format!(
+                "SELECT {MEMBER_COLS} FROM members WHERE email_lc = ?1 ORDER BY created_at"
+            );
+            let rows = c
+                .prepare_cached(&sql)?
+                .query_map([email.to_lowercase()], member_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn events(&self, status: Option<&str>, limit: usize) -> Result<Vec<EventRow>> {
+        self.read(|c| {
+            let sql = format!("SELECT {EVENT_COLS} FROM events WHERE (?1 IS NULL OR status = ?1) ORDER BY seq DESC LIMIT ?2");
+            let rows = c
+                .prepare_cached(&sql)?
+                .query_map(params![status, limit as i64], event_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn events_by_event_id(&self, event_id: &str) -> Result<Vec<EventRow>> {
+        self.read(|c| {
+            let sql = format!("SELECT {EVENT_COLS} FROM events WHERE event_id = ?1 ORDER BY seq");
+            let rows = c
+                .prepare_cached(&sql)?
+                .query_map([event_id], event_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn leads(&self, tenant: Option<&str>) -> Result<Vec<LeadRow>> {
+        self.read(|c| {
+            let rows = c
+                .prepare_cached(
+                    "SELECT tenant, email, name, provider, event_id, captured_at, converted_at, member_id FROM leads
+                     WHERE (?1 IS NULL OR tenant = ?1) ORDER BY captured_at DESC",
+                )?
+                .query_map([tenant], lead_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn due_timers(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<TimerRow>> {
+        self.read(|c| {
+            let rows = c
+                .prepare_cached(
+                    "SELECT tenant, membership_id, name, due_at, set_by_event FROM timers WHERE due_at <= ?1
+                     ORDER BY due_at, membership_id, name LIMIT ?2",
+                )?
+                .query_map(params![ts(now), limit as i64], timer_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn next_timer(&self) -> Result<Option<DateTime<Utc>>> {
+        self.read(|c| {
+            let v: Option<i64> = c
+                .prepare_cached("SELECT MIN(due_at) FROM timers")?
+                .query_row([], |r| r.get(0))?;
+            Ok(opt_from(v))
+        })
+    }
+
+    fn event_counts(&self) -> Result<Vec<(String, i64)>> {
+        self.read(|c| {
+            let rows = c
+                .prepare_cached(
+                    "SELECT status, COUNT(*) FROM events GROUP BY status ORDER BY status",
+                )?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+}

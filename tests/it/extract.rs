@@ -1,0 +1,63 @@
+//! Every fixture through `simulate` (decode → extract → rules → machine on an in-memory
+//! store), snapshotted as the JSON `simulate` prints. A fixture `<name>.json` may have a
+//! `<name>.state` beside it: the membership state to start from (`simulate --state`);
+//! without one it starts from none. Snapshot names are `<provider>__<fixture>` so adding a
+//! provider never renames another's snapshots.
+
+use crate::support::*;
+use membersync::cli::SimulateInput;
+use membersync::machine::MState;
+use membersync::store::sqlite::{Options, SqliteStore};
+use membersync::store::Store;
+use std::sync::Arc;
+
+fn fixtures() -> Vec<(String, std::path::PathBuf)> {
+    let mut out = Vec::new();
+    for dir in std::fs::read_dir(root().join("tests/fixtures")).unwrap() {
+        let dir = dir.unwrap().path();
+        if !dir.is_dir() || dir.file_name().is_some_and(|n| n == "scenarios") {
+            continue;
+        }
+        let provider = dir.file_name().unwrap().to_string_lossy().to_string();
+        for f in std::fs::read_dir(&dir).unwrap() {
+            let f = f.unwrap().path();
+            let name = f.file_name().unwrap().to_string_lossy().to_string();
+            if name.ends_with(".json") && !name.ends_with(".headers.json") {
+                out.push((provider.clone(), f));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn fixtures_simulate_to_reviewed_snapshots() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let all = fixtures();
+    assert!(all.len() >= 20, "fixtures found: {}", all.len());
+    for (provider, path) in all {
+        let body = std::fs::read(&path).unwrap();
+        let state = std::fs::read_to_string(path.with_extension("state"))
+            .ok()
+            .map(|s| MState::parse(s.trim()).expect("a .state file names a state"));
+        let input = SimulateInput {
+            provider: provider.clone(),
+            tenant: "demo".into(),
+            headers: vec![],
+            now: None,
+            state,
+            body,
+            content_type: "application/json".into(),
+        };
+        let out = rt.block_on(async {
+            let store: Arc<dyn Store> =
+                Arc::new(SqliteStore::open(":memory:", Options::default()).unwrap());
+            membersync::cli::simulate_json(config(":memory:"), rules(), store, input)
+                .await
+                .unwrap()
+        });
+        let stem = path.file_stem().unwrap().to_string_lossy().to_string();
+        insta_settings().bind(|| insta::assert_json_snapshot!(format!("{provider}__{stem}"), out));
+    }
+}

@@ -1,0 +1,8 @@
+//! Integration tests: one binary (one link step), a module per area.
+
+mod extract;
+mod lifecycle;
+mod restart;
+mod schemas;
+mod support;
+mod webhook;
