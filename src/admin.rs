@@ -21,10 +21,7 @@ pub struct AdminToken;
 impl FromRequestParts<Arc<Ctx>> for AdminToken {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        ctx: &Arc<Ctx>,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, ctx: &Arc<Ctx>) -> Result<Self, Self::Rejection> {
         let Some(expected) = &ctx.config.admin_token else {
             return Err(ApiError::AdminUnauthorized);
         };
@@ -45,23 +42,15 @@ impl FromRequestParts<Arc<Ctx>> for AdminToken {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> crate::store::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(ApiError::from)
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(e.to_string()))?.map_err(ApiError::from)
 }
 
 fn rfc(t: Option<DateTime<Utc>>) -> Value {
-    t.map(|t| Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)))
-        .unwrap_or(Value::Null)
+    t.map(|t| Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))).unwrap_or(Value::Null)
 }
 
 /// One membership as the API shows it.
-pub fn membership_json(
-    m: &MembershipRow,
-    now: DateTime<Utc>,
-    timers: &[crate::store::TimerRow],
-) -> Value {
+pub fn membership_json(m: &MembershipRow, now: DateTime<Utc>, timers: &[crate::store::TimerRow]) -> Value {
     let has_access = m.has_access(now);
     json!({
         "id": m.id,
@@ -112,12 +101,8 @@ pub fn activity_json(e: &EventRow) -> Value {
 
 /// The member JSON of DESIGN.md.
 pub fn member_json(d: &MemberDetail, now: DateTime<Utc>) -> Value {
-    let levels: BTreeSet<String> = d
-        .memberships
-        .iter()
-        .filter(|m| m.has_access(now))
-        .flat_map(|m| m.access_levels.iter().cloned())
-        .collect();
+    let levels: BTreeSet<String> =
+        d.memberships.iter().filter(|m| m.has_access(now)).flat_map(|m| m.access_levels.iter().cloned()).collect();
     json!({
         "id": d.member.id,
         "tenant": d.member.tenant,
@@ -138,9 +123,7 @@ pub async fn member(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let store = ctx.store.clone();
-    let d = blocking(move || store.member_detail(&id, 50))
-        .await?
-        .ok_or(ApiError::NotFound)?;
+    let d = blocking(move || store.member_detail(&id, 50)).await?.ok_or(ApiError::NotFound)?;
     Ok(Json(member_json(&d, ctx.clock.now())))
 }
 
@@ -155,9 +138,7 @@ pub async fn members(
     State(ctx): State<Arc<Ctx>>,
     Query(q): Query<EmailQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let email = q
-        .email
-        .ok_or_else(|| ApiError::BadRequest("`email` query parameter is required".into()))?;
+    let email = q.email.ok_or_else(|| ApiError::BadRequest("`email` query parameter is required".into()))?;
     let store = ctx.store.clone();
     let details = blocking(move || {
         let mut out = Vec::new();
@@ -170,9 +151,7 @@ pub async fn members(
     })
     .await?;
     let now = ctx.clock.now();
-    Ok(Json(
-        json!({ "members": details.iter().map(|d| member_json(d, now)).collect::<Vec<_>>() }),
-    ))
+    Ok(Json(json!({ "members": details.iter().map(|d| member_json(d, now)).collect::<Vec<_>>() })))
 }
 
 #[derive(Deserialize)]
@@ -190,9 +169,7 @@ pub async fn events(
     let store = ctx.store.clone();
     let limit = q.limit.unwrap_or(50).min(1000);
     let rows = blocking(move || store.events(q.status.as_deref(), limit)).await?;
-    Ok(Json(
-        json!({ "events": rows.iter().map(activity_json).collect::<Vec<_>>() }),
-    ))
+    Ok(Json(json!({ "events": rows.iter().map(activity_json).collect::<Vec<_>>() })))
 }
 
 /// The full stored event: raw body, canonical event, outcome, rule and transition.
@@ -236,9 +213,7 @@ pub async fn event(
     match rows.len() {
         0 => Err(ApiError::NotFound),
         1 => Ok(Json(event_json(&rows[0]))),
-        _ => Ok(Json(
-            json!({ "events": rows.iter().map(event_json).collect::<Vec<_>>() }),
-        )),
+        _ => Ok(Json(json!({ "events": rows.iter().map(event_json).collect::<Vec<_>>() }))),
     }
 }
 
@@ -253,11 +228,11 @@ pub async fn leads(_: AdminToken, State(ctx): State<Arc<Ctx>>) -> Result<Json<Va
 pub async fn metrics(State(ctx): State<Arc<Ctx>>) -> Result<String, ApiError> {
     let store = ctx.store.clone();
     let counts = blocking(move || store.event_counts()).await?;
-    let mut out = String::from("# HELP membersync_events_total Stored events by outcome.\n# TYPE membersync_events_total gauge\n");
+    let mut out = String::from(
+        "# HELP membersync_events_total Stored events by outcome.\n# TYPE membersync_events_total gauge\n",
+    );
     for (status, n) in counts {
-        out.push_str(&format!(
-            "membersync_events_total{{status=\"{status}\"}} {n}\n"
-        ));
+        out.push_str(&format!("membersync_events_total{{status=\"{status}\"}} {n}\n"));
     }
     Ok(out)
 }

@@ -12,20 +12,14 @@ use tokio::net::TcpListener;
 /// The router, for `serve` and for `oneshot` tests.
 pub fn router(ctx: Arc<Ctx>) -> Router {
     Router::new()
-        .route(
-            "/webhooks/{tenant}/{provider}",
-            get(ingest::probe).head(ingest::probe).post(ingest::webhook),
-        )
+        .route("/webhooks/{tenant}/{provider}", get(ingest::probe).head(ingest::probe).post(ingest::webhook))
         .route("/members", get(admin::members))
         .route("/members/{id}", get(admin::member))
         .route("/events", get(admin::events))
         .route("/events/{event_id}", get(admin::event))
         .route("/leads", get(admin::leads))
         .route("/metrics", get(admin::metrics))
-        .route(
-            "/healthz",
-            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
-        )
+        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
         .with_state(ctx)
 }
 

@@ -18,11 +18,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "membersync",
-    version,
-    about = "Keeps member access in sync with payment-provider webhooks."
-)]
+#[command(name = "membersync", version, about = "Keeps member access in sync with payment-provider webhooks.")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -91,10 +87,7 @@ pub struct SimulateArgs {
 /// Runs the CLI; the exit code is the process's.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -112,20 +105,10 @@ pub fn run() -> ExitCode {
 
 async fn dispatch(cmd: Command) -> Result<ExitCode> {
     match cmd {
-        Command::Serve {
-            config,
-            listen,
-            database,
-        } => serve(&config, listen, database).await,
+        Command::Serve { config, listen, database } => serve(&config, listen, database).await,
         Command::Check { config } => Ok(check(&config)),
         Command::Simulate(args) => simulate(args).await,
-        Command::Send {
-            provider,
-            tenant,
-            url,
-            config,
-            file,
-        } => send(&config, &provider, &tenant, url, &file).await,
+        Command::Send { provider, tenant, url, config, file } => send(&config, &provider, &tenant, url, &file).await,
     }
 }
 
@@ -134,25 +117,16 @@ fn load_config(path: &Path) -> Result<Config> {
 }
 
 fn load_rules(config: &Config, now: DateTime<Utc>) -> Result<RuleSet> {
-    RuleSet::load(&config.rules_dir, "rules", now)
-        .map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))
+    RuleSet::load(&config.rules_dir, "rules", now).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))
 }
 
 fn open_store(config: &Config, database: &str) -> Result<Arc<dyn Store>> {
-    let opts = Options {
-        queue_capacity: config.queue_capacity,
-        max_batch: config.max_batch,
-    };
-    let store = SqliteStore::open(database, opts)
-        .with_context(|| format!("Failed to open the database {database}"))?;
+    let opts = Options { queue_capacity: config.queue_capacity, max_batch: config.max_batch };
+    let store = SqliteStore::open(database, opts).with_context(|| format!("Failed to open the database {database}"))?;
     Ok(Arc::new(store))
 }
 
-async fn serve(
-    config_path: &Path,
-    listen: Option<String>,
-    database: Option<String>,
-) -> Result<ExitCode> {
+async fn serve(config_path: &Path, listen: Option<String>, database: Option<String>) -> Result<ExitCode> {
     let mut config = load_config(config_path)?;
     if let Some(l) = listen {
         config.listen = l;
@@ -224,9 +198,7 @@ fn parse_headers(headers: &[String]) -> Result<Vec<(String, String)>> {
     headers
         .iter()
         .map(|h| {
-            let (k, v) = h
-                .split_once(':')
-                .with_context(|| format!("header `{h}` is not `Name: value`"))?;
+            let (k, v) = h.split_once(':').with_context(|| format!("header `{h}` is not `Name: value`"))?;
             Ok((k.trim().to_ascii_lowercase(), v.trim().to_string()))
         })
         .collect()
@@ -259,25 +231,14 @@ pub async fn simulate_json(
     store: Arc<dyn Store>,
     input: SimulateInput,
 ) -> Result<serde_json::Value> {
-    let SimulateInput {
-        provider,
-        tenant,
-        headers,
-        now,
-        state,
-        body,
-        content_type,
-    } = input;
-    let (provider, tenant, content_type) =
-        (provider.as_str(), tenant.as_str(), content_type.as_str());
+    let SimulateInput { provider, tenant, headers, now, state, body, content_type } = input;
+    let (provider, tenant, content_type) = (provider.as_str(), tenant.as_str(), content_type.as_str());
     let extractor = config
         .extractors
         .get(provider)
         .with_context(|| format!("no provider `{provider}` in rules/providers"))?
         .clone();
-    let decoded = extractor
-        .decode(&body, Some(content_type))
-        .context("Failed to decode the payload")?;
+    let decoded = extractor.decode(&body, Some(content_type)).context("Failed to decode the payload")?;
     let extracted = extractor.extract(tenant, &decoded, &body, &headers);
     let at = now.unwrap_or_else(|| match &extracted {
         Ok(x) => x.event.occurred_at,
@@ -286,29 +247,14 @@ pub async fn simulate_json(
     let event = extracted.as_ref().ok().map(|x| x.event.clone());
     if let (Some(state), Some(ev)) = (state, event.clone()) {
         let seed_config = config.clone();
-        store
-            .write(move |tx| pipeline::seed_membership(tx, &seed_config, &ev, state))
-            .await?;
+        store.write(move |tx| pipeline::seed_membership(tx, &seed_config, &ev, state)).await?;
     }
     let incoming = match extracted {
         Ok(x) => Incoming::Extracted(Box::new(x)),
-        Err(failure) => Incoming::Unreadable {
-            provider: provider.to_string(),
-            tenant: tenant.to_string(),
-            failure,
-        },
+        Err(failure) => Incoming::Unreadable { provider: provider.to_string(), tenant: tenant.to_string(), failure },
     };
-    let ctx = Arc::new(Ctx::new(
-        config,
-        rules,
-        store,
-        Arc::new(FixedClock::new(at)),
-    ));
-    let raw = Raw {
-        body,
-        headers,
-        source: Source::Simulate,
-    };
+    let ctx = Arc::new(Ctx::new(config, rules, store, Arc::new(FixedClock::new(at))));
+    let raw = Raw { body, headers, source: Source::Simulate };
     let ack = pipeline::process(&ctx, incoming, raw).await?;
     let o = ack.outcome;
     let mut out = json!({
@@ -331,16 +277,7 @@ pub async fn simulate_json(
 }
 
 async fn simulate(args: SimulateArgs) -> Result<ExitCode> {
-    let SimulateArgs {
-        provider,
-        tenant,
-        headers,
-        now,
-        apply,
-        state,
-        config: config_path,
-        file,
-    } = args;
+    let SimulateArgs { provider, tenant, headers, now, apply, state, config: config_path, file } = args;
     let state = state
         .as_deref()
         .map(|s| {
@@ -356,13 +293,8 @@ async fn simulate(args: SimulateArgs) -> Result<ExitCode> {
         .transpose()
         .context("`--now` must be RFC 3339, e.g. 2026-01-01T00:00:00Z")?;
     let rules = load_rules(&config, now.unwrap_or_else(Utc::now))?;
-    let body =
-        std::fs::read(&file).with_context(|| format!("Failed to read {}", file.display()))?;
-    let store = if apply {
-        open_store(&config, &config.database)?
-    } else {
-        open_store(&config, ":memory:")?
-    };
+    let body = std::fs::read(&file).with_context(|| format!("Failed to read {}", file.display()))?;
+    let store = if apply { open_store(&config, &config.database)? } else { open_store(&config, ":memory:")? };
     let input = SimulateInput {
         headers: parse_headers(&headers)?,
         content_type: content_type_for(&file).to_string(),
@@ -377,18 +309,10 @@ async fn simulate(args: SimulateArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn send(
-    config_path: &Path,
-    provider: &str,
-    tenant: &str,
-    url: Option<String>,
-    file: &Path,
-) -> Result<ExitCode> {
+async fn send(config_path: &Path, provider: &str, tenant: &str, url: Option<String>, file: &Path) -> Result<ExitCode> {
     let config = load_config(config_path)?;
-    let extractor = config
-        .extractors
-        .get(provider)
-        .with_context(|| format!("no provider `{provider}` in rules/providers"))?;
+    let extractor =
+        config.extractors.get(provider).with_context(|| format!("no provider `{provider}` in rules/providers"))?;
     let secret = config
         .tenants
         .get(tenant)
@@ -397,22 +321,17 @@ async fn send(
         .with_context(|| format!("tenant `{tenant}` has no secret for `{provider}`"))?;
     let body = std::fs::read(file).with_context(|| format!("Failed to read {}", file.display()))?;
     let now = SystemClock.now();
-    let body = expand_time(&body, now.timestamp())
-        .with_context(|| format!("Failed to expand times in {}", file.display()))?;
-    let url =
-        url.unwrap_or_else(|| format!("http://{}/webhooks/{tenant}/{provider}", config.listen));
-    let signed = Scheme::compile(&extractor.spec.verify).sign(&secret, &body, now);
-    let mut req = reqwest::Client::new()
-        .post(&url)
-        .header("content-type", content_type_for(file))
-        .body(body);
+    let body =
+        expand_time(&body, now.timestamp()).with_context(|| format!("Failed to expand times in {}", file.display()))?;
+    let url = url.unwrap_or_else(|| format!("http://{}/webhooks/{tenant}/{provider}", config.listen));
+    let scheme = Scheme::compile(&extractor.spec.verify);
+    let body = scheme.prepare_body(&secret, &body);
+    let signed = scheme.sign(&secret, &body, now);
+    let mut req = reqwest::Client::new().post(&url).header("content-type", content_type_for(file)).body(body);
     for (k, v) in signed {
         req = req.header(k, v);
     }
-    let resp = req
-        .send()
-        .await
-        .with_context(|| format!("Failed to POST to {url}"))?;
+    let resp = req.send().await.with_context(|| format!("Failed to POST to {url}"))?;
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
     println!("{} {}", status.as_u16(), text);
@@ -446,9 +365,7 @@ pub fn expand_time(body: &[u8], now: i64) -> Result<Vec<u8>> {
         } else {
             let (sign, num) = spec.split_at(1);
             let (digits, unit) = num.split_at(num.len().saturating_sub(1));
-            let n: i64 = digits
-                .parse()
-                .with_context(|| format!("bad placeholder ${{now{spec}}}"))?;
+            let n: i64 = digits.parse().with_context(|| format!("bad placeholder ${{now{spec}}}"))?;
             let secs = match unit {
                 "s" => n,
                 "m" => n * 60,
@@ -478,15 +395,8 @@ mod tests {
 
     #[test]
     fn expand_time_replaces_quoted_and_bare_placeholders() {
-        let got = expand_time(
-            br#"{"a": "${now}", "b": ${now+2m}, "c": "${now-1d}", "d": "x"}"#,
-            1000,
-        )
-        .unwrap();
-        assert_eq!(
-            String::from_utf8(got).unwrap(),
-            r#"{"a": 1000, "b": 1120, "c": -85400, "d": "x"}"#
-        );
+        let got = expand_time(br#"{"a": "${now}", "b": ${now+2m}, "c": "${now-1d}", "d": "x"}"#, 1000).unwrap();
+        assert_eq!(String::from_utf8(got).unwrap(), r#"{"a": 1000, "b": 1120, "c": -85400, "d": "x"}"#);
         assert_eq!(expand_time(b"{}", 5).unwrap(), b"{}");
         assert!(expand_time(b"${now+3y}", 5).is_err());
         assert!(expand_time(b"${now", 5).is_err());

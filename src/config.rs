@@ -69,11 +69,9 @@ impl SecretSpec {
     fn resolve(&self) -> Option<Secret> {
         match self {
             SecretSpec::Literal(s) => Some(Secret::new(s.clone())),
-            SecretSpec::Env { env, default } => std::env::var(env)
-                .ok()
-                .filter(|v| !v.is_empty())
-                .or_else(|| default.clone())
-                .map(Secret::new),
+            SecretSpec::Env { env, default } => {
+                std::env::var(env).ok().filter(|v| !v.is_empty()).or_else(|| default.clone()).map(Secret::new)
+            }
         }
     }
 }
@@ -118,17 +116,9 @@ pub struct Tenant {
 
 impl Tenant {
     /// Access levels for a product (tried by product id, then plan id); `None` when unmapped.
-    pub fn access_levels(
-        &self,
-        provider: &str,
-        product: Option<&str>,
-        plan: Option<&str>,
-    ) -> Option<Vec<String>> {
+    pub fn access_levels(&self, provider: &str, product: Option<&str>, plan: Option<&str>) -> Option<Vec<String>> {
         let p = self.providers.get(provider)?;
-        [product, plan]
-            .into_iter()
-            .flatten()
-            .find_map(|id| p.products.get(id).cloned())
+        [product, plan].into_iter().flatten().find_map(|id| p.products.get(id).cloned())
     }
 }
 
@@ -155,16 +145,10 @@ impl Config {
     /// Reads `path` and everything it points at.
     pub fn load(path: &Path) -> Result<Config, Error> {
         let shown = path.display().to_string();
-        let src = std::fs::read_to_string(path).map_err(|e| {
-            Error(vec![Diagnostic::new(
-                &shown,
-                1,
-                1,
-                format!("cannot read config: {e}"),
-            )])
-        })?;
-        let file: ConfigFile = crate::yaml::from_str(&src)
-            .map_err(|e| Error(vec![Diagnostic::from_yaml(&shown, &e)]))?;
+        let src = std::fs::read_to_string(path)
+            .map_err(|e| Error(vec![Diagnostic::new(&shown, 1, 1, format!("cannot read config: {e}"))]))?;
+        let file: ConfigFile =
+            crate::yaml::from_str(&src).map_err(|e| Error(vec![Diagnostic::from_yaml(&shown, &e)]))?;
         Config::compile(path, &src, file)
     }
 
@@ -186,37 +170,26 @@ impl Config {
                         &shown,
                         line,
                         col,
-                        format!("tenant `{name}` names provider `{pname}`, which has no valid rules/providers/{pname}.yaml"),
+                        format!(
+                            "tenant `{name}` names provider `{pname}`, which has no valid rules/providers/{pname}.yaml"
+                        ),
                     );
                     if let Some(best) = crate::diagnostic::closest(pname, &known) {
                         d = d.with_hint(format!("did you mean `{best}`?"));
                     }
                     diags.push(d);
                 }
-                providers.insert(
-                    pname.clone(),
-                    TenantProvider {
-                        secret: p.secret.resolve(),
-                        products: p.products.clone(),
-                    },
-                );
+                providers
+                    .insert(pname.clone(), TenantProvider { secret: p.secret.resolve(), products: p.products.clone() });
             }
-            tenants.insert(
-                name.clone(),
-                Tenant {
-                    name: name.clone(),
-                    policy: t.policy.clone(),
-                    providers,
-                },
-            );
+            tenants.insert(name.clone(), Tenant { name: name.clone(), policy: t.policy.clone(), providers });
         }
         if !diags.is_empty() {
             return Err(Error(diags));
         }
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let database = env("MEMBERSYNC_DATABASE")
-            .or(file.database.clone())
-            .unwrap_or_else(|| DEFAULT_DATABASE.to_string());
+        let database =
+            env("MEMBERSYNC_DATABASE").or(file.database.clone()).unwrap_or_else(|| DEFAULT_DATABASE.to_string());
         let database = if database == ":memory:" || Path::new(&database).is_absolute() {
             database
         } else {
@@ -224,9 +197,7 @@ impl Config {
         };
         Ok(Config {
             path: path.to_path_buf(),
-            listen: env("MEMBERSYNC_LISTEN")
-                .or(file.listen.clone())
-                .unwrap_or_else(|| DEFAULT_LISTEN.to_string()),
+            listen: env("MEMBERSYNC_LISTEN").or(file.listen.clone()).unwrap_or_else(|| DEFAULT_LISTEN.to_string()),
             database,
             admin_token: env("MEMBERSYNC_ADMIN_TOKEN")
                 .map(Secret::new)
@@ -262,10 +233,7 @@ fn load_extractors(rules_dir: &Path, diags: &mut Vec<Diagnostic>) -> BTreeMap<St
         .collect();
     paths.sort();
     for p in paths {
-        let shown = format!(
-            "rules/providers/{}",
-            p.file_name().unwrap_or_default().to_string_lossy()
-        );
+        let shown = format!("rules/providers/{}", p.file_name().unwrap_or_default().to_string_lossy());
         match std::fs::read_to_string(&p) {
             Ok(src) => match Extractor::load(&shown, &src) {
                 Ok(x) => {

@@ -15,19 +15,8 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
-    pub fn new(
-        file: impl Into<String>,
-        line: usize,
-        column: usize,
-        message: impl Into<String>,
-    ) -> Self {
-        Diagnostic {
-            file: file.into(),
-            line,
-            column,
-            message: message.into(),
-            hint: None,
-        }
+    pub fn new(file: impl Into<String>, line: usize, column: usize, message: impl Into<String>) -> Self {
+        Diagnostic { file: file.into(), line, column, message: message.into(), hint: None }
     }
 
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
@@ -37,10 +26,7 @@ impl Diagnostic {
 
     /// A diagnostic from a serde_yaml error, at the location it reports.
     pub fn from_yaml(file: &str, err: &serde_yaml::Error) -> Self {
-        let (line, column) = err
-            .location()
-            .map(|l| (l.line(), l.column()))
-            .unwrap_or((1, 1));
+        let (line, column) = err.location().map(|l| (l.line(), l.column())).unwrap_or((1, 1));
         let msg = err.to_string();
         // serde_yaml appends " at line X column Y"; the location is already in front.
         let msg = match msg.find(" at line ") {
@@ -53,11 +39,7 @@ impl Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.file, self.line, self.column, self.message
-        )?;
+        write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)?;
         if let Some(h) = &self.hint {
             write!(f, " (hint: {h})")?;
         }
@@ -100,10 +82,7 @@ mod tests {
 
     #[test]
     fn closest_finds_typos_only() {
-        assert_eq!(
-            closest("purchsed", &["purchased", "renewed"]),
-            Some("purchased")
-        );
+        assert_eq!(closest("purchsed", &["purchased", "renewed"]), Some("purchased"));
         assert_eq!(closest("zzz", &["purchased", "renewed"]), None);
     }
 }

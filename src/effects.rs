@@ -11,10 +11,7 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Effect {
     /// The membership now holds these access levels (until `until`, when the rules set one).
-    GrantAccess {
-        levels: Vec<String>,
-        until: Option<DateTime<Utc>>,
-    },
+    GrantAccess { levels: Vec<String>, until: Option<DateTime<Utc>> },
     /// The membership no longer holds these access levels.
     RevokeAccess { levels: Vec<String>, reason: String },
     /// Start (or clear, with `until: null`) the grace period.

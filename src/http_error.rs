@@ -69,8 +69,7 @@ impl IntoResponse for ApiError {
         };
         let mut resp = (status, Json(json!({ "error": message }))).into_response();
         if matches!(self, ApiError::Busy) {
-            resp.headers_mut()
-                .insert("retry-after", HeaderValue::from_static("1"));
+            resp.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
         }
         resp
     }

@@ -25,19 +25,12 @@ pub async fn probe(
     Ok(Json(json!({ "ok": true })))
 }
 
-fn target<'a>(
-    ctx: &'a Ctx,
-    tenant: &str,
-    provider: &str,
-) -> Result<&'a crate::config::TenantProvider, ApiError> {
-    let t = ctx
-        .config
-        .tenants
-        .get(tenant)
-        .ok_or_else(|| ApiError::UnknownTarget(format!("tenant `{tenant}`")))?;
-    let p = t.providers.get(provider).ok_or_else(|| {
-        ApiError::UnknownTarget(format!("provider `{provider}` for tenant `{tenant}`"))
-    })?;
+fn target<'a>(ctx: &'a Ctx, tenant: &str, provider: &str) -> Result<&'a crate::config::TenantProvider, ApiError> {
+    let t = ctx.config.tenants.get(tenant).ok_or_else(|| ApiError::UnknownTarget(format!("tenant `{tenant}`")))?;
+    let p = t
+        .providers
+        .get(provider)
+        .ok_or_else(|| ApiError::UnknownTarget(format!("provider `{provider}` for tenant `{tenant}`")))?;
     if !ctx.config.extractors.contains_key(provider) {
         return Err(ApiError::UnknownTarget(format!("provider `{provider}`")));
     }
@@ -56,8 +49,7 @@ pub async fn webhook(
     })?;
     let limit = ctx.config.max_body_bytes;
     let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+        let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
             || e.to_string().contains("length limit");
         if too_large {
             tracing::warn!(%tenant, %provider, limit, "Webhook body too large.");
@@ -67,10 +59,8 @@ pub async fn webhook(
             ApiError::BadRequest(e.to_string())
         }
     })?;
-    let hdrs: Vec<(String, String)> = headers
-        .iter()
-        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
-        .collect();
+    let hdrs: Vec<(String, String)> =
+        headers.iter().filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string()))).collect();
     let ack = accept(&ctx, &tenant, &provider, hdrs, body.to_vec()).await?;
     tracing::info!(%tenant, %provider, event_id = %ack.event_id, status = ack.status.as_str(), "Webhook processed.");
     Ok(Json(ack))
@@ -88,16 +78,17 @@ pub async fn accept(
     let tp = target(ctx, tenant, provider)?;
     let extractor = &ctx.config.extractors[provider];
     let now = ctx.clock.now();
-    Scheme::compile(&extractor.spec.verify)
-        .verify(tp.secret.as_ref(), &headers, &body, now)
-        .map_err(|e| {
-            tracing::warn!(%tenant, %provider, reason = %e, "Signature did not verify.");
-            ApiError::Unauthorized(e.to_string())
-        })?;
-    let content_type = headers
-        .iter()
-        .find(|(k, _)| k == "content-type")
-        .map(|(_, v)| v.as_str());
+    let scheme = Scheme::compile(&extractor.spec.verify);
+    if body.iter().all(u8::is_ascii_whitespace) && scheme.empty_body_is_probe() {
+        tracing::info!(%tenant, %provider, "Empty POST answered as a URL check; nothing stored.");
+        let outcome = pipeline::Outcome::probe();
+        return Ok(Ack { event_id: String::new(), status: outcome.status, outcome });
+    }
+    scheme.verify(tp.secret.as_ref(), &headers, &body, now).map_err(|e| {
+        tracing::warn!(%tenant, %provider, reason = %e, "Signature did not verify.");
+        ApiError::Unauthorized(e.to_string())
+    })?;
+    let content_type = headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_str());
     let decoded = extractor.decode(&body, content_type).map_err(|e| {
         tracing::warn!(%tenant, %provider, error = %e, "Webhook body could not be decoded.");
         ApiError::BadRequest(e.to_string())
@@ -106,22 +97,12 @@ pub async fn accept(
         Ok(x) => Incoming::Extracted(Box::new(x)),
         Err(failure) => {
             tracing::warn!(%tenant, %provider, event_id = %failure.event_id, error = %failure.error, "Webhook fields could not be read; storing it as failed.");
-            Incoming::Unreadable {
-                provider: provider.to_string(),
-                tenant: tenant.to_string(),
-                failure,
-            }
+            Incoming::Unreadable { provider: provider.to_string(), tenant: tenant.to_string(), failure }
         }
     };
-    let stored: Vec<(String, String)> = headers
-        .into_iter()
-        .filter(|(k, _)| !UNSTORED_HEADERS.contains(&k.as_str()))
-        .collect();
-    let raw = Raw {
-        body,
-        headers: stored,
-        source: Source::Webhook,
-    };
+    let stored: Vec<(String, String)> =
+        headers.into_iter().filter(|(k, _)| !UNSTORED_HEADERS.contains(&k.as_str())).collect();
+    let raw = Raw { body: scheme.redact(&body), headers: stored, source: Source::Webhook };
     pipeline::process(ctx, incoming, raw).await.map_err(|e| {
         tracing::error!(%tenant, %provider, error = %e, "Webhook could not be stored; the provider will retry.");
         ApiError::from(e)

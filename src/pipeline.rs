@@ -67,6 +67,13 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// A provider's URL check: nothing was stored.
+    pub fn probe() -> Outcome {
+        let mut o = Outcome::new(Status::Ignored, Source::Webhook);
+        o.reason = Some("URL check (empty body): nothing stored".into());
+        o
+    }
+
     fn new(status: Status, source: Source) -> Outcome {
         Outcome {
             status,
@@ -105,18 +112,12 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    pub fn new(
-        config: Config,
-        rules: RuleSet,
-        store: Arc<dyn Store>,
-        clock: Arc<dyn Clock>,
-    ) -> Ctx {
+    pub fn new(config: Config, rules: RuleSet, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Ctx {
         let policies = config
             .tenants
             .iter()
             .map(|(name, t)| {
-                let d = rhai::serde::to_dynamic(&t.policy)
-                    .unwrap_or_else(|_| Dynamic::from_map(rhai::Map::new()));
+                let d = rhai::serde::to_dynamic(&t.policy).unwrap_or_else(|_| Dynamic::from_map(rhai::Map::new()));
                 (name.clone(), d)
             })
             .collect();
@@ -132,10 +133,7 @@ impl Ctx {
 
     /// The rule set in force.
     pub fn rules(&self) -> Arc<RuleSet> {
-        self.rules
-            .read()
-            .map(|r| r.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        self.rules.read().map(|r| r.clone()).unwrap_or_else(|p| p.into_inner().clone())
     }
 
     /// Swaps in a new rule set; events already in the writer finish under the old one.
@@ -147,10 +145,7 @@ impl Ctx {
     }
 
     fn policy(&self, tenant: &str) -> Dynamic {
-        self.policies
-            .get(tenant)
-            .cloned()
-            .unwrap_or_else(|| Dynamic::from_map(rhai::Map::new()))
+        self.policies.get(tenant).cloned().unwrap_or_else(|| Dynamic::from_map(rhai::Map::new()))
     }
 }
 
@@ -159,11 +154,7 @@ pub enum Incoming {
     /// A delivery whose fields were extracted.
     Extracted(Box<Extraction>),
     /// A delivery whose fields could not be read: stored as a dead letter.
-    Unreadable {
-        provider: String,
-        tenant: String,
-        failure: Box<Failure>,
-    },
+    Unreadable { provider: String, tenant: String, failure: Box<Failure> },
     /// A timer that fell due.
     Timer(TimerRow),
 }
@@ -180,16 +171,8 @@ pub async fn process(ctx: &Arc<Ctx>, incoming: Incoming, raw: Raw) -> store::Res
     let now = ctx.clock.now();
     let job_ctx = ctx.clone();
     let rules = ctx.rules();
-    let ack = ctx
-        .store
-        .write(move |tx| apply(&job_ctx, &rules, tx, incoming, raw, now))
-        .await?;
-    if ack
-        .outcome
-        .effects
-        .iter()
-        .any(|e| matches!(e, Effect::ScheduleTimer { .. }))
-    {
+    let ack = ctx.store.write(move |tx| apply(&job_ctx, &rules, tx, incoming, raw, now)).await?;
+    if ack.outcome.effects.iter().any(|e| matches!(e, Effect::ScheduleTimer { .. })) {
         ctx.timers_changed.notify_one();
     }
     Ok(ack)
@@ -206,20 +189,10 @@ pub fn apply(
 ) -> store::Result<Ack> {
     let source = raw.source;
     let (tenant, provider, key) = match &incoming {
-        Incoming::Extracted(x) => (
-            x.event.tenant.clone(),
-            x.event.provider.clone(),
-            x.idempotency_key.clone(),
-        ),
-        Incoming::Unreadable {
-            provider,
-            tenant,
-            failure,
-        } => (
-            tenant.clone(),
-            provider.clone(),
-            failure.idempotency_key.clone(),
-        ),
+        Incoming::Extracted(x) => (x.event.tenant.clone(), x.event.provider.clone(), x.idempotency_key.clone()),
+        Incoming::Unreadable { provider, tenant, failure } => {
+            (tenant.clone(), provider.clone(), failure.idempotency_key.clone())
+        }
         Incoming::Timer(t) => (t.tenant.clone(), String::new(), String::new()),
     };
 
@@ -251,17 +224,10 @@ pub fn apply(
     if let Some(prev) = tx.event_by_key(&tenant, &provider, &key)? {
         tx.note_duplicate(prev.seq)?;
         let mut outcome = Outcome::new(Status::Duplicate, source);
-        outcome.reason = Some(format!(
-            "already received as event #{} ({})",
-            prev.seq, prev.status
-        ));
+        outcome.reason = Some(format!("already received as event #{} ({})", prev.seq, prev.status));
         outcome.member_id = prev.member_id.clone();
         outcome.membership_id = prev.membership_id.clone();
-        return Ok(Ack {
-            event_id: prev.event_id,
-            status: Status::Duplicate,
-            outcome,
-        });
+        return Ok(Ack { event_id: prev.event_id, status: Status::Duplicate, outcome });
     }
 
     let mut rec = EventRow {
@@ -308,11 +274,7 @@ pub fn apply(
 
     if ev.kind.is_none() {
         outcome.status = Status::Ignored;
-        outcome.reason = x
-            .mapping
-            .ignored_because
-            .clone()
-            .or(Some("unmapped event".into()));
+        outcome.reason = x.mapping.ignored_because.clone().or(Some("unmapped event".into()));
         return finish(tx, rec, outcome);
     }
     let Some(tenant_cfg) = ctx.config.tenants.get(&tenant) else {
@@ -333,11 +295,8 @@ pub fn apply(
     };
     if membership.is_none() && mkey.is_none() {
         if let Some(mem) = &member {
-            let mut mine: Vec<MembershipRow> = tx
-                .memberships_of(&mem.id)?
-                .into_iter()
-                .filter(|m| m.provider == provider)
-                .collect();
+            let mut mine: Vec<MembershipRow> =
+                tx.memberships_of(&mem.id)?.into_iter().filter(|m| m.provider == provider).collect();
             match mine.len() {
                 0 => {}
                 1 => membership = mine.pop(),
@@ -370,9 +329,7 @@ pub fn apply(
                 outcome.reason = Some(format!(
                     "occurred at {} but the membership already reflects {}",
                     ev.occurred_at.to_rfc3339(),
-                    view.last_event_at
-                        .map(|t| t.to_rfc3339())
-                        .unwrap_or_default()
+                    view.last_event_at.map(|t| t.to_rfc3339()).unwrap_or_default()
                 ));
                 return finish(tx, rec, outcome);
             }
@@ -416,16 +373,7 @@ pub fn apply(
     let mut effects = decision.effects;
     let Some(input) = decision.input else {
         // Effects only (a lead, a flag): no membership moves.
-        apply_member_effects(
-            tx,
-            ctx,
-            &tenant,
-            &provider,
-            ev,
-            member.as_ref(),
-            &effects,
-            now,
-        )?;
+        apply_member_effects(tx, ctx, &tenant, &provider, ev, member.as_ref(), &effects, now)?;
         outcome.effects = effects;
         return finish(tx, rec, outcome);
     };
@@ -433,11 +381,7 @@ pub fn apply(
         Step::Refused { .. } => {
             outcome.status = Status::Refused;
             outcome.from = Some(from);
-            outcome.reason = Some(format!(
-                "the machine has no `{}` edge from `{}`",
-                input.as_str(),
-                from.as_str()
-            ));
+            outcome.reason = Some(format!("the machine has no `{}` edge from `{}`", input.as_str(), from.as_str()));
             if let Some(m) = membership.as_mut() {
                 flag_membership(tx, m, &outcome, now)?;
             }
@@ -470,10 +414,8 @@ pub fn apply(
             if ev.member.email.is_none() && ev.member.provider_customer_id.is_none() {
                 outcome.status = Status::Refused;
                 outcome.to = None;
-                outcome.reason = Some(
-                    "the event names no member (no email, no customer id) and no known membership"
-                        .into(),
-                );
+                outcome.reason =
+                    Some("the event names no member (no email, no customer id) and no known membership".into());
                 return finish(tx, rec, outcome);
             }
             let m = MemberRow {
@@ -495,9 +437,7 @@ pub fn apply(
     let Some(mkey) = mkey.or_else(|| membership.as_ref().map(|m| m.key.clone())) else {
         outcome.status = Status::Refused;
         outcome.to = None;
-        outcome.reason = Some(
-            "the event names no subscription or product, so no membership can be started".into(),
-        );
+        outcome.reason = Some("the event names no subscription or product, so no membership can be started".into());
         return finish(tx, rec, outcome);
     };
     let mut ms = membership.unwrap_or_else(|| MembershipRow {
@@ -546,10 +486,7 @@ pub fn apply(
     }
     // The state is the truth about a scheduled cancel; the event's flag only informs rules.
     ms.cancel_at_period_end = to == MState::Canceling;
-    ms.last_event_at = Some(
-        ms.last_event_at
-            .map_or(ev.occurred_at, |t| t.max(ev.occurred_at)),
-    );
+    ms.last_event_at = Some(ms.last_event_at.map_or(ev.occurred_at, |t| t.max(ev.occurred_at)));
     ms.last_event_id = Some(ev.event_id.clone());
     ms.updated_at = now;
 
@@ -576,28 +513,26 @@ pub fn apply(
         None => {
             ms.access_levels = vec![];
             let reason = match ms.product_id.clone().or(ms.plan_id.clone()) {
-                Some(id) => format!("unmapped_product: {provider} product `{id}` maps to no access level in the config"),
+                Some(id) => {
+                    format!("unmapped_product: {provider} product `{id}` maps to no access level in the config")
+                }
                 None => "unmapped_product: no product known for this membership yet".to_string(),
             };
             if !ms.flags.contains(&reason) {
-                effects.push(Effect::Flag {
-                    reason: reason.clone(),
-                });
+                effects.push(Effect::Flag { reason: reason.clone() });
             }
             push_flag(&mut ms.flags, &reason);
         }
     }
     let has_access = ms.has_access(now);
     if has_access && (!had_access || ms.access_levels != old_levels) {
-        effects.push(Effect::GrantAccess {
-            levels: ms.access_levels.clone(),
-            until: ms.access_until.or(ms.grace_until),
-        });
+        effects
+            .push(Effect::GrantAccess { levels: ms.access_levels.clone(), until: ms.access_until.or(ms.grace_until) });
     } else if had_access && !has_access {
-        effects.push(Effect::RevokeAccess {
-            levels: old_levels,
-            reason: format!("{} → {}", from.as_str(), to.as_str()),
-        });
+        effects
+            .push(Effect::RevokeAccess {
+                levels: old_levels, reason: format!("{} → {}", from.as_str(), to.as_str())
+            });
     }
     tx.save_membership(&ms)?;
     for e in &effects {
@@ -624,10 +559,7 @@ pub fn apply(
 
 /// Kinds that act on one membership (a lead or a member update does not).
 fn needs_membership(kind: Option<EventKind>) -> bool {
-    !matches!(
-        kind,
-        None | Some(EventKind::LeadCaptured | EventKind::MemberUpdated | EventKind::MemberDeleted)
-    )
+    !matches!(kind, None | Some(EventKind::LeadCaptured | EventKind::MemberUpdated | EventKind::MemberDeleted))
 }
 
 /// `sub:<id>` for subscriptions, `product:<id>` for one-time products.
@@ -638,12 +570,7 @@ pub fn membership_key(ev: &CanonicalEvent) -> Option<String> {
     ev.product_id.as_ref().map(|p| format!("product:{p}"))
 }
 
-fn find_member(
-    tx: &mut dyn Tx,
-    tenant: &str,
-    provider: &str,
-    who: &MemberRef,
-) -> store::Result<Option<MemberRow>> {
+fn find_member(tx: &mut dyn Tx, tenant: &str, provider: &str, who: &MemberRef) -> store::Result<Option<MemberRow>> {
     if let Some(cid) = &who.provider_customer_id {
         if let Some(m) = tx.member_by_customer(tenant, provider, cid)? {
             return Ok(Some(m));
@@ -682,39 +609,15 @@ fn push_flag(flags: &mut Vec<String>, reason: &str) {
     }
 }
 
-fn flag_membership(
-    tx: &mut dyn Tx,
-    m: &mut MembershipRow,
-    o: &Outcome,
-    now: DateTime<Utc>,
-) -> store::Result<()> {
-    push_flag(
-        &mut m.flags,
-        &format!(
-            "{}: {}",
-            o.status.as_str(),
-            o.reason.clone().unwrap_or_default()
-        ),
-    );
+fn flag_membership(tx: &mut dyn Tx, m: &mut MembershipRow, o: &Outcome, now: DateTime<Utc>) -> store::Result<()> {
+    push_flag(&mut m.flags, &format!("{}: {}", o.status.as_str(), o.reason.clone().unwrap_or_default()));
     m.updated_at = now;
     tx.save_membership(m)
 }
 
-fn flag_member(
-    tx: &mut dyn Tx,
-    m: &MemberRow,
-    o: &Outcome,
-    now: DateTime<Utc>,
-) -> store::Result<()> {
+fn flag_member(tx: &mut dyn Tx, m: &MemberRow, o: &Outcome, now: DateTime<Utc>) -> store::Result<()> {
     let mut m = m.clone();
-    push_flag(
-        &mut m.flags,
-        &format!(
-            "{}: {}",
-            o.status.as_str(),
-            o.reason.clone().unwrap_or_default()
-        ),
-    );
+    push_flag(&mut m.flags, &format!("{}: {}", o.status.as_str(), o.reason.clone().unwrap_or_default()));
     m.updated_at = now;
     tx.save_member(&m)
 }
@@ -758,11 +661,7 @@ fn finish(tx: &mut dyn Tx, mut rec: EventRow, outcome: Outcome) -> store::Result
     rec.reason = outcome.reason.clone();
     rec.outcome = serde_json::to_value(&outcome).unwrap_or_default();
     tx.insert_event(&rec)?;
-    Ok(Ack {
-        event_id: rec.event_id,
-        status: outcome.status,
-        outcome,
-    })
+    Ok(Ack { event_id: rec.event_id, status: outcome.status, outcome })
 }
 
 /// The canonical event a due timer stands for (`None` if its membership is gone).
@@ -770,12 +669,7 @@ fn timer_event(tx: &mut dyn Tx, t: &TimerRow) -> store::Result<Option<Extraction
     let Some(m) = tx.membership(&t.membership_id)? else {
         return Ok(None);
     };
-    let event_id = format!(
-        "timer:{}:{}:{}",
-        t.membership_id,
-        t.name,
-        t.due_at.timestamp()
-    );
+    let event_id = format!("timer:{}:{}:{}", t.membership_id, t.name, t.due_at.timestamp());
     Ok(Some(Extraction {
         event: CanonicalEvent {
             kind: Some(EventKind::Expired),
@@ -811,22 +705,12 @@ fn timer_event(tx: &mut dyn Tx, t: &TimerRow) -> store::Result<Option<Extraction
 /// Puts a member and membership in `state` for the event's membership, as if earlier
 /// events had led there (`simulate --state`): lets a dry run show what one event does to
 /// a membership that is, say, active or past_due.
-pub fn seed_membership(
-    tx: &mut dyn Tx,
-    config: &Config,
-    ev: &CanonicalEvent,
-    state: MState,
-) -> store::Result<()> {
+pub fn seed_membership(tx: &mut dyn Tx, config: &Config, ev: &CanonicalEvent, state: MState) -> store::Result<()> {
     let at = ev.occurred_at;
     let member = MemberRow {
         id: "mbr_seeded".into(),
         tenant: ev.tenant.clone(),
-        email: Some(
-            ev.member
-                .email
-                .clone()
-                .unwrap_or_else(|| "seeded@example.invalid".into()),
-        ),
+        email: Some(ev.member.email.clone().unwrap_or_else(|| "seeded@example.invalid".into())),
         name: ev.member.name.clone(),
         flags: vec![],
         created_at: at,
@@ -836,22 +720,10 @@ pub fn seed_membership(
     if let Some(cid) = &ev.member.provider_customer_id {
         tx.link_customer(&ev.tenant, &ev.provider, cid, &member.id)?;
     }
-    let products = config
-        .tenants
-        .get(&ev.tenant)
-        .and_then(|t| t.providers.get(&ev.provider))
-        .map(|p| &p.products);
-    let product_id = ev
-        .product_id
-        .clone()
-        .or_else(|| products.and_then(|p| p.keys().next().cloned()));
-    let levels = products
-        .and_then(|p| product_id.as_ref().and_then(|id| p.get(id)).cloned())
-        .unwrap_or_default();
-    let period_end = ev
-        .period_end
-        .filter(|t| *t > at)
-        .unwrap_or(at + chrono::Duration::days(30));
+    let products = config.tenants.get(&ev.tenant).and_then(|t| t.providers.get(&ev.provider)).map(|p| &p.products);
+    let product_id = ev.product_id.clone().or_else(|| products.and_then(|p| p.keys().next().cloned()));
+    let levels = products.and_then(|p| product_id.as_ref().and_then(|id| p.get(id)).cloned()).unwrap_or_default();
+    let period_end = ev.period_end.filter(|t| *t > at).unwrap_or(at + chrono::Duration::days(30));
     tx.save_membership(&MembershipRow {
         id: "msp_seeded".into(),
         tenant: ev.tenant.clone(),

@@ -34,11 +34,7 @@ pub async fn fire_due(ctx: &Arc<Ctx>, now: DateTime<Utc>) -> usize {
         let batch = due.len();
         for t in due {
             let body = serde_json::to_vec(&t).unwrap_or_default();
-            let raw = Raw {
-                body,
-                headers: vec![],
-                source: Source::Timer,
-            };
+            let raw = Raw { body, headers: vec![], source: Source::Timer };
             let (name, membership) = (t.name.clone(), t.membership_id.clone());
             match pipeline::process(ctx, Incoming::Timer(t), raw).await {
                 Ok(ack) => {
@@ -64,16 +60,9 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: impl std::future::Future<Output = ()>)
         let now = ctx.clock.now();
         fire_due(&ctx, now).await;
         let store = ctx.store.clone();
-        let next = tokio::task::spawn_blocking(move || store.next_timer())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .flatten();
+        let next = tokio::task::spawn_blocking(move || store.next_timer()).await.ok().and_then(Result::ok).flatten();
         let wait = match next {
-            Some(t) => (t - ctx.clock.now())
-                .to_std()
-                .unwrap_or(Duration::ZERO)
-                .min(MAX_SLEEP),
+            Some(t) => (t - ctx.clock.now()).to_std().unwrap_or(Duration::ZERO).min(MAX_SLEEP),
             None => MAX_SLEEP,
         };
         tokio::select! {

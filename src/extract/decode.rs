@@ -66,9 +66,7 @@ fn split_key(key: &str) -> Result<Vec<String>, DecodeError> {
         if !rest.starts_with('[') {
             return Err(DecodeError::BadKey(key.to_string()));
         }
-        let close = rest
-            .find(']')
-            .ok_or_else(|| DecodeError::BadKey(key.to_string()))?;
+        let close = rest.find(']').ok_or_else(|| DecodeError::BadKey(key.to_string()))?;
         segs.push(rest[1..close].to_string());
         rest = &rest[close + 1..];
         if segs.len() > MAX_FORM_DEPTH {
@@ -104,9 +102,7 @@ fn normalize(v: Value) -> Value {
             let dense = n > 0 && (0..n).all(|i| map.contains_key(&i.to_string()));
             if dense {
                 let mut map = map;
-                let items = (0..n)
-                    .map(|i| normalize(map.remove(&i.to_string()).unwrap_or(Value::Null)))
-                    .collect();
+                let items = (0..n).map(|i| normalize(map.remove(&i.to_string()).unwrap_or(Value::Null))).collect();
                 Value::Array(items)
             } else {
                 Value::Object(map.into_iter().map(|(k, v)| (k, normalize(v))).collect())
@@ -139,19 +135,13 @@ mod tests {
     #[test]
     fn form_with_sparse_numeric_keys_stays_an_object() {
         let v = form(b"subscriptions[product-12]=sub_1&ids[3]=x").unwrap();
-        assert_eq!(
-            v,
-            json!({"subscriptions": {"product-12": "sub_1"}, "ids": {"3": "x"}})
-        );
+        assert_eq!(v, json!({"subscriptions": {"product-12": "sub_1"}, "ids": {"3": "x"}}));
     }
 
     #[test]
     fn form_too_deep_or_malformed_is_an_error() {
         let deep = format!("a{}=1", "[x]".repeat(MAX_FORM_DEPTH + 1));
-        assert!(matches!(
-            form(deep.as_bytes()),
-            Err(DecodeError::TooDeep(_))
-        ));
+        assert!(matches!(form(deep.as_bytes()), Err(DecodeError::TooDeep(_))));
         assert!(matches!(form(b"[x]=1"), Err(DecodeError::BadKey(_))));
         assert!(matches!(form(b"a[x=1"), Err(DecodeError::BadKey(_))));
         assert_eq!(form(&[0xff, 0xfe]), Err(DecodeError::Utf8));

@@ -159,19 +159,15 @@ pub type Headers = [(String, String)];
 impl Extractor {
     /// Parses and compiles one provider file. `file` is used in diagnostics.
     pub fn load(file: &str, src: &str) -> Result<Extractor, CompileError> {
-        let spec: ProviderSpec = crate::yaml::from_str(src)
-            .map_err(|e| CompileError(vec![Diagnostic::from_yaml(file, &e)]))?;
+        let spec: ProviderSpec =
+            crate::yaml::from_str(src).map_err(|e| CompileError(vec![Diagnostic::from_yaml(file, &e)]))?;
         Extractor::compile(file, src, spec)
     }
 
     /// Compiles a parsed provider spec, gathering every problem.
     pub fn compile(file: &str, src: &str, spec: ProviderSpec) -> Result<Extractor, CompileError> {
         let mut diags = Vec::new();
-        let mut cx = Cx {
-            file,
-            src,
-            diags: &mut diags,
-        };
+        let mut cx = Cx { file, src, diags: &mut diags };
         let idempotency = if spec.idempotency.body_hash {
             Idempotency::BodyHash
         } else if let Some(h) = &spec.idempotency.header {
@@ -179,20 +175,14 @@ impl Extractor {
         } else if let Some(p) = &spec.idempotency.path {
             Idempotency::Paths(p.paths().into_iter().filter_map(|p| cx.path(p)).collect())
         } else {
-            cx.err(
-                "idempotency",
-                "`idempotency` needs one of `path`, `header`, `body_hash`",
-            );
+            cx.err("idempotency", "`idempotency` needs one of `path`, `header`, `body_hash`");
             Idempotency::BodyHash
         };
         let event_id = spec.event_id.as_ref().map(|f| cx.field("event_id", f));
         let event_type = cx.field("event_type", &spec.event_type);
         let occurred_at = cx.field("occurred_at", &spec.occurred_at);
         if occurred_at.time.is_none() {
-            cx.err(
-                "occurred_at",
-                "`occurred_at` needs a `time:` unit (unix_seconds, unix_millis, iso8601, auto)",
-            );
+            cx.err("occurred_at", "`occurred_at` needs a `time:` unit (unix_seconds, unix_millis, iso8601, auto)");
         }
         let defaults = cx.fields(&spec.fields);
         let mut events = HashMap::new();
@@ -208,36 +198,18 @@ impl Extractor {
                         .when
                         .iter()
                         .filter_map(|(p, cond)| Some((cx.path(p)?, cond)))
-                        .flat_map(|(p, cond)| {
-                            compile_cond(cond).into_iter().map(move |c| (p.clone(), c))
-                        })
+                        .flat_map(|(p, cond)| compile_cond(cond).into_iter().map(move |c| (p.clone(), c)))
                         .collect(),
                     target: cx.target(&c.kind),
                     fields: cx.fields(&c.fields),
                 })
                 .collect();
             let fields = cx.fields(&ev.fields);
-            events.insert(
-                name.clone(),
-                EventMap {
-                    target,
-                    cases,
-                    fields,
-                },
-            );
+            events.insert(name.clone(), EventMap { target, cases, fields });
         }
-        let stem = std::path::Path::new(file)
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or("");
+        let stem = std::path::Path::new(file).file_stem().and_then(|s| s.to_str()).unwrap_or("");
         if !stem.is_empty() && stem != spec.provider {
-            cx.err(
-                "provider:",
-                &format!(
-                    "`provider: {}` does not match the file name `{stem}`",
-                    spec.provider
-                ),
-            );
+            cx.err("provider:", &format!("`provider: {}` does not match the file name `{stem}`", spec.provider));
         }
         if !diags.is_empty() {
             return Err(CompileError(diags));
@@ -261,19 +233,12 @@ impl Extractor {
     }
 
     /// Decodes a raw body the way the provider encodes it.
-    pub fn decode(
-        &self,
-        body: &[u8],
-        content_type: Option<&str>,
-    ) -> Result<Value, decode::DecodeError> {
+    pub fn decode(&self, body: &[u8], content_type: Option<&str>) -> Result<Value, decode::DecodeError> {
         let form = match self.decode {
             DecodeSpec::Json => false,
             DecodeSpec::Form => true,
             DecodeSpec::Auto => content_type
-                .map(|c| {
-                    c.to_ascii_lowercase()
-                        .starts_with("application/x-www-form-urlencoded")
-                })
+                .map(|c| c.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded"))
                 .unwrap_or(false),
         };
         if form {
@@ -293,17 +258,10 @@ impl Extractor {
     ) -> Result<Extraction, Box<Failure>> {
         let idempotency_key = match &self.idempotency {
             Idempotency::BodyHash => body_hash(raw),
-            Idempotency::Header(h) => header(headers, h)
-                .map(str::to_string)
-                .unwrap_or_else(|| body_hash(raw)),
-            Idempotency::Paths(ps) => first(ps, body)
-                .and_then(as_string)
-                .unwrap_or_else(|| body_hash(raw)),
+            Idempotency::Header(h) => header(headers, h).map(str::to_string).unwrap_or_else(|| body_hash(raw)),
+            Idempotency::Paths(ps) => first(ps, body).and_then(as_string).unwrap_or_else(|| body_hash(raw)),
         };
-        let event_type = read(&self.event_type, body)
-            .ok()
-            .flatten()
-            .and_then(|v| as_string(&v));
+        let event_type = read(&self.event_type, body).ok().flatten().and_then(|v| as_string(&v));
         let event_id = self
             .event_id
             .as_ref()
@@ -311,10 +269,7 @@ impl Extractor {
             .and_then(|v| as_string(&v))
             .unwrap_or_else(|| idempotency_key.clone());
         let occurred_at = read(&self.occurred_at, body)
-            .and_then(|v| {
-                v.map(|v| time::to_time(&v, self.occurred_at.time.unwrap_or(TimeUnit::Auto)))
-                    .transpose()
-            })
+            .and_then(|v| v.map(|v| time::to_time(&v, self.occurred_at.time.unwrap_or(TimeUnit::Auto))).transpose())
             .map_err(Error);
         let fail = |error: Error, occurred_at: Option<DateTime<Utc>>| {
             Box::new(Failure {
@@ -326,28 +281,17 @@ impl Extractor {
             })
         };
         let Some(event_type) = event_type.clone() else {
-            return Err(fail(
-                Error("no event type found at the configured `event_type` path".into()),
-                None,
-            ));
+            return Err(fail(Error("no event type found at the configured `event_type` path".into()), None));
         };
         let occurred_at = match occurred_at {
             Ok(Some(t)) => t,
             Ok(None) => {
-                return Err(fail(
-                    Error("no event time found at the configured `occurred_at` path".into()),
-                    None,
-                ))
+                return Err(fail(Error("no event time found at the configured `occurred_at` path".into()), None))
             }
             Err(e) => return Err(fail(Error(format!("occurred_at: {e}")), None)),
         };
 
-        let mut mapping = Mapping {
-            file: self.file(),
-            event: None,
-            case: None,
-            ignored_because: None,
-        };
+        let mut mapping = Mapping { file: self.file(), event: None, case: None, ignored_because: None };
         let mut layers: Vec<&Fields> = Vec::with_capacity(3);
         let kind = match self.events.get(&event_type) {
             None => {
@@ -356,10 +300,7 @@ impl Extractor {
             }
             Some(em) => {
                 mapping.event = Some(event_type.clone());
-                let matched = em
-                    .cases
-                    .iter()
-                    .find(|c| c.conds.iter().all(|(p, c)| holds(c, p.lookup(body))));
+                let matched = em.cases.iter().find(|c| c.conds.iter().all(|(p, c)| holds(c, p.lookup(body))));
                 if let Some(case) = matched {
                     layers.push(&case.fields);
                 }
@@ -381,9 +322,8 @@ impl Extractor {
                         None
                     }
                     None => {
-                        mapping.ignored_because = Some(format!(
-                            "no case of `{event_type}` matched and it has no default kind"
-                        ));
+                        mapping.ignored_because =
+                            Some(format!("no case of `{event_type}` matched and it has no default kind"));
                         None
                     }
                 }
@@ -394,41 +334,32 @@ impl Extractor {
         let get = |f: F| -> Result<Option<Value>, Error> {
             for layer in &layers {
                 if let Some(field) = &layer[f as usize] {
-                    return read(field, body)
-                        .map_err(|e| Error(format!("{}: {e}", FIELD_NAMES[f as usize].1)));
+                    return read(field, body).map_err(|e| Error(format!("{}: {e}", FIELD_NAMES[f as usize].1)));
                 }
             }
             Ok(None)
         };
-        let string =
-            |f: F| -> Result<Option<String>, Error> { Ok(get(f)?.and_then(|v| as_string(&v))) };
+        let string = |f: F| -> Result<Option<String>, Error> { Ok(get(f)?.and_then(|v| as_string(&v))) };
         let build = || -> Result<CanonicalEvent, Error> {
             let period_end = match get(F::PeriodEnd)? {
                 None => None,
                 Some(v) => {
-                    let unit = field_in(&layers, F::PeriodEnd)
-                        .and_then(|f| f.time)
-                        .unwrap_or(TimeUnit::Auto);
+                    let unit = field_in(&layers, F::PeriodEnd).and_then(|f| f.time).unwrap_or(TimeUnit::Auto);
                     Some(time::to_time(&v, unit).map_err(|e| Error(format!("period_end: {e}")))?)
                 }
             };
             let amount_cents = match get(F::AmountCents)? {
                 None => None,
                 Some(v) => {
-                    let unit = field_in(&layers, F::AmountCents)
-                        .and_then(|f| f.amount)
-                        .unwrap_or(AmountUnit::Cents);
-                    Some(
-                        time::to_cents(&v, unit)
-                            .map_err(|e| Error(format!("amount_cents: {e}")))?,
-                    )
+                    let unit = field_in(&layers, F::AmountCents).and_then(|f| f.amount).unwrap_or(AmountUnit::Cents);
+                    Some(time::to_cents(&v, unit).map_err(|e| Error(format!("amount_cents: {e}")))?)
                 }
             };
             let cancel_at_period_end = match get(F::CancelAtPeriodEnd)? {
                 None => false,
-                Some(v) => as_bool(&v).ok_or_else(|| {
-                    Error(format!("cancel_at_period_end: expected a boolean, got {v}"))
-                })?,
+                Some(v) => {
+                    as_bool(&v).ok_or_else(|| Error(format!("cancel_at_period_end: expected a boolean, got {v}")))?
+                }
             };
             Ok(CanonicalEvent {
                 kind,
@@ -453,11 +384,7 @@ impl Extractor {
             })
         };
         match build() {
-            Ok(event) => Ok(Extraction {
-                event,
-                idempotency_key,
-                mapping,
-            }),
+            Ok(event) => Ok(Extraction { event, idempotency_key, mapping }),
             Err(e) if kind.is_none() => {
                 // An unmapped event is stored as ignored even when default fields don't read.
                 let _ = e;
@@ -498,10 +425,7 @@ pub fn body_hash(raw: &[u8]) -> String {
 }
 
 fn header<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
+    headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
 }
 
 /// Literal strings "null" (form bodies) and "" read as absent.
@@ -514,17 +438,12 @@ fn is_nullish(v: &Value) -> bool {
 }
 
 fn first<'a>(paths: &[Path], body: &'a Value) -> Option<&'a Value> {
-    paths
-        .iter()
-        .filter_map(|p| p.lookup(body))
-        .find(|v| !is_nullish(v))
+    paths.iter().filter_map(|p| p.lookup(body)).find(|v| !is_nullish(v))
 }
 
 /// Reads a field: first non-null path, else the constant; then the value map.
 fn read(field: &Field, body: &Value) -> Result<Option<Value>, String> {
-    let v = first(&field.paths, body)
-        .cloned()
-        .or_else(|| field.constant.clone());
+    let v = first(&field.paths, body).cloned().or_else(|| field.constant.clone());
     let Some(v) = v else { return Ok(None) };
     if field.map.is_empty() {
         return Ok(Some(v));
@@ -637,12 +556,7 @@ impl Cx<'_> {
             None => {
                 let (line, col) = locate(self.src, &format!("kind: {kind}"));
                 let names: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
-                let mut d = Diagnostic::new(
-                    self.file,
-                    line,
-                    col,
-                    format!("unknown canonical kind `{kind}`"),
-                );
+                let mut d = Diagnostic::new(self.file, line, col, format!("unknown canonical kind `{kind}`"));
                 d = match crate::diagnostic::closest(kind, &names) {
                     Some(best) => d.with_hint(format!("did you mean `{best}`?")),
                     None => d.with_hint(format!("one of: {}, ignore", names.join(", "))),
@@ -655,14 +569,8 @@ impl Cx<'_> {
 
     fn field(&mut self, name: &str, spec: &FieldSpec) -> Field {
         let detail = match spec {
-            FieldSpec::Path(p) => spec::FieldDetail {
-                paths: vec![p.clone()],
-                ..Default::default()
-            },
-            FieldSpec::Paths(ps) => spec::FieldDetail {
-                paths: ps.clone(),
-                ..Default::default()
-            },
+            FieldSpec::Path(p) => spec::FieldDetail { paths: vec![p.clone()], ..Default::default() },
+            FieldSpec::Paths(ps) => spec::FieldDetail { paths: ps.clone(), ..Default::default() },
             FieldSpec::Full(d) => d.clone(),
         };
         if detail.paths.is_empty() && detail.constant.is_none() {

@@ -34,33 +34,20 @@ impl Path {
                 None => (part, ""),
             };
             if !head.is_empty() {
-                segs.push(Seg {
-                    key: head.to_string(),
-                    index: head.parse().ok(),
-                });
+                segs.push(Seg { key: head.to_string(), index: head.parse().ok() });
             }
             while !rest.is_empty() {
-                let close = rest
-                    .find(']')
-                    .ok_or_else(|| format!("path `{text}` has an unclosed `[`"))?;
+                let close = rest.find(']').ok_or_else(|| format!("path `{text}` has an unclosed `[`"))?;
                 let idx = &rest[1..close];
-                let n: usize = idx
-                    .parse()
-                    .map_err(|_| format!("path `{text}`: `[{idx}]` is not an index"))?;
-                segs.push(Seg {
-                    key: idx.to_string(),
-                    index: Some(n),
-                });
+                let n: usize = idx.parse().map_err(|_| format!("path `{text}`: `[{idx}]` is not an index"))?;
+                segs.push(Seg { key: idx.to_string(), index: Some(n) });
                 rest = &rest[close + 1..];
                 if !rest.is_empty() && !rest.starts_with('[') {
                     return Err(format!("path `{text}`: unexpected `{rest}`"));
                 }
             }
         }
-        Ok(Path {
-            text: text.to_string(),
-            segs,
-        })
+        Ok(Path { text: text.to_string(), segs })
     }
 
     pub fn as_str(&self) -> &str {
@@ -89,18 +76,9 @@ mod tests {
     #[test]
     fn path_reads_nested_keys_and_indexes() {
         let v = json!({"data": {"items": [{"id": "a"}, {"id": "b"}], "n": null}});
-        assert_eq!(
-            Path::parse("data.items[1].id").unwrap().lookup(&v),
-            Some(&json!("b"))
-        );
-        assert_eq!(
-            Path::parse("data.items.0.id").unwrap().lookup(&v),
-            Some(&json!("a"))
-        );
-        assert_eq!(
-            Path::parse("data.n").unwrap().lookup(&v),
-            Some(&Value::Null)
-        );
+        assert_eq!(Path::parse("data.items[1].id").unwrap().lookup(&v), Some(&json!("b")));
+        assert_eq!(Path::parse("data.items.0.id").unwrap().lookup(&v), Some(&json!("a")));
+        assert_eq!(Path::parse("data.n").unwrap().lookup(&v), Some(&Value::Null));
         assert_eq!(Path::parse("data.missing").unwrap().lookup(&v), None);
         assert_eq!(Path::parse("data.items[5].id").unwrap().lookup(&v), None);
     }

@@ -47,6 +47,29 @@ pub struct VerifySpec {
     /// Accepted clock skew for timestamped schemes, in seconds.
     #[serde(default)]
     pub tolerance_secs: Option<i64>,
+    /// `form_secret`: the body field carrying the shared secret.
+    #[serde(default)]
+    pub field: Option<String>,
+    /// `standard_webhooks`: how the configured secret becomes the HMAC key.
+    #[serde(default)]
+    pub secret_encoding: Option<SecretEncoding>,
+    /// `hmac_sha256_hex`: an older header also accepted, carrying hex SHA-256 of
+    /// `body + secret` (Memberful's legacy digest).
+    #[serde(default)]
+    pub legacy_digest_header: Option<String>,
+}
+
+/// How a `standard_webhooks` secret string becomes the HMAC key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretEncoding {
+    /// `whsec_<base64>`: strip the prefix, base64-decode (Svix, Standard Webhooks).
+    #[default]
+    WhsecBase64,
+    /// The secret string's own UTF-8 bytes.
+    Raw,
+    /// A hex string (after an optional `ws_`/`whsec_` prefix), hex-decoded.
+    Hex,
 }
 
 /// Signature schemes the engine implements.
@@ -55,6 +78,14 @@ pub struct VerifySpec {
 pub enum SchemeName {
     /// `Stripe-Signature: t=…,v1=…`, HMAC-SHA256 hex over `"{t}.{body}"`.
     Stripe,
+    /// Standard Webhooks / Svix: `webhook-id`, `webhook-timestamp`, `webhook-signature:
+    /// v1,<base64>` (or the `svix-` prefixed names), HMAC-SHA256 over `"{id}.{ts}.{body}"`.
+    StandardWebhooks,
+    /// A shared secret in a body field (ThriveCart's `thrivecart_secret`), compared in
+    /// constant time. No timestamp and no body integrity: say so to operators.
+    FormSecret,
+    /// Hex HMAC-SHA256 of the raw body in a header (Memberful).
+    HmacSha256Hex,
 }
 
 /// Body encodings.

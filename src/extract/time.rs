@@ -27,9 +27,7 @@ pub fn to_time(v: &Value, unit: TimeUnit) -> Result<DateTime<Utc>, String> {
 }
 
 fn from_millis(ms: i64) -> Result<DateTime<Utc>, String> {
-    Utc.timestamp_millis_opt(ms)
-        .single()
-        .ok_or_else(|| format!("time {ms} ms is out of range"))
+    Utc.timestamp_millis_opt(ms).single().ok_or_else(|| format!("time {ms} ms is out of range"))
 }
 
 fn parse_iso(s: &str) -> Result<DateTime<Utc>, String> {
@@ -71,34 +69,13 @@ mod tests {
     #[test]
     fn times_in_each_unit_agree() {
         let want = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
-        assert_eq!(
-            to_time(&json!(1767225600), TimeUnit::UnixSeconds).unwrap(),
-            want
-        );
-        assert_eq!(
-            to_time(&json!("1767225600"), TimeUnit::UnixSeconds).unwrap(),
-            want
-        );
-        assert_eq!(
-            to_time(&json!(1767225600000i64), TimeUnit::UnixMillis).unwrap(),
-            want
-        );
-        assert_eq!(
-            to_time(&json!("2026-01-01T00:00:00Z"), TimeUnit::Iso8601).unwrap(),
-            want
-        );
-        assert_eq!(
-            to_time(&json!("2026-01-01T01:00:00+01:00"), TimeUnit::Iso8601).unwrap(),
-            want
-        );
-        assert_eq!(
-            to_time(&json!("2026-01-01 00:00:00"), TimeUnit::Iso8601).unwrap(),
-            want
-        );
-        assert_eq!(
-            to_time(&json!(1767225600000i64), TimeUnit::Auto).unwrap(),
-            want
-        );
+        assert_eq!(to_time(&json!(1767225600), TimeUnit::UnixSeconds).unwrap(), want);
+        assert_eq!(to_time(&json!("1767225600"), TimeUnit::UnixSeconds).unwrap(), want);
+        assert_eq!(to_time(&json!(1767225600000i64), TimeUnit::UnixMillis).unwrap(), want);
+        assert_eq!(to_time(&json!("2026-01-01T00:00:00Z"), TimeUnit::Iso8601).unwrap(), want);
+        assert_eq!(to_time(&json!("2026-01-01T01:00:00+01:00"), TimeUnit::Iso8601).unwrap(), want);
+        assert_eq!(to_time(&json!("2026-01-01 00:00:00"), TimeUnit::Iso8601).unwrap(), want);
+        assert_eq!(to_time(&json!(1767225600000i64), TimeUnit::Auto).unwrap(), want);
         assert_eq!(to_time(&json!(1767225600), TimeUnit::Auto).unwrap(), want);
         assert!(to_time(&json!(true), TimeUnit::Auto).is_err());
         assert!(to_time(&json!("yesterday"), TimeUnit::Iso8601).is_err());

@@ -44,11 +44,7 @@ pub fn graph() -> Graph {
         initial: MState::None,
         states: MState::ALL
             .into_iter()
-            .map(|s| StateInfo {
-                name: s,
-                holds_access: s.holds_access(),
-                end: s.is_end(),
-            })
+            .map(|s| StateInfo { name: s, holds_access: s.holds_access(), end: s.is_end() })
             .collect(),
         inputs: Input::ALL.to_vec(),
         edges,
@@ -67,10 +63,7 @@ pub fn to_mermaid() -> String {
     let mut out = String::from("stateDiagram-v2\n    [*] --> none\n");
     let mut merged: Vec<(MState, MState, Vec<&str>)> = Vec::new();
     for e in &g.edges {
-        match merged
-            .iter_mut()
-            .find(|(f, t, _)| *f == e.from && *t == e.to)
-        {
+        match merged.iter_mut().find(|(f, t, _)| *f == e.from && *t == e.to) {
             Some((_, _, names)) => names.push(e.input.as_str()),
             None => merged.push((e.from, e.to, vec![e.input.as_str()])),
         }

@@ -60,10 +60,7 @@ impl MState {
     /// Whether a membership in this state holds access (DESIGN: trialing, active,
     /// past_due, canceling). How long it holds it is the rules' call (grace, period end).
     pub fn holds_access(self) -> bool {
-        matches!(
-            self,
-            MState::Trialing | MState::Active | MState::PastDue | MState::Canceling
-        )
+        matches!(self, MState::Trialing | MState::Active | MState::PastDue | MState::Canceling)
     }
 
     /// Terminal states, from which only a new purchase (or trial) starts again.
@@ -310,20 +307,15 @@ pub fn step(from: MState, input: Input) -> Step {
     if trace.refused {
         Step::Refused { from, input }
     } else {
-        Step::Moved {
-            from,
-            to: MState::from_statig(sm.state()),
-        }
+        Step::Moved { from, to: MState::from_statig(sm.state()) }
     }
 }
 
 /// Rebuilds a machine in a stored state through statig's own serde support.
 fn restore(from: MState) -> statig::blocking::StateMachine<Membership> {
-    let mut v =
-        serde_json::to_value(Membership.uninitialized_state_machine()).expect("machine serializes");
+    let mut v = serde_json::to_value(Membership.uninitialized_state_machine()).expect("machine serializes");
     v["state"] = serde_json::to_value(from.to_statig()).expect("state serializes");
-    let sm: UninitializedStateMachine<Membership> =
-        serde_json::from_value(v).expect("machine deserializes");
+    let sm: UninitializedStateMachine<Membership> = serde_json::from_value(v).expect("machine deserializes");
     sm.into()
 }
 
@@ -333,23 +325,14 @@ mod tests {
 
     #[test]
     fn purchase_from_none_activates() {
-        assert_eq!(
-            step(MState::None, Input::Activate),
-            Step::Moved {
-                from: MState::None,
-                to: MState::Active
-            }
-        );
+        assert_eq!(step(MState::None, Input::Activate), Step::Moved { from: MState::None, to: MState::Active });
     }
 
     #[test]
     fn payment_failed_from_none_is_refused() {
         assert_eq!(
             step(MState::None, Input::PaymentFailed),
-            Step::Refused {
-                from: MState::None,
-                input: Input::PaymentFailed
-            }
+            Step::Refused { from: MState::None, input: Input::PaymentFailed }
         );
     }
 
@@ -363,29 +346,15 @@ mod tests {
     #[test]
     fn ends_restart_on_purchase_and_refuse_pause() {
         for s in [MState::Canceled, MState::Expired, MState::Refunded] {
-            assert_eq!(
-                step(s, Input::Activate),
-                Step::Moved {
-                    from: s,
-                    to: MState::Active
-                }
-            );
+            assert_eq!(step(s, Input::Activate), Step::Moved { from: s, to: MState::Active });
             assert!(matches!(step(s, Input::Pause), Step::Refused { .. }));
         }
     }
 
     #[test]
     fn cancel_scheduled_then_reverted_returns_to_active() {
-        let Step::Moved { to, .. } = step(MState::Active, Input::ScheduleCancel) else {
-            panic!()
-        };
+        let Step::Moved { to, .. } = step(MState::Active, Input::ScheduleCancel) else { panic!() };
         assert_eq!(to, MState::Canceling);
-        assert_eq!(
-            step(to, Input::RevertCancel),
-            Step::Moved {
-                from: to,
-                to: MState::Active
-            }
-        );
+        assert_eq!(step(to, Input::RevertCancel), Step::Moved { from: to, to: MState::Active });
     }
 }

@@ -9,9 +9,7 @@ use crate::machine::Input;
 use rhai::{Array, Dynamic, Engine, ImmutableString, Map};
 
 fn opt_str(s: &Option<String>) -> Dynamic {
-    s.as_ref()
-        .map(|s| Dynamic::from(s.clone()))
-        .unwrap_or(Dynamic::UNIT)
+    s.as_ref().map(|s| Dynamic::from(s.clone())).unwrap_or(Dynamic::UNIT)
 }
 
 fn opt_time(t: &Option<chrono::DateTime<chrono::Utc>>) -> Dynamic {
@@ -21,12 +19,7 @@ fn opt_time(t: &Option<chrono::DateTime<chrono::Utc>>) -> Dynamic {
 /// The event as a map: every canonical field, times in unix seconds.
 pub fn event_view(ev: &CanonicalEvent) -> Dynamic {
     let mut m = Map::new();
-    m.insert(
-        "kind".into(),
-        ev.kind
-            .map(|k| Dynamic::from(k.as_str().to_string()))
-            .unwrap_or(Dynamic::UNIT),
-    );
+    m.insert("kind".into(), ev.kind.map(|k| Dynamic::from(k.as_str().to_string())).unwrap_or(Dynamic::UNIT));
     m.insert("provider".into(), Dynamic::from(ev.provider.clone()));
     m.insert("tenant".into(), Dynamic::from(ev.tenant.clone()));
     m.insert("event_id".into(), Dynamic::from(ev.event_id.clone()));
@@ -34,23 +27,14 @@ pub fn event_view(ev: &CanonicalEvent) -> Dynamic {
     m.insert("occurred_at".into(), Dynamic::from(unix(ev.occurred_at)));
     m.insert("email".into(), opt_str(&ev.member.email));
     m.insert("name".into(), opt_str(&ev.member.name));
-    m.insert(
-        "customer_id".into(),
-        opt_str(&ev.member.provider_customer_id),
-    );
+    m.insert("customer_id".into(), opt_str(&ev.member.provider_customer_id));
     m.insert("subscription_id".into(), opt_str(&ev.subscription_id));
     m.insert("product_id".into(), opt_str(&ev.product_id));
     m.insert("plan_id".into(), opt_str(&ev.plan_id));
     m.insert("status".into(), opt_str(&ev.status));
     m.insert("period_end".into(), opt_time(&ev.period_end));
-    m.insert(
-        "cancel_at_period_end".into(),
-        Dynamic::from(ev.cancel_at_period_end),
-    );
-    m.insert(
-        "amount_cents".into(),
-        ev.amount_cents.map(Dynamic::from).unwrap_or(Dynamic::UNIT),
-    );
+    m.insert("cancel_at_period_end".into(), Dynamic::from(ev.cancel_at_period_end));
+    m.insert("amount_cents".into(), ev.amount_cents.map(Dynamic::from).unwrap_or(Dynamic::UNIT));
     m.insert("currency".into(), opt_str(&ev.currency));
     Dynamic::from_map(m)
 }
@@ -59,23 +43,12 @@ pub fn event_view(ev: &CanonicalEvent) -> Dynamic {
 pub fn membership_view(v: &MembershipView) -> Dynamic {
     let mut m = Map::new();
     m.insert("exists".into(), Dynamic::from(v.exists));
-    m.insert(
-        "state".into(),
-        Dynamic::from(
-            v.state
-                .unwrap_or(crate::machine::MState::None)
-                .as_str()
-                .to_string(),
-        ),
-    );
+    m.insert("state".into(), Dynamic::from(v.state.unwrap_or(crate::machine::MState::None).as_str().to_string()));
     m.insert("period_end".into(), opt_time(&v.period_end));
     m.insert("grace_until".into(), opt_time(&v.grace_until));
     m.insert("access_until".into(), opt_time(&v.access_until));
     m.insert("last_event_at".into(), opt_time(&v.last_event_at));
-    m.insert(
-        "cancel_at_period_end".into(),
-        Dynamic::from(v.cancel_at_period_end),
-    );
+    m.insert("cancel_at_period_end".into(), Dynamic::from(v.cancel_at_period_end));
     m.insert("product_id".into(), opt_str(&v.product_id));
     m.insert("plan_id".into(), opt_str(&v.plan_id));
     m.insert("status".into(), opt_str(&v.status));
@@ -95,39 +68,21 @@ fn effect(kind: &str, fields: Vec<(&str, Dynamic)>) -> Map {
 pub fn register(e: &mut Engine) {
     e.register_fn("days", |n: i64| n * 86_400);
     e.register_fn("hours", |n: i64| n * 3_600);
-    e.register_fn("set_grace", |until: i64| {
-        effect("set_grace", vec![("until", Dynamic::from(until))])
-    });
-    e.register_fn("clear_grace", || {
-        effect("set_grace", vec![("until", Dynamic::UNIT)])
-    });
-    e.register_fn("access_until", |until: i64| {
-        effect("set_access_until", vec![("until", Dynamic::from(until))])
-    });
-    e.register_fn("clear_access_until", || {
-        effect("set_access_until", vec![("until", Dynamic::UNIT)])
-    });
+    e.register_fn("set_grace", |until: i64| effect("set_grace", vec![("until", Dynamic::from(until))]));
+    e.register_fn("clear_grace", || effect("set_grace", vec![("until", Dynamic::UNIT)]));
+    e.register_fn("access_until", |until: i64| effect("set_access_until", vec![("until", Dynamic::from(until))]));
+    e.register_fn("clear_access_until", || effect("set_access_until", vec![("until", Dynamic::UNIT)]));
     e.register_fn("schedule_timer", |name: ImmutableString, at: i64| {
-        effect(
-            "schedule_timer",
-            vec![("timer", Dynamic::from(name)), ("at", Dynamic::from(at))],
-        )
+        effect("schedule_timer", vec![("timer", Dynamic::from(name)), ("at", Dynamic::from(at))])
     });
-    e.register_fn("cancel_timer", |name: ImmutableString| {
-        effect("cancel_timer", vec![("timer", Dynamic::from(name))])
-    });
+    e.register_fn("cancel_timer", |name: ImmutableString| effect("cancel_timer", vec![("timer", Dynamic::from(name))]));
     e.register_fn("capture_lead", |email: ImmutableString, name: Dynamic| {
-        effect(
-            "capture_lead",
-            vec![("email", Dynamic::from(email)), ("name", name)],
-        )
+        effect("capture_lead", vec![("email", Dynamic::from(email)), ("name", name)])
     });
     e.register_fn("convert_lead", |email: ImmutableString| {
         effect("convert_lead", vec![("email", Dynamic::from(email))])
     });
-    e.register_fn("flag", |reason: ImmutableString| {
-        effect("flag", vec![("reason", Dynamic::from(reason))])
-    });
+    e.register_fn("flag", |reason: ImmutableString| effect("flag", vec![("reason", Dynamic::from(reason))]));
     e.register_fn("ignore", |reason: ImmutableString| {
         let mut m = Map::new();
         m.insert("ignore".into(), Dynamic::from(reason));
@@ -157,48 +112,26 @@ fn get_time(m: &Map, key: &str) -> Result<Option<chrono::DateTime<chrono::Utc>>,
         None => Ok(None),
         Some(v) if v.is_unit() => Ok(None),
         Some(v) => {
-            let s = v
-                .as_int()
-                .map_err(|t| format!("`{key}` must be a unix time (int), got {t}"))?;
-            from_unix(s)
-                .map(Some)
-                .ok_or_else(|| format!("`{key}` {s} is out of range"))
+            let s = v.as_int().map_err(|t| format!("`{key}` must be a unix time (int), got {t}"))?;
+            from_unix(s).map(Some).ok_or_else(|| format!("`{key}` {s} is out of range"))
         }
     }
 }
 
 fn parse_effect(d: Dynamic) -> Result<Effect, String> {
-    let m = d
-        .try_cast::<Map>()
-        .ok_or("each effect must be a map built by an effect helper")?;
+    let m = d.try_cast::<Map>().ok_or("each effect must be a map built by an effect helper")?;
     let kind = get_str(&m, "type")?.ok_or("effect without `type`")?;
-    let need = |k: &str| -> Result<String, String> {
-        get_str(&m, k)?.ok_or(format!("effect `{kind}` needs `{k}`"))
-    };
+    let need = |k: &str| -> Result<String, String> { get_str(&m, k)?.ok_or(format!("effect `{kind}` needs `{k}`")) };
     Ok(match kind.as_str() {
-        "set_grace" => Effect::SetGrace {
-            until: get_time(&m, "until")?,
-        },
-        "set_access_until" => Effect::SetAccessUntil {
-            until: get_time(&m, "until")?,
-        },
-        "schedule_timer" => Effect::ScheduleTimer {
-            timer: need("timer")?,
-            at: get_time(&m, "at")?.ok_or("schedule_timer needs `at`")?,
-        },
-        "cancel_timer" => Effect::CancelTimer {
-            timer: need("timer")?,
-        },
-        "capture_lead" => Effect::CaptureLead {
-            email: need("email")?,
-            name: get_str(&m, "name")?,
-        },
-        "convert_lead" => Effect::ConvertLead {
-            email: need("email")?,
-        },
-        "flag" => Effect::Flag {
-            reason: need("reason")?,
-        },
+        "set_grace" => Effect::SetGrace { until: get_time(&m, "until")? },
+        "set_access_until" => Effect::SetAccessUntil { until: get_time(&m, "until")? },
+        "schedule_timer" => {
+            Effect::ScheduleTimer { timer: need("timer")?, at: get_time(&m, "at")?.ok_or("schedule_timer needs `at`")? }
+        }
+        "cancel_timer" => Effect::CancelTimer { timer: need("timer")? },
+        "capture_lead" => Effect::CaptureLead { email: need("email")?, name: get_str(&m, "name")? },
+        "convert_lead" => Effect::ConvertLead { email: need("email")? },
+        "flag" => Effect::Flag { reason: need("reason")? },
         other => return Err(format!("unknown effect `{other}`")),
     })
 }
@@ -215,14 +148,10 @@ pub fn decision(out: Dynamic, _ev: &CanonicalEvent) -> Result<Decision, String> 
         });
     }
     let type_name = out.type_name();
-    let m = out
-        .try_cast::<Map>()
-        .ok_or_else(|| format!("a rule must return a map, got {type_name}"))?;
+    let m = out.try_cast::<Map>().ok_or_else(|| format!("a rule must return a map, got {type_name}"))?;
     for k in m.keys() {
         if !matches!(k.as_str(), "input" | "effects" | "ignore" | "refuse") {
-            return Err(format!(
-                "unknown key `{k}` in the rule's result (expected input, effects, ignore, refuse)"
-            ));
+            return Err(format!("unknown key `{k}` in the rule's result (expected input, effects, ignore, refuse)"));
         }
     }
     let input = match get_str(&m, "input")? {
@@ -236,20 +165,9 @@ pub fn decision(out: Dynamic, _ev: &CanonicalEvent) -> Result<Decision, String> 
         None => vec![],
         Some(v) if v.is_unit() => vec![],
         Some(v) => {
-            let arr = v
-                .clone()
-                .try_cast::<Array>()
-                .ok_or("`effects` must be an array")?;
-            arr.into_iter()
-                .map(parse_effect)
-                .collect::<Result<Vec<_>, _>>()?
+            let arr = v.clone().try_cast::<Array>().ok_or("`effects` must be an array")?;
+            arr.into_iter().map(parse_effect).collect::<Result<Vec<_>, _>>()?
         }
     };
-    Ok(Decision {
-        input,
-        effects,
-        ignore: get_str(&m, "ignore")?,
-        refuse: get_str(&m, "refuse")?,
-        rule: None,
-    })
+    Ok(Decision { input, effects, ignore: get_str(&m, "ignore")?, refuse: get_str(&m, "refuse")?, rule: None })
 }

@@ -87,10 +87,7 @@ pub struct RuleSet {
 
 impl std::fmt::Debug for RuleSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RuleSet")
-            .field("version", &self.version)
-            .field("files", &self.files.len())
-            .finish()
+        f.debug_struct("RuleSet").field("version", &self.version).field("files", &self.files.len()).finish()
     }
 }
 
@@ -125,12 +122,7 @@ impl RuleSet {
     pub fn load(dir: &Path, shown_dir: &str, now: DateTime<Utc>) -> Result<RuleSet, LoadError> {
         let mut names: Vec<_> = std::fs::read_dir(dir)
             .map_err(|e| {
-                LoadError(vec![Diagnostic::new(
-                    shown_dir,
-                    1,
-                    1,
-                    format!("cannot read rules directory: {e}"),
-                )])
+                LoadError(vec![Diagnostic::new(shown_dir, 1, 1, format!("cannot read rules directory: {e}"))])
             })?
             .filter_map(|e| e.ok())
             .map(|e| e.path())
@@ -139,30 +131,17 @@ impl RuleSet {
         names.sort();
         let mut sources = Vec::new();
         for p in names {
-            let shown = format!(
-                "{shown_dir}/{}",
-                p.file_name().unwrap_or_default().to_string_lossy()
-            );
+            let shown = format!("{shown_dir}/{}", p.file_name().unwrap_or_default().to_string_lossy());
             match std::fs::read_to_string(&p) {
                 Ok(src) => sources.push((shown, src)),
-                Err(e) => {
-                    return Err(LoadError(vec![Diagnostic::new(
-                        shown,
-                        1,
-                        1,
-                        format!("cannot read: {e}"),
-                    )]))
-                }
+                Err(e) => return Err(LoadError(vec![Diagnostic::new(shown, 1, 1, format!("cannot read: {e}"))])),
             }
         }
         RuleSet::compile(sources, now)
     }
 
     /// Compiles rule sources given as (shown name, text).
-    pub fn compile(
-        sources: Vec<(String, String)>,
-        now: DateTime<Utc>,
-    ) -> Result<RuleSet, LoadError> {
+    pub fn compile(sources: Vec<(String, String)>, now: DateTime<Utc>) -> Result<RuleSet, LoadError> {
         let engine = Arc::new(engine());
         let mut diags = Vec::new();
         let mut files = Vec::new();
@@ -188,10 +167,7 @@ impl RuleSet {
                                 &name,
                                 line,
                                 col,
-                                format!(
-                                    "function `{fname}` is also defined in {}",
-                                    files_name(&files, *prev)
-                                ),
+                                format!("function `{fname}` is also defined in {}", files_name(&files, *prev)),
                             ));
                         } else {
                             handlers.insert(fname, files.len());
@@ -215,16 +191,8 @@ impl RuleSet {
                 if crate::canonical::EventKind::parse(kind).is_none() {
                     let f = &files[handlers[h]];
                     let (line, col) = crate::extract::locate(&f.src, &format!("fn {h}"));
-                    let names: Vec<&str> = crate::canonical::EventKind::ALL
-                        .iter()
-                        .map(|k| k.as_str())
-                        .collect();
-                    let mut d = Diagnostic::new(
-                        &f.name,
-                        line,
-                        col,
-                        format!("`{h}` handles no canonical kind"),
-                    );
+                    let names: Vec<&str> = crate::canonical::EventKind::ALL.iter().map(|k| k.as_str()).collect();
+                    let mut d = Diagnostic::new(&f.name, line, col, format!("`{h}` handles no canonical kind"));
                     if let Some(best) = crate::diagnostic::closest(kind, &names) {
                         d = d.with_hint(format!("did you mean `on_{best}`?"));
                     }
@@ -236,13 +204,7 @@ impl RuleSet {
             return Err(LoadError(diags));
         }
         let version = hex::encode(&hasher.finalize()[..6]);
-        Ok(RuleSet {
-            engine,
-            files,
-            handlers,
-            version,
-            loaded_at: now,
-        })
+        Ok(RuleSet { engine, files, handlers, version, loaded_at: now })
     }
 
     /// Names of the loaded files.
@@ -268,18 +230,13 @@ impl RuleSet {
             2 => {
                 let mut a = args.into_iter();
                 let (x, y) = (a.next().unwrap_or_default(), a.next().unwrap_or_default());
-                self.engine
-                    .call_fn_with_options(opts, &mut scope, &f.ast, function, (x, y))
+                self.engine.call_fn_with_options(opts, &mut scope, &f.ast, function, (x, y))
             }
             _ => {
                 let mut a = args.into_iter();
-                let (x, y, z) = (
-                    a.next().unwrap_or_default(),
-                    a.next().unwrap_or_default(),
-                    a.next().unwrap_or_default(),
-                );
-                self.engine
-                    .call_fn_with_options(opts, &mut scope, &f.ast, function, (x, y, z))
+                let (x, y, z) =
+                    (a.next().unwrap_or_default(), a.next().unwrap_or_default(), a.next().unwrap_or_default());
+                self.engine.call_fn_with_options(opts, &mut scope, &f.ast, function, (x, y, z))
             }
         };
         r.map_err(|e| {
@@ -299,19 +256,10 @@ impl RuleSet {
         let Some(&idx) = self.handlers.get("is_stale") else {
             return Ok(false);
         };
-        let out = self.call(
-            idx,
-            "is_stale",
-            vec![api::event_view(ev), api::membership_view(m)],
-        )?;
+        let out = self.call(idx, "is_stale", vec![api::event_view(ev), api::membership_view(m)])?;
         out.as_bool().map_err(|t| {
             let f = self.rule_ref(idx, "is_stale");
-            Error {
-                file: f.file,
-                line: f.line,
-                column: 1,
-                message: format!("is_stale must return a bool, got {t}"),
-            }
+            Error { file: f.file, line: f.line, column: 1, message: format!("is_stale must return a bool, got {t}") }
         })
     }
 
@@ -346,23 +294,14 @@ impl RuleSet {
         if let Some(mut map) = policy.write_lock::<Map>() {
             map.insert("now".into(), Dynamic::from(now.timestamp()));
         }
-        let out = self.call(
-            idx,
-            &function,
-            vec![api::event_view(ev), api::membership_view(m), policy],
-        )?;
+        let out = self.call(idx, &function, vec![api::event_view(ev), api::membership_view(m), policy])?;
         let rule = self.rule_ref(idx, &function);
         api::decision(out, ev)
             .map(|mut d| {
                 d.rule = Some(rule.clone());
                 d
             })
-            .map_err(|message| Error {
-                file: rule.file.clone(),
-                line: rule.line,
-                column: 1,
-                message,
-            })
+            .map_err(|message| Error { file: rule.file.clone(), line: rule.line, column: 1, message })
     }
 }
 

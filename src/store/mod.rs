@@ -137,55 +137,27 @@ pub struct TimerRow {
 
 /// Reads and writes inside one job's savepoint of the current batch transaction.
 pub trait Tx {
-    fn event_by_key(&mut self, tenant: &str, provider: &str, key: &str)
-        -> Result<Option<EventRow>>;
+    fn event_by_key(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Option<EventRow>>;
     /// Counts one more delivery of an already stored event.
     fn note_duplicate(&mut self, seq: i64) -> Result<()>;
     /// Inserts an event; returns its sequence number.
     fn insert_event(&mut self, e: &EventRow) -> Result<i64>;
     fn member(&mut self, id: &str) -> Result<Option<MemberRow>>;
-    fn member_by_customer(
-        &mut self,
-        tenant: &str,
-        provider: &str,
-        customer_id: &str,
-    ) -> Result<Option<MemberRow>>;
+    fn member_by_customer(&mut self, tenant: &str, provider: &str, customer_id: &str) -> Result<Option<MemberRow>>;
     fn member_by_email(&mut self, tenant: &str, email: &str) -> Result<Option<MemberRow>>;
     fn save_member(&mut self, m: &MemberRow) -> Result<()>;
-    fn link_customer(
-        &mut self,
-        tenant: &str,
-        provider: &str,
-        customer_id: &str,
-        member_id: &str,
-    ) -> Result<()>;
+    fn link_customer(&mut self, tenant: &str, provider: &str, customer_id: &str, member_id: &str) -> Result<()>;
     fn membership(&mut self, id: &str) -> Result<Option<MembershipRow>>;
-    fn membership_by_key(
-        &mut self,
-        tenant: &str,
-        provider: &str,
-        key: &str,
-    ) -> Result<Option<MembershipRow>>;
+    fn membership_by_key(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Option<MembershipRow>>;
     fn memberships_of(&mut self, member_id: &str) -> Result<Vec<MembershipRow>>;
     fn save_membership(&mut self, m: &MembershipRow) -> Result<()>;
     /// Records a lead (a second capture of the same email updates name and time).
     fn capture_lead(&mut self, l: &LeadRow) -> Result<()>;
     /// Marks an unconverted lead converted; returns whether one was.
-    fn convert_lead(
-        &mut self,
-        tenant: &str,
-        email: &str,
-        member_id: &str,
-        at: DateTime<Utc>,
-    ) -> Result<bool>;
+    fn convert_lead(&mut self, tenant: &str, email: &str, member_id: &str, at: DateTime<Utc>) -> Result<bool>;
     fn set_timer(&mut self, t: &TimerRow) -> Result<()>;
     fn cancel_timer(&mut self, membership_id: &str, name: &str) -> Result<()>;
-    fn delete_timer_if_due(
-        &mut self,
-        membership_id: &str,
-        name: &str,
-        due_at: DateTime<Utc>,
-    ) -> Result<bool>;
+    fn delete_timer_if_due(&mut self, membership_id: &str, name: &str, due_at: DateTime<Utc>) -> Result<bool>;
 }
 
 /// What the writer runs: a job gets the transaction and returns whether it succeeded

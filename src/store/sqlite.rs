@@ -21,10 +21,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options {
-            queue_capacity: 4096,
-            max_batch: 256,
-        }
+        Options { queue_capacity: 4096, max_batch: 256 }
     }
 }
 
@@ -53,17 +50,14 @@ fn opt_from(s: Option<i64>) -> Option<DateTime<Utc>> {
 }
 
 fn json_list(s: String) -> rusqlite::Result<Vec<String>> {
-    serde_json::from_str(&s).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-    })
+    serde_json::from_str(&s)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
 
 fn json_value(s: Option<String>) -> rusqlite::Result<Option<serde_json::Value>> {
     s.map(|s| serde_json::from_str(&s))
         .transpose()
-        .map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-        })
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
 
 fn open(uri: &str, flags: OpenFlags, memory: bool) -> Result<Connection> {
@@ -94,10 +88,7 @@ impl SqliteStore {
     pub fn open(path: &str, opts: Options) -> Result<SqliteStore> {
         let memory = path == ":memory:";
         let uri = if memory {
-            format!(
-                "file:membersync-{}?mode=memory&cache=shared",
-                uuid::Uuid::new_v4()
-            )
+            format!("file:membersync-{}?mode=memory&cache=shared", uuid::Uuid::new_v4())
         } else {
             path.strip_prefix("sqlite://").unwrap_or(path).to_string()
         };
@@ -117,12 +108,7 @@ impl SqliteStore {
         for _ in 0..2 {
             readers.push(open(&uri, flags, memory)?);
         }
-        Ok(SqliteStore {
-            sender,
-            readers: Mutex::new(readers),
-            uri,
-            flags,
-        })
+        Ok(SqliteStore { sender, readers: Mutex::new(readers), uri, flags })
     }
 
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
@@ -280,24 +266,14 @@ fn to_json<T: Serialize>(v: &T) -> String {
 }
 
 impl Tx for SqliteTx<'_> {
-    fn event_by_key(
-        &mut self,
-        tenant: &str,
-        provider: &str,
-        key: &str,
-    ) -> Result<Option<EventRow>> {
-        let sql = format!("SELECT {EVENT_COLS} FROM events WHERE tenant = ?1 AND provider = ?2 AND idempotency_key = ?3");
-        Ok(self
-            .0
-            .prepare_cached(&sql)?
-            .query_row(params![tenant, provider, key], event_row)
-            .optional()?)
+    fn event_by_key(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Option<EventRow>> {
+        let sql =
+            format!("SELECT {EVENT_COLS} FROM events WHERE tenant = ?1 AND provider = ?2 AND idempotency_key = ?3");
+        Ok(self.0.prepare_cached(&sql)?.query_row(params![tenant, provider, key], event_row).optional()?)
     }
 
     fn note_duplicate(&mut self, seq: i64) -> Result<()> {
-        self.0
-            .prepare_cached("UPDATE events SET deliveries = deliveries + 1 WHERE seq = ?1")?
-            .execute([seq])?;
+        self.0.prepare_cached("UPDATE events SET deliveries = deliveries + 1 WHERE seq = ?1")?.execute([seq])?;
         Ok(())
     }
 
@@ -331,42 +307,23 @@ impl Tx for SqliteTx<'_> {
 
     fn member(&mut self, id: &str) -> Result<Option<MemberRow>> {
         let sql = format!("SELECT {MEMBER_COLS} FROM members WHERE id = ?1");
-        Ok(self
-            .0
-            .prepare_cached(&sql)?
-            .query_row([id], member_row)
-            .optional()?)
+        Ok(self.0.prepare_cached(&sql)?.query_row([id], member_row).optional()?)
     }
 
-    fn member_by_customer(
-        &mut self,
-        tenant: &str,
-        provider: &str,
-        customer_id: &str,
-    ) -> Result<Option<MemberRow>> {
+    fn member_by_customer(&mut self, tenant: &str, provider: &str, customer_id: &str) -> Result<Option<MemberRow>> {
         let sql = format!(
             "SELECT {} FROM members m JOIN member_customers c ON c.member_id = m.id
              WHERE c.tenant = ?1 AND c.provider = ?2 AND c.customer_id = ?3",
-            MEMBER_COLS
-                .split(", ")
-                .map(|c| format!("m.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            MEMBER_COLS.split(", ").map(|c| format!("m.{c}")).collect::<Vec<_>>().join(", ")
         );
-        Ok(self
-            .0
-            .prepare_cached(&sql)?
-            .query_row(params![tenant, provider, customer_id], member_row)
-            .optional()?)
+        Ok(self.0.prepare_cached(&sql)?.query_row(params![tenant, provider, customer_id], member_row).optional()?)
     }
 
     fn member_by_email(&mut self, tenant: &str, email: &str) -> Result<Option<MemberRow>> {
-        let sql = format!("SELECT {MEMBER_COLS} FROM members WHERE tenant = ?1 AND email_lc = ?2 ORDER BY created_at LIMIT 1");
-        Ok(self
-            .0
-            .prepare_cached(&sql)?
-            .query_row(params![tenant, email.to_lowercase()], member_row)
-            .optional()?)
+        let sql = format!(
+            "SELECT {MEMBER_COLS} FROM members WHERE tenant = ?1 AND email_lc = ?2 ORDER BY created_at LIMIT 1"
+        );
+        Ok(self.0.prepare_cached(&sql)?.query_row(params![tenant, email.to_lowercase()], member_row).optional()?)
     }
 
     fn save_member(&mut self, m: &MemberRow) -> Result<()> {
@@ -390,13 +347,7 @@ impl Tx for SqliteTx<'_> {
         Ok(())
     }
 
-    fn link_customer(
-        &mut self,
-        tenant: &str,
-        provider: &str,
-        customer_id: &str,
-        member_id: &str,
-    ) -> Result<()> {
+    fn link_customer(&mut self, tenant: &str, provider: &str, customer_id: &str, member_id: &str) -> Result<()> {
         self.0
             .prepare_cached(
                 "INSERT INTO member_customers (tenant, provider, customer_id, member_id) VALUES (?1, ?2, ?3, ?4)
@@ -408,33 +359,18 @@ impl Tx for SqliteTx<'_> {
 
     fn membership(&mut self, id: &str) -> Result<Option<MembershipRow>> {
         let sql = format!("SELECT {MEMBERSHIP_COLS} FROM memberships WHERE id = ?1");
-        Ok(self
-            .0
-            .prepare_cached(&sql)?
-            .query_row([id], membership_row)
-            .optional()?)
+        Ok(self.0.prepare_cached(&sql)?.query_row([id], membership_row).optional()?)
     }
 
-    fn membership_by_key(
-        &mut self,
-        tenant: &str,
-        provider: &str,
-        key: &str,
-    ) -> Result<Option<MembershipRow>> {
+    fn membership_by_key(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Option<MembershipRow>> {
         let sql = format!("SELECT {MEMBERSHIP_COLS} FROM memberships WHERE tenant = ?1 AND provider = ?2 AND key = ?3");
-        Ok(self
-            .0
-            .prepare_cached(&sql)?
-            .query_row(params![tenant, provider, key], membership_row)
-            .optional()?)
+        Ok(self.0.prepare_cached(&sql)?.query_row(params![tenant, provider, key], membership_row).optional()?)
     }
 
     fn memberships_of(&mut self, member_id: &str) -> Result<Vec<MembershipRow>> {
         let sql = format!("SELECT {MEMBERSHIP_COLS} FROM memberships WHERE member_id = ?1 ORDER BY created_at, id");
         let mut st = self.0.prepare_cached(&sql)?;
-        let rows = st
-            .query_map([member_id], membership_row)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let rows = st.query_map([member_id], membership_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
 
@@ -493,13 +429,7 @@ impl Tx for SqliteTx<'_> {
         Ok(())
     }
 
-    fn convert_lead(
-        &mut self,
-        tenant: &str,
-        email: &str,
-        member_id: &str,
-        at: DateTime<Utc>,
-    ) -> Result<bool> {
+    fn convert_lead(&mut self, tenant: &str, email: &str, member_id: &str, at: DateTime<Utc>) -> Result<bool> {
         let n = self
             .0
             .prepare_cached(
@@ -526,17 +456,10 @@ impl Tx for SqliteTx<'_> {
         Ok(())
     }
 
-    fn delete_timer_if_due(
-        &mut self,
-        membership_id: &str,
-        name: &str,
-        due_at: DateTime<Utc>,
-    ) -> Result<bool> {
+    fn delete_timer_if_due(&mut self, membership_id: &str, name: &str, due_at: DateTime<Utc>) -> Result<bool> {
         let n = self
             .0
-            .prepare_cached(
-                "DELETE FROM timers WHERE membership_id = ?1 AND name = ?2 AND due_at = ?3",
-            )?
+            .prepare_cached("DELETE FROM timers WHERE membership_id = ?1 AND name = ?2 AND due_at = ?3")?
             .execute(params![membership_id, name, ts(due_at)])?;
         Ok(n > 0)
     }
@@ -573,9 +496,7 @@ impl Store for SqliteStore {
 
     fn members_by_email(&self, email: &str) -> Result<Vec<MemberRow>> {
         self.read(|c| {
-            let sql = format!(
-                "SELECT {MEMBER_COLS} FROM members WHERE email_lc = ?1 ORDER BY created_at"
-            );
+            let sql = format!("SELECT {MEMBER_COLS} FROM members WHERE email_lc = ?1 ORDER BY created_at");
             let rows = c
                 .prepare_cached(&sql)?
                 .query_map([email.to_lowercase()], member_row)?
@@ -586,7 +507,8 @@ impl Store for SqliteStore {
 
     fn events(&self, status: Option<&str>, limit: usize) -> Result<Vec<EventRow>> {
         self.read(|c| {
-            let sql = format!("SELECT {EVENT_COLS} FROM events WHERE (?1 IS NULL OR status = ?1) ORDER BY seq DESC LIMIT ?2");
+            let sql =
+                format!("SELECT {EVENT_COLS} FROM events WHERE (?1 IS NULL OR status = ?1) ORDER BY seq DESC LIMIT ?2");
             let rows = c
                 .prepare_cached(&sql)?
                 .query_map(params![status, limit as i64], event_row)?
@@ -598,10 +520,8 @@ impl Store for SqliteStore {
     fn events_by_event_id(&self, event_id: &str) -> Result<Vec<EventRow>> {
         self.read(|c| {
             let sql = format!("SELECT {EVENT_COLS} FROM events WHERE event_id = ?1 ORDER BY seq");
-            let rows = c
-                .prepare_cached(&sql)?
-                .query_map([event_id], event_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let rows =
+                c.prepare_cached(&sql)?.query_map([event_id], event_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })
     }
@@ -634,9 +554,7 @@ impl Store for SqliteStore {
 
     fn next_timer(&self) -> Result<Option<DateTime<Utc>>> {
         self.read(|c| {
-            let v: Option<i64> = c
-                .prepare_cached("SELECT MIN(due_at) FROM timers")?
-                .query_row([], |r| r.get(0))?;
+            let v: Option<i64> = c.prepare_cached("SELECT MIN(due_at) FROM timers")?.query_row([], |r| r.get(0))?;
             Ok(opt_from(v))
         })
     }
@@ -644,9 +562,7 @@ impl Store for SqliteStore {
     fn event_counts(&self) -> Result<Vec<(String, i64)>> {
         self.read(|c| {
             let rows = c
-                .prepare_cached(
-                    "SELECT status, COUNT(*) FROM events GROUP BY status ORDER BY status",
-                )?
+                .prepare_cached("SELECT status, COUNT(*) FROM events GROUP BY status ORDER BY status")?
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)

@@ -2,9 +2,12 @@
 //! YAML names. Runs on the raw bytes before anything is decoded; never logs a secret or a
 //! signature. `sign` is the exact inverse, used by `membersync send` and the tests.
 
+mod form_secret;
+mod hmac_hex;
+mod standard;
 mod stripe;
 
-use crate::extract::spec::{SchemeName, VerifySpec};
+use crate::extract::spec::{SchemeName, SecretEncoding, VerifySpec};
 use crate::secret::Secret;
 use chrono::{DateTime, Utc};
 
@@ -26,6 +29,9 @@ pub enum Error {
     /// The tenant has no secret configured for this provider (401).
     #[error("no secret configured for this provider")]
     NoSecret,
+    /// The configured secret cannot be decoded as the scheme requires (401; a config error).
+    #[error("the configured secret is not valid for this scheme ({0})")]
+    BadSecret(String),
 }
 
 /// A compiled verification scheme.
@@ -34,21 +40,40 @@ pub struct Scheme {
     name: SchemeName,
     header: String,
     tolerance_secs: i64,
+    field: String,
+    encoding: SecretEncoding,
+    legacy_digest_header: Option<String>,
 }
 
 impl Scheme {
     pub fn compile(spec: &VerifySpec) -> Scheme {
         let (header, tolerance) = match spec.scheme {
             SchemeName::Stripe => ("stripe-signature", 300),
+            SchemeName::StandardWebhooks => ("webhook-signature", 300),
+            SchemeName::FormSecret => ("", 0),
+            SchemeName::HmacSha256Hex => ("x-signature", 0),
         };
         Scheme {
             name: spec.scheme,
-            header: spec
-                .header
-                .clone()
-                .unwrap_or_else(|| header.to_string())
-                .to_ascii_lowercase(),
+            header: spec.header.clone().unwrap_or_else(|| header.to_string()).to_ascii_lowercase(),
             tolerance_secs: spec.tolerance_secs.unwrap_or(tolerance),
+            field: spec.field.clone().unwrap_or_else(|| "secret".into()),
+            encoding: spec.secret_encoding.unwrap_or_default(),
+            legacy_digest_header: spec.legacy_digest_header.as_ref().map(|h| h.to_ascii_lowercase()),
+        }
+    }
+
+    /// Whether a delivery with an empty body is a URL check to answer 200 without storing
+    /// (ThriveCart probes the URL when it is added).
+    pub fn empty_body_is_probe(&self) -> bool {
+        self.name == SchemeName::FormSecret
+    }
+
+    /// The body as it may be stored and shown: a secret carried in the body is replaced.
+    pub fn redact(&self, body: &[u8]) -> Vec<u8> {
+        match self.name {
+            SchemeName::FormSecret => form_secret::redact(&self.field, body),
+            _ => body.to_vec(),
         }
     }
 
@@ -61,23 +86,53 @@ impl Scheme {
         now: DateTime<Utc>,
     ) -> Result<(), Error> {
         let secret = secret.ok_or(Error::NoSecret)?;
-        let value = headers
-            .iter()
-            .find(|(k, _)| *k == self.header)
-            .map(|(_, v)| v.as_str())
-            .ok_or_else(|| Error::MissingHeader(self.header.clone()))?;
+        let header = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
         match self.name {
-            SchemeName::Stripe => stripe::verify(secret, value, body, now, self.tolerance_secs),
+            SchemeName::Stripe => {
+                let value = header(&self.header).ok_or_else(|| Error::MissingHeader(self.header.clone()))?;
+                stripe::verify(secret, value, body, now, self.tolerance_secs)
+            }
+            SchemeName::StandardWebhooks => {
+                standard::verify(&standard::key(secret, self.encoding)?, header, body, now, self.tolerance_secs)
+            }
+            SchemeName::FormSecret => form_secret::verify(secret, &self.field, body),
+            SchemeName::HmacSha256Hex => {
+                if let Some(v) = header(&self.header) {
+                    return hmac_hex::verify(secret, v, body);
+                }
+                if let Some(legacy) = &self.legacy_digest_header {
+                    if let Some(v) = header(legacy) {
+                        return hmac_hex::verify_digest(secret, v, body);
+                    }
+                }
+                Err(Error::MissingHeader(self.header.clone()))
+            }
         }
     }
 
-    /// Signs a body the way the provider does; returns the headers to send.
+    /// Signs a body the way the provider does; returns the headers to send. `id` is the
+    /// message id for schemes that sign one (a fresh one is made when `None`).
     pub fn sign(&self, secret: &Secret, body: &[u8], now: DateTime<Utc>) -> Vec<(String, String)> {
         match self.name {
-            SchemeName::Stripe => vec![(
-                self.header.clone(),
-                stripe::sign(secret, body, now.timestamp()),
-            )],
+            SchemeName::Stripe => vec![(self.header.clone(), stripe::sign(secret, body, now.timestamp()))],
+            SchemeName::StandardWebhooks => {
+                let id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+                match standard::key(secret, self.encoding) {
+                    Ok(key) => standard::sign(&key, &id, now.timestamp(), body),
+                    Err(_) => vec![],
+                }
+            }
+            // The secret travels in the body; `send` puts it there (see `prepare_body`).
+            SchemeName::FormSecret => vec![],
+            SchemeName::HmacSha256Hex => vec![(self.header.clone(), hmac_hex::sign(secret, body))],
+        }
+    }
+
+    /// The body to send for a scheme that carries the secret inside it (`send`).
+    pub fn prepare_body(&self, secret: &Secret, body: &[u8]) -> Vec<u8> {
+        match self.name {
+            SchemeName::FormSecret => form_secret::insert(&self.field, secret, body),
+            _ => body.to_vec(),
         }
     }
 }

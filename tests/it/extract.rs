@@ -51,11 +51,8 @@ fn fixtures_simulate_to_reviewed_snapshots() {
             content_type: "application/json".into(),
         };
         let out = rt.block_on(async {
-            let store: Arc<dyn Store> =
-                Arc::new(SqliteStore::open(":memory:", Options::default()).unwrap());
-            membersync::cli::simulate_json(config(":memory:"), rules(), store, input)
-                .await
-                .unwrap()
+            let store: Arc<dyn Store> = Arc::new(SqliteStore::open(":memory:", Options::default()).unwrap());
+            membersync::cli::simulate_json(config(":memory:"), rules(), store, input).await.unwrap()
         });
         let stem = path.file_stem().unwrap().to_string_lossy().to_string();
         insta_settings().bind(|| insta::assert_json_snapshot!(format!("{provider}__{stem}"), out));

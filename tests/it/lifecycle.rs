@@ -18,28 +18,14 @@ const PERIOD_END: i64 = 1_772_323_200; // 2026-03-01
 
 fn only_membership(ctx: &membersync::pipeline::Ctx) -> MembershipRow {
     let d = member(ctx, "ada@example.com");
-    assert_eq!(
-        d.memberships.len(),
-        1,
-        "one subscription, one membership: {:?}",
-        d.memberships
-    );
+    assert_eq!(d.memberships.len(), 1, "one subscription, one membership: {:?}", d.memberships);
     d.memberships[0].clone()
 }
 
-fn assert_access(
-    ctx: &membersync::pipeline::Ctx,
-    state: MState,
-    has_access: bool,
-) -> MembershipRow {
+fn assert_access(ctx: &membersync::pipeline::Ctx, state: MState, has_access: bool) -> MembershipRow {
     let m = only_membership(ctx);
     assert_eq!(m.state, state, "state");
-    assert_eq!(
-        m.has_access(ctx.clock.now()),
-        has_access,
-        "access in {state} at {}",
-        ctx.clock.now()
-    );
+    assert_eq!(m.has_access(ctx.clock.now()), has_access, "access in {state} at {}", ctx.clock.now());
     if has_access {
         assert_eq!(m.access_levels, vec!["pro".to_string()]);
     }
@@ -48,37 +34,16 @@ fn assert_access(
 
 async fn purchase(ctx: &Arc<membersync::pipeline::Ctx>, clock: &FixedClock) {
     clock.set(at(START));
-    assert_eq!(
-        deliver(ctx, "stripe", "checkout_session_completed")
-            .await
-            .status,
-        Status::Applied
-    );
+    assert_eq!(deliver(ctx, "stripe", "checkout_session_completed").await.status, Status::Applied);
     // The session names no product yet: the membership is active but grants nothing.
     let m = assert_access(ctx, MState::Active, false);
-    assert!(
-        m.flags.iter().any(|f| f.contains("no product known")),
-        "flagged: {:?}",
-        m.flags
-    );
+    assert!(m.flags.iter().any(|f| f.contains("no product known")), "flagged: {:?}", m.flags);
     clock.set(at(START + 1));
-    assert_eq!(
-        deliver(ctx, "stripe", "customer_subscription_created")
-            .await
-            .status,
-        Status::Applied
-    );
+    assert_eq!(deliver(ctx, "stripe", "customer_subscription_created").await.status, Status::Applied);
     let m = assert_access(ctx, MState::Active, true);
-    assert!(
-        m.flags.is_empty(),
-        "flag cleared once the product is known: {:?}",
-        m.flags
-    );
+    assert!(m.flags.is_empty(), "flag cleared once the product is known: {:?}", m.flags);
     clock.set(at(START + 3));
-    assert_eq!(
-        deliver(ctx, "stripe", "invoice_paid").await.status,
-        Status::Applied
-    );
+    assert_eq!(deliver(ctx, "stripe", "invoice_paid").await.status, Status::Applied);
     let m = assert_access(ctx, MState::Active, true);
     assert_eq!(m.period_end, Some(at(1_769_904_000)));
 }
@@ -113,17 +78,11 @@ async fn stripe_subscription_lives_through_grace_recovery_and_cancel_at_period_e
     // The retry is paid: active again, grace over, its timer gone.
     clock.set(at(RECOVERED));
     let ack = deliver(&ctx, "stripe", "invoice_paid_renewal").await;
-    assert_eq!(
-        (ack.outcome.from, ack.outcome.to),
-        (Some(MState::PastDue), Some(MState::Active))
-    );
+    assert_eq!((ack.outcome.from, ack.outcome.to), (Some(MState::PastDue), Some(MState::Active)));
     let m = assert_access(&ctx, MState::Active, true);
     assert_eq!(m.grace_until, None);
     assert_eq!(m.period_end, Some(at(PERIOD_END)));
-    assert!(
-        member(&ctx, "ada@example.com").timers.is_empty(),
-        "grace timer dropped"
-    );
+    assert!(member(&ctx, "ada@example.com").timers.is_empty(), "grace timer dropped");
     deliver(&ctx, "stripe", "customer_subscription_updated_active").await;
     assert_access(&ctx, MState::Active, true);
 
@@ -134,16 +93,8 @@ async fn stripe_subscription_lives_through_grace_recovery_and_cancel_at_period_e
 
     // Cancel at period end: canceling, access until the period end.
     clock.set(at(CANCEL_ASKED));
-    let ack = deliver(
-        &ctx,
-        "stripe",
-        "customer_subscription_updated_cancel_scheduled",
-    )
-    .await;
-    assert_eq!(
-        (ack.outcome.from, ack.outcome.to),
-        (Some(MState::Active), Some(MState::Canceling))
-    );
+    let ack = deliver(&ctx, "stripe", "customer_subscription_updated_cancel_scheduled").await;
+    assert_eq!((ack.outcome.from, ack.outcome.to), (Some(MState::Active), Some(MState::Canceling)));
     let m = assert_access(&ctx, MState::Canceling, true);
     assert_eq!(m.access_until, Some(at(PERIOD_END)));
     assert!(m.cancel_at_period_end);
@@ -166,11 +117,7 @@ async fn stripe_subscription_lives_through_grace_recovery_and_cancel_at_period_e
 
     // The activity log holds every step, the timer included, with its source.
     let d = member(&ctx, "ada@example.com");
-    let timer_row = d
-        .recent_events
-        .iter()
-        .find(|e| e.source == "timer")
-        .expect("timer event logged");
+    let timer_row = d.recent_events.iter().find(|e| e.source == "timer").expect("timer event logged");
     assert_eq!(timer_row.event_type, "timer.period_end");
     assert_eq!(timer_row.status, "applied");
     assert_eq!(timer_row.outcome["rule"]["file"], "rules/timers.rhai");
@@ -202,12 +149,7 @@ async fn stripe_grace_period_that_runs_out_expires_access() {
     // A webhook older than the expiry, arriving late, is stale and brings nothing back.
     clock.set(at(FAILED + 10 * DAY));
     let ack = deliver(&ctx, "stripe", "customer_subscription_updated_active").await;
-    assert_eq!(
-        ack.status,
-        Status::Stale,
-        "older than the expiry: {:?}",
-        ack.outcome.reason
-    );
+    assert_eq!(ack.status, Status::Stale, "older than the expiry: {:?}", ack.outcome.reason);
     assert_access(&ctx, MState::Expired, false);
 }
 
@@ -220,28 +162,17 @@ async fn stripe_refund_revokes_at_once_and_lead_converts_on_purchase() {
 
     clock.set(at(1_772_449_512));
     let ack = deliver(&ctx, "stripe", "charge_refunded").await;
-    assert_eq!(
-        (ack.status, ack.outcome.to),
-        (Status::Applied, Some(MState::Refunded)),
-        "{:?}",
-        ack.outcome.reason
-    );
+    assert_eq!((ack.status, ack.outcome.to), (Status::Applied, Some(MState::Refunded)), "{:?}", ack.outcome.reason);
     assert_access(&ctx, MState::Refunded, false);
 
     // Grace abandons checkout: a lead; buying later converts it.
     let ack = deliver(&ctx, "stripe", "checkout_session_expired").await;
     assert_eq!(ack.status, Status::Applied);
     let leads = ctx.store.leads(None).unwrap();
-    assert_eq!(
-        (leads.len(), leads[0].email.as_str(), leads[0].converted_at),
-        (1, "grace@example.com", None)
-    );
+    assert_eq!((leads.len(), leads[0].email.as_str(), leads[0].converted_at), (1, "grace@example.com", None));
     let ack = deliver(&ctx, "stripe", "checkout_session_completed_converts_lead").await;
     assert_eq!(ack.status, Status::Applied);
     let leads = ctx.store.leads(None).unwrap();
     assert!(leads[0].converted_at.is_some(), "lead converted: {leads:?}");
-    assert_eq!(
-        leads[0].member_id.as_deref(),
-        Some(member(&ctx, "grace@example.com").member.id.as_str())
-    );
+    assert_eq!(leads[0].member_id.as_deref(), Some(member(&ctx, "grace@example.com").member.id.as_str()));
 }

@@ -30,11 +30,7 @@ async fn restart_keeps_state_and_fires_timers_due_while_down() {
     assert_eq!(d.timers.len(), 1, "pending timer survived");
     assert_eq!(d.timers[0].name, "grace_end");
 
-    assert_eq!(
-        timers::fire_due(&ctx, clock.now()).await,
-        1,
-        "the overdue timer fires at start"
-    );
+    assert_eq!(timers::fire_due(&ctx, clock.now()).await, 1, "the overdue timer fires at start");
     let d = member(&ctx, "ada@example.com");
     assert_eq!(d.memberships[0].state, MState::Expired);
     assert!(d.timers.is_empty());
@@ -66,8 +62,5 @@ async fn timer_task_fires_by_itself_after_start() {
     }
     let _ = tx.send(());
     task.await.unwrap();
-    assert!(
-        expired,
-        "the timer task fired the overdue grace timer on its own"
-    );
+    assert!(expired, "the timer task fired the overdue grace timer on its own");
 }

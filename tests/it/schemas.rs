@@ -20,10 +20,7 @@ fn checked_in_schemas_and_graph_are_current() {
             }
         }
     }
-    assert!(
-        stale.is_empty(),
-        "stale under schemas/: {stale:?}; run MEMBERSYNC_WRITE_SCHEMAS=1 cargo test"
-    );
+    assert!(stale.is_empty(), "stale under schemas/: {stale:?}; run MEMBERSYNC_WRITE_SCHEMAS=1 cargo test");
 }
 
 #[test]

@@ -34,33 +34,18 @@ pub fn at(secs: i64) -> DateTime<Utc> {
 /// A pipeline context on `db` with a fixed clock.
 pub fn ctx_on(db: &Path, clock: Arc<FixedClock>) -> Arc<Ctx> {
     let config = config(&db.display().to_string());
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&config.database, Options::default()).expect("store opens"));
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database, Options::default()).expect("store opens"));
     Arc::new(Ctx::new(config, rules(), store, clock))
 }
 
 pub fn fixture(provider: &str, name: &str) -> Vec<u8> {
-    std::fs::read(
-        root()
-            .join("tests/fixtures")
-            .join(provider)
-            .join(format!("{name}.json")),
-    )
-    .expect("fixture exists")
+    std::fs::read(root().join("tests/fixtures").join(provider).join(format!("{name}.json"))).expect("fixture exists")
 }
 
 /// Signature headers for `body`, made by the same code `membersync send` uses.
-pub fn signed_headers(
-    ctx: &Ctx,
-    provider: &str,
-    body: &[u8],
-    now: DateTime<Utc>,
-) -> Vec<(String, String)> {
+pub fn signed_headers(ctx: &Ctx, provider: &str, body: &[u8], now: DateTime<Utc>) -> Vec<(String, String)> {
     let spec = &ctx.config.extractors[provider].spec.verify;
-    let secret = ctx.config.tenants["demo"].providers[provider]
-        .secret
-        .clone()
-        .expect("demo secret");
+    let secret = ctx.config.tenants["demo"].providers[provider].secret.clone().expect("demo secret");
     let mut h = Scheme::compile(spec).sign(&secret, body, now);
     h.push(("content-type".into(), "application/json".into()));
     h
@@ -70,24 +55,13 @@ pub fn signed_headers(
 pub async fn deliver(ctx: &Arc<Ctx>, provider: &str, name: &str) -> Ack {
     let body = fixture(provider, name);
     let headers = signed_headers(ctx, provider, &body, ctx.clock.now());
-    membersync::ingest::accept(ctx, "demo", provider, headers, body)
-        .await
-        .expect("delivery accepted")
+    membersync::ingest::accept(ctx, "demo", provider, headers, body).await.expect("delivery accepted")
 }
 
 /// The member with this email, with memberships and activity.
 pub fn member(ctx: &Ctx, email: &str) -> MemberDetail {
-    let m = ctx
-        .store
-        .members_by_email(email)
-        .expect("read")
-        .into_iter()
-        .next()
-        .expect("member exists");
-    ctx.store
-        .member_detail(&m.id, 100)
-        .expect("read")
-        .expect("member detail")
+    let m = ctx.store.members_by_email(email).expect("read").into_iter().next().expect("member exists");
+    ctx.store.member_detail(&m.id, 100).expect("read").expect("member detail")
 }
 
 pub fn insta_settings() -> insta::Settings {

@@ -20,8 +20,7 @@ impl Server {
     async fn start() -> Server {
         let dir = tempfile::tempdir().unwrap();
         let config = config(&dir.path().join("m.db").display().to_string());
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&config.database, Options::default()).unwrap());
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database, Options::default()).unwrap());
         let ctx = Arc::new(Ctx::new(config, rules(), store, Arc::new(SystemClock)));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -29,19 +28,11 @@ impl Server {
         let task = tokio::spawn(membersync::app::serve(listener, ctx.clone(), async move {
             let _ = rx.await;
         }));
-        Server {
-            url,
-            ctx,
-            stop: Some(stop),
-            task: Some(task),
-            _dir: dir,
-        }
+        Server { url, ctx, stop: Some(stop), task: Some(task), _dir: dir }
     }
 
     async fn post(&self, path: &str, headers: &[(String, String)], body: Vec<u8>) -> (u16, Value) {
-        let mut req = reqwest::Client::new()
-            .post(format!("{}{path}", self.url))
-            .body(body);
+        let mut req = reqwest::Client::new().post(format!("{}{path}", self.url)).body(body);
         for (k, v) in headers {
             req = req.header(k, v);
         }
@@ -62,10 +53,7 @@ impl Server {
             req = req.bearer_auth(t);
         }
         let resp = req.send().await.unwrap();
-        (
-            resp.status().as_u16(),
-            resp.json().await.unwrap_or(Value::Null),
-        )
+        (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
     }
 
     async fn stop(mut self) {
@@ -81,10 +69,7 @@ async fn signed_stripe_webhooks_grant_access_visible_in_admin_api() {
     let s = Server::start().await;
     let (status, body) = s.post_signed("checkout_session_completed").await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        body,
-        serde_json::json!({"event_id": "evt_1QxDVvK7dEmoAc01mEgKFGt6", "status": "applied"})
-    );
+    assert_eq!(body, serde_json::json!({"event_id": "evt_1QxDVvK7dEmoAc01mEgKFGt6", "status": "applied"}));
     let (status, _) = s.post_signed("customer_subscription_created").await;
     assert_eq!(status, 200);
 
@@ -103,17 +88,12 @@ async fn signed_stripe_webhooks_grant_access_visible_in_admin_api() {
     assert_eq!(m["recent_events"].as_array().unwrap().len(), 2);
 
     // The stored event explains itself: raw body, canonical event, outcome, rule.
-    let (status, e) = s
-        .get("/events/evt_1QxT1KK7dEmoAc013Za9sRck", Some(TOKEN))
-        .await;
+    let (status, e) = s.get("/events/evt_1QxT1KK7dEmoAc013Za9sRck", Some(TOKEN)).await;
     assert_eq!(status, 200);
     assert_eq!(e["status"], "applied");
     assert_eq!(e["canonical"]["kind"], "purchased");
     assert_eq!(e["outcome"]["rule"]["file"], "rules/access.rhai");
-    assert!(e["raw"]["body"]
-        .as_str()
-        .unwrap()
-        .contains("sub_1QxDemo001"));
+    assert!(e["raw"]["body"].as_str().unwrap().contains("sub_1QxDemo001"));
     s.stop().await;
 }
 
@@ -126,40 +106,18 @@ async fn webhook_answers_each_bad_input_with_its_status() {
     // Tampered body.
     let mut tampered = body.clone();
     tampered[10] ^= 1;
-    assert_eq!(
-        s.post("/webhooks/demo/stripe", &good, tampered).await.0,
-        401
-    );
+    assert_eq!(s.post("/webhooks/demo/stripe", &good, tampered).await.0, 401);
     // Missing signature.
     let ct = vec![("content-type".to_string(), "application/json".to_string())];
-    assert_eq!(
-        s.post("/webhooks/demo/stripe", &ct, body.clone()).await.0,
-        401
-    );
+    assert_eq!(s.post("/webhooks/demo/stripe", &ct, body.clone()).await.0, 401);
     // Expired timestamp (signed 10 minutes ago).
-    let old = signed_headers(
-        &s.ctx,
-        "stripe",
-        &body,
-        SystemClock.now() - chrono::Duration::minutes(10),
-    );
+    let old = signed_headers(&s.ctx, "stripe", &body, SystemClock.now() - chrono::Duration::minutes(10));
     let (status, err) = s.post("/webhooks/demo/stripe", &old, body.clone()).await;
     assert_eq!(status, 401);
-    assert!(
-        err["error"].as_str().unwrap().contains("tolerance"),
-        "{err}"
-    );
+    assert!(err["error"].as_str().unwrap().contains("tolerance"), "{err}");
     // Unknown tenant / provider.
-    assert_eq!(
-        s.post("/webhooks/nobody/stripe", &good, body.clone())
-            .await
-            .0,
-        404
-    );
-    assert_eq!(
-        s.post("/webhooks/demo/paypal", &good, body.clone()).await.0,
-        404
-    );
+    assert_eq!(s.post("/webhooks/nobody/stripe", &good, body.clone()).await.0, 404);
+    assert_eq!(s.post("/webhooks/demo/paypal", &good, body.clone()).await.0, 404);
     // Undecodable (correctly signed garbage).
     let junk = b"{not json".to_vec();
     let h = signed_headers(&s.ctx, "stripe", &junk, SystemClock.now());
@@ -172,14 +130,8 @@ async fn webhook_answers_each_bad_input_with_its_status() {
     assert!(s.ctx.store.events(None, 10).unwrap().is_empty());
 
     // The good one, twice: applied, then duplicate.
-    assert_eq!(
-        s.post("/webhooks/demo/stripe", &good, body.clone()).await.1["status"],
-        "applied"
-    );
-    assert_eq!(
-        s.post("/webhooks/demo/stripe", &good, body.clone()).await.1["status"],
-        "duplicate"
-    );
+    assert_eq!(s.post("/webhooks/demo/stripe", &good, body.clone()).await.1["status"], "applied");
+    assert_eq!(s.post("/webhooks/demo/stripe", &good, body.clone()).await.1["status"], "duplicate");
     // An event type nobody mapped: 200, stored as ignored.
     let (status, ack) = s.post_signed("customer_created").await;
     assert_eq!((status, ack["status"].as_str()), (200, Some("ignored")));
@@ -195,10 +147,7 @@ async fn admin_api_needs_the_token_and_probe_answers_200() {
     assert_eq!(s.get("/members?email=a@b.c", Some("wrong")).await.0, 401);
     assert_eq!(s.get("/members?email=a@b.c", Some(TOKEN)).await.0, 200);
     assert_eq!(s.get("/members/mbr_nope", Some(TOKEN)).await.0, 404);
-    assert_eq!(
-        s.get("/healthz", None).await,
-        (200, serde_json::json!({"status": "ok"}))
-    );
+    assert_eq!(s.get("/healthz", None).await, (200, serde_json::json!({"status": "ok"})));
     assert_eq!(s.get("/webhooks/demo/stripe", None).await.0, 200);
     s.stop().await;
 }
