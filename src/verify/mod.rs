@@ -113,10 +113,23 @@ impl Scheme {
     /// Signs a body the way the provider does; returns the headers to send. `id` is the
     /// message id for schemes that sign one (a fresh one is made when `None`).
     pub fn sign(&self, secret: &Secret, body: &[u8], now: DateTime<Utc>) -> Vec<(String, String)> {
+        self.sign_with_id(secret, body, now, None)
+    }
+
+    /// Like `sign`, with the message id to sign where the scheme signs one (a replayed
+    /// delivery keeps its id; a new one gets a fresh id).
+    pub fn sign_with_id(
+        &self,
+        secret: &Secret,
+        body: &[u8],
+        now: DateTime<Utc>,
+        message_id: Option<&str>,
+    ) -> Vec<(String, String)> {
         match self.name {
             SchemeName::Stripe => vec![(self.header.clone(), stripe::sign(secret, body, now.timestamp()))],
             SchemeName::StandardWebhooks => {
-                let id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+                let id =
+                    message_id.map(str::to_string).unwrap_or_else(|| format!("msg_{}", uuid::Uuid::new_v4().simple()));
                 match standard::key(secret, self.encoding) {
                     Ok(key) => standard::sign(&key, &id, now.timestamp(), body),
                     Err(_) => vec![],

@@ -22,7 +22,7 @@ fn fixtures() -> Vec<(String, std::path::PathBuf)> {
         for f in std::fs::read_dir(&dir).unwrap() {
             let f = f.unwrap().path();
             let name = f.file_name().unwrap().to_string_lossy().to_string();
-            if name.ends_with(".json") && !name.ends_with(".headers.json") {
+            if (name.ends_with(".json") && !name.ends_with(".headers.json")) || name.ends_with(".form") {
                 out.push((provider.clone(), f));
             }
         }
@@ -38,18 +38,19 @@ fn fixtures_simulate_to_reviewed_snapshots() {
     assert!(all.len() >= 20, "fixtures found: {}", all.len());
     let mut failed = Vec::new();
     for (provider, path) in all {
-        let body = std::fs::read(&path).unwrap();
+        let file = path.file_name().unwrap().to_string_lossy().to_string();
+        let (body, content_type, headers) = crate::scenarios::load_fixture(&provider, &file);
         let state = std::fs::read_to_string(path.with_extension("state"))
             .ok()
             .map(|s| MState::parse(s.trim()).expect("a .state file names a state"));
         let input = SimulateInput {
             provider: provider.clone(),
             tenant: "demo".into(),
-            headers: vec![],
+            headers,
             now: None,
             state,
             body,
-            content_type: "application/json".into(),
+            content_type: content_type.into(),
         };
         let out = rt.block_on(async {
             let store: Arc<dyn Store> = Arc::new(SqliteStore::open(":memory:", Options::default()).unwrap());

@@ -3,6 +3,7 @@
 mod extract;
 mod lifecycle;
 mod restart;
+mod scenarios;
 mod schemas;
 mod support;
 mod webhook;

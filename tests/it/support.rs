@@ -2,13 +2,14 @@
 //! real signatures, and the insta settings every snapshot uses.
 
 use chrono::{DateTime, TimeZone, Utc};
-use membersync::clock::FixedClock;
+use membersync::clock::{Clock, FixedClock, SystemClock};
 use membersync::config::Config;
 use membersync::pipeline::{Ack, Ctx};
 use membersync::rules::RuleSet;
 use membersync::store::sqlite::{Options, SqliteStore};
 use membersync::store::{MemberDetail, Store};
 use membersync::verify::Scheme;
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -71,4 +72,67 @@ pub fn insta_settings() -> insta::Settings {
     s.set_sort_maps(true);
     s.add_redaction(".outcome.rule.version", "[rule-set version]");
     s
+}
+
+/// The admin token of the repo's `membersync.yaml` (its local default).
+pub const TOKEN: &str = "dev-admin-token";
+
+pub struct Server {
+    pub url: String,
+    pub ctx: Arc<Ctx>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// A real server on 127.0.0.1:0 with the wall clock.
+    pub async fn start() -> Server {
+        Server::start_with_clock(Arc::new(SystemClock)).await
+    }
+
+    /// A real server on 127.0.0.1:0 with the given clock, on a fresh database.
+    pub async fn start_with_clock(clock: Arc<dyn Clock>) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(&dir.path().join("m.db").display().to_string());
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database, Options::default()).unwrap());
+        let ctx = Arc::new(Ctx::new(config, rules(), store, clock));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(membersync::app::serve(listener, ctx.clone(), async move {
+            let _ = rx.await;
+        }));
+        Server { url, ctx, stop: Some(stop), task: Some(task), _dir: dir }
+    }
+
+    pub async fn post(&self, path: &str, headers: &[(String, String)], body: Vec<u8>) -> (u16, Value) {
+        let mut req = reqwest::Client::new().post(format!("{}{path}", self.url)).body(body);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_signed(&self, fixture_name: &str) -> (u16, Value) {
+        let body = fixture("stripe", fixture_name);
+        let headers = signed_headers(&self.ctx, "stripe", &body, SystemClock.now());
+        self.post("/webhooks/demo/stripe", &headers, body).await
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut req = reqwest::Client::new().get(format!("{}{path}", self.url));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
 }

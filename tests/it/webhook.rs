@@ -2,67 +2,6 @@
 
 use crate::support::*;
 use membersync::clock::{Clock, SystemClock};
-use membersync::pipeline::Ctx;
-use membersync::store::sqlite::{Options, SqliteStore};
-use membersync::store::Store;
-use serde_json::Value;
-use std::sync::Arc;
-
-struct Server {
-    url: String,
-    ctx: Arc<Ctx>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    async fn start() -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let config = config(&dir.path().join("m.db").display().to_string());
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database, Options::default()).unwrap());
-        let ctx = Arc::new(Ctx::new(config, rules(), store, Arc::new(SystemClock)));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(membersync::app::serve(listener, ctx.clone(), async move {
-            let _ = rx.await;
-        }));
-        Server { url, ctx, stop: Some(stop), task: Some(task), _dir: dir }
-    }
-
-    async fn post(&self, path: &str, headers: &[(String, String)], body: Vec<u8>) -> (u16, Value) {
-        let mut req = reqwest::Client::new().post(format!("{}{path}", self.url)).body(body);
-        for (k, v) in headers {
-            req = req.header(k, v);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn post_signed(&self, fixture_name: &str) -> (u16, Value) {
-        let body = fixture("stripe", fixture_name);
-        let headers = signed_headers(&self.ctx, "stripe", &body, SystemClock.now());
-        self.post("/webhooks/demo/stripe", &headers, body).await
-    }
-
-    async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
-        let mut req = reqwest::Client::new().get(format!("{}{path}", self.url));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let resp = req.send().await.unwrap();
-        (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap().unwrap();
-    }
-}
-
-const TOKEN: &str = "dev-admin-token";
 
 #[tokio::test]
 async fn signed_stripe_webhooks_grant_access_visible_in_admin_api() {
