@@ -319,6 +319,44 @@ pub fn apply(
     outcome.membership_id = membership.as_ref().map(|m| m.id.clone());
     rec.member_id = outcome.member_id.clone();
     rec.membership_id = outcome.membership_id.clone();
+
+    // A member deleted at the provider: every membership of theirs there gets the event,
+    // each logged as its own row (same event id), each through the rules and the machine.
+    if ev.kind == Some(EventKind::MemberDeleted) && mkey.is_none() {
+        if let Some(mem) = &member {
+            let mine: Vec<MembershipRow> =
+                tx.memberships_of(&mem.id)?.into_iter().filter(|m| m.provider == provider).collect();
+            let mut parts = Vec::new();
+            for ms in &mine {
+                let mut sub = (*x).clone();
+                sub.idempotency_key = format!("{}#{}", x.idempotency_key, ms.key);
+                sub.event.subscription_id = ms.key.strip_prefix("sub:").map(str::to_string);
+                sub.event.product_id = ms.key.strip_prefix("product:").map(str::to_string).or(ms.product_id.clone());
+                let raw = Raw {
+                    body: rec.raw.clone(),
+                    headers: serde_json::from_value(rec.headers.clone()).unwrap_or_default(),
+                    source,
+                };
+                let ack = apply(ctx, rules, tx, Incoming::Extracted(Box::new(sub)), raw, now)?;
+                let o = &ack.outcome;
+                parts.push(format!(
+                    "{} {}{}",
+                    ms.key,
+                    ack.status.as_str(),
+                    match (o.from, o.to) {
+                        (Some(f), Some(t)) => format!(" {f} → {t}"),
+                        _ => String::new(),
+                    }
+                ));
+            }
+            outcome.reason = Some(if parts.is_empty() {
+                "member deleted at the provider; no memberships there".to_string()
+            } else {
+                format!("member deleted at the provider; per membership: {}", parts.join("; "))
+            });
+            return finish(tx, rec, outcome);
+        }
+    }
     let view = view_of(membership.as_ref());
 
     // Stale?
@@ -372,7 +410,17 @@ pub fn apply(
     // Machine.
     let mut effects = decision.effects;
     let Some(input) = decision.input else {
-        // Effects only (a lead, a flag): no membership moves.
+        // Effects only (a lead, a flag, new member details): no membership moves.
+        if let (Some(EventKind::MemberUpdated), Some(m)) = (ev.kind, member.as_mut()) {
+            let email = ev.member.email.clone().filter(|e| m.email.as_deref() != Some(e.as_str()));
+            let name = ev.member.name.clone().filter(|n| m.name.as_deref() != Some(n.as_str()));
+            if email.is_some() || name.is_some() {
+                m.email = email.or(m.email.take());
+                m.name = name.or(m.name.take());
+                m.updated_at = now;
+                tx.save_member(m)?;
+            }
+        }
         apply_member_effects(tx, ctx, &tenant, &provider, ev, member.as_ref(), &effects, now)?;
         outcome.effects = effects;
         return finish(tx, rec, outcome);
@@ -723,7 +771,8 @@ pub fn seed_membership(tx: &mut dyn Tx, config: &Config, ev: &CanonicalEvent, st
     let products = config.tenants.get(&ev.tenant).and_then(|t| t.providers.get(&ev.provider)).map(|p| &p.products);
     let product_id = ev.product_id.clone().or_else(|| products.and_then(|p| p.keys().next().cloned()));
     let levels = products.and_then(|p| product_id.as_ref().and_then(|id| p.get(id)).cloned()).unwrap_or_default();
-    let period_end = ev.period_end.filter(|t| *t > at).unwrap_or(at + chrono::Duration::days(30));
+    // Only what the event itself says: a made-up period end would change what rules decide.
+    let period_end = ev.period_end;
     tx.save_membership(&MembershipRow {
         id: "msp_seeded".into(),
         tenant: ev.tenant.clone(),
@@ -735,9 +784,9 @@ pub fn seed_membership(tx: &mut dyn Tx, config: &Config, ev: &CanonicalEvent, st
         plan_id: ev.plan_id.clone(),
         status: None,
         state,
-        period_end: Some(period_end),
+        period_end,
         grace_until: (state == MState::PastDue).then(|| at + chrono::Duration::days(3)),
-        access_until: (state == MState::Canceling).then_some(period_end),
+        access_until: if state == MState::Canceling { period_end } else { None },
         cancel_at_period_end: state == MState::Canceling,
         access_levels: levels,
         flags: vec![],

@@ -104,7 +104,7 @@ struct EventMap {
 #[derive(Debug, Clone)]
 enum Idempotency {
     Paths(Vec<Path>),
-    Header(String),
+    Header(Vec<String>),
     BodyHash,
 }
 
@@ -171,7 +171,7 @@ impl Extractor {
         let idempotency = if spec.idempotency.body_hash {
             Idempotency::BodyHash
         } else if let Some(h) = &spec.idempotency.header {
-            Idempotency::Header(h.to_ascii_lowercase())
+            Idempotency::Header(h.paths().into_iter().map(|h| h.to_ascii_lowercase()).collect())
         } else if let Some(p) = &spec.idempotency.path {
             Idempotency::Paths(p.paths().into_iter().filter_map(|p| cx.path(p)).collect())
         } else {
@@ -258,7 +258,9 @@ impl Extractor {
     ) -> Result<Extraction, Box<Failure>> {
         let idempotency_key = match &self.idempotency {
             Idempotency::BodyHash => body_hash(raw),
-            Idempotency::Header(h) => header(headers, h).map(str::to_string).unwrap_or_else(|| body_hash(raw)),
+            Idempotency::Header(names) => {
+                names.iter().find_map(|h| header(headers, h)).map(str::to_string).unwrap_or_else(|| body_hash(raw))
+            }
             Idempotency::Paths(ps) => first(ps, body).and_then(as_string).unwrap_or_else(|| body_hash(raw)),
         };
         let event_type = read(&self.event_type, body).ok().flatten().and_then(|v| as_string(&v));

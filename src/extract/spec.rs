@@ -107,9 +107,9 @@ pub struct IdempotencySpec {
     /// A body field (first non-null of the paths).
     #[serde(default)]
     pub path: Option<PathList>,
-    /// A request header.
+    /// A request header, or the first present of several.
     #[serde(default)]
-    pub header: Option<String>,
+    pub header: Option<PathList>,
     /// SHA-256 of the raw body (providers that send no id).
     #[serde(default)]
     pub body_hash: bool,

@@ -1,1 +1,122 @@
+use super::*;
+use serde_json::json;
 
+const SPEC: &str = r#"
+provider: acme
+verify: { scheme: hmac_sha256_hex, header: X-Sig }
+idempotency: { header: webhook-id }
+event_type: type
+occurred_at: { paths: [ts_ms, ts], time: auto }
+fields:
+  email: [data.email, data.user.email]
+  status: { paths: [data.status], map: { PAST_DUE: past_due } }
+  amount_cents: { paths: [data.amount], amount: major }
+  cancel_at_period_end: data.cancel
+events:
+  sub.changed:
+    cases:
+      - name: cancel set
+        when:
+          prev.cancel: { present: true }
+          data.cancel: true
+        kind: cancel_scheduled
+      - name: was null
+        when:
+          prev.note: { present: true, is_null: true }
+        kind: plan_changed
+      - when:
+          data.status: { in: [PAST_DUE, unpaid] }
+        kind: payment_failed
+    kind: status_synced
+  sub.gone:
+    kind: canceled
+    fields:
+      period_end: { paths: [data.ended], time: iso8601 }
+  noise:
+    cases:
+      - when: {}
+        kind: ignore
+"#;
+
+fn x() -> Extractor {
+    Extractor::load("rules/providers/acme.yaml", SPEC).expect("spec compiles")
+}
+
+fn run(body: serde_json::Value, headers: &[(String, String)]) -> Result<Extraction, Box<Failure>> {
+    let raw = serde_json::to_vec(&body).unwrap();
+    x().extract("t", &body, &raw, headers)
+}
+
+#[test]
+fn cases_match_in_order_with_present_null_and_in() {
+    let e =
+        run(json!({"type": "sub.changed", "ts": 1, "prev": {"cancel": false}, "data": {"cancel": true}}), &[]).unwrap();
+    assert_eq!((e.event.kind, e.mapping.case.as_deref()), (Some(EventKind::CancelScheduled), Some("cancel set")));
+    let e = run(json!({"type": "sub.changed", "ts": 1, "prev": {"note": null}, "data": {}}), &[]).unwrap();
+    assert_eq!(e.event.kind, Some(EventKind::PlanChanged));
+    let e = run(json!({"type": "sub.changed", "ts": 1, "prev": {"note": "x"}, "data": {"status": "PAST_DUE"}}), &[])
+        .unwrap();
+    assert_eq!((e.event.kind, e.mapping.case.as_deref()), (Some(EventKind::PaymentFailed), Some("cases[2]")));
+    assert_eq!(e.event.status.as_deref(), Some("past_due"), "value map applied");
+    let e = run(json!({"type": "sub.changed", "ts": 1, "data": {"status": "active"}}), &[]).unwrap();
+    assert_eq!((e.event.kind, e.mapping.case.as_deref()), (Some(EventKind::StatusSynced), None));
+}
+
+#[test]
+fn units_first_non_null_and_overrides_apply() {
+    let e = run(
+        json!({"type": "sub.gone", "ts_ms": 1767225600000i64, "data": {"email": null, "user": {"email": "a@b.c"},
+               "amount": "29.00", "ended": "2026-02-01T00:00:00Z"}}),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(e.event.occurred_at.timestamp(), 1_767_225_600);
+    assert_eq!(e.event.member.email.as_deref(), Some("a@b.c"));
+    assert_eq!(e.event.amount_cents, Some(2900));
+    assert_eq!(e.event.period_end.map(|t| t.timestamp()), Some(1_769_904_000));
+}
+
+#[test]
+fn idempotency_key_from_header_else_body_hash() {
+    let h = vec![("webhook-id".to_string(), "msg_1".to_string())];
+    assert_eq!(run(json!({"type": "noise", "ts": 1}), &h).unwrap().idempotency_key, "msg_1");
+    let a = run(json!({"type": "noise", "ts": 1}), &[]).unwrap();
+    let b = run(json!({"type": "noise", "ts": 2}), &[]).unwrap();
+    assert!(a.idempotency_key.starts_with("sha256:"));
+    assert_ne!(a.idempotency_key, b.idempotency_key);
+    assert_eq!(a.event.event_id, a.idempotency_key, "event id defaults to the key");
+}
+
+#[test]
+fn unmapped_and_ignored_types_carry_a_reason() {
+    let e = run(json!({"type": "other", "ts": 1}), &[]).unwrap();
+    assert_eq!(e.event.kind, None);
+    assert!(e.mapping.ignored_because.unwrap().contains("not mapped"));
+    let e = run(json!({"type": "noise", "ts": 1}), &[]).unwrap();
+    assert!(e.mapping.ignored_because.unwrap().contains("says ignore"));
+}
+
+#[test]
+fn wrong_types_and_missing_basics_fail_with_reason() {
+    let f = run(json!({"type": "sub.gone", "ts": 1, "data": {"cancel": "maybe"}}), &[]).unwrap_err();
+    assert!(f.error.0.contains("cancel_at_period_end"), "{}", f.error);
+    let f = run(json!({"type": "sub.gone", "ts": 1, "data": {"ended": "soon"}}), &[]).unwrap_err();
+    assert!(f.error.0.contains("period_end"), "{}", f.error);
+    let f = run(json!({"ts": 1}), &[]).unwrap_err();
+    assert!(f.error.0.contains("event type"), "{}", f.error);
+    let f = run(json!({"type": "noise"}), &[]).unwrap_err();
+    assert!(f.error.0.contains("event time"), "{}", f.error);
+}
+
+#[test]
+fn compile_reports_every_problem_with_location_and_hint() {
+    let bad = SPEC.replace("kind: canceled", "kind: cancelled").replace("data.user.email", "data..email");
+    let err = Extractor::load("rules/providers/acme.yaml", &bad).unwrap_err();
+    let text = err.to_string();
+    assert_eq!(err.0.len(), 2, "{text}");
+    assert!(text.contains("unknown canonical kind `cancelled`") && text.contains("did you mean `canceled`?"), "{text}");
+    assert!(text.contains("empty segment"), "{text}");
+    let d = err.0.iter().find(|d| d.message.contains("cancelled")).unwrap();
+    assert_eq!(d.line, bad.lines().position(|l| l.contains("kind: cancelled")).unwrap() + 1);
+    assert!(Extractor::load("rules/providers/acme.yaml", "provider: [").is_err());
+}
