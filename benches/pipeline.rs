@@ -46,7 +46,8 @@ async fn ingest(ctx: &Arc<Ctx>, template: &Arc<String>, next: &Arc<AtomicU64>, n
                     .replace("evt_1QxaZ1K7dEmoAc01GAm3W0e2", &format!("evt_bench_{i}"))
                     .replace("sub_1QxDemo001", &format!("sub_bench_{i}"));
                 let decoded = x.decode(body.as_bytes(), None).expect("decodes");
-                let extraction = x.extract("demo", &decoded, body.as_bytes(), &[]).expect("extracts");
+                let extraction =
+                    x.extract("demo", &decoded, body.as_bytes(), &[], chrono::Utc::now()).expect("extracts");
                 let raw = Raw { body: body.into_bytes(), headers: vec![], source: Source::Webhook };
                 let ack =
                     pipeline::process(&ctx, Incoming::Extracted(Box::new(extraction)), raw).await.expect("stored");

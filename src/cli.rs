@@ -239,7 +239,9 @@ pub async fn simulate_json(
         .with_context(|| format!("no provider `{provider}` in rules/providers"))?
         .clone();
     let decoded = extractor.decode(&body, Some(content_type)).context("Failed to decode the payload")?;
-    let extracted = extractor.extract(tenant, &decoded, &body, &headers);
+    // As ingest does: a secret carried in the body is redacted before hashing and storing.
+    let body = Scheme::compile(&extractor.spec.verify).redact(&body);
+    let extracted = extractor.extract(tenant, &decoded, &body, &headers, now.unwrap_or_else(Utc::now));
     let at = now.unwrap_or_else(|| match &extracted {
         Ok(x) => x.event.occurred_at,
         Err(f) => f.occurred_at.unwrap_or_else(Utc::now),

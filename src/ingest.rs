@@ -84,16 +84,33 @@ pub async fn accept(
         let outcome = pipeline::Outcome::probe();
         return Ok(Ack { event_id: String::new(), status: outcome.status, outcome });
     }
-    scheme.verify(tp.secret.as_ref(), &headers, &body, now).map_err(|e| {
+    let verified = match scheme.verify(tp.secret.as_ref(), &headers, &body, now) {
+        Err(first @ crate::verify::Error::MissingHeader(_)) => {
+            // A legacy signing the provider file opts into, tried only when the primary
+            // scheme's header is absent.
+            let mut result = Err(first);
+            for alt in &extractor.spec.verify_also {
+                result = Scheme::compile(alt).verify(tp.secret.as_ref(), &headers, &body, now);
+                if result.is_ok() {
+                    break;
+                }
+            }
+            result
+        }
+        other => other,
+    };
+    verified.map_err(|e| {
         tracing::warn!(%tenant, %provider, reason = %e, "Signature did not verify.");
         ApiError::Unauthorized(e.to_string())
     })?;
+    // A secret carried in the body never reaches storage, nor a body hash shown as an id.
+    let stored_body = scheme.redact(&body);
     let content_type = headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_str());
     let decoded = extractor.decode(&body, content_type).map_err(|e| {
         tracing::warn!(%tenant, %provider, error = %e, "Webhook body could not be decoded.");
         ApiError::BadRequest(e.to_string())
     })?;
-    let incoming = match extractor.extract(tenant, &decoded, &body, &headers) {
+    let incoming = match extractor.extract(tenant, &decoded, &stored_body, &headers, now) {
         Ok(x) => Incoming::Extracted(Box::new(x)),
         Err(failure) => {
             tracing::warn!(%tenant, %provider, event_id = %failure.event_id, error = %failure.error, "Webhook fields could not be read; storing it as failed.");
@@ -102,7 +119,7 @@ pub async fn accept(
     };
     let stored: Vec<(String, String)> =
         headers.into_iter().filter(|(k, _)| !UNSTORED_HEADERS.contains(&k.as_str())).collect();
-    let raw = Raw { body: scheme.redact(&body), headers: stored, source: Source::Webhook };
+    let raw = Raw { body: stored_body, headers: stored, source: Source::Webhook };
     pipeline::process(ctx, incoming, raw).await.map_err(|e| {
         tracing::error!(%tenant, %provider, error = %e, "Webhook could not be stored; the provider will retry.");
         ApiError::from(e)

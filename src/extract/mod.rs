@@ -255,6 +255,7 @@ impl Extractor {
         body: &Value,
         raw: &[u8],
         headers: &Headers,
+        received_at: DateTime<Utc>,
     ) -> Result<Extraction, Box<Failure>> {
         let idempotency_key = match &self.idempotency {
             Idempotency::BodyHash => body_hash(raw),
@@ -287,6 +288,7 @@ impl Extractor {
         };
         let occurred_at = match occurred_at {
             Ok(Some(t)) => t,
+            Ok(None) if self.spec.occurred_at_fallback == Some(spec::OccurredFallback::Received) => received_at,
             Ok(None) => {
                 return Err(fail(Error("no event time found at the configured `occurred_at` path".into()), None))
             }
@@ -434,7 +436,10 @@ fn header<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
 fn is_nullish(v: &Value) -> bool {
     match v {
         Value::Null => true,
-        Value::String(s) => s.is_empty() || s == "null",
+        Value::String(s) => {
+            let t = s.trim();
+            t.is_empty() || t == "null"
+        }
         _ => false,
     }
 }
@@ -456,7 +461,8 @@ fn read(field: &Field, body: &Value) -> Result<Option<Value>, String> {
 
 fn as_string(v: &Value) -> Option<String> {
     match v {
-        Value::String(s) if !is_nullish(v) => Some(s.clone()),
+        // Form bodies pad values (`customer[name]=" "`); surrounding blanks carry nothing.
+        Value::String(s) if !is_nullish(v) => Some(s.trim().to_string()),
         Value::Number(n) => Some(n.to_string()),
         Value::Bool(b) => Some(b.to_string()),
         _ => None,

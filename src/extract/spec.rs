@@ -25,6 +25,14 @@ pub struct ProviderSpec {
     pub event_type: FieldSpec,
     /// Path(s) to when the event happened, with the time unit.
     pub occurred_at: FieldSpec,
+    /// When no `occurred_at` path resolves: `received` uses the time the delivery arrived
+    /// (for payloads that carry no event time); without it such an event is dead-lettered.
+    #[serde(default)]
+    pub occurred_at_fallback: Option<OccurredFallback>,
+    /// Further schemes tried, in order, when the delivery lacks the primary scheme's
+    /// header (a provider's legacy signing; opt-in).
+    #[serde(default)]
+    pub verify_also: Vec<VerifySpec>,
     /// Field extractors that apply to every event type (overridden per event type).
     #[serde(default)]
     pub fields: FieldsSpec,
@@ -34,6 +42,14 @@ pub struct ProviderSpec {
     /// Operator notes (ignored by the engine).
     #[serde(default)]
     pub notes: Option<String>,
+}
+
+/// What `occurred_at` falls back to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OccurredFallback {
+    /// The time the delivery was received.
+    Received,
 }
 
 /// Signature scheme and its parameters.

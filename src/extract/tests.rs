@@ -44,7 +44,7 @@ fn x() -> Extractor {
 
 fn run(body: serde_json::Value, headers: &[(String, String)]) -> Result<Extraction, Box<Failure>> {
     let raw = serde_json::to_vec(&body).unwrap();
-    x().extract("t", &body, &raw, headers)
+    x().extract("t", &body, &raw, headers, chrono::Utc::now())
 }
 
 #[test]

@@ -40,6 +40,9 @@ fn parse_iso(s: &str) -> Result<DateTime<Utc>, String> {
             return Ok(Utc.from_utc_datetime(&t));
         }
     }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(Utc.from_utc_datetime(&d.and_time(chrono::NaiveTime::MIN)));
+    }
     Err(format!("`{s}` is not an ISO 8601 time"))
 }
 
@@ -75,6 +78,7 @@ mod tests {
         assert_eq!(to_time(&json!("2026-01-01T00:00:00Z"), TimeUnit::Iso8601).unwrap(), want);
         assert_eq!(to_time(&json!("2026-01-01T01:00:00+01:00"), TimeUnit::Iso8601).unwrap(), want);
         assert_eq!(to_time(&json!("2026-01-01 00:00:00"), TimeUnit::Iso8601).unwrap(), want);
+        assert_eq!(to_time(&json!("2026-01-01"), TimeUnit::Iso8601).unwrap(), want);
         assert_eq!(to_time(&json!(1767225600000i64), TimeUnit::Auto).unwrap(), want);
         assert_eq!(to_time(&json!(1767225600), TimeUnit::Auto).unwrap(), want);
         assert!(to_time(&json!(true), TimeUnit::Auto).is_err());

@@ -1,7 +1,7 @@
 //! Every fixture through `simulate` (decode → extract → rules → machine on an in-memory
 //! store), snapshotted as the JSON `simulate` prints. A fixture `<name>.json` may have a
 //! `<name>.state` beside it: the membership state to start from (`simulate --state`);
-//! without one it starts from none. Snapshot names are `<provider>__<fixture>` so adding a
+//! without one it starts from none; a `<name>.now` gives the time it was received. Snapshot names are `<provider>__<fixture>` so adding a
 //! provider never renames another's snapshots.
 
 use crate::support::*;
@@ -47,7 +47,7 @@ fn fixtures_simulate_to_reviewed_snapshots() {
             provider: provider.clone(),
             tenant: "demo".into(),
             headers,
-            now: None,
+            now: crate::scenarios::fixture_now(&provider, &file),
             state,
             body,
             content_type: content_type.into(),

@@ -38,6 +38,13 @@ struct Expect {
     levels: Option<Vec<String>>,
 }
 
+/// When a fixture was received (`<name>.now`, RFC 3339), for payloads with no event time.
+pub fn fixture_now(provider: &str, file: &str) -> Option<DateTime<Utc>> {
+    let path = root().join("tests/fixtures").join(provider).join(file).with_extension("now");
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(DateTime::parse_from_rfc3339(text.trim()).expect("a .now file holds an RFC 3339 time").with_timezone(&Utc))
+}
+
 /// A fixture's body, content type and extra headers (`<name>.headers.json`).
 pub fn load_fixture(provider: &str, file: &str) -> (Vec<u8>, &'static str, Vec<(String, String)>) {
     let path = root().join("tests/fixtures").join(provider).join(file);
@@ -70,9 +77,12 @@ async fn run(path: &Path) -> Result<(), String> {
         let mut status = None;
         if let Some(file) = &step.send {
             let (body, content_type, extra) = load_fixture(&sc.provider, file);
+            if let Some(t) = fixture_now(&sc.provider, file).filter(|t| *t > clock.now()) {
+                clock.set(t);
+            }
             let body = scheme.prepare_body(&secret, &body);
             let decoded = extractor.decode(&body, Some(content_type)).map_err(|e| format!("{here}: {e}"))?;
-            if let Ok(x) = extractor.extract("demo", &decoded, &body, &extra) {
+            if let Ok(x) = extractor.extract("demo", &decoded, &body, &extra, clock.now()) {
                 if x.event.occurred_at > clock.now() {
                     clock.set(x.event.occurred_at);
                 }
