@@ -180,7 +180,15 @@ impl Extractor {
         };
         let event_id = spec.event_id.as_ref().map(|f| cx.field("event_id", f));
         let event_type = cx.field("event_type", &spec.event_type);
-        let occurred_at = cx.field("occurred_at", &spec.occurred_at);
+        let occurred_at = match &spec.occurred_at {
+            Some(f) => cx.field("occurred_at", f),
+            None => {
+                if spec.occurred_at_fallback.is_none() {
+                    cx.err("provider:", "`occurred_at` is required unless `occurred_at_fallback: received` is set");
+                }
+                Field { paths: vec![], constant: None, time: Some(TimeUnit::Auto), amount: None, map: BTreeMap::new() }
+            }
+        };
         if occurred_at.time.is_none() {
             cx.err("occurred_at", "`occurred_at` needs a `time:` unit (unix_seconds, unix_millis, iso8601, auto)");
         }
@@ -319,10 +327,10 @@ impl Extractor {
                 match target {
                     Some(Target::Kind(k)) => Some(k),
                     Some(Target::Ignore) => {
-                        mapping.ignored_because = Some(format!(
-                            "case `{}` of `{event_type}` says ignore",
-                            mapping.case.clone().unwrap_or_default()
-                        ));
+                        mapping.ignored_because = Some(match &mapping.case {
+                            Some(case) => format!("case `{case}` of `{event_type}` says ignore"),
+                            None => format!("`{event_type}` is mapped to ignore"),
+                        });
                         None
                     }
                     None => {

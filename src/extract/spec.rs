@@ -23,8 +23,10 @@ pub struct ProviderSpec {
     pub event_id: Option<FieldSpec>,
     /// Path(s) to the provider's event type.
     pub event_type: FieldSpec,
-    /// Path(s) to when the event happened, with the time unit.
-    pub occurred_at: FieldSpec,
+    /// Path(s) to when the event happened, with the time unit. May be left out only with
+    /// `occurred_at_fallback: received` (providers that send no event time).
+    #[serde(default)]
+    pub occurred_at: Option<FieldSpec>,
     /// When no `occurred_at` path resolves: `received` uses the time the delivery arrived
     /// (for payloads that carry no event time); without it such an event is dead-lettered.
     #[serde(default)]

@@ -90,3 +90,100 @@ async fn admin_api_needs_the_token_and_probe_answers_200() {
     assert_eq!(s.get("/webhooks/demo/stripe", None).await.0, 200);
     s.stop().await;
 }
+
+/// Signs `body` for `provider` as that provider would, with the demo tenant's secret.
+fn provider_request(s: &Server, provider: &str, file: &str) -> (Vec<(String, String)>, Vec<u8>) {
+    let (body, content_type, mut headers) = crate::scenarios::load_fixture(provider, file);
+    let spec = &s.ctx.config.extractors[provider].spec.verify;
+    let secret = s.ctx.config.tenants["demo"].providers[provider].secret.clone().unwrap();
+    let scheme = membersync::verify::Scheme::compile(spec);
+    let body = scheme.prepare_body(&secret, &body);
+    headers.retain(|(k, _)| k != "webhook-id");
+    headers.extend(scheme.sign(&secret, &body, SystemClock.now()));
+    headers.push(("content-type".into(), content_type.into()));
+    (headers, body)
+}
+
+#[tokio::test]
+async fn each_provider_accepts_its_signature_and_rejects_tampering_and_wrong_secrets() {
+    let s = Server::start().await;
+    let cases = [
+        ("stripe", "invoice_paid.json"),
+        ("whop", "payment_succeeded.json"),
+        ("memberstack", "member_plan_added.json"),
+        ("thrivecart", "order_success.form"),
+    ];
+    for (provider, file) in cases {
+        let url = format!("/webhooks/demo/{provider}");
+        let (headers, body) = provider_request(&s, provider, file);
+
+        // Tampered body: a changed email.
+        let text = String::from_utf8(body.clone()).unwrap();
+        let tampered = text.replacen("example.com", "example.org", 1).into_bytes();
+        assert_ne!(tampered, body);
+        let (status, _) = s.post(&url, &headers, tampered).await;
+        if provider == "thrivecart" {
+            // A secret word in the body proves only knowledge of the word, not integrity:
+            // a tampered body that keeps it is accepted (documented in the README).
+            assert_eq!(status, 200, "{provider}");
+        } else {
+            assert_eq!(status, 401, "{provider}: tampered body");
+        }
+
+        // Another secret.
+        let spec = &s.ctx.config.extractors[provider].spec.verify;
+        let scheme = membersync::verify::Scheme::compile(spec);
+        let wrong = membersync::secret::Secret::new(match provider {
+            "stripe" => "whsec_wrong",
+            "thrivecart" => "wrong-word",
+            _ => "whsec_d3Jvbmctc2VjcmV0",
+        });
+        let (raw, content_type, _) = crate::scenarios::load_fixture(provider, file);
+        let wrong_body = scheme.prepare_body(&wrong, &raw);
+        let mut wrong_headers = scheme.sign(&wrong, &wrong_body, SystemClock.now());
+        wrong_headers.push(("content-type".into(), content_type.into()));
+        assert_eq!(s.post(&url, &wrong_headers, wrong_body).await.0, 401, "{provider}: wrong secret");
+
+        // The genuine delivery.
+        let (status, ack) = s.post(&url, &headers, body).await;
+        assert_eq!(status, 200, "{provider}: {ack}");
+        assert!(matches!(ack["status"].as_str(), Some("applied" | "duplicate")), "{provider}: {ack}");
+    }
+    // ThriveCart's stored body never shows the secret word.
+    let events = s.ctx.store.events(None, 100).unwrap();
+    let tc = events.iter().find(|e| e.provider == "thrivecart").unwrap();
+    let stored = String::from_utf8_lossy(&tc.raw);
+    assert!(!stored.contains("thrivecart_demo_secret_word") && stored.contains("%5Bredacted%5D"), "{stored}");
+    // ThriveCart's URL check: HEAD, GET and an empty POST answer 200 and store nothing.
+    let before = s.ctx.store.events(None, 1000).unwrap().len();
+    let head = reqwest::Client::new().head(format!("{}/webhooks/demo/thrivecart", s.url)).send().await.unwrap();
+    assert_eq!(head.status().as_u16(), 200);
+    assert_eq!(s.post("/webhooks/demo/thrivecart", &[], vec![]).await.0, 200);
+    assert_eq!(s.ctx.store.events(None, 1000).unwrap().len(), before);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn same_email_through_two_providers_is_one_member_whose_levels_combine() {
+    let s = Server::start().await;
+    assert_eq!(s.post_signed("checkout_session_completed").await.0, 200);
+    assert_eq!(s.post_signed("customer_subscription_created").await.0, 200);
+    // Ada buys the one-time Lifetime product through ThriveCart (her email, upper case).
+    let (headers, body) = provider_request(&s, "thrivecart", "order_success_one_time.form");
+    let body = String::from_utf8(body).unwrap().replace("sam%40example.com", "ADA%40example.com").into_bytes();
+    let headers: Vec<_> = headers.into_iter().filter(|(k, _)| k != "content-length").collect();
+    let (status, ack) = s.post("/webhooks/demo/thrivecart", &headers, body).await;
+    assert_eq!(status, 200, "{ack}");
+    assert_eq!(ack["status"], "applied");
+
+    let (_, found) = s.get("/members?email=ada@example.com", Some(TOKEN)).await;
+    let members = found["members"].as_array().unwrap();
+    assert_eq!(members.len(), 1, "one member across providers: {found}");
+    let m = &members[0];
+    let mut providers: Vec<&str> =
+        m["memberships"].as_array().unwrap().iter().map(|x| x["provider"].as_str().unwrap()).collect();
+    providers.sort();
+    assert_eq!(providers, vec!["stripe", "thrivecart"]);
+    assert_eq!(m["access_levels"], serde_json::json!(["lifetime", "pro"]));
+    s.stop().await;
+}
