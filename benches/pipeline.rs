@@ -39,7 +39,7 @@ async fn ingest(ctx: &Arc<Ctx>, template: &Arc<String>, next: &Arc<AtomicU64>, n
         let (ctx, template, next) = (ctx.clone(), template.clone(), next.clone());
         let per = n / IN_FLIGHT as u64;
         tasks.push(tokio::spawn(async move {
-            let x = &ctx.config.extractors["stripe"];
+            let x = &ctx.config().extractors["stripe"];
             for _ in 0..per {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let body = template

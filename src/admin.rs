@@ -22,7 +22,8 @@ impl FromRequestParts<Arc<Ctx>> for AdminToken {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, ctx: &Arc<Ctx>) -> Result<Self, Self::Rejection> {
-        let Some(expected) = &ctx.config.admin_token else {
+        let config = ctx.config();
+        let Some(expected) = &config.admin_token else {
             return Err(ApiError::AdminUnauthorized);
         };
         let given = parts
@@ -235,4 +236,42 @@ pub async fn metrics(State(ctx): State<Arc<Ctx>>) -> Result<String, ApiError> {
         out.push_str(&format!("membersync_events_total{{status=\"{status}\"}} {n}\n"));
     }
     Ok(out)
+}
+
+/// `GET /admin/rules`: the rule set in force and the last reload attempt.
+pub async fn rules(_: AdminToken, State(ctx): State<Arc<Ctx>>) -> Json<Value> {
+    let loaded = ctx.loaded();
+    let status = ctx.reload_status.lock().map(|s| s.clone()).unwrap_or_default();
+    Json(json!({
+        "version": loaded.rules.version,
+        "source_hash": loaded.rules.source_hash(),
+        "loaded_at": rfc(Some(loaded.rules.loaded_at)),
+        "files": loaded.rules.file_names(),
+        "providers": loaded.config.extractors.keys().collect::<Vec<_>>(),
+        "last_reload": {
+            "at": rfc(status.last_attempt_at),
+            "trigger": status.trigger,
+            "ok": status.ok,
+            "errors": status.errors.iter().map(|d| json!({
+                "file": d.file, "line": d.line, "column": d.column, "message": d.message, "hint": d.hint,
+                "text": d.to_string(),
+            })).collect::<Vec<_>>(),
+        },
+    }))
+}
+
+/// `POST /admin/reload`: reload now; 200 with the new version, or 422 with every problem
+/// (the previous rules stay in force).
+pub async fn reload(_: AdminToken, State(ctx): State<Arc<Ctx>>) -> (axum::http::StatusCode, Json<Value>) {
+    match crate::reload::reload(&ctx, "admin") {
+        Ok(version) => (axum::http::StatusCode::OK, Json(json!({ "ok": true, "version": version }))),
+        Err(errors) => (
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({
+                "ok": false,
+                "version": ctx.rules().version,
+                "errors": errors.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+            })),
+        ),
+    }
 }

@@ -3,6 +3,7 @@
 
 use crate::pipeline::Ctx;
 use crate::{admin, ingest, timers};
+
 use axum::routing::get;
 use axum::Router;
 use std::future::Future;
@@ -18,6 +19,8 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/events", get(admin::events))
         .route("/events/{event_id}", get(admin::event))
         .route("/leads", get(admin::leads))
+        .route("/admin/rules", get(admin::rules))
+        .route("/admin/reload", axum::routing::post(admin::reload))
         .route("/metrics", get(admin::metrics))
         .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
         .with_state(ctx)
@@ -39,6 +42,14 @@ pub async fn serve(
         })
         .await
     });
+    let watch_ctx = ctx.clone();
+    let mut watch_stop = stop_rx.clone();
+    let watch_task = tokio::spawn(async move {
+        crate::reload::watch(watch_ctx, async move {
+            let _ = watch_stop.wait_for(|s| *s).await;
+        })
+        .await
+    });
     let app = router(ctx);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -47,5 +58,6 @@ pub async fn serve(
         })
         .await;
     let _ = timer_task.await;
+    let _ = watch_task.await;
     result
 }

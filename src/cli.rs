@@ -145,6 +145,17 @@ async fn serve(config_path: &Path, listen: Option<String>, database: Option<Stri
         tracing::warn!("No admin token configured: the admin API answers 401 to everyone.");
     }
     let ctx = Arc::new(Ctx::new(config, rules, store, Arc::new(SystemClock)));
+    #[cfg(unix)]
+    {
+        let hup_ctx = ctx.clone();
+        tokio::spawn(async move {
+            if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                while hup.recv().await.is_some() {
+                    let _ = crate::reload::reload(&hup_ctx, "sighup");
+                }
+            }
+        });
+    }
     crate::app::serve(listener, ctx, shutdown_signal()).await?;
     tracing::info!("Stopped.");
     Ok(ExitCode::SUCCESS)

@@ -21,17 +21,21 @@ pub async fn probe(
     State(ctx): State<Arc<Ctx>>,
     Path((tenant, provider)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    target(&ctx, &tenant, &provider)?;
+    target(&ctx.config(), &tenant, &provider)?;
     Ok(Json(json!({ "ok": true })))
 }
 
-fn target<'a>(ctx: &'a Ctx, tenant: &str, provider: &str) -> Result<&'a crate::config::TenantProvider, ApiError> {
-    let t = ctx.config.tenants.get(tenant).ok_or_else(|| ApiError::UnknownTarget(format!("tenant `{tenant}`")))?;
+fn target<'a>(
+    config: &'a crate::config::Config,
+    tenant: &str,
+    provider: &str,
+) -> Result<&'a crate::config::TenantProvider, ApiError> {
+    let t = config.tenants.get(tenant).ok_or_else(|| ApiError::UnknownTarget(format!("tenant `{tenant}`")))?;
     let p = t
         .providers
         .get(provider)
         .ok_or_else(|| ApiError::UnknownTarget(format!("provider `{provider}` for tenant `{tenant}`")))?;
-    if !ctx.config.extractors.contains_key(provider) {
+    if !config.extractors.contains_key(provider) {
         return Err(ApiError::UnknownTarget(format!("provider `{provider}`")));
     }
     Ok(p)
@@ -44,10 +48,10 @@ pub async fn webhook(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Ack>, ApiError> {
-    target(&ctx, &tenant, &provider).inspect_err(|e| {
+    target(&ctx.config(), &tenant, &provider).inspect_err(|e| {
         tracing::warn!(%tenant, %provider, error = %e, "Webhook for an unknown target.");
     })?;
-    let limit = ctx.config.max_body_bytes;
+    let limit = ctx.config().max_body_bytes;
     let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
         let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
             || e.to_string().contains("length limit");
@@ -75,8 +79,9 @@ pub async fn accept(
     headers: Vec<(String, String)>,
     body: Vec<u8>,
 ) -> Result<Ack, ApiError> {
-    let tp = target(ctx, tenant, provider)?;
-    let extractor = &ctx.config.extractors[provider];
+    let config = ctx.config();
+    let tp = target(&config, tenant, provider)?;
+    let extractor = &config.extractors[provider];
     let now = ctx.clock.now();
     let scheme = Scheme::compile(&extractor.spec.verify);
     if body.iter().all(u8::is_ascii_whitespace) && scheme.empty_body_is_probe() {

@@ -32,6 +32,7 @@ pub mod http_error;
 pub mod ingest;
 pub mod machine;
 pub mod pipeline;
+pub mod reload;
 pub mod rules;
 pub mod schema;
 pub mod secret;

@@ -100,19 +100,17 @@ pub struct Ack {
     pub outcome: Outcome,
 }
 
-/// Everything the pipeline needs, shared by the HTTP layer, the timer task and the CLI.
-pub struct Ctx {
+/// One consistent snapshot of what operators edit: the config (tenants, provider YAML)
+/// and the rule set. An event is processed under one snapshot from start to commit; a
+/// reload swaps in a new one for the events after it.
+pub struct Loaded {
     pub config: Arc<Config>,
-    rules: RwLock<Arc<RuleSet>>,
-    pub store: Arc<dyn Store>,
-    pub clock: Arc<dyn Clock>,
+    pub rules: Arc<RuleSet>,
     policies: HashMap<String, Dynamic>,
-    /// Woken when a timer is scheduled, so the timer task re-reads the next due time.
-    pub timers_changed: tokio::sync::Notify,
 }
 
-impl Ctx {
-    pub fn new(config: Config, rules: RuleSet, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Ctx {
+impl Loaded {
+    pub fn new(config: Config, rules: RuleSet) -> Loaded {
         let policies = config
             .tenants
             .iter()
@@ -121,31 +119,57 @@ impl Ctx {
                 (name.clone(), d)
             })
             .collect();
-        Ctx {
-            config: Arc::new(config),
-            rules: RwLock::new(Arc::new(rules)),
-            store,
-            clock,
-            policies,
-            timers_changed: tokio::sync::Notify::new(),
-        }
-    }
-
-    /// The rule set in force.
-    pub fn rules(&self) -> Arc<RuleSet> {
-        self.rules.read().map(|r| r.clone()).unwrap_or_else(|p| p.into_inner().clone())
-    }
-
-    /// Swaps in a new rule set; events already in the writer finish under the old one.
-    pub fn set_rules(&self, rules: RuleSet) {
-        match self.rules.write() {
-            Ok(mut r) => *r = Arc::new(rules),
-            Err(p) => *p.into_inner() = Arc::new(rules),
-        }
+        Loaded { config: Arc::new(config), rules: Arc::new(rules), policies }
     }
 
     fn policy(&self, tenant: &str) -> Dynamic {
         self.policies.get(tenant).cloned().unwrap_or_else(|| Dynamic::from_map(rhai::Map::new()))
+    }
+}
+
+/// Everything the pipeline needs, shared by the HTTP layer, the timer task and the CLI.
+pub struct Ctx {
+    loaded: RwLock<Arc<Loaded>>,
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    /// Woken when a timer is scheduled, so the timer task re-reads the next due time.
+    pub timers_changed: tokio::sync::Notify,
+    /// The outcome of the last reload attempt (for `GET /admin/rules`).
+    pub reload_status: std::sync::Mutex<crate::reload::ReloadStatus>,
+}
+
+impl Ctx {
+    pub fn new(config: Config, rules: RuleSet, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Ctx {
+        Ctx {
+            loaded: RwLock::new(Arc::new(Loaded::new(config, rules))),
+            store,
+            clock,
+            timers_changed: tokio::sync::Notify::new(),
+            reload_status: Default::default(),
+        }
+    }
+
+    /// The snapshot in force.
+    pub fn loaded(&self) -> Arc<Loaded> {
+        self.loaded.read().map(|r| r.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.loaded().config.clone()
+    }
+
+    /// The rule set in force.
+    pub fn rules(&self) -> Arc<RuleSet> {
+        self.loaded().rules.clone()
+    }
+
+    /// Swaps in a new snapshot; events already in the writer finish under the old one.
+    pub fn swap(&self, loaded: Loaded) {
+        match self.loaded.write() {
+            Ok(mut r) => *r = Arc::new(loaded),
+            Err(p) => *p.into_inner() = Arc::new(loaded),
+        }
     }
 }
 
@@ -169,9 +193,8 @@ pub struct Raw {
 /// Runs one event through dedupe → rules → machine → store and waits for its commit.
 pub async fn process(ctx: &Arc<Ctx>, incoming: Incoming, raw: Raw) -> store::Result<Ack> {
     let now = ctx.clock.now();
-    let job_ctx = ctx.clone();
-    let rules = ctx.rules();
-    let ack = ctx.store.write(move |tx| apply(&job_ctx, &rules, tx, incoming, raw, now)).await?;
+    let loaded = ctx.loaded();
+    let ack = ctx.store.write(move |tx| apply(&loaded, tx, incoming, raw, now)).await?;
     if ack.outcome.effects.iter().any(|e| matches!(e, Effect::ScheduleTimer { .. })) {
         ctx.timers_changed.notify_one();
     }
@@ -179,14 +202,7 @@ pub async fn process(ctx: &Arc<Ctx>, incoming: Incoming, raw: Raw) -> store::Res
 }
 
 /// The job the writer runs for one event, inside its savepoint.
-pub fn apply(
-    ctx: &Ctx,
-    rules: &RuleSet,
-    tx: &mut dyn Tx,
-    incoming: Incoming,
-    raw: Raw,
-    now: DateTime<Utc>,
-) -> store::Result<Ack> {
+pub fn apply(loaded: &Loaded, tx: &mut dyn Tx, incoming: Incoming, raw: Raw, now: DateTime<Utc>) -> store::Result<Ack> {
     let source = raw.source;
     let (tenant, provider, key) = match &incoming {
         Incoming::Extracted(x) => (x.event.tenant.clone(), x.event.provider.clone(), x.idempotency_key.clone()),
@@ -277,7 +293,8 @@ pub fn apply(
         outcome.reason = x.mapping.ignored_because.clone().or(Some("unmapped event".into()));
         return finish(tx, rec, outcome);
     }
-    let Some(tenant_cfg) = ctx.config.tenants.get(&tenant) else {
+    let rules = &loaded.rules;
+    let Some(tenant_cfg) = loaded.config.tenants.get(&tenant) else {
         outcome.status = Status::Refused;
         outcome.reason = Some(format!("unknown tenant `{tenant}`"));
         return finish(tx, rec, outcome);
@@ -337,7 +354,7 @@ pub fn apply(
                     headers: serde_json::from_value(rec.headers.clone()).unwrap_or_default(),
                     source,
                 };
-                let ack = apply(ctx, rules, tx, Incoming::Extracted(Box::new(sub)), raw, now)?;
+                let ack = apply(loaded, tx, Incoming::Extracted(Box::new(sub)), raw, now)?;
                 let o = &ack.outcome;
                 parts.push(format!(
                     "{} {}{}",
@@ -381,7 +398,7 @@ pub fn apply(
     }
 
     // Rules.
-    let decision = match rules.decide(ev, &view, &ctx.policy(&tenant), now) {
+    let decision = match rules.decide(ev, &view, &loaded.policy(&tenant), now) {
         Ok(d) => d,
         Err(e) => {
             outcome.status = Status::Failed;
@@ -421,7 +438,7 @@ pub fn apply(
                 tx.save_member(m)?;
             }
         }
-        apply_member_effects(tx, ctx, &tenant, &provider, ev, member.as_ref(), &effects, now)?;
+        apply_member_effects(tx, &tenant, &provider, ev, member.as_ref(), &effects, now)?;
         outcome.effects = effects;
         return finish(tx, rec, outcome);
     };
@@ -596,7 +613,7 @@ pub fn apply(
             _ => {}
         }
     }
-    apply_member_effects(tx, ctx, &tenant, &provider, ev, Some(&mem), &effects, now)?;
+    apply_member_effects(tx, &tenant, &provider, ev, Some(&mem), &effects, now)?;
     outcome.member_id = Some(mem.id.clone());
     outcome.membership_id = Some(ms.id.clone());
     rec.member_id = outcome.member_id.clone();
@@ -673,7 +690,6 @@ fn flag_member(tx: &mut dyn Tx, m: &MemberRow, o: &Outcome, now: DateTime<Utc>) 
 #[allow(clippy::too_many_arguments)]
 fn apply_member_effects(
     tx: &mut dyn Tx,
-    _ctx: &Ctx,
     tenant: &str,
     provider: &str,
     ev: &CanonicalEvent,

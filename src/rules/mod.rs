@@ -207,6 +207,18 @@ impl RuleSet {
         Ok(RuleSet { engine, files, handlers, version, loaded_at: now })
     }
 
+    /// SHA-256 over every file name and source (the version is its first 12 hex digits).
+    pub fn source_hash(&self) -> String {
+        let mut h = Sha256::new();
+        for f in &self.files {
+            h.update(f.name.as_bytes());
+            h.update([0]);
+            h.update(f.src.as_bytes());
+            h.update([0]);
+        }
+        hex::encode(h.finalize())
+    }
+
     /// Names of the loaded files.
     pub fn file_names(&self) -> Vec<String> {
         self.files.iter().map(|f| f.name.clone()).collect()

@@ -2,6 +2,7 @@
 
 mod extract;
 mod lifecycle;
+mod reload;
 mod restart;
 mod scenarios;
 mod schemas;

@@ -68,8 +68,8 @@ async fn run(path: &Path) -> Result<(), String> {
     let clock = Arc::new(FixedClock::new(at(0)));
     let server = Server::start_with_clock(clock.clone()).await;
     let ctx = server.ctx.clone();
-    let extractor = ctx.config.extractors.get(&sc.provider).ok_or("no such provider")?.clone();
-    let secret = ctx.config.tenants["demo"].providers[&sc.provider].secret.clone().ok_or("no secret")?;
+    let extractor = ctx.config().extractors.get(&sc.provider).ok_or("no such provider")?.clone();
+    let secret = ctx.config().tenants["demo"].providers[&sc.provider].secret.clone().ok_or("no secret")?;
     let scheme = Scheme::compile(&extractor.spec.verify);
     for (i, step) in sc.steps.iter().enumerate() {
         let here =

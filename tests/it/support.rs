@@ -45,8 +45,8 @@ pub fn fixture(provider: &str, name: &str) -> Vec<u8> {
 
 /// Signature headers for `body`, made by the same code `membersync send` uses.
 pub fn signed_headers(ctx: &Ctx, provider: &str, body: &[u8], now: DateTime<Utc>) -> Vec<(String, String)> {
-    let spec = &ctx.config.extractors[provider].spec.verify;
-    let secret = ctx.config.tenants["demo"].providers[provider].secret.clone().expect("demo secret");
+    let spec = &ctx.config().extractors[provider].spec.verify;
+    let secret = ctx.config().tenants["demo"].providers[provider].secret.clone().expect("demo secret");
     let mut h = Scheme::compile(spec).sign(&secret, body, now);
     h.push(("content-type".into(), "application/json".into()));
     h
@@ -95,6 +95,11 @@ impl Server {
     pub async fn start_with_clock(clock: Arc<dyn Clock>) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let config = config(&dir.path().join("m.db").display().to_string());
+        Server::start_with(config, clock, dir).await
+    }
+
+    /// A real server for `config` (its database inside `dir`, which the server keeps).
+    pub async fn start_with(config: Config, clock: Arc<dyn Clock>, dir: tempfile::TempDir) -> Server {
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database, Options::default()).unwrap());
         let ctx = Arc::new(Ctx::new(config, rules(), store, clock));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -134,5 +139,29 @@ impl Server {
     pub async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+/// A copy of the repo's `membersync.yaml` and `rules/` in a temp dir (to edit in a test),
+/// with the database there too.
+pub fn editable_config() -> (tempfile::TempDir, Config) {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&root().join("rules"), &dir.path().join("rules"));
+    std::fs::copy(root().join("membersync.yaml"), dir.path().join("membersync.yaml")).unwrap();
+    let mut c = Config::load(&dir.path().join("membersync.yaml")).expect("copied config loads");
+    c.database = dir.path().join("m.db").display().to_string();
+    (dir, c)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let dest = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &dest);
+        } else {
+            std::fs::copy(&p, &dest).unwrap();
+        }
     }
 }

@@ -94,8 +94,8 @@ async fn admin_api_needs_the_token_and_probe_answers_200() {
 /// Signs `body` for `provider` as that provider would, with the demo tenant's secret.
 fn provider_request(s: &Server, provider: &str, file: &str) -> (Vec<(String, String)>, Vec<u8>) {
     let (body, content_type, mut headers) = crate::scenarios::load_fixture(provider, file);
-    let spec = &s.ctx.config.extractors[provider].spec.verify;
-    let secret = s.ctx.config.tenants["demo"].providers[provider].secret.clone().unwrap();
+    let spec = &s.ctx.config().extractors[provider].spec.verify;
+    let secret = s.ctx.config().tenants["demo"].providers[provider].secret.clone().unwrap();
     let scheme = membersync::verify::Scheme::compile(spec);
     let body = scheme.prepare_body(&secret, &body);
     headers.retain(|(k, _)| k != "webhook-id");
@@ -131,7 +131,7 @@ async fn each_provider_accepts_its_signature_and_rejects_tampering_and_wrong_sec
         }
 
         // Another secret.
-        let spec = &s.ctx.config.extractors[provider].spec.verify;
+        let spec = &s.ctx.config().extractors[provider].spec.verify;
         let scheme = membersync::verify::Scheme::compile(spec);
         let wrong = membersync::secret::Secret::new(match provider {
             "stripe" => "whsec_wrong",

@@ -1,0 +1,102 @@
+//! Operators edit rules under a running server: a valid edit governs the next webhook; a
+//! broken one is refused with file:line while the previous rules keep serving.
+
+use crate::support::*;
+use membersync::clock::{Clock, FixedClock};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+
+async fn version(s: &Server) -> Value {
+    s.get("/admin/rules", Some(TOKEN)).await.1
+}
+
+/// Posts a Stripe fixture signed at the server's (fixed) clock time.
+async fn post_at(s: &Server, clock: &FixedClock, secs: i64, name: &str) -> Value {
+    clock.set(at(secs));
+    let body = fixture("stripe", name);
+    let headers = signed_headers(&s.ctx, "stripe", &body, clock.now());
+    let (status, ack) = s.post("/webhooks/demo/stripe", &headers, body).await;
+    assert_eq!(status, 200, "{ack}");
+    ack
+}
+
+async fn grace_until(s: &Server) -> Value {
+    let (_, found) = s.get("/members?email=ada@example.com", Some(TOKEN)).await;
+    found["members"][0]["memberships"][0]["grace_until"].clone()
+}
+
+#[tokio::test]
+async fn edited_rule_file_governs_the_next_webhook() {
+    let (dir, config) = editable_config();
+    let rules_dir = dir.path().join("rules");
+    let clock = Arc::new(FixedClock::new(at(1_767_225_600)));
+    let s = Server::start_with(config, clock.clone(), dir).await;
+    post_at(&s, &clock, 1_767_225_600, "checkout_session_completed").await;
+    post_at(&s, &clock, 1_767_225_601, "customer_subscription_created").await;
+    let before = version(&s).await["version"].clone();
+
+    // The operator shortens the grace period to one day, in the rule file itself.
+    let grace = rules_dir.join("grace.rhai");
+    let src = std::fs::read_to_string(&grace).unwrap();
+    assert!(src.contains("days(cfg.grace_days)"));
+    std::fs::write(&grace, src.replace("days(cfg.grace_days)", "days(1)")).unwrap();
+
+    // The file watch reloads it (bounded wait).
+    let mut now_version = before.clone();
+    for _ in 0..100 {
+        now_version = version(&s).await["version"].clone();
+        if now_version != before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_ne!(now_version, before, "the watcher reloaded the edited rules");
+    let rules = version(&s).await;
+    assert_eq!(rules["last_reload"]["ok"], true);
+    assert_eq!(rules["last_reload"]["trigger"], "watch");
+
+    let ack = post_at(&s, &clock, 1_769_907_606, "invoice_payment_failed").await;
+    assert_eq!(ack["status"], "applied");
+    assert_eq!(grace_until(&s).await, "2026-02-02T01:00:06Z", "one day, not seven");
+    // The transition records the rule-set version that made it.
+    let (_, e) = s.get("/events/evt_1QxqTxK7dEmoAc01LZbqVCbE", Some(TOKEN)).await;
+    assert_eq!(e["outcome"]["rule"]["version"], now_version);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn broken_rule_edit_is_reported_with_file_and_line_and_old_rules_keep_serving() {
+    let (dir, config) = editable_config();
+    let rules_dir = dir.path().join("rules");
+    let clock = Arc::new(FixedClock::new(at(1_767_225_600)));
+    let s = Server::start_with(config, clock.clone(), dir).await;
+    post_at(&s, &clock, 1_767_225_600, "checkout_session_completed").await;
+    post_at(&s, &clock, 1_767_225_601, "customer_subscription_created").await;
+    let before = version(&s).await["version"].clone();
+
+    // A syntax error on line 3 of grace.rhai.
+    let grace = rules_dir.join("grace.rhai");
+    let src = std::fs::read_to_string(&grace).unwrap();
+    let mut lines: Vec<&str> = src.lines().collect();
+    lines.insert(2, "let = ;");
+    std::fs::write(&grace, lines.join("\n")).unwrap();
+
+    let (status, answer) =
+        s.post("/admin/reload", &[("authorization".into(), format!("Bearer {TOKEN}"))], vec![]).await;
+    assert_eq!(status, 422, "{answer}");
+    let errors = answer["errors"].to_string();
+    assert!(errors.contains("rules/grace.rhai:3:"), "{errors}");
+
+    let rules = version(&s).await;
+    assert_eq!(rules["version"], before, "the old rules stay in force");
+    assert_eq!(rules["last_reload"]["ok"], false);
+    assert_eq!(rules["last_reload"]["errors"][0]["file"], "rules/grace.rhai");
+    assert_eq!(rules["last_reload"]["errors"][0]["line"], 3);
+
+    // And they keep serving: the failed payment gets the seven days of the old rule.
+    let ack = post_at(&s, &clock, 1_769_907_606, "invoice_payment_failed").await;
+    assert_eq!(ack["status"], "applied");
+    assert_eq!(grace_until(&s).await, "2026-02-08T01:00:06Z");
+    s.stop().await;
+}
