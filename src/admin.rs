@@ -275,3 +275,34 @@ pub async fn reload(_: AdminToken, State(ctx): State<Arc<Ctx>>) -> (axum::http::
         ),
     }
 }
+
+/// `POST /events/{event_id}/replay`: run a failed, refused or ignored event again under
+/// the rules in force (409 for any other status).
+pub async fn replay_event(
+    _: AdminToken,
+    State(ctx): State<Arc<Ctx>>,
+    Path(id): Path<String>,
+) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
+    let store = ctx.store.clone();
+    let rows = blocking(move || store.events_by_event_id(&id)).await?;
+    let Some(e) = rows.iter().rev().find(|e| crate::replay::REPLAYABLE.contains(&e.status.as_str())).or(rows.last())
+    else {
+        return Err(ApiError::NotFound);
+    };
+    match crate::replay::replay_one(&ctx, e).await {
+        Ok(ack) => Ok((
+            axum::http::StatusCode::OK,
+            Json(json!({
+                "event_id": ack.event_id, "was": e.status, "status": ack.status, "reason": ack.outcome.reason,
+            })),
+        )),
+        Err(crate::replay::Error::NotReplayable(..)) => Ok((
+            axum::http::StatusCode::CONFLICT,
+            Json(
+                json!({ "error": format!("event is {}: only failed, refused or ignored events are replayed", e.status) }),
+            ),
+        )),
+        Err(crate::replay::Error::Store(err)) => Err(err.into()),
+        Err(other) => Err(ApiError::Internal(other.to_string())),
+    }
+}

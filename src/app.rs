@@ -18,6 +18,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/members/{id}", get(admin::member))
         .route("/events", get(admin::events))
         .route("/events/{event_id}", get(admin::event))
+        .route("/events/{event_id}/replay", axum::routing::post(admin::replay_event))
         .route("/leads", get(admin::leads))
         .route("/admin/rules", get(admin::rules))
         .route("/admin/reload", axum::routing::post(admin::reload))

@@ -44,6 +44,34 @@ pub enum Command {
     },
     /// Dry-run one payload: print the canonical event and the outcome as JSON.
     Simulate(SimulateArgs),
+    /// Re-run stored events through the rules in force (dead letters by default).
+    Replay {
+        /// Which stored events: failed (default), refused or ignored.
+        #[arg(long, default_value = "failed")]
+        status: String,
+        /// Only events received at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this member's events.
+        #[arg(long)]
+        member: Option<String>,
+        /// Re-derive memberships from every stored delivery (in range) under the current
+        /// rules on a scratch store and print what would differ; writes nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, default_value = "membersync.yaml")]
+        config: PathBuf,
+    },
+    /// Why does this member (not) have access? Every change with its evidence.
+    Explain {
+        /// Member id or email.
+        member: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "membersync.yaml")]
+        config: PathBuf,
+    },
     /// Sign FILE with the tenant's secret the way the provider does and POST it.
     Send {
         #[arg(long)]
@@ -107,6 +135,10 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
     match cmd {
         Command::Serve { config, listen, database } => serve(&config, listen, database).await,
         Command::Check { config } => Ok(check(&config)),
+        Command::Replay { status, since, member, dry_run, config } => {
+            replay(&config, status, since.as_deref(), member, dry_run).await
+        }
+        Command::Explain { member, json, config } => explain(&config, &member, json).await,
         Command::Simulate(args) => simulate(args).await,
         Command::Send { provider, tenant, url, config, file } => send(&config, &provider, &tenant, url, &file).await,
     }
@@ -400,6 +432,94 @@ pub fn expand_time(body: &[u8], now: i64) -> Result<Vec<u8>> {
     }
     out.push_str(rest);
     Ok(out.into_bytes())
+}
+
+fn parse_time(s: &str, what: &str) -> Result<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .with_context(|| format!("`{what}` must be RFC 3339, e.g. 2026-01-01T00:00:00Z"))
+}
+
+async fn open_ctx(config_path: &Path) -> Result<Arc<Ctx>> {
+    let config = load_config(config_path)?;
+    let rules = load_rules(&config, Utc::now())?;
+    let store = open_store(&config, &config.database)?;
+    Ok(Arc::new(Ctx::new(config, rules, store, Arc::new(SystemClock))))
+}
+
+async fn replay(
+    config_path: &Path,
+    status: String,
+    since: Option<&str>,
+    member: Option<String>,
+    dry_run: bool,
+) -> Result<ExitCode> {
+    let ctx = open_ctx(config_path).await?;
+    let since = since.map(|s| parse_time(s, "--since")).transpose()?;
+    let mut filter = crate::store::EventFilter { since, member_id: member, ..Default::default() };
+    if let Some(id) = &filter.member_id {
+        let store = ctx.store.clone();
+        let who = id.clone();
+        let found = tokio::task::spawn_blocking(move || crate::explain::find(&*store, &who)).await??;
+        filter.member_id = Some(found.with_context(|| format!("no member `{id}`"))?.member.id);
+    }
+    if dry_run {
+        let diffs = crate::replay::dry_run(&ctx, &filter, Utc::now()).await?;
+        let fmt = |v: &Option<(String, bool)>| match v {
+            Some((state, access)) => format!("{state} ({})", if *access { "access" } else { "no access" }),
+            None => "absent".to_string(),
+        };
+        println!("rules {} (dry run: nothing written)", ctx.rules().version);
+        if diffs.is_empty() {
+            println!("no differences: the stored state is what the current rules derive");
+        }
+        for d in &diffs {
+            println!(
+                "{}  {} {}: stored {} → derived {}",
+                d.member,
+                d.provider,
+                d.membership,
+                fmt(&d.stored),
+                fmt(&d.derived)
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !crate::replay::REPLAYABLE.contains(&status.as_str()) {
+        bail!("--status must be one of {:?}: applied events would apply twice", crate::replay::REPLAYABLE);
+    }
+    filter.status = Some(status);
+    let done = crate::replay::replay(&ctx, &filter).await?;
+    println!("rules {}: {} event(s) replayed", ctx.rules().version, done.len());
+    for r in &done {
+        println!(
+            "#{} {}: {} → {}{}",
+            r.seq,
+            r.event_id,
+            r.was,
+            r.now.as_str(),
+            r.reason.as_ref().map(|x| format!(" ({x})")).unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn explain(config_path: &Path, who: &str, as_json: bool) -> Result<ExitCode> {
+    let config = load_config(config_path)?;
+    let store = open_store(&config, &config.database)?;
+    let who = who.to_string();
+    let now = Utc::now();
+    let j = tokio::task::spawn_blocking(move || -> Result<serde_json::Value> {
+        let d = crate::explain::find(&*store, &who)?.with_context(|| format!("no member `{who}`"))?;
+        Ok(crate::explain::explain_json(&*store, &d, now)?)
+    })
+    .await??;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        print!("{}", crate::explain::explain_text(&j));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

@@ -149,6 +149,17 @@ impl Ctx {
         }
     }
 
+    /// A context sharing an existing snapshot (a scratch run under the rules in force).
+    pub fn with_loaded(loaded: Arc<Loaded>, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Ctx {
+        Ctx {
+            loaded: RwLock::new(loaded),
+            store,
+            clock,
+            timers_changed: tokio::sync::Notify::new(),
+            reload_status: Default::default(),
+        }
+    }
+
     /// The snapshot in force.
     pub fn loaded(&self) -> Arc<Loaded> {
         self.loaded.read().map(|r| r.clone()).unwrap_or_else(|p| p.into_inner().clone())
@@ -529,7 +540,9 @@ pub fn apply(loaded: &Loaded, tx: &mut dyn Tx, incoming: Incoming, raw: Raw, now
         created_at: now,
         updated_at: now,
     });
-    let had_access = ms.has_access(now);
+    // Held by state (a grace or period end that just ran out still counts: the transition
+    // that follows it is what revokes, and the log should say so).
+    let had_access = ms.state.holds_access() && !ms.access_levels.is_empty();
     let old_levels = ms.access_levels.clone();
 
     // Data the provider reports.

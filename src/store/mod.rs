@@ -140,6 +140,9 @@ pub trait Tx {
     fn event_by_key(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Option<EventRow>>;
     /// Counts one more delivery of an already stored event.
     fn note_duplicate(&mut self, seq: i64) -> Result<()>;
+    /// Takes a stored event out of dedupe (its key gets a suffix) so that it can be
+    /// processed again, noting why; returns false if it is not there.
+    fn retire_event(&mut self, seq: i64, note: &str) -> Result<bool>;
     /// Inserts an event; returns its sequence number.
     fn insert_event(&mut self, e: &EventRow) -> Result<i64>;
     fn member(&mut self, id: &str) -> Result<Option<MemberRow>>;
@@ -166,6 +169,17 @@ pub type Work = Box<dyn FnOnce(&mut dyn Tx) -> (bool, Done) + Send>;
 /// Called after the batch commits (or fails to).
 pub type Done = Box<dyn FnOnce(Result<()>) + Send>;
 
+/// Which stored events to read, in arrival order.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub status: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub member_id: Option<String>,
+    pub seq: Option<i64>,
+    /// Only events that arrived from outside (webhooks), not timers or replays.
+    pub deliveries_only: bool,
+}
+
 /// A member with everything the admin API shows.
 #[derive(Debug, Clone, Serialize)]
 pub struct MemberDetail {
@@ -183,6 +197,8 @@ pub trait Store: Send + Sync + 'static {
     fn members_by_email(&self, email: &str) -> Result<Vec<MemberRow>>;
     fn events(&self, status: Option<&str>, limit: usize) -> Result<Vec<EventRow>>;
     fn events_by_event_id(&self, event_id: &str) -> Result<Vec<EventRow>>;
+    /// Events in arrival order, filtered (for replay and explain).
+    fn events_where(&self, filter: &EventFilter) -> Result<Vec<EventRow>>;
     fn leads(&self, tenant: Option<&str>) -> Result<Vec<LeadRow>>;
     /// Timers due at or before `now`, oldest first.
     fn due_timers(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<TimerRow>>;

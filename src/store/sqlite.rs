@@ -277,6 +277,17 @@ impl Tx for SqliteTx<'_> {
         Ok(())
     }
 
+    fn retire_event(&mut self, seq: i64, note: &str) -> Result<bool> {
+        let n = self
+            .0
+            .prepare_cached(
+                "UPDATE events SET idempotency_key = idempotency_key || '#retired@' || seq,
+                   reason = COALESCE(reason || ' — ', '') || ?2 WHERE seq = ?1",
+            )?
+            .execute(params![seq, note])?;
+        Ok(n > 0)
+    }
+
     fn insert_event(&mut self, e: &EventRow) -> Result<i64> {
         self.0
             .prepare_cached(
@@ -522,6 +533,21 @@ impl Store for SqliteStore {
             let sql = format!("SELECT {EVENT_COLS} FROM events WHERE event_id = ?1 ORDER BY seq");
             let rows =
                 c.prepare_cached(&sql)?.query_map([event_id], event_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn events_where(&self, f: &EventFilter) -> Result<Vec<EventRow>> {
+        self.read(|c| {
+            let sql = format!(
+                "SELECT {EVENT_COLS} FROM events WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR received_at >= ?2)
+                 AND (?3 IS NULL OR member_id = ?3) AND (?4 IS NULL OR seq = ?4)
+                 AND (?5 = 0 OR source = 'webhook') ORDER BY seq"
+            );
+            let rows = c
+                .prepare_cached(&sql)?
+                .query_map(params![f.status, f.since.map(ts), f.member_id, f.seq, f.deliveries_only as i64], event_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })
     }

@@ -3,6 +3,7 @@
 mod extract;
 mod lifecycle;
 mod reload;
+mod replay;
 mod restart;
 mod scenarios;
 mod schemas;

@@ -39,6 +39,13 @@ pub fn ctx_on(db: &Path, clock: Arc<FixedClock>) -> Arc<Ctx> {
     Arc::new(Ctx::new(config, rules(), store, clock))
 }
 
+/// A pipeline context for an edited config (see `editable_config`) with a fixed clock.
+pub fn ctx_with(config: Config, clock: Arc<FixedClock>) -> Arc<Ctx> {
+    let rules = RuleSet::load(&config.rules_dir, "rules", Utc::now()).expect("rules compile");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database, Options::default()).expect("store opens"));
+    Arc::new(Ctx::new(config, rules, store, clock))
+}
+
 pub fn fixture(provider: &str, name: &str) -> Vec<u8> {
     std::fs::read(root().join("tests/fixtures").join(provider).join(format!("{name}.json"))).expect("fixture exists")
 }

@@ -1,0 +1,114 @@
+//! Dead letters replay once their rule is fixed; a dry run re-derives state under edited
+//! rules without writing; explain tells why a member has (no) access.
+
+use crate::support::*;
+use membersync::clock::{Clock, FixedClock};
+use membersync::pipeline::Status;
+use membersync::store::EventFilter;
+use std::sync::Arc;
+
+const START: i64 = 1_767_225_600;
+const FAILED: i64 = 1_769_907_606;
+
+#[tokio::test]
+async fn rule_that_raises_dead_letters_and_the_event_applies_on_replay_after_the_fix() {
+    let (dir, config) = editable_config();
+    let clock = Arc::new(FixedClock::new(at(START)));
+    let ctx = ctx_with(config, clock.clone());
+    deliver(&ctx, "stripe", "checkout_session_completed").await;
+    deliver(&ctx, "stripe", "customer_subscription_created").await;
+
+    // A rule edit with a typo that only shows at run time.
+    let grace = dir.path().join("rules/grace.rhai");
+    let good = std::fs::read_to_string(&grace).unwrap();
+    std::fs::write(&grace, good.replace("ev.occurred_at + days", "ev.occured_at + days")).unwrap();
+    membersync::reload::reload(&ctx, "test").expect("it compiles; it fails only when it runs");
+
+    clock.set(at(FAILED));
+    let ack = deliver(&ctx, "stripe", "invoice_payment_failed").await;
+    assert_eq!(ack.status, Status::Failed);
+    let reason = ack.outcome.reason.clone().unwrap();
+    assert!(reason.contains("rules/grace.rhai:") && reason.contains("occured_at"), "{reason}");
+    // Nothing moved, nothing lost: the event is stored as a dead letter.
+    assert_eq!(member(&ctx, "ada@example.com").memberships[0].state.as_str(), "active");
+    let dead = ctx.store.events(Some("failed"), 10).unwrap();
+    assert_eq!(dead.len(), 1);
+
+    // Fixed and reloaded: the dead letter applies on replay.
+    std::fs::write(&grace, &good).unwrap();
+    membersync::reload::reload(&ctx, "test").unwrap();
+    let done = membersync::replay::replay(&ctx, &EventFilter { status: Some("failed".into()), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].now, Status::Applied, "{:?}", done[0].reason);
+    let m = &member(&ctx, "ada@example.com").memberships[0];
+    assert_eq!(m.state.as_str(), "past_due");
+    assert_eq!(m.grace_until, Some(at(FAILED + 7 * 86_400)));
+    // History keeps both: the dead letter (retired from dedupe) and the replay.
+    let rows = ctx.store.events_by_event_id("evt_1QxqTxK7dEmoAc01LZbqVCbE").unwrap();
+    let summary: Vec<(&str, &str)> = rows.iter().map(|e| (e.source.as_str(), e.status.as_str())).collect();
+    assert_eq!(summary, vec![("webhook", "failed"), ("replay", "applied")]);
+    assert!(rows[0].reason.as_deref().unwrap().contains("replayed under rules"));
+    // The same delivery again is still a duplicate.
+    assert_eq!(deliver(&ctx, "stripe", "invoice_payment_failed").await.status, Status::Duplicate);
+    // An applied event is not replayed.
+    assert!(membersync::replay::replay_one(&ctx, &rows[1]).await.is_err());
+}
+
+#[tokio::test]
+async fn dry_run_shows_what_edited_rules_would_change_and_writes_nothing() {
+    let (dir, config) = editable_config();
+    let clock = Arc::new(FixedClock::new(at(START)));
+    let ctx = ctx_with(config, clock.clone());
+    deliver(&ctx, "stripe", "checkout_session_completed").await;
+    deliver(&ctx, "stripe", "customer_subscription_created").await;
+    clock.set(at(FAILED));
+    deliver(&ctx, "stripe", "invoice_payment_failed").await;
+    clock.set(at(FAILED + 3 * 86_400));
+
+    let same = membersync::replay::dry_run(&ctx, &EventFilter::default(), clock.now()).await.unwrap();
+    assert!(same.is_empty(), "unchanged rules derive the stored state: {same:?}");
+
+    // One day of grace instead of seven.
+    let yaml = dir.path().join("membersync.yaml");
+    let text = std::fs::read_to_string(&yaml).unwrap();
+    std::fs::write(&yaml, text.replace("grace_days: 7", "grace_days: 1")).unwrap();
+    membersync::reload::reload(&ctx, "test").unwrap();
+    let before = ctx.store.events(None, 1000).unwrap().len();
+    let diffs = membersync::replay::dry_run(&ctx, &EventFilter::default(), clock.now()).await.unwrap();
+    assert_eq!(diffs.len(), 1, "{diffs:?}");
+    assert_eq!(diffs[0].member, "ada@example.com");
+    assert_eq!(diffs[0].stored, Some(("past_due".into(), true)));
+    assert_eq!(diffs[0].derived, Some(("expired".into(), false)));
+    assert_eq!(ctx.store.events(None, 1000).unwrap().len(), before, "a dry run writes nothing");
+    assert_eq!(member(&ctx, "ada@example.com").memberships[0].state.as_str(), "past_due");
+}
+
+#[tokio::test]
+async fn explain_names_the_event_mapping_rule_and_transition_behind_each_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FixedClock::new(at(START)));
+    let ctx = ctx_on(&dir.path().join("m.db"), clock.clone());
+    deliver(&ctx, "stripe", "checkout_session_completed").await;
+    deliver(&ctx, "stripe", "customer_subscription_created").await;
+    clock.set(at(1_770_733_385));
+    deliver(&ctx, "stripe", "customer_subscription_updated_cancel_scheduled").await;
+    clock.set(at(1_772_323_200));
+    membersync::timers::fire_due(&ctx, clock.now()).await;
+
+    let d = membersync::explain::find(&*ctx.store, "ADA@example.com").unwrap().unwrap();
+    let j = membersync::explain::explain_json(&*ctx.store, &d, clock.now()).unwrap();
+    let text = membersync::explain::explain_text(&j);
+    assert!(text.contains("Access as of 2026-03-01T00:00:00Z: NONE"), "{text}");
+    assert!(text.contains("evt_1Qx6GuK7dEmoAc01IzpN8PVa"), "{text}");
+    assert!(text.contains("mapping: rules/providers/stripe.yaml events.customer.subscription.updated, case \"cancel at period end scheduled\""), "{text}");
+    assert!(text.contains("rule:    rules/cancel.rhai:"), "{text}");
+    assert!(text.contains("active → canceling"), "{text}");
+    assert!(text.contains("[timer] stripe"), "{text}");
+    assert!(text.contains("canceling → canceled"), "{text}");
+    assert!(text.contains("revoke_access"), "{text}");
+    let history = j["history"].as_array().unwrap();
+    assert_eq!(history.len(), 4);
+    assert_eq!(history[3]["source"], "timer");
+}
