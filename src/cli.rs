@@ -62,6 +62,15 @@ pub enum Command {
         #[arg(long, default_value = "membersync.yaml")]
         config: PathBuf,
     },
+    /// Run scenario files (payloads, clock steps, expected state and access) against
+    /// the rules in force, and show a diff where an expectation fails.
+    Test {
+        /// A scenario file or a directory of them.
+        #[arg(default_value = "tests/fixtures/scenarios")]
+        dir: PathBuf,
+        #[arg(long, default_value = "membersync.yaml")]
+        config: PathBuf,
+    },
     /// Why does this member (not) have access? Every change with its evidence.
     Explain {
         /// Member id or email.
@@ -139,6 +148,7 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
             replay(&config, status, since.as_deref(), member, dry_run).await
         }
         Command::Explain { member, json, config } => explain(&config, &member, json).await,
+        Command::Test { dir, config } => test(&config, &dir).await,
         Command::Simulate(args) => simulate(args).await,
         Command::Send { provider, tenant, url, config, file } => send(&config, &provider, &tenant, url, &file).await,
     }
@@ -520,6 +530,33 @@ async fn explain(config_path: &Path, who: &str, as_json: bool) -> Result<ExitCod
         print!("{}", crate::explain::explain_text(&j));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn test(config_path: &Path, dir: &Path) -> Result<ExitCode> {
+    let config = load_config(config_path)?;
+    let rules = load_rules(&config, Utc::now())?;
+    let loaded = Arc::new(crate::pipeline::Loaded::new(config, rules));
+    let files: Vec<PathBuf> = if dir.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("Failed to read {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![dir.to_path_buf()]
+    };
+    if files.is_empty() {
+        bail!("no scenario files in {}", dir.display());
+    }
+    let mut reports = Vec::new();
+    for f in &files {
+        reports.push(crate::scenario::run(f, loaded.clone()).await);
+    }
+    print!("{}", crate::scenario::render(&reports));
+    let ok = reports.iter().all(|r| r.error.is_none() && r.mismatches.is_empty());
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 #[cfg(test)]

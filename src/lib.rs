@@ -36,6 +36,7 @@ pub mod pipeline;
 pub mod reload;
 pub mod replay;
 pub mod rules;
+pub mod scenario;
 pub mod schema;
 pub mod secret;
 pub mod store;

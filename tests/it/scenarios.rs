@@ -6,61 +6,19 @@
 use crate::support::*;
 use chrono::{DateTime, Utc};
 use membersync::clock::{Clock, FixedClock};
-use membersync::verify::Scheme;
-use serde::Deserialize;
-use serde_json::Value;
+use membersync::scenario::Scenario;
 use std::path::Path;
 use std::sync::Arc;
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Scenario {
-    provider: String,
-    email: String,
-    steps: Vec<Step>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Step {
-    send: Option<String>,
-    clock: Option<DateTime<Utc>>,
-    membership: Option<String>,
-    expect: Expect,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Expect {
-    status: Option<String>,
-    state: Option<String>,
-    access: Option<bool>,
-    levels: Option<Vec<String>>,
-}
-
-/// When a fixture was received (`<name>.now`, RFC 3339), for payloads with no event time.
-pub fn fixture_now(provider: &str, file: &str) -> Option<DateTime<Utc>> {
-    let path = root().join("tests/fixtures").join(provider).join(file).with_extension("now");
-    let text = std::fs::read_to_string(path).ok()?;
-    Some(DateTime::parse_from_rfc3339(text.trim()).expect("a .now file holds an RFC 3339 time").with_timezone(&Utc))
-}
-
 /// A fixture's body, content type and extra headers (`<name>.headers.json`).
 pub fn load_fixture(provider: &str, file: &str) -> (Vec<u8>, &'static str, Vec<(String, String)>) {
-    let path = root().join("tests/fixtures").join(provider).join(file);
-    let body = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let content_type = if file.ends_with(".form") { "application/x-www-form-urlencoded" } else { "application/json" };
-    let stem = path.file_stem().unwrap().to_string_lossy().to_string();
-    let sidecar = path.with_file_name(format!("{stem}.headers.json"));
-    let headers = match std::fs::read(&sidecar) {
-        Ok(b) => {
-            let v: serde_json::Map<String, Value> =
-                serde_json::from_slice(&b).expect("headers sidecar is a JSON object");
-            v.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v.as_str().unwrap_or_default().to_string())).collect()
-        }
-        Err(_) => vec![],
-    };
-    (body, content_type, headers)
+    membersync::scenario::load_fixture(&root().join("tests/fixtures").join(provider), file)
+        .unwrap_or_else(|e| panic!("{provider}/{file}: {e}"))
+}
+
+/// When a fixture was received (`<name>.now`), for payloads with no event time.
+pub fn fixture_now(provider: &str, file: &str) -> Option<DateTime<Utc>> {
+    membersync::scenario::fixture_now(&root().join("tests/fixtures").join(provider), file)
 }
 
 async fn run(path: &Path) -> Result<(), String> {
@@ -68,34 +26,24 @@ async fn run(path: &Path) -> Result<(), String> {
     let clock = Arc::new(FixedClock::new(at(0)));
     let server = Server::start_with_clock(clock.clone()).await;
     let ctx = server.ctx.clone();
-    let extractor = ctx.config().extractors.get(&sc.provider).ok_or("no such provider")?.clone();
-    let secret = ctx.config().tenants["demo"].providers[&sc.provider].secret.clone().ok_or("no secret")?;
-    let scheme = Scheme::compile(&extractor.spec.verify);
+    let config = ctx.config();
+    let dir = root().join("tests/fixtures").join(&sc.provider);
+    let mut mismatches = Vec::new();
     for (i, step) in sc.steps.iter().enumerate() {
-        let here =
-            format!("step {} ({})", i + 1, step.send.clone().unwrap_or_else(|| format!("clock {:?}", step.clock)));
+        let what = step.send.clone().unwrap_or_else(|| format!("clock {:?}", step.clock));
         let mut status = None;
         if let Some(file) = &step.send {
-            let (body, content_type, extra) = load_fixture(&sc.provider, file);
-            if let Some(t) = fixture_now(&sc.provider, file).filter(|t| *t > clock.now()) {
+            if let Some(t) =
+                membersync::scenario::event_time(&config, &sc.provider, &dir, file).filter(|t| *t > clock.now())
+            {
                 clock.set(t);
+                membersync::timers::fire_due(&ctx, t).await;
             }
-            let body = scheme.prepare_body(&secret, &body);
-            let decoded = extractor.decode(&body, Some(content_type)).map_err(|e| format!("{here}: {e}"))?;
-            if let Ok(x) = extractor.extract("demo", &decoded, &body, &extra, clock.now()) {
-                if x.event.occurred_at > clock.now() {
-                    clock.set(x.event.occurred_at);
-                }
-            }
-            let id = extra.iter().find(|(k, _)| k == "webhook-id" || k == "svix-id").map(|(_, v)| v.clone());
-            let mut headers = extra.clone();
-            headers.retain(|(k, _)| !k.ends_with("-signature") && !k.ends_with("-timestamp"));
-            headers.retain(|(k, _)| !(k == "webhook-id" && id.is_some()));
-            headers.extend(scheme.sign_with_id(&secret, &body, clock.now(), id.as_deref()));
-            headers.push(("content-type".into(), content_type.into()));
+            let (headers, body) =
+                membersync::scenario::signed_request(&config, "demo", &sc.provider, &dir, file, clock.now())?;
             let (code, ack) = server.post(&format!("/webhooks/demo/{}", sc.provider), &headers, body).await;
             if code != 200 {
-                return Err(format!("{here}: HTTP {code} {ack}"));
+                return Err(format!("step {} ({what}): HTTP {code} {ack}", i + 1));
             }
             status = ack["status"].as_str().map(str::to_string);
         }
@@ -103,43 +51,15 @@ async fn run(path: &Path) -> Result<(), String> {
             clock.set(t);
             membersync::timers::fire_due(&ctx, t).await;
         }
-        let e = &step.expect;
-        if let Some(want) = &e.status {
-            if status.as_deref() != Some(want) {
-                return Err(format!("{here}: status {status:?}, expected {want}"));
-            }
-        }
-        let (code, found) = server.get(&format!("/members?email={}", sc.email), Some(TOKEN)).await;
-        let m =
-            found["members"].get(0).cloned().ok_or_else(|| format!("{here}: HTTP {code}, no member {}", sc.email))?;
-        let memberships = m["memberships"].as_array().cloned().unwrap_or_default();
-        let ms = match &step.membership {
-            Some(key) => memberships.iter().find(|x| {
-                let (kind, id) = key.split_once(':').unwrap_or(("", ""));
-                (kind == "sub" && x["subscription_id"] == id)
-                    || (kind == "product" && x["subscription_id"].is_null() && x["product_id"] == id)
-            }),
-            None => memberships.first(),
-        }
-        .ok_or_else(|| format!("{here}: no membership {:?} in {memberships:?}", step.membership))?;
-        if let Some(want) = &e.state {
-            if ms["state"] != Value::String(want.clone()) {
-                return Err(format!("{here}: state {}, expected {want}; flags {}", ms["state"], ms["flags"]));
-            }
-        }
-        if let Some(want) = e.access {
-            if ms["has_access"] != Value::Bool(want) {
-                return Err(format!("{here}: has_access {}, expected {want}; {ms}", ms["has_access"]));
-            }
-        }
-        if let Some(want) = &e.levels {
-            if m["access_levels"] != serde_json::json!(want) {
-                return Err(format!("{here}: levels {}, expected {want:?}", m["access_levels"]));
-            }
-        }
+        let (_, found) = server.get(&format!("/members?email={}", sc.email), Some(TOKEN)).await;
+        mismatches.extend(membersync::scenario::check(i + 1, &what, step, status.as_deref(), found["members"].get(0)));
     }
     server.stop().await;
-    Ok(())
+    if mismatches.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{mismatches:#?}"))
+    }
 }
 
 #[tokio::test]
@@ -156,4 +76,38 @@ async fn lifecycle_scenarios_hold_over_real_http() {
         }
     }
     assert!(failures.is_empty(), "scenario failures:\n{}", failures.join("\n"));
+}
+
+#[tokio::test]
+async fn membersync_test_passes_on_shipped_rules_and_shows_the_diff_when_grace_changes() {
+    let dir = root().join("tests/fixtures/scenarios");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let run_all = |loaded: Arc<membersync::pipeline::Loaded>| {
+        let files = files.clone();
+        async move {
+            let mut out = Vec::new();
+            for f in &files {
+                out.push(membersync::scenario::run(f, loaded.clone()).await);
+            }
+            out
+        }
+    };
+    let shipped = Arc::new(membersync::pipeline::Loaded::new(config(":memory:"), rules()));
+    let reports = run_all(shipped).await;
+    let text = membersync::scenario::render(&reports);
+    assert!(text.ends_with(&format!("{} passed, 0 failed\n", files.len())), "{text}");
+
+    // An operator shortens the grace period to one day.
+    let (edit_dir, mut edited) = editable_config();
+    edited.tenants.get_mut("demo").unwrap().policy.insert("grace_days".into(), 1.into());
+    let loaded = Arc::new(membersync::pipeline::Loaded::new(edited, rules()));
+    let reports = run_all(loaded).await;
+    let text = membersync::scenario::render(&reports);
+    assert!(text.contains("FAIL  stripe_lifecycle.yaml"), "{text}");
+    assert!(
+        text.contains("step 6 (clock 2026-02-02T12:00:00+00:00): state\n        - expected: past_due\n        + actual:   expired"),
+        "{text}"
+    );
+    drop(edit_dir);
 }

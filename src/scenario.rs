@@ -1,0 +1,278 @@
+//! Scenarios: behaviour as data (`tests/fixtures/scenarios/*.yaml`). Each step posts a
+//! fixture as the provider would (verified, signed with the tenant's secret) on a fixed
+//! clock moved to the event's own time, or moves the clock (due timers fire); after each,
+//! the member's state and access are compared with what the file expects.
+//! `membersync test` runs them against the rules in force, in process, on a scratch store.
+
+use crate::clock::{Clock, FixedClock};
+use crate::config::Config;
+use crate::pipeline::{Ctx, Loaded};
+use crate::store::sqlite::{Options, SqliteStore};
+use crate::store::Store;
+use crate::verify::Scheme;
+use chrono::{DateTime, TimeZone, Utc};
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A scenario file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub provider: String,
+    #[serde(default = "demo")]
+    pub tenant: String,
+    /// The member whose access is checked after each step.
+    pub email: String,
+    /// Where `send:` files are, relative to the scenario file (default `../<provider>`).
+    #[serde(default)]
+    pub fixtures: Option<PathBuf>,
+    pub steps: Vec<Step>,
+}
+
+fn demo() -> String {
+    "demo".into()
+}
+
+/// One step: send a file, or move the clock.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    pub send: Option<String>,
+    pub clock: Option<DateTime<Utc>>,
+    /// Which membership `state`/`access` refer to: `sub:<id>` or `product:<id>`.
+    pub membership: Option<String>,
+    pub expect: Expect,
+}
+
+/// What must hold after a step.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// The send's outcome (applied, duplicate, ignored, stale, refused, failed).
+    pub status: Option<String>,
+    pub state: Option<String>,
+    /// Whether that membership has access.
+    pub access: Option<bool>,
+    /// The member's access levels (union over memberships).
+    pub levels: Option<Vec<String>>,
+}
+
+/// Request headers as (lower-case name, value).
+pub type Headers = Vec<(String, String)>;
+
+/// A fixture's body, content type and extra headers (`<name>.headers.json`).
+pub fn load_fixture(dir: &Path, file: &str) -> std::io::Result<(Vec<u8>, &'static str, Headers)> {
+    let path = dir.join(file);
+    let body = std::fs::read(&path)?;
+    let content_type = if file.ends_with(".form") { "application/x-www-form-urlencoded" } else { "application/json" };
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy().to_string();
+    let headers = match std::fs::read(path.with_file_name(format!("{stem}.headers.json"))) {
+        Ok(b) => {
+            let v: serde_json::Map<String, Value> = serde_json::from_slice(&b).unwrap_or_default();
+            v.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v.as_str().unwrap_or_default().to_string())).collect()
+        }
+        Err(_) => vec![],
+    };
+    Ok((body, content_type, headers))
+}
+
+/// When a fixture was received (`<name>.now`), for payloads with no event time.
+pub fn fixture_now(dir: &Path, file: &str) -> Option<DateTime<Utc>> {
+    let text = std::fs::read_to_string(dir.join(file).with_extension("now")).ok()?;
+    DateTime::parse_from_rfc3339(text.trim()).ok().map(|t| t.with_timezone(&Utc))
+}
+
+/// Headers and body for `file` as the provider would send them at `now`.
+pub fn signed_request(
+    config: &Config,
+    tenant: &str,
+    provider: &str,
+    dir: &Path,
+    file: &str,
+    now: DateTime<Utc>,
+) -> Result<(Headers, Vec<u8>), String> {
+    let (body, content_type, extra) =
+        load_fixture(dir, file).map_err(|e| format!("{}: {e}", dir.join(file).display()))?;
+    let x = config.extractors.get(provider).ok_or(format!("no provider `{provider}`"))?;
+    let secret = config
+        .tenants
+        .get(tenant)
+        .and_then(|t| t.providers.get(provider))
+        .and_then(|p| p.secret.clone())
+        .ok_or(format!("tenant `{tenant}` has no secret for `{provider}`"))?;
+    let scheme = Scheme::compile(&x.spec.verify);
+    let body = scheme.prepare_body(&secret, &body);
+    let id = extra.iter().find(|(k, _)| k == "webhook-id" || k == "svix-id").map(|(_, v)| v.clone());
+    let mut headers = extra;
+    headers.retain(|(k, _)| !k.ends_with("-signature") && !k.ends_with("-timestamp") && k != "webhook-id");
+    headers.extend(scheme.sign_with_id(&secret, &body, now, id.as_deref()));
+    headers.push(("content-type".into(), content_type.into()));
+    Ok((headers, body))
+}
+
+/// The event time a fixture carries (to move the clock there before sending it).
+pub fn event_time(config: &Config, provider: &str, dir: &Path, file: &str) -> Option<DateTime<Utc>> {
+    if let Some(t) = fixture_now(dir, file) {
+        return Some(t);
+    }
+    let (body, content_type, headers) = load_fixture(dir, file).ok()?;
+    let x = config.extractors.get(provider)?;
+    let decoded = x.decode(&body, Some(content_type)).ok()?;
+    x.extract("t", &decoded, &body, &headers, Utc.timestamp_opt(0, 0).single()?).ok().map(|e| e.event.occurred_at)
+}
+
+/// One failed expectation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    pub step: usize,
+    pub what: String,
+    pub field: &'static str,
+    pub expected: String,
+    pub actual: String,
+}
+
+/// Compares the member JSON (as `GET /members?email=` shows it) with a step's expectation.
+pub fn check(step_no: usize, what: &str, step: &Step, status: Option<&str>, member: Option<&Value>) -> Vec<Mismatch> {
+    let mut out = Vec::new();
+    let mut miss = |field: &'static str, expected: String, actual: String| {
+        if expected != actual {
+            out.push(Mismatch { step: step_no, what: what.to_string(), field, expected, actual });
+        }
+    };
+    let e = &step.expect;
+    if let Some(want) = &e.status {
+        miss("status", want.clone(), status.unwrap_or("(none)").to_string());
+    }
+    let memberships = member.and_then(|m| m["memberships"].as_array().cloned()).unwrap_or_default();
+    let ms = match &step.membership {
+        Some(key) => memberships.iter().find(|x| {
+            let (kind, id) = key.split_once(':').unwrap_or(("", ""));
+            (kind == "sub" && x["subscription_id"] == id)
+                || (kind == "product" && x["subscription_id"].is_null() && x["product_id"] == id)
+        }),
+        None => memberships.first(),
+    };
+    let text = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+    if let Some(want) = &e.state {
+        miss("state", want.clone(), ms.map(|m| text(&m["state"])).unwrap_or_else(|| "(no membership)".into()));
+    }
+    if let Some(want) = e.access {
+        miss(
+            "access",
+            want.to_string(),
+            ms.map(|m| text(&m["has_access"])).unwrap_or_else(|| "(no membership)".into()),
+        );
+    }
+    if let Some(want) = &e.levels {
+        let got = member.map(|m| m["access_levels"].clone()).unwrap_or(Value::Array(vec![]));
+        miss(
+            "levels",
+            format!("{want:?}"),
+            format!("{:?}", serde_json::from_value::<Vec<String>>(got).unwrap_or_default()),
+        );
+    }
+    out
+}
+
+/// The result of one scenario file.
+#[derive(Debug)]
+pub struct Report {
+    pub file: PathBuf,
+    pub steps: usize,
+    pub mismatches: Vec<Mismatch>,
+    pub error: Option<String>,
+}
+
+/// Runs one scenario in process against `loaded` (config and rules), on a scratch store.
+pub async fn run(path: &Path, loaded: Arc<Loaded>) -> Report {
+    let mut report = Report { file: path.to_path_buf(), steps: 0, mismatches: vec![], error: None };
+    let sc: Scenario = match std::fs::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|s| crate::yaml::from_str(&s).map_err(|e| e.to_string()))
+    {
+        Ok(sc) => sc,
+        Err(e) => {
+            report.error = Some(e);
+            return report;
+        }
+    };
+    let base = path.parent().unwrap_or(Path::new("."));
+    let dir = match &sc.fixtures {
+        Some(d) => base.join(d),
+        None => base.join("..").join(&sc.provider),
+    };
+    let store: Arc<dyn Store> = match SqliteStore::open(":memory:", Options::default()) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            report.error = Some(e.to_string());
+            return report;
+        }
+    };
+    let clock = Arc::new(FixedClock::new(Utc.timestamp_opt(0, 0).single().unwrap_or_default()));
+    let ctx = Arc::new(Ctx::with_loaded(loaded.clone(), store.clone(), clock.clone()));
+    for (i, step) in sc.steps.iter().enumerate() {
+        report.steps += 1;
+        let n = i + 1;
+        let mut status = None;
+        let what = step
+            .send
+            .clone()
+            .unwrap_or_else(|| format!("clock {}", step.clock.map(|t| t.to_rfc3339()).unwrap_or_default()));
+        if let Some(file) = &step.send {
+            if let Some(t) = event_time(&loaded.config, &sc.provider, &dir, file).filter(|t| *t > clock.now()) {
+                // Time passes until the event: timers due before it fire first, as in life.
+                clock.set(t);
+                crate::timers::fire_due(&ctx, t).await;
+            }
+            let (headers, body) =
+                match signed_request(&loaded.config, &sc.tenant, &sc.provider, &dir, file, clock.now()) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        report.error = Some(format!("step {n} ({what}): {e}"));
+                        return report;
+                    }
+                };
+            match crate::ingest::accept(&ctx, &sc.tenant, &sc.provider, headers, body).await {
+                Ok(ack) => status = Some(ack.status.as_str().to_string()),
+                Err(e) => status = Some(format!("rejected: {e}")),
+            }
+        }
+        if let Some(t) = step.clock {
+            clock.set(t);
+            crate::timers::fire_due(&ctx, t).await;
+        }
+        let email = sc.email.clone();
+        let member = match store.members_by_email(&email).ok().and_then(|m| m.into_iter().next()) {
+            Some(m) => store.member_detail(&m.id, 0).ok().flatten().map(|d| crate::admin::member_json(&d, clock.now())),
+            None => None,
+        };
+        report.mismatches.extend(check(n, &what, step, status.as_deref(), member.as_ref()));
+    }
+    report
+}
+
+/// Renders reports as text: one line per scenario, and a diff line per mismatch.
+pub fn render(reports: &[Report]) -> String {
+    let mut out = String::new();
+    for r in reports {
+        let name = r.file.file_name().unwrap_or_default().to_string_lossy();
+        match (&r.error, r.mismatches.is_empty()) {
+            (Some(e), _) => out.push_str(&format!("ERROR {name}: {e}\n")),
+            (None, true) => out.push_str(&format!("ok    {name} ({} steps)\n", r.steps)),
+            (None, false) => {
+                out.push_str(&format!("FAIL  {name}\n"));
+                for m in &r.mismatches {
+                    out.push_str(&format!(
+                        "      step {} ({}): {}\n        - expected: {}\n        + actual:   {}\n",
+                        m.step, m.what, m.field, m.expected, m.actual
+                    ));
+                }
+            }
+        }
+    }
+    let failed = reports.iter().filter(|r| r.error.is_some() || !r.mismatches.is_empty()).count();
+    out.push_str(&format!("{} passed, {} failed\n", reports.len() - failed, failed));
+    out
+}
