@@ -41,6 +41,9 @@ pub enum Command {
     Check {
         #[arg(long, default_value = "membersync.yaml")]
         config: PathBuf,
+        /// Treat warnings (paths no fixture resolves) as errors too.
+        #[arg(long)]
+        strict: bool,
     },
     /// Dry-run one payload: print the canonical event and the outcome as JSON.
     Simulate(SimulateArgs),
@@ -143,7 +146,7 @@ pub fn run() -> ExitCode {
 async fn dispatch(cmd: Command) -> Result<ExitCode> {
     match cmd {
         Command::Serve { config, listen, database } => serve(&config, listen, database).await,
-        Command::Check { config } => Ok(check(&config)),
+        Command::Check { config, strict } => Ok(check(&config, strict)),
         Command::Replay { status, since, member, dry_run, config } => {
             replay(&config, status, since.as_deref(), member, dry_run).await
         }
@@ -225,24 +228,17 @@ async fn shutdown_signal() {
     tracing::info!("Shutting down: finishing requests in flight.");
 }
 
-fn check(config_path: &Path) -> ExitCode {
-    let mut problems = Vec::new();
-    match Config::load(config_path) {
-        Ok(config) => {
-            if let Err(e) = RuleSet::load(&config.rules_dir, "rules", Utc::now()) {
-                problems.extend(e.0);
-            }
-        }
-        Err(e) => problems.extend(e.0),
+fn check(config_path: &Path, strict: bool) -> ExitCode {
+    let findings = crate::check::check(config_path);
+    if findings.errors.is_empty() && findings.warnings.is_empty() {
+        println!("ok: {} and its rules are valid", config_path.display());
+        return ExitCode::SUCCESS;
     }
-    if problems.is_empty() {
-        println!("ok: {} is valid", config_path.display());
+    print!("{}", findings.render());
+    let failing_warnings = strict && !findings.warnings.is_empty();
+    if findings.errors.is_empty() && !failing_warnings {
         ExitCode::SUCCESS
     } else {
-        for p in &problems {
-            println!("{p}");
-        }
-        println!("{} problem(s)", problems.len());
         ExitCode::FAILURE
     }
 }
