@@ -3,7 +3,7 @@
 //! ```text
 //! ingest: verify → decode → extract ─┐
 //! timers: due timer ─────────────────┼→ process (in the writer, one savepoint per event):
-//! replay/reconcile (later) ──────────┘   dedupe → resolve member → stale? → rules → machine → store
+//! reconcile: status_synced ──────────┘   dedupe → resolve member → stale? → rules → machine → store
 //! ```
 //! A caller hears the outcome only after the batch holding its event has committed.
 
@@ -109,6 +109,9 @@ pub struct Ctx {
     policies: HashMap<String, Dynamic>,
     /// Woken when a timer is scheduled, so the timer task re-reads the next due time.
     pub timers_changed: tokio::sync::Notify,
+    /// Reconciliation: counters for `/metrics` and the one reconciler (its per-provider
+    /// rate limits are shared by the schedule, resync and the CLI).
+    pub reconcile: crate::reconcile::Shared,
 }
 
 impl Ctx {
@@ -128,6 +131,7 @@ impl Ctx {
             clock,
             policies,
             timers_changed: tokio::sync::Notify::new(),
+            reconcile: Default::default(),
         }
     }
 

@@ -2,6 +2,7 @@
 
 mod extract;
 mod lifecycle;
+mod reconcile;
 mod restart;
 mod scenarios;
 mod schemas;

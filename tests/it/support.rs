@@ -136,3 +136,31 @@ impl Server {
         self.task.take().unwrap().await.unwrap().unwrap();
     }
 }
+
+impl Server {
+    /// A real server on 127.0.0.1:0 with the given clock and a config adjusted by `tune`
+    /// (API roots of fake providers, API keys, short time limits).
+    pub async fn start_with(clock: Arc<dyn Clock>, tune: impl FnOnce(&mut Config)) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(&dir.path().join("m.db").display().to_string());
+        tune(&mut config);
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database, Options::default()).unwrap());
+        let ctx = Arc::new(Ctx::new(config, rules(), store, clock));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(membersync::app::serve(listener, ctx.clone(), async move {
+            let _ = rx.await;
+        }));
+        Server { url, ctx, stop: Some(stop), task: Some(task), _dir: dir }
+    }
+
+    pub async fn post_admin(&self, path: &str) -> (u16, Value) {
+        let resp = reqwest::Client::new().post(format!("{}{path}", self.url)).bearer_auth(TOKEN).send().await.unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get_text(&self, path: &str) -> String {
+        reqwest::get(format!("{}{path}", self.url)).await.unwrap().text().await.unwrap()
+    }
+}
