@@ -103,7 +103,8 @@ pub enum SyncStatus {
     DriftUnresolved,
     /// The provider could not be read; nothing changed.
     ProviderUnreachable,
-    /// Not asked (no API for this provider, no API key, a one-time purchase): not stored.
+    /// Not asked (no API for this provider, no API key, a one-time purchase). Where the
+    /// provider could be asked, the attempt is recorded; the sync status is not changed.
     Skipped,
     /// Our side failed (store busy): not stored, retried next pass.
     Failed,
@@ -402,19 +403,8 @@ impl Reconciler {
         }
         let plan = &self.plans[&m.provider];
         let Some(subscription_id) = m.key.strip_prefix("sub:").map(str::to_string) else {
-            report.detail = "a one-time purchase (no subscription at the provider): nothing to compare".into();
-            // Recorded as asked (status unchanged), so the schedule moves past it.
-            let now = ctx.clock.now();
-            let rec = SyncRecord {
-                membership_id: m.id.clone(),
-                sync_status: m.sync_status.clone(),
-                attempted_at: now,
-                reconciled_at: None,
-                detail: Some(report.detail.clone()),
-                drift: None,
-                error: None,
-            };
-            return self.finish(ctx, report, rec).await;
+            let why = "a one-time purchase (no subscription at the provider): nothing to compare";
+            return self.skip(ctx, report, m, why.into()).await;
         };
         let customer_id = {
             let store = ctx.store.clone();
@@ -433,10 +423,7 @@ impl Reconciler {
         };
         let request = match self.request(ctx, plan, m, &vars) {
             Ok(r) => r,
-            Err(why) => {
-                report.detail = why;
-                return report;
-            }
+            Err(why) => return self.skip(ctx, report, m, why).await,
         };
         let settings = &ctx.config.reconcile;
         let limiter = &self.limiters[&m.provider];
@@ -568,6 +555,22 @@ impl Reconciler {
             ReconcileMethod::Post => reqwest::Method::POST,
         };
         Ok(Request { method, url, headers, body })
+    }
+
+    /// A membership that cannot be asked: recorded as an attempt with its status unchanged,
+    /// so the schedule moves past it instead of finding it first in line forever.
+    async fn skip(&self, ctx: &Arc<Ctx>, mut report: Report, m: &MembershipRow, why: String) -> Report {
+        report.detail = why;
+        let rec = SyncRecord {
+            membership_id: m.id.clone(),
+            sync_status: m.sync_status.clone(),
+            attempted_at: ctx.clock.now(),
+            reconciled_at: None,
+            detail: Some(format!("not asked: {}", report.detail)),
+            drift: None,
+            error: None,
+        };
+        self.finish(ctx, report, rec).await
     }
 
     async fn finish(&self, ctx: &Arc<Ctx>, mut report: Report, rec: SyncRecord) -> Report {

@@ -449,3 +449,23 @@ async fn memberful_is_asked_by_graphql_post_with_the_subscription_id() {
     assert!(sent["query"].as_str().unwrap().contains("subscription(id: $id)"));
     s.stop().await;
 }
+
+#[tokio::test]
+async fn one_time_purchase_is_not_asked_and_the_schedule_moves_past_it() {
+    let (api, api_url) = FakeApi::start().await;
+    let clock = Arc::new(FixedClock::new(at(T0)));
+    let s = Server::start_with(clock.clone(), tune(&api_url)).await;
+    let ack = deliver(&s.ctx, "stripe", "checkout_session_completed_payment").await;
+    let id = ack.outcome.member_id.unwrap();
+    let summary = membersync::cli::reconcile_summary(&s.ctx, None).await.unwrap();
+    assert_eq!((summary.checked, summary.skipped), (1, 1), "{summary:?}");
+    assert!(api.hits().is_empty(), "nothing to ask about a one-time purchase");
+    let (_, m) = s.get(&format!("/members/{id}"), Some(TOKEN)).await;
+    let ms = &m["memberships"][0];
+    assert_eq!(ms["sync_status"], "never_reconciled");
+    assert!(ms["sync_detail"].as_str().unwrap().starts_with("not asked: a one-time purchase"), "{ms}");
+    let reconciler = membersync::reconcile::reconciler(&s.ctx);
+    let next = membersync::reconcile::schedule::next_batch(&s.ctx, &reconciler, at(T0), 10).await.unwrap();
+    assert!(next.is_empty(), "asked at T0: not due again within the interval");
+    s.stop().await;
+}
