@@ -1,5 +1,5 @@
 //! Admin API (bearer token): members with their memberships, access and activity log,
-//! events with raw body and outcome, leads. Read-only here; never shows a secret.
+//! events with raw body and outcome, leads; resync of one member. Never shows a secret.
 
 use crate::http_error::ApiError;
 use crate::pipeline::Ctx;
@@ -78,6 +78,21 @@ pub fn membership_json(m: &MembershipRow, now: DateTime<Utc>, timers: &[crate::s
     })
 }
 
+/// The reconciliation detail next to `sync_status`: what the last comparison found, the
+/// last drift corrected (what and when), the last provider error (what and when), and the
+/// last webhook and last attempt times.
+fn add_sync_json(j: &mut Value, s: Option<&crate::store::SyncRow>) {
+    let d = crate::store::SyncRow::default();
+    let s = s.unwrap_or(&d);
+    if let Value::Object(o) = j {
+        o.insert("last_webhook_at".into(), rfc(s.last_webhook_at));
+        o.insert("last_reconcile_attempt_at".into(), rfc(s.attempted_at));
+        o.insert("sync_detail".into(), json!(s.detail));
+        o.insert("last_drift".into(), json!({ "at": rfc(s.drift_at), "what": s.drift }));
+        o.insert("last_error".into(), json!({ "at": rfc(s.last_error_at), "error": s.last_error }));
+    }
+}
+
 /// One activity-log line: the event, its outcome, the rule and transition, its source.
 pub fn activity_json(e: &EventRow) -> Value {
     let o = &e.outcome;
@@ -112,7 +127,11 @@ pub fn member_json(d: &MemberDetail, now: DateTime<Utc>) -> Value {
         "has_access": !levels.is_empty() || d.memberships.iter().any(|m| m.has_access(now)),
         "access_levels": levels,
         "flags": d.member.flags,
-        "memberships": d.memberships.iter().map(|m| membership_json(m, now, &d.timers)).collect::<Vec<_>>(),
+        "memberships": d.memberships.iter().map(|m| {
+            let mut j = membership_json(m, now, &d.timers);
+            add_sync_json(&mut j, d.sync.iter().find(|s| s.membership_id == m.id));
+            j
+        }).collect::<Vec<_>>(),
         "recent_events": d.recent_events.iter().map(activity_json).collect::<Vec<_>>(),
     })
 }
@@ -126,6 +145,23 @@ pub async fn member(
     let store = ctx.store.clone();
     let d = blocking(move || store.member_detail(&id, 50)).await?.ok_or(ApiError::NotFound)?;
     Ok(Json(member_json(&d, ctx.clock.now())))
+}
+
+/// `POST /members/{id}/resync`: compares every membership of the member with its
+/// provider now, corrects drift through the rules, and answers the member JSON after,
+/// with what each membership's comparison found under `resync`.
+pub async fn resync(
+    _: AdminToken,
+    State(ctx): State<Arc<Ctx>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let reconciler = crate::reconcile::reconciler(&ctx);
+    let summary = crate::reconcile::resync_member(&ctx, &reconciler, &id).await.ok_or(ApiError::NotFound)?;
+    let store = ctx.store.clone();
+    let d = blocking(move || store.member_detail(&id, 50)).await?.ok_or(ApiError::NotFound)?;
+    let mut out = member_json(&d, ctx.clock.now());
+    out["resync"] = json!(summary.reports);
+    Ok(Json(out))
 }
 
 #[derive(Deserialize)]
@@ -235,6 +271,15 @@ pub async fn metrics(State(ctx): State<Arc<Ctx>>) -> Result<String, ApiError> {
     for (status, n) in counts {
         out.push_str(&format!("membersync_events_total{{status=\"{status}\"}} {n}\n"));
     }
+    let store = ctx.store.clone();
+    let sync = blocking(move || store.sync_status_counts()).await?;
+    out.push_str(
+        "# HELP membersync_memberships_by_sync_status Memberships by reconciliation status.\n# TYPE membersync_memberships_by_sync_status gauge\n",
+    );
+    for (status, n) in sync {
+        out.push_str(&format!("membersync_memberships_by_sync_status{{status=\"{status}\"}} {n}\n"));
+    }
+    out.push_str(&ctx.reconcile.stats.render());
     Ok(out)
 }
 

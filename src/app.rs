@@ -1,10 +1,9 @@
 //! The HTTP application: one router for ingest, admin, health and metrics, and `serve`,
-//! which runs it with the timer task until shutdown.
+//! which runs it with the timer task and the reconcile schedule until shutdown.
 
 use crate::pipeline::Ctx;
-use crate::{admin, ingest, timers};
-
-use axum::routing::get;
+use crate::{admin, ingest, reconcile, timers};
+use axum::routing::{get, post};
 use axum::Router;
 use std::future::Future;
 use std::sync::Arc;
@@ -16,6 +15,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/webhooks/{tenant}/{provider}", get(ingest::probe).head(ingest::probe).post(ingest::webhook))
         .route("/members", get(admin::members))
         .route("/members/{id}", get(admin::member))
+        .route("/members/{id}/resync", post(admin::resync))
         .route("/events", get(admin::events))
         .route("/events/{event_id}", get(admin::event))
         .route("/events/{event_id}/replay", axum::routing::post(admin::replay_event))
@@ -28,7 +28,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
 }
 
 /// Serves until `shutdown` resolves: stops accepting, finishes requests in flight (and
-/// their commits), stops the timer task, then returns.
+/// their commits), stops the timer task and the reconcile schedule, then returns.
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<Ctx>,
@@ -51,6 +51,14 @@ pub async fn serve(
         })
         .await
     });
+    let reconcile_ctx = ctx.clone();
+    let mut reconcile_stop = stop_rx.clone();
+    let reconcile_task = tokio::spawn(async move {
+        reconcile::schedule::run(reconcile_ctx, async move {
+            let _ = reconcile_stop.wait_for(|s| *s).await;
+        })
+        .await
+    });
     let app = router(ctx);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -60,5 +68,6 @@ pub async fn serve(
         .await;
     let _ = timer_task.await;
     let _ = watch_task.await;
+    let _ = reconcile_task.await;
     result
 }

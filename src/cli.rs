@@ -97,6 +97,21 @@ pub enum Command {
         config: PathBuf,
         file: PathBuf,
     },
+    /// Compare memberships with the providers now and correct drift through the rules:
+    /// one member's (`--member`), or one pass over every membership.
+    Reconcile {
+        /// Only this member's memberships (its `mbr_…` id).
+        #[arg(long)]
+        member: Option<String>,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "membersync.yaml")]
+        config: PathBuf,
+        /// SQLite database file (overrides the config and MEMBERSYNC_DATABASE).
+        #[arg(long)]
+        database: Option<String>,
+    },
 }
 
 /// `membersync simulate`.
@@ -154,6 +169,7 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
         Command::Test { dir, config } => test(&config, &dir).await,
         Command::Simulate(args) => simulate(args).await,
         Command::Send { provider, tenant, url, config, file } => send(&config, &provider, &tenant, url, &file).await,
+        Command::Reconcile { member, json, config, database } => reconcile(&config, database, member, json).await,
     }
 }
 
@@ -241,6 +257,59 @@ fn check(config_path: &Path, strict: bool) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// What `membersync reconcile` runs: one member's memberships, or one pass over all.
+pub async fn reconcile_summary(ctx: &Arc<Ctx>, member: Option<&str>) -> Result<crate::reconcile::Summary> {
+    let reconciler = crate::reconcile::reconciler(ctx);
+    match member {
+        Some(id) => {
+            crate::reconcile::resync_member(ctx, &reconciler, id).await.with_context(|| format!("no member `{id}`"))
+        }
+        None => Ok(crate::reconcile::run_pass(ctx, &reconciler, ctx.clock.now()).await),
+    }
+}
+
+/// The summary as `membersync reconcile` prints it: a line per membership, then totals.
+pub fn render_summary(s: &crate::reconcile::Summary) -> String {
+    let mut out = String::new();
+    for r in &s.reports {
+        out.push_str(&format!(
+            "{} {} {} {}: {}\n",
+            r.member_id,
+            r.membership_id,
+            r.provider,
+            r.sync_status.as_str(),
+            r.detail
+        ));
+    }
+    out.push_str(&format!(
+        "checked {}: {} in sync, {} drift corrected, {} drift unresolved, {} provider unreachable, {} skipped, {} failed\n",
+        s.checked, s.in_sync, s.drift_corrected, s.drift_unresolved, s.provider_unreachable, s.skipped, s.failed
+    ));
+    out
+}
+
+async fn reconcile(
+    config_path: &Path,
+    database: Option<String>,
+    member: Option<String>,
+    json: bool,
+) -> Result<ExitCode> {
+    let mut config = load_config(config_path)?;
+    if let Some(d) = database {
+        config.database = d;
+    }
+    let rules = load_rules(&config, Utc::now())?;
+    let store = open_store(&config, &config.database)?;
+    let ctx = Arc::new(Ctx::new(config, rules, store, Arc::new(SystemClock)));
+    let summary = reconcile_summary(&ctx, member.as_deref()).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print!("{}", render_summary(&summary));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn parse_headers(headers: &[String]) -> Result<Vec<(String, String)>> {

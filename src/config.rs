@@ -36,6 +36,55 @@ pub struct ConfigFile {
     pub limits: LimitsSpec,
     /// Tenants by name (the `{tenant}` URL segment).
     pub tenants: BTreeMap<String, TenantSpec>,
+    /// Reconciliation schedule and limits.
+    #[serde(default)]
+    pub reconcile: ReconcileConfigSpec,
+}
+
+/// How often and how fast memberships are compared with the providers.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileConfigSpec {
+    /// Run the schedule in `serve`. Default true (memberships of providers without an
+    /// API key are skipped anyway).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Each membership is compared at most once per this many seconds. Default 86400.
+    #[serde(default)]
+    pub interval_secs: Option<u64>,
+    /// Requests per second to each provider's API. Default 5.
+    #[serde(default)]
+    pub per_provider_rate_per_sec: Option<f64>,
+    /// Time limit for one provider request, in seconds. Default 10.
+    #[serde(default)]
+    pub timeout_secs: Option<f64>,
+    /// Longest `Retry-After` honoured by waiting; a longer one ends the attempt as
+    /// `provider_unreachable` (retried next pass). Default 120.
+    #[serde(default)]
+    pub max_retry_after_secs: Option<u64>,
+}
+
+/// The resolved reconciliation settings.
+#[derive(Debug, Clone)]
+pub struct ReconcileSettings {
+    pub enabled: bool,
+    pub interval: std::time::Duration,
+    pub rate_per_sec: f64,
+    pub timeout: std::time::Duration,
+    pub max_retry_after: std::time::Duration,
+}
+
+impl ReconcileSettings {
+    fn from_spec(s: &ReconcileConfigSpec) -> ReconcileSettings {
+        use std::time::Duration;
+        ReconcileSettings {
+            enabled: s.enabled.unwrap_or(true),
+            interval: Duration::from_secs(s.interval_secs.unwrap_or(86_400).max(1)),
+            rate_per_sec: s.per_provider_rate_per_sec.filter(|r| *r > 0.0).unwrap_or(5.0),
+            timeout: Duration::from_secs_f64(s.timeout_secs.filter(|t| *t > 0.0).unwrap_or(10.0)),
+            max_retry_after: Duration::from_secs(s.max_retry_after_secs.unwrap_or(120)),
+        }
+    }
 }
 
 /// Request and queue limits.
@@ -94,6 +143,10 @@ pub struct TenantSpec {
 pub struct TenantProviderSpec {
     /// Webhook signing secret.
     pub secret: SecretSpec,
+    /// API key for reconciliation (e.g. env `STRIPE_API_KEY`); without one this
+    /// provider's memberships are not reconciled.
+    #[serde(default)]
+    pub api_key: Option<SecretSpec>,
     /// Product (or plan/price) id → access levels it grants.
     #[serde(default)]
     pub products: BTreeMap<String, Vec<String>>,
@@ -103,6 +156,7 @@ pub struct TenantProviderSpec {
 #[derive(Debug, Clone)]
 pub struct TenantProvider {
     pub secret: Option<Secret>,
+    pub api_key: Option<Secret>,
     pub products: BTreeMap<String, Vec<String>>,
 }
 
@@ -135,6 +189,9 @@ pub struct Config {
     pub max_batch: usize,
     pub tenants: BTreeMap<String, Tenant>,
     pub extractors: BTreeMap<String, Extractor>,
+    pub reconcile: ReconcileSettings,
+    /// Provider → API root from `<PROVIDER>_API_BASE` (overrides the YAML's `api_base`).
+    pub api_bases: BTreeMap<String, String>,
 }
 
 /// Defaults for local use, documented in the README.
@@ -179,8 +236,14 @@ impl Config {
                     }
                     diags.push(d);
                 }
-                providers
-                    .insert(pname.clone(), TenantProvider { secret: p.secret.resolve(), products: p.products.clone() });
+                providers.insert(
+                    pname.clone(),
+                    TenantProvider {
+                        secret: p.secret.resolve(),
+                        api_key: p.api_key.as_ref().and_then(SecretSpec::resolve),
+                        products: p.products.clone(),
+                    },
+                );
             }
             tenants.insert(name.clone(), Tenant { name: name.clone(), policy: t.policy.clone(), providers });
         }
@@ -207,6 +270,11 @@ impl Config {
             queue_capacity: file.limits.queue_capacity.unwrap_or(4096),
             max_batch: file.limits.max_batch.unwrap_or(256),
             tenants,
+            reconcile: ReconcileSettings::from_spec(&file.reconcile),
+            api_bases: extractors
+                .keys()
+                .filter_map(|p| env(&format!("{}_API_BASE", p.to_ascii_uppercase())).map(|b| (p.clone(), b)))
+                .collect(),
             extractors,
         })
     }

@@ -10,7 +10,8 @@
 //!   → machine  (machine/: statig graph; an illegal transition is refused and recorded)
 //!   → store    (store/: one transaction per batch; event, state, access, leads, timers)
 //!   → respond  (2xx only after the commit)
-//! timers.rs feeds due timers through the same path.
+//! timers.rs feeds due timers through the same path; reconcile/ feeds the provider's
+//! current view (`status_synced`, source `reconcile`) where it differs from what is stored.
 //! ```
 //!
 //! # Layout
@@ -34,6 +35,7 @@ pub mod http_error;
 pub mod ingest;
 pub mod machine;
 pub mod pipeline;
+pub mod reconcile;
 pub mod reload;
 pub mod replay;
 pub mod rules;

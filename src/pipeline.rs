@@ -3,7 +3,7 @@
 //! ```text
 //! ingest: verify → decode → extract ─┐
 //! timers: due timer ─────────────────┼→ process (in the writer, one savepoint per event):
-//! replay/reconcile (later) ──────────┘   dedupe → resolve member → stale? → rules → machine → store
+//! reconcile: status_synced ──────────┘   dedupe → resolve member → stale? → rules → machine → store
 //! ```
 //! A caller hears the outcome only after the batch holding its event has committed.
 
@@ -136,6 +136,9 @@ pub struct Ctx {
     pub timers_changed: tokio::sync::Notify,
     /// The outcome of the last reload attempt (for `GET /admin/rules`).
     pub reload_status: std::sync::Mutex<crate::reload::ReloadStatus>,
+    /// Reconciliation: counters for `/metrics` and the one reconciler (its per-provider
+    /// rate limits are shared by the schedule, resync and the CLI).
+    pub reconcile: crate::reconcile::Shared,
 }
 
 impl Ctx {
@@ -146,6 +149,7 @@ impl Ctx {
             clock,
             timers_changed: tokio::sync::Notify::new(),
             reload_status: Default::default(),
+            reconcile: Default::default(),
         }
     }
 
@@ -157,6 +161,7 @@ impl Ctx {
             clock,
             timers_changed: tokio::sync::Notify::new(),
             reload_status: Default::default(),
+            reconcile: Default::default(),
         }
     }
 

@@ -215,6 +215,9 @@ impl Extractor {
             let fields = cx.fields(&ev.fields);
             events.insert(name.clone(), EventMap { target, cases, fields });
         }
+        if let Some(r) = &spec.reconcile {
+            cx.reconcile(r);
+        }
         let stem = std::path::Path::new(file).file_stem().and_then(|s| s.to_str()).unwrap_or("");
         if !stem.is_empty() && stem != spec.provider {
             cx.err("provider:", &format!("`provider: {}` does not match the file name `{stem}`", spec.provider));
@@ -427,6 +430,76 @@ impl Extractor {
     }
 }
 
+/// One field extractor used outside the event mapping: reconciliation reads a provider's
+/// API answer with the same language (paths, first-non-null, `const`, `map:`, time units).
+#[derive(Debug, Clone)]
+pub struct FieldReader(Field);
+
+impl FieldReader {
+    /// Compiles a field spec; the error names what is wrong with it.
+    pub fn compile(spec: &FieldSpec) -> Result<FieldReader, String> {
+        let detail = match spec {
+            FieldSpec::Path(p) => spec::FieldDetail { paths: vec![p.clone()], ..Default::default() },
+            FieldSpec::Paths(ps) => spec::FieldDetail { paths: ps.clone(), ..Default::default() },
+            FieldSpec::Full(d) => d.clone(),
+        };
+        if detail.paths.is_empty() && detail.constant.is_none() {
+            return Err("a field needs `paths` or `const`".into());
+        }
+        let paths = detail.paths.iter().map(|p| Path::parse(p)).collect::<Result<Vec<_>, _>>()?;
+        Ok(FieldReader(Field {
+            paths,
+            constant: detail.constant,
+            time: detail.time,
+            amount: detail.amount,
+            map: detail.map,
+        }))
+    }
+
+    /// The paths read, for messages (`a.b | c`).
+    pub fn describe(&self) -> String {
+        let p: Vec<&str> = self.0.paths.iter().map(Path::as_str).collect();
+        if p.is_empty() {
+            "const".into()
+        } else {
+            p.join(" | ")
+        }
+    }
+
+    /// The value (after `map:`), `None` when no path resolves and there is no constant.
+    pub fn value(&self, body: &Value) -> Result<Option<Value>, String> {
+        read(&self.0, body)
+    }
+
+    pub fn string(&self, body: &Value) -> Result<Option<String>, String> {
+        Ok(self.value(body)?.and_then(|v| as_string(&v)))
+    }
+
+    /// A time in the field's unit (`auto` when none is given).
+    pub fn time(&self, body: &Value) -> Result<Option<DateTime<Utc>>, String> {
+        self.value(body)?.map(|v| time::to_time(&v, self.0.time.unwrap_or(TimeUnit::Auto))).transpose()
+    }
+
+    pub fn bool(&self, body: &Value) -> Result<Option<bool>, String> {
+        self.value(body)?.map(|v| as_bool(&v).ok_or_else(|| format!("expected a boolean, got {v}"))).transpose()
+    }
+}
+
+/// Placeholders a reconcile template may use.
+pub const TEMPLATE_VARS: [&str; 5] = ["api_base", "subscription_id", "customer_id", "product_id", "api_key"];
+
+/// The `{name}` placeholders in a template.
+pub fn placeholders(template: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = template;
+    while let Some(i) = rest.find('{') {
+        let Some(j) = rest[i..].find('}') else { break };
+        out.push(&rest[i + 1..i + j]);
+        rest = &rest[i + j + 1..];
+    }
+    out
+}
+
 fn field_in<'a>(layers: &[&'a Fields], f: F) -> Option<&'a Field> {
     layers.iter().find_map(|l| l[f as usize].as_ref())
 }
@@ -598,6 +671,59 @@ impl Cx<'_> {
             time: detail.time,
             amount: detail.amount,
             map: detail.map,
+        }
+    }
+
+    /// Checks a `reconcile:` section: paths, placeholders, a URL and a status.
+    fn reconcile(&mut self, r: &spec::ReconcileSpec) {
+        if r.unsupported.is_some() {
+            return;
+        }
+        let Some(url) = &r.url else {
+            self.err("reconcile:", "`reconcile:` needs a `url` (or `unsupported: <why>`)");
+            return;
+        };
+        let mut templates: Vec<&str> = vec![url.as_str()];
+        templates.extend(r.headers.values().map(String::as_str));
+        let body = r.body.as_ref().map(|b| b.to_string()).unwrap_or_default();
+        templates.push(&body);
+        if let Some(sel) = &r.select {
+            self.path(&sel.list);
+            self.path(&sel.key);
+            if let Some(e) = &sel.equals {
+                templates.push(e);
+            }
+        }
+        for t in templates {
+            for name in placeholders(t) {
+                // GraphQL bodies use braces of their own: only `{word}` placeholders count.
+                let word = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if word && !TEMPLATE_VARS.contains(&name) {
+                    self.err(
+                        &format!("{{{name}}}"),
+                        &format!("unknown placeholder `{{{name}}}`; one of {}", TEMPLATE_VARS.join(", ")),
+                    );
+                }
+            }
+        }
+        if url.contains("{api_key}") {
+            self.err("{api_key}", "`{api_key}` may appear only in headers: URLs are logged");
+        }
+        let f = &r.fields;
+        match &f.status {
+            Some(s) => {
+                self.field("status", s);
+            }
+            None => self.err("reconcile:", "`reconcile.fields.status` is required"),
+        }
+        for (name, spec) in [
+            ("period_end", &f.period_end),
+            ("cancel_at_period_end", &f.cancel_at_period_end),
+            ("product_id", &f.product_id),
+        ] {
+            if let Some(s) = spec {
+                self.field(name, s);
+            }
         }
     }
 

@@ -44,6 +44,77 @@ pub struct ProviderSpec {
     /// Operator notes (ignored by the engine).
     #[serde(default)]
     pub notes: Option<String>,
+    /// How to read the provider's current view of one membership (reconciliation).
+    #[serde(default)]
+    pub reconcile: Option<ReconcileSpec>,
+}
+
+/// The request that reads a provider's current view of one subscription, and the
+/// extractors that turn its JSON answer into a status snapshot. Templates may use
+/// `{api_base}`, `{subscription_id}`, `{customer_id}`, `{product_id}`; header templates
+/// also `{api_key}` (the tenant's `api_key`, never logged).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileSpec {
+    /// Why this provider cannot be reconciled (no documented status API). Its memberships
+    /// stay `never_reconciled`, and resync says this reason.
+    #[serde(default)]
+    pub unsupported: Option<String>,
+    /// HTTP method. Default `get`.
+    #[serde(default)]
+    pub method: ReconcileMethod,
+    /// URL template, e.g. `{api_base}/v1/subscriptions/{subscription_id}`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// The API root when `<PROVIDER>_API_BASE` is not set (omit where it differs per account).
+    #[serde(default)]
+    pub api_base: Option<String>,
+    /// Request headers (templates), e.g. `Authorization: "Bearer {api_key}"`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// JSON body for `post` (string values are templates), e.g. a GraphQL query.
+    #[serde(default)]
+    pub body: Option<serde_json::Value>,
+    /// Where the answer lists several items (a member's plans): the one to read.
+    #[serde(default)]
+    pub select: Option<SelectSpec>,
+    /// Snapshot extractors, read from the answer (or from the selected item).
+    #[serde(default)]
+    pub fields: SnapshotSpec,
+}
+
+/// HTTP methods for the reconcile request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReconcileMethod {
+    #[default]
+    Get,
+    Post,
+}
+
+/// Picks one item of a list in the answer: the one whose `key` equals the template `equals`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SelectSpec {
+    /// Path to the list, e.g. `data.planConnections`.
+    pub list: String,
+    /// Path inside each item, e.g. `id`.
+    pub key: String,
+    /// Template the key must equal. Default `{subscription_id}`.
+    #[serde(default)]
+    pub equals: Option<String>,
+}
+
+/// What a reconcile answer is read into. `status` is required; a field left out is not
+/// compared.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotSpec {
+    /// The provider's status, mapped (`map:`) onto rules/status.rhai's vocabulary.
+    pub status: Option<FieldSpec>,
+    pub period_end: Option<FieldSpec>,
+    pub cancel_at_period_end: Option<FieldSpec>,
+    pub product_id: Option<FieldSpec>,
 }
 
 /// What `occurred_at` falls back to.

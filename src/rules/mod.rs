@@ -157,7 +157,7 @@ impl RuleSet {
                     ast.set_source(name.clone());
                     for f in ast.iter_functions() {
                         let fname = f.name.to_string();
-                        let is_handler = fname.starts_with("on_") || fname == "is_stale";
+                        let is_handler = fname.starts_with("on_") || fname == "is_stale" || fname == "status_matches";
                         if !is_handler {
                             continue;
                         }
@@ -272,6 +272,25 @@ impl RuleSet {
         out.as_bool().map_err(|t| {
             let f = self.rule_ref(idx, "is_stale");
             Error { file: f.file, line: f.line, column: 1, message: format!("is_stale must return a bool, got {t}") }
+        })
+    }
+
+    /// Whether a provider's status (already mapped onto the vocabulary) agrees with the
+    /// membership's state: `status_matches` in the rules, used by reconciliation to tell
+    /// drift from agreement. `None` when no rule defines it.
+    pub fn status_matches(&self, status: &str, m: &MembershipView) -> Result<Option<bool>, Error> {
+        let Some(&idx) = self.handlers.get("status_matches") else {
+            return Ok(None);
+        };
+        let out = self.call(idx, "status_matches", vec![Dynamic::from(status.to_string()), api::membership_view(m)])?;
+        out.as_bool().map(Some).map_err(|t| {
+            let f = self.rule_ref(idx, "status_matches");
+            Error {
+                file: f.file,
+                line: f.line,
+                column: 1,
+                message: format!("status_matches must return a bool, got {t}"),
+            }
         })
     }
 

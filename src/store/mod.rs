@@ -161,6 +161,39 @@ pub trait Tx {
     fn set_timer(&mut self, t: &TimerRow) -> Result<()>;
     fn cancel_timer(&mut self, membership_id: &str, name: &str) -> Result<()>;
     fn delete_timer_if_due(&mut self, membership_id: &str, name: &str, due_at: DateTime<Utc>) -> Result<bool>;
+    /// Records a reconciliation attempt: sync status, times, drift or error. Touches only
+    /// the sync columns, so a webhook applied meanwhile is kept.
+    fn record_sync(&mut self, r: &SyncRecord) -> Result<()>;
+}
+
+/// One reconciliation attempt's result, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncRecord {
+    pub membership_id: String,
+    /// `in_sync`, `drift_corrected`, `drift_unresolved`, `provider_unreachable`.
+    pub sync_status: String,
+    pub attempted_at: DateTime<Utc>,
+    /// Set when the provider answered (the comparison happened).
+    pub reconciled_at: Option<DateTime<Utc>>,
+    pub detail: Option<String>,
+    /// (when, what changed) when drift was found.
+    pub drift: Option<(DateTime<Utc>, String)>,
+    /// (when, error) when the provider could not be read.
+    pub error: Option<(DateTime<Utc>, String)>,
+}
+
+/// A membership's reconciliation detail (empty before the first attempt).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SyncRow {
+    pub membership_id: String,
+    pub attempted_at: Option<DateTime<Utc>>,
+    pub detail: Option<String>,
+    pub drift_at: Option<DateTime<Utc>>,
+    pub drift: Option<String>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<DateTime<Utc>>,
+    /// When a webhook about this membership last arrived.
+    pub last_webhook_at: Option<DateTime<Utc>>,
 }
 
 /// What the writer runs: a job gets the transaction and returns whether it succeeded
@@ -187,6 +220,8 @@ pub struct MemberDetail {
     pub memberships: Vec<MembershipRow>,
     pub recent_events: Vec<EventRow>,
     pub timers: Vec<TimerRow>,
+    /// Reconciliation detail, one per membership.
+    pub sync: Vec<SyncRow>,
 }
 
 /// Durable storage. Reads block (call them from `spawn_blocking`); writes are queued.
@@ -206,6 +241,18 @@ pub trait Store: Send + Sync + 'static {
     fn next_timer(&self) -> Result<Option<DateTime<Utc>>>;
     /// Count of events by status (for /metrics).
     fn event_counts(&self) -> Result<Vec<(String, i64)>>;
+    /// Memberships of these (tenant, provider) pairs not asked since `attempted_before`,
+    /// least recently asked first (never asked first of all).
+    fn reconcile_queue(
+        &self,
+        targets: &[(String, String)],
+        attempted_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<MembershipRow>>;
+    /// The member's customer id at a provider (what `{customer_id}` stands for).
+    fn customer_id(&self, tenant: &str, provider: &str, member_id: &str) -> Result<Option<String>>;
+    /// Count of memberships by sync status (for /metrics).
+    fn sync_status_counts(&self) -> Result<Vec<(String, i64)>>;
 }
 
 impl dyn Store {

@@ -8,7 +8,8 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 use std::sync::Mutex;
 use tokio::sync::mpsc;
 
-const MIGRATIONS: &[&str] = &[include_str!("migrations/sqlite/001_init.sql")];
+const MIGRATIONS: &[&str] =
+    &[include_str!("migrations/sqlite/001_init.sql"), include_str!("migrations/sqlite/002_reconcile.sql")];
 
 /// Tuning for the writer.
 #[derive(Debug, Clone, Copy)]
@@ -474,6 +475,65 @@ impl Tx for SqliteTx<'_> {
             .execute(params![membership_id, name, ts(due_at)])?;
         Ok(n > 0)
     }
+
+    fn record_sync(&mut self, r: &SyncRecord) -> Result<()> {
+        // Only the sync columns: a webhook applied meanwhile keeps everything else.
+        self.0
+            .prepare_cached(
+                "UPDATE memberships SET sync_status = ?2,
+                   last_reconciled_at = COALESCE(?3, last_reconciled_at) WHERE id = ?1",
+            )?
+            .execute(params![r.membership_id, r.sync_status, opt_ts(r.reconciled_at)])?;
+        self.0
+            .prepare_cached(
+                "INSERT INTO membership_sync (membership_id, attempted_at, detail, drift_at, drift, last_error, last_error_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (membership_id) DO UPDATE SET attempted_at = excluded.attempted_at,
+                   detail = excluded.detail,
+                   drift_at = COALESCE(excluded.drift_at, membership_sync.drift_at),
+                   drift = COALESCE(excluded.drift, membership_sync.drift),
+                   last_error = COALESCE(excluded.last_error, membership_sync.last_error),
+                   last_error_at = COALESCE(excluded.last_error_at, membership_sync.last_error_at)",
+            )?
+            .execute(params![
+                r.membership_id,
+                ts(r.attempted_at),
+                r.detail,
+                opt_ts(r.drift.as_ref().map(|d| d.0)),
+                r.drift.as_ref().map(|d| d.1.clone()),
+                r.error.as_ref().map(|e| e.1.clone()),
+                opt_ts(r.error.as_ref().map(|e| e.0)),
+            ])?;
+        Ok(())
+    }
+}
+
+/// The reconciliation detail of one membership, with its last webhook time.
+fn sync_row(c: &Connection, membership_id: &str) -> Result<SyncRow> {
+    let last_webhook_at: Option<i64> = c
+        .prepare_cached("SELECT MAX(received_at) FROM events WHERE membership_id = ?1 AND source = 'webhook'")?
+        .query_row([membership_id], |r| r.get(0))?;
+    let row = c
+        .prepare_cached(
+            "SELECT attempted_at, detail, drift_at, drift, last_error, last_error_at FROM membership_sync
+             WHERE membership_id = ?1",
+        )?
+        .query_row([membership_id], |r| {
+            Ok(SyncRow {
+                membership_id: membership_id.to_string(),
+                attempted_at: opt_from(r.get(0)?),
+                detail: r.get(1)?,
+                drift_at: opt_from(r.get(2)?),
+                drift: r.get(3)?,
+                last_error: r.get(4)?,
+                last_error_at: opt_from(r.get(5)?),
+                last_webhook_at: None,
+            })
+        })
+        .optional()?;
+    let mut row = row.unwrap_or_else(|| SyncRow { membership_id: membership_id.to_string(), ..Default::default() });
+    row.last_webhook_at = opt_from(last_webhook_at);
+    Ok(row)
 }
 
 impl Store for SqliteStore {
@@ -501,7 +561,11 @@ impl Store for SqliteStore {
                 )?;
                 timers.extend(st.query_map([&m.id], timer_row)?.collect::<rusqlite::Result<Vec<_>>>()?);
             }
-            Ok(Some(MemberDetail { member, memberships, recent_events, timers }))
+            let mut sync = Vec::new();
+            for m in &memberships {
+                sync.push(sync_row(c, &m.id)?);
+            }
+            Ok(Some(MemberDetail { member, memberships, recent_events, timers, sync }))
         })
     }
 
@@ -582,6 +646,62 @@ impl Store for SqliteStore {
         self.read(|c| {
             let v: Option<i64> = c.prepare_cached("SELECT MIN(due_at) FROM timers")?.query_row([], |r| r.get(0))?;
             Ok(opt_from(v))
+        })
+    }
+
+    fn reconcile_queue(
+        &self,
+        targets: &[(String, String)],
+        attempted_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<MembershipRow>> {
+        if targets.is_empty() {
+            return Ok(vec![]);
+        }
+        self.read(|c| {
+            let cols = MEMBERSHIP_COLS.split(", ").map(|c| format!("m.{c}")).collect::<Vec<_>>().join(", ");
+            let which = (0..targets.len())
+                .map(|i| format!("(m.tenant = ?{} AND m.provider = ?{})", 3 + 2 * i, 4 + 2 * i))
+                .collect::<Vec<_>>()
+                .join(" OR ");
+            let sql = format!(
+                "SELECT {cols} FROM memberships m LEFT JOIN membership_sync s ON s.membership_id = m.id
+                 WHERE ({which}) AND (s.attempted_at IS NULL OR s.attempted_at < ?1)
+                 ORDER BY COALESCE(s.attempted_at, -1), m.id LIMIT ?2"
+            );
+            let mut args: Vec<rusqlite::types::Value> = vec![ts(attempted_before).into(), (limit as i64).into()];
+            for (t, p) in targets {
+                args.push(t.clone().into());
+                args.push(p.clone().into());
+            }
+            let rows = c
+                .prepare(&sql)?
+                .query_map(rusqlite::params_from_iter(args), membership_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn customer_id(&self, tenant: &str, provider: &str, member_id: &str) -> Result<Option<String>> {
+        self.read(|c| {
+            Ok(c.prepare_cached(
+                "SELECT customer_id FROM member_customers WHERE tenant = ?1 AND provider = ?2 AND member_id = ?3
+                 ORDER BY customer_id LIMIT 1",
+            )?
+            .query_row(params![tenant, provider, member_id], |r| r.get(0))
+            .optional()?)
+        })
+    }
+
+    fn sync_status_counts(&self) -> Result<Vec<(String, i64)>> {
+        self.read(|c| {
+            let rows = c
+                .prepare_cached(
+                    "SELECT sync_status, COUNT(*) FROM memberships GROUP BY sync_status ORDER BY sync_status",
+                )?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
         })
     }
 

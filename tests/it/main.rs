@@ -3,6 +3,7 @@
 mod check;
 mod extract;
 mod lifecycle;
+mod reconcile;
 mod reload;
 mod replay;
 mod restart;

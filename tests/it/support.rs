@@ -172,3 +172,23 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+impl Server {
+    /// A real server on 127.0.0.1:0 with the given clock and a config adjusted by `tune`
+    /// (API roots of fake providers, API keys, short time limits).
+    pub async fn start_tuned(clock: Arc<dyn Clock>, tune: impl FnOnce(&mut Config)) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(&dir.path().join("m.db").display().to_string());
+        tune(&mut config);
+        Server::start_with(config, clock, dir).await
+    }
+
+    pub async fn post_admin(&self, path: &str) -> (u16, Value) {
+        let resp = reqwest::Client::new().post(format!("{}{path}", self.url)).bearer_auth(TOKEN).send().await.unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get_text(&self, path: &str) -> String {
+        reqwest::get(format!("{}{path}", self.url)).await.unwrap().text().await.unwrap()
+    }
+}

@@ -1,0 +1,181 @@
+//! The provider request: per-provider rate limit, time limit, and 429 `Retry-After`.
+//! Errors are plain text for the operator; they name the method and URL (which never hold
+//! the API key: that lives in headers only) and never a header.
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use std::time::Duration;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+/// How many 429 answers in a row one attempt waits out before giving up until next pass.
+pub const MAX_RETRIES_429: usize = 3;
+
+/// Spaces requests to one provider evenly; a 429 holds every request to it back.
+#[derive(Debug)]
+pub struct Limiter {
+    next: Mutex<Option<Instant>>,
+    gap: Duration,
+}
+
+impl Limiter {
+    pub fn new(rate_per_sec: f64) -> Limiter {
+        Limiter { next: Mutex::new(None), gap: Duration::from_secs_f64(1.0 / rate_per_sec.max(0.001)) }
+    }
+
+    /// Waits for this provider's next free slot.
+    pub async fn acquire(&self) {
+        let at = {
+            let mut next = self.next.lock().await;
+            let now = Instant::now();
+            let at = next.map_or(now, |n| n.max(now));
+            *next = Some(at + self.gap);
+            at
+        };
+        tokio::time::sleep_until(at).await;
+    }
+
+    /// No request to this provider before `wait` from now (a 429's `Retry-After`).
+    pub async fn hold_off(&self, wait: Duration) {
+        let mut next = self.next.lock().await;
+        let until = Instant::now() + wait;
+        *next = Some(next.map_or(until, |n| n.max(until)));
+    }
+}
+
+/// One prepared request.
+pub struct Request {
+    pub method: reqwest::Method,
+    pub url: String,
+    /// Header values may hold the API key: never print them.
+    pub headers: Vec<(String, String)>,
+    pub body: Option<Vec<u8>>,
+}
+
+impl Request {
+    /// `GET https://…`: what logs, errors and the activity log show.
+    pub fn describe(&self) -> String {
+        format!("{} {}", self.method, self.url)
+    }
+}
+
+/// Sends `req`, honouring the limiter and 429 `Retry-After` (up to `max_wait` each time).
+/// Any other non-2xx, a transport error or the time limit is an error.
+pub async fn send(
+    client: &reqwest::Client,
+    limiter: &Limiter,
+    req: &Request,
+    timeout: Duration,
+    max_wait: Duration,
+) -> Result<Vec<u8>, String> {
+    let mut headers = HeaderMap::new();
+    for (k, v) in &req.headers {
+        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("invalid header name `{k}`"))?;
+        let mut value = HeaderValue::from_str(v).map_err(|_| format!("header `{k}` has an invalid value"))?;
+        value.set_sensitive(true);
+        headers.insert(name, value);
+    }
+    for _ in 0..=MAX_RETRIES_429 {
+        limiter.acquire().await;
+        let mut builder = client.request(req.method.clone(), &req.url).headers(headers.clone()).timeout(timeout);
+        if let Some(b) = &req.body {
+            builder = builder.header("content-type", "application/json").body(b.clone());
+        }
+        let answer = async {
+            let resp = builder.send().await?;
+            let status = resp.status();
+            let retry_after = resp.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let body = resp.bytes().await?;
+            Ok::<_, reqwest::Error>((status, retry_after, body))
+        };
+        let (status, retry_after, body) = match tokio::time::timeout(timeout, answer).await {
+            Err(_) => return Err(format!("no answer within {:.1} s ({})", timeout.as_secs_f64(), req.describe())),
+            Ok(Err(e)) if e.is_timeout() => {
+                return Err(format!("no answer within {:.1} s ({})", timeout.as_secs_f64(), req.describe()))
+            }
+            Ok(Err(e)) => return Err(format!("request failed ({}): {}", req.describe(), transport_error(&e))),
+            Ok(Ok(r)) => r,
+        };
+        if status.as_u16() == 429 {
+            let wait = retry_after.as_deref().and_then(parse_retry_after).unwrap_or(Duration::from_secs(1));
+            if wait > max_wait {
+                return Err(format!(
+                    "429 Too Many Requests with Retry-After {} s, longer than the {} s this pass waits ({})",
+                    wait.as_secs(),
+                    max_wait.as_secs(),
+                    req.describe()
+                ));
+            }
+            tracing::info!(request = %req.describe(), wait_secs = wait.as_secs_f64(), "Provider asked to slow down; waiting.");
+            limiter.hold_off(wait).await;
+            continue;
+        }
+        if !status.is_success() {
+            return Err(format!("HTTP {status} from {}: {}", req.describe(), excerpt(&body)));
+        }
+        return Ok(body.to_vec());
+    }
+    Err(format!("still 429 Too Many Requests after {MAX_RETRIES_429} waits ({})", req.describe()))
+}
+
+/// `Retry-After`: delay seconds, or an HTTP date.
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let wait = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    Some(wait.to_std().unwrap_or(Duration::ZERO))
+}
+
+/// The cause chain of a transport error, without the URL reqwest adds (already shown).
+fn transport_error(e: &reqwest::Error) -> String {
+    let mut out = if e.is_connect() { "cannot connect".to_string() } else { "transport error".to_string() };
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
+/// The start of an error body, on one line.
+fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let one_line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.chars().count() > 200 {
+        format!("{}…", one_line.chars().take(200).collect::<String>())
+    } else if one_line.is_empty() {
+        "(empty body)".into()
+    } else {
+        one_line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after(" 0.5 "), Some(Duration::from_millis(500)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(parse_retry_after("-1"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn limiter_spaces_requests_and_holds_off_after_429() {
+        let l = Limiter::new(2.0);
+        let t0 = Instant::now();
+        l.acquire().await;
+        l.acquire().await;
+        l.acquire().await;
+        assert_eq!(Instant::now() - t0, Duration::from_secs(1), "3 requests at 2/s take 1 s");
+        l.hold_off(Duration::from_secs(5)).await;
+        l.acquire().await;
+        assert_eq!(Instant::now() - t0, Duration::from_secs(6));
+    }
+}

@@ -1,0 +1,785 @@
+//! Reconciliation: the safety net for missed webhooks. For one membership, ask the
+//! provider for its current view (the `reconcile:` request of its YAML), read a status
+//! snapshot with the same extractor language, compare it with what is stored, and feed a
+//! difference through the same rules → machine → store path as a `status_synced` event
+//! with source `reconcile`. Then record the membership's sync status.
+//!
+//! What this module must never do: change a membership itself (only the pipeline does),
+//! decide what a status means (rules/status.rhai does), or let a provider error change
+//! anything but the sync status. The API key never leaves a request header.
+
+mod fetch;
+pub mod schedule;
+
+pub use fetch::parse_retry_after;
+
+use crate::canonical::{CanonicalEvent, EventKind, MemberRef, Source};
+use crate::config::Config;
+use crate::extract::path::Path;
+use crate::extract::spec::{ReconcileMethod, ReconcileSpec};
+use crate::extract::{Extraction, FieldReader, Mapping};
+use crate::machine::MState;
+use crate::pipeline::{self, Ctx, Incoming, Raw, Status};
+use crate::rules::MembershipView;
+use crate::store::{MembershipRow, SyncRecord};
+use chrono::{DateTime, SecondsFormat, Utc};
+use fetch::{Limiter, Request};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Counters for `/metrics` (since the process started).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub in_sync: AtomicU64,
+    pub drift_corrected: AtomicU64,
+    pub drift_unresolved: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+impl Stats {
+    fn count(&self, status: SyncStatus) {
+        let c = match status {
+            SyncStatus::InSync => &self.in_sync,
+            SyncStatus::DriftCorrected => &self.drift_corrected,
+            SyncStatus::DriftUnresolved => &self.drift_unresolved,
+            SyncStatus::ProviderUnreachable => &self.errors,
+            SyncStatus::Skipped | SyncStatus::Failed => return,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Prometheus text for these counters.
+    pub fn render(&self) -> String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "# HELP membersync_reconcile_drift_total Differences found by reconciliation and corrected through the rules.\n\
+             # TYPE membersync_reconcile_drift_total counter\n\
+             membersync_reconcile_drift_total {}\n\
+             # HELP membersync_reconcile_drift_unresolved_total Differences the rules did not resolve (refused, ignored, stale).\n\
+             # TYPE membersync_reconcile_drift_unresolved_total counter\n\
+             membersync_reconcile_drift_unresolved_total {}\n\
+             # HELP membersync_reconcile_in_sync_total Comparisons that found no difference.\n\
+             # TYPE membersync_reconcile_in_sync_total counter\n\
+             membersync_reconcile_in_sync_total {}\n\
+             # HELP membersync_reconcile_errors_total Provider requests that failed (5xx, timeout, bad answer).\n\
+             # TYPE membersync_reconcile_errors_total counter\n\
+             membersync_reconcile_errors_total {}\n",
+            g(&self.drift_corrected),
+            g(&self.drift_unresolved),
+            g(&self.in_sync),
+            g(&self.errors)
+        )
+    }
+}
+
+/// Per-context reconciliation state: counters and the reconciler, built on first use.
+#[derive(Default)]
+pub struct Shared {
+    pub stats: Stats,
+    reconciler: std::sync::OnceLock<Arc<Reconciler>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("stats", &self.stats).finish()
+    }
+}
+
+/// The context's reconciler: one per process, so every caller shares its rate limits.
+pub fn reconciler(ctx: &Ctx) -> Arc<Reconciler> {
+    ctx.reconcile.reconciler.get_or_init(|| Arc::new(Reconciler::new(&ctx.config()))).clone()
+}
+
+/// What one attempt found. The first four are stored as the membership's `sync_status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncStatus {
+    InSync,
+    DriftCorrected,
+    /// A difference the rules did not act on (refused, ignored, stale): flagged for a human.
+    DriftUnresolved,
+    /// The provider could not be read; nothing changed.
+    ProviderUnreachable,
+    /// Not asked (no API for this provider, no API key, a one-time purchase). Where the
+    /// provider could be asked, the attempt is recorded; the sync status is not changed.
+    Skipped,
+    /// Our side failed (store busy): not stored, retried next pass.
+    Failed,
+}
+
+impl SyncStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncStatus::InSync => "in_sync",
+            SyncStatus::DriftCorrected => "drift_corrected",
+            SyncStatus::DriftUnresolved => "drift_unresolved",
+            SyncStatus::ProviderUnreachable => "provider_unreachable",
+            SyncStatus::Skipped => "skipped",
+            SyncStatus::Failed => "failed",
+        }
+    }
+}
+
+/// One membership's reconciliation, as resync and the CLI report it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub membership_id: String,
+    pub member_id: String,
+    pub tenant: String,
+    pub provider: String,
+    pub sync_status: SyncStatus,
+    pub detail: String,
+    /// The `status_synced` event fed for a difference.
+    pub event_id: Option<String>,
+    pub from: Option<MState>,
+    pub to: Option<MState>,
+}
+
+/// What the provider says about one membership, on the rules' vocabulary.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Snapshot {
+    pub status: String,
+    pub period_end: Option<DateTime<Utc>>,
+    pub cancel_at_period_end: Option<bool>,
+    pub product_id: Option<String>,
+}
+
+/// A provider's compiled `reconcile:` section.
+#[derive(Debug)]
+struct Plan {
+    file: String,
+    unsupported: Option<String>,
+    method: ReconcileMethod,
+    url: String,
+    api_base: Option<String>,
+    headers: Vec<(String, String)>,
+    body: Option<Value>,
+    select: Option<(Path, Path, String)>,
+    status: Option<FieldReader>,
+    period_end: Option<FieldReader>,
+    cancel_at_period_end: Option<FieldReader>,
+    product_id: Option<FieldReader>,
+}
+
+impl Plan {
+    /// `check` has validated the section; what still fails to compile here makes the
+    /// provider unsupported with the reason, rather than a panic.
+    fn compile(file: String, spec: &ReconcileSpec, env_base: Option<&String>) -> Plan {
+        let field = |f: &Option<crate::extract::spec::FieldSpec>| f.as_ref().and_then(|f| FieldReader::compile(f).ok());
+        let select = spec.select.as_ref().and_then(|s| {
+            Some((
+                Path::parse(&s.list).ok()?,
+                Path::parse(&s.key).ok()?,
+                s.equals.clone().unwrap_or_else(|| "{subscription_id}".into()),
+            ))
+        });
+        let status = field(&spec.fields.status);
+        let unsupported = spec.unsupported.clone().or_else(|| match (&spec.url, &status) {
+            (None, _) => Some("the `reconcile:` section has no `url`".into()),
+            (_, None) => Some("the `reconcile:` section has no `fields.status`".into()),
+            _ => None,
+        });
+        Plan {
+            file,
+            unsupported,
+            method: spec.method,
+            url: spec.url.clone().unwrap_or_default(),
+            api_base: env_base.cloned().or_else(|| spec.api_base.clone()),
+            headers: spec.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            body: spec.body.clone(),
+            select,
+            status,
+            period_end: field(&spec.fields.period_end),
+            cancel_at_period_end: field(&spec.fields.cancel_at_period_end),
+            product_id: field(&spec.fields.product_id),
+        }
+    }
+
+    /// Reads the snapshot out of a provider's answer.
+    fn snapshot(&self, body: &[u8], vars: &Vars) -> Result<Snapshot, String> {
+        let root: Value = serde_json::from_slice(body).map_err(|e| format!("the answer is not JSON: {e}"))?;
+        let item = match &self.select {
+            None => &root,
+            Some((list, key, equals)) => {
+                let want = fill(equals, vars, false).map_err(|v| format!("no {v} to select with"))?;
+                let items = list
+                    .lookup(&root)
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| format!("the answer has no list at `{}`", list.as_str()))?;
+                items
+                    .iter()
+                    .find(|it| key.lookup(it).and_then(scalar_text).as_deref() == Some(want.as_str()))
+                    .ok_or_else(|| {
+                        format!("the answer's `{}` lists no item with {} = {want}", list.as_str(), key.as_str())
+                    })?
+            }
+        };
+        let status_field = self.status.as_ref().ok_or("no status extractor")?;
+        let status = status_field
+            .string(item)
+            .map_err(|e| format!("status: {e}"))?
+            .ok_or_else(|| format!("the answer has no status at `{}`", status_field.describe()))?;
+        let read_time = |f: &Option<FieldReader>| f.as_ref().map(|f| f.time(item)).transpose().map(Option::flatten);
+        let period_end = read_time(&self.period_end).map_err(|e| format!("period_end: {e}"))?;
+        let cancel_at_period_end = self
+            .cancel_at_period_end
+            .as_ref()
+            .map(|f| f.bool(item))
+            .transpose()
+            .map_err(|e| format!("cancel_at_period_end: {e}"))?
+            .flatten();
+        let product_id = self
+            .product_id
+            .as_ref()
+            .map(|f| f.string(item))
+            .transpose()
+            .map_err(|e| format!("product_id: {e}"))?
+            .flatten();
+        Ok(Snapshot { status, period_end, cancel_at_period_end, product_id })
+    }
+}
+
+fn scalar_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Values a template may name.
+#[derive(Debug, Default)]
+struct Vars {
+    api_base: Option<String>,
+    subscription_id: Option<String>,
+    customer_id: Option<String>,
+    product_id: Option<String>,
+}
+
+/// Fills `{name}` placeholders; `Err(name)` when one has no value. `encode` percent-encodes
+/// values (URL path segments). Braces around anything else (GraphQL) are left alone.
+fn fill(template: &str, vars: &Vars, encode: bool) -> Result<String, String> {
+    fill_with(template, vars, None, encode)
+}
+
+fn fill_with(template: &str, vars: &Vars, api_key: Option<&str>, encode: bool) -> Result<String, String> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(i) = rest.find('{') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let name = after.find('}').map(|j| &after[..j]);
+        let value = match name {
+            Some("api_base") => Some(vars.api_base.as_deref().map(str::to_string)),
+            Some("subscription_id") => Some(vars.subscription_id.clone()),
+            Some("customer_id") => Some(vars.customer_id.clone()),
+            Some("product_id") => Some(vars.product_id.clone()),
+            Some("api_key") => Some(api_key.map(str::to_string)),
+            _ => None,
+        };
+        match (name, value) {
+            (Some(n), Some(v)) => {
+                let v = v.ok_or_else(|| format!("{{{n}}}"))?;
+                let raw = n == "api_base" || n == "api_key" || !encode;
+                out.push_str(&if raw { v } else { encode_segment(&v) });
+                rest = &after[n.len() + 1..];
+            }
+            _ => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn encode_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Fills the string values of a JSON body template.
+fn fill_json(v: &Value, vars: &Vars) -> Result<Value, String> {
+    Ok(match v {
+        Value::String(s) => Value::String(fill(s, vars, false)?),
+        Value::Array(a) => Value::Array(a.iter().map(|x| fill_json(x, vars)).collect::<Result<_, _>>()?),
+        Value::Object(m) => {
+            Value::Object(m.iter().map(|(k, x)| Ok((k.clone(), fill_json(x, vars)?))).collect::<Result<_, String>>()?)
+        }
+        other => other.clone(),
+    })
+}
+
+/// Compiled plans, one HTTP client, one rate limiter per provider.
+pub struct Reconciler {
+    client: reqwest::Client,
+    plans: BTreeMap<String, Plan>,
+    limiters: BTreeMap<String, Limiter>,
+}
+
+impl Reconciler {
+    pub fn new(config: &Config) -> Reconciler {
+        let plans: BTreeMap<String, Plan> = config
+            .extractors
+            .iter()
+            .map(|(name, x)| {
+                let plan = match &x.spec.reconcile {
+                    Some(spec) => Plan::compile(x.file(), spec, config.api_bases.get(name)),
+                    None => Plan::compile(
+                        x.file(),
+                        &ReconcileSpec {
+                            unsupported: Some(format!("{} has no `reconcile:` section", x.file())),
+                            ..Default::default()
+                        },
+                        None,
+                    ),
+                };
+                (name.clone(), plan)
+            })
+            .collect();
+        let limiters =
+            plans.keys().map(|p| (p.clone(), Limiter::new(config.reconcile.rate_per_sec))).collect::<BTreeMap<_, _>>();
+        let client = reqwest::Client::builder()
+            .timeout(config.reconcile.timeout)
+            .user_agent(concat!("membersync/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default();
+        Reconciler { client, plans, limiters }
+    }
+
+    /// Why this tenant's memberships at `provider` cannot be reconciled, if they cannot.
+    pub fn why_not(&self, config: &Config, tenant: &str, provider: &str) -> Option<String> {
+        let Some(plan) = self.plans.get(provider) else {
+            return Some(format!("no provider file for `{provider}`"));
+        };
+        if let Some(why) = &plan.unsupported {
+            return Some(format!("{provider} cannot be reconciled: {}", why.trim()));
+        }
+        if plan.api_base.is_none() && plan.url.contains("{api_base}") {
+            let var = format!("{}_API_BASE", provider.to_ascii_uppercase());
+            return Some(format!("no API root for {provider}: set {var}"));
+        }
+        let key = config.tenants.get(tenant).and_then(|t| t.providers.get(provider)).and_then(|p| p.api_key.as_ref());
+        if key.is_none() && plan.headers.iter().any(|(_, v)| v.contains("{api_key}")) {
+            return Some(format!("tenant `{tenant}` has no API key for {provider} (`api_key` in the config)"));
+        }
+        None
+    }
+
+    /// The (tenant, provider) pairs whose memberships can be reconciled.
+    pub fn targets(&self, config: &Config) -> Vec<(String, String)> {
+        config
+            .tenants
+            .iter()
+            .flat_map(|(t, tc)| tc.providers.keys().map(move |p| (t.clone(), p.clone())))
+            .filter(|(t, p)| self.why_not(config, t, p).is_none())
+            .collect()
+    }
+
+    /// Reconciles one membership: ask, compare, correct through the pipeline, record.
+    pub async fn reconcile(&self, ctx: &Arc<Ctx>, m: &MembershipRow) -> Report {
+        let mut report = Report {
+            membership_id: m.id.clone(),
+            member_id: m.member_id.clone(),
+            tenant: m.tenant.clone(),
+            provider: m.provider.clone(),
+            sync_status: SyncStatus::Skipped,
+            detail: String::new(),
+            event_id: None,
+            from: None,
+            to: None,
+        };
+        if let Some(why) = self.why_not(&ctx.config(), &m.tenant, &m.provider) {
+            report.detail = why;
+            return report;
+        }
+        let plan = &self.plans[&m.provider];
+        let Some(subscription_id) = m.key.strip_prefix("sub:").map(str::to_string) else {
+            let why = "a one-time purchase (no subscription at the provider): nothing to compare";
+            return self.skip(ctx, report, m, why.into()).await;
+        };
+        let customer_id = {
+            let store = ctx.store.clone();
+            let (t, p, mid) = (m.tenant.clone(), m.provider.clone(), m.member_id.clone());
+            tokio::task::spawn_blocking(move || store.customer_id(&t, &p, &mid))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten()
+        };
+        let vars = Vars {
+            api_base: plan.api_base.as_ref().map(|b| b.trim_end_matches('/').to_string()),
+            subscription_id: Some(subscription_id.clone()),
+            customer_id,
+            product_id: m.product_id.clone(),
+        };
+        let request = match self.request(ctx, plan, m, &vars) {
+            Ok(r) => r,
+            Err(why) => return self.skip(ctx, report, m, why).await,
+        };
+        let settings = &ctx.config().reconcile;
+        let limiter = &self.limiters[&m.provider];
+        let asked_at = ctx.clock.now();
+        let answer = fetch::send(&self.client, limiter, &request, settings.timeout, settings.max_retry_after).await;
+        let snapshot = answer.and_then(|body| plan.snapshot(&body, &vars).map(|s| (s, body)));
+        let (snapshot, body) = match snapshot {
+            Ok(x) => x,
+            Err(error) => {
+                tracing::warn!(membership = %m.id, provider = %m.provider, %error, "Provider could not be read; nothing changed.");
+                report.sync_status = SyncStatus::ProviderUnreachable;
+                report.detail = error.clone();
+                let rec = SyncRecord {
+                    membership_id: m.id.clone(),
+                    sync_status: SyncStatus::ProviderUnreachable.as_str().into(),
+                    attempted_at: asked_at,
+                    reconciled_at: None,
+                    detail: Some(format!("provider unreachable: {error}")),
+                    drift: None,
+                    error: Some((asked_at, error)),
+                };
+                return self.finish(ctx, report, rec).await;
+            }
+        };
+
+        let differences = match differences(ctx, &snapshot, m) {
+            Ok(d) => d,
+            Err(e) => {
+                report.sync_status = SyncStatus::Failed;
+                report.detail = e;
+                return report;
+            }
+        };
+        let now = ctx.clock.now();
+        if differences.is_empty() {
+            report.sync_status = SyncStatus::InSync;
+            report.detail = format!("in sync: provider says {}", describe(&snapshot));
+            let rec = SyncRecord {
+                membership_id: m.id.clone(),
+                sync_status: SyncStatus::InSync.as_str().into(),
+                attempted_at: asked_at,
+                reconciled_at: Some(now),
+                detail: Some(report.detail.clone()),
+                drift: None,
+                error: None,
+            };
+            return self.finish(ctx, report, rec).await;
+        }
+
+        // A difference: the provider's view goes through rules → machine → store.
+        let changed = differences.join("; ");
+        let event = status_synced(plan, m, &subscription_id, &snapshot, now);
+        let event_id = event.event.event_id.clone();
+        let raw = Raw {
+            body,
+            headers: vec![("x-membersync-reconcile".into(), request.describe())],
+            source: Source::Reconcile,
+        };
+        let ack = match pipeline::process(ctx, Incoming::Extracted(Box::new(event)), raw).await {
+            Ok(a) => a,
+            Err(e) => {
+                report.sync_status = SyncStatus::Failed;
+                report.detail = format!("drift found ({changed}) but not stored: {e}; retried next pass");
+                return report;
+            }
+        };
+        let o = &ack.outcome;
+        report.event_id = Some(event_id.clone());
+        report.from = o.from;
+        report.to = o.to;
+        let rule = o.rule.as_ref().map(|r| format!(" by {}:{} {}", r.file, r.line, r.function)).unwrap_or_default();
+        let (status, detail) = match ack.status {
+            Status::Applied => {
+                let moved = match (o.from, o.to) {
+                    (Some(f), Some(t)) => format!("{f} → {t}"),
+                    _ => "no state change".into(),
+                };
+                let input = o.input.map(|i| i.as_str().to_string()).unwrap_or_else(|| "effects only".into());
+                (
+                    SyncStatus::DriftCorrected,
+                    format!("drift corrected: {changed}; {input}{rule}: {moved} (event {event_id})"),
+                )
+            }
+            other => (
+                SyncStatus::DriftUnresolved,
+                format!(
+                    "drift not resolved: {changed}; the event was {}{rule}: {} (event {event_id})",
+                    other.as_str(),
+                    o.reason.clone().unwrap_or_default()
+                ),
+            ),
+        };
+        tracing::info!(membership = %m.id, provider = %m.provider, status = status.as_str(), %detail, "Reconciled.");
+        report.sync_status = status;
+        report.detail = detail.clone();
+        let rec = SyncRecord {
+            membership_id: m.id.clone(),
+            sync_status: status.as_str().into(),
+            attempted_at: asked_at,
+            reconciled_at: Some(now),
+            detail: Some(detail.clone()),
+            drift: Some((now, detail)),
+            error: None,
+        };
+        self.finish(ctx, report, rec).await
+    }
+
+    fn request(&self, ctx: &Ctx, plan: &Plan, m: &MembershipRow, vars: &Vars) -> Result<Request, String> {
+        let missing = |v: String| format!("the request needs {v}, which this membership has not");
+        let url = fill(&plan.url, vars, true).map_err(missing)?;
+        let config = ctx.config();
+        let key =
+            config.tenants.get(&m.tenant).and_then(|t| t.providers.get(&m.provider)).and_then(|p| p.api_key.as_ref());
+        let headers = plan
+            .headers
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), fill_with(v, vars, key.map(|k| k.expose()), false)?)))
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(missing)?;
+        let body = match &plan.body {
+            Some(b) => Some(fill_json(b, vars).map_err(missing)?.to_string().into_bytes()),
+            None => None,
+        };
+        let method = match plan.method {
+            ReconcileMethod::Get => reqwest::Method::GET,
+            ReconcileMethod::Post => reqwest::Method::POST,
+        };
+        Ok(Request { method, url, headers, body })
+    }
+
+    /// A membership that cannot be asked: recorded as an attempt with its status unchanged,
+    /// so the schedule moves past it instead of finding it first in line forever.
+    async fn skip(&self, ctx: &Arc<Ctx>, mut report: Report, m: &MembershipRow, why: String) -> Report {
+        report.detail = why;
+        let rec = SyncRecord {
+            membership_id: m.id.clone(),
+            sync_status: m.sync_status.clone(),
+            attempted_at: ctx.clock.now(),
+            reconciled_at: None,
+            detail: Some(format!("not asked: {}", report.detail)),
+            drift: None,
+            error: None,
+        };
+        self.finish(ctx, report, rec).await
+    }
+
+    async fn finish(&self, ctx: &Arc<Ctx>, mut report: Report, rec: SyncRecord) -> Report {
+        match ctx.store.write(move |tx| tx.record_sync(&rec)).await {
+            Ok(()) => ctx.reconcile.stats.count(report.sync_status),
+            Err(e) => {
+                report.detail = format!("{} (could not record the sync status: {e})", report.detail);
+                report.sync_status = SyncStatus::Failed;
+            }
+        }
+        report
+    }
+}
+
+fn rfc(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn describe(s: &Snapshot) -> String {
+    let mut out = s.status.clone();
+    if let Some(t) = s.period_end {
+        out.push_str(&format!(", period end {}", rfc(t)));
+    }
+    if s.cancel_at_period_end == Some(true) {
+        out.push_str(", cancels at period end");
+    }
+    if let Some(p) = &s.product_id {
+        out.push_str(&format!(", product {p}"));
+    }
+    out
+}
+
+/// What differs between the provider's snapshot and the stored membership, in words.
+/// Whether a status agrees with a state is the rules' call (`status_matches`); the other
+/// fields are compared only while the membership holds (or the provider grants) access:
+/// an ended membership whose provider also says it ended is in sync, whatever its dates.
+fn differences(ctx: &Ctx, s: &Snapshot, m: &MembershipRow) -> Result<Vec<String>, String> {
+    let view = MembershipView {
+        exists: true,
+        state: Some(m.state),
+        period_end: m.period_end,
+        grace_until: m.grace_until,
+        access_until: m.access_until,
+        last_event_at: m.last_event_at,
+        cancel_at_period_end: m.cancel_at_period_end,
+        product_id: m.product_id.clone(),
+        plan_id: m.plan_id.clone(),
+        status: m.status.clone(),
+    };
+    let agrees = ctx
+        .rules()
+        .status_matches(&s.status, &view)
+        .map_err(|e| format!("rule error: {e}"))?
+        .unwrap_or(s.status == m.state.as_str());
+    let mut out = Vec::new();
+    if !agrees {
+        out.push(format!("status: provider says `{}`, membership is `{}`", s.status, m.state));
+    }
+    if agrees && m.state.is_end() {
+        return Ok(out);
+    }
+    if let Some(pe) = s.period_end {
+        let pe = chrono::DateTime::from_timestamp(pe.timestamp(), 0).unwrap_or(pe);
+        if m.period_end != Some(pe) {
+            let was = m.period_end.map(rfc).unwrap_or_else(|| "none".into());
+            out.push(format!("period_end: {was} → {}", rfc(pe)));
+        }
+    }
+    // Only an `active` status says anything about a scheduled cancel (status.rhai reads
+    // cancel_at_period_end for `active` alone).
+    if let (Some(c), "active") = (s.cancel_at_period_end, s.status.as_str()) {
+        if c != m.cancel_at_period_end {
+            out.push(format!("cancel_at_period_end: {} → {c}", m.cancel_at_period_end));
+        }
+    }
+    if let Some(p) = &s.product_id {
+        if m.product_id.as_deref() != Some(p.as_str()) && m.plan_id.as_deref() != Some(p.as_str()) {
+            out.push(format!("product: {} → {p}", m.product_id.as_deref().unwrap_or("none")));
+        }
+    }
+    Ok(out)
+}
+
+/// The synthetic event for a difference: the provider's current view, for this membership.
+fn status_synced(
+    plan: &Plan,
+    m: &MembershipRow,
+    subscription_id: &str,
+    s: &Snapshot,
+    now: DateTime<Utc>,
+) -> Extraction {
+    let event_id = format!("reconcile:{}:{}", m.id, now.timestamp());
+    Extraction {
+        event: CanonicalEvent {
+            kind: Some(EventKind::StatusSynced),
+            provider: m.provider.clone(),
+            tenant: m.tenant.clone(),
+            event_id: event_id.clone(),
+            event_type: "reconcile".into(),
+            occurred_at: now,
+            member: MemberRef::default(),
+            subscription_id: Some(subscription_id.to_string()),
+            product_id: s.product_id.clone().or_else(|| m.product_id.clone()),
+            plan_id: m.plan_id.clone(),
+            status: Some(s.status.clone()),
+            period_end: s.period_end,
+            cancel_at_period_end: s.cancel_at_period_end.unwrap_or(m.cancel_at_period_end),
+            amount_cents: None,
+            currency: None,
+        },
+        idempotency_key: event_id,
+        mapping: Mapping {
+            file: plan.file.clone(),
+            event: Some("reconcile".into()),
+            case: None,
+            ignored_because: None,
+        },
+    }
+}
+
+/// Totals of a pass, as the CLI prints them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub checked: usize,
+    pub in_sync: usize,
+    pub drift_corrected: usize,
+    pub drift_unresolved: usize,
+    pub provider_unreachable: usize,
+    pub skipped: usize,
+    pub failed: usize,
+    pub reports: Vec<Report>,
+}
+
+impl Summary {
+    fn add(&mut self, r: Report) {
+        self.checked += 1;
+        match r.sync_status {
+            SyncStatus::InSync => self.in_sync += 1,
+            SyncStatus::DriftCorrected => self.drift_corrected += 1,
+            SyncStatus::DriftUnresolved => self.drift_unresolved += 1,
+            SyncStatus::ProviderUnreachable => self.provider_unreachable += 1,
+            SyncStatus::Skipped => self.skipped += 1,
+            SyncStatus::Failed => self.failed += 1,
+        }
+        self.reports.push(r);
+    }
+}
+
+/// Reconciles every membership of one member now (`POST /members/{id}/resync`,
+/// `membersync reconcile --member`). `None` when there is no such member.
+pub async fn resync_member(ctx: &Arc<Ctx>, reconciler: &Reconciler, member_id: &str) -> Option<Summary> {
+    let store = ctx.store.clone();
+    let id = member_id.to_string();
+    let detail = tokio::task::spawn_blocking(move || store.member_detail(&id, 0)).await.ok()?.ok()??;
+    let mut summary = Summary::default();
+    for m in &detail.memberships {
+        summary.add(reconciler.reconcile(ctx, m).await);
+    }
+    Some(summary)
+}
+
+/// One pass over every reconcilable membership not asked since `asked_before`, least
+/// recently asked first (`membersync reconcile` passes its start time; the schedule
+/// passes now − interval). The order comes from the stored attempt times, so a pass cut
+/// short by a restart continues where it stopped.
+pub async fn run_pass(ctx: &Arc<Ctx>, reconciler: &Arc<Reconciler>, asked_before: DateTime<Utc>) -> Summary {
+    const BATCH: usize = 64;
+    let mut summary = Summary::default();
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        let batch = match schedule::next_batch(ctx, reconciler, asked_before, BATCH).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "Could not read the reconcile queue.");
+                return summary;
+            }
+        };
+        let full = batch.len() == BATCH;
+        // What could not be recorded (our own failure) comes back; once is enough per pass.
+        let fresh: Vec<MembershipRow> = batch.into_iter().filter(|m| seen.insert(m.id.clone())).collect();
+        if fresh.is_empty() {
+            return summary;
+        }
+        for r in schedule::reconcile_batch(ctx, reconciler, fresh).await {
+            summary.add(r);
+        }
+        if !full {
+            return summary;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_fill_known_names_and_keep_other_braces() {
+        let v = Vars {
+            api_base: Some("http://127.0.0.1:9".into()),
+            subscription_id: Some("sub 1/x".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            fill("{api_base}/v1/subscriptions/{subscription_id}", &v, true).unwrap(),
+            "http://127.0.0.1:9/v1/subscriptions/sub%201%2Fx"
+        );
+        assert_eq!(
+            fill("query { subscription(id: $id) { active } }", &v, false).unwrap(),
+            "query { subscription(id: $id) { active } }"
+        );
+        assert_eq!(fill("/members/{customer_id}", &v, true), Err("{customer_id}".into()));
+        assert_eq!(fill_with("Bearer {api_key}", &v, Some("sk_test"), false).unwrap(), "Bearer sk_test");
+    }
+}

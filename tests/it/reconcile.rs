@@ -1,0 +1,471 @@
+//! Reconciliation against fake provider APIs (axum on 127.0.0.1:0) serving provider-shaped
+//! answers, through the real HTTP client: a missed cancellation, 5xx, 429 with
+//! Retry-After, a slow answer, resync over HTTP and from the CLI, the schedule.
+
+use crate::support::*;
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use membersync::clock::FixedClock;
+use membersync::config::Config;
+use membersync::secret::Secret;
+use serde_json::{json, Value};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What the fake provider answers to one request.
+#[derive(Clone)]
+enum Reply {
+    Json(u16, Value),
+    TooMany { retry_after_secs: u64 },
+    Slow(Duration, Value),
+}
+
+/// One request the fake provider received.
+#[derive(Clone, Debug)]
+struct Hit {
+    method: String,
+    path: String,
+    headers: HeaderMap,
+    body: String,
+}
+
+/// A provider API on a loopback port: per path, a queue of replies (the last repeats).
+#[derive(Clone, Default)]
+struct FakeApi {
+    replies: Arc<Mutex<HashMap<String, VecDeque<Reply>>>>,
+    hits: Arc<Mutex<Vec<Hit>>>,
+}
+
+impl FakeApi {
+    async fn start() -> (FakeApi, String) {
+        let api = FakeApi::default();
+        let state = api.clone();
+        let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+            let api = state.clone();
+            async move { api.answer(method, uri, headers, body).await }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (api, url)
+    }
+
+    fn on(&self, path: &str, replies: Vec<Reply>) {
+        self.replies.lock().unwrap().insert(path.to_string(), replies.into());
+    }
+
+    fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().unwrap().clone()
+    }
+
+    async fn answer(&self, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+        let path = uri.path().to_string();
+        self.hits.lock().unwrap().push(Hit {
+            method: method.to_string(),
+            path: path.clone(),
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        });
+        let reply = {
+            let mut all = self.replies.lock().unwrap();
+            match all.get_mut(&path) {
+                Some(q) if q.len() > 1 => q.pop_front(),
+                Some(q) => q.front().cloned(),
+                None => None,
+            }
+        };
+        match reply {
+            None => {
+                (StatusCode::NOT_FOUND, axum::Json(json!({"error": {"type": "invalid_request_error"}}))).into_response()
+            }
+            Some(Reply::Json(code, v)) => (StatusCode::from_u16(code).unwrap(), axum::Json(v)).into_response(),
+            Some(Reply::TooMany { retry_after_secs }) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", retry_after_secs.to_string())],
+                axum::Json(json!({"error": {"message": "Too many requests"}})),
+            )
+                .into_response(),
+            Some(Reply::Slow(d, v)) => {
+                tokio::time::sleep(d).await;
+                axum::Json(v).into_response()
+            }
+        }
+    }
+}
+
+const SUB: &str = "/v1/subscriptions/sub_1QxDemo001";
+const STRIPE_KEY: &str = "sk_test_reconcile_4242";
+
+/// The subscription as Stripe's API answers it (the fixture's object), with a status.
+fn stripe_subscription(status: &str) -> Value {
+    let fixture: Value = serde_json::from_slice(&fixture("stripe", "customer_subscription_created")).unwrap();
+    let mut sub = fixture["data"]["object"].clone();
+    sub["status"] = json!(status);
+    if status == "canceled" {
+        sub["ended_at"] = json!(1_767_400_000);
+        sub["canceled_at"] = json!(1_767_400_000);
+    }
+    sub
+}
+
+/// Points Stripe (and Memberstack, Memberful) at the fake, with keys and a short timeout.
+fn tune(api: &str) -> impl FnOnce(&mut Config) + '_ {
+    move |c: &mut Config| {
+        for p in ["stripe", "memberstack", "memberful", "whop"] {
+            c.api_bases.insert(p.to_string(), api.to_string());
+        }
+        let demo = c.tenants.get_mut("demo").unwrap();
+        demo.providers.get_mut("stripe").unwrap().api_key = Some(Secret::new(STRIPE_KEY));
+        demo.providers.get_mut("memberstack").unwrap().api_key = Some(Secret::new("sk_ms_test"));
+        demo.providers.get_mut("memberful").unwrap().api_key = Some(Secret::new("mf_test_key"));
+        c.reconcile.timeout = Duration::from_millis(300);
+        c.reconcile.rate_per_sec = 1000.0;
+        // The background schedule stays off unless a test turns it on.
+        c.reconcile.enabled = false;
+    }
+}
+
+const T0: i64 = 1_767_300_000; // after the fixtures' own times
+
+/// A server whose Ada bought Pro through Stripe (checkout + subscription created).
+async fn ada_on_stripe(api: &str) -> (Server, Arc<FixedClock>, String) {
+    let clock = Arc::new(FixedClock::new(at(T0)));
+    let s = Server::start_tuned(clock.clone(), tune(api)).await;
+    deliver(&s.ctx, "stripe", "checkout_session_completed").await;
+    deliver(&s.ctx, "stripe", "customer_subscription_created").await;
+    let id = member(&s.ctx, "ada@example.com").member.id;
+    (s, clock, id)
+}
+
+fn assert_no_key(text: &str) {
+    assert!(!text.contains(STRIPE_KEY), "the API key leaked: {text}");
+}
+
+// See: issue 5 (the cancellation webhook never arrived; reconciliation ends access).
+#[tokio::test]
+async fn issue_5_missed_stripe_cancellation_is_caught_by_reconciliation() {
+    let (api, api_url) = FakeApi::start().await;
+    api.on(SUB, vec![Reply::Json(200, stripe_subscription("canceled"))]);
+    let (s, _clock, id) = ada_on_stripe(&api_url).await;
+    let (_, before) = s.get(&format!("/members/{id}"), Some(TOKEN)).await;
+    assert_eq!(before["access_levels"], json!(["pro"]));
+    assert_eq!(before["memberships"][0]["sync_status"], "never_reconciled");
+
+    // The customer.subscription.deleted webhook is dropped; a reconcile pass runs.
+    let summary = membersync::cli::reconcile_summary(&s.ctx, None).await.unwrap();
+    assert_eq!((summary.checked, summary.drift_corrected), (1, 1), "{summary:?}");
+
+    let (_, m) = s.get(&format!("/members/{id}"), Some(TOKEN)).await;
+    let ms = &m["memberships"][0];
+    assert_eq!(m["access_levels"], json!([]), "access ended: {m}");
+    assert_eq!(ms["state"], "canceled");
+    assert_eq!(ms["has_access"], false);
+    assert_eq!(ms["sync_status"], "drift_corrected");
+    assert_eq!(ms["last_reconciled_at"], "2026-01-01T20:40:00Z");
+    let drift = ms["last_drift"]["what"].as_str().unwrap();
+    assert!(drift.contains("status: provider says `canceled`, membership is `active`"), "{drift}");
+    assert!(drift.contains("active → canceled"), "{drift}");
+    assert_eq!(ms["last_drift"]["at"], "2026-01-01T20:40:00Z");
+    assert!(ms["last_webhook_at"].is_string(), "{ms}");
+
+    // The activity log says why: source reconcile, the rule, the transition.
+    let e = &m["recent_events"][0];
+    assert_eq!(e["source"], "reconcile");
+    assert_eq!(e["kind"], "status_synced");
+    assert_eq!(e["status"], "applied");
+    assert_eq!((e["from"].as_str(), e["to"].as_str()), (Some("active"), Some("canceled")));
+    assert_eq!(e["rule"]["file"], "rules/status.rhai");
+    assert_eq!(e["rule"]["function"], "on_status_synced");
+    assert!(e["effects"].to_string().contains("revoke_access"), "{e}");
+    let event_id = e["event_id"].as_str().unwrap();
+    assert!(event_id.starts_with(&format!("reconcile:{}:", ms["id"].as_str().unwrap())), "{event_id}");
+
+    // The stored event keeps what the provider answered and which request asked.
+    let (_, stored) = s.get(&format!("/events/{event_id}"), Some(TOKEN)).await;
+    assert!(stored["raw"]["body"].as_str().unwrap().contains("\"canceled\""), "{stored}");
+    assert_eq!(stored["headers"][0][1], format!("GET {api_url}{SUB}"));
+
+    // The request carried the key in its header, and nothing shows it.
+    let hits = api.hits();
+    assert_eq!(hits.len(), 1);
+    assert_eq!((hits[0].method.as_str(), hits[0].path.as_str()), ("GET", SUB));
+    assert_eq!(hits[0].headers["authorization"], format!("Bearer {STRIPE_KEY}"));
+    assert_no_key(&m.to_string());
+    assert_no_key(&stored.to_string());
+    let metrics = s.get_text("/metrics").await;
+    assert!(metrics.contains("membersync_reconcile_drift_total 1\n"), "{metrics}");
+    assert!(metrics.contains("membersync_memberships_by_sync_status{status=\"drift_corrected\"} 1\n"), "{metrics}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn provider_500_changes_nothing_and_member_shows_provider_unreachable() {
+    let (api, api_url) = FakeApi::start().await;
+    api.on(SUB, vec![Reply::Json(500, json!({"error": {"message": "An unknown error occurred"}}))]);
+    let (s, _clock, id) = ada_on_stripe(&api_url).await;
+
+    let (status, m) = s.post_admin(&format!("/members/{id}/resync")).await;
+    assert_eq!(status, 200, "{m}");
+    let ms = &m["memberships"][0];
+    assert_eq!(ms["state"], "active", "state untouched");
+    assert_eq!(ms["has_access"], true);
+    assert_eq!(m["access_levels"], json!(["pro"]));
+    assert_eq!(ms["sync_status"], "provider_unreachable");
+    assert_eq!(ms["last_reconciled_at"], Value::Null, "no comparison happened");
+    assert_eq!(ms["last_reconcile_attempt_at"], "2026-01-01T20:40:00Z");
+    let err = ms["last_error"]["error"].as_str().unwrap();
+    assert!(err.starts_with("HTTP 500 Internal Server Error from GET ") && err.contains("unknown error"), "{err}");
+    assert_eq!(m["resync"][0]["sync_status"], "provider_unreachable");
+    assert_eq!(m["recent_events"].as_array().unwrap().len(), 2, "no event was fed");
+    assert_no_key(&m.to_string());
+    let metrics = s.get_text("/metrics").await;
+    assert!(metrics.contains("membersync_reconcile_errors_total 1\n"), "{metrics}");
+    assert!(metrics.contains("membersync_reconcile_drift_total 0\n"), "{metrics}");
+    // Resync needs the admin token and a known member.
+    let anon = reqwest::Client::new().post(format!("{}/members/{id}/resync", s.url)).send().await.unwrap();
+    assert_eq!(anon.status().as_u16(), 401);
+    assert_eq!(s.post_admin("/members/mbr_nope/resync").await.0, 404);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn too_many_requests_is_waited_out_per_retry_after_then_read() {
+    let (api, api_url) = FakeApi::start().await;
+    api.on(SUB, vec![Reply::TooMany { retry_after_secs: 1 }, Reply::Json(200, stripe_subscription("active"))]);
+    let (s, _clock, id) = ada_on_stripe(&api_url).await;
+
+    // The CLI's own function, for one member.
+    let summary = membersync::cli::reconcile_summary(&s.ctx, Some(&id)).await.unwrap();
+    assert_eq!(summary.in_sync, 1, "{summary:?}");
+    assert_eq!(api.hits().len(), 2, "asked again after the 429");
+    let text = membersync::cli::render_summary(&summary);
+    assert!(text.contains(" stripe in_sync: in sync: provider says active, period end 2026-02-01T00:00:00Z"), "{text}");
+    assert!(text.ends_with("checked 1: 1 in sync, 0 drift corrected, 0 drift unresolved, 0 provider unreachable, 0 skipped, 0 failed\n"), "{text}");
+
+    let d = member(&s.ctx, "ada@example.com");
+    assert_eq!(d.memberships[0].sync_status, "in_sync");
+    assert_eq!(d.recent_events.len(), 2, "in sync: nothing fed");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn slow_answer_past_the_timeout_is_provider_unreachable() {
+    let (api, api_url) = FakeApi::start().await;
+    api.on(SUB, vec![Reply::Slow(Duration::from_secs(5), stripe_subscription("canceled"))]);
+    let (s, _clock, id) = ada_on_stripe(&api_url).await;
+
+    let (_, m) = s.post_admin(&format!("/members/{id}/resync")).await;
+    let ms = &m["memberships"][0];
+    assert_eq!(ms["sync_status"], "provider_unreachable");
+    assert_eq!(ms["state"], "active", "the slow `canceled` was never read");
+    let err = ms["last_error"]["error"].as_str().unwrap();
+    assert!(err.starts_with("no answer within 0.3 s"), "{err}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn drift_in_period_end_and_scheduled_cancel_is_corrected_and_next_pass_is_in_sync() {
+    let (api, api_url) = FakeApi::start().await;
+    // Renewed and set to cancel at the end of the new period; both webhooks were missed.
+    let mut sub = stripe_subscription("active");
+    sub["items"]["data"][0]["current_period_end"] = json!(1_772_323_200);
+    sub["cancel_at_period_end"] = json!(true);
+    api.on(SUB, vec![Reply::Json(200, sub)]);
+    let (s, clock, id) = ada_on_stripe(&api_url).await;
+
+    let (_, m) = s.post_admin(&format!("/members/{id}/resync")).await;
+    let ms = &m["memberships"][0];
+    assert_eq!(ms["state"], "canceling", "{m}");
+    assert_eq!(ms["has_access"], true);
+    assert_eq!(ms["period_end"], "2026-03-01T00:00:00Z");
+    assert_eq!(ms["access_until"], "2026-03-01T00:00:00Z");
+    let what = ms["last_drift"]["what"].as_str().unwrap();
+    assert!(what.contains("period_end: 2026-02-01T00:00:00Z → 2026-03-01T00:00:00Z"), "{what}");
+    assert!(what.contains("cancel_at_period_end: false → true"), "{what}");
+
+    // A day later the schedule asks again: nothing differs, nothing is fed.
+    clock.set(at(T0 + 86_400));
+    let summary = membersync::cli::reconcile_summary(&s.ctx, None).await.unwrap();
+    assert_eq!((summary.checked, summary.in_sync), (1, 1), "{summary:?}");
+    let (_, m) = s.get(&format!("/members/{id}"), Some(TOKEN)).await;
+    let ms = &m["memberships"][0];
+    assert_eq!(ms["sync_status"], "in_sync");
+    assert_eq!(ms["last_reconciled_at"], "2026-01-02T20:40:00Z");
+    assert!(ms["last_drift"]["what"].as_str().unwrap().contains("period_end"), "the last drift stays on record");
+    assert_eq!(m["recent_events"].as_array().unwrap().len(), 3);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_provider_status_is_refused_by_the_rules_not_guessed() {
+    let (api, api_url) = FakeApi::start().await;
+    api.on(SUB, vec![Reply::Json(200, stripe_subscription("on_hold_by_bank"))]);
+    let (s, _clock, id) = ada_on_stripe(&api_url).await;
+    let (_, m) = s.post_admin(&format!("/members/{id}/resync")).await;
+    let ms = &m["memberships"][0];
+    assert_eq!(ms["sync_status"], "drift_unresolved");
+    assert_eq!(ms["state"], "active");
+    assert_eq!(ms["has_access"], true);
+    assert!(ms["flags"].to_string().contains("unknown provider status `on_hold_by_bank`"), "{ms}");
+    assert_eq!(m["recent_events"][0]["status"], "refused");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn schedule_walks_least_recently_asked_first_and_resumes_from_the_store() {
+    let (api, api_url) = FakeApi::start().await;
+    let clock = Arc::new(FixedClock::new(at(T0)));
+    let s = Server::start_tuned(clock.clone(), tune(&api_url)).await;
+    // Two Stripe subscriptions: Ada's and Bob's.
+    let ada = deliver(&s.ctx, "stripe", "customer_subscription_created").await.outcome.member_id.unwrap();
+    let bob = String::from_utf8(fixture("stripe", "customer_subscription_created"))
+        .unwrap()
+        .replace("sub_1QxDemo001", "sub_Bob002")
+        .replace("cus_QxDemo001", "cus_Bob002")
+        .replace("evt_", "evt_bob_")
+        .into_bytes();
+    let headers = signed_headers(&s.ctx, "stripe", &bob, at(T0));
+    membersync::ingest::accept(&s.ctx, "demo", "stripe", headers, bob).await.unwrap();
+    api.on(SUB, vec![Reply::Json(200, stripe_subscription("active"))]);
+    let mut bob_sub = stripe_subscription("active");
+    bob_sub["id"] = json!("sub_Bob002");
+    api.on("/v1/subscriptions/sub_Bob002", vec![Reply::Json(200, bob_sub)]);
+
+    let reconciler = membersync::reconcile::reconciler(&s.ctx);
+    let queue = |before: i64| {
+        let (ctx, r) = (s.ctx.clone(), reconciler.clone());
+        async move {
+            membersync::reconcile::schedule::next_batch(&ctx, &r, at(before), 10)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|m| m.key)
+                .collect::<Vec<_>>()
+        }
+    };
+    let mut both = queue(T0 + 1).await;
+    both.sort();
+    assert_eq!(both, vec!["sub:sub_1QxDemo001", "sub:sub_Bob002"]);
+
+    // Bob's was asked an hour ago (a pass cut short by a restart): Ada's goes first now.
+    clock.set(at(T0 - 3600));
+    let bob_row = s.ctx.store.reconcile_queue(&[("demo".into(), "stripe".into())], at(T0), 10).unwrap();
+    let bob_row = bob_row.into_iter().find(|m| m.key == "sub:sub_Bob002").unwrap();
+    reconciler.reconcile(&s.ctx, &bob_row).await;
+    clock.set(at(T0));
+    assert_eq!(queue(T0 + 1).await, vec!["sub:sub_1QxDemo001", "sub:sub_Bob002"], "never asked first");
+    assert_eq!(queue(T0 - 3600).await, vec!["sub:sub_1QxDemo001"], "Bob's is not due yet");
+
+    // The background schedule (as `serve` runs it) picks up what is due by itself.
+    let mut ctx_on = (*s.ctx.config()).clone();
+    ctx_on.reconcile.enabled = true;
+    ctx_on.reconcile.interval = Duration::from_secs(1800);
+    let ctx = Arc::new(membersync::pipeline::Ctx::new(ctx_on, rules(), s.ctx.store.clone(), clock.clone()));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(membersync::reconcile::schedule::run(ctx.clone(), async move {
+        let _ = rx.await;
+    }));
+    let mut done = false;
+    for _ in 0..200 {
+        let d = ctx.store.member_detail(&ada, 0).unwrap().unwrap();
+        if d.memberships[0].sync_status == "in_sync" {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = tx.send(());
+    task.await.unwrap();
+    assert!(done, "the schedule reconciled the due membership on its own");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn memberstack_plan_connection_is_selected_from_the_member_and_thrivecart_is_skipped() {
+    let (api, api_url) = FakeApi::start().await;
+    let clock = Arc::new(FixedClock::new(at(T0)));
+    let s = Server::start_tuned(clock.clone(), tune(&api_url)).await;
+    deliver(&s.ctx, "memberstack", "member_plan_added").await;
+    api.on(
+        "/members/mem_cm5sam0r1v3ra",
+        vec![Reply::Json(
+            200,
+            json!({"data": {"id": "mem_cm5sam0r1v3ra", "auth": {"email": "sam@example.com"}, "planConnections": [
+                {"id": "con_other", "status": "ACTIVE", "planId": "pln_lifetime-9f2k0a1b"},
+                {"id": "con_cm5pro0sam0001", "status": "PAST_DUE", "planId": "pln_pro-monthly-4h1c0zq5",
+                 "payment": {"nextBillingDate": 1_769_904_000}}
+            ]}}),
+        )],
+    );
+    let id = member(&s.ctx, "sam@example.com").member.id;
+    let (_, m) = s.post_admin(&format!("/members/{id}/resync")).await;
+    let ms = &m["memberships"][0];
+    assert_eq!(ms["state"], "past_due", "{m}");
+    assert_eq!(ms["has_access"], true, "grace period");
+    assert_eq!(ms["sync_status"], "drift_corrected");
+    assert!(ms["grace_until"].is_string());
+    let hits = api.hits();
+    assert_eq!(hits[0].headers["x-api-key"], "sk_ms_test");
+
+    // ThriveCart has no status API: its memberships are skipped with the reason.
+    let summary = membersync::cli::reconcile_summary(&s.ctx, Some(&id)).await.unwrap();
+    assert_eq!(summary.reports[0].provider, "memberstack");
+    let r = membersync::reconcile::reconciler(&s.ctx);
+    let why = r.why_not(&s.ctx.config(), "demo", "thrivecart").unwrap();
+    assert!(why.contains("ThriveCart documents no API"), "{why}");
+    assert!(r.why_not(&s.ctx.config(), "demo", "whop").unwrap().contains("no API key for whop"));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn memberful_is_asked_by_graphql_post_with_the_subscription_id() {
+    let (api, api_url) = FakeApi::start().await;
+    let clock = Arc::new(FixedClock::new(at(T0)));
+    let s = Server::start_tuned(clock.clone(), tune(&api_url)).await;
+    let body = fixture("memberful", "subscription_created");
+    let headers = signed_headers(&s.ctx, "memberful", &body, at(T0));
+    let ack = membersync::ingest::accept(&s.ctx, "demo", "memberful", headers, body).await.unwrap();
+    let d = s.ctx.store.member_detail(ack.outcome.member_id.as_deref().unwrap(), 10).unwrap().unwrap();
+    let sub = d.memberships[0].subscription_id.clone().unwrap();
+    api.on(
+        "/api/graphql",
+        vec![Reply::Json(
+            200,
+            json!({"data": {"subscription": {"id": sub, "active": false, "autorenew": false,
+            "expiresAt": 1_767_225_600, "plan": {"id": "41201"}}}}),
+        )],
+    );
+    let (_, m) = s.post_admin(&format!("/members/{}/resync", d.member.id)).await;
+    let ms = &m["memberships"][0];
+    assert_eq!(ms["state"], "expired", "{m}");
+    assert_eq!(ms["has_access"], false);
+    let hits = api.hits();
+    assert_eq!(hits[0].method, "POST");
+    assert_eq!(hits[0].headers["authorization"], "Bearer mf_test_key");
+    let sent: Value = serde_json::from_str(&hits[0].body).unwrap();
+    assert_eq!(sent["variables"]["id"], json!(sub));
+    assert!(sent["query"].as_str().unwrap().contains("subscription(id: $id)"));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn one_time_purchase_is_not_asked_and_the_schedule_moves_past_it() {
+    let (api, api_url) = FakeApi::start().await;
+    let clock = Arc::new(FixedClock::new(at(T0)));
+    let s = Server::start_tuned(clock.clone(), tune(&api_url)).await;
+    let ack = deliver(&s.ctx, "stripe", "checkout_session_completed_payment").await;
+    let id = ack.outcome.member_id.unwrap();
+    let summary = membersync::cli::reconcile_summary(&s.ctx, None).await.unwrap();
+    assert_eq!((summary.checked, summary.skipped), (1, 1), "{summary:?}");
+    assert!(api.hits().is_empty(), "nothing to ask about a one-time purchase");
+    let (_, m) = s.get(&format!("/members/{id}"), Some(TOKEN)).await;
+    let ms = &m["memberships"][0];
+    assert_eq!(ms["sync_status"], "never_reconciled");
+    assert!(ms["sync_detail"].as_str().unwrap().starts_with("not asked: a one-time purchase"), "{ms}");
+    let reconciler = membersync::reconcile::reconciler(&s.ctx);
+    let next = membersync::reconcile::schedule::next_batch(&s.ctx, &reconciler, at(T0), 10).await.unwrap();
+    assert!(next.is_empty(), "asked at T0: not due again within the interval");
+    s.stop().await;
+}
