@@ -2,6 +2,7 @@
 
 mod check;
 mod extract;
+mod guarantees;
 mod lifecycle;
 mod reconcile;
 mod reload;

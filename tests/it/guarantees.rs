@@ -1,0 +1,138 @@
+//! The promises of the README's "Guarantees" section, each proven here.
+
+use crate::support::*;
+use membersync::clock::{Clock, FixedClock, SystemClock};
+use membersync::pipeline::Status;
+use std::sync::Arc;
+
+/// The same delivery 50 times at once: applied once, 49 duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_delivery_fifty_times_concurrently_applies_once() {
+    let s = Server::start().await;
+    let body = fixture("stripe", "customer_subscription_created");
+    let headers = signed_headers(&s.ctx, "stripe", &body, SystemClock.now());
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let (url, headers, body) = (s.url.clone(), headers.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut req = reqwest::Client::new().post(format!("{url}/webhooks/demo/stripe")).body(body);
+            for (k, v) in &headers {
+                req = req.header(k, v);
+            }
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status().as_u16(), 200);
+            resp.json::<serde_json::Value>().await.unwrap()["status"].as_str().unwrap().to_string()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    assert_eq!(statuses.iter().filter(|s| *s == "applied").count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| *s == "duplicate").count(), 49);
+    let rows = s.ctx.store.events(None, 100).unwrap();
+    assert_eq!(rows.len(), 1, "stored once");
+    let d = s.ctx.store.member_detail(rows[0].member_id.as_deref().unwrap(), 10).unwrap().unwrap();
+    assert_eq!(d.memberships.len(), 1);
+    s.stop().await;
+}
+
+/// When the writer's queue is full the answer is 503 with Retry-After, not more memory.
+#[tokio::test]
+async fn full_write_queue_answers_503_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&dir.path().join("m.db").display().to_string());
+    config.queue_capacity = 1;
+    let store: Arc<dyn membersync::store::Store> = Arc::new(
+        membersync::store::sqlite::SqliteStore::open(
+            &config.database,
+            membersync::store::sqlite::Options { queue_capacity: 1, max_batch: 1 },
+        )
+        .unwrap(),
+    );
+    let ctx = Arc::new(membersync::pipeline::Ctx::new(config, rules(), store.clone(), Arc::new(SystemClock)));
+    // Hold the writer, then fill its one queue slot.
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    store
+        .submit(Box::new(move |_tx| {
+            let _ = held_tx.send(());
+            let _ = release_rx.recv();
+            (true, Box::new(|_| {}))
+        }))
+        .unwrap();
+    held_rx.recv().unwrap();
+    store.submit(Box::new(|_tx| (true, Box::new(|_| {})))).unwrap();
+
+    let app = membersync::app::router(ctx.clone());
+    let body = fixture("stripe", "invoice_paid");
+    let mut req = axum::http::Request::post("/webhooks/demo/stripe");
+    for (k, v) in signed_headers(&ctx, "stripe", &body, SystemClock.now()) {
+        req = req.header(k, v);
+    }
+    let resp = tower::ServiceExt::oneshot(app, req.body(axum::body::Body::from(body)).unwrap()).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    release_tx.send(()).unwrap();
+}
+
+/// Bad input: each answered with its status, nothing half-written; unreadable fields are
+/// stored as dead letters with the reason.
+#[tokio::test]
+async fn bad_input_gets_its_status_and_unreadable_fields_are_dead_lettered() {
+    let s = Server::start().await;
+    let url = "/webhooks/demo/stripe";
+    let post = |body: Vec<u8>| {
+        let headers = signed_headers(&s.ctx, "stripe", &body, SystemClock.now());
+        let s = &s;
+        async move { s.post(url, &headers, body).await }
+    };
+    // Not UTF-8.
+    let (status, err) = post(vec![0xff, 0xfe, b'{', b'}']).await;
+    assert_eq!(status, 400, "{err}");
+    // Nested deeper than a sane limit.
+    let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    let (status, err) = post(format!(r#"{{"id":"evt_deep","type":"x","created":1,"a":{deep}}}"#).into_bytes()).await;
+    assert_eq!(status, 400, "{err}");
+    assert!(s.ctx.store.events(None, 10).unwrap().is_empty(), "nothing stored for undecodable bodies");
+
+    // A mapped field of the wrong type: stored, dead-lettered with the reason.
+    let body = String::from_utf8(fixture("stripe", "invoice_paid"))
+        .unwrap()
+        .replace("\"created\": 1767225603", "\"created\": \"yesterday\"");
+    assert!(body.contains("yesterday"));
+    let (status, ack) = post(body.into_bytes()).await;
+    assert_eq!((status, ack["status"].as_str()), (200, Some("failed")), "{ack}");
+    let dead = s.ctx.store.events(Some("failed"), 10).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].reason.as_deref().unwrap().contains("occurred_at"), "{:?}", dead[0].reason);
+    assert!(!dead[0].raw.is_empty(), "the raw body is kept for replay");
+    s.stop().await;
+}
+
+/// A rule with an endless loop is stopped by the limits: the event is dead-lettered and
+/// the service keeps serving.
+#[tokio::test]
+async fn runaway_rule_dead_letters_its_event_and_the_service_keeps_serving() {
+    let (dir, config) = editable_config();
+    let clock = Arc::new(FixedClock::new(at(1_767_225_600)));
+    let ctx = ctx_with(config, clock.clone());
+    let pause = dir.path().join("rules/pause.rhai");
+    let src = std::fs::read_to_string(&pause).unwrap();
+    std::fs::write(
+        &pause,
+        src.replace("fn on_paused(ev, m, cfg) {", "fn on_paused(ev, m, cfg) {\n    let n = 0; loop { n += 1; }"),
+    )
+    .unwrap();
+    membersync::reload::reload(&ctx, "test").unwrap();
+    deliver(&ctx, "stripe", "checkout_session_completed").await;
+    deliver(&ctx, "stripe", "customer_subscription_created").await;
+    clock.set(at(1_772_020_855));
+    let ack = deliver(&ctx, "stripe", "customer_subscription_paused").await;
+    assert_eq!(ack.status, Status::Failed);
+    assert!(ack.outcome.reason.as_deref().unwrap().contains("rules/pause.rhai"), "{:?}", ack.outcome.reason);
+    assert_eq!(member(&ctx, "ada@example.com").memberships[0].state.as_str(), "active");
+    // Still serving.
+    clock.set(at(1_772_184_033));
+    assert_eq!(deliver(&ctx, "stripe", "customer_subscription_resumed").await.status, Status::Ignored);
+}
