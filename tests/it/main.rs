@@ -1,6 +1,7 @@
 //! Integration tests: one binary (one link step), a module per area.
 
 mod check;
+mod crash;
 mod extract;
 mod guarantees;
 mod lifecycle;

@@ -1,0 +1,220 @@
+//! The service as a child process: killed with SIGKILL mid-stream, every event answered 2xx
+//! is stored and applied after restart, and the unanswered ones are accepted when resent;
+//! timers due while it was down fire at start. SIGTERM finishes requests in flight.
+
+use crate::support::*;
+use membersync::clock::{Clock, SystemClock};
+use membersync::store::Store;
+use serde_json::Value;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Service {
+    child: Child,
+    url: String,
+}
+
+async fn spawn(dir: &std::path::Path, port: u16) -> Service {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_membersync"))
+        .args(["serve", "--config"])
+        .arg(dir.join("membersync.yaml"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("MEMBERSYNC_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the service starts");
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if let Ok(r) = reqwest::get(format!("{url}/healthz")).await {
+            if r.status().is_success() {
+                return Service { child, url };
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the service did not come up");
+}
+
+impl Drop for Service {
+    /// A failing test never leaves the service running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A distinct `invoice.paid` per index (its own event and subscription).
+fn event(i: usize) -> (String, Vec<u8>) {
+    let id = format!("evt_crash_{i}");
+    let body = String::from_utf8(fixture("stripe", "invoice_paid"))
+        .unwrap()
+        .replace("evt_1QxaZ1K7dEmoAc01GAm3W0e2", &id)
+        .replace("sub_1QxDemo001", &format!("sub_crash_{i}"))
+        .replace("cus_QxDemo001", &format!("cus_crash_{i}"))
+        .replace("ada@example.com", &format!("buyer{i}@example.com"));
+    (id, body.into_bytes())
+}
+
+async fn send(client: &reqwest::Client, url: &str, ctx: &membersync::pipeline::Ctx, body: Vec<u8>) -> Option<Value> {
+    let headers = signed_headers(ctx, "stripe", &body, SystemClock.now());
+    let mut req = client.post(format!("{url}/webhooks/demo/stripe")).body(body).timeout(Duration::from_secs(5));
+    for (k, v) in headers {
+        req = req.header(k, v);
+    }
+    let resp = req.send().await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.json().await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_no_acknowledged_event_and_timers_fire_after_restart() {
+    let (dir, config) = editable_config();
+    let signer = ctx_with(config, Arc::new(membersync::clock::FixedClock::new(SystemClock.now())));
+    let port = free_port();
+    let mut svc = spawn(dir.path(), port).await;
+    let client = reqwest::Client::new();
+
+    // A subscription whose period ends 3 s from now, cancel scheduled: its timer falls due
+    // while the service is down.
+    let now = SystemClock.now().timestamp();
+    for file in ["1_checkout_completed.json", "2_subscription_created.json", "5_cancel_at_period_end.json"] {
+        let raw = std::fs::read(root().join("examples/stripe").join(file)).unwrap();
+        let raw = String::from_utf8(raw).unwrap().replace("${now+2m}", "${now+3s}");
+        let body = membersync::cli::expand_time(raw.as_bytes(), now).unwrap();
+        let ack = send(&client, &svc.url, &signer, body).await.expect("accepted");
+        assert_eq!(ack["status"], "applied", "{file}: {ack}");
+    }
+
+    // Stream 300 events from 16 senders; kill the service once 100 are acknowledged.
+    let total = 300;
+    let acked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut senders = Vec::new();
+    for _ in 0..16 {
+        let (client, url, signer, acked, next) =
+            (client.clone(), svc.url.clone(), signer.clone(), acked.clone(), next.clone());
+        senders.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= total {
+                    return;
+                }
+                let (id, body) = event(i);
+                match send(&client, &url, &signer, body).await {
+                    Some(ack) if ack["status"] == "applied" => acked.lock().unwrap().push(id),
+                    Some(ack) => panic!("unexpected answer {ack}"),
+                    None => {} // unanswered: the service died under it
+                }
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked.lock().unwrap().len() < 100 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    svc.child.kill().unwrap(); // SIGKILL
+    svc.child.wait().unwrap();
+    for s in senders {
+        s.await.unwrap();
+    }
+    let acked: Vec<String> = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 100 && acked.len() < total, "killed mid-stream: {} acknowledged", acked.len());
+
+    // Down past the period end; then up again on the same database.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut svc = spawn(dir.path(), port).await;
+
+    // Every acknowledged event is stored and applied.
+    for id in &acked {
+        let (status, e) = get(&svc.url, &format!("/events/{id}")).await;
+        assert_eq!(status, 200, "{id} lost");
+        assert_eq!(e["status"], "applied", "{id}: {e}");
+    }
+    // The unanswered ones are accepted when resent (some may have committed before the kill).
+    for i in 0..total {
+        let (id, body) = event(i);
+        let ack = send(&client, &svc.url, &signer, body).await.expect("accepted after restart");
+        let expected: &[&str] = if acked.contains(&id) { &["duplicate"] } else { &["applied", "duplicate"] };
+        assert!(expected.contains(&ack["status"].as_str().unwrap()), "{id}: {ack}");
+    }
+    // The timer that fell due during the outage fired at start.
+    let mut state = Value::Null;
+    for _ in 0..100 {
+        let (_, found) = get(&svc.url, "/members?email=ada@example.com").await;
+        state = found["members"][0]["memberships"][0]["state"].clone();
+        if state == "canceled" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(state, "canceled");
+    svc.child.kill().unwrap();
+    svc.child.wait().unwrap();
+    let store = membersync::store::sqlite::SqliteStore::open(
+        &dir.path().join("membersync.db").display().to_string(),
+        Default::default(),
+    )
+    .unwrap();
+    let applied = store.event_counts().unwrap().into_iter().find(|(s, _)| s == "applied").map(|(_, n)| n).unwrap();
+    assert_eq!(applied as usize, total + 3 + 1, "every event applied exactly once (+3 setup +1 timer)");
+}
+
+async fn get(url: &str, path: &str) -> (u16, Value) {
+    let resp = reqwest::Client::new().get(format!("{url}{path}")).bearer_auth(TOKEN).send().await.unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_requests_in_flight_then_exits() {
+    let (dir, config) = editable_config();
+    let signer = ctx_with(config, Arc::new(membersync::clock::FixedClock::new(SystemClock.now())));
+    let mut svc = spawn(dir.path(), free_port()).await;
+    let client = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let (client, url, signer) = (client.clone(), svc.url.clone(), signer.clone());
+        tasks.push(tokio::spawn(async move {
+            let (id, body) = event(i);
+            (id, send(&client, &url, &signer, body).await)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let pid = svc.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = svc.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "the service did not stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "clean exit: {status}");
+    let mut answered = Vec::new();
+    for t in tasks {
+        let (id, ack) = t.await.unwrap();
+        if let Some(ack) = ack {
+            assert_eq!(ack["status"], "applied");
+            answered.push(id);
+        }
+    }
+    let store = membersync::store::sqlite::SqliteStore::open(
+        &dir.path().join("membersync.db").display().to_string(),
+        Default::default(),
+    )
+    .unwrap();
+    for id in &answered {
+        assert_eq!(store.events_by_event_id(id).unwrap().len(), 1, "{id} answered but not stored");
+    }
+}
