@@ -15,28 +15,51 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
-/// Proof that the request carried the admin token.
-pub struct AdminToken;
+/// Proof that the request carried an admin token, and what it may see: every tenant
+/// (the global token) or one tenant (that tenant's token).
+pub struct AdminToken {
+    tenant: Option<String>,
+}
+
+impl AdminToken {
+    /// Whether this token may see `tenant`'s data.
+    pub fn allows(&self, tenant: &str) -> bool {
+        self.tenant.as_deref().is_none_or(|t| t == tenant)
+    }
+
+    /// Global endpoints (rules, reload) need the global token.
+    pub fn require_global(&self) -> Result<(), ApiError> {
+        match self.tenant {
+            None => Ok(()),
+            Some(_) => Err(ApiError::Forbidden),
+        }
+    }
+}
 
 impl FromRequestParts<Arc<Ctx>> for AdminToken {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, ctx: &Arc<Ctx>) -> Result<Self, Self::Rejection> {
         let config = ctx.config();
-        let Some(expected) = &config.admin_token else {
-            return Err(ApiError::AdminUnauthorized);
-        };
         let given = parts
             .headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        if bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes())) {
-            Ok(AdminToken)
-        } else {
-            Err(ApiError::AdminUnauthorized)
+        if given.is_empty() {
+            return Err(ApiError::AdminUnauthorized);
         }
+        let matches = |s: &crate::secret::Secret| bool::from(given.as_bytes().ct_eq(s.expose().as_bytes()));
+        if config.admin_token.as_ref().is_some_and(matches) {
+            return Ok(AdminToken { tenant: None });
+        }
+        for t in config.tenants.values() {
+            if t.admin_token.as_ref().is_some_and(matches) {
+                return Ok(AdminToken { tenant: Some(t.name.clone()) });
+            }
+        }
+        Err(ApiError::AdminUnauthorized)
     }
 }
 
@@ -138,12 +161,15 @@ pub fn member_json(d: &MemberDetail, now: DateTime<Utc>) -> Value {
 
 /// `GET /members/{id}`.
 pub async fn member(
-    _: AdminToken,
+    token: AdminToken,
     State(ctx): State<Arc<Ctx>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let store = ctx.store.clone();
     let d = blocking(move || store.member_detail(&id, 50)).await?.ok_or(ApiError::NotFound)?;
+    if !token.allows(&d.member.tenant) {
+        return Err(ApiError::NotFound);
+    }
     Ok(Json(member_json(&d, ctx.clock.now())))
 }
 
@@ -151,10 +177,16 @@ pub async fn member(
 /// provider now, corrects drift through the rules, and answers the member JSON after,
 /// with what each membership's comparison found under `resync`.
 pub async fn resync(
-    _: AdminToken,
+    token: AdminToken,
     State(ctx): State<Arc<Ctx>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    let store = ctx.store.clone();
+    let who = id.clone();
+    let found = blocking(move || store.member_detail(&who, 0)).await?.ok_or(ApiError::NotFound)?;
+    if !token.allows(&found.member.tenant) {
+        return Err(ApiError::NotFound);
+    }
     let reconciler = crate::reconcile::reconciler(&ctx);
     let summary = crate::reconcile::resync_member(&ctx, &reconciler, &id).await.ok_or(ApiError::NotFound)?;
     let store = ctx.store.clone();
@@ -171,7 +203,7 @@ pub struct EmailQuery {
 
 /// `GET /members?email=E`.
 pub async fn members(
-    _: AdminToken,
+    token: AdminToken,
     State(ctx): State<Arc<Ctx>>,
     Query(q): Query<EmailQuery>,
 ) -> Result<Json<Value>, ApiError> {
@@ -180,6 +212,9 @@ pub async fn members(
     let details = blocking(move || {
         let mut out = Vec::new();
         for m in store.members_by_email(&email)? {
+            if !token.allows(&m.tenant) {
+                continue;
+            }
             if let Some(d) = store.member_detail(&m.id, 20)? {
                 out.push(d);
             }
@@ -199,13 +234,17 @@ pub struct EventsQuery {
 
 /// `GET /events?status=S&limit=N`.
 pub async fn events(
-    _: AdminToken,
+    token: AdminToken,
     State(ctx): State<Arc<Ctx>>,
     Query(q): Query<EventsQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let store = ctx.store.clone();
     let limit = q.limit.unwrap_or(50).min(1000);
-    let rows = blocking(move || store.events(q.status.as_deref(), limit)).await?;
+    let scoped = token.tenant.is_some();
+    let fetch = if scoped { 10_000 } else { limit };
+    let mut rows = blocking(move || store.events(q.status.as_deref(), fetch)).await?;
+    rows.retain(|e| token.allows(&e.tenant));
+    rows.truncate(limit);
     Ok(Json(json!({ "events": rows.iter().map(activity_json).collect::<Vec<_>>() })))
 }
 
@@ -241,12 +280,13 @@ pub fn event_json(e: &EventRow) -> Value {
 
 /// `GET /events/{event_id}`.
 pub async fn event(
-    _: AdminToken,
+    token: AdminToken,
     State(ctx): State<Arc<Ctx>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let store = ctx.store.clone();
-    let rows = blocking(move || store.events_by_event_id(&id)).await?;
+    let mut rows = blocking(move || store.events_by_event_id(&id)).await?;
+    rows.retain(|e| token.allows(&e.tenant));
     match rows.len() {
         0 => Err(ApiError::NotFound),
         1 => Ok(Json(event_json(&rows[0]))),
@@ -255,9 +295,10 @@ pub async fn event(
 }
 
 /// `GET /leads`.
-pub async fn leads(_: AdminToken, State(ctx): State<Arc<Ctx>>) -> Result<Json<Value>, ApiError> {
+pub async fn leads(token: AdminToken, State(ctx): State<Arc<Ctx>>) -> Result<Json<Value>, ApiError> {
     let store = ctx.store.clone();
-    let rows = blocking(move || store.leads(None)).await?;
+    let tenant = token.tenant.clone();
+    let rows = blocking(move || store.leads(tenant.as_deref())).await?;
     Ok(Json(json!({ "leads": rows })))
 }
 
@@ -284,10 +325,11 @@ pub async fn metrics(State(ctx): State<Arc<Ctx>>) -> Result<String, ApiError> {
 }
 
 /// `GET /admin/rules`: the rule set in force and the last reload attempt.
-pub async fn rules(_: AdminToken, State(ctx): State<Arc<Ctx>>) -> Json<Value> {
+pub async fn rules(token: AdminToken, State(ctx): State<Arc<Ctx>>) -> Result<Json<Value>, ApiError> {
+    token.require_global()?;
     let loaded = ctx.loaded();
     let status = ctx.reload_status.lock().map(|s| s.clone()).unwrap_or_default();
-    Json(json!({
+    Ok(Json(json!({
         "version": loaded.rules.version,
         "source_hash": loaded.rules.source_hash(),
         "loaded_at": rfc(Some(loaded.rules.loaded_at)),
@@ -302,12 +344,15 @@ pub async fn rules(_: AdminToken, State(ctx): State<Arc<Ctx>>) -> Json<Value> {
                 "text": d.to_string(),
             })).collect::<Vec<_>>(),
         },
-    }))
+    })))
 }
 
 /// `POST /admin/reload`: reload now; 200 with the new version, or 422 with every problem
 /// (the previous rules stay in force).
-pub async fn reload(_: AdminToken, State(ctx): State<Arc<Ctx>>) -> (axum::http::StatusCode, Json<Value>) {
+pub async fn reload(token: AdminToken, State(ctx): State<Arc<Ctx>>) -> (axum::http::StatusCode, Json<Value>) {
+    if token.require_global().is_err() {
+        return (axum::http::StatusCode::FORBIDDEN, Json(json!({ "error": "this token may not do that" })));
+    }
     match crate::reload::reload(&ctx, "admin") {
         Ok(version) => (axum::http::StatusCode::OK, Json(json!({ "ok": true, "version": version }))),
         Err(errors) => (
@@ -324,12 +369,13 @@ pub async fn reload(_: AdminToken, State(ctx): State<Arc<Ctx>>) -> (axum::http::
 /// `POST /events/{event_id}/replay`: run a failed, refused or ignored event again under
 /// the rules in force (409 for any other status).
 pub async fn replay_event(
-    _: AdminToken,
+    token: AdminToken,
     State(ctx): State<Arc<Ctx>>,
     Path(id): Path<String>,
 ) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
     let store = ctx.store.clone();
-    let rows = blocking(move || store.events_by_event_id(&id)).await?;
+    let mut rows = blocking(move || store.events_by_event_id(&id)).await?;
+    rows.retain(|e| token.allows(&e.tenant));
     let Some(e) = rows.iter().rev().find(|e| crate::replay::REPLAYABLE.contains(&e.status.as_str())).or(rows.last())
     else {
         return Err(ApiError::NotFound);

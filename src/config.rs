@@ -129,6 +129,10 @@ impl SecretSpec {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TenantSpec {
+    /// A bearer token for this tenant's admin API only (members, events, leads of this
+    /// tenant); the global `admin_token` sees every tenant.
+    #[serde(default)]
+    pub admin_token: Option<SecretSpec>,
     /// Policy values handed to the rules as `cfg` (e.g. `grace_days`).
     #[serde(default)]
     pub policy: serde_json::Map<String, serde_json::Value>,
@@ -164,6 +168,7 @@ pub struct TenantProvider {
 #[derive(Debug, Clone)]
 pub struct Tenant {
     pub name: String,
+    pub admin_token: Option<Secret>,
     pub policy: serde_json::Map<String, serde_json::Value>,
     pub providers: BTreeMap<String, TenantProvider>,
 }
@@ -245,7 +250,15 @@ impl Config {
                     },
                 );
             }
-            tenants.insert(name.clone(), Tenant { name: name.clone(), policy: t.policy.clone(), providers });
+            tenants.insert(
+                name.clone(),
+                Tenant {
+                    name: name.clone(),
+                    admin_token: t.admin_token.as_ref().and_then(SecretSpec::resolve),
+                    policy: t.policy.clone(),
+                    providers,
+                },
+            );
         }
         if !diags.is_empty() {
             return Err(Error(diags));

@@ -27,6 +27,9 @@ pub enum ApiError {
     /// 401: admin token missing or wrong.
     #[error("admin token missing or wrong")]
     AdminUnauthorized,
+    /// 403: a tenant's admin token on an endpoint for every tenant.
+    #[error("this token may not do that")]
+    Forbidden,
     /// 503 with Retry-After: the write queue is full.
     #[error("busy, retry later")]
     Busy,
@@ -43,6 +46,7 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

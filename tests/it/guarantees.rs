@@ -136,3 +136,126 @@ async fn runaway_rule_dead_letters_its_event_and_the_service_keeps_serving() {
     clock.set(at(1_772_184_033));
     assert_eq!(deliver(&ctx, "stripe", "customer_subscription_resumed").await.status, Status::Ignored);
 }
+
+/// A second tenant with its own secrets and its own admin token.
+fn two_tenants(db: &std::path::Path) -> membersync::config::Config {
+    let mut c = config(&db.display().to_string());
+    let mut acme = c.tenants["demo"].clone();
+    acme.name = "acme".into();
+    acme.admin_token = Some(membersync::secret::Secret::new("acme-admin-token"));
+    for p in acme.providers.values_mut() {
+        p.secret = Some(membersync::secret::Secret::new("whsec_YWNtZS1vd24tc2VjcmV0"));
+    }
+    c.tenants.insert("acme".into(), acme);
+    c
+}
+
+#[tokio::test]
+async fn one_tenants_signature_and_admin_token_cannot_touch_another_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = two_tenants(&dir.path().join("m.db"));
+    let s = Server::start_with(config, Arc::new(SystemClock), dir).await;
+    // demo's delivery, signed with demo's secret, posted to acme: 401.
+    let body = fixture("stripe", "checkout_session_completed");
+    let demo_signed = signed_headers(&s.ctx, "stripe", &body, SystemClock.now());
+    assert_eq!(s.post("/webhooks/acme/stripe", &demo_signed, body.clone()).await.0, 401);
+    assert!(s.ctx.store.events(None, 10).unwrap().is_empty(), "nothing written to acme");
+    // Into demo it goes.
+    assert_eq!(s.post("/webhooks/demo/stripe", &demo_signed, body).await.0, 200);
+
+    // acme's admin token cannot read demo's member, events or leads, nor run global endpoints.
+    let acme = Some("acme-admin-token");
+    let (_, found) = s.get("/members?email=ada@example.com", acme).await;
+    assert_eq!(found["members"], serde_json::json!([]));
+    let (_, demo_view) = s.get("/members?email=ada@example.com", Some(TOKEN)).await;
+    let id = demo_view["members"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(s.get(&format!("/members/{id}"), acme).await.0, 404);
+    assert_eq!(s.get("/events/evt_1QxDVvK7dEmoAc01mEgKFGt6", acme).await.0, 404);
+    assert_eq!(s.get("/events", acme).await.1["events"], serde_json::json!([]));
+    assert_eq!(s.get("/admin/rules", acme).await.0, 403);
+    // The global token sees it; a made-up token nothing.
+    assert_eq!(s.get(&format!("/members/{id}"), Some(TOKEN)).await.0, 200);
+    assert_eq!(s.get(&format!("/members/{id}"), Some("acme-admin-tokenX")).await.0, 401);
+    s.stop().await;
+}
+
+/// Captures every log line (all levels) of this test's thread.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn secrets_never_appear_in_logs_errors_or_api_output() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let (dir, config) = editable_config();
+    let secrets: Vec<String> = config
+        .tenants
+        .values()
+        .flat_map(|t| t.providers.values().filter_map(|p| p.secret.as_ref().map(|s| s.expose().to_string())))
+        .chain(config.admin_token.as_ref().map(|s| s.expose().to_string()))
+        .collect();
+    assert!(secrets.len() >= 6);
+    let s = Server::start_with(config, Arc::new(SystemClock), tempfile::tempdir().unwrap()).await;
+    let mut outputs = Vec::new();
+    // Good and bad deliveries for every provider, including ThriveCart's secret-in-body.
+    for (provider, file) in [
+        ("stripe", "invoice_paid.json"),
+        ("thrivecart", "order_success.form"),
+        ("whop", "payment_succeeded.json"),
+        ("memberstack", "member_plan_added.json"),
+        ("memberful", "order_purchased.json"),
+    ] {
+        let dir_f = root().join("tests/fixtures").join(provider);
+        let config = s.ctx.config();
+        let (headers, body) =
+            membersync::scenario::signed_request(&config, "demo", provider, &dir_f, file, SystemClock.now()).unwrap();
+        let url = format!("/webhooks/demo/{provider}");
+        outputs.push(s.post(&url, &headers, body.clone()).await.1.to_string());
+        let mut tampered = body.clone();
+        tampered.extend_from_slice(b" ");
+        outputs.push(s.post(&url, &headers, tampered).await.1.to_string());
+        let stripped: Vec<_> = headers.iter().filter(|(k, _)| k == "content-type").cloned().collect();
+        outputs.push(s.post(&url, &stripped, b"thrivecart_secret=nope".to_vec()).await.1.to_string());
+    }
+    // Admin output: every event in full, the rules, a bad token.
+    let (_, events) = s.get("/events?limit=100", Some(TOKEN)).await;
+    for e in events["events"].as_array().unwrap() {
+        let id = e["event_id"].as_str().unwrap();
+        outputs.push(s.get(&format!("/events/{id}"), Some(TOKEN)).await.1.to_string());
+    }
+    outputs.push(s.get("/admin/rules", Some(TOKEN)).await.1.to_string());
+    outputs.push(s.get("/members?email=x", Some("wrong")).await.1.to_string());
+    // A reload error.
+    std::fs::write(dir.path().join("rules/broken.rhai"), "fn on_paused(ev, m, cfg) { ").unwrap();
+    let _ = membersync::reload::reload(&s.ctx, "test");
+    let debug = format!("{:?}", s.ctx.config());
+    s.stop().await;
+
+    let log = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(log.contains("Signature did not verify."), "logs were captured");
+    let all = format!("{log}\n{}", outputs.join("\n"));
+    for secret in &secrets {
+        assert!(!all.contains(secret.as_str()), "a secret leaked: {secret}");
+    }
+    // A Debug of the config redacts too.
+    for secret in &secrets {
+        assert!(!debug.contains(secret.as_str()));
+    }
+}
