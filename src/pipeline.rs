@@ -281,6 +281,7 @@ pub fn apply(loaded: &Loaded, tx: &mut dyn Tx, incoming: Incoming, raw: Raw, now
         headers: serde_json::to_value(&raw.headers).unwrap_or_default(),
         canonical: None,
         outcome: serde_json::Value::Null,
+        park_key: None,
     };
 
     let x = match incoming {
@@ -424,8 +425,28 @@ pub fn apply(loaded: &Loaded, tx: &mut dyn Tx, incoming: Incoming, raw: Raw, now
     };
     outcome.rule = decision.rule.clone();
     outcome.input = decision.input;
+    let rank = match rules.rank(ev) {
+        Ok(r) => r,
+        Err(e) => {
+            outcome.status = Status::Failed;
+            outcome.reason = Some(format!("rule error: {e}"));
+            return finish(tx, rec, outcome);
+        }
+    };
     let from = membership.as_ref().map(|m| m.state).unwrap_or(MState::None);
     if let Some(reason) = decision.ignore {
+        // The rule found the provider's view consistent with the state: the membership
+        // now reflects the provider as of this event, so older ones are stale.
+        if let Some(m) = membership.as_mut() {
+            if !ev.event_type.starts_with("timer.") && m.last_event_at.is_none_or(|t| t <= ev.occurred_at) {
+                note_provider_time(m, ev, rank);
+                tx.save_membership(m)?;
+            }
+        } else if needs_membership(ev.kind) && !ev.event_type.starts_with("timer.") {
+            // Nothing to act on yet; once the membership exists this may matter (a resume
+            // that arrived before the purchase): parked, like a refused one.
+            rec.park_key = Some(mkey.clone().unwrap_or_default());
+        }
         outcome.status = Status::Ignored;
         outcome.reason = Some(reason);
         return finish(tx, rec, outcome);
@@ -463,6 +484,13 @@ pub fn apply(loaded: &Loaded, tx: &mut dyn Tx, incoming: Incoming, raw: Raw, now
             outcome.status = Status::Refused;
             outcome.from = Some(from);
             outcome.reason = Some(format!("the machine has no `{}` edge from `{}`", input.as_str(), from.as_str()));
+            if membership.is_none() {
+                // It arrived before the event that starts its membership: parked, and run
+                // again when that membership comes to exist.
+                rec.park_key = Some(mkey.clone().unwrap_or_default());
+                outcome.reason =
+                    Some(format!("{}; parked until the membership exists", outcome.reason.clone().unwrap_or_default()));
+            }
             if let Some(m) = membership.as_mut() {
                 flag_membership(tx, m, &outcome, now)?;
             }
@@ -518,9 +546,14 @@ pub fn apply(loaded: &Loaded, tx: &mut dyn Tx, incoming: Incoming, raw: Raw, now
     let Some(mkey) = mkey.or_else(|| membership.as_ref().map(|m| m.key.clone())) else {
         outcome.status = Status::Refused;
         outcome.to = None;
-        outcome.reason = Some("the event names no subscription or product, so no membership can be started".into());
+        outcome.reason = Some(
+            "the event names no subscription or product, so no membership can be started; parked until one exists"
+                .into(),
+        );
+        rec.park_key = Some(String::new());
         return finish(tx, rec, outcome);
     };
+    let created = membership.is_none();
     let mut ms = membership.unwrap_or_else(|| MembershipRow {
         id: format!("msp_{}", uuid::Uuid::new_v4().simple()),
         tenant: tenant.clone(),
@@ -544,6 +577,7 @@ pub fn apply(loaded: &Loaded, tx: &mut dyn Tx, incoming: Incoming, raw: Raw, now
         sync_status: "never_reconciled".into(),
         created_at: now,
         updated_at: now,
+        last_event_rank: 0,
     });
     // Held by state (a grace or period end that just ran out still counts: the transition
     // that follows it is what revokes, and the log should say so).
@@ -569,7 +603,7 @@ pub fn apply(loaded: &Loaded, tx: &mut dyn Tx, incoming: Incoming, raw: Raw, now
     }
     // The state is the truth about a scheduled cancel; the event's flag only informs rules.
     ms.cancel_at_period_end = to == MState::Canceling;
-    ms.last_event_at = Some(ms.last_event_at.map_or(ev.occurred_at, |t| t.max(ev.occurred_at)));
+    note_provider_time(&mut ms, ev, rank);
     ms.last_event_id = Some(ev.event_id.clone());
     ms.updated_at = now;
 
@@ -637,7 +671,28 @@ pub fn apply(loaded: &Loaded, tx: &mut dyn Tx, incoming: Incoming, raw: Raw, now
     rec.member_id = outcome.member_id.clone();
     rec.membership_id = outcome.membership_id.clone();
     outcome.effects = effects;
-    finish(tx, rec, outcome)
+    let ack = finish(tx, rec, outcome)?;
+    if created {
+        for note in release_parked(loaded, tx, &ms, &mem, now)? {
+            tracing::info!(membership = %ms.id, parked = %note, "Parked event re-applied.");
+        }
+    }
+    Ok(ack)
+}
+
+/// Records that the membership reflects the provider as of this event. A timer is our own
+/// clock, not news from the provider, so a late provider event older than a fired timer
+/// still counts.
+fn note_provider_time(ms: &mut MembershipRow, ev: &CanonicalEvent, rank: i64) {
+    if ev.event_type.starts_with("timer.") {
+        return;
+    }
+    ms.last_event_rank = match ms.last_event_at {
+        Some(t) if t > ev.occurred_at => ms.last_event_rank,
+        Some(t) if t == ev.occurred_at => ms.last_event_rank.max(rank),
+        _ => rank,
+    };
+    ms.last_event_at = Some(ms.last_event_at.map_or(ev.occurred_at, |t| t.max(ev.occurred_at)));
 }
 
 /// Kinds that act on one membership (a lead or a member update does not).
@@ -675,6 +730,7 @@ fn view_of(m: Option<&MembershipRow>) -> MembershipView {
             grace_until: m.grace_until,
             access_until: m.access_until,
             last_event_at: m.last_event_at,
+            last_event_rank: m.last_event_rank,
             cancel_at_period_end: m.cancel_at_period_end,
             product_id: m.product_id.clone(),
             plan_id: m.plan_id.clone(),
@@ -830,5 +886,71 @@ pub fn seed_membership(tx: &mut dyn Tx, config: &Config, ev: &CanonicalEvent, st
         sync_status: "never_reconciled".into(),
         created_at: at,
         updated_at: at,
+        last_event_rank: 0,
     })
+}
+
+/// A stored event as the pipeline's input again (replay, release of parked events):
+/// decoded and extracted from its raw body under the current provider YAML, keeping its
+/// idempotency key. `None` if its provider has no YAML any more.
+pub fn incoming_from_row(config: &Config, e: &EventRow) -> Option<(Incoming, Raw)> {
+    let x = config.extractors.get(&e.provider)?;
+    let headers: Vec<(String, String)> = serde_json::from_value(e.headers.clone()).unwrap_or_default();
+    let content_type = headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_str());
+    let raw = Raw { body: e.raw.clone(), headers: headers.clone(), source: Source::Replay };
+    let unreadable = |error: String| Incoming::Unreadable {
+        provider: e.provider.clone(),
+        tenant: e.tenant.clone(),
+        failure: Box::new(Failure {
+            idempotency_key: e.idempotency_key.clone(),
+            event_id: e.event_id.clone(),
+            event_type: e.event_type.clone(),
+            occurred_at: e.occurred_at,
+            error: crate::extract::Error(error),
+        }),
+    };
+    let incoming = match x.decode(&e.raw, content_type) {
+        Err(err) => unreadable(err.to_string()),
+        Ok(decoded) => match x.extract(&e.tenant, &decoded, &e.raw, &headers, e.received_at) {
+            Ok(mut ex) => {
+                ex.idempotency_key = e.idempotency_key.clone();
+                Incoming::Extracted(Box::new(ex))
+            }
+            Err(failure) => Incoming::Unreadable { provider: e.provider.clone(), tenant: e.tenant.clone(), failure },
+        },
+    };
+    Some((incoming, raw))
+}
+
+/// Runs the events parked for a membership that now exists (they arrived before it),
+/// oldest first, each through the whole pipeline again; returns a note per event.
+fn release_parked(
+    loaded: &Loaded,
+    tx: &mut dyn Tx,
+    ms: &MembershipRow,
+    mem: &MemberRow,
+    now: DateTime<Utc>,
+) -> store::Result<Vec<String>> {
+    let mut notes = Vec::new();
+    for e in tx.parked(&ms.tenant, &ms.provider, &ms.key)? {
+        if e.park_key.as_deref() == Some("") {
+            // Waiting for "a membership of the member it names": is it this member?
+            let who = e.canonical.as_ref().map(|c| &c["member"]);
+            let cid = who.and_then(|w| w["provider_customer_id"].as_str());
+            let email = who.and_then(|w| w["email"].as_str());
+            let by_customer = match cid {
+                Some(c) => tx.member_by_customer(&ms.tenant, &ms.provider, c)?.is_some_and(|m| m.id == mem.id),
+                None => false,
+            };
+            let by_email = email.is_some_and(|e| mem.email.as_deref().is_some_and(|m| m.eq_ignore_ascii_case(e)));
+            if !by_customer && !by_email {
+                continue;
+            }
+        }
+        let Some((incoming, raw)) = incoming_from_row(&loaded.config, &e) else { continue };
+        tx.retire_event(e.seq, "re-applied once its membership existed")?;
+        let ack = apply(loaded, tx, incoming, raw, now)?;
+        notes.push(format!("{} {}", e.event_id, ack.status.as_str()));
+    }
+    Ok(notes)
 }

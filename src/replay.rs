@@ -33,32 +33,7 @@ pub enum Error {
 pub const REPLAYABLE: [&str; 3] = ["failed", "refused", "ignored"];
 
 fn incoming(ctx: &Ctx, e: &EventRow) -> Result<(Incoming, Raw), Error> {
-    let config = ctx.config();
-    let x = config.extractors.get(&e.provider).ok_or_else(|| Error::NoProvider(e.provider.clone()))?;
-    let headers: Vec<(String, String)> = serde_json::from_value(e.headers.clone()).unwrap_or_default();
-    let content_type = headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_str());
-    let raw = Raw { body: e.raw.clone(), headers: headers.clone(), source: Source::Replay };
-    let incoming = match x.decode(&e.raw, content_type) {
-        Err(err) => Incoming::Unreadable {
-            provider: e.provider.clone(),
-            tenant: e.tenant.clone(),
-            failure: Box::new(crate::extract::Failure {
-                idempotency_key: e.idempotency_key.clone(),
-                event_id: e.event_id.clone(),
-                event_type: e.event_type.clone(),
-                occurred_at: e.occurred_at,
-                error: crate::extract::Error(err.to_string()),
-            }),
-        },
-        Ok(decoded) => match x.extract(&e.tenant, &decoded, &e.raw, &headers, e.received_at) {
-            Ok(mut ex) => {
-                ex.idempotency_key = e.idempotency_key.clone();
-                Incoming::Extracted(Box::new(ex))
-            }
-            Err(failure) => Incoming::Unreadable { provider: e.provider.clone(), tenant: e.tenant.clone(), failure },
-        },
-    };
-    Ok((incoming, raw))
+    pipeline::incoming_from_row(&ctx.config(), e).ok_or_else(|| Error::NoProvider(e.provider.clone()))
 }
 
 /// Replays one stored event (failed, refused or ignored) through the current rules.

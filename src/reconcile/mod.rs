@@ -612,6 +612,7 @@ fn differences(ctx: &Ctx, s: &Snapshot, m: &MembershipRow) -> Result<Vec<String>
         grace_until: m.grace_until,
         access_until: m.access_until,
         last_event_at: m.last_event_at,
+        last_event_rank: m.last_event_rank,
         cancel_at_period_end: m.cancel_at_period_end,
         product_id: m.product_id.clone(),
         plan_id: m.plan_id.clone(),

@@ -48,6 +48,7 @@ pub fn membership_view(v: &MembershipView) -> Dynamic {
     m.insert("grace_until".into(), opt_time(&v.grace_until));
     m.insert("access_until".into(), opt_time(&v.access_until));
     m.insert("last_event_at".into(), opt_time(&v.last_event_at));
+    m.insert("last_event_rank".into(), Dynamic::from(v.last_event_rank));
     m.insert("cancel_at_period_end".into(), Dynamic::from(v.cancel_at_period_end));
     m.insert("product_id".into(), opt_str(&v.product_id));
     m.insert("plan_id".into(), opt_str(&v.plan_id));

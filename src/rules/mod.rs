@@ -42,6 +42,7 @@ pub struct MembershipView {
     pub grace_until: Option<DateTime<Utc>>,
     pub access_until: Option<DateTime<Utc>>,
     pub last_event_at: Option<DateTime<Utc>>,
+    pub last_event_rank: i64,
     pub cancel_at_period_end: bool,
     pub product_id: Option<String>,
     pub plan_id: Option<String>,
@@ -157,7 +158,8 @@ impl RuleSet {
                     ast.set_source(name.clone());
                     for f in ast.iter_functions() {
                         let fname = f.name.to_string();
-                        let is_handler = fname.starts_with("on_") || fname == "is_stale" || fname == "status_matches";
+                        let is_handler = fname.starts_with("on_")
+                            || matches!(fname.as_str(), "is_stale" | "status_matches" | "rank");
                         if !is_handler {
                             continue;
                         }
@@ -234,6 +236,21 @@ impl RuleSet {
         }
     }
 
+    fn call_one(&self, idx: usize, function: &str, arg: Dynamic) -> Result<Dynamic, Error> {
+        let f = &self.files[idx];
+        let mut scope = Scope::new();
+        let opts = CallFnOptions::new().eval_ast(false).rewind_scope(true);
+        self.engine.call_fn_with_options::<Dynamic>(opts, &mut scope, &f.ast, function, (arg,)).map_err(|e| {
+            let pos = e.position();
+            Error {
+                file: f.name.clone(),
+                line: pos.line().unwrap_or(0),
+                column: pos.position().unwrap_or(0),
+                message: e.to_string(),
+            }
+        })
+    }
+
     fn call(&self, idx: usize, function: &str, args: Vec<Dynamic>) -> Result<Dynamic, Error> {
         let f = &self.files[idx];
         let mut scope = Scope::new();
@@ -291,6 +308,17 @@ impl RuleSet {
                 column: 1,
                 message: format!("status_matches must return a bool, got {t}"),
             }
+        })
+    }
+
+    /// The event's lifecycle rank (`rank` in the rules; 0 without one): orders events
+    /// that carry the same provider time.
+    pub fn rank(&self, ev: &CanonicalEvent) -> Result<i64, Error> {
+        let Some(&idx) = self.handlers.get("rank") else { return Ok(0) };
+        let out = self.call_one(idx, "rank", api::event_view(ev))?;
+        out.as_int().map_err(|t| {
+            let f = self.rule_ref(idx, "rank");
+            Error { file: f.file, line: f.line, column: 1, message: format!("rank must return an int, got {t}") }
         })
     }
 

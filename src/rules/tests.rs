@@ -102,3 +102,19 @@ fn the_shipped_rules_compile() {
     let rs = RuleSet::load(&dir, "rules", Utc::now()).expect("shipped rules compile");
     assert!(rs.file_names().iter().any(|f| f == "rules/grace.rhai"));
 }
+
+#[test]
+fn shipped_rank_orders_a_recovery_above_a_failure() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let rs = RuleSet::load(&dir, "rules", Utc::now()).unwrap();
+    assert_eq!(rs.rank(&ev(EventKind::Renewed)).unwrap(), 30);
+    assert_eq!(rs.rank(&ev(EventKind::PaymentFailed)).unwrap(), 20);
+    let m = MembershipView {
+        exists: true,
+        last_event_at: Some(Utc.timestamp_opt(1_000_000, 0).unwrap()),
+        last_event_rank: 30,
+        ..Default::default()
+    };
+    assert!(rs.is_stale(&ev(EventKind::PaymentFailed), &m).unwrap());
+    assert!(!rs.is_stale(&ev(EventKind::Refunded), &m).unwrap());
+}

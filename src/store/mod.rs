@@ -74,6 +74,8 @@ pub struct MembershipRow {
     pub sync_status: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Lifecycle rank of the event that last changed it (orders ties in time).
+    pub last_event_rank: i64,
 }
 
 impl MembershipRow {
@@ -110,6 +112,9 @@ pub struct EventRow {
     pub headers: serde_json::Value,
     pub canonical: Option<serde_json::Value>,
     pub outcome: serde_json::Value,
+    /// Set while the event waits for its membership to exist: the membership key it
+    /// waits for (`""`: any membership of the member it names).
+    pub park_key: Option<String>,
 }
 
 /// An abandoned checkout's contact, until (and after) it converts.
@@ -143,6 +148,9 @@ pub trait Tx {
     /// Takes a stored event out of dedupe (its key gets a suffix) so that it can be
     /// processed again, noting why; returns false if it is not there.
     fn retire_event(&mut self, seq: i64, note: &str) -> Result<bool>;
+    /// Parked events of a provider waiting for membership `key` (or for any membership of
+    /// their member), oldest first.
+    fn parked(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Vec<EventRow>>;
     /// Inserts an event; returns its sequence number.
     fn insert_event(&mut self, e: &EventRow) -> Result<i64>;
     fn member(&mut self, id: &str) -> Result<Option<MemberRow>>;

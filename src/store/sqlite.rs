@@ -8,8 +8,11 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 use std::sync::Mutex;
 use tokio::sync::mpsc;
 
-const MIGRATIONS: &[&str] =
-    &[include_str!("migrations/sqlite/001_init.sql"), include_str!("migrations/sqlite/002_reconcile.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/sqlite/001_init.sql"),
+    include_str!("migrations/sqlite/002_reconcile.sql"),
+    include_str!("migrations/sqlite/003_ordering.sql"),
+];
 
 /// Tuning for the writer.
 #[derive(Debug, Clone, Copy)]
@@ -166,9 +169,9 @@ fn run_writer(mut conn: Connection, mut rx: mpsc::Receiver<Work>, max_batch: usi
 /// The writer's transaction.
 struct SqliteTx<'a>(&'a Connection);
 
-const EVENT_COLS: &str = "seq, tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome";
+const EVENT_COLS: &str = "seq, tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key";
 const MEMBER_COLS: &str = "id, tenant, email, name, flags, created_at, updated_at";
-const MEMBERSHIP_COLS: &str = "id, tenant, member_id, provider, key, subscription_id, product_id, plan_id, status, state, period_end, grace_until, access_until, cancel_at_period_end, access_levels, flags, last_event_at, last_event_id, last_reconciled_at, sync_status, created_at, updated_at";
+const MEMBERSHIP_COLS: &str = "id, tenant, member_id, provider, key, subscription_id, product_id, plan_id, status, state, period_end, grace_until, access_until, cancel_at_period_end, access_levels, flags, last_event_at, last_event_id, last_reconciled_at, sync_status, created_at, updated_at, last_event_rank";
 
 fn event_row(r: &Row) -> rusqlite::Result<EventRow> {
     Ok(EventRow {
@@ -190,6 +193,7 @@ fn event_row(r: &Row) -> rusqlite::Result<EventRow> {
         headers: json_value(r.get(15)?)?.unwrap_or(serde_json::Value::Null),
         canonical: json_value(r.get(16)?)?,
         outcome: json_value(r.get(17)?)?.unwrap_or(serde_json::Value::Null),
+        park_key: r.get(18)?,
     })
 }
 
@@ -236,6 +240,7 @@ fn membership_row(r: &Row) -> rusqlite::Result<MembershipRow> {
         sync_status: r.get(19)?,
         created_at: from_ts(r.get(20)?),
         updated_at: from_ts(r.get(21)?),
+        last_event_rank: r.get(22)?,
     })
 }
 
@@ -282,18 +287,31 @@ impl Tx for SqliteTx<'_> {
         let n = self
             .0
             .prepare_cached(
-                "UPDATE events SET idempotency_key = idempotency_key || '#retired@' || seq,
+                "UPDATE events SET idempotency_key = idempotency_key || '#retired@' || seq, park_key = NULL,
                    reason = COALESCE(reason || ' — ', '') || ?2 WHERE seq = ?1",
             )?
             .execute(params![seq, note])?;
         Ok(n > 0)
     }
 
+    fn parked(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Vec<EventRow>> {
+        let sql = format!(
+            "SELECT {EVENT_COLS} FROM events WHERE tenant = ?1 AND provider = ?2 AND park_key IS NOT NULL
+             AND (park_key = ?3 OR park_key = '') ORDER BY occurred_at, seq"
+        );
+        let rows = self
+            .0
+            .prepare_cached(&sql)?
+            .query_map(params![tenant, provider, key], event_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
     fn insert_event(&mut self, e: &EventRow) -> Result<i64> {
         self.0
             .prepare_cached(
-                "INSERT INTO events (tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                "INSERT INTO events (tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
             )?
             .execute(params![
                 e.tenant,
@@ -313,6 +331,7 @@ impl Tx for SqliteTx<'_> {
                 to_json(&e.headers),
                 e.canonical.as_ref().map(to_json),
                 to_json(&e.outcome),
+                e.park_key,
             ])?;
         Ok(self.0.last_insert_rowid())
     }
@@ -391,15 +410,15 @@ impl Tx for SqliteTx<'_> {
             .prepare_cached(
                 "INSERT INTO memberships (id, tenant, member_id, provider, key, subscription_id, product_id, plan_id, status, state,
                    period_end, grace_until, access_until, cancel_at_period_end, access_levels, flags, last_event_at, last_event_id,
-                   last_reconciled_at, sync_status, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)
+                   last_reconciled_at, sync_status, created_at, updated_at, last_event_rank)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)
                  ON CONFLICT (id) DO UPDATE SET member_id = excluded.member_id, subscription_id = excluded.subscription_id,
                    product_id = excluded.product_id, plan_id = excluded.plan_id, status = excluded.status, state = excluded.state,
                    period_end = excluded.period_end, grace_until = excluded.grace_until, access_until = excluded.access_until,
                    cancel_at_period_end = excluded.cancel_at_period_end, access_levels = excluded.access_levels,
                    flags = excluded.flags, last_event_at = excluded.last_event_at, last_event_id = excluded.last_event_id,
                    last_reconciled_at = excluded.last_reconciled_at, sync_status = excluded.sync_status,
-                   updated_at = excluded.updated_at",
+                   updated_at = excluded.updated_at, last_event_rank = excluded.last_event_rank",
             )?
             .execute(params![
                 m.id,
@@ -424,6 +443,7 @@ impl Tx for SqliteTx<'_> {
                 m.sync_status,
                 ts(m.created_at),
                 ts(m.updated_at),
+                m.last_event_rank,
             ])?;
         Ok(())
     }

@@ -146,11 +146,44 @@ async fn stripe_grace_period_that_runs_out_expires_access() {
     // Firing again changes nothing.
     assert_eq!(timers::fire_due(&ctx, clock.now()).await, 0);
 
-    // A webhook older than the expiry, arriving late, is stale and brings nothing back.
+    // The provider's word beats our own timer: a late webhook saying the payment recovered
+    // on day 3 (before the grace ended) restores access, though it arrives after expiry.
     clock.set(at(FAILED + 10 * DAY));
     let ack = deliver(&ctx, "stripe", "customer_subscription_updated_active").await;
-    assert_eq!(ack.status, Status::Stale, "older than the expiry: {:?}", ack.outcome.reason);
-    assert_access(&ctx, MState::Expired, false);
+    assert_eq!((ack.status, ack.outcome.to), (Status::Applied, Some(MState::Active)), "{:?}", ack.outcome.reason);
+    assert_access(&ctx, MState::Active, true);
+    // But a provider event older than the provider's latest is stale: nothing changes.
+    let ack = deliver(&ctx, "stripe", "customer_subscription_updated_past_due").await;
+    assert_eq!(ack.status, Status::Stale, "{:?}", ack.outcome.reason);
+    assert_access(&ctx, MState::Active, true);
+}
+
+/// Stripe sends `invoice.paid` and `customer.subscription.updated` in the same second; in
+/// either arrival order the lifecycle rank decides: the recovery wins over the failure.
+#[tokio::test]
+async fn same_second_events_are_ordered_by_lifecycle_rank_not_arrival() {
+    for paid_first in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(FixedClock::new(at(START)));
+        let ctx = ctx_on(&dir.path().join("m.db"), clock.clone());
+        purchase(&ctx, &clock).await;
+        clock.set(at(FAILED));
+        deliver(&ctx, "stripe", "invoice_payment_failed").await;
+        let same = 1_770_166_809_i64; // both at this second
+        let paid = String::from_utf8(fixture("stripe", "invoice_paid_renewal")).unwrap();
+        let past_due = String::from_utf8(fixture("stripe", "customer_subscription_updated_past_due"))
+            .unwrap()
+            .replace("1769907607", &same.to_string());
+        assert!(paid.contains(&format!("\"created\": {same}")) && past_due.contains(&same.to_string()));
+        clock.set(at(same));
+        let bodies = if paid_first { [paid, past_due] } else { [past_due, paid] };
+        for body in bodies {
+            let body = body.into_bytes();
+            let headers = signed_headers(&ctx, "stripe", &body, clock.now());
+            membersync::ingest::accept(&ctx, "demo", "stripe", headers, body).await.unwrap();
+        }
+        assert_access(&ctx, MState::Active, true);
+    }
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@ mod crash;
 mod extract;
 mod guarantees;
 mod lifecycle;
+mod ordering;
 mod reconcile;
 mod reload;
 mod replay;
