@@ -3,6 +3,7 @@
 mod check;
 mod crash;
 mod extract;
+mod fuzz;
 mod guarantees;
 mod lifecycle;
 mod ordering;
