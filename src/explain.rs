@@ -41,27 +41,12 @@ pub fn explain_json(store: &dyn Store, d: &MemberDetail, now: DateTime<Utc>) -> 
     Ok(out)
 }
 
+/// An activity-log line plus what explain adds: the sequence number and the mapping.
 fn history_entry(e: &EventRow) -> Value {
-    let o = &e.outcome;
-    json!({
-        "seq": e.seq,
-        "event_id": e.event_id,
-        "provider": e.provider,
-        "event_type": e.event_type,
-        "kind": e.kind,
-        "source": e.source,
-        "status": e.status,
-        "reason": e.reason,
-        "occurred_at": t(e.occurred_at),
-        "received_at": t(Some(e.received_at)),
-        "membership_id": e.membership_id,
-        "mapping": o.get("mapping").cloned().unwrap_or(Value::Null),
-        "rule": o.get("rule").cloned().unwrap_or(Value::Null),
-        "input": o.get("input").cloned().unwrap_or(Value::Null),
-        "from": o.get("from").cloned().unwrap_or(Value::Null),
-        "to": o.get("to").cloned().unwrap_or(Value::Null),
-        "effects": o.get("effects").cloned().unwrap_or(Value::Null),
-    })
+    let mut v = crate::admin::activity_json(e);
+    v["seq"] = json!(e.seq);
+    v["mapping"] = e.outcome.get("mapping").cloned().unwrap_or(Value::Null);
+    v
 }
 
 /// The same, as text for a terminal.

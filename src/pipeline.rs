@@ -720,7 +720,8 @@ fn find_member(tx: &mut dyn Tx, tenant: &str, provider: &str, who: &MemberRef) -
     }
 }
 
-fn view_of(m: Option<&MembershipRow>) -> MembershipView {
+/// The membership as the rules see it.
+pub fn view_of(m: Option<&MembershipRow>) -> MembershipView {
     match m {
         None => MembershipView::default(),
         Some(m) => MembershipView {

@@ -20,7 +20,6 @@ use crate::extract::spec::{ReconcileMethod, ReconcileSpec};
 use crate::extract::{Extraction, FieldReader, Mapping};
 use crate::machine::MState;
 use crate::pipeline::{self, Ctx, Incoming, Raw, Status};
-use crate::rules::MembershipView;
 use crate::store::{MembershipRow, SyncRecord};
 use chrono::{DateTime, SecondsFormat, Utc};
 use fetch::{Limiter, Request};
@@ -605,19 +604,7 @@ fn describe(s: &Snapshot) -> String {
 /// fields are compared only while the membership holds (or the provider grants) access:
 /// an ended membership whose provider also says it ended is in sync, whatever its dates.
 fn differences(ctx: &Ctx, s: &Snapshot, m: &MembershipRow) -> Result<Vec<String>, String> {
-    let view = MembershipView {
-        exists: true,
-        state: Some(m.state),
-        period_end: m.period_end,
-        grace_until: m.grace_until,
-        access_until: m.access_until,
-        last_event_at: m.last_event_at,
-        last_event_rank: m.last_event_rank,
-        cancel_at_period_end: m.cancel_at_period_end,
-        product_id: m.product_id.clone(),
-        plan_id: m.plan_id.clone(),
-        status: m.status.clone(),
-    };
+    let view = crate::pipeline::view_of(Some(m));
     let agrees = ctx
         .rules()
         .status_matches(&s.status, &view)

@@ -237,36 +237,26 @@ impl RuleSet {
     }
 
     fn call_one(&self, idx: usize, function: &str, arg: Dynamic) -> Result<Dynamic, Error> {
-        let f = &self.files[idx];
-        let mut scope = Scope::new();
-        let opts = CallFnOptions::new().eval_ast(false).rewind_scope(true);
-        self.engine.call_fn_with_options::<Dynamic>(opts, &mut scope, &f.ast, function, (arg,)).map_err(|e| {
-            let pos = e.position();
-            Error {
-                file: f.name.clone(),
-                line: pos.line().unwrap_or(0),
-                column: pos.position().unwrap_or(0),
-                message: e.to_string(),
-            }
-        })
+        self.call(idx, function, vec![arg])
     }
 
+    /// Calls a rule function with 1–3 arguments; a raise becomes an `Error` at its position.
     fn call(&self, idx: usize, function: &str, args: Vec<Dynamic>) -> Result<Dynamic, Error> {
         let f = &self.files[idx];
         let mut scope = Scope::new();
         let opts = CallFnOptions::new().eval_ast(false).rewind_scope(true);
-        let r: Result<Dynamic, _> = match args.len() {
-            2 => {
-                let mut a = args.into_iter();
-                let (x, y) = (a.next().unwrap_or_default(), a.next().unwrap_or_default());
-                self.engine.call_fn_with_options(opts, &mut scope, &f.ast, function, (x, y))
-            }
-            _ => {
-                let mut a = args.into_iter();
-                let (x, y, z) =
-                    (a.next().unwrap_or_default(), a.next().unwrap_or_default(), a.next().unwrap_or_default());
-                self.engine.call_fn_with_options(opts, &mut scope, &f.ast, function, (x, y, z))
-            }
+        let mut a = args.into_iter();
+        let (x, y, z) = (a.next(), a.next(), a.next());
+        let r: Result<Dynamic, _> = match (x, y, z) {
+            (Some(x), None, _) => self.engine.call_fn_with_options(opts, &mut scope, &f.ast, function, (x,)),
+            (Some(x), Some(y), None) => self.engine.call_fn_with_options(opts, &mut scope, &f.ast, function, (x, y)),
+            (x, y, z) => self.engine.call_fn_with_options(
+                opts,
+                &mut scope,
+                &f.ast,
+                function,
+                (x.unwrap_or_default(), y.unwrap_or_default(), z.unwrap_or_default()),
+            ),
         };
         r.map_err(|e| {
             let pos = e.position();
