@@ -2,7 +2,7 @@
 //! every state. Exported to `schemas/membership.graph.json` and drawn as Mermaid in the
 //! README; a test fails when either is stale (`MEMBERSYNC_WRITE_SCHEMAS=1` rewrites).
 
-use super::{step, Input, MState, Step};
+use super::{statig_step as step, Input, MState, Step};
 use serde::Serialize;
 
 /// One allowed edge.

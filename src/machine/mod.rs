@@ -299,8 +299,17 @@ impl Membership {
     }
 }
 
-/// One step of the formal graph.
+/// One step of the formal graph: a lookup in the table `statig_step` fills once, so the
+/// statig machine stays the one definition of the graph and the hot path does no serde.
 pub fn step(from: MState, input: Input) -> Step {
+    static TABLE: std::sync::OnceLock<Vec<Step>> = std::sync::OnceLock::new();
+    let table = TABLE
+        .get_or_init(|| MState::ALL.iter().flat_map(|&s| Input::ALL.iter().map(move |&i| statig_step(s, i))).collect());
+    table[from as usize * Input::ALL.len() + input as usize]
+}
+
+/// One step of the statig machine itself, restored in `from`.
+fn statig_step(from: MState, input: Input) -> Step {
     let mut sm = restore(from);
     let mut trace = Trace::default();
     sm.handle_with_context(&input, &mut trace);
@@ -334,6 +343,17 @@ mod tests {
             step(MState::None, Input::PaymentFailed),
             Step::Refused { from: MState::None, input: Input::PaymentFailed }
         );
+    }
+
+    #[test]
+    fn step_table_matches_the_statig_machine_for_every_pair() {
+        for (n, s) in MState::ALL.into_iter().enumerate() {
+            assert_eq!(s as usize, n);
+            for (m, i) in Input::ALL.into_iter().enumerate() {
+                assert_eq!(i as usize, m);
+                assert_eq!(step(s, i), statig_step(s, i), "{s} {}", i.as_str());
+            }
+        }
     }
 
     #[test]

@@ -82,6 +82,8 @@ pub struct RuleSet {
     engine: Arc<Engine>,
     files: Vec<RuleFile>,
     handlers: HashMap<String, usize>,
+    /// Line of each handler's `fn`, found once at compile (every decision records it).
+    lines: HashMap<String, usize>,
     pub version: String,
     pub loaded_at: DateTime<Utc>,
 }
@@ -206,7 +208,11 @@ impl RuleSet {
             return Err(LoadError(diags));
         }
         let version = hex::encode(&hasher.finalize()[..6]);
-        Ok(RuleSet { engine, files, handlers, version, loaded_at: now })
+        let lines = handlers
+            .iter()
+            .map(|(h, &idx)| (h.clone(), crate::extract::locate(&files[idx].src, &format!("fn {h}")).0))
+            .collect();
+        Ok(RuleSet { engine, files, handlers, lines, version, loaded_at: now })
     }
 
     /// SHA-256 over every file name and source (the version is its first 12 hex digits).
@@ -231,7 +237,10 @@ impl RuleSet {
         RuleRef {
             file: f.name.clone(),
             function: function.to_string(),
-            line: crate::extract::locate(&f.src, &format!("fn {function}")).0,
+            line: match self.lines.get(function) {
+                Some(&line) => line,
+                None => crate::extract::locate(&f.src, &format!("fn {function}")).0,
+            },
             version: self.version.clone(),
         }
     }

@@ -257,6 +257,10 @@ pub trait Store: Send + Sync + 'static {
         attempted_before: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<MembershipRow>>;
+    /// A member by id.
+    fn member(&self, id: &str) -> Result<Option<MemberRow>>;
+    /// A member's memberships, without the detail `member_detail` gathers (replay's compare).
+    fn memberships_of(&self, member_id: &str) -> Result<Vec<MembershipRow>>;
     /// The member's customer id at a provider (what `{customer_id}` stands for).
     fn customer_id(&self, tenant: &str, provider: &str, member_id: &str) -> Result<Option<String>>;
     /// Count of memberships by sync status (for /metrics).

@@ -1,4 +1,6 @@
-//! Embedded SQLite store: WAL, `synchronous=FULL`, one writer thread with group commit,
+//! Embedded SQLite store: WAL, one writer thread with group commit, a syncer thread that
+//! makes each committed batch durable (fdatasync of the WAL) before its requests hear back
+//! — the guarantee of `synchronous=FULL`, with the next batch running during the sync —
 //! and a small pool of read connections. `:memory:` opens a private shared-cache database
 //! (used by `simulate`).
 
@@ -102,11 +104,29 @@ impl SqliteStore {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let mut writer = open(&uri, flags, memory)?;
         migrate(&mut writer)?;
+        writer.set_prepared_statement_cache_capacity(64);
+        // The writer commits without waiting for the disk; the syncer thread makes each
+        // batch durable (fdatasync of the WAL) before any of its requests hears back, so the
+        // next batch runs during the sync. A `:memory:` database has nothing to sync.
+        let journal: String = writer.pragma_query_value(None, "journal_mode", |r| r.get(0))?;
+        let wal = match writer.path() {
+            Some(db) if !memory && !db.is_empty() && journal.eq_ignore_ascii_case("wal") => {
+                writer.pragma_update(None, "synchronous", "NORMAL")?;
+                Some(std::path::PathBuf::from(format!("{db}-wal")))
+            }
+            // Anything else keeps SQLite's own sync on every commit.
+            _ => None,
+        };
         let (sender, receiver) = mpsc::channel(opts.queue_capacity.max(1));
         let max_batch = opts.max_batch.max(1);
+        let (committed, to_sync) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("membersync-sync".into())
+            .spawn(move || run_syncer(to_sync, wal))
+            .map_err(|e| Error::Db(format!("cannot start syncer: {e}")))?;
         std::thread::Builder::new()
             .name("membersync-writer".into())
-            .spawn(move || run_writer(writer, receiver, max_batch))
+            .spawn(move || run_writer(writer, receiver, max_batch, committed))
             .map_err(|e| Error::Db(format!("cannot start writer: {e}")))?;
         let mut readers = Vec::new();
         for _ in 0..2 {
@@ -131,7 +151,49 @@ impl SqliteStore {
     }
 }
 
-fn run_writer(mut conn: Connection, mut rx: mpsc::Receiver<Work>, max_batch: usize) {
+/// A committed (or failed) batch on its way to the syncer: its callers and its result.
+type Committed = (Vec<Done>, Result<()>);
+
+/// Makes committed batches durable, in commit order: one `fdatasync` of the WAL covers
+/// every batch committed before it started (SQLite wrote their frames with `pwrite`), and
+/// only then are their callers told. This is the durability of `synchronous=FULL` — a
+/// caller hears back only once its commit is on disk — without the writer waiting.
+fn run_syncer(rx: std::sync::mpsc::Receiver<Committed>, wal: Option<std::path::PathBuf>) {
+    let mut file: Option<std::fs::File> = None;
+    while let Ok(first) = rx.recv() {
+        let mut batches = vec![first];
+        batches.extend(rx.try_iter());
+        let synced = match &wal {
+            None => Ok(()),
+            Some(path) if batches.iter().any(|(_, r)| r.is_ok()) => {
+                if file.is_none() {
+                    file = std::fs::OpenOptions::new().read(true).write(true).open(path).ok();
+                }
+                match &file {
+                    Some(f) => f.sync_data().map_err(|e| Error::Db(format!("cannot sync the WAL: {e}"))),
+                    None => Err(Error::Db(format!("cannot open the WAL {}", path.display()))),
+                }
+            }
+            Some(_) => Ok(()),
+        };
+        if let Err(e) = &synced {
+            tracing::error!(error = %e, "Batch committed but not synced; none of its requests is acknowledged.");
+        }
+        for (dones, result) in batches {
+            let result = result.and(synced.clone());
+            for done in dones {
+                done(result.clone());
+            }
+        }
+    }
+}
+
+fn run_writer(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Work>,
+    max_batch: usize,
+    committed: std::sync::mpsc::Sender<Committed>,
+) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < max_batch {
@@ -144,13 +206,12 @@ fn run_writer(mut conn: Connection, mut rx: mpsc::Receiver<Work>, max_batch: usi
         let result = (|| -> Result<()> {
             let txn = conn.transaction()?;
             for work in batch.drain(..) {
-                txn.execute_batch("SAVEPOINT job")?;
+                txn.prepare_cached("SAVEPOINT job")?.execute([])?;
                 let (ok, done) = work(&mut SqliteTx(&txn));
-                if ok {
-                    txn.execute_batch("RELEASE job")?;
-                } else {
-                    txn.execute_batch("ROLLBACK TO job; RELEASE job")?;
+                if !ok {
+                    txn.prepare_cached("ROLLBACK TO job")?.execute([])?;
                 }
+                txn.prepare_cached("RELEASE job")?.execute([])?;
                 dones.push(done);
             }
             txn.commit()?;
@@ -159,8 +220,8 @@ fn run_writer(mut conn: Connection, mut rx: mpsc::Receiver<Work>, max_batch: usi
         if let Err(e) = &result {
             tracing::error!(error = %e, jobs = dones.len(), "Batch failed to commit; none of its requests is acknowledged.");
         }
-        for done in dones {
-            done(result.clone());
+        if committed.send((dones, result)).is_err() {
+            return;
         }
         // Work still in `batch` (an error before it ran) is dropped: its caller sees `Closed`.
     }
@@ -587,6 +648,14 @@ impl Store for SqliteStore {
             }
             Ok(Some(MemberDetail { member, memberships, recent_events, timers, sync }))
         })
+    }
+
+    fn member(&self, id: &str) -> Result<Option<MemberRow>> {
+        self.read(|c| Tx::member(&mut SqliteTx(c), id))
+    }
+
+    fn memberships_of(&self, member_id: &str) -> Result<Vec<MembershipRow>> {
+        self.read(|c| Tx::memberships_of(&mut SqliteTx(c), member_id))
     }
 
     fn members_by_email(&self, email: &str) -> Result<Vec<MemberRow>> {
