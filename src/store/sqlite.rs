@@ -14,6 +14,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/001_init.sql"),
     include_str!("migrations/sqlite/002_reconcile.sql"),
     include_str!("migrations/sqlite/003_ordering.sql"),
+    include_str!("migrations/sqlite/004_lookup_indexes.sql"),
 ];
 
 /// Tuning for the writer.
