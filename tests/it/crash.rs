@@ -218,3 +218,23 @@ async fn sigterm_finishes_requests_in_flight_then_exits() {
         assert_eq!(store.events_by_event_id(id).unwrap().len(), 1, "{id} answered but not stored");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_rules() {
+    let (dir, _) = editable_config();
+    let svc = spawn(dir.path(), free_port()).await;
+    let (_, before) = get(&svc.url, "/admin/rules").await;
+    assert!(before["last_reload"]["trigger"].is_null(), "{before}");
+    let pid = svc.child.id().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    let mut after = Value::Null;
+    for _ in 0..100 {
+        after = get(&svc.url, "/admin/rules").await.1;
+        if after["last_reload"]["trigger"] == "sighup" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(after["last_reload"]["trigger"], "sighup", "{after}");
+    assert_eq!(after["last_reload"]["ok"], true);
+}
