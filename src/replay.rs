@@ -114,25 +114,33 @@ pub async fn dry_run(ctx: &Arc<Ctx>, filter: &EventFilter, now: DateTime<Utc>) -
     let first = rows.first().map(|e| e.received_at).unwrap_or(now);
     let clock = Arc::new(FixedClock::new(first));
     let sim = Arc::new(Ctx::with_loaded(ctx.loaded(), scratch.clone(), clock.clone()));
-    // `fire_due` finds nothing new unless the clock moved or the last event may have set a
-    // timer already due (its effects say so; a member deletion runs sub-events whose
-    // effects are not in its outcome): the read is skipped otherwise, same order and result.
-    let mut maybe_due = true;
+    // Timers fire between events exactly when one is due: the earliest due time is kept
+    // from the timers each event schedules (a cancelled one only causes a needless check),
+    // and re-read from the scratch store after firing, after a member deletion or a new
+    // membership (whose sub-events' and released events' effects are not in its outcome).
+    let mut next_due = scratch.next_timer()?;
     for e in &rows {
         if e.received_at > clock.now() {
             clock.set(e.received_at);
-            maybe_due = true;
         }
-        if maybe_due {
+        if next_due.is_some_and(|t| t <= clock.now()) {
             timers::fire_due(&sim, clock.now()).await;
+            next_due = scratch.next_timer()?;
         }
         let (incoming, mut raw) = incoming(&sim, e)?;
         let deletes = matches!(&incoming, Incoming::Extracted(x) if x.event.kind == Some(EventKind::MemberDeleted));
         raw.source = Source::Webhook;
         let ack = pipeline::process(&sim, incoming, raw).await?;
-        let at = clock.now();
-        maybe_due = deletes
-            || ack.outcome.effects.iter().any(|f| matches!(f, Effect::ScheduleTimer { at: due, .. } if *due <= at));
+        // A membership just created may have released parked events, whose timers are
+        // not in this outcome either.
+        if deletes || ack.outcome.from == Some(crate::machine::MState::None) {
+            next_due = scratch.next_timer()?;
+        }
+        for f in &ack.outcome.effects {
+            if let Effect::ScheduleTimer { at, .. } = f {
+                next_due = Some(next_due.map_or(*at, |t| t.min(*at)));
+            }
+        }
     }
     if now > clock.now() {
         clock.set(now);
