@@ -4,9 +4,8 @@
 //! every membership from the stored deliveries under the current rules, on a scratch
 //! in-memory store, and report what would differ — writing nothing.
 
-use crate::canonical::{EventKind, Source};
+use crate::canonical::Source;
 use crate::clock::{Clock, FixedClock};
-use crate::effects::Effect;
 use crate::pipeline::{self, Ack, Ctx, Incoming, Raw, Status};
 use crate::store::sqlite::{Options, SqliteStore};
 use crate::store::{self, EventFilter, EventRow, Store};
@@ -114,34 +113,51 @@ pub async fn dry_run(ctx: &Arc<Ctx>, filter: &EventFilter, now: DateTime<Utc>) -
     let first = rows.first().map(|e| e.received_at).unwrap_or(now);
     let clock = Arc::new(FixedClock::new(first));
     let sim = Arc::new(Ctx::with_loaded(ctx.loaded(), scratch.clone(), clock.clone()));
-    // Timers fire between events exactly when one is due: the earliest due time is kept
-    // from the timers each event schedules (a cancelled one only causes a needless check),
-    // and re-read from the scratch store after firing, after a member deletion or a new
-    // membership (whose sub-events' and released events' effects are not in its outcome).
-    let mut next_due = scratch.next_timer()?;
+    // Every delivery is one writer job, submitted in order without waiting for the one
+    // before (the writer runs jobs in submission order); each job first fires, inside the
+    // same transaction, the timers due by the delivery's arrival, so timers interleave with
+    // deliveries exactly as they did in life.
+    let loaded = ctx.loaded();
+    let mut waiting = std::collections::VecDeque::new();
+    let mut at = first;
     for e in &rows {
-        if e.received_at > clock.now() {
-            clock.set(e.received_at);
-        }
-        if next_due.is_some_and(|t| t <= clock.now()) {
-            timers::fire_due(&sim, clock.now()).await;
-            next_due = scratch.next_timer()?;
-        }
+        at = at.max(e.received_at);
         let (incoming, mut raw) = incoming(&sim, e)?;
-        let deletes = matches!(&incoming, Incoming::Extracted(x) if x.event.kind == Some(EventKind::MemberDeleted));
         raw.source = Source::Webhook;
-        let ack = pipeline::process(&sim, incoming, raw).await?;
-        // A membership just created may have released parked events, whose timers are
-        // not in this outcome either.
-        if deletes || ack.outcome.from == Some(crate::machine::MState::None) {
-            next_due = scratch.next_timer()?;
-        }
-        for f in &ack.outcome.effects {
-            if let Effect::ScheduleTimer { at, .. } = f {
-                next_due = Some(next_due.map_or(*at, |t| t.min(*at)));
+        let (l, when) = (loaded.clone(), at);
+        let mut job: Option<Job> = Some(Box::new(move |tx: &mut dyn crate::store::Tx| -> store::Result<()> {
+            fire_due_in_tx(&l, tx, when)?;
+            pipeline::apply(&l, tx, incoming, raw, when).map(|_| ())
+        }));
+        loop {
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            let f = job.take().expect("job is submitted once");
+            let (submit, back) = one_shot_work(f, done_tx);
+            match scratch.submit(submit) {
+                Ok(()) => {
+                    waiting.push_back(done_rx);
+                    break;
+                }
+                Err(store::Error::Busy) => {
+                    job = back.lock().ok().and_then(|mut b| b.take());
+                    if job.is_none() {
+                        return Err(store::Error::Closed.into());
+                    }
+                    // Queue full: wait for the oldest half, then submit again.
+                    for _ in 0..waiting.len().div_ceil(2) {
+                        if let Some(rx) = waiting.pop_front() {
+                            rx.await.map_err(|_| store::Error::Closed)??;
+                        }
+                    }
+                }
+                Err(other) => return Err(other.into()),
             }
         }
     }
+    for rx in waiting {
+        rx.await.map_err(|_| store::Error::Closed)??;
+    }
+    clock.set(at);
     if now > clock.now() {
         clock.set(now);
     }
@@ -198,4 +214,44 @@ fn compare(
             (a != b).then_some(Difference { member: k.0, provider: k.1, membership: k.2, stored: a, derived: b })
         })
         .collect())
+}
+
+type Job = Box<dyn FnOnce(&mut dyn crate::store::Tx) -> store::Result<()> + Send>;
+
+/// A writer job that answers on `done`; if the store refuses it (queue full), the job comes
+/// back through the returned slot so it can be submitted again.
+fn one_shot_work(
+    f: Job,
+    done: tokio::sync::oneshot::Sender<store::Result<()>>,
+) -> (crate::store::Work, Arc<std::sync::Mutex<Option<Job>>>) {
+    let slot: Arc<std::sync::Mutex<Option<Job>>> = Arc::new(std::sync::Mutex::new(Some(f)));
+    let mine = slot.clone();
+    let work: crate::store::Work = Box::new(move |tx| {
+        let f = mine.lock().ok().and_then(|mut s| s.take());
+        let r = match f {
+            Some(f) => f(tx),
+            None => Ok(()),
+        };
+        let ok = r.is_ok();
+        let finished: crate::store::Done = Box::new(move |commit| {
+            let _ = done.send(commit.and(r));
+        });
+        (ok, finished)
+    });
+    (work, slot)
+}
+
+/// Fires, inside the caller's transaction, every timer due by `at`, oldest first.
+fn fire_due_in_tx(loaded: &pipeline::Loaded, tx: &mut dyn crate::store::Tx, at: DateTime<Utc>) -> store::Result<()> {
+    loop {
+        let due = tx.due_timers_tx(at, 256)?;
+        if due.is_empty() {
+            return Ok(());
+        }
+        for t in due {
+            let raw = Raw { body: serde_json::to_vec(&t).unwrap_or_default(), headers: vec![], source: Source::Timer };
+            let when = t.due_at;
+            pipeline::apply(loaded, tx, Incoming::Timer(t), raw, when)?;
+        }
+    }
 }

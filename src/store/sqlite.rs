@@ -550,6 +550,18 @@ impl Tx for SqliteTx<'_> {
         Ok(())
     }
 
+    fn due_timers_tx(&mut self, now: DateTime<Utc>, limit: usize) -> Result<Vec<TimerRow>> {
+        let rows = self
+            .0
+            .prepare_cached(
+                "SELECT tenant, membership_id, name, due_at, set_by_event FROM timers WHERE due_at <= ?1
+                 ORDER BY due_at, membership_id, name LIMIT ?2",
+            )?
+            .query_map(params![ts(now), limit as i64], timer_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
     fn delete_timer_if_due(&mut self, membership_id: &str, name: &str, due_at: DateTime<Utc>) -> Result<bool> {
         let n = self
             .0
