@@ -112,3 +112,30 @@ async fn explain_names_the_event_mapping_rule_and_transition_behind_each_change(
     assert_eq!(history.len(), 4);
     assert_eq!(history[3]["source"], "timer");
 }
+
+/// The dry run fires timers between deliveries at the moments they fell due: a cancel
+/// reverted after the period ended must find the membership already canceled.
+#[tokio::test]
+async fn dry_run_interleaves_timers_with_deliveries_as_they_happened() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FixedClock::new(at(START)));
+    let ctx = ctx_on(&dir.path().join("m.db"), clock.clone());
+    deliver(&ctx, "stripe", "checkout_session_completed").await;
+    deliver(&ctx, "stripe", "customer_subscription_created").await;
+    clock.set(at(1_770_733_385));
+    deliver(&ctx, "stripe", "customer_subscription_updated_cancel_scheduled").await;
+    clock.set(at(1_772_409_600)); // 2026-03-02, a day after the period end
+    membersync::timers::fire_due(&ctx, clock.now()).await;
+    let late_revert = String::from_utf8(fixture("stripe", "customer_subscription_updated_cancel_reverted"))
+        .unwrap()
+        .replace("\"created\": 1770889277", "\"created\": 1772409600");
+    assert!(late_revert.contains("1772409600"));
+    let body = late_revert.into_bytes();
+    let headers = signed_headers(&ctx, "stripe", &body, clock.now());
+    let ack = membersync::ingest::accept(&ctx, "demo", "stripe", headers, body).await.unwrap();
+    assert_eq!(ack.status, Status::Ignored, "{:?}", ack.outcome.reason);
+    assert_eq!(member(&ctx, "ada@example.com").memberships[0].state.as_str(), "canceled");
+
+    let diffs = membersync::replay::dry_run(&ctx, &EventFilter::default(), clock.now()).await.unwrap();
+    assert!(diffs.is_empty(), "the timer fired before the late revert in the dry run too: {diffs:?}");
+}
