@@ -5,7 +5,7 @@
 //! in-memory store, and report what would differ — writing nothing.
 
 use crate::canonical::Source;
-use crate::clock::{Clock, FixedClock};
+use crate::clock::FixedClock;
 use crate::pipeline::{self, Ack, Ctx, Incoming, Raw, Status};
 use crate::store::sqlite::{Options, SqliteStore};
 use crate::store::{self, EventFilter, EventRow, Store};
@@ -102,67 +102,71 @@ pub struct Difference {
 /// time) under the rules in force, on a scratch store; returns what differs from the
 /// stored state at `now`. Writes nothing.
 pub async fn dry_run(ctx: &Arc<Ctx>, filter: &EventFilter, now: DateTime<Utc>) -> Result<Vec<Difference>, Error> {
-    let store = ctx.store.clone();
-    let mut f = filter.clone();
-    f.deliveries_only = true;
-    f.status = None;
-    let rows = tokio::task::spawn_blocking(move || store.events_where(&f))
-        .await
-        .map_err(|e| store::Error::Db(e.to_string()))??;
     let scratch: Arc<dyn Store> = Arc::new(SqliteStore::open(":memory:", Options::default())?);
-    let first = rows.first().map(|e| e.received_at).unwrap_or(now);
-    let clock = Arc::new(FixedClock::new(first));
+    let clock = Arc::new(FixedClock::new(now));
     let sim = Arc::new(Ctx::with_loaded(ctx.loaded(), scratch.clone(), clock.clone()));
     // Every delivery is one writer job, submitted in order without waiting for the one
     // before (the writer runs jobs in submission order); each job first fires, inside the
     // same transaction, the timers due by the delivery's arrival, so timers interleave with
-    // deliveries exactly as they did in life.
+    // deliveries exactly as they did in life. Stored events are read a page at a time.
     let loaded = ctx.loaded();
     let mut waiting = std::collections::VecDeque::new();
-    let mut at = first;
-    for e in &rows {
-        at = at.max(e.received_at);
-        let (incoming, mut raw) = incoming(&sim, e)?;
-        raw.source = Source::Webhook;
-        let (l, when) = (loaded.clone(), at);
-        let mut job: Option<Job> = Some(Box::new(move |tx: &mut dyn crate::store::Tx| -> store::Result<()> {
-            fire_due_in_tx(&l, tx, when)?;
-            pipeline::apply(&l, tx, incoming, raw, when).map(|_| ())
-        }));
-        loop {
-            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-            let f = job.take().expect("job is submitted once");
-            let (submit, back) = one_shot_work(f, done_tx);
-            match scratch.submit(submit) {
-                Ok(()) => {
-                    waiting.push_back(done_rx);
-                    break;
-                }
-                Err(store::Error::Busy) => {
-                    job = back.lock().ok().and_then(|mut b| b.take());
-                    if job.is_none() {
-                        return Err(store::Error::Closed.into());
+    let mut at: Option<DateTime<Utc>> = None;
+    let mut touched = Vec::new();
+    let mut page = filter.clone();
+    page.deliveries_only = true;
+    page.status = None;
+    page.limit = Some(2000);
+    loop {
+        let store = ctx.store.clone();
+        let f = page.clone();
+        let rows = tokio::task::spawn_blocking(move || store.events_where(&f))
+            .await
+            .map_err(|e| store::Error::Db(e.to_string()))??;
+        let Some(last) = rows.last() else { break };
+        page.after_seq = Some(last.seq);
+        for e in &rows {
+            touched.extend(e.member_id.clone());
+            let when = at.map_or(e.received_at, |t| t.max(e.received_at));
+            at = Some(when);
+            let (incoming, mut raw) = incoming(&sim, e)?;
+            raw.source = Source::Webhook;
+            let l = loaded.clone();
+            let mut job: Option<Job> = Some(Box::new(move |tx: &mut dyn crate::store::Tx| -> store::Result<()> {
+                fire_due_in_tx(&l, tx, when)?;
+                pipeline::apply(&l, tx, incoming, raw, when).map(|_| ())
+            }));
+            loop {
+                let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+                let f = job.take().expect("job is submitted once");
+                let (submit, back) = one_shot_work(f, done_tx);
+                match scratch.submit(submit) {
+                    Ok(()) => {
+                        waiting.push_back(done_rx);
+                        break;
                     }
-                    // Queue full: wait for the oldest half, then submit again.
-                    for _ in 0..waiting.len().div_ceil(2) {
-                        if let Some(rx) = waiting.pop_front() {
-                            rx.await.map_err(|_| store::Error::Closed)??;
+                    Err(store::Error::Busy) => {
+                        job = back.lock().ok().and_then(|mut b| b.take());
+                        if job.is_none() {
+                            return Err(store::Error::Closed.into());
+                        }
+                        // Queue full: wait for the oldest half, then submit again.
+                        for _ in 0..waiting.len().div_ceil(2) {
+                            if let Some(rx) = waiting.pop_front() {
+                                rx.await.map_err(|_| store::Error::Closed)??;
+                            }
                         }
                     }
+                    Err(other) => return Err(other.into()),
                 }
-                Err(other) => return Err(other.into()),
             }
         }
     }
     for rx in waiting {
         rx.await.map_err(|_| store::Error::Closed)??;
     }
-    clock.set(at);
-    if now > clock.now() {
-        clock.set(now);
-    }
+    clock.set(at.map_or(now, |t| t.max(now)));
     timers::fire_due(&sim, now).await;
-    let touched: Vec<String> = rows.iter().filter_map(|e| e.member_id.clone()).collect();
     let real = ctx.store.clone();
     let scratch2 = scratch.clone();
     let diffs = tokio::task::spawn_blocking(move || compare(&*real, &*scratch2, &touched, now))

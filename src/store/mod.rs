@@ -221,6 +221,10 @@ pub struct EventFilter {
     pub seq: Option<i64>,
     /// Only events that arrived from outside (webhooks), not timers or replays.
     pub deliveries_only: bool,
+    /// Only events after this sequence number (paging).
+    pub after_seq: Option<i64>,
+    /// At most this many (paging).
+    pub limit: Option<usize>,
 }
 
 /// A member with everything the admin API shows.

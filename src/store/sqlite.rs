@@ -708,11 +708,23 @@ impl Store for SqliteStore {
             let sql = format!(
                 "SELECT {EVENT_COLS} FROM events WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR received_at >= ?2)
                  AND (?3 IS NULL OR member_id = ?3) AND (?4 IS NULL OR seq = ?4)
-                 AND (?5 = 0 OR source = 'webhook') ORDER BY seq"
+                 AND (?5 = 0 OR source = 'webhook') AND (?6 IS NULL OR seq > ?6) ORDER BY seq LIMIT ?7"
             );
+            let limit = f.limit.map_or(-1, |n| n as i64);
             let rows = c
                 .prepare_cached(&sql)?
-                .query_map(params![f.status, f.since.map(ts), f.member_id, f.seq, f.deliveries_only as i64], event_row)?
+                .query_map(
+                    params![
+                        f.status,
+                        f.since.map(ts),
+                        f.member_id,
+                        f.seq,
+                        f.deliveries_only as i64,
+                        f.after_seq,
+                        limit
+                    ],
+                    event_row,
+                )?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })
