@@ -26,14 +26,20 @@ async fn grace_until(s: &Server) -> Value {
     found["members"][0]["memberships"][0]["grace_until"].clone()
 }
 
-#[tokio::test]
-async fn edited_rule_file_governs_the_next_webhook() {
+/// A server on an editable copy of the config, with Ada subscribed; and its rules dir.
+async fn subscribed_server() -> (Server, Arc<FixedClock>, std::path::PathBuf) {
     let (dir, config) = editable_config();
     let rules_dir = dir.path().join("rules");
     let clock = Arc::new(FixedClock::new(at(1_767_225_600)));
     let s = Server::start_with(config, clock.clone(), dir).await;
     post_at(&s, &clock, 1_767_225_600, "checkout_session_completed").await;
     post_at(&s, &clock, 1_767_225_601, "customer_subscription_created").await;
+    (s, clock, rules_dir)
+}
+
+#[tokio::test]
+async fn edited_rule_file_governs_the_next_webhook() {
+    let (s, clock, rules_dir) = subscribed_server().await;
     let before = version(&s).await["version"].clone();
 
     // The operator shortens the grace period to one day, in the rule file itself.
@@ -67,12 +73,7 @@ async fn edited_rule_file_governs_the_next_webhook() {
 
 #[tokio::test]
 async fn broken_rule_edit_is_reported_with_file_and_line_and_old_rules_keep_serving() {
-    let (dir, config) = editable_config();
-    let rules_dir = dir.path().join("rules");
-    let clock = Arc::new(FixedClock::new(at(1_767_225_600)));
-    let s = Server::start_with(config, clock.clone(), dir).await;
-    post_at(&s, &clock, 1_767_225_600, "checkout_session_completed").await;
-    post_at(&s, &clock, 1_767_225_601, "customer_subscription_created").await;
+    let (s, clock, rules_dir) = subscribed_server().await;
     let before = version(&s).await["version"].clone();
 
     // A syntax error on line 3 of grace.rhai.
