@@ -2,17 +2,15 @@
 //! (`failed`) once a rule or mapping is fixed — the new outcome is a new row with source
 //! `replay`, the old row stays as history, taken out of dedupe. And `dry_run`: re-derive
 //! every membership from the stored deliveries under the current rules, on a scratch
-//! in-memory store, and report what would differ — writing nothing.
+//! store, and report what would differ — writing nothing.
 
 use crate::canonical::Source;
-use crate::clock::FixedClock;
 use crate::pipeline::{self, Ack, Ctx, Incoming, Raw, Status};
-use crate::store::sqlite::{Options, SqliteStore};
-use crate::store::{self, EventFilter, EventRow, Store};
-use crate::timers;
+use crate::store::sqlite::Scratch;
+use crate::store::{self, EventFilter, EventRow, MemberRow, MembershipRow};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// Why an event cannot be replayed.
@@ -102,112 +100,61 @@ pub struct Difference {
 /// time) under the rules in force, on a scratch store; returns what differs from the
 /// stored state at `now`. Writes nothing.
 pub async fn dry_run(ctx: &Arc<Ctx>, filter: &EventFilter, now: DateTime<Utc>) -> Result<Vec<Difference>, Error> {
-    let scratch: Arc<dyn Store> = Arc::new(SqliteStore::open(":memory:", Options::default())?);
-    let clock = Arc::new(FixedClock::new(now));
-    let sim = Arc::new(Ctx::with_loaded(ctx.loaded(), scratch.clone(), clock.clone()));
-    // Every delivery is one writer job, submitted in order without waiting for the one
-    // before (the writer runs jobs in submission order); each job first fires, inside the
-    // same transaction, the timers due by the delivery's arrival, so timers interleave with
-    // deliveries exactly as they did in life. Stored events are read a page at a time.
+    let (ctx, filter) = (ctx.clone(), filter.clone());
+    tokio::task::spawn_blocking(move || dry_run_blocking(&ctx, &filter, now))
+        .await
+        .map_err(|e| store::Error::Db(e.to_string()))?
+}
+
+/// The dry run on one thread: every stored delivery, read a page at a time in arrival
+/// order, runs through the pipeline into a scratch database in one transaction, and the
+/// timers due by a delivery's arrival fire just before it, so timers interleave with
+/// deliveries exactly as they did in life. Then the timers due by `now`, and the comparison.
+fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Result<Vec<Difference>, Error> {
     let loaded = ctx.loaded();
-    let mut waiting = std::collections::VecDeque::new();
-    let mut at: Option<DateTime<Utc>> = None;
-    let mut touched = Vec::new();
+    let mut scratch = Scratch::open()?;
     let mut page = filter.clone();
     page.deliveries_only = true;
     page.status = None;
     page.limit = Some(2000);
-    loop {
-        let store = ctx.store.clone();
-        let f = page.clone();
-        let rows = tokio::task::spawn_blocking(move || store.events_where(&f))
-            .await
-            .map_err(|e| store::Error::Db(e.to_string()))??;
-        let Some(last) = rows.last() else { break };
-        page.after_seq = Some(last.seq);
-        for e in &rows {
-            touched.extend(e.member_id.clone());
-            let when = at.map_or(e.received_at, |t| t.max(e.received_at));
-            at = Some(when);
-            let (incoming, mut raw) = incoming(&sim, e)?;
-            raw.source = Source::Webhook;
-            let l = loaded.clone();
-            let mut job: Option<Job> = Some(Box::new(move |tx: &mut dyn crate::store::Tx| -> store::Result<()> {
-                fire_due_in_tx(&l, tx, when)?;
-                pipeline::apply(&l, tx, incoming, raw, when).map(|_| ())
-            }));
-            loop {
-                let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-                let f = job.take().expect("job is submitted once");
-                let (submit, back) = one_shot_work(f, done_tx);
-                match scratch.submit(submit) {
-                    Ok(()) => {
-                        waiting.push_back(done_rx);
-                        break;
-                    }
-                    Err(store::Error::Busy) => {
-                        job = back.lock().ok().and_then(|mut b| b.take());
-                        if job.is_none() {
-                            return Err(store::Error::Closed.into());
-                        }
-                        // Queue full: wait for the oldest half, then submit again.
-                        for _ in 0..waiting.len().div_ceil(2) {
-                            if let Some(rx) = waiting.pop_front() {
-                                rx.await.map_err(|_| store::Error::Closed)??;
-                            }
-                        }
-                    }
-                    Err(other) => return Err(other.into()),
-                }
+    let (stored, derived) = scratch.session(|tx| -> Result<(View, View), Error> {
+        let mut touched = Vec::new();
+        let mut at: Option<DateTime<Utc>> = None;
+        loop {
+            let rows = ctx.store.events_where(&page)?;
+            let Some(last) = rows.last() else { break };
+            page.after_seq = Some(last.seq);
+            for e in &rows {
+                touched.extend(e.member_id.clone());
+                let when = at.map_or(e.received_at, |t| t.max(e.received_at));
+                at = Some(when);
+                let (incoming, mut raw) = pipeline::incoming_from_row(&loaded.config, e)
+                    .ok_or_else(|| Error::NoProvider(e.provider.clone()))?;
+                raw.source = Source::Webhook;
+                fire_due_in_tx(&loaded, tx, when)?;
+                pipeline::apply(&loaded, tx, incoming, raw, when)?;
             }
         }
-    }
-    for rx in waiting {
-        rx.await.map_err(|_| store::Error::Closed)??;
-    }
-    clock.set(at.map_or(now, |t| t.max(now)));
-    timers::fire_due(&sim, now).await;
-    let real = ctx.store.clone();
-    let scratch2 = scratch.clone();
-    let diffs = tokio::task::spawn_blocking(move || compare(&*real, &*scratch2, &touched, now))
-        .await
-        .map_err(|e| store::Error::Db(e.to_string()))??;
-    Ok(diffs)
-}
-
-type View = BTreeMap<(String, String, String), (String, bool)>;
-
-fn view(store: &dyn Store, member_ids: &[String], now: DateTime<Utc>) -> store::Result<View> {
-    let mut out = View::new();
-    for id in member_ids {
-        // Only the memberships: `member_detail` also reads timers and sync detail per
-        // membership, which the comparison does not use.
-        if let Some(member) = store.member(id)? {
-            let who = member.email.clone().unwrap_or_else(|| member.id.clone());
-            for m in store.memberships_of(id)? {
-                out.insert((who.clone(), m.provider.clone(), m.key.clone()), (m.state.to_string(), m.has_access(now)));
+        fire_due_in_tx(&loaded, tx, now)?;
+        touched.sort();
+        touched.dedup();
+        let mut stored = View::new();
+        for id in &touched {
+            if let Some(member) = ctx.store.member(id)? {
+                add_to_view(&mut stored, &member, ctx.store.memberships_of(id)?, now);
             }
         }
-    }
-    Ok(out)
-}
-
-fn compare(
-    real: &dyn Store,
-    scratch: &dyn Store,
-    members: &[String],
-    now: DateTime<Utc>,
-) -> store::Result<Vec<Difference>> {
-    let mut ids: Vec<String> = members.to_vec();
-    ids.sort();
-    ids.dedup();
-    let stored = view(real, &ids, now)?;
-    // The scratch store has its own member ids: find them by email.
-    let mut scratch_ids = Vec::new();
-    for d in stored.keys().map(|(who, _, _)| who.clone()).collect::<std::collections::BTreeSet<_>>() {
-        scratch_ids.extend(scratch.members_by_email(&d)?.into_iter().map(|m| m.id));
-    }
-    let derived = view(scratch, &scratch_ids, now)?;
+        // The scratch store has its own member ids: find them by tenant and email.
+        let mut derived = View::new();
+        let people: BTreeSet<(String, String)> = stored.keys().map(|(t, who, _, _)| (t.clone(), who.clone())).collect();
+        for (tenant, who) in people {
+            if let Some(member) = tx.member_by_email(&tenant, &who)? {
+                let memberships = tx.memberships_of(&member.id)?;
+                add_to_view(&mut derived, &member, memberships, now);
+            }
+        }
+        Ok((stored, derived))
+    })?;
     let mut keys: Vec<_> = stored.keys().chain(derived.keys()).cloned().collect();
     keys.sort();
     keys.dedup();
@@ -215,34 +162,22 @@ fn compare(
         .into_iter()
         .filter_map(|k| {
             let (a, b) = (stored.get(&k).cloned(), derived.get(&k).cloned());
-            (a != b).then_some(Difference { member: k.0, provider: k.1, membership: k.2, stored: a, derived: b })
+            (a != b).then_some(Difference { member: k.1, provider: k.2, membership: k.3, stored: a, derived: b })
         })
         .collect())
 }
 
-type Job = Box<dyn FnOnce(&mut dyn crate::store::Tx) -> store::Result<()> + Send>;
+/// (tenant, member email or id, provider, membership key) → (state, has access).
+type View = BTreeMap<(String, String, String, String), (String, bool)>;
 
-/// A writer job that answers on `done`; if the store refuses it (queue full), the job comes
-/// back through the returned slot so it can be submitted again.
-fn one_shot_work(
-    f: Job,
-    done: tokio::sync::oneshot::Sender<store::Result<()>>,
-) -> (crate::store::Work, Arc<std::sync::Mutex<Option<Job>>>) {
-    let slot: Arc<std::sync::Mutex<Option<Job>>> = Arc::new(std::sync::Mutex::new(Some(f)));
-    let mine = slot.clone();
-    let work: crate::store::Work = Box::new(move |tx| {
-        let f = mine.lock().ok().and_then(|mut s| s.take());
-        let r = match f {
-            Some(f) => f(tx),
-            None => Ok(()),
-        };
-        let ok = r.is_ok();
-        let finished: crate::store::Done = Box::new(move |commit| {
-            let _ = done.send(commit.and(r));
-        });
-        (ok, finished)
-    });
-    (work, slot)
+fn add_to_view(view: &mut View, member: &MemberRow, memberships: Vec<MembershipRow>, now: DateTime<Utc>) {
+    let who = member.email.clone().unwrap_or_else(|| member.id.clone());
+    for m in memberships {
+        view.insert(
+            (member.tenant.clone(), who.clone(), m.provider.clone(), m.key.clone()),
+            (m.state.to_string(), m.has_access(now)),
+        );
+    }
 }
 
 /// Fires, inside the caller's transaction, every timer due by `at`, oldest first.

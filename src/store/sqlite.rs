@@ -6,8 +6,10 @@
 
 use super::*;
 use chrono::TimeZone;
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
-use std::sync::Mutex;
+use rusqlite::{params, CachedStatement, Connection, OpenFlags, OptionalExtension, Row, Statement};
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
+use std::sync::{LazyLock, Mutex};
 use tokio::sync::mpsc;
 
 const MIGRATIONS: &[&str] = &[
@@ -106,6 +108,9 @@ impl SqliteStore {
         let mut writer = open(&uri, flags, memory)?;
         migrate(&mut writer)?;
         writer.set_prepared_statement_cache_capacity(64);
+        // Each event runs in its own savepoint: keep its page copies in memory, not in a
+        // temporary file.
+        writer.pragma_update(None, "temp_store", "MEMORY")?;
         // The writer commits without waiting for the disk; the syncer thread makes each
         // batch durable (fdatasync of the WAL) before any of its requests hears back, so the
         // next batch runs during the sync. A `:memory:` database has nothing to sync.
@@ -118,12 +123,30 @@ impl SqliteStore {
             // Anything else keeps SQLite's own sync on every commit.
             _ => None,
         };
+        // Checkpoints: a checkpointer thread copies committed WAL pages into the database
+        // file, with its syncs, off the writer's thread, at most every 20 ms while batches
+        // commit. The writer still checkpoints itself once the WAL reaches 10,000 pages
+        // (≈40 MB, SQLite's default is 1,000): by then little is left to copy, and that
+        // checkpoint completing is what lets the next batch start the WAL over.
+        let checkpoints = match &wal {
+            Some(_) => {
+                writer.pragma_update(None, "wal_autocheckpoint", 10_000)?;
+                let conn = open(&uri, flags, memory)?;
+                let (wake, woken) = std::sync::mpsc::sync_channel(1);
+                std::thread::Builder::new()
+                    .name("membersync-ckpt".into())
+                    .spawn(move || run_checkpointer(conn, woken))
+                    .map_err(|e| Error::Db(format!("cannot start checkpointer: {e}")))?;
+                Some(wake)
+            }
+            None => None,
+        };
         let (sender, receiver) = mpsc::channel(opts.queue_capacity.max(1));
         let max_batch = opts.max_batch.max(1);
         let (committed, to_sync) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("membersync-sync".into())
-            .spawn(move || run_syncer(to_sync, wal))
+            .spawn(move || run_syncer(to_sync, wal, checkpoints))
             .map_err(|e| Error::Db(format!("cannot start syncer: {e}")))?;
         std::thread::Builder::new()
             .name("membersync-writer".into())
@@ -152,6 +175,41 @@ impl SqliteStore {
     }
 }
 
+/// A private scratch database worked by the calling thread directly: no writer thread, no
+/// syncs, no rollback journal. SQLite's anonymous temporary database, so what does not fit
+/// its page cache spills to a file deleted on close rather than growing the process. What
+/// a dry run re-derives state into; dropped afterwards.
+pub struct Scratch {
+    conn: Connection,
+}
+
+impl Scratch {
+    /// Opens and migrates an empty scratch database.
+    pub fn open() -> Result<Scratch> {
+        let mut conn = Connection::open("")?;
+        conn.pragma_update(None, "journal_mode", "OFF")?;
+        conn.pragma_update(None, "synchronous", "OFF")?;
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
+        conn.pragma_update(None, "cache_size", -65_536)?;
+        migrate(&mut conn)?;
+        Ok(Scratch { conn })
+    }
+
+    /// Runs `f` in one transaction with the writer's kept statements. Without a journal
+    /// nothing is rolled back: on an error the scratch is to be dropped.
+    pub fn session<T, E: From<Error>>(
+        &mut self,
+        f: impl FnOnce(&mut dyn Tx) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        let mut prepared = Prepared::new();
+        self.conn.execute_batch("BEGIN").map_err(Error::from)?;
+        let r = f(&mut SqliteTx { conn: &self.conn, prepared: Some(&mut prepared) })?;
+        drop(prepared);
+        self.conn.execute_batch("COMMIT").map_err(Error::from)?;
+        Ok(r)
+    }
+}
+
 /// A committed (or failed) batch on its way to the syncer: its callers and its result.
 type Committed = (Vec<Done>, Result<()>);
 
@@ -159,7 +217,11 @@ type Committed = (Vec<Done>, Result<()>);
 /// every batch committed before it started (SQLite wrote their frames with `pwrite`), and
 /// only then are their callers told. This is the durability of `synchronous=FULL` — a
 /// caller hears back only once its commit is on disk — without the writer waiting.
-fn run_syncer(rx: std::sync::mpsc::Receiver<Committed>, wal: Option<std::path::PathBuf>) {
+fn run_syncer(
+    rx: std::sync::mpsc::Receiver<Committed>,
+    wal: Option<std::path::PathBuf>,
+    checkpoints: Option<std::sync::mpsc::SyncSender<()>>,
+) {
     let mut file: Option<std::fs::File> = None;
     while let Ok(first) = rx.recv() {
         let mut batches = vec![first];
@@ -186,15 +248,31 @@ fn run_syncer(rx: std::sync::mpsc::Receiver<Committed>, wal: Option<std::path::P
                 done(result.clone());
             }
         }
+        if let Some(wake) = &checkpoints {
+            let _ = wake.try_send(());
+        }
+    }
+}
+
+/// Copies the WAL into the database file (a passive checkpoint: it never blocks the writer
+/// or readers) after batches were made durable, at most every 20 ms. Ends with the syncer.
+fn run_checkpointer(conn: Connection, woken: std::sync::mpsc::Receiver<()>) {
+    while woken.recv().is_ok() {
+        let started = std::time::Instant::now();
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "WAL checkpoint failed; the writer checkpoints at 10,000 pages.");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20).saturating_sub(started.elapsed()));
     }
 }
 
 fn run_writer(
-    mut conn: Connection,
+    conn: Connection,
     mut rx: mpsc::Receiver<Work>,
     max_batch: usize,
     committed: std::sync::mpsc::Sender<Committed>,
 ) {
+    let mut prepared = Prepared::new();
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < max_batch {
@@ -205,14 +283,15 @@ fn run_writer(
         }
         let mut dones = Vec::with_capacity(batch.len());
         let result = (|| -> Result<()> {
-            let txn = conn.transaction()?;
+            let txn = conn.unchecked_transaction()?;
+            let mut tx = SqliteTx { conn: &conn, prepared: Some(&mut prepared) };
             for work in batch.drain(..) {
-                txn.prepare_cached("SAVEPOINT job")?.execute([])?;
-                let (ok, done) = work(&mut SqliteTx(&txn));
+                tx.st("SAVEPOINT job")?.execute([])?;
+                let (ok, done) = work(&mut tx);
                 if !ok {
-                    txn.prepare_cached("ROLLBACK TO job")?.execute([])?;
+                    tx.st("ROLLBACK TO job")?.execute([])?;
                 }
-                txn.prepare_cached("RELEASE job")?.execute([])?;
+                tx.st("RELEASE job")?.execute([])?;
                 dones.push(done);
             }
             txn.commit()?;
@@ -228,12 +307,96 @@ fn run_writer(
     }
 }
 
-/// The writer's transaction.
-struct SqliteTx<'a>(&'a Connection);
+/// Statements the writer keeps prepared for its whole life, bindings and plan included.
+/// rusqlite's statement cache clears a statement's bindings when it takes it back, and
+/// SQLite then re-plans, on its next run, any statement whose plan looked at a bound value
+/// (the partial index of parked events, the join of `member_by_customer`, the
+/// `ORDER BY … LIMIT` of `member_by_email`): a full re-prepare per event, a fifth of the
+/// writer's time under load. Every run binds every parameter, so keeping them is safe.
+type Prepared<'c> = HashMap<&'static str, Statement<'c>>;
+
+/// A statement from the writer's own set or, on a read connection, rusqlite's cache.
+enum Stmt<'s, 'c> {
+    Kept(&'s mut Statement<'c>),
+    Cached(CachedStatement<'c>),
+}
+
+impl<'c> Deref for Stmt<'_, 'c> {
+    type Target = Statement<'c>;
+    fn deref(&self) -> &Statement<'c> {
+        match self {
+            Stmt::Kept(s) => s,
+            Stmt::Cached(s) => s,
+        }
+    }
+}
+
+impl DerefMut for Stmt<'_, '_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        match self {
+            Stmt::Kept(s) => s,
+            Stmt::Cached(s) => s,
+        }
+    }
+}
+
+/// The writer's transaction (with its kept statements), or a read connection.
+struct SqliteTx<'a, 'c> {
+    conn: &'c Connection,
+    prepared: Option<&'a mut Prepared<'c>>,
+}
+
+impl<'c> SqliteTx<'_, 'c> {
+    fn reader(conn: &'c Connection) -> SqliteTx<'c, 'c> {
+        SqliteTx { conn, prepared: None }
+    }
+
+    fn st(&mut self, sql: &'static str) -> Result<Stmt<'_, 'c>> {
+        let conn = self.conn;
+        match self.prepared.as_deref_mut() {
+            Some(kept) => {
+                if !kept.contains_key(sql) {
+                    kept.insert(sql, conn.prepare(sql)?);
+                }
+                Ok(Stmt::Kept(kept.get_mut(sql).ok_or(Error::Closed)?))
+            }
+            None => Ok(Stmt::Cached(conn.prepare_cached(sql)?)),
+        }
+    }
+}
 
 const EVENT_COLS: &str = "seq, tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key";
 const MEMBER_COLS: &str = "id, tenant, email, name, flags, created_at, updated_at";
 const MEMBERSHIP_COLS: &str = "id, tenant, member_id, provider, key, subscription_id, product_id, plan_id, status, state, period_end, grace_until, access_until, cancel_at_period_end, access_levels, flags, last_event_at, last_event_id, last_reconciled_at, sync_status, created_at, updated_at, last_event_rank";
+
+// The writer's lookups that name their columns (built once; kept prepared by the writer).
+static EVENT_BY_KEY: LazyLock<String> = LazyLock::new(|| {
+    format!("SELECT {EVENT_COLS} FROM events WHERE tenant = ?1 AND provider = ?2 AND idempotency_key = ?3")
+});
+static PARKED: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {EVENT_COLS} FROM events WHERE tenant = ?1 AND provider = ?2 AND park_key IS NOT NULL
+         AND (park_key = ?3 OR park_key = '') ORDER BY occurred_at, seq"
+    )
+});
+static MEMBER_BY_ID: LazyLock<String> = LazyLock::new(|| format!("SELECT {MEMBER_COLS} FROM members WHERE id = ?1"));
+static MEMBER_BY_CUSTOMER: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM members m JOIN member_customers c ON c.member_id = m.id
+         WHERE c.tenant = ?1 AND c.provider = ?2 AND c.customer_id = ?3",
+        MEMBER_COLS.split(", ").map(|c| format!("m.{c}")).collect::<Vec<_>>().join(", ")
+    )
+});
+static MEMBER_BY_EMAIL: LazyLock<String> = LazyLock::new(|| {
+    format!("SELECT {MEMBER_COLS} FROM members WHERE tenant = ?1 AND email_lc = ?2 ORDER BY created_at LIMIT 1")
+});
+static MEMBERSHIP_BY_ID: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {MEMBERSHIP_COLS} FROM memberships WHERE id = ?1"));
+static MEMBERSHIP_BY_KEY: LazyLock<String> = LazyLock::new(|| {
+    format!("SELECT {MEMBERSHIP_COLS} FROM memberships WHERE tenant = ?1 AND provider = ?2 AND key = ?3")
+});
+static MEMBERSHIPS_OF: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {MEMBERSHIP_COLS} FROM memberships WHERE member_id = ?1 ORDER BY created_at, id"));
 
 fn event_row(r: &Row) -> rusqlite::Result<EventRow> {
     Ok(EventRow {
@@ -333,45 +496,34 @@ fn to_json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
-impl Tx for SqliteTx<'_> {
+impl Tx for SqliteTx<'_, '_> {
     fn event_by_key(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Option<EventRow>> {
-        let sql =
-            format!("SELECT {EVENT_COLS} FROM events WHERE tenant = ?1 AND provider = ?2 AND idempotency_key = ?3");
-        Ok(self.0.prepare_cached(&sql)?.query_row(params![tenant, provider, key], event_row).optional()?)
+        Ok(self.st(&EVENT_BY_KEY)?.query_row(params![tenant, provider, key], event_row).optional()?)
     }
 
     fn note_duplicate(&mut self, seq: i64) -> Result<()> {
-        self.0.prepare_cached("UPDATE events SET deliveries = deliveries + 1 WHERE seq = ?1")?.execute([seq])?;
+        self.st("UPDATE events SET deliveries = deliveries + 1 WHERE seq = ?1")?.execute([seq])?;
         Ok(())
     }
 
     fn retire_event(&mut self, seq: i64, note: &str) -> Result<bool> {
         let n = self
-            .0
-            .prepare_cached(
-                "UPDATE events SET idempotency_key = idempotency_key || '#retired@' || seq, park_key = NULL,
-                   reason = COALESCE(reason || ' — ', '') || ?2 WHERE seq = ?1",
-            )?
+            .st("UPDATE events SET idempotency_key = idempotency_key || '#retired@' || seq, park_key = NULL,
+                   reason = COALESCE(reason || ' — ', '') || ?2 WHERE seq = ?1")?
             .execute(params![seq, note])?;
         Ok(n > 0)
     }
 
     fn parked(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Vec<EventRow>> {
-        let sql = format!(
-            "SELECT {EVENT_COLS} FROM events WHERE tenant = ?1 AND provider = ?2 AND park_key IS NOT NULL
-             AND (park_key = ?3 OR park_key = '') ORDER BY occurred_at, seq"
-        );
         let rows = self
-            .0
-            .prepare_cached(&sql)?
+            .st(&PARKED)?
             .query_map(params![tenant, provider, key], event_row)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
 
     fn insert_event(&mut self, e: &EventRow) -> Result<i64> {
-        self.0
-            .prepare_cached(
+        self.st(
                 "INSERT INTO events (tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
             )?
@@ -395,38 +547,26 @@ impl Tx for SqliteTx<'_> {
                 to_json(&e.outcome),
                 e.park_key,
             ])?;
-        Ok(self.0.last_insert_rowid())
+        Ok(self.conn.last_insert_rowid())
     }
 
     fn member(&mut self, id: &str) -> Result<Option<MemberRow>> {
-        let sql = format!("SELECT {MEMBER_COLS} FROM members WHERE id = ?1");
-        Ok(self.0.prepare_cached(&sql)?.query_row([id], member_row).optional()?)
+        Ok(self.st(&MEMBER_BY_ID)?.query_row([id], member_row).optional()?)
     }
 
     fn member_by_customer(&mut self, tenant: &str, provider: &str, customer_id: &str) -> Result<Option<MemberRow>> {
-        let sql = format!(
-            "SELECT {} FROM members m JOIN member_customers c ON c.member_id = m.id
-             WHERE c.tenant = ?1 AND c.provider = ?2 AND c.customer_id = ?3",
-            MEMBER_COLS.split(", ").map(|c| format!("m.{c}")).collect::<Vec<_>>().join(", ")
-        );
-        Ok(self.0.prepare_cached(&sql)?.query_row(params![tenant, provider, customer_id], member_row).optional()?)
+        Ok(self.st(&MEMBER_BY_CUSTOMER)?.query_row(params![tenant, provider, customer_id], member_row).optional()?)
     }
 
     fn member_by_email(&mut self, tenant: &str, email: &str) -> Result<Option<MemberRow>> {
-        let sql = format!(
-            "SELECT {MEMBER_COLS} FROM members WHERE tenant = ?1 AND email_lc = ?2 ORDER BY created_at LIMIT 1"
-        );
-        Ok(self.0.prepare_cached(&sql)?.query_row(params![tenant, email.to_lowercase()], member_row).optional()?)
+        Ok(self.st(&MEMBER_BY_EMAIL)?.query_row(params![tenant, email.to_lowercase()], member_row).optional()?)
     }
 
     fn save_member(&mut self, m: &MemberRow) -> Result<()> {
-        self.0
-            .prepare_cached(
-                "INSERT INTO members (id, tenant, email, email_lc, name, flags, created_at, updated_at)
+        self.st("INSERT INTO members (id, tenant, email, email_lc, name, flags, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (id) DO UPDATE SET email = excluded.email, email_lc = excluded.email_lc,
-                   name = excluded.name, flags = excluded.flags, updated_at = excluded.updated_at",
-            )?
+                   name = excluded.name, flags = excluded.flags, updated_at = excluded.updated_at")?
             .execute(params![
                 m.id,
                 m.tenant,
@@ -441,35 +581,28 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn link_customer(&mut self, tenant: &str, provider: &str, customer_id: &str, member_id: &str) -> Result<()> {
-        self.0
-            .prepare_cached(
-                "INSERT INTO member_customers (tenant, provider, customer_id, member_id) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT DO NOTHING",
-            )?
+        self.st("INSERT INTO member_customers (tenant, provider, customer_id, member_id) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT DO NOTHING")?
             .execute(params![tenant, provider, customer_id, member_id])?;
         Ok(())
     }
 
     fn membership(&mut self, id: &str) -> Result<Option<MembershipRow>> {
-        let sql = format!("SELECT {MEMBERSHIP_COLS} FROM memberships WHERE id = ?1");
-        Ok(self.0.prepare_cached(&sql)?.query_row([id], membership_row).optional()?)
+        Ok(self.st(&MEMBERSHIP_BY_ID)?.query_row([id], membership_row).optional()?)
     }
 
     fn membership_by_key(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Option<MembershipRow>> {
-        let sql = format!("SELECT {MEMBERSHIP_COLS} FROM memberships WHERE tenant = ?1 AND provider = ?2 AND key = ?3");
-        Ok(self.0.prepare_cached(&sql)?.query_row(params![tenant, provider, key], membership_row).optional()?)
+        Ok(self.st(&MEMBERSHIP_BY_KEY)?.query_row(params![tenant, provider, key], membership_row).optional()?)
     }
 
     fn memberships_of(&mut self, member_id: &str) -> Result<Vec<MembershipRow>> {
-        let sql = format!("SELECT {MEMBERSHIP_COLS} FROM memberships WHERE member_id = ?1 ORDER BY created_at, id");
-        let mut st = self.0.prepare_cached(&sql)?;
+        let mut st = self.st(&MEMBERSHIPS_OF)?;
         let rows = st.query_map([member_id], membership_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
 
     fn save_membership(&mut self, m: &MembershipRow) -> Result<()> {
-        self.0
-            .prepare_cached(
+        self.st(
                 "INSERT INTO memberships (id, tenant, member_id, provider, key, subscription_id, product_id, plan_id, status, state,
                    period_end, grace_until, access_until, cancel_at_period_end, access_levels, flags, last_event_at, last_event_id,
                    last_reconciled_at, sync_status, created_at, updated_at, last_event_rank)
@@ -511,8 +644,7 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn capture_lead(&mut self, l: &LeadRow) -> Result<()> {
-        self.0
-            .prepare_cached(
+        self.st(
                 "INSERT INTO leads (tenant, email_lc, email, name, provider, event_id, captured_at, converted_at, member_id)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, NULL)
                  ON CONFLICT (tenant, email_lc) DO UPDATE SET name = COALESCE(excluded.name, leads.name),
@@ -525,8 +657,7 @@ impl Tx for SqliteTx<'_> {
 
     fn convert_lead(&mut self, tenant: &str, email: &str, member_id: &str, at: DateTime<Utc>) -> Result<bool> {
         let n = self
-            .0
-            .prepare_cached(
+            .st(
                 "UPDATE leads SET converted_at = ?4, member_id = ?3 WHERE tenant = ?1 AND email_lc = ?2 AND converted_at IS NULL",
             )?
             .execute(params![tenant, email.to_lowercase(), member_id, ts(at)])?;
@@ -534,8 +665,7 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn set_timer(&mut self, t: &TimerRow) -> Result<()> {
-        self.0
-            .prepare_cached(
+        self.st(
                 "INSERT INTO timers (membership_id, name, tenant, due_at, set_by_event) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (membership_id, name) DO UPDATE SET due_at = excluded.due_at, set_by_event = excluded.set_by_event",
             )?
@@ -544,19 +674,14 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn cancel_timer(&mut self, membership_id: &str, name: &str) -> Result<()> {
-        self.0
-            .prepare_cached("DELETE FROM timers WHERE membership_id = ?1 AND name = ?2")?
-            .execute(params![membership_id, name])?;
+        self.st("DELETE FROM timers WHERE membership_id = ?1 AND name = ?2")?.execute(params![membership_id, name])?;
         Ok(())
     }
 
     fn due_timers_tx(&mut self, now: DateTime<Utc>, limit: usize) -> Result<Vec<TimerRow>> {
         let rows = self
-            .0
-            .prepare_cached(
-                "SELECT tenant, membership_id, name, due_at, set_by_event FROM timers WHERE due_at <= ?1
-                 ORDER BY due_at, membership_id, name LIMIT ?2",
-            )?
+            .st("SELECT tenant, membership_id, name, due_at, set_by_event FROM timers WHERE due_at <= ?1
+                 ORDER BY due_at, membership_id, name LIMIT ?2")?
             .query_map(params![ts(now), limit as i64], timer_row)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
@@ -564,22 +689,17 @@ impl Tx for SqliteTx<'_> {
 
     fn delete_timer_if_due(&mut self, membership_id: &str, name: &str, due_at: DateTime<Utc>) -> Result<bool> {
         let n = self
-            .0
-            .prepare_cached("DELETE FROM timers WHERE membership_id = ?1 AND name = ?2 AND due_at = ?3")?
+            .st("DELETE FROM timers WHERE membership_id = ?1 AND name = ?2 AND due_at = ?3")?
             .execute(params![membership_id, name, ts(due_at)])?;
         Ok(n > 0)
     }
 
     fn record_sync(&mut self, r: &SyncRecord) -> Result<()> {
         // Only the sync columns: a webhook applied meanwhile keeps everything else.
-        self.0
-            .prepare_cached(
-                "UPDATE memberships SET sync_status = ?2,
-                   last_reconciled_at = COALESCE(?3, last_reconciled_at) WHERE id = ?1",
-            )?
+        self.st("UPDATE memberships SET sync_status = ?2,
+                   last_reconciled_at = COALESCE(?3, last_reconciled_at) WHERE id = ?1")?
             .execute(params![r.membership_id, r.sync_status, opt_ts(r.reconciled_at)])?;
-        self.0
-            .prepare_cached(
+        self.st(
                 "INSERT INTO membership_sync (membership_id, attempted_at, detail, drift_at, drift, last_error, last_error_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT (membership_id) DO UPDATE SET attempted_at = excluded.attempted_at,
@@ -640,7 +760,7 @@ impl Store for SqliteStore {
 
     fn member_detail(&self, id: &str, recent: usize) -> Result<Option<MemberDetail>> {
         self.read(|c| {
-            let mut tx = SqliteTx(c);
+            let mut tx = SqliteTx::reader(c);
             let Some(member) = tx.member(id)? else { return Ok(None) };
             let memberships = tx.memberships_of(id)?;
             let sql = format!("SELECT {EVENT_COLS} FROM events WHERE member_id = ?1 ORDER BY seq DESC LIMIT ?2");
@@ -664,11 +784,11 @@ impl Store for SqliteStore {
     }
 
     fn member(&self, id: &str) -> Result<Option<MemberRow>> {
-        self.read(|c| Tx::member(&mut SqliteTx(c), id))
+        self.read(|c| Tx::member(&mut SqliteTx::reader(c), id))
     }
 
     fn memberships_of(&self, member_id: &str) -> Result<Vec<MembershipRow>> {
-        self.read(|c| Tx::memberships_of(&mut SqliteTx(c), member_id))
+        self.read(|c| Tx::memberships_of(&mut SqliteTx::reader(c), member_id))
     }
 
     fn members_by_email(&self, email: &str) -> Result<Vec<MemberRow>> {
