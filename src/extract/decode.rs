@@ -39,6 +39,245 @@ pub fn json(body: &[u8]) -> Result<Value, DecodeError> {
     Ok(v)
 }
 
+/// The parts of a body an extractor reads: every configured path, as a tree. Decoding
+/// builds only these parts (and what lies under a path's end), skipping the rest of the
+/// body without building it, though still checking that all of it is valid JSON.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PathTree {
+    /// A path ends here: keep the whole value.
+    whole: bool,
+    keys: std::collections::HashMap<String, PathTree>,
+    /// The highest array index any path steps through here.
+    max_index: Option<usize>,
+}
+
+impl PathTree {
+    /// Adds one path, as its steps (object key, array index if numeric).
+    pub fn add<'a>(&mut self, steps: impl IntoIterator<Item = (&'a str, Option<usize>)>) {
+        let mut node = self;
+        for (key, index) in steps {
+            if let Some(i) = index {
+                node.max_index = Some(node.max_index.map_or(i, |m| m.max(i)));
+            }
+            node = node.keys.entry(key.to_string()).or_default();
+        }
+        node.whole = true;
+    }
+}
+
+/// Decodes a JSON body building only the parts `tree` names; the top level must be an
+/// object. Looking any path of the tree up in the result gives what it gives in the full
+/// decode (`json`), and a body is refused exactly when `json` refuses it.
+pub fn json_paths(body: &[u8], tree: &PathTree) -> Result<Value, DecodeError> {
+    if std::str::from_utf8(body).is_err() {
+        return Err(DecodeError::Utf8);
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let v = serde::de::DeserializeSeed::deserialize(Pruned(tree), &mut de)
+        .and_then(|v| de.end().map(|()| v))
+        .map_err(|e| DecodeError::Json(e.to_string()))?;
+    if !v.is_object() {
+        return Err(DecodeError::NotObject);
+    }
+    Ok(v)
+}
+
+/// Deserializes one node of the body under a node of the path tree.
+struct Pruned<'t>(&'t PathTree);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Pruned<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        if self.0.whole || self.0.keys.is_empty() {
+            return serde::Deserialize::deserialize(d);
+        }
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Pruned<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        serde::de::DeserializeSeed::deserialize(self, d)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key_seed(Key)? {
+            match self.0.keys.get(key.as_ref()) {
+                Some(child) => {
+                    let v = map.next_value_seed(Pruned(child))?;
+                    out.insert(key.into_owned(), v);
+                }
+                None => {
+                    map.next_value_seed(Skip)?;
+                }
+            }
+        }
+        Ok(Value::Object(out))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        // Items up to the highest index a path names are kept (unnamed ones as null, so
+        // indexes stay where they were); the rest are checked and skipped.
+        let mut out = Vec::new();
+        let mut i = 0usize;
+        loop {
+            let child = match self.0.max_index {
+                Some(max) if i <= max => self.0.keys.get(&i.to_string()),
+                _ => None,
+            };
+            match child {
+                Some(child) => match seq.next_element_seed(Pruned(child))? {
+                    Some(v) => out.push(v),
+                    None => break,
+                },
+                None => match seq.next_element_seed(Skip)? {
+                    Some(_) if self.0.max_index.is_some_and(|max| i <= max) => out.push(Value::Null),
+                    Some(_) => {}
+                    None => break,
+                },
+            }
+            i += 1;
+        }
+        Ok(Value::Array(out))
+    }
+}
+
+/// A part of the body no path reads: checked and dropped, building nothing. It goes
+/// through the same nesting count as the full decode, so a body nested too deeply is
+/// refused wherever the nesting is.
+struct Skip;
+
+impl<'de> serde::de::DeserializeSeed<'de> for Skip {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Skip {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_none<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_key_seed(Skip)?.is_some() {
+            map.next_value_seed(Skip)?;
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Skip)?.is_some() {}
+        Ok(())
+    }
+}
+
+/// An object key, borrowed from the body when it has no escapes.
+struct Key;
+
+impl<'de> serde::de::DeserializeSeed<'de> for Key {
+    type Value = std::borrow::Cow<'de, str>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Key {
+    type Value = std::borrow::Cow<'de, str>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Borrowed(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Owned(v.to_string()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Owned(v))
+    }
+}
+
 /// Decodes a form body into a tree. Numeric bracket segments build arrays when they
 /// count up from 0 (`a[0]`, `a[1]`), objects otherwise; `a[]` appends.
 pub fn form(body: &[u8]) -> Result<Value, DecodeError> {

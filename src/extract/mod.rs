@@ -120,6 +120,8 @@ pub struct Extractor {
     occurred_at: Field,
     defaults: Fields,
     events: HashMap<String, EventMap>,
+    /// Every path above, as a tree: a JSON body is decoded only along these.
+    paths: decode::PathTree,
 }
 
 /// Which part of the YAML decided the event's kind: recorded for `simulate` and the log.
@@ -225,7 +227,7 @@ impl Extractor {
         if !diags.is_empty() {
             return Err(CompileError(diags));
         }
-        Ok(Extractor {
+        let mut x = Extractor {
             provider: spec.provider.clone(),
             decode: spec.decode,
             idempotency,
@@ -235,7 +237,37 @@ impl Extractor {
             defaults,
             events,
             spec,
-        })
+            paths: decode::PathTree::default(),
+        };
+        let mut tree = decode::PathTree::default();
+        for p in x.body_paths() {
+            tree.add(p.steps());
+        }
+        x.paths = tree;
+        Ok(x)
+    }
+
+    /// Every path this extractor reads a body at.
+    fn body_paths(&self) -> Vec<&Path> {
+        fn of_fields(fields: &Fields) -> impl Iterator<Item = &Path> {
+            fields.iter().flatten().flat_map(|f| f.paths.iter())
+        }
+        let mut out: Vec<&Path> = Vec::new();
+        if let Idempotency::Paths(ps) = &self.idempotency {
+            out.extend(ps);
+        }
+        for f in self.event_id.iter().chain([&self.event_type, &self.occurred_at]) {
+            out.extend(&f.paths);
+        }
+        out.extend(of_fields(&self.defaults));
+        for ev in self.events.values() {
+            out.extend(of_fields(&ev.fields));
+            for c in &ev.cases {
+                out.extend(c.conds.iter().map(|(p, _)| p));
+                out.extend(of_fields(&c.fields));
+            }
+        }
+        out
     }
 
     /// The provider file this came from, relative to the rules dir.
@@ -255,7 +287,7 @@ impl Extractor {
         if form {
             decode::form(body)
         } else {
-            decode::json(body)
+            decode::json_paths(body, &self.paths)
         }
     }
 

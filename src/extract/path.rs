@@ -54,6 +54,11 @@ impl Path {
         &self.text
     }
 
+    /// Each step as (object key, array index if the step is a number).
+    pub(crate) fn steps(&self) -> impl Iterator<Item = (&str, Option<usize>)> {
+        self.segs.iter().map(|s| (s.key.as_str(), s.index))
+    }
+
     /// The value at this path: `None` when a key is absent, `Some(Null)` when present and null.
     pub fn lookup<'a>(&self, root: &'a Value) -> Option<&'a Value> {
         let mut cur = root;

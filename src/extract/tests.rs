@@ -1,4 +1,5 @@
 use super::*;
+use chrono::TimeZone;
 use serde_json::json;
 
 const SPEC: &str = r#"
@@ -119,4 +120,53 @@ fn compile_reports_every_problem_with_location_and_hint() {
     let d = err.0.iter().find(|d| d.message.contains("cancelled")).unwrap();
     assert_eq!(d.line, bad.lines().position(|l| l.contains("kind: cancelled")).unwrap() + 1);
     assert!(Extractor::load("rules/providers/acme.yaml", "provider: [").is_err());
+}
+
+/// The decode that builds only the configured paths gives every provider's fixtures the
+/// same extraction as building the whole body, and refuses what the whole decode refuses.
+#[test]
+fn decoding_only_configured_paths_extracts_what_the_whole_body_gives() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut compared = 0;
+    for provider in ["stripe", "thrivecart", "whop", "memberstack", "memberful"] {
+        let src = std::fs::read_to_string(root.join(format!("rules/providers/{provider}.yaml"))).unwrap();
+        let x = Extractor::load(&format!("rules/providers/{provider}.yaml"), &src).unwrap();
+        let at = Utc.timestamp_opt(1_767_225_600, 0).unwrap();
+        for entry in std::fs::read_dir(root.join("tests/fixtures").join(provider)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let body = std::fs::read(&path).unwrap();
+            let whole = decode::json(&body).unwrap();
+            let pruned = x.decode(&body, Some("application/json")).unwrap();
+            assert!(pruned.to_string().len() <= whole.to_string().len());
+            let a = x.extract("t", &whole, &body, &[], at);
+            let b = x.extract("t", &pruned, &body, &[], at);
+            assert_eq!(format!("{a:?}"), format!("{b:?}"), "{}", path.display());
+            compared += 1;
+        }
+    }
+    assert!(compared > 50, "only {compared} fixtures compared");
+    let x = Extractor::load("acme.yaml", SPEC).unwrap();
+    let deep = format!(r#"{{"type":"a","skipped":{}{}}}"#, "[".repeat(200), "]".repeat(200));
+    for bad in [&b"{"[..], b"[1]", b"{\"a\":1} x", b"{\"type\":\"a\",\"skipped\":[1,}", b"\"s\"", deep.as_bytes()] {
+        assert_eq!(x.decode(bad, None).is_err(), decode::json(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        assert!(x.decode(bad, None).is_err(), "{}", String::from_utf8_lossy(bad));
+    }
+}
+
+#[test]
+fn decoding_only_configured_paths_keeps_indexes_nulls_and_the_last_duplicate() {
+    let mut tree = decode::PathTree::default();
+    for p in ["data.items[1].id", "data.gone", "data.obj", "n"] {
+        tree.add(path::Path::parse(p).unwrap().steps());
+    }
+    let body = br#"{"n": null, "data": {"items": [{"id": "a", "x": 1}, {"id": "b", "y": [2]}, {"id": "c"}],
+        "obj": {"deep": {"k": [1, 2]}}, "other": {"big": [1, 2, 3]}, "obj": {"last": true}}, "z": 1}"#;
+    let v = decode::json_paths(body, &tree).unwrap();
+    assert_eq!(v, json!({"n": null, "data": {"items": [null, {"id": "b"}], "obj": {"last": true}}}));
+    assert_eq!(path::Path::parse("data.items[1].id").unwrap().lookup(&v), Some(&json!("b")));
+    assert_eq!(path::Path::parse("data.gone").unwrap().lookup(&v), None);
+    assert_eq!(path::Path::parse("n").unwrap().lookup(&v), Some(&Value::Null));
 }
