@@ -106,10 +106,11 @@ pub async fn dry_run(ctx: &Arc<Ctx>, filter: &EventFilter, now: DateTime<Utc>) -
         .map_err(|e| store::Error::Db(e.to_string()))?
 }
 
-/// The dry run on one thread: every stored delivery, read a page at a time in arrival
-/// order, runs through the pipeline into a scratch database in one transaction, and the
-/// timers due by a delivery's arrival fire just before it, so timers interleave with
-/// deliveries exactly as they did in life. Then the timers due by `now`, and the comparison.
+/// The dry run on two threads: one reads the stored deliveries a page at a time in
+/// arrival order and decodes and extracts each again; the other runs them, in that order,
+/// through the pipeline into a scratch database in one transaction, firing the timers due
+/// by a delivery's arrival just before it, so timers interleave with deliveries exactly as
+/// they did in life. Then the timers due by `now`, and the comparison.
 fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Result<Vec<Difference>, Error> {
     let loaded = ctx.loaded();
     let mut scratch = Scratch::open()?;
@@ -117,43 +118,81 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
     page.deliveries_only = true;
     page.status = None;
     page.limit = Some(2000);
-    let (stored, derived) = scratch.session(|tx| -> Result<(View, View), Error> {
-        let mut touched = Vec::new();
-        let mut at: Option<DateTime<Utc>> = None;
-        loop {
-            let rows = ctx.store.events_where(&page)?;
-            let Some(last) = rows.last() else { break };
-            page.after_seq = Some(last.seq);
-            for e in &rows {
-                touched.extend(e.member_id.clone());
-                let when = at.map_or(e.received_at, |t| t.max(e.received_at));
-                at = Some(when);
-                let (incoming, mut raw) = pipeline::incoming_from_row(&loaded.config, e)
-                    .ok_or_else(|| Error::NoProvider(e.provider.clone()))?;
-                raw.source = Source::Webhook;
-                fire_due_in_tx(&loaded, tx, when)?;
-                pipeline::apply(&loaded, tx, incoming, raw, when)?;
+    // A page of deliveries at a time crosses between the threads (one wake-up per page).
+    type Delivery = (DateTime<Utc>, Incoming, Raw);
+    let (to_apply, deliveries) = std::sync::mpsc::sync_channel::<Result<Vec<Delivery>, Error>>(2);
+    let (stored, derived) = std::thread::scope(|scope| {
+        let reader_loaded = loaded.clone();
+        let reader = scope.spawn(move || -> Result<View, Error> {
+            let mut touched = Vec::new();
+            let mut at: Option<DateTime<Utc>> = None;
+            loop {
+                let rows = match ctx.store.events_where(&page) {
+                    Ok(rows) => rows,
+                    Err(e) => {
+                        let _ = to_apply.send(Err(e.into()));
+                        break;
+                    }
+                };
+                let Some(last) = rows.last() else { break };
+                page.after_seq = Some(last.seq);
+                let mut batch = Vec::with_capacity(rows.len());
+                let mut failed = None;
+                for e in &rows {
+                    touched.extend(e.member_id.clone());
+                    let when = at.map_or(e.received_at, |t| t.max(e.received_at));
+                    at = Some(when);
+                    match pipeline::incoming_from_row(&reader_loaded.config, e) {
+                        Some((incoming, mut raw)) => {
+                            raw.source = Source::Webhook;
+                            batch.push((when, incoming, raw));
+                        }
+                        None => {
+                            failed = Some(Error::NoProvider(e.provider.clone()));
+                            break;
+                        }
+                    }
+                }
+                // The other side stops early only on an error of its own.
+                if to_apply.send(Ok(batch)).is_err() {
+                    return Ok(View::new());
+                }
+                if let Some(e) = failed {
+                    let _ = to_apply.send(Err(e));
+                    break;
+                }
             }
-        }
-        fire_due_in_tx(&loaded, tx, now)?;
-        touched.sort();
-        touched.dedup();
-        let mut stored = View::new();
-        for id in &touched {
-            if let Some(member) = ctx.store.member(id)? {
-                add_to_view(&mut stored, &member, ctx.store.memberships_of(id)?, now);
+            drop(to_apply);
+            // The stored side of the comparison, read while the other thread still works.
+            touched.sort();
+            touched.dedup();
+            let mut stored = View::new();
+            for (member, memberships) in ctx.store.members_with_memberships(&touched)? {
+                add_to_view(&mut stored, &member, memberships, now);
             }
-        }
-        // The scratch store has its own member ids: find them by tenant and email.
-        let mut derived = View::new();
-        let people: BTreeSet<(String, String)> = stored.keys().map(|(t, who, _, _)| (t.clone(), who.clone())).collect();
-        for (tenant, who) in people {
-            if let Some(member) = tx.member_by_email(&tenant, &who)? {
-                let memberships = tx.memberships_of(&member.id)?;
-                add_to_view(&mut derived, &member, memberships, now);
+            Ok(stored)
+        });
+        scratch.session(|tx| -> Result<(View, View), Error> {
+            for batch in deliveries {
+                for (when, incoming, raw) in batch? {
+                    fire_due_in_tx(&loaded, tx, when)?;
+                    pipeline::apply(&loaded, tx, incoming, raw, when)?;
+                }
             }
-        }
-        Ok((stored, derived))
+            fire_due_in_tx(&loaded, tx, now)?;
+            let stored = reader.join().map_err(|_| store::Error::Db("the dry run's reader panicked".into()))??;
+            // The scratch store has its own member ids: find them by tenant and email.
+            let mut derived = View::new();
+            let people: BTreeSet<(String, String)> =
+                stored.keys().map(|(t, who, _, _)| (t.clone(), who.clone())).collect();
+            for (tenant, who) in people {
+                if let Some(member) = tx.member_by_email(&tenant, &who)? {
+                    let memberships = tx.memberships_of(&member.id)?;
+                    add_to_view(&mut derived, &member, memberships, now);
+                }
+            }
+            Ok((stored, derived))
+        })
     })?;
     let mut keys: Vec<_> = stored.keys().chain(derived.keys()).cloned().collect();
     keys.sort();

@@ -265,8 +265,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<MembershipRow>>;
     /// A member by id.
     fn member(&self, id: &str) -> Result<Option<MemberRow>>;
-    /// A member's memberships, without the detail `member_detail` gathers (replay's compare).
+    /// A member's memberships, without the detail `member_detail` gathers.
     fn memberships_of(&self, member_id: &str) -> Result<Vec<MembershipRow>>;
+    /// These members (those that exist) with their memberships, read in one go (replay's
+    /// compare).
+    fn members_with_memberships(&self, ids: &[String]) -> Result<Vec<(MemberRow, Vec<MembershipRow>)>>;
     /// The member's customer id at a provider (what `{customer_id}` stands for).
     fn customer_id(&self, tenant: &str, provider: &str, member_id: &str) -> Result<Option<String>>;
     /// Count of memberships by sync status (for /metrics).

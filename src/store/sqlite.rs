@@ -195,6 +195,11 @@ impl Scratch {
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.pragma_update(None, "cache_size", -65_536)?;
         migrate(&mut conn)?;
+        // Indexes only the admin API and reports read: a scratch is never asked.
+        conn.execute_batch(
+            "DROP INDEX events_status; DROP INDEX events_member; DROP INDEX events_event_id;
+             DROP INDEX events_membership; DROP INDEX members_email_any;",
+        )?;
         Ok(Scratch { conn })
     }
 
@@ -206,7 +211,7 @@ impl Scratch {
     ) -> std::result::Result<T, E> {
         let mut prepared = Prepared::new();
         self.conn.execute_batch("BEGIN").map_err(Error::from)?;
-        let r = f(&mut SqliteTx { conn: &self.conn, prepared: Some(&mut prepared) })?;
+        let r = f(&mut SqliteTx { conn: &self.conn, prepared: Some(&mut prepared), lean: true })?;
         drop(prepared);
         self.conn.execute_batch("COMMIT").map_err(Error::from)?;
         Ok(r)
@@ -287,7 +292,7 @@ fn run_writer(
         let mut dones = Vec::with_capacity(batch.len());
         let result = (|| -> Result<()> {
             let txn = conn.unchecked_transaction()?;
-            let mut tx = SqliteTx { conn: &conn, prepared: Some(&mut prepared) };
+            let mut tx = SqliteTx { conn: &conn, prepared: Some(&mut prepared), lean: false };
             for work in batch.drain(..) {
                 tx.st("SAVEPOINT job")?.execute([])?;
                 let (ok, done) = work(&mut tx);
@@ -347,11 +352,14 @@ impl DerefMut for Stmt<'_, '_> {
 struct SqliteTx<'a, 'c> {
     conn: &'c Connection,
     prepared: Option<&'a mut Prepared<'c>>,
+    /// A scratch database: event rows keep their body, headers and outcome only when
+    /// parked (a later event runs them again); nothing else reads them back.
+    lean: bool,
 }
 
 impl<'c> SqliteTx<'_, 'c> {
     fn reader(conn: &'c Connection) -> SqliteTx<'c, 'c> {
-        SqliteTx { conn, prepared: None }
+        SqliteTx { conn, prepared: None, lean: false }
     }
 
     fn st(&mut self, sql: &'static str) -> Result<Stmt<'_, 'c>> {
@@ -526,6 +534,8 @@ impl Tx for SqliteTx<'_, '_> {
     }
 
     fn insert_event(&mut self, e: &EventRow) -> Result<i64> {
+        // A scratch keeps the body only of events it may run again (parked ones).
+        let lean = self.lean && e.park_key.is_none();
         self.st(
                 "INSERT INTO events (tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
@@ -544,10 +554,10 @@ impl Tx for SqliteTx<'_, '_> {
                 e.membership_id,
                 e.status,
                 e.reason,
-                e.raw,
-                to_json(&e.headers),
-                e.canonical.as_ref().map(to_json),
-                to_json(&e.outcome),
+                if lean { &[][..] } else { &e.raw[..] },
+                if lean { "[]".to_string() } else { to_json(&e.headers) },
+                if lean { None } else { e.canonical.as_ref().map(to_json) },
+                if lean { "null".to_string() } else { to_json(&e.outcome) },
                 e.park_key,
             ])?;
         Ok(self.conn.last_insert_rowid())
@@ -788,6 +798,22 @@ impl Store for SqliteStore {
 
     fn member(&self, id: &str) -> Result<Option<MemberRow>> {
         self.read(|c| Tx::member(&mut SqliteTx::reader(c), id))
+    }
+
+    fn members_with_memberships(&self, ids: &[String]) -> Result<Vec<(MemberRow, Vec<MembershipRow>)>> {
+        // Two statements prepared once for the whole list (the cached ones would be
+        // re-planned on every run, see `Prepared`).
+        self.read(|c| {
+            let (mut member, mut of) = (c.prepare(&MEMBER_BY_ID)?, c.prepare(&MEMBERSHIPS_OF)?);
+            let mut out = Vec::new();
+            for id in ids {
+                if let Some(m) = member.query_row([id], member_row).optional()? {
+                    let ms = of.query_map([id], membership_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+                    out.push((m, ms));
+                }
+            }
+            Ok(out)
+        })
     }
 
     fn memberships_of(&self, member_id: &str) -> Result<Vec<MembershipRow>> {

@@ -139,3 +139,20 @@ async fn dry_run_interleaves_timers_with_deliveries_as_they_happened() {
     let diffs = membersync::replay::dry_run(&ctx, &EventFilter::default(), clock.now()).await.unwrap();
     assert!(diffs.is_empty(), "the timer fired before the late revert in the dry run too: {diffs:?}");
 }
+
+/// An event that arrived before its membership existed was parked and ran again once the
+/// membership came to exist; the dry run does the same, from the body it stored for it.
+#[tokio::test]
+async fn dry_run_runs_parked_events_again_from_their_stored_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FixedClock::new(at(FAILED)));
+    let ctx = ctx_on(&dir.path().join("m.db"), clock.clone());
+    let early = deliver(&ctx, "stripe", "invoice_payment_failed").await;
+    assert_eq!(early.status, Status::Refused, "{:?}", early.outcome.reason);
+    deliver(&ctx, "stripe", "checkout_session_completed").await;
+    deliver(&ctx, "stripe", "customer_subscription_created").await;
+    assert_eq!(member(&ctx, "ada@example.com").memberships[0].state.as_str(), "past_due");
+
+    let diffs = membersync::replay::dry_run(&ctx, &EventFilter::default(), clock.now()).await.unwrap();
+    assert!(diffs.is_empty(), "the parked failure ran again in the dry run too: {diffs:?}");
+}
