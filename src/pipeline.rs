@@ -210,15 +210,53 @@ pub struct Raw {
 pub async fn process(ctx: &Arc<Ctx>, incoming: Incoming, raw: Raw) -> store::Result<Ack> {
     let now = ctx.clock.now();
     let loaded = ctx.loaded();
-    let ack = ctx.store.write(move |tx| apply(&loaded, tx, incoming, raw, now)).await?;
+    let pre = Precomputed::of(&loaded, &incoming, &raw);
+    let ack = ctx.store.write(move |tx| apply_with(&loaded, tx, incoming, raw, now, pre)).await?;
     if ack.outcome.effects.iter().any(|e| matches!(e, Effect::ScheduleTimer { .. })) {
         ctx.timers_changed.notify_one();
     }
     Ok(ack)
 }
 
+/// What the writer would otherwise work out from the event alone — its rank, its canonical
+/// JSON, the request headers' JSON — worked out before it, on the caller's thread, under
+/// the same snapshot. None of it depends on stored state; the single writer thread is what
+/// bounds ingest, so the less it does per event the better.
+#[derive(Default)]
+pub struct Precomputed {
+    rank: Option<Result<i64, crate::rules::Error>>,
+    canonical: Option<serde_json::Value>,
+    headers: Option<serde_json::Value>,
+}
+
+impl Precomputed {
+    pub fn of(loaded: &Loaded, incoming: &Incoming, raw: &Raw) -> Precomputed {
+        let headers = Some(serde_json::to_value(&raw.headers).unwrap_or_default());
+        match incoming {
+            Incoming::Extracted(x) => Precomputed {
+                rank: Some(loaded.rules.rank(&x.event)),
+                canonical: serde_json::to_value(&x.event).ok(),
+                headers,
+            },
+            _ => Precomputed { headers, ..Default::default() },
+        }
+    }
+}
+
 /// The job the writer runs for one event, inside its savepoint.
 pub fn apply(loaded: &Loaded, tx: &mut dyn Tx, incoming: Incoming, raw: Raw, now: DateTime<Utc>) -> store::Result<Ack> {
+    apply_with(loaded, tx, incoming, raw, now, Precomputed::default())
+}
+
+/// `apply`, with what `pre` already holds not worked out again.
+pub fn apply_with(
+    loaded: &Loaded,
+    tx: &mut dyn Tx,
+    incoming: Incoming,
+    raw: Raw,
+    now: DateTime<Utc>,
+    mut pre: Precomputed,
+) -> store::Result<Ack> {
     let source = raw.source;
     let (tenant, provider, key) = match &incoming {
         Incoming::Extracted(x) => (x.event.tenant.clone(), x.event.provider.clone(), x.idempotency_key.clone()),
@@ -278,7 +316,7 @@ pub fn apply(loaded: &Loaded, tx: &mut dyn Tx, incoming: Incoming, raw: Raw, now
         status: String::new(),
         reason: None,
         raw: raw.body,
-        headers: serde_json::to_value(&raw.headers).unwrap_or_default(),
+        headers: pre.headers.take().unwrap_or_else(|| serde_json::to_value(&raw.headers).unwrap_or_default()),
         canonical: None,
         outcome: serde_json::Value::Null,
         park_key: None,
@@ -301,7 +339,7 @@ pub fn apply(loaded: &Loaded, tx: &mut dyn Tx, incoming: Incoming, raw: Raw, now
     rec.event_type = ev.event_type.clone();
     rec.kind = ev.kind.map(|k| k.as_str().to_string());
     rec.occurred_at = Some(ev.occurred_at);
-    rec.canonical = serde_json::to_value(ev).ok();
+    rec.canonical = pre.canonical.take().or_else(|| serde_json::to_value(ev).ok());
     let mut outcome = Outcome::new(Status::Applied, source);
     outcome.mapping = Some(x.mapping.clone());
 
@@ -425,7 +463,7 @@ pub fn apply(loaded: &Loaded, tx: &mut dyn Tx, incoming: Incoming, raw: Raw, now
     };
     outcome.rule = decision.rule.clone();
     outcome.input = decision.input;
-    let rank = match rules.rank(ev) {
+    let rank = match pre.rank.take().unwrap_or_else(|| rules.rank(ev)) {
         Ok(r) => r,
         Err(e) => {
             outcome.status = Status::Failed;

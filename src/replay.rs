@@ -107,7 +107,8 @@ pub async fn dry_run(ctx: &Arc<Ctx>, filter: &EventFilter, now: DateTime<Utc>) -
 }
 
 /// The dry run on two threads: one reads the stored deliveries a page at a time in
-/// arrival order and decodes and extracts each again; the other runs them, in that order,
+/// arrival order, decodes and extracts each again and works out what needs no stored
+/// state (`Precomputed`); the other runs them, in that order,
 /// through the pipeline into a scratch database in one transaction, firing the timers due
 /// by a delivery's arrival just before it, so timers interleave with deliveries exactly as
 /// they did in life. Then the timers due by `now`, and the comparison.
@@ -119,7 +120,7 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
     page.status = None;
     page.limit = Some(2000);
     // A page of deliveries at a time crosses between the threads (one wake-up per page).
-    type Delivery = (DateTime<Utc>, Incoming, Raw);
+    type Delivery = (DateTime<Utc>, Incoming, Raw, pipeline::Precomputed);
     let (to_apply, deliveries) = std::sync::mpsc::sync_channel::<Result<Vec<Delivery>, Error>>(2);
     let (stored, derived) = std::thread::scope(|scope| {
         let reader_loaded = loaded.clone();
@@ -145,7 +146,8 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
                     match pipeline::incoming_from_row(&reader_loaded.config, e) {
                         Some((incoming, mut raw)) => {
                             raw.source = Source::Webhook;
-                            batch.push((when, incoming, raw));
+                            let pre = pipeline::Precomputed::of(&reader_loaded, &incoming, &raw);
+                            batch.push((when, incoming, raw, pre));
                         }
                         None => {
                             failed = Some(Error::NoProvider(e.provider.clone()));
@@ -174,9 +176,9 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
         });
         scratch.session(|tx| -> Result<(View, View), Error> {
             for batch in deliveries {
-                for (when, incoming, raw) in batch? {
+                for (when, incoming, raw, pre) in batch? {
                     fire_due_in_tx(&loaded, tx, when)?;
-                    pipeline::apply(&loaded, tx, incoming, raw, when)?;
+                    pipeline::apply_with(&loaded, tx, incoming, raw, when, pre)?;
                 }
             }
             fire_due_in_tx(&loaded, tx, now)?;
