@@ -4,6 +4,10 @@
 //!
 //! Run: `cargo bench --bench pipeline` (numbers in BENCHMARKS.md).
 
+/// The allocator the `membersync` binary uses.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use membersync::canonical::Source;
 use membersync::clock::SystemClock;

@@ -9,6 +9,10 @@
 //!
 //! Run: `cargo bench --bench stages` (numbers in BENCHMARKS.md).
 
+/// The allocator the `membersync` binary uses.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use chrono::{TimeZone, Utc};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use membersync::config::Config;
