@@ -5,6 +5,7 @@
 //! store, and report what would differ — writing nothing.
 
 use crate::canonical::Source;
+use crate::config::Config;
 use crate::pipeline::{self, Ack, Ctx, Incoming, Raw, Status};
 use crate::store::sqlite::Scratch;
 use crate::store::{self, EventFilter, EventRow, MemberRow, MembershipRow};
@@ -30,8 +31,8 @@ pub enum Error {
 /// Statuses that changed nothing, so running them again cannot apply anything twice.
 pub const REPLAYABLE: [&str; 3] = ["failed", "refused", "ignored"];
 
-fn incoming(ctx: &Ctx, e: &EventRow) -> Result<(Incoming, Raw), Error> {
-    pipeline::incoming_from_row(&ctx.config(), e).ok_or_else(|| Error::NoProvider(e.provider.clone()))
+fn incoming(config: &Config, e: &EventRow) -> Result<(Incoming, Raw), Error> {
+    pipeline::incoming_from_row(config, e).ok_or_else(|| Error::NoProvider(e.provider.clone()))
 }
 
 /// Replays one stored event (failed, refused or ignored) through the current rules.
@@ -39,7 +40,7 @@ pub async fn replay_one(ctx: &Arc<Ctx>, e: &EventRow) -> Result<Ack, Error> {
     if !REPLAYABLE.contains(&e.status.as_str()) {
         return Err(Error::NotReplayable(e.seq, e.status.clone()));
     }
-    let (incoming, raw) = incoming(ctx, e)?;
+    let (incoming, raw) = incoming(&ctx.config(), e)?;
     let seq = e.seq;
     let note = format!("replayed under rules {}", ctx.rules().version);
     let now = ctx.clock.now();
@@ -128,40 +129,33 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
             let mut touched = Vec::new();
             let mut at: Option<DateTime<Utc>> = None;
             loop {
-                let rows = match ctx.store.events_where(&page) {
-                    Ok(rows) => rows,
+                let next = (|| -> Result<Option<Vec<Delivery>>, Error> {
+                    let rows = ctx.store.events_where(&page)?;
+                    let Some(last) = rows.last() else { return Ok(None) };
+                    page.after_seq = Some(last.seq);
+                    let batch = rows.iter().map(|e| {
+                        touched.extend(e.member_id.clone());
+                        let when = at.map_or(e.received_at, |t| t.max(e.received_at));
+                        at = Some(when);
+                        let (incoming, mut raw) = incoming(&reader_loaded.config, e)?;
+                        raw.source = Source::Webhook;
+                        let pre = pipeline::Precomputed::of(&reader_loaded, &incoming, &raw);
+                        Ok((when, incoming, raw, pre))
+                    });
+                    batch.collect::<Result<Vec<_>, Error>>().map(Some)
+                })();
+                // The applying thread stops early only on an error, which it reports.
+                match next {
+                    Ok(Some(batch)) => {
+                        if to_apply.send(Ok(batch)).is_err() {
+                            return Ok(View::new());
+                        }
+                    }
+                    Ok(None) => break,
                     Err(e) => {
-                        let _ = to_apply.send(Err(e.into()));
-                        break;
+                        let _ = to_apply.send(Err(e));
+                        return Ok(View::new());
                     }
-                };
-                let Some(last) = rows.last() else { break };
-                page.after_seq = Some(last.seq);
-                let mut batch = Vec::with_capacity(rows.len());
-                let mut failed = None;
-                for e in &rows {
-                    touched.extend(e.member_id.clone());
-                    let when = at.map_or(e.received_at, |t| t.max(e.received_at));
-                    at = Some(when);
-                    match pipeline::incoming_from_row(&reader_loaded.config, e) {
-                        Some((incoming, mut raw)) => {
-                            raw.source = Source::Webhook;
-                            let pre = pipeline::Precomputed::of(&reader_loaded, &incoming, &raw);
-                            batch.push((when, incoming, raw, pre));
-                        }
-                        None => {
-                            failed = Some(Error::NoProvider(e.provider.clone()));
-                            break;
-                        }
-                    }
-                }
-                // The other side stops early only on an error of its own.
-                if to_apply.send(Ok(batch)).is_err() {
-                    return Ok(View::new());
-                }
-                if let Some(e) = failed {
-                    let _ = to_apply.send(Err(e));
-                    break;
                 }
             }
             drop(to_apply);

@@ -107,7 +107,6 @@ impl SqliteStore {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let mut writer = open(&uri, flags, memory)?;
         migrate(&mut writer)?;
-        writer.set_prepared_statement_cache_capacity(64);
         // Each event runs in its own savepoint: keep its page copies in memory, not in a
         // temporary file.
         writer.pragma_update(None, "temp_store", "MEMORY")?;
