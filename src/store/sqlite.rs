@@ -9,7 +9,8 @@ use chrono::TimeZone;
 use rusqlite::{params, CachedStatement, Connection, OpenFlags, OptionalExtension, Row, Statement};
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
-use std::sync::{LazyLock, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use tokio::sync::mpsc;
 
 const MIGRATIONS: &[&str] = &[
@@ -34,9 +35,15 @@ impl Default for Options {
     }
 }
 
+/// What the writer thread is sent: a job, or word from the syncer that it caught up.
+enum Msg {
+    Job(Work),
+    Synced,
+}
+
 /// The SQLite store.
 pub struct SqliteStore {
-    sender: mpsc::Sender<Work>,
+    sender: mpsc::Sender<Msg>,
     readers: Mutex<Vec<Connection>>,
     uri: String,
     flags: OpenFlags,
@@ -146,13 +153,15 @@ impl SqliteStore {
         let (sender, receiver) = mpsc::channel(opts.queue_capacity.max(1));
         let max_batch = opts.max_batch.max(1);
         let (committed, to_sync) = std::sync::mpsc::channel();
+        let unsynced = Arc::new(AtomicUsize::new(0));
+        let syncer = Syncer { wal, checkpoints, unsynced: unsynced.clone(), writer: sender.downgrade() };
         std::thread::Builder::new()
             .name("membersync-sync".into())
-            .spawn(move || run_syncer(to_sync, wal, checkpoints))
+            .spawn(move || syncer.run(to_sync))
             .map_err(|e| Error::Db(format!("cannot start syncer: {e}")))?;
         std::thread::Builder::new()
             .name("membersync-writer".into())
-            .spawn(move || run_writer(writer, receiver, max_batch, committed))
+            .spawn(move || run_writer(writer, receiver, max_batch, committed, unsynced))
             .map_err(|e| Error::Db(format!("cannot start writer: {e}")))?;
         let mut readers = Vec::new();
         for _ in 0..2 {
@@ -224,39 +233,54 @@ type Committed = (Vec<Done>, Result<()>);
 /// every batch committed before it started (SQLite wrote their frames with `pwrite`), and
 /// only then are their callers told. This is the durability of `synchronous=FULL` — a
 /// caller hears back only once its commit is on disk — without the writer waiting.
-fn run_syncer(
-    rx: std::sync::mpsc::Receiver<Committed>,
+struct Syncer {
     wal: Option<std::path::PathBuf>,
     checkpoints: Option<std::sync::mpsc::SyncSender<()>>,
-) {
-    let mut file: Option<std::fs::File> = None;
-    while let Ok(first) = rx.recv() {
-        let mut batches = vec![first];
-        batches.extend(rx.try_iter());
-        let synced = match &wal {
-            None => Ok(()),
-            Some(path) if batches.iter().any(|(_, r)| r.is_ok()) => {
-                if file.is_none() {
-                    file = std::fs::OpenOptions::new().read(true).write(true).open(path).ok();
+    /// Batches committed and not yet answered (the writer counts them up, this down).
+    unsynced: Arc<AtomicUsize>,
+    /// Told when the syncer caught up; weak, so a dropped store still ends the writer.
+    writer: mpsc::WeakSender<Msg>,
+}
+
+impl Syncer {
+    fn run(self, rx: std::sync::mpsc::Receiver<Committed>) {
+        let mut file: Option<std::fs::File> = None;
+        while let Ok(first) = rx.recv() {
+            let mut batches = vec![first];
+            batches.extend(rx.try_iter());
+            let synced = match &self.wal {
+                None => Ok(()),
+                Some(path) if batches.iter().any(|(_, r)| r.is_ok()) => {
+                    if file.is_none() {
+                        file = std::fs::OpenOptions::new().read(true).write(true).open(path).ok();
+                    }
+                    match &file {
+                        Some(f) => f.sync_data().map_err(|e| Error::Db(format!("cannot sync the WAL: {e}"))),
+                        None => Err(Error::Db(format!("cannot open the WAL {}", path.display()))),
+                    }
                 }
-                match &file {
-                    Some(f) => f.sync_data().map_err(|e| Error::Db(format!("cannot sync the WAL: {e}"))),
-                    None => Err(Error::Db(format!("cannot open the WAL {}", path.display()))),
+                Some(_) => Ok(()),
+            };
+            if let Err(e) = &synced {
+                tracing::error!(error = %e, "Batch committed but not synced; none of its requests is acknowledged.");
+            }
+            let n = batches.len();
+            for (dones, result) in batches {
+                let result = result.and(synced.clone());
+                for done in dones {
+                    done(result.clone());
                 }
             }
-            Some(_) => Ok(()),
-        };
-        if let Err(e) = &synced {
-            tracing::error!(error = %e, "Batch committed but not synced; none of its requests is acknowledged.");
-        }
-        for (dones, result) in batches {
-            let result = result.and(synced.clone());
-            for done in dones {
-                done(result.clone());
+            // Caught up: a writer holding its batch open for this can commit it now. (If
+            // its queue is full it has jobs to run and sees the count when it looks.)
+            if self.unsynced.fetch_sub(n, Ordering::AcqRel) == n {
+                if let Some(writer) = self.writer.upgrade() {
+                    let _ = writer.try_send(Msg::Synced);
+                }
             }
-        }
-        if let Some(wake) = &checkpoints {
-            let _ = wake.try_send(());
+            if let Some(wake) = &self.checkpoints {
+                let _ = wake.try_send(());
+            }
         }
     }
 }
@@ -273,26 +297,27 @@ fn run_checkpointer(conn: Connection, woken: std::sync::mpsc::Receiver<()>) {
     }
 }
 
+/// Runs jobs in batches, one transaction each, every job in its own savepoint. A batch is
+/// committed once no job is waiting and the previous batch is on disk: while the syncer
+/// is busy the writer keeps the batch open and adds what arrives, so commits come no
+/// faster than syncs and each carries its share of the pages every commit rewrites (the
+/// rightmost page of each index, the database header) instead of a few events' worth.
 fn run_writer(
     conn: Connection,
-    mut rx: mpsc::Receiver<Work>,
+    mut rx: mpsc::Receiver<Msg>,
     max_batch: usize,
     committed: std::sync::mpsc::Sender<Committed>,
+    unsynced: Arc<AtomicUsize>,
 ) {
     let mut prepared = Prepared::new();
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(w) => batch.push(w),
-                Err(_) => break,
-            }
-        }
-        let mut dones = Vec::with_capacity(batch.len());
+    while let Some(msg) = rx.blocking_recv() {
+        let Msg::Job(first) = msg else { continue };
+        let mut dones = Vec::new();
         let result = (|| -> Result<()> {
             let txn = conn.unchecked_transaction()?;
             let mut tx = SqliteTx { conn: &conn, prepared: Some(&mut prepared), lean: false };
-            for work in batch.drain(..) {
+            let mut next = Some(first);
+            while let Some(work) = next.take() {
                 tx.st("SAVEPOINT job")?.execute([])?;
                 let (ok, done) = work(&mut tx);
                 if !ok {
@@ -300,6 +325,21 @@ fn run_writer(
                 }
                 tx.st("RELEASE job")?.execute([])?;
                 dones.push(done);
+                while next.is_none() && dones.len() < max_batch {
+                    let msg = match rx.try_recv() {
+                        Ok(msg) => msg,
+                        Err(mpsc::error::TryRecvError::Empty) if unsynced.load(Ordering::Acquire) > 0 => {
+                            match rx.blocking_recv() {
+                                Some(msg) => msg,
+                                None => break,
+                            }
+                        }
+                        Err(_) => break,
+                    };
+                    if let Msg::Job(w) = msg {
+                        next = Some(w);
+                    }
+                }
             }
             txn.commit()?;
             Ok(())
@@ -307,10 +347,11 @@ fn run_writer(
         if let Err(e) = &result {
             tracing::error!(error = %e, jobs = dones.len(), "Batch failed to commit; none of its requests is acknowledged.");
         }
+        unsynced.fetch_add(1, Ordering::AcqRel);
         if committed.send((dones, result)).is_err() {
             return;
         }
-        // Work still in `batch` (an error before it ran) is dropped: its caller sees `Closed`.
+        // A job taken but not run (an error before it) is dropped: its caller sees `Closed`.
     }
 }
 
@@ -764,7 +805,7 @@ fn sync_row(c: &Connection, membership_id: &str) -> Result<SyncRow> {
 
 impl Store for SqliteStore {
     fn submit(&self, work: Work) -> Result<()> {
-        self.sender.try_send(work).map_err(|e| match e {
+        self.sender.try_send(Msg::Job(work)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Error::Busy,
             mpsc::error::TrySendError::Closed(_) => Error::Closed,
         })
@@ -975,5 +1016,61 @@ impl Store for SqliteStore {
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(i: usize) -> MemberRow {
+        MemberRow {
+            id: format!("mbr_{i}"),
+            tenant: "t".into(),
+            email: Some(format!("m{i}@example.com")),
+            name: None,
+            flags: vec![],
+            created_at: from_ts(1_700_000_000),
+            updated_at: from_ts(1_700_000_000),
+        }
+    }
+
+    /// Jobs that arrive while a batch is being synced join the open batch; a failing job
+    /// among them is rolled back alone and every caller hears its own result.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_jobs_batch_together_and_a_failed_job_leaves_its_batch_mates_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("batch.db");
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(db.to_str().unwrap(), Options { queue_capacity: 1024, max_batch: 64 }).unwrap());
+        let mut tasks = Vec::new();
+        for i in 0..300 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store
+                    .write(move |tx| {
+                        tx.save_member(&member(i))?;
+                        if i % 7 == 3 {
+                            return Err(Error::Db(format!("job {i} refused")));
+                        }
+                        Ok(i)
+                    })
+                    .await
+            }));
+        }
+        for (i, t) in tasks.into_iter().enumerate() {
+            match t.await.unwrap() {
+                Ok(n) => assert_eq!(n, i),
+                Err(e) => {
+                    assert_eq!(i % 7, 3, "job {i} failed: {e}");
+                    assert!(e.to_string().contains(&format!("job {i} refused")), "{e}");
+                }
+            }
+        }
+        let stored: Vec<bool> =
+            store.write(|tx| (0..300).map(|i| Ok(tx.member(&format!("mbr_{i}"))?.is_some())).collect()).await.unwrap();
+        for (i, present) in stored.into_iter().enumerate() {
+            assert_eq!(present, i % 7 != 3, "member {i}");
+        }
     }
 }
