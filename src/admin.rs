@@ -118,7 +118,7 @@ fn add_sync_json(j: &mut Value, s: Option<&crate::store::SyncRow>) {
 
 /// One activity-log line: the event, its outcome, the rule and transition, its source.
 pub fn activity_json(e: &EventRow) -> Value {
-    let o = &e.outcome;
+    let o = crate::store::json_of(&e.outcome);
     json!({
         "event_id": e.event_id,
         "provider": e.provider,

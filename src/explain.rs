@@ -45,7 +45,7 @@ pub fn explain_json(store: &dyn Store, d: &MemberDetail, now: DateTime<Utc>) -> 
 fn history_entry(e: &EventRow) -> Value {
     let mut v = crate::admin::activity_json(e);
     v["seq"] = json!(e.seq);
-    v["mapping"] = e.outcome.get("mapping").cloned().unwrap_or(Value::Null);
+    v["mapping"] = crate::store::json_of(&e.outcome).get("mapping").cloned().unwrap_or(Value::Null);
     v
 }
 

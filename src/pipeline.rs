@@ -225,17 +225,17 @@ pub async fn process(ctx: &Arc<Ctx>, incoming: Incoming, raw: Raw) -> store::Res
 #[derive(Default)]
 pub struct Precomputed {
     rank: Option<Result<i64, crate::rules::Error>>,
-    canonical: Option<serde_json::Value>,
-    headers: Option<serde_json::Value>,
+    canonical: Option<store::StoredJson>,
+    headers: Option<store::StoredJson>,
 }
 
 impl Precomputed {
     pub fn of(loaded: &Loaded, incoming: &Incoming, raw: &Raw) -> Precomputed {
-        let headers = Some(serde_json::to_value(&raw.headers).unwrap_or_default());
+        let headers = Some(store::stored_json(&raw.headers));
         match incoming {
             Incoming::Extracted(x) => Precomputed {
                 rank: Some(loaded.rules.rank(&x.event)),
-                canonical: serde_json::to_value(&x.event).ok(),
+                canonical: Some(store::stored_json(&x.event)),
                 headers,
             },
             _ => Precomputed { headers, ..Default::default() },
@@ -316,9 +316,9 @@ pub fn apply_with(
         status: String::new(),
         reason: None,
         raw: raw.body,
-        headers: pre.headers.take().unwrap_or_else(|| serde_json::to_value(&raw.headers).unwrap_or_default()),
+        headers: pre.headers.take().unwrap_or_else(|| store::stored_json(&raw.headers)),
         canonical: None,
-        outcome: serde_json::Value::Null,
+        outcome: store::null_json(),
         park_key: None,
     };
 
@@ -339,7 +339,7 @@ pub fn apply_with(
     rec.event_type = ev.event_type.clone();
     rec.kind = ev.kind.map(|k| k.as_str().to_string());
     rec.occurred_at = Some(ev.occurred_at);
-    rec.canonical = pre.canonical.take().or_else(|| serde_json::to_value(ev).ok());
+    rec.canonical = pre.canonical.take().or_else(|| Some(store::stored_json(ev)));
     let mut outcome = Outcome::new(Status::Applied, source);
     outcome.mapping = Some(x.mapping.clone());
 
@@ -406,7 +406,7 @@ pub fn apply_with(
                 sub.event.product_id = ms.key.strip_prefix("product:").map(str::to_string).or(ms.product_id.clone());
                 let raw = Raw {
                     body: rec.raw.clone(),
-                    headers: serde_json::from_value(rec.headers.clone()).unwrap_or_default(),
+                    headers: serde_json::from_str(rec.headers.get()).unwrap_or_default(),
                     source,
                 };
                 let ack = apply(loaded, tx, Incoming::Extracted(Box::new(sub)), raw, now)?;
@@ -839,7 +839,7 @@ fn apply_member_effects(
 fn finish(tx: &mut dyn Tx, mut rec: EventRow, outcome: Outcome) -> store::Result<Ack> {
     rec.status = outcome.status.as_str().to_string();
     rec.reason = outcome.reason.clone();
-    rec.outcome = serde_json::to_value(&outcome).unwrap_or_default();
+    rec.outcome = store::stored_json(&outcome);
     tx.insert_event(&rec)?;
     Ok(Ack { event_id: rec.event_id, status: outcome.status, outcome })
 }
@@ -937,7 +937,7 @@ pub fn seed_membership(tx: &mut dyn Tx, config: &Config, ev: &CanonicalEvent, st
 /// idempotency key. `None` if its provider has no YAML any more.
 pub fn incoming_from_row(config: &Config, e: &EventRow) -> Option<(Incoming, Raw)> {
     let x = config.extractors.get(&e.provider)?;
-    let headers: Vec<(String, String)> = serde_json::from_value(e.headers.clone()).unwrap_or_default();
+    let headers: Vec<(String, String)> = serde_json::from_str(e.headers.get()).unwrap_or_default();
     let content_type = headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_str());
     let raw = Raw { body: e.raw.clone(), headers: headers.clone(), source: Source::Replay };
     let unreadable = |error: String| Incoming::Unreadable {
@@ -977,7 +977,8 @@ fn release_parked(
     for e in tx.parked(&ms.tenant, &ms.provider, &ms.key)? {
         if e.park_key.as_deref() == Some("") {
             // Waiting for "a membership of the member it names": is it this member?
-            let who = e.canonical.as_ref().map(|c| &c["member"]);
+            let canonical = e.canonical.as_deref().map(store::json_of);
+            let who = canonical.as_ref().map(|c| &c["member"]);
             let cid = who.and_then(|w| w["provider_customer_id"].as_str());
             let email = who.and_then(|w| w["email"].as_str());
             let by_customer = match cid {

@@ -90,8 +90,28 @@ impl MembershipRow {
     }
 }
 
+/// JSON as stored: its text, written once by whoever produced it (the request thread for
+/// the canonical event and headers) rather than by the writer thread, and read back as is.
+/// `StoredJson::value` parses it where its structure is needed.
+pub type StoredJson = Box<serde_json::value::RawValue>;
+
+/// Serializes `v` to stored JSON (`null` if it cannot be).
+pub fn stored_json<T: Serialize + ?Sized>(v: &T) -> StoredJson {
+    serde_json::value::to_raw_value(v).unwrap_or_else(|_| null_json())
+}
+
+/// Stored JSON `null`.
+pub fn null_json() -> StoredJson {
+    serde_json::value::RawValue::from_string("null".into()).expect("null is JSON")
+}
+
+/// Parses stored JSON (`Null` if it is not JSON, which the store never writes).
+pub fn json_of(j: &serde_json::value::RawValue) -> serde_json::Value {
+    serde_json::from_str(j.get()).unwrap_or_default()
+}
+
 /// One stored delivery (or timer/replay/reconcile event) with its outcome.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct EventRow {
     pub seq: i64,
     pub tenant: String,
@@ -109,9 +129,9 @@ pub struct EventRow {
     pub reason: Option<String>,
     #[serde(skip)]
     pub raw: Vec<u8>,
-    pub headers: serde_json::Value,
-    pub canonical: Option<serde_json::Value>,
-    pub outcome: serde_json::Value,
+    pub headers: StoredJson,
+    pub canonical: Option<StoredJson>,
+    pub outcome: StoredJson,
     /// Set while the event waits for its membership to exist: the membership key it
     /// waits for (`""`: any membership of the member it names).
     pub park_key: Option<String>,

@@ -70,8 +70,8 @@ fn json_list(s: String) -> rusqlite::Result<Vec<String>> {
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
 
-fn json_value(s: Option<String>) -> rusqlite::Result<Option<serde_json::Value>> {
-    s.map(|s| serde_json::from_str(&s))
+fn json_value(s: Option<String>) -> rusqlite::Result<Option<StoredJson>> {
+    s.map(serde_json::value::RawValue::from_string)
         .transpose()
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
@@ -466,9 +466,9 @@ fn event_row(r: &Row) -> rusqlite::Result<EventRow> {
         status: r.get(12)?,
         reason: r.get(13)?,
         raw: r.get(14)?,
-        headers: json_value(r.get(15)?)?.unwrap_or(serde_json::Value::Null),
+        headers: json_value(r.get(15)?)?.unwrap_or_else(null_json),
         canonical: json_value(r.get(16)?)?,
-        outcome: json_value(r.get(17)?)?.unwrap_or(serde_json::Value::Null),
+        outcome: json_value(r.get(17)?)?.unwrap_or_else(null_json),
         park_key: r.get(18)?,
     })
 }
@@ -595,9 +595,9 @@ impl Tx for SqliteTx<'_, '_> {
                 e.status,
                 e.reason,
                 if lean { &[][..] } else { &e.raw[..] },
-                if lean { "[]".to_string() } else { to_json(&e.headers) },
-                if lean { None } else { e.canonical.as_ref().map(to_json) },
-                if lean { "null".to_string() } else { to_json(&e.outcome) },
+                if lean { "[]" } else { e.headers.get() },
+                if lean { None } else { e.canonical.as_ref().map(|c| c.get()) },
+                if lean { "null" } else { e.outcome.get() },
                 e.park_key,
             ])?;
         Ok(self.conn.last_insert_rowid())
