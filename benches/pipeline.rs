@@ -74,7 +74,7 @@ fn durable_ingest(c: &mut Criterion) {
     g.throughput(Throughput::Elements(EVENTS));
     g.sample_size(10);
     g.measurement_time(Duration::from_secs(10));
-    for (name, max_batch) in [("group_commit", 256), ("transaction_per_event", 1)] {
+    for (name, max_batch) in [("group_commit", 32), ("transaction_per_event", 1)] {
         let dir = tempfile::tempdir().unwrap();
         let ctx = ctx(max_batch, dir.path());
         let next = Arc::new(AtomicU64::new(0));

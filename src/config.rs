@@ -97,7 +97,7 @@ pub struct LimitsSpec {
     /// Writes that may wait before new ones get 503. Default 4096.
     #[serde(default)]
     pub queue_capacity: Option<usize>,
-    /// Most events committed in one transaction. Default 256.
+    /// Most events committed in one transaction. Default 32.
     #[serde(default)]
     pub max_batch: Option<usize>,
 }
@@ -281,7 +281,7 @@ impl Config {
             rules_dir,
             max_body_bytes: file.limits.max_body_bytes.unwrap_or(1024 * 1024),
             queue_capacity: file.limits.queue_capacity.unwrap_or(4096),
-            max_batch: file.limits.max_batch.unwrap_or(256),
+            max_batch: file.limits.max_batch.unwrap_or(32),
             tenants,
             reconcile: ReconcileSettings::from_spec(&file.reconcile),
             api_bases: extractors

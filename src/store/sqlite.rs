@@ -31,7 +31,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { queue_capacity: 4096, max_batch: 256 }
+        Options { queue_capacity: 4096, max_batch: 32 }
     }
 }
 
@@ -301,7 +301,10 @@ fn run_checkpointer(conn: Connection, woken: std::sync::mpsc::Receiver<()>) {
 /// committed once no job is waiting and the previous batch is on disk: while the syncer
 /// is busy the writer keeps the batch open and adds what arrives, so commits come no
 /// faster than syncs and each carries its share of the pages every commit rewrites (the
-/// rightmost page of each index, the database header) instead of a few events' worth.
+/// rightmost page of each index, the database header) instead of a few events' worth. A
+/// batch also ends at `max_batch` jobs (32 by default): with a few dozen requests in
+/// flight, an uncapped batch gathers nearly all of them, and the writer, the syncer and the
+/// request threads then take turns instead of working side by side.
 fn run_writer(
     conn: Connection,
     mut rx: mpsc::Receiver<Msg>,
