@@ -227,17 +227,22 @@ pub struct Precomputed {
     rank: Option<Result<i64, crate::rules::Error>>,
     canonical: Option<store::StoredJson>,
     headers: Option<store::StoredJson>,
+    view: Option<crate::rules::EventView>,
 }
 
 impl Precomputed {
     pub fn of(loaded: &Loaded, incoming: &Incoming, raw: &Raw) -> Precomputed {
         let headers = Some(store::stored_json(&raw.headers));
         match incoming {
-            Incoming::Extracted(x) => Precomputed {
-                rank: Some(loaded.rules.rank(&x.event)),
-                canonical: Some(store::stored_json(&x.event)),
-                headers,
-            },
+            Incoming::Extracted(x) => {
+                let view = crate::rules::EventView::of(&x.event);
+                Precomputed {
+                    rank: Some(loaded.rules.rank_of(&view)),
+                    canonical: Some(store::stored_json(&x.event)),
+                    headers,
+                    view: Some(view),
+                }
+            }
             _ => Precomputed { headers, ..Default::default() },
         }
     }
@@ -430,10 +435,11 @@ pub fn apply_with(
         }
     }
     let view = view_of(membership.as_ref());
+    let ev_view = pre.view.take().unwrap_or_else(|| crate::rules::EventView::of(ev));
 
     // Stale?
     if membership.is_some() {
-        match rules.is_stale(ev, &view) {
+        match rules.is_stale_of(&ev_view, &view) {
             Ok(true) => {
                 outcome.status = Status::Stale;
                 outcome.reason = Some(format!(
@@ -453,7 +459,7 @@ pub fn apply_with(
     }
 
     // Rules.
-    let decision = match rules.decide(ev, &view, &loaded.policy(&tenant), now) {
+    let decision = match rules.decide_of(ev, &ev_view, &view, &loaded.policy(&tenant), now) {
         Ok(d) => d,
         Err(e) => {
             outcome.status = Status::Failed;
@@ -463,7 +469,7 @@ pub fn apply_with(
     };
     outcome.rule = decision.rule.clone();
     outcome.input = decision.input;
-    let rank = match pre.rank.take().unwrap_or_else(|| rules.rank(ev)) {
+    let rank = match pre.rank.take().unwrap_or_else(|| rules.rank_of(&ev_view)) {
         Ok(r) => r,
         Err(e) => {
             outcome.status = Status::Failed;

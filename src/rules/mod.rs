@@ -281,10 +281,15 @@ impl RuleSet {
     /// Whether the event is older than what the membership reflects (`is_stale` in the
     /// rules; without one, nothing is stale).
     pub fn is_stale(&self, ev: &CanonicalEvent, m: &MembershipView) -> Result<bool, Error> {
+        self.is_stale_of(&EventView::of(ev), m)
+    }
+
+    /// `is_stale` with the event's view already built.
+    pub fn is_stale_of(&self, ev: &EventView, m: &MembershipView) -> Result<bool, Error> {
         let Some(&idx) = self.handlers.get("is_stale") else {
             return Ok(false);
         };
-        let out = self.call(idx, "is_stale", vec![api::event_view(ev), api::membership_view(m)])?;
+        let out = self.call(idx, "is_stale", vec![ev.0.clone(), api::membership_view(m)])?;
         out.as_bool().map_err(|t| {
             let f = self.rule_ref(idx, "is_stale");
             Error { file: f.file, line: f.line, column: 1, message: format!("is_stale must return a bool, got {t}") }
@@ -313,8 +318,13 @@ impl RuleSet {
     /// The event's lifecycle rank (`rank` in the rules; 0 without one): orders events
     /// that carry the same provider time.
     pub fn rank(&self, ev: &CanonicalEvent) -> Result<i64, Error> {
+        self.rank_of(&EventView::of(ev))
+    }
+
+    /// `rank` with the event's view already built.
+    pub fn rank_of(&self, ev: &EventView) -> Result<i64, Error> {
         let Some(&idx) = self.handlers.get("rank") else { return Ok(0) };
-        let out = self.call_one(idx, "rank", api::event_view(ev))?;
+        let out = self.call_one(idx, "rank", ev.0.clone())?;
         out.as_int().map_err(|t| {
             let f = self.rule_ref(idx, "rank");
             Error { file: f.file, line: f.line, column: 1, message: format!("rank must return an int, got {t}") }
@@ -325,6 +335,18 @@ impl RuleSet {
     pub fn decide(
         &self,
         ev: &CanonicalEvent,
+        m: &MembershipView,
+        policy: &Dynamic,
+        now: DateTime<Utc>,
+    ) -> Result<Decision, Error> {
+        self.decide_of(ev, &EventView::of(ev), m, policy, now)
+    }
+
+    /// `decide` with the event's view (`view`, built from `ev`) already built.
+    pub fn decide_of(
+        &self,
+        ev: &CanonicalEvent,
+        view: &EventView,
         m: &MembershipView,
         policy: &Dynamic,
         now: DateTime<Utc>,
@@ -352,7 +374,7 @@ impl RuleSet {
         if let Some(mut map) = policy.write_lock::<Map>() {
             map.insert("now".into(), Dynamic::from(now.timestamp()));
         }
-        let out = self.call(idx, &function, vec![api::event_view(ev), api::membership_view(m), policy])?;
+        let out = self.call(idx, &function, vec![view.0.clone(), api::membership_view(m), policy])?;
         let rule = self.rule_ref(idx, &function);
         api::decision(out, ev)
             .map(|mut d| {
@@ -360,6 +382,18 @@ impl RuleSet {
                 d
             })
             .map_err(|message| Error { file: rule.file.clone(), line: rule.line, column: 1, message })
+    }
+}
+
+/// The event as the rules see it (a map), built once per event: each rule call gets its
+/// own copy (a copy shares the strings), so a rule that changes its `ev` changes nothing
+/// for the next.
+#[derive(Clone)]
+pub struct EventView(Dynamic);
+
+impl EventView {
+    pub fn of(ev: &CanonicalEvent) -> EventView {
+        EventView(api::event_view(ev))
     }
 }
 

@@ -118,3 +118,19 @@ fn shipped_rank_orders_a_recovery_above_a_failure() {
     assert!(rs.is_stale(&ev(EventKind::PaymentFailed), &m).unwrap());
     assert!(!rs.is_stale(&ev(EventKind::Refunded), &m).unwrap());
 }
+
+#[test]
+fn one_event_view_serves_every_call_and_a_rule_changing_its_ev_changes_nothing_for_the_next() {
+    let rs = set(
+        "fn rank(ev) { ev.kind = \"refunded\"; ev.event_id += \"-changed\"; 1 }\n\
+         fn is_stale(ev, m) { ev.kind = \"refunded\"; ev.kind != \"refunded\" }\n\
+         fn on_renewed(ev, m, cfg) { if ev.kind == \"renewed\" && ev.event_id == \"evt_1\" { #{ input: \"activate\" } } else { #{ ignore: \"saw a changed ev\" } } }",
+    );
+    let e = ev(EventKind::Renewed);
+    let view = EventView::of(&e);
+    assert_eq!(rs.rank_of(&view).unwrap(), 1);
+    assert!(!rs.is_stale_of(&view, &MembershipView::default()).unwrap());
+    let d = rs.decide_of(&e, &view, &MembershipView::default(), &policy(), Utc::now()).unwrap();
+    assert_eq!(d.ignore, None);
+    assert_eq!(d.input.map(|i| i.as_str().to_string()).as_deref(), Some("activate"));
+}
