@@ -29,8 +29,10 @@ fn ctx(max_batch: usize, dir: &std::path::Path) -> Arc<Ctx> {
     let mut config = Config::load(&root.join("membersync.yaml")).expect("config");
     config.database = dir.join("bench.db").display().to_string();
     let rules = RuleSet::load(&root.join("rules"), "rules", chrono::Utc::now()).expect("rules");
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&config.database, Options { queue_capacity: 8192, max_batch }).expect("store"));
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&config.database, Options { queue_capacity: 8192, max_batch, ..Options::default() })
+            .expect("store"),
+    );
     Arc::new(Ctx::new(config, rules, store, Arc::new(SystemClock)))
 }
 

@@ -44,8 +44,10 @@ fn main() {
     // Before the fixtures' grace timers fall due: nothing fires, stored == derived.
     let now = Utc.timestamp_opt(1_767_225_700, 0).unwrap();
     let rules = RuleSet::load(&root.join("rules"), "rules", now).expect("rules");
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&config.database, Options { queue_capacity: 8192, max_batch: 256 }).expect("store"));
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&config.database, Options { queue_capacity: 8192, max_batch: 256, ..Options::default() })
+            .expect("store"),
+    );
     let ctx = Arc::new(Ctx::new(config, rules, store, Arc::new(FixedClock::new(now))));
     let templates: Arc<Vec<String>> = Arc::new(
         FIXTURES

@@ -46,7 +46,7 @@ async fn full_write_queue_answers_503_with_retry_after() {
     let store: Arc<dyn membersync::store::Store> = Arc::new(
         membersync::store::sqlite::SqliteStore::open(
             &config.database,
-            membersync::store::sqlite::Options { queue_capacity: 1, max_batch: 1 },
+            membersync::store::sqlite::Options { queue_capacity: 1, max_batch: 1, ..Default::default() },
         )
         .unwrap(),
     );
