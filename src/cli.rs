@@ -182,7 +182,12 @@ fn load_rules(config: &Config, now: DateTime<Utc>) -> Result<RuleSet> {
 }
 
 fn open_store(config: &Config, database: &str) -> Result<Arc<dyn Store>> {
-    let opts = Options { queue_capacity: config.queue_capacity, max_batch: config.max_batch, ..Options::default() };
+    let opts = Options {
+        queue_capacity: config.queue_capacity,
+        max_batch: config.max_batch,
+        checkpoint_interval: config.checkpoint_interval,
+        ..Options::default()
+    };
     let store = SqliteStore::open(database, opts).with_context(|| format!("Failed to open the database {database}"))?;
     Ok(Arc::new(store))
 }

@@ -30,11 +30,18 @@ pub struct Options {
     /// WAL pages after which the writer is asked to let the WAL start over (10,000,
     /// ≈40 MB; SQLite's own trigger, the backstop, is at four times that).
     pub wal_restart_pages: i64,
+    /// Least time between two checkpointer passes (20 ms).
+    pub checkpoint_interval: std::time::Duration,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { queue_capacity: 4096, max_batch: 32, wal_restart_pages: 10_000 }
+        Options {
+            queue_capacity: 4096,
+            max_batch: 32,
+            wal_restart_pages: 10_000,
+            checkpoint_interval: std::time::Duration::from_millis(20),
+        }
     }
 }
 
@@ -154,13 +161,14 @@ impl SqliteStore {
             _ => None,
         };
         // Checkpoints: a checkpointer thread copies committed WAL pages into the database
-        // file, with its syncs, off the writer's thread, at most every 20 ms while batches
-        // commit. Only a checkpoint by the writer lets its next batch start the WAL over,
-        // so once the WAL holds `wal_restart_pages` pages and the checkpointer has caught up,
-        // it asks the writer for one between batches: a batch or two is left to copy. (Left
-        // to SQLite's own trigger, the writer checkpointed at a page count whatever the
-        // checkpointer had not yet copied, up to 20 ms of commits: a stall of several
-        // milliseconds, which set the p99.) SQLite's own trigger stays as a backstop.
+        // file, with its syncs, off the writer's thread, at most every `checkpoint_interval`
+        // (20 ms) while batches commit. Only a checkpoint by the writer lets its next batch
+        // start the WAL over, so once the WAL holds `wal_restart_pages` pages and the
+        // checkpointer has caught up, it asks the writer for one between batches: a batch
+        // or two is left to copy. (Left to SQLite's own trigger, the writer checkpointed at
+        // a page count whatever the checkpointer had not yet copied, up to 20 ms of
+        // commits: a stall of several milliseconds, which set the p99.) SQLite's own
+        // trigger stays as a backstop.
         let restart = Arc::new(AtomicBool::new(false));
         let checkpoints = match &wal {
             Some(_) => {
@@ -171,7 +179,7 @@ impl SqliteStore {
                 let restart = restart.clone();
                 std::thread::Builder::new()
                     .name("membersync-ckpt".into())
-                    .spawn(move || run_checkpointer(conn, woken, restart, restart_pages))
+                    .spawn(move || run_checkpointer(conn, woken, restart, restart_pages, opts.checkpoint_interval))
                     .map_err(|e| Error::Db(format!("cannot start checkpointer: {e}")))?;
                 Some(wake)
             }
@@ -314,12 +322,13 @@ impl Syncer {
 }
 
 /// Copies the WAL into the database file (a passive checkpoint: it never blocks the writer
-/// or readers) after batches were made durable, at most every 20 ms. Ends with the syncer.
+/// or readers) after batches were made durable, at most every `interval`. Ends with the syncer.
 fn run_checkpointer(
     conn: Connection,
     woken: std::sync::mpsc::Receiver<()>,
     restart: Arc<AtomicBool>,
     restart_pages: i64,
+    interval: std::time::Duration,
 ) {
     while woken.recv().is_ok() {
         let started = std::time::Instant::now();
@@ -336,7 +345,7 @@ fn run_checkpointer(
                 tracing::warn!(error = %e, "WAL checkpoint failed; the writer checkpoints at four times the restart size.")
             }
         }
-        std::thread::sleep(std::time::Duration::from_millis(20).saturating_sub(started.elapsed()));
+        std::thread::sleep(interval.saturating_sub(started.elapsed()));
     }
 }
 
