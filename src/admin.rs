@@ -118,7 +118,11 @@ fn add_sync_json(j: &mut Value, s: Option<&crate::store::SyncRow>) {
 
 /// One activity-log line: the event, its outcome, the rule and transition, its source.
 pub fn activity_json(e: &EventRow) -> Value {
-    let o = crate::store::json_of(&e.outcome);
+    activity_json_with(e, &crate::store::json_of(&e.outcome))
+}
+
+/// `activity_json` with the event's outcome already parsed (`o`).
+pub fn activity_json_with(e: &EventRow, o: &Value) -> Value {
     json!({
         "event_id": e.event_id,
         "provider": e.provider,

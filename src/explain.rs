@@ -43,9 +43,10 @@ pub fn explain_json(store: &dyn Store, d: &MemberDetail, now: DateTime<Utc>) -> 
 
 /// An activity-log line plus what explain adds: the sequence number and the mapping.
 fn history_entry(e: &EventRow) -> Value {
-    let mut v = crate::admin::activity_json(e);
+    let outcome = crate::store::json_of(&e.outcome);
+    let mut v = crate::admin::activity_json_with(e, &outcome);
     v["seq"] = json!(e.seq);
-    v["mapping"] = crate::store::json_of(&e.outcome).get("mapping").cloned().unwrap_or(Value::Null);
+    v["mapping"] = outcome.get("mapping").cloned().unwrap_or(Value::Null);
     v
 }
 

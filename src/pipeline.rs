@@ -218,10 +218,10 @@ pub async fn process(ctx: &Arc<Ctx>, incoming: Incoming, raw: Raw) -> store::Res
     Ok(ack)
 }
 
-/// What the writer would otherwise work out from the event alone — its rank, its canonical
-/// JSON, the request headers' JSON — worked out before it, on the caller's thread, under
-/// the same snapshot. None of it depends on stored state; the single writer thread is what
-/// bounds ingest, so the less it does per event the better.
+/// What the writer would otherwise work out from the event alone — its rule view and rank,
+/// its canonical JSON, the request headers' JSON — worked out before it, on the caller's
+/// thread, under the same snapshot. None of it depends on stored state; the single writer
+/// thread is what bounds ingest, so the less it does per event the better.
 #[derive(Default)]
 pub struct Precomputed {
     rank: Option<Result<i64, crate::rules::Error>>,

@@ -92,7 +92,7 @@ impl MembershipRow {
 
 /// JSON as stored: its text, written once by whoever produced it (the request thread for
 /// the canonical event and headers) rather than by the writer thread, and read back as is.
-/// `StoredJson::value` parses it where its structure is needed.
+/// `json_of` parses it where its structure is needed.
 pub type StoredJson = Box<serde_json::value::RawValue>;
 
 /// Serializes `v` to stored JSON (`null` if it cannot be).

@@ -424,7 +424,9 @@ fn run_writer(
 /// (the partial index of parked events, the join of `member_by_customer`, the
 /// `ORDER BY … LIMIT` of `member_by_email`): a full re-prepare per event, a fifth of the
 /// writer's time under load. Every run binds every parameter, so keeping them is safe.
-type Prepared<'c> = HashMap<&'static str, Statement<'c>>;
+/// Keyed by where the SQL text lives (a `'static` string never moves or changes), so a
+/// lookup hashes two words rather than the whole statement.
+type Prepared<'c> = HashMap<(usize, usize), Statement<'c>>;
 
 /// A statement from the writer's own set or, on a read connection, rusqlite's cache.
 enum Stmt<'s, 'c> {
@@ -469,10 +471,11 @@ impl<'c> SqliteTx<'_, 'c> {
         let conn = self.conn;
         match self.prepared.as_deref_mut() {
             Some(kept) => {
-                if !kept.contains_key(sql) {
-                    kept.insert(sql, conn.prepare(sql)?);
-                }
-                Ok(Stmt::Kept(kept.get_mut(sql).ok_or(Error::Closed)?))
+                let st = match kept.entry((sql.as_ptr() as usize, sql.len())) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => e.insert(conn.prepare(sql)?),
+                };
+                Ok(Stmt::Kept(st))
             }
             None => Ok(Stmt::Cached(conn.prepare_cached(sql)?)),
         }
