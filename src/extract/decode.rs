@@ -46,7 +46,9 @@ pub fn json(body: &[u8]) -> Result<Value, DecodeError> {
 pub struct PathTree {
     /// A path ends here: keep the whole value.
     whole: bool,
-    keys: std::collections::HashMap<String, PathTree>,
+    /// The steps below this node. A handful at most: a list scanned in order is faster
+    /// to look a key up in than a hash map.
+    keys: Vec<(String, PathTree)>,
     /// The highest array index any path steps through here.
     max_index: Option<usize>,
 }
@@ -59,9 +61,20 @@ impl PathTree {
             if let Some(i) = index {
                 node.max_index = Some(node.max_index.map_or(i, |m| m.max(i)));
             }
-            node = node.keys.entry(key.to_string()).or_default();
+            let at = match node.keys.iter().position(|(k, _)| k == key) {
+                Some(at) => at,
+                None => {
+                    node.keys.push((key.to_string(), PathTree::default()));
+                    node.keys.len() - 1
+                }
+            };
+            node = &mut node.keys[at].1;
         }
         node.whole = true;
+    }
+
+    fn child(&self, key: &str) -> Option<&PathTree> {
+        self.keys.iter().find(|(k, _)| k == key).map(|(_, t)| t)
     }
 }
 
@@ -69,10 +82,11 @@ impl PathTree {
 /// object. Looking any path of the tree up in the result gives what it gives in the full
 /// decode (`json`), and a body is refused exactly when `json` refuses it.
 pub fn json_paths(body: &[u8], tree: &PathTree) -> Result<Value, DecodeError> {
-    if std::str::from_utf8(body).is_err() {
+    let Ok(text) = std::str::from_utf8(body) else {
         return Err(DecodeError::Utf8);
-    }
-    let mut de = serde_json::Deserializer::from_slice(body);
+    };
+    // From the checked text, so strings are not checked for UTF-8 a second time.
+    let mut de = serde_json::Deserializer::from_str(text);
     let v = serde::de::DeserializeSeed::deserialize(Pruned(tree), &mut de)
         .and_then(|v| de.end().map(|()| v))
         .map_err(|e| DecodeError::Json(e.to_string()))?;
@@ -142,7 +156,7 @@ impl<'de> serde::de::Visitor<'de> for Pruned<'_> {
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut out = Map::new();
         while let Some(key) = map.next_key_seed(Key)? {
-            match self.0.keys.get(key.as_ref()) {
+            match self.0.child(key.as_ref()) {
                 Some(child) => {
                     let v = map.next_value_seed(Pruned(child))?;
                     out.insert(key.into_owned(), v);
@@ -160,9 +174,10 @@ impl<'de> serde::de::Visitor<'de> for Pruned<'_> {
         // indexes stay where they were); the rest are checked and skipped.
         let mut out = Vec::new();
         let mut i = 0usize;
+        let mut digits = [0u8; 20];
         loop {
             let child = match self.0.max_index {
-                Some(max) if i <= max => self.0.keys.get(&i.to_string()),
+                Some(max) if i <= max => self.0.child(itoa(i, &mut digits)),
                 _ => None,
             };
             match child {
@@ -180,6 +195,20 @@ impl<'de> serde::de::Visitor<'de> for Pruned<'_> {
         }
         Ok(Value::Array(out))
     }
+}
+
+/// `i` in decimal, written into `buf`.
+fn itoa(mut i: usize, buf: &mut [u8; 20]) -> &str {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (i % 10) as u8;
+        i /= 10;
+        if i == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[at..]).unwrap_or_default()
 }
 
 /// A part of the body no path reads: checked and dropped, building nothing. It goes
@@ -375,6 +404,23 @@ mod tests {
     fn form_with_sparse_numeric_keys_stays_an_object() {
         let v = form(b"subscriptions[product-12]=sub_1&ids[3]=x").unwrap();
         assert_eq!(v, json!({"subscriptions": {"product-12": "sub_1"}, "ids": {"3": "x"}}));
+    }
+
+    #[test]
+    fn array_steps_are_looked_up_by_their_decimal_index() {
+        let mut buf = [0u8; 20];
+        for i in [0usize, 7, 10, 123, 4096, usize::MAX] {
+            assert_eq!(itoa(i, &mut buf), i.to_string());
+        }
+        let mut tree = PathTree::default();
+        tree.add([("lines", None), ("data", None), ("12", Some(12)), ("id", None)]);
+        let items: Vec<String> = (0..14).map(|i| format!(r#"{{"id":"it_{i}","x":[1,2]}}"#)).collect();
+        let body = format!(r#"{{"lines":{{"data":[{}]}},"other":{{"a":1}}}}"#, items.join(","));
+        let v = json_paths(body.as_bytes(), &tree).unwrap();
+        assert_eq!(v.pointer("/lines/data/12/id"), Some(&Value::from("it_12")));
+        assert_eq!(v.pointer("/lines/data/3"), Some(&Value::Null), "unnamed items up to the index stay as null");
+        assert_eq!(v.pointer("/lines/data/13"), None, "items past the highest index are skipped");
+        assert_eq!(v.get("other"), None);
     }
 
     #[test]
