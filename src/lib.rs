@@ -19,6 +19,7 @@
 //!   `http_error`: the status table.
 //! - `config`: `membersync.yaml`; `canonical`: the event model; `clock`: injectable time.
 //! - `pipeline`: the order of stages; `effects`: effect values.
+//! - `logging`: stderr, with routine lines written in batches.
 
 pub mod admin;
 pub mod app;
@@ -33,6 +34,7 @@ pub mod explain;
 pub mod extract;
 pub mod http_error;
 pub mod ingest;
+pub mod logging;
 pub mod machine;
 pub mod pipeline;
 pub mod reconcile;

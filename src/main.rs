@@ -7,6 +7,13 @@ use std::process::ExitCode;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    let log = membersync::logging::Buffered::new(std::io::stderr(), membersync::logging::FLUSH_EVERY);
+    let on_panic = log.clone();
+    let report_panic = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        on_panic.flush();
+        report_panic(info)
+    }));
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MEMBERSYNC_LOG").unwrap_or_else(|_| {
             tracing_subscriber::EnvFilter::new(if std::env::args().nth(1).as_deref() == Some("serve") {
@@ -15,7 +22,10 @@ fn main() -> ExitCode {
                 "warn"
             })
         }))
-        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(log.clone())
         .init();
-    membersync::cli::run()
+    let code = membersync::cli::run();
+    log.close();
+    code
 }

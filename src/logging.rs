@@ -1,0 +1,228 @@
+//! The log's writer: stderr, with routine lines written in batches.
+//!
+//! Lines at `info` and below (one per webhook under `serve`) are gathered and written by a
+//! thread of their own at least every [`FLUSH_EVERY`], one `write` for all of them, instead
+//! of a `write` call per line on the request's thread. A `warn` or `error` line goes out at
+//! once, after every line logged before it, so nothing an operator must see waits; so do
+//! the lines of a process that exits (`flush` at the end of `main`) or panics (the panic
+//! hook flushes first). A process killed outright loses at most the last
+//! [`FLUSH_EVERY`] of routine lines; what happened to each event is in the database, not in
+//! the log.
+
+use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+use tracing::{Level, Metadata};
+use tracing_subscriber::fmt::MakeWriter;
+
+/// Longest a routine line waits before it is written.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
+
+/// Buffered past this many bytes, the flusher is woken at once.
+const WAKE_AT: usize = 64 * 1024;
+
+/// Buffered past this many bytes (the sink cannot keep up), the logging thread writes the
+/// lines itself rather than let the buffer grow.
+const WRITE_AT: usize = 1024 * 1024;
+
+/// A `MakeWriter` for `tracing_subscriber::fmt` over a sink (stderr in `main`).
+pub struct Buffered<W: Write + Send + 'static> {
+    shared: Arc<Shared<W>>,
+}
+
+impl<W: Write + Send + 'static> Clone for Buffered<W> {
+    fn clone(&self) -> Self {
+        Buffered { shared: self.shared.clone() }
+    }
+}
+
+struct Shared<W> {
+    state: Mutex<State<W>>,
+    wake: Condvar,
+}
+
+struct State<W> {
+    pending: Vec<u8>,
+    sink: W,
+    closed: bool,
+}
+
+impl<W: Write> State<W> {
+    fn write_out(&mut self) {
+        if !self.pending.is_empty() {
+            // Nowhere to report a failure to write the log: the lines are dropped.
+            let _ = self.sink.write_all(&self.pending);
+            let _ = self.sink.flush();
+            self.pending.clear();
+        }
+    }
+}
+
+impl<W: Write + Send + 'static> Buffered<W> {
+    /// A writer over `sink` and the thread that flushes it every `every`.
+    pub fn new(sink: W, every: Duration) -> Buffered<W> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State { pending: Vec::with_capacity(WAKE_AT), sink, closed: false }),
+            wake: Condvar::new(),
+        });
+        let weak = Arc::downgrade(&shared);
+        let spawned = std::thread::Builder::new().name("membersync-log".into()).spawn(move || loop {
+            let Some(shared) = weak.upgrade() else { return };
+            let Ok(state) = shared.state.lock() else { return };
+            let Ok((mut state, _)) = shared.wake.wait_timeout(state, every) else { return };
+            state.write_out();
+            if state.closed {
+                return;
+            }
+        });
+        let buffered = Buffered { shared };
+        if spawned.is_err() {
+            // No thread: every line is written at once.
+            buffered.close();
+        }
+        buffered
+    }
+
+    /// Writes out every line logged so far.
+    pub fn flush(&self) {
+        if let Ok(mut state) = self.shared.state.lock() {
+            state.write_out();
+        }
+    }
+
+    /// Writes out what is buffered and from then on every line at once (the flusher ends).
+    pub fn close(&self) {
+        if let Ok(mut state) = self.shared.state.lock() {
+            state.write_out();
+            state.closed = true;
+        }
+        self.shared.wake.notify_one();
+    }
+}
+
+/// One line (as `fmt` writes it: whole, in one `write_all`).
+pub struct Line<'a, W> {
+    shared: &'a Shared<W>,
+    urgent: bool,
+}
+
+impl<W: Write> Write for Line<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut state = self.shared.state.lock().map_err(|_| std::io::Error::other("log writer poisoned"))?;
+        state.pending.extend_from_slice(buf);
+        if self.urgent || state.closed || state.pending.len() >= WRITE_AT {
+            state.write_out();
+        } else if state.pending.len() >= WAKE_AT {
+            self.shared.wake.notify_one();
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a, W: Write + Send + 'static> MakeWriter<'a> for Buffered<W> {
+    type Writer = Line<'a, W>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        Line { shared: &self.shared, urgent: true }
+    }
+
+    fn make_writer_for(&'a self, meta: &Metadata<'_>) -> Self::Writer {
+        Line { shared: &self.shared, urgent: *meta.level() <= Level::WARN }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::fmt::MakeWriter;
+
+    /// A sink the test can read while the writer owns it.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Sink {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    fn log(w: &Buffered<Sink>, level: Level, text: &str) {
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(w.clone())
+            .with_max_level(Level::TRACE)
+            .without_time()
+            .with_target(false)
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || match level {
+            Level::ERROR => tracing::error!("{text}"),
+            Level::WARN => tracing::warn!("{text}"),
+            Level::INFO => tracing::info!("{text}"),
+            Level::DEBUG => tracing::debug!("{text}"),
+            _ => tracing::trace!("{text}"),
+        });
+    }
+
+    /// Routine lines wait for the flusher; a warning takes them out with it, in order.
+    #[test]
+    fn routine_lines_wait_and_a_warning_writes_everything_before_it_in_order() {
+        let sink = Sink::default();
+        // A flusher that would not run within the test on its own.
+        let w = Buffered::new(sink.clone(), Duration::from_secs(3600));
+        log(&w, Level::INFO, "first");
+        log(&w, Level::DEBUG, "second");
+        assert_eq!(sink.text(), "", "routine lines are buffered");
+        log(&w, Level::WARN, "third");
+        let text = sink.text();
+        let at = |l: &str| text.find(l).unwrap_or_else(|| panic!("`{l}` not written: {text}"));
+        assert!(at("first") < at("second") && at("second") < at("third"), "{text}");
+        log(&w, Level::INFO, "fourth");
+        assert!(!sink.text().contains("fourth"));
+        w.flush();
+        assert!(sink.text().contains("fourth"));
+        log(&w, Level::ERROR, "fifth");
+        assert!(sink.text().contains("fifth"), "errors go out at once");
+    }
+
+    /// The flusher writes routine lines out on its own, within its interval.
+    #[test]
+    fn the_flusher_writes_routine_lines_by_itself() {
+        let sink = Sink::default();
+        let w = Buffered::new(sink.clone(), Duration::from_millis(10));
+        log(&w, Level::INFO, "routine");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !sink.text().contains("routine") {
+            assert!(std::time::Instant::now() < deadline, "the flusher never wrote the line");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// After `close`, nothing is buffered: a line is written as it is logged.
+    #[test]
+    fn after_close_every_line_is_written_at_once() {
+        let sink = Sink::default();
+        let w = Buffered::new(sink.clone(), Duration::from_secs(3600));
+        log(&w, Level::INFO, "before");
+        w.close();
+        assert!(sink.text().contains("before"));
+        log(&w, Level::INFO, "after");
+        assert!(sink.text().contains("after"));
+        let mut line = w.make_writer();
+        line.write_all(b"plain\n").unwrap();
+        assert!(sink.text().ends_with("plain\n"));
+    }
+}
