@@ -3,6 +3,12 @@
 //! the event) against a bare axum handler that only reads the body, **in the same run**,
 //! so the ratio holds on a noisy machine.
 //!
+//! Both servers run for the whole benchmark and the load alternates between them in
+//! rounds (bare, full, bare, full, …; three by default), each part on fresh connections
+//! after its own warm-up: the two sides' timed windows are spread over the same stretch
+//! of time, so a change in the machine's speed meets both. The report gives each round's
+//! ratio as well as the whole.
+//!
 //! Each side is a child process (so its CPU time and peak RSS are its own): the full side
 //! is `membersync serve` on a fresh SQLite file in a temp dir, with its default `info` log
 //! to a file; the bare side is this binary re-executed with `MEMBERSYNC_LOAD_ROLE=bare`.
@@ -18,8 +24,9 @@
 //! and peak RSS (VmHWM from /proc/<pid>/status).
 //!
 //! Run: `cargo bench --bench http_load`. Environment:
-//! `MEMBERSYNC_LOAD_SECS` (timed seconds per side, default 10), `MEMBERSYNC_LOAD_WARMUP_SECS`
-//! (default 1), `MEMBERSYNC_LOAD_CONNECTIONS` (default 64), `MEMBERSYNC_LOAD_CLIENT_THREADS`
+//! `MEMBERSYNC_LOAD_SECS` (timed seconds per side, over all rounds; default 12),
+//! `MEMBERSYNC_LOAD_ROUNDS` (default 3), `MEMBERSYNC_LOAD_WARMUP_SECS` (before each part;
+//! default 1), `MEMBERSYNC_LOAD_CONNECTIONS` (default 64), `MEMBERSYNC_LOAD_CLIENT_THREADS`
 //! (default 1), `MEMBERSYNC_LOAD_POOL` (distinct signed payloads; default 25k per second
 //! of run — when the full side uses them all up, its window ends early and says so).
 
@@ -72,8 +79,12 @@ fn serve_bare() {
 }
 
 struct Settings {
+    /// Timed seconds per side, over all rounds.
     secs: u64,
+    /// Untimed seconds before each timed part.
     warmup: u64,
+    /// Parts per side, alternated bare, full, bare, full, …
+    rounds: u64,
     connections: usize,
     client_threads: usize,
     pool: usize,
@@ -114,6 +125,8 @@ struct Side {
     ticks_per_sec: u64,
     peak_rss_kb: u64,
     exhausted: bool,
+    /// Requests per second of each round's part.
+    rounds: Vec<f64>,
 }
 
 impl Side {
@@ -244,70 +257,110 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
-fn run_side(name: &'static str, s: &Settings, pool: &Arc<Pool>, mut child: Child, addr: SocketAddr) -> Side {
-    wait_ready(addr, &mut child);
-    let pid = child.id();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(s.client_threads)
-        .enable_all()
-        .build()
-        .expect("client runtime");
-    let cycle = name == "bare";
-    let next = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
-    let warm_until = start + Duration::from_secs(s.warmup);
-    let deadline = warm_until + Duration::from_secs(s.secs);
-    let tasks: Vec<_> = (0..s.connections)
-        .map(|_| rt.spawn(connection(addr, pool.clone(), next.clone(), cycle, warm_until, deadline)))
-        .collect();
-    std::thread::sleep(warm_until.saturating_duration_since(Instant::now()));
-    let cpu0 = cpu_ticks(pid);
-    let t0 = Instant::now();
-    let results: Vec<ConnResult> = rt.block_on(async {
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await.expect("connection task"));
+/// A server under test: a child process and where it listens.
+struct Server {
+    name: &'static str,
+    child: Child,
+    addr: SocketAddr,
+    /// Payloads handed out so far (the full side never sends one twice).
+    next: Arc<AtomicUsize>,
+    side: Side,
+}
+
+impl Server {
+    fn start(name: &'static str, mut child: Child, port: u16) -> Server {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        wait_ready(addr, &mut child);
+        Server {
+            name,
+            child,
+            addr,
+            next: Arc::new(AtomicUsize::new(0)),
+            side: Side {
+                name,
+                requests: 0,
+                errors: 0,
+                window: Duration::ZERO,
+                latencies_us: Vec::new(),
+                cpu_ticks: 0,
+                ticks_per_sec: clock_ticks(),
+                peak_rss_kb: 0,
+                exhausted: false,
+                rounds: Vec::new(),
+            },
         }
-        out
-    });
-    let window = t0.elapsed();
-    let cpu1 = cpu_ticks(pid);
-    let peak = peak_rss_kb(pid);
-    drop(rt);
-    // Graceful stop (SIGTERM: `serve` finishes in-flight commits), then make sure.
-    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
-    let stop = Instant::now();
-    while stop.elapsed() < Duration::from_secs(10) {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = child.kill();
-    let _ = child.wait();
-    let mut latencies: Vec<u32> = results.iter().flat_map(|r| r.latencies_us.iter().copied()).collect();
-    latencies.sort_unstable();
-    Side {
-        name,
-        requests: results.iter().map(|r| r.ok).sum(),
-        errors: results.iter().map(|r| r.errors).sum(),
-        window,
-        latencies_us: latencies,
-        cpu_ticks: cpu1 - cpu0,
-        ticks_per_sec: clock_ticks(),
-        peak_rss_kb: peak,
-        exhausted: results.iter().any(|r| r.exhausted),
+
+    /// One part: `warmup` untimed, then `secs` timed, on fresh connections.
+    fn part(&mut self, s: &Settings, pool: &Arc<Pool>, secs: f64) {
+        let pid = self.child.id();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(s.client_threads)
+            .enable_all()
+            .build()
+            .expect("client runtime");
+        let cycle = self.name == "bare";
+        let start = Instant::now();
+        let warm_until = start + Duration::from_secs(s.warmup);
+        let deadline = warm_until + Duration::from_secs_f64(secs);
+        let tasks: Vec<_> = (0..s.connections)
+            .map(|_| rt.spawn(connection(self.addr, pool.clone(), self.next.clone(), cycle, warm_until, deadline)))
+            .collect();
+        std::thread::sleep(warm_until.saturating_duration_since(Instant::now()));
+        let cpu0 = cpu_ticks(pid);
+        let t0 = Instant::now();
+        let results: Vec<ConnResult> = rt.block_on(async {
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.expect("connection task"));
+            }
+            out
+        });
+        let window = t0.elapsed();
+        let cpu1 = cpu_ticks(pid);
+        drop(rt);
+        let requests: u64 = results.iter().map(|r| r.ok).sum();
+        let side = &mut self.side;
+        side.rounds.push(requests as f64 / window.as_secs_f64());
+        side.requests += requests;
+        side.errors += results.iter().map(|r| r.errors).sum::<u64>();
+        side.window += window;
+        side.cpu_ticks += cpu1 - cpu0;
+        side.exhausted |= results.iter().any(|r| r.exhausted);
+        side.latencies_us.extend(results.iter().flat_map(|r| r.latencies_us.iter().copied()));
+    }
+
+    /// Stops the server (SIGTERM: `serve` finishes in-flight commits, then make sure) and
+    /// returns what it measured.
+    fn stop(mut self) -> Side {
+        let pid = self.child.id();
+        self.side.peak_rss_kb = peak_rss_kb(pid);
+        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        let stop = Instant::now();
+        while stop.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.side.latencies_us.sort_unstable();
+        self.side
     }
 }
 
 fn drive() {
-    let secs = env_num("MEMBERSYNC_LOAD_SECS", 10);
+    let secs = env_num("MEMBERSYNC_LOAD_SECS", 12);
+    let warmup = env_num("MEMBERSYNC_LOAD_WARMUP_SECS", 1);
+    let rounds = env_num("MEMBERSYNC_LOAD_ROUNDS", 3).max(1);
     let s = Settings {
         secs,
-        warmup: env_num("MEMBERSYNC_LOAD_WARMUP_SECS", 1),
+        warmup,
+        rounds,
         connections: env_num("MEMBERSYNC_LOAD_CONNECTIONS", 64) as usize,
         client_threads: env_num("MEMBERSYNC_LOAD_CLIENT_THREADS", 1) as usize,
-        pool: env_num("MEMBERSYNC_LOAD_POOL", 25_000 * (secs + env_num("MEMBERSYNC_LOAD_WARMUP_SECS", 1))) as usize,
+        pool: env_num("MEMBERSYNC_LOAD_POOL", 25_000 * (secs + warmup * rounds)) as usize,
     };
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let signing = Instant::now();
@@ -323,7 +376,7 @@ fn drive() {
         .stdout(Stdio::null())
         .spawn()
         .expect("bare server");
-    let bare = run_side("bare", &s, &pool, bare, SocketAddr::from(([127, 0, 0, 1], port)));
+    let mut bare = Server::start("bare", bare, port);
 
     // Full ingest: the real `serve`, fresh database, its default log to a file.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -345,14 +398,24 @@ fn drive() {
         .stderr(log)
         .spawn()
         .expect("membersync serve");
-    let full = run_side("full", &s, &pool, full, SocketAddr::from(([127, 0, 0, 1], port)));
+    let mut full = Server::start("full", full, port);
+
+    // Both servers are up; the load alternates between them, so each side's parts are
+    // spread over the same stretch of time and a change in the machine meets both.
+    let part = s.secs as f64 / s.rounds as f64;
+    for _ in 0..s.rounds {
+        bare.part(&s, &pool, part);
+        full.part(&s, &pool, part);
+    }
+    let (bare, full) = (bare.stop(), full.stop());
 
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "\nhttp_load: {} connections, {} s timed per side (+{} s warm-up), {} client thread(s), nproc {}",
+        "\nhttp_load: {} connections, {} s timed per side in {} alternating parts (+{} s warm-up each), {} client thread(s), nproc {}",
         s.connections,
         s.secs,
+        s.rounds,
         s.warmup,
         s.client_threads,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
@@ -380,6 +443,9 @@ fn drive() {
             }
         );
     }
+    let each: Vec<String> =
+        bare.rounds.iter().zip(&full.rounds).map(|(b, f)| format!("{:.0}/{:.0} = {:.3}", f, b, f / b)).collect();
+    let _ = writeln!(out, "rounds (full/bare req/s): {}", each.join(", "));
     let ratio = full.rps() / bare.rps();
     let _ = writeln!(out, "full / bare = {ratio:.3}  (target >= 0.25)");
     let _ = writeln!(out, "full p99 = {:.2} ms  (target <= 20 ms)", full.pct(0.99));
