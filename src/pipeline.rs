@@ -458,8 +458,16 @@ pub fn apply_with(
         }
     }
 
-    // Rules.
-    let decision = match rules.decide_of(ev, &ev_view, &view, &loaded.policy(&tenant), now) {
+    // Rules. The rank first: the decision takes the event's view.
+    let rank = match pre.rank.take().unwrap_or_else(|| rules.rank_of(&ev_view)) {
+        Ok(r) => r,
+        Err(e) => {
+            outcome.status = Status::Failed;
+            outcome.reason = Some(format!("rule error: {e}"));
+            return finish(tx, rec, outcome);
+        }
+    };
+    let decision = match rules.decide_of(ev, ev_view, &view, &loaded.policy(&tenant), now) {
         Ok(d) => d,
         Err(e) => {
             outcome.status = Status::Failed;
@@ -469,14 +477,6 @@ pub fn apply_with(
     };
     outcome.rule = decision.rule.clone();
     outcome.input = decision.input;
-    let rank = match pre.rank.take().unwrap_or_else(|| rules.rank_of(&ev_view)) {
-        Ok(r) => r,
-        Err(e) => {
-            outcome.status = Status::Failed;
-            outcome.reason = Some(format!("rule error: {e}"));
-            return finish(tx, rec, outcome);
-        }
-    };
     let from = membership.as_ref().map(|m| m.state).unwrap_or(MState::None);
     if let Some(reason) = decision.ignore {
         // The rule found the provider's view consistent with the state: the membership

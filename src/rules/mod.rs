@@ -339,14 +339,16 @@ impl RuleSet {
         policy: &Dynamic,
         now: DateTime<Utc>,
     ) -> Result<Decision, Error> {
-        self.decide_of(ev, &EventView::of(ev), m, policy, now)
+        self.decide_of(ev, EventView::of(ev), m, policy, now)
     }
 
-    /// `decide` with the event's view (`view`, built from `ev`) already built.
+    /// `decide` with the event's view (`view`, built from `ev`) already built. The view is
+    /// handed to the rule itself, not a copy: the decision is the last rule call an event
+    /// gets.
     pub fn decide_of(
         &self,
         ev: &CanonicalEvent,
-        view: &EventView,
+        view: EventView,
         m: &MembershipView,
         policy: &Dynamic,
         now: DateTime<Utc>,
@@ -374,7 +376,7 @@ impl RuleSet {
         if let Some(mut map) = policy.write_lock::<Map>() {
             map.insert("now".into(), Dynamic::from(now.timestamp()));
         }
-        let out = self.call(idx, &function, vec![view.0.clone(), api::membership_view(m), policy])?;
+        let out = self.call(idx, &function, vec![view.0, api::membership_view(m), policy])?;
         let rule = self.rule_ref(idx, &function);
         api::decision(out, ev)
             .map(|mut d| {

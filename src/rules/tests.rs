@@ -130,7 +130,7 @@ fn one_event_view_serves_every_call_and_a_rule_changing_its_ev_changes_nothing_f
     let view = EventView::of(&e);
     assert_eq!(rs.rank_of(&view).unwrap(), 1);
     assert!(!rs.is_stale_of(&view, &MembershipView::default()).unwrap());
-    let d = rs.decide_of(&e, &view, &MembershipView::default(), &policy(), Utc::now()).unwrap();
+    let d = rs.decide_of(&e, view, &MembershipView::default(), &policy(), Utc::now()).unwrap();
     assert_eq!(d.ignore, None);
     assert_eq!(d.input.map(|i| i.as_str().to_string()).as_deref(), Some("activate"));
 }
