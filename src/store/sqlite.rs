@@ -92,10 +92,9 @@ fn json_value(s: Option<String>) -> rusqlite::Result<Option<StoredJson>> {
 
 /// Process-wide SQLite settings, made once before the first connection opens (SQLite
 /// accepts them only before it initializes). Its allocator: mimalloc (below). Memory
-/// statistics off: with them on, every
-/// SQLite allocation and free takes one process-wide mutex, which the writer, the
-/// checkpointer and the readers then contend for — about a tenth of the writer's time
-/// under load. Nothing here reads those statistics.
+/// statistics off: with them on, every SQLite allocation and free takes one process-wide
+/// mutex, which the writer, the checkpointer and the readers then contend for — about a
+/// tenth of the writer's time under load. Nothing here reads those statistics.
 fn configure_sqlite() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -115,7 +114,8 @@ fn configure_sqlite() {
 }
 
 /// SQLite's allocations from mimalloc (the process's allocator) rather than the C
-/// library's `malloc`, which took a tenth of the writer's time under load.
+/// library's `malloc`, which took a tenth of the writer's time under load. It costs memory:
+/// the server's peak RSS under the load benchmark rose from ≈71 to ≈90 MB (BENCHMARKS.md).
 fn mimalloc_methods() -> rusqlite::ffi::sqlite3_mem_methods {
     rusqlite::ffi::sqlite3_mem_methods {
         xMalloc: Some(sqlite_malloc),
