@@ -130,6 +130,21 @@ struct Side {
 }
 
 impl Side {
+    fn empty(name: &'static str) -> Side {
+        Side {
+            name,
+            requests: 0,
+            errors: 0,
+            window: Duration::ZERO,
+            latencies_us: Vec::new(),
+            cpu_ticks: 0,
+            ticks_per_sec: 0,
+            peak_rss_kb: 0,
+            exhausted: false,
+            rounds: Vec::new(),
+        }
+    }
+
     fn rps(&self) -> f64 {
         self.requests as f64 / self.window.as_secs_f64()
     }
@@ -268,27 +283,18 @@ struct Server {
 }
 
 impl Server {
-    fn start(name: &'static str, mut child: Child, port: u16) -> Server {
+    fn start(name: &'static str, child: Child, port: u16) -> Server {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        wait_ready(addr, &mut child);
-        Server {
+        // Owned from here: a panic while waiting still stops the child (`Drop`).
+        let mut server = Server {
             name,
             child,
             addr,
             next: Arc::new(AtomicUsize::new(0)),
-            side: Side {
-                name,
-                requests: 0,
-                errors: 0,
-                window: Duration::ZERO,
-                latencies_us: Vec::new(),
-                cpu_ticks: 0,
-                ticks_per_sec: clock_ticks(),
-                peak_rss_kb: 0,
-                exhausted: false,
-                rounds: Vec::new(),
-            },
-        }
+            side: Side { ticks_per_sec: clock_ticks(), ..Side::empty(name) },
+        };
+        wait_ready(addr, &mut server.child);
+        server
     }
 
     /// One part: `warmup` untimed, then `secs` timed, on fresh connections.
@@ -343,10 +349,17 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        let mut side = std::mem::replace(&mut self.side, Side::empty(self.name));
+        side.latencies_us.sort_unstable();
+        side
+    }
+}
+
+/// Whatever happened — a finished run or a panic in between — no server outlives the bench.
+impl Drop for Server {
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.side.latencies_us.sort_unstable();
-        self.side
     }
 }
 

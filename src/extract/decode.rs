@@ -174,10 +174,10 @@ impl<'de> serde::de::Visitor<'de> for Pruned<'_> {
         // indexes stay where they were); the rest are checked and skipped.
         let mut out = Vec::new();
         let mut i = 0usize;
-        let mut digits = [0u8; 20];
+        let mut digits = itoa::Buffer::new();
         loop {
             let child = match self.0.max_index {
-                Some(max) if i <= max => self.0.child(itoa(i, &mut digits)),
+                Some(max) if i <= max => self.0.child(digits.format(i)),
                 _ => None,
             };
             match child {
@@ -195,20 +195,6 @@ impl<'de> serde::de::Visitor<'de> for Pruned<'_> {
         }
         Ok(Value::Array(out))
     }
-}
-
-/// `i` in decimal, written into `buf`.
-fn itoa(mut i: usize, buf: &mut [u8; 20]) -> &str {
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (i % 10) as u8;
-        i /= 10;
-        if i == 0 {
-            break;
-        }
-    }
-    std::str::from_utf8(&buf[at..]).unwrap_or_default()
 }
 
 /// A part of the body no path reads: checked and dropped, building nothing. It goes
@@ -408,9 +394,9 @@ mod tests {
 
     #[test]
     fn array_steps_are_looked_up_by_their_decimal_index() {
-        let mut buf = [0u8; 20];
+        let mut buf = itoa::Buffer::new();
         for i in [0usize, 7, 10, 123, 4096, usize::MAX] {
-            assert_eq!(itoa(i, &mut buf), i.to_string());
+            assert_eq!(buf.format(i), i.to_string());
         }
         let mut tree = PathTree::default();
         tree.add([("lines", None), ("data", None), ("12", Some(12)), ("id", None)]);
