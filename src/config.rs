@@ -110,6 +110,11 @@ pub struct LimitsSpec {
     /// instead of growing the page cache. Off: they stay cached. Default on.
     #[serde(default)]
     pub drop_appended_pages: Option<bool>,
+    /// Whether the writer's WAL writes go through membersync's VFS, which writes a
+    /// commit's frames in one call instead of two per page (header, then page). Off:
+    /// SQLite's own VFS. Default on.
+    #[serde(default)]
+    pub coalesce_wal_writes: Option<bool>,
 }
 
 /// A secret: a literal, or an environment variable with an optional local default.
@@ -204,6 +209,7 @@ pub struct Config {
     pub max_batch: usize,
     pub checkpoint_interval: std::time::Duration,
     pub drop_appended_pages: bool,
+    pub coalesce_wal_writes: bool,
     pub tenants: BTreeMap<String, Tenant>,
     pub extractors: BTreeMap<String, Extractor>,
     pub reconcile: ReconcileSettings,
@@ -296,6 +302,7 @@ impl Config {
             max_batch: file.limits.max_batch.unwrap_or(32),
             checkpoint_interval: std::time::Duration::from_millis(file.limits.checkpoint_interval_ms.unwrap_or(20)),
             drop_appended_pages: file.limits.drop_appended_pages.unwrap_or(true),
+            coalesce_wal_writes: file.limits.coalesce_wal_writes.unwrap_or(true),
             tenants,
             reconcile: ReconcileSettings::from_spec(&file.reconcile),
             api_bases: extractors

@@ -5,6 +5,7 @@
 //! `Tx` is what a PostgreSQL implementation fills in; nothing above this module writes SQL.
 
 pub mod sqlite;
+mod wal_vfs;
 
 use crate::machine::MState;
 use chrono::{DateTime, Utc};

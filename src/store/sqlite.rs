@@ -35,6 +35,9 @@ pub struct Options {
     /// Whether the checkpointer drops the pages appended to the database file from the OS
     /// page cache once they are written back (see [`AppendedPages`]).
     pub drop_appended_pages: bool,
+    /// Whether the writer opens the database through [`wal_vfs`](super::wal_vfs), which
+    /// writes a commit's WAL frames in one call.
+    pub coalesce_wal_writes: bool,
 }
 
 impl Default for Options {
@@ -45,6 +48,7 @@ impl Default for Options {
             wal_restart_pages: 10_000,
             checkpoint_interval: std::time::Duration::from_millis(20),
             drop_appended_pages: true,
+            coalesce_wal_writes: true,
         }
     }
 }
@@ -95,7 +99,7 @@ fn json_value(s: Option<String>) -> rusqlite::Result<Option<StoredJson>> {
 /// statistics off: with them on, every SQLite allocation and free takes one process-wide
 /// mutex, which the writer, the checkpointer and the readers then contend for — about a
 /// tenth of the writer's time under load. Nothing here reads those statistics.
-fn configure_sqlite() {
+pub(super) fn configure_sqlite() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // SAFETY: both calls are made before any connection opens in this process (or they
@@ -109,6 +113,9 @@ fn configure_sqlite() {
         let rc = unsafe { rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS, 0 as std::ffi::c_int) };
         if rc != rusqlite::ffi::SQLITE_OK {
             tracing::debug!(rc, "SQLite was already initialized; its memory statistics stay on.");
+        }
+        if !super::wal_vfs::register() {
+            tracing::warn!("The WAL-writing VFS could not be registered; SQLite's default VFS is used.");
         }
     });
 }
@@ -167,8 +174,17 @@ unsafe extern "C" fn sqlite_mem_init(_: *mut std::ffi::c_void) -> std::ffi::c_in
 unsafe extern "C" fn sqlite_mem_shutdown(_: *mut std::ffi::c_void) {}
 
 fn open(uri: &str, flags: OpenFlags, memory: bool) -> Result<Connection> {
+    open_with(uri, flags, memory, false)
+}
+
+/// `open`, through [`wal_vfs`](super::wal_vfs) if `coalesce` (and it could be registered).
+fn open_with(uri: &str, flags: OpenFlags, memory: bool, coalesce: bool) -> Result<Connection> {
     configure_sqlite();
-    let conn = Connection::open_with_flags(uri, flags)?;
+    let conn = if coalesce && !memory && super::wal_vfs::register() {
+        Connection::open_with_flags_and_vfs(uri, flags, super::wal_vfs::NAME)?
+    } else {
+        Connection::open_with_flags(uri, flags)?
+    };
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     if !memory {
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -203,7 +219,8 @@ impl SqliteStore {
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_URI
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let mut writer = open(&uri, flags, memory)?;
+        // Only the writer writes the WAL: it alone goes through the coalescing VFS.
+        let mut writer = open_with(&uri, flags, memory, opts.coalesce_wal_writes)?;
         migrate(&mut writer)?;
         // Each event runs in its own savepoint: keep its page copies in memory, not in a
         // temporary file.

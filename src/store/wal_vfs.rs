@@ -1,0 +1,427 @@
+//! A VFS over SQLite's default one that writes a commit's WAL frames in one `pwrite`.
+//!
+//! SQLite writes each WAL frame with two `pwrite`s: its 24-byte header, then the page. A
+//! frame is 4,120 bytes, so the two calls touch three pages of the WAL file's cache, and a
+//! commit of 30 events (≈75 frames) makes ≈150 calls. Through this VFS (used by the
+//! writer's connection only) every file is SQLite's own `unix` one, except that the WAL's
+//! writes that continue the run of frames — starting where the last write ended, or the
+//! WAL's header at offset 0 — are held in memory and written together (in calls of at
+//! most [`MAX_WRITE`] bytes):
+//!
+//! - as soon as the frame that ends a commit (a frame header whose "database size after
+//!   commit" is not 0) has its page: before SQLite publishes the commit in the WAL index
+//!   for readers, and before `COMMIT` returns; an error is returned from that write, as
+//!   SQLite's own would be;
+//! - before anything else is done with the file: a read, any other write, a sync, a
+//!   truncate, a size query, a file control, a lock, the close;
+//! - once more than [`MAX_HELD`] bytes are held.
+//!
+//! Any other write (an overwrite of a frame already written: a page rewritten in place, a
+//! checksum rewritten at commit) is made at once, after what was held. Frames written
+//! without a commit (a transaction spilling its page cache) may stay held past the call
+//! that wrote them; readers cannot see them (they are beyond the last commit in the
+//! index), and the writer's own reads flush first. Nothing is held across a commit, so
+//! what is on disk, and what another connection or process reads, is what SQLite's own
+//! VFS would have written by the same point; durability is unchanged (the WAL is synced
+//! as before).
+//!
+//! Each connection has its own WAL file handle, and SQLite never uses one connection from
+//! two threads at once, so what a handle holds needs no lock.
+
+use rusqlite::ffi;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::OnceLock;
+
+/// The VFS's registered name.
+pub const NAME: &str = "membersync-wal";
+const NAME_C: &CStr = c"membersync-wal";
+
+/// Size of a WAL frame header (SQLite's `WAL_FRAME_HDRSIZE`).
+const FRAME_HEADER: usize = 24;
+
+/// Size of the WAL file's header (SQLite's `WAL_HDRSIZE`), written at offset 0.
+const WAL_HEADER: usize = 32;
+
+/// Most bytes held before they are written anyway (frames spilled by a large transaction).
+pub const MAX_HELD: usize = 4 << 20;
+
+/// Most bytes given to the default VFS in one write: it writes at most 128 KiB − 1 per
+/// call (and reports the rest as a full disk).
+pub const MAX_WRITE: usize = 120 << 10;
+
+/// SQLite's default VFS, which this one wraps.
+static REAL: AtomicPtr<ffi::sqlite3_vfs> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Registers the VFS (once; not as the default). Returns whether it is available. To be
+/// called after SQLite's process-wide configuration: finding the default VFS initializes
+/// SQLite.
+pub fn register() -> bool {
+    static REGISTERED: OnceLock<c_int> = OnceLock::new();
+    // SAFETY: `sqlite3_vfs_find` and `sqlite3_vfs_register` are thread-safe; the VFS
+    // struct is leaked, so it outlives every connection; `REAL` is set before the VFS
+    // can be found by name.
+    let rc = *REGISTERED.get_or_init(|| unsafe {
+        let real = ffi::sqlite3_vfs_find(std::ptr::null());
+        if real.is_null() {
+            return ffi::SQLITE_ERROR;
+        }
+        REAL.store(real, Ordering::Release);
+        let mut vfs: ffi::sqlite3_vfs = std::ptr::read(real);
+        vfs.pNext = std::ptr::null_mut();
+        vfs.zName = NAME_C.as_ptr();
+        vfs.szOsFile = (real_offset() + (*real).szOsFile as usize) as c_int;
+        vfs.xOpen = Some(x_open);
+        ffi::sqlite3_vfs_register(Box::leak(Box::new(vfs)), 0)
+    });
+    rc == ffi::SQLITE_OK
+}
+
+/// A WAL file: SQLite's handle, then the default VFS's own handle for the same file.
+#[repr(C)]
+struct WalFile {
+    base: ffi::sqlite3_file,
+    real: *mut ffi::sqlite3_file,
+    held: *mut Held,
+}
+
+/// Appended writes not yet made: `bytes` belong at `start` in the file.
+struct Held {
+    start: i64,
+    bytes: Vec<u8>,
+    /// Where the last write ended: a write there continues a run of frames.
+    expect: i64,
+    /// The last write held was the header of a commit frame: its page ends the commit.
+    commit_header: bool,
+    /// Writes made to the file (held runs count once per call).
+    writes: u64,
+}
+
+fn real_offset() -> usize {
+    let align = std::mem::align_of::<u64>();
+    std::mem::size_of::<WalFile>().div_ceil(align) * align
+}
+
+unsafe extern "C" fn x_open(
+    _vfs: *mut ffi::sqlite3_vfs,
+    name: *const c_char,
+    file: *mut ffi::sqlite3_file,
+    flags: c_int,
+    out_flags: *mut c_int,
+) -> c_int {
+    let real_vfs = REAL.load(Ordering::Acquire);
+    // SAFETY: `register` set `REAL` to the default VFS before this VFS was registered.
+    let Some(open) = (unsafe { (*real_vfs).xOpen }) else { return ffi::SQLITE_ERROR };
+    if flags & ffi::SQLITE_OPEN_WAL == 0 {
+        // Every other file is the default VFS's own, in the space SQLite allocated.
+        return unsafe { open(real_vfs, name, file, flags, out_flags) };
+    }
+    let wal = file.cast::<WalFile>();
+    // SAFETY: SQLite allocated `szOsFile` bytes at `file`: room for a `WalFile` and, at
+    // `real_offset()`, the default VFS's handle. `pMethods` stays null until the open
+    // succeeds, so a failed open is never closed through these methods.
+    unsafe {
+        let real = file.cast::<u8>().add(real_offset()).cast::<ffi::sqlite3_file>();
+        std::ptr::write(
+            wal,
+            WalFile { base: ffi::sqlite3_file { pMethods: std::ptr::null() }, real, held: std::ptr::null_mut() },
+        );
+        (*real).pMethods = std::ptr::null();
+        let rc = open(real_vfs, name, real, flags, out_flags);
+        if rc != ffi::SQLITE_OK {
+            if let Some(close) = (*real).pMethods.as_ref().and_then(|m| m.xClose) {
+                close(real);
+            }
+            return rc;
+        }
+        (*wal).held =
+            Box::into_raw(Box::new(Held { start: 0, bytes: Vec::new(), expect: -1, commit_header: false, writes: 0 }));
+        (*wal).base.pMethods = &WAL_METHODS;
+    }
+    ffi::SQLITE_OK
+}
+
+static WAL_METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
+    iVersion: 1,
+    xClose: Some(x_close),
+    xRead: Some(x_read),
+    xWrite: Some(x_write),
+    xTruncate: Some(x_truncate),
+    xSync: Some(x_sync),
+    xFileSize: Some(x_file_size),
+    xLock: Some(x_lock),
+    xUnlock: Some(x_unlock),
+    xCheckReservedLock: Some(x_check_reserved_lock),
+    xFileControl: Some(x_file_control),
+    xSectorSize: Some(x_sector_size),
+    xDeviceCharacteristics: Some(x_device_characteristics),
+    xShmMap: None,
+    xShmLock: None,
+    xShmBarrier: None,
+    xShmUnmap: None,
+    xFetch: None,
+    xUnfetch: None,
+};
+
+/// The default VFS's handle and methods behind a WAL file.
+///
+/// # Safety
+/// `file` is a `WalFile` this VFS opened and has not closed.
+unsafe fn real(file: *mut ffi::sqlite3_file) -> (*mut ffi::sqlite3_file, &'static ffi::sqlite3_io_methods) {
+    unsafe {
+        let real = (*file.cast::<WalFile>()).real;
+        (real, &*(*real).pMethods)
+    }
+}
+
+/// Writes what `file` holds, if anything. On an error what was held is dropped: SQLite
+/// treats the error as a failed write and rolls the transaction back.
+///
+/// # Safety
+/// As for [`real`].
+unsafe fn flush(file: *mut ffi::sqlite3_file) -> c_int {
+    unsafe {
+        let held = &mut *(*file.cast::<WalFile>()).held;
+        held.commit_header = false;
+        if held.bytes.is_empty() {
+            return ffi::SQLITE_OK;
+        }
+        let (real, methods) = real(file);
+        let Some(write) = methods.xWrite else { return ffi::SQLITE_IOERR_WRITE };
+        let mut rc = ffi::SQLITE_OK;
+        let mut at = held.start;
+        for chunk in held.bytes.chunks(MAX_WRITE) {
+            rc = write(real, chunk.as_ptr().cast(), chunk.len() as c_int, at);
+            held.writes += 1;
+            if rc != ffi::SQLITE_OK {
+                break;
+            }
+            at += chunk.len() as i64;
+        }
+        held.bytes.clear();
+        rc
+    }
+}
+
+unsafe extern "C" fn x_write(file: *mut ffi::sqlite3_file, data: *const c_void, amt: c_int, offset: i64) -> c_int {
+    // SAFETY: SQLite passes a handle this VFS opened, and `amt` readable bytes at `data`.
+    unsafe {
+        let held = &mut *(*file.cast::<WalFile>()).held;
+        let len = usize::try_from(amt).unwrap_or(0);
+        let bytes = std::slice::from_raw_parts(data.cast::<u8>(), len);
+        let appends = !held.bytes.is_empty() && offset == held.start + held.bytes.len() as i64;
+        if !appends || held.bytes.len() + len > MAX_HELD {
+            let rc = flush(file);
+            if rc != ffi::SQLITE_OK {
+                return rc;
+            }
+            // A run of frames starts where the last write ended (or with the WAL's own
+            // header). Anything else is an overwrite of a frame already written (a page
+            // rewritten in place, a checksum rewritten at commit): written at once.
+            if offset != held.expect && !(offset == 0 && len == WAL_HEADER) {
+                let (real, methods) = real(file);
+                let Some(write) = methods.xWrite else { return ffi::SQLITE_IOERR_WRITE };
+                held.expect = offset + len as i64;
+                held.writes += 1;
+                return write(real, data, amt, offset);
+            }
+            held.start = offset;
+        }
+        held.bytes.extend_from_slice(bytes);
+        held.expect = offset + len as i64;
+        if held.commit_header && len > FRAME_HEADER {
+            // The page of the frame that ends a commit: write the whole commit now.
+            return flush(file);
+        }
+        // A frame header's bytes 4..8 hold the database size after a commit, 0 otherwise.
+        held.commit_header = len == FRAME_HEADER && bytes[4..8] != [0, 0, 0, 0];
+        ffi::SQLITE_OK
+    }
+}
+
+unsafe extern "C" fn x_close(file: *mut ffi::sqlite3_file) -> c_int {
+    // SAFETY: SQLite closes a handle this VFS opened, once; `held` came from `Box::into_raw`.
+    unsafe {
+        let flushed = flush(file);
+        let (real, methods) = real(file);
+        let closed = methods.xClose.map_or(ffi::SQLITE_OK, |close| close(real));
+        let wal = file.cast::<WalFile>();
+        drop(Box::from_raw((*wal).held));
+        (*wal).held = std::ptr::null_mut();
+        (*wal).base.pMethods = std::ptr::null();
+        if flushed != ffi::SQLITE_OK {
+            flushed
+        } else {
+            closed
+        }
+    }
+}
+
+/// The methods that only pass through, each after writing what the handle holds.
+macro_rules! flush_then {
+    ($name:ident, $method:ident ( $($arg:ident : $ty:ty),* )) => {
+        unsafe extern "C" fn $name(file: *mut ffi::sqlite3_file, $($arg: $ty),*) -> c_int {
+            // SAFETY: SQLite passes a handle this VFS opened, and arguments valid for the
+            // default VFS's method of the same name.
+            unsafe {
+                let rc = flush(file);
+                if rc != ffi::SQLITE_OK {
+                    return rc;
+                }
+                let (real, methods) = real(file);
+                match methods.$method {
+                    Some(f) => f(real, $($arg),*),
+                    None => ffi::SQLITE_NOTFOUND,
+                }
+            }
+        }
+    };
+}
+
+flush_then!(x_read, xRead(data: *mut c_void, amt: c_int, offset: i64));
+flush_then!(x_truncate, xTruncate(size: i64));
+flush_then!(x_sync, xSync(flags: c_int));
+flush_then!(x_file_size, xFileSize(size: *mut i64));
+flush_then!(x_lock, xLock(level: c_int));
+flush_then!(x_unlock, xUnlock(level: c_int));
+flush_then!(x_check_reserved_lock, xCheckReservedLock(out: *mut c_int));
+flush_then!(x_file_control, xFileControl(op: c_int, arg: *mut c_void));
+
+unsafe extern "C" fn x_sector_size(file: *mut ffi::sqlite3_file) -> c_int {
+    // SAFETY: SQLite passes a handle this VFS opened.
+    unsafe {
+        let (real, methods) = real(file);
+        methods.xSectorSize.map_or(4096, |f| f(real))
+    }
+}
+
+unsafe extern "C" fn x_device_characteristics(file: *mut ffi::sqlite3_file) -> c_int {
+    // SAFETY: SQLite passes a handle this VFS opened.
+    unsafe {
+        let (real, methods) = real(file);
+        methods.xDeviceCharacteristics.map_or(0, |f| f(real))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rusqlite::{Connection, OpenFlags};
+    use std::path::Path;
+
+    fn open(path: &Path) -> Connection {
+        crate::store::sqlite::configure_sqlite();
+        assert!(register());
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE;
+        let conn = Connection::open_with_flags_and_vfs(path, flags, NAME).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.pragma_update(None, "synchronous", "NORMAL").unwrap();
+        // A small page cache: large transactions spill frames before they commit.
+        conn.pragma_update(None, "cache_size", 20).unwrap();
+        conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB NOT NULL)").unwrap();
+        conn
+    }
+
+    /// Writes this connection's WAL handle has made.
+    fn writes(conn: &Connection) -> u64 {
+        let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+        // SAFETY: SQLITE_FCNTL_JOURNAL_POINTER stores the WAL's handle (opened by this VFS,
+        // as `pMethods` shows) at the pointer given; the connection is alive.
+        unsafe {
+            let db = conn.handle();
+            let rc = ffi::sqlite3_file_control(
+                db,
+                c"main".as_ptr(),
+                ffi::SQLITE_FCNTL_JOURNAL_POINTER,
+                (&mut file as *mut *mut ffi::sqlite3_file).cast(),
+            );
+            assert_eq!(rc, ffi::SQLITE_OK);
+            assert!(std::ptr::eq((*file).pMethods, &WAL_METHODS), "the WAL is this VFS's");
+            (*(*file.cast::<WalFile>()).held).writes
+        }
+    }
+
+    fn value(id: i64, round: i64) -> Vec<u8> {
+        format!("{id}:{round}:").bytes().cycle().take(3000).collect()
+    }
+
+    /// What a crash right now would leave: the database and its WAL as they are on disk,
+    /// copied and opened by SQLite's own VFS (which recovers the WAL from its checksums).
+    /// Returns each row's id and round (its value checked in full).
+    fn after_crash(db: &Path) -> Vec<(i64, i64)> {
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join("copy.db");
+        std::fs::copy(db, &copy).unwrap();
+        std::fs::copy(format!("{}-wal", db.display()), format!("{}-wal", copy.display())).unwrap();
+        let conn = Connection::open(&copy).unwrap();
+        let ok: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+        assert_eq!(ok, "ok");
+        let mut st = conn.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
+        let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))).unwrap();
+        rows.map(|row| {
+            let (id, v) = row.unwrap();
+            let text = String::from_utf8_lossy(&v[..24]).into_owned();
+            let round = text.split(':').nth(1).and_then(|r| r.parse().ok()).expect("id:round:");
+            assert!(v == value(id, round), "row {id}: value damaged: {text}…");
+            (id, round)
+        })
+        .collect()
+    }
+
+    /// Every commit is on disk, whole, when `COMMIT` returns — small ones, and large ones
+    /// that spilled frames, rewrote pages already in the WAL and so rewrote checksums —
+    /// while a rolled-back transaction leaves nothing; and a commit's frames take a
+    /// handful of writes, not two per page.
+    #[test]
+    fn each_commit_is_on_disk_whole_when_it_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("wal.db");
+        let conn = open(&db);
+        let mut expected: Vec<(i64, i64)> = Vec::new();
+        let insert = |conn: &Connection, id: i64, round: i64| {
+            conn.execute("INSERT OR REPLACE INTO t (id, v) VALUES (?1, ?2)", (id, value(id, round))).unwrap();
+        };
+
+        // Small commits: five rows (five frames and a few B-tree pages) each.
+        for c in 0..30 {
+            let before = writes(&conn);
+            conn.execute_batch("BEGIN").unwrap();
+            for id in c * 5..(c + 1) * 5 {
+                insert(&conn, id, 0);
+                expected.push((id, 0));
+            }
+            conn.execute_batch("COMMIT").unwrap();
+            let made = writes(&conn) - before;
+            assert!(made <= 2, "commit {c}: {made} writes for ≈6 frames");
+            assert_eq!(after_crash(&db), expected, "after commit {c}");
+        }
+
+        // A large transaction: 300 rows through a 20-page cache (frames spill before the
+        // commit), then half of them rewritten (pages already in the WAL are overwritten in
+        // place, so the commit rewrites checksums).
+        conn.execute_batch("BEGIN").unwrap();
+        for id in 1000..1300 {
+            insert(&conn, id, 0);
+        }
+        for id in (1000..1300).step_by(2) {
+            insert(&conn, id, 1);
+        }
+        conn.execute_batch("COMMIT").unwrap();
+        expected.extend((1000..1300).map(|id| (id, if id % 2 == 0 { 1 } else { 0 })));
+        assert_eq!(after_crash(&db), expected, "after the large commit");
+
+        // A large transaction rolled back after spilling, then a small commit.
+        conn.execute_batch("BEGIN").unwrap();
+        for id in 2000..2300 {
+            insert(&conn, id, 0);
+        }
+        conn.execute_batch("ROLLBACK").unwrap();
+        insert(&conn, 3000, 0);
+        expected.push((3000, 0));
+        assert_eq!(after_crash(&db), expected, "after the rollback and a commit");
+
+        // And the connection itself reads everything back.
+        let n: i64 = conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+        assert_eq!(n as usize, expected.len());
+    }
+}
