@@ -649,10 +649,7 @@ static EVENT_BY_KEY: LazyLock<String> = LazyLock::new(|| {
     format!("SELECT {EVENT_COLS} FROM events WHERE tenant = ?1 AND provider = ?2 AND idempotency_key = ?3")
 });
 static PARKED: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "SELECT {EVENT_COLS} FROM events WHERE tenant = ?1 AND provider = ?2 AND park_key IS NOT NULL
-         AND (park_key = ?3 OR park_key = '') ORDER BY occurred_at, seq"
-    )
+    format!("SELECT {EVENT_COLS} FROM events WHERE tenant = ?1 AND provider = ?2 AND park_key IN (?3, '')")
 });
 static MEMBER_BY_ID: LazyLock<String> = LazyLock::new(|| format!("SELECT {MEMBER_COLS} FROM members WHERE id = ?1"));
 static MEMBER_BY_CUSTOMER: LazyLock<String> = LazyLock::new(|| {
@@ -790,10 +787,13 @@ impl Tx for SqliteTx<'_, '_> {
     }
 
     fn parked(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Vec<EventRow>> {
-        let rows = self
+        // Two lookups in the partial index, almost always empty: ordered here rather than
+        // by SQL, whose ORDER BY built a temporary B-tree for every event (8% of the writer).
+        let mut rows = self
             .st(&PARKED)?
             .query_map(params![tenant, provider, key], event_row)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.sort_by_key(|e| (e.occurred_at, e.seq));
         Ok(rows)
     }
 
