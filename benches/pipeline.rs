@@ -51,7 +51,7 @@ async fn ingest(ctx: &Arc<Ctx>, template: &Arc<String>, next: &Arc<AtomicU64>, n
                 let body = template
                     .replace("evt_1QxaZ1K7dEmoAc01GAm3W0e2", &format!("evt_bench_{i}"))
                     .replace("sub_1QxDemo001", &format!("sub_bench_{i}"));
-                let decoded = x.decode(body.as_bytes(), None).expect("decodes");
+                let decoded = x.decode_captured(body.as_bytes(), None).expect("decodes");
                 let extraction =
                     x.extract("demo", &decoded, body.as_bytes(), &[], chrono::Utc::now()).expect("extracts");
                 let raw = Raw { body: body.into_bytes(), headers: vec![], source: Source::Webhook };

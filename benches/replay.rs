@@ -76,7 +76,7 @@ fn main() {
                             .replace("sub_1QxDemo001", &format!("sub_r{i}"))
                             .replace("cus_QxDemo001", &format!("cus_r{i}"))
                             .replace("ada@example.com", &format!("ada+{i}@example.com"));
-                        let decoded = x.decode(body.as_bytes(), None).expect("decodes");
+                        let decoded = x.decode_captured(body.as_bytes(), None).expect("decodes");
                         let ex = x.extract("demo", &decoded, body.as_bytes(), &[], now).expect("extracts");
                         let raw = Raw { body: body.into_bytes(), headers: vec![], source: Source::Webhook };
                         let ack =

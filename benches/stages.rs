@@ -105,7 +105,7 @@ fn extract(c: &mut Criterion) {
             b.iter(|| {
                 for (_, body, headers) in all {
                     let ct = headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_str());
-                    let decoded = x.decode(body, ct).expect("decodes");
+                    let decoded = x.decode_captured(body, ct).expect("decodes");
                     let _ = black_box(x.extract("demo", &decoded, body, headers, now));
                 }
             })
@@ -116,7 +116,7 @@ fn extract(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.bench_function("stripe_invoice_paid", |b| {
         b.iter(|| {
-            let decoded = x.decode(black_box(&body), None).expect("decodes");
+            let decoded = x.decode_captured(black_box(&body), None).expect("decodes");
             x.extract("demo", &decoded, &body, &[], now).expect("extracts")
         })
     });

@@ -111,7 +111,7 @@ pub async fn accept(
     // A secret carried in the body never reaches storage, nor a body hash shown as an id.
     let stored_body = scheme.redact(&body);
     let content_type = headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_str());
-    let decoded = extractor.decode(&body, content_type).map_err(|e| {
+    let decoded = extractor.decode_captured(&body, content_type).map_err(|e| {
         tracing::warn!(%tenant, %provider, error = %e, "Webhook body could not be decoded.");
         ApiError::BadRequest(e.to_string())
     })?;

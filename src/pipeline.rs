@@ -957,7 +957,7 @@ pub fn incoming_from_row(config: &Config, e: &EventRow) -> Option<(Incoming, Raw
             error: crate::extract::Error(error),
         }),
     };
-    let incoming = match x.decode(&e.raw, content_type) {
+    let incoming = match x.decode_captured(&e.raw, content_type) {
         Err(err) => unreadable(err.to_string()),
         Ok(decoded) => match x.extract(&e.tenant, &decoded, &e.raw, &headers, e.received_at) {
             Ok(mut ex) => {

@@ -2,6 +2,7 @@
 //! (`customer[email]`, `order[charges][0][amount]`) decoded into the same tree a JSON
 //! provider would send, so paths read alike. Never panics on any input.
 
+use super::path::Path;
 use serde_json::{Map, Value};
 
 /// Deepest nesting accepted in a form key (JSON depth is bounded by serde_json's limit).
@@ -46,6 +47,10 @@ pub fn json(body: &[u8]) -> Result<Value, DecodeError> {
 pub struct PathTree {
     /// A path ends here: keep the whole value.
     whole: bool,
+    /// Where a path ending here keeps its value in a [`Captured`] decode.
+    slot: Option<usize>,
+    /// (Root only) how many nodes have a slot.
+    slots: usize,
     /// The steps below this node. A handful at most: a list scanned in order is faster
     /// to look a key up in than a hash map.
     keys: Vec<(String, PathTree)>,
@@ -56,7 +61,8 @@ pub struct PathTree {
 impl PathTree {
     /// Adds one path, as its steps (object key, array index if numeric).
     pub fn add<'a>(&mut self, steps: impl IntoIterator<Item = (&'a str, Option<usize>)>) {
-        let mut node = self;
+        let next = self.slots;
+        let mut node = &mut *self;
         for (key, index) in steps {
             if let Some(i) = index {
                 node.max_index = Some(node.max_index.map_or(i, |m| m.max(i)));
@@ -71,10 +77,215 @@ impl PathTree {
             node = &mut node.keys[at].1;
         }
         node.whole = true;
+        if node.slot.is_none() {
+            node.slot = Some(next);
+            self.slots += 1;
+        }
     }
 
     fn child(&self, key: &str) -> Option<&PathTree> {
         self.keys.iter().find(|(k, _)| k == key).map(|(_, t)| t)
+    }
+
+    /// The child under `key`, with its place among this node's children.
+    fn child_at(&self, key: &str) -> Option<(usize, &PathTree)> {
+        self.keys.iter().position(|(k, _)| k == key).map(|i| (i, &self.keys[i].1))
+    }
+}
+
+/// Reading a path in a decoded body: in a whole [`Value`], or in what a [`Captured`]
+/// decode kept. Both give the same answer for every path of the extractor's tree.
+pub trait Lookup {
+    /// The value at `path`: `None` when absent, `Some(Null)` when present and null.
+    fn at(&self, path: &Path) -> Option<&Value>;
+}
+
+impl Lookup for Value {
+    fn at(&self, path: &Path) -> Option<&Value> {
+        path.lookup(self)
+    }
+}
+
+/// A JSON body decoded into only the values its paths end at, one slot per path end, with
+/// no tree of objects built around them (the tree is the extractor's [`PathTree`]).
+#[derive(Debug)]
+pub struct Captured<'t> {
+    tree: &'t PathTree,
+    slots: Vec<Option<Value>>,
+}
+
+impl Lookup for Captured<'_> {
+    fn at(&self, path: &Path) -> Option<&Value> {
+        let mut node = self.tree;
+        for (i, (key, _)) in path.steps().enumerate() {
+            node = node.child(key)?;
+            if let Some(slot) = node.slot {
+                // The first path end on the way holds the whole value below it.
+                return path.lookup_from(i + 1, self.slots[slot].as_ref()?);
+            }
+        }
+        None
+    }
+}
+
+/// A body as the extract stage reads it.
+#[derive(Debug)]
+pub enum Decoded<'t> {
+    /// JSON, as the values at the configured paths.
+    Captured(Captured<'t>),
+    /// A form body, or JSON whose object repeats a key the paths go through (the last
+    /// occurrence wins, as in a whole decode): a tree.
+    Tree(Value),
+}
+
+impl Lookup for Decoded<'_> {
+    fn at(&self, path: &Path) -> Option<&Value> {
+        match self {
+            Decoded::Captured(c) => c.at(path),
+            Decoded::Tree(v) => v.at(path),
+        }
+    }
+}
+
+/// Decodes a JSON body keeping only the values `tree`'s paths end at; the top level must
+/// be an object. Every path of the tree reads the same as in `json_paths` (and `json`),
+/// and a body is refused exactly when `json` refuses it.
+pub fn json_captured<'t>(body: &[u8], tree: &'t PathTree) -> Result<Decoded<'t>, DecodeError> {
+    let Ok(text) = std::str::from_utf8(body) else {
+        return Err(DecodeError::Utf8);
+    };
+    let mut slots = vec![None; tree.slots];
+    let repeated = std::cell::Cell::new(false);
+    let mut de = serde_json::Deserializer::from_str(text);
+    let seed = Capture { node: tree, slots: &mut slots, repeated: &repeated };
+    match serde::de::DeserializeSeed::deserialize(seed, &mut de).and_then(|object| de.end().map(|()| object)) {
+        Ok(true) => Ok(Decoded::Captured(Captured { tree, slots })),
+        Ok(false) => Err(DecodeError::NotObject),
+        // A key repeated along a path: decoded again as a tree, where the last one wins.
+        Err(_) if repeated.get() => json_paths(body, tree).map(Decoded::Tree),
+        Err(e) => Err(DecodeError::Json(e.to_string())),
+    }
+}
+
+/// Decodes one node of the body under a non-final node of the path tree, into the slots
+/// of the path ends below it. Returns whether the node was an object.
+struct Capture<'t, 's> {
+    node: &'t PathTree,
+    slots: &'s mut Vec<Option<Value>>,
+    repeated: &'s std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Capture<'_, '_> {
+    type Value = bool;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl Capture<'_, '_> {
+    /// Decodes the value under `child` of this node.
+    fn next<'de, A: serde::de::MapAccess<'de>>(&mut self, child: &PathTree, map: &mut A) -> Result<(), A::Error> {
+        match child.slot {
+            Some(slot) => self.slots[slot] = Some(map.next_value()?),
+            None => {
+                map.next_value_seed(Capture { node: child, slots: self.slots, repeated: self.repeated })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Capture<'_, '_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_unit<E>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_none<E>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(mut self, mut map: A) -> Result<bool, A::Error> {
+        // Children already gone through: a second occurrence of a key whose subtree has
+        // been captured would mix two objects, where a whole decode keeps only the last.
+        let mut seen = 0u64;
+        while let Some(key) = map.next_key_seed(Key)? {
+            match self.node.child_at(key.as_ref()) {
+                // A path ends here: the last occurrence wins, as in a whole decode.
+                Some((_, child)) if child.slot.is_some() => self.next(child, &mut map)?,
+                Some((i, child)) => {
+                    let bit = 1u64.checked_shl(i as u32).unwrap_or(0);
+                    if bit == 0 || seen & bit != 0 {
+                        self.repeated.set(true);
+                        return Err(serde::de::Error::custom("a key on a configured path is repeated"));
+                    }
+                    seen |= bit;
+                    self.next(child, &mut map)?;
+                }
+                None => map.next_value_seed(Skip)?,
+            }
+        }
+        Ok(true)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        let mut i = 0usize;
+        let mut digits = itoa::Buffer::new();
+        loop {
+            let child = match self.node.max_index {
+                Some(max) if i <= max => self.node.child(digits.format(i)),
+                _ => None,
+            };
+            let more = match child {
+                Some(child) => match child.slot {
+                    Some(slot) => match seq.next_element::<Value>()? {
+                        Some(v) => {
+                            self.slots[slot] = Some(v);
+                            true
+                        }
+                        None => false,
+                    },
+                    None => seq
+                        .next_element_seed(Capture { node: child, slots: self.slots, repeated: self.repeated })?
+                        .is_some(),
+                },
+                None => seq.next_element_seed(Skip)?.is_some(),
+            };
+            if !more {
+                return Ok(false);
+            }
+            i += 1;
+        }
     }
 }
 

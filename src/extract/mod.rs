@@ -277,25 +277,42 @@ impl Extractor {
 
     /// Decodes a raw body the way the provider encodes it.
     pub fn decode(&self, body: &[u8], content_type: Option<&str>) -> Result<Value, decode::DecodeError> {
-        let form = match self.decode {
-            DecodeSpec::Json => false,
-            DecodeSpec::Form => true,
-            DecodeSpec::Auto => content_type
-                .map(|c| c.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded"))
-                .unwrap_or(false),
-        };
-        if form {
+        if self.is_form(content_type) {
             decode::form(body)
         } else {
             decode::json_paths(body, &self.paths)
         }
     }
 
-    /// Maps a decoded body onto the canonical event.
-    pub fn extract(
+    /// Decodes a raw body for [`extract`](Self::extract): JSON into only the values at the
+    /// configured paths (no tree of objects around them), a form body into a tree.
+    pub fn decode_captured(
+        &self,
+        body: &[u8],
+        content_type: Option<&str>,
+    ) -> Result<decode::Decoded<'_>, decode::DecodeError> {
+        if self.is_form(content_type) {
+            decode::form(body).map(decode::Decoded::Tree)
+        } else {
+            decode::json_captured(body, &self.paths)
+        }
+    }
+
+    fn is_form(&self, content_type: Option<&str>) -> bool {
+        match self.decode {
+            DecodeSpec::Json => false,
+            DecodeSpec::Form => true,
+            DecodeSpec::Auto => content_type
+                .map(|c| c.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded"))
+                .unwrap_or(false),
+        }
+    }
+
+    /// Maps a decoded body (a [`Value`], or a [`decode::Decoded`]) onto the canonical event.
+    pub fn extract<B: decode::Lookup + ?Sized>(
         &self,
         tenant: &str,
-        body: &Value,
+        body: &B,
         raw: &[u8],
         headers: &Headers,
         received_at: DateTime<Utc>,
@@ -347,7 +364,7 @@ impl Extractor {
             }
             Some(em) => {
                 mapping.event = Some(event_type.clone());
-                let matched = em.cases.iter().find(|c| c.conds.iter().all(|(p, c)| holds(c, p.lookup(body))));
+                let matched = em.cases.iter().find(|c| c.conds.iter().all(|(p, c)| holds(c, body.at(p))));
                 if let Some(case) = matched {
                     layers.push(&case.fields);
                 }
@@ -557,12 +574,12 @@ fn is_nullish(v: &Value) -> bool {
     }
 }
 
-fn first<'a>(paths: &[Path], body: &'a Value) -> Option<&'a Value> {
-    paths.iter().filter_map(|p| p.lookup(body)).find(|v| !is_nullish(v))
+fn first<'a, B: decode::Lookup + ?Sized>(paths: &[Path], body: &'a B) -> Option<&'a Value> {
+    paths.iter().filter_map(|p| body.at(p)).find(|v| !is_nullish(v))
 }
 
 /// Reads a field: first non-null path, else the constant; then the value map.
-fn read(field: &Field, body: &Value) -> Result<Option<Value>, String> {
+fn read<B: decode::Lookup + ?Sized>(field: &Field, body: &B) -> Result<Option<Value>, String> {
     let v = first(&field.paths, body).cloned().or_else(|| field.constant.clone());
     let Some(v) = v else { return Ok(None) };
     if field.map.is_empty() {

@@ -61,8 +61,13 @@ impl Path {
 
     /// The value at this path: `None` when a key is absent, `Some(Null)` when present and null.
     pub fn lookup<'a>(&self, root: &'a Value) -> Option<&'a Value> {
-        let mut cur = root;
-        for seg in &self.segs {
+        self.lookup_from(0, root)
+    }
+
+    /// The value at this path's steps from `start` on, read in `v`.
+    pub(crate) fn lookup_from<'a>(&self, start: usize, v: &'a Value) -> Option<&'a Value> {
+        let mut cur = v;
+        for seg in self.segs.get(start..)? {
             cur = match cur {
                 Value::Object(map) => map.get(&seg.key)?,
                 Value::Array(items) => items.get(seg.index?)?,

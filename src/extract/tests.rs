@@ -1,5 +1,6 @@
 use super::*;
 use chrono::TimeZone;
+use decode::Lookup;
 use serde_json::json;
 
 const SPEC: &str = r#"
@@ -144,6 +145,10 @@ fn decoding_only_configured_paths_extracts_what_the_whole_body_gives() {
             let a = x.extract("t", &whole, &body, &[], at);
             let b = x.extract("t", &pruned, &body, &[], at);
             assert_eq!(format!("{a:?}"), format!("{b:?}"), "{}", path.display());
+            let captured = x.decode_captured(&body, Some("application/json")).unwrap();
+            assert!(matches!(captured, decode::Decoded::Captured(_)), "{}", path.display());
+            let c = x.extract("t", &captured, &body, &[], at);
+            assert_eq!(format!("{a:?}"), format!("{c:?}"), "{}", path.display());
             compared += 1;
         }
     }
@@ -153,6 +158,12 @@ fn decoding_only_configured_paths_extracts_what_the_whole_body_gives() {
     for bad in [&b"{"[..], b"[1]", b"{\"a\":1} x", b"{\"type\":\"a\",\"skipped\":[1,}", b"\"s\"", deep.as_bytes()] {
         assert_eq!(x.decode(bad, None).is_err(), decode::json(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         assert!(x.decode(bad, None).is_err(), "{}", String::from_utf8_lossy(bad));
+        assert_eq!(
+            x.decode_captured(bad, None).map(|_| ()),
+            x.decode(bad, None).map(|_| ()),
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
     }
 }
 
@@ -169,4 +180,51 @@ fn decoding_only_configured_paths_keeps_indexes_nulls_and_the_last_duplicate() {
     assert_eq!(path::Path::parse("data.items[1].id").unwrap().lookup(&v), Some(&json!("b")));
     assert_eq!(path::Path::parse("data.gone").unwrap().lookup(&v), None);
     assert_eq!(path::Path::parse("n").unwrap().lookup(&v), Some(&Value::Null));
+}
+
+/// The captured decode keeps only the values the paths end at, and reads every path as
+/// the whole decode does: absent, null, array indexes (kept or not), a path ending inside
+/// a kept value, a path through a scalar or the wrong kind of container; and a key
+/// repeated on the way to a path falls back to a tree where the last occurrence wins.
+#[test]
+fn captured_decoding_reads_every_path_as_the_whole_decode() {
+    let paths = [
+        "data.items[1].id",
+        "data.items[0].gone",
+        "data.gone",
+        "data.obj",
+        "data.obj.deep.k[1]",
+        "n",
+        "s.inner",
+        "arr.key",
+        "obj.0",
+        "top",
+    ];
+    let mut tree = decode::PathTree::default();
+    for p in paths {
+        tree.add(path::Path::parse(p).unwrap().steps());
+    }
+    let bodies: [&[u8]; 4] = [
+        br#"{"n": null, "data": {"items": [{"id": "a", "x": 1}, {"id": "b", "y": [2]}, {"id": "c"}],
+            "obj": {"deep": {"k": [1, 2]}}, "other": {"big": [1, 2, 3]}, "obj": {"deep": {"k": [3, 4]}}},
+            "s": "text", "arr": [{"key": 1}], "obj": {"0": "zero"}, "top": [1, {"a": 2}], "z": 1}"#,
+        br#"{"data": {"items": []}, "top": "t", "top": "last"}"#,
+        // `data` repeated: its subtree is read from the last one only.
+        br#"{"data": {"items": [{"id": "a"}, {"id": "b"}], "gone": 1}, "n": 2, "data": {"obj": true}}"#,
+        br#"{"data": 5, "data": {"gone": [1]}}"#,
+    ];
+    for body in bodies {
+        let whole = decode::json(body).unwrap();
+        let captured = decode::json_captured(body, &tree).unwrap();
+        for p in paths {
+            let p = path::Path::parse(p).unwrap();
+            assert_eq!(captured.at(&p), p.lookup(&whole), "{} in {}", p.as_str(), String::from_utf8_lossy(body));
+        }
+    }
+    let repeated = decode::json_captured(bodies[2], &tree).unwrap();
+    assert!(matches!(repeated, decode::Decoded::Tree(_)), "a repeated key on a path is decoded as a tree");
+    let first = decode::json_captured(bodies[0], &tree).unwrap();
+    assert!(matches!(first, decode::Decoded::Captured(_)), "a repeated path end needs no tree");
+    assert_eq!(decode::json_captured(b"[1]", &tree).unwrap_err(), decode::DecodeError::NotObject);
+    assert!(matches!(decode::json_captured(br#"{"data": {"obj": 1"#, &tree), Err(decode::DecodeError::Json(_))));
 }

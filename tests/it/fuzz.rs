@@ -68,6 +68,9 @@ fn run_all(provider: &str, body: &[u8], decoded: Option<&Value>) {
     let rules = &*RULES;
     let x = &config.extractors[provider];
     for ct in ["application/json", "application/x-www-form-urlencoded"] {
+        if let Ok(captured) = x.decode_captured(body, Some(ct)) {
+            let _ = x.extract("demo", &captured, body, &[], chrono::Utc::now());
+        }
         let owned;
         let v = match decoded {
             Some(v) => v,
@@ -105,5 +108,28 @@ proptest! {
         plant(&mut v, &mut pick, &value);
         let body = serde_json::to_vec(&v).unwrap();
         run_all(&provider, &body, Some(&v));
+    }
+
+    /// The decode the ingest path uses (only the values at the configured paths) maps any
+    /// body exactly as the whole decode does.
+    #[test]
+    fn captured_decode_extracts_as_the_whole_decode(index in any::<prop::sample::Index>(), at in 0usize..400, value in arb_json()) {
+        let all = &*FIXTURES;
+        let (provider, mut v) = all[index.index(all.len())].clone();
+        let mut pick = at;
+        plant(&mut v, &mut pick, &value);
+        let body = serde_json::to_vec(&v).unwrap();
+        let x = &CONFIG.extractors[&provider];
+        let now = chrono::Utc::now();
+        let ct = Some("application/json");
+        match (x.decode(&body, ct), x.decode_captured(&body, ct)) {
+            (Ok(tree), Ok(captured)) => {
+                let a = x.extract("demo", &tree, &body, &[], now);
+                let b = x.extract("demo", &captured, &body, &[], now);
+                prop_assert_eq!(format!("{a:?}"), format!("{b:?}"));
+            }
+            (Err(a), Err(b)) => prop_assert_eq!(a, b),
+            (a, b) => prop_assert!(false, "tree decode {:?}, captured decode {:?}", a.map(|_| ()), b.map(|_| ())),
+        }
     }
 }
