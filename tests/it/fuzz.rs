@@ -59,6 +59,16 @@ fn plant(v: &mut Value, pick: &mut usize, value: &Value) -> bool {
     }
 }
 
+/// A fixture (picked by `index`) with `value` planted at its `at`-th node, and its bytes.
+fn planted(index: prop::sample::Index, at: usize, value: &Value) -> (String, Value, Vec<u8>) {
+    let all = &*FIXTURES;
+    let (provider, mut v) = all[index.index(all.len())].clone();
+    let mut pick = at;
+    plant(&mut v, &mut pick, value);
+    let body = serde_json::to_vec(&v).unwrap();
+    (provider, v, body)
+}
+
 static CONFIG: std::sync::LazyLock<membersync::config::Config> = std::sync::LazyLock::new(|| config(":memory:"));
 static RULES: std::sync::LazyLock<membersync::rules::RuleSet> = std::sync::LazyLock::new(rules);
 static FIXTURES: std::sync::LazyLock<Vec<(String, Value)>> = std::sync::LazyLock::new(fixtures);
@@ -102,11 +112,7 @@ proptest! {
 
     #[test]
     fn fixtures_with_arbitrary_json_planted_never_panic(index in any::<prop::sample::Index>(), at in 0usize..400, value in arb_json()) {
-        let all = &*FIXTURES;
-        let (provider, mut v) = all[index.index(all.len())].clone();
-        let mut pick = at;
-        plant(&mut v, &mut pick, &value);
-        let body = serde_json::to_vec(&v).unwrap();
+        let (provider, v, body) = planted(index, at, &value);
         run_all(&provider, &body, Some(&v));
     }
 
@@ -114,11 +120,7 @@ proptest! {
     /// body exactly as the whole decode does.
     #[test]
     fn captured_decode_extracts_as_the_whole_decode(index in any::<prop::sample::Index>(), at in 0usize..400, value in arb_json()) {
-        let all = &*FIXTURES;
-        let (provider, mut v) = all[index.index(all.len())].clone();
-        let mut pick = at;
-        plant(&mut v, &mut pick, &value);
-        let body = serde_json::to_vec(&v).unwrap();
+        let (provider, _, body) = planted(index, at, &value);
         let x = &CONFIG.extractors[&provider];
         let now = chrono::Utc::now();
         let ct = Some("application/json");
