@@ -421,6 +421,9 @@ async fn simulate(args: SimulateArgs) -> Result<ExitCode> {
         .context("`--now` must be RFC 3339, e.g. 2026-01-01T00:00:00Z")?;
     let rules = load_rules(&config, now.unwrap_or_else(Utc::now))?;
     let body = std::fs::read(&file).with_context(|| format!("Failed to read {}", file.display()))?;
+    // The examples' `${now…}` times, as `send` fills them: from `--now`, else the clock.
+    let body = expand_time(&body, now.unwrap_or_else(Utc::now).timestamp())
+        .with_context(|| format!("Failed to expand times in {}", file.display()))?;
     let store = if apply { open_store(&config, &config.database)? } else { open_store(&config, ":memory:")? };
     let input = SimulateInput {
         headers: parse_headers(&headers)?,

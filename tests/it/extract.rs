@@ -66,3 +66,21 @@ fn fixtures_simulate_to_reviewed_snapshots() {
     }
     assert!(failed.is_empty(), "snapshots differ for: {failed:?}");
 }
+
+/// `simulate` of an example file fills its `${now…}` times from `--now`, as `send` does
+/// from the clock: the example is read as the story it tells, not refused as undated.
+#[test]
+fn simulate_fills_example_times_from_now() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_membersync"))
+        .current_dir(root())
+        .args(["simulate", "--provider", "stripe", "--now", "2026-01-01T00:00:00Z", "--state", "active"])
+        .arg("examples/stripe/3_invoice_payment_failed.json")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["event"]["occurred_at"], "2026-01-01T00:00:00Z", "{j:#}");
+    assert_eq!(j["event"]["period_end"], "2026-01-31T00:00:00Z", "{j:#}");
+    assert_eq!(j["outcome"]["status"], "applied", "{j:#}");
+    assert_eq!((&j["outcome"]["from"], &j["outcome"]["to"]), (&"active".into(), &"past_due".into()), "{j:#}");
+}
