@@ -8,10 +8,13 @@
 //! WAL's header at offset 0 — are held in memory and written together (in calls of at
 //! most [`MAX_WRITE`] bytes):
 //!
-//! - as soon as the frame that ends a commit (a frame header whose "database size after
-//!   commit" is not 0) has its page: before SQLite publishes the commit in the WAL index
-//!   for readers, and before `COMMIT` returns; an error is returned from that write, as
-//!   SQLite's own would be;
+//! - as soon as a frame that ends a commit (a frame header whose "database size after
+//!   commit" is not 0) has its whole page: before SQLite publishes the commit in the WAL
+//!   index for readers, and before `COMMIT` returns; an error is returned from that write,
+//!   as SQLite's own would be. (The page usually comes in one write; when SQLite pads a
+//!   commit to a sector boundary — a file without power-safe overwrite — the padding
+//!   frames repeat the commit frame, and one of them may be split by a sync. The page
+//!   size, from the WAL's header, says when a page is whole);
 //! - before anything else is done with the file: a read, any other write, a sync, a
 //!   truncate, a size query, a file control, a lock, the close;
 //! - once more than [`MAX_HELD`] bytes are held.
@@ -91,8 +94,11 @@ struct Held {
     bytes: Vec<u8>,
     /// Where the last write ended: a write there continues a run of frames.
     expect: i64,
-    /// The last write held was the header of a commit frame: its page ends the commit.
-    commit_header: bool,
+    /// Bytes of a commit frame's page still to come (after its header was held): when
+    /// they are in, the commit is written. 0 outside a commit frame.
+    commit_left: usize,
+    /// The WAL's page size, once read from its header.
+    page_size: usize,
     /// Writes made to the file (held runs count once per call).
     writes: u64,
 }
@@ -134,8 +140,14 @@ unsafe extern "C" fn x_open(
             }
             return rc;
         }
-        (*wal).held =
-            Box::into_raw(Box::new(Held { start: 0, bytes: Vec::new(), expect: -1, commit_header: false, writes: 0 }));
+        (*wal).held = Box::into_raw(Box::new(Held {
+            start: 0,
+            bytes: Vec::new(),
+            expect: -1,
+            commit_left: 0,
+            page_size: 0,
+            writes: 0,
+        }));
         (*wal).base.pMethods = &WAL_METHODS;
     }
     ffi::SQLITE_OK
@@ -182,7 +194,6 @@ unsafe fn real(file: *mut ffi::sqlite3_file) -> (*mut ffi::sqlite3_file, &'stati
 unsafe fn flush(file: *mut ffi::sqlite3_file) -> c_int {
     unsafe {
         let held = &mut *(*file.cast::<WalFile>()).held;
-        held.commit_header = false;
         if held.bytes.is_empty() {
             return ffi::SQLITE_OK;
         }
@@ -229,13 +240,51 @@ unsafe extern "C" fn x_write(file: *mut ffi::sqlite3_file, data: *const c_void, 
         }
         held.bytes.extend_from_slice(bytes);
         held.expect = offset + len as i64;
-        if held.commit_header && len > FRAME_HEADER {
-            // The page of the frame that ends a commit: write the whole commit now.
-            return flush(file);
+        if held.commit_left > 0 {
+            held.commit_left = held.commit_left.saturating_sub(len);
+            if held.commit_left == 0 {
+                // The page of a frame that ends a commit is in: write the whole commit now.
+                return flush(file);
+            }
+            return ffi::SQLITE_OK;
+        }
+        if offset == 0 && len == WAL_HEADER {
+            // The WAL's header: bytes 8..12 are the page size, big-endian.
+            held.page_size = u32::from_be_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
         }
         // A frame header's bytes 4..8 hold the database size after a commit, 0 otherwise.
-        held.commit_header = len == FRAME_HEADER && bytes[4..8] != [0, 0, 0, 0];
+        if len == FRAME_HEADER && bytes[4..8] != [0, 0, 0, 0] {
+            if held.page_size == 0 {
+                held.page_size = page_size(file);
+            }
+            // Unknown (unreadable) page size: the next write ends the commit, as a whole
+            // page does almost always; a later part is then written at once.
+            held.commit_left = held.page_size.max(1);
+        }
         ffi::SQLITE_OK
+    }
+}
+
+/// The page size in the header of the WAL behind `file` (0 if it cannot be read). Only
+/// called while appending frames, so the header is in the file already: it is written,
+/// and synced or held first, when the WAL starts.
+///
+/// # Safety
+/// As for [`real`].
+unsafe fn page_size(file: *mut ffi::sqlite3_file) -> usize {
+    unsafe {
+        let held = &*(*file.cast::<WalFile>()).held;
+        if held.start == 0 && held.bytes.len() >= WAL_HEADER {
+            let b = &held.bytes;
+            return u32::from_be_bytes([b[8], b[9], b[10], b[11]]) as usize;
+        }
+        let (real, methods) = real(file);
+        let Some(read) = methods.xRead else { return 0 };
+        let mut b = [0u8; 4];
+        if read(real, b.as_mut_ptr().cast(), 4, 8) != ffi::SQLITE_OK {
+            return 0;
+        }
+        u32::from_be_bytes(b) as usize
     }
 }
 
@@ -310,12 +359,16 @@ mod tests {
     use std::path::Path;
 
     fn open(path: &Path) -> Connection {
+        open_uri(&format!("file:{}", path.display()), "NORMAL")
+    }
+
+    fn open_uri(uri: &str, synchronous: &str) -> Connection {
         crate::store::sqlite::configure_sqlite();
         assert!(register());
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE;
-        let conn = Connection::open_with_flags_and_vfs(path, flags, NAME).unwrap();
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_URI;
+        let conn = Connection::open_with_flags_and_vfs(uri, flags, NAME).unwrap();
         conn.pragma_update(None, "journal_mode", "WAL").unwrap();
-        conn.pragma_update(None, "synchronous", "NORMAL").unwrap();
+        conn.pragma_update(None, "synchronous", synchronous).unwrap();
         // A small page cache: large transactions spill frames before they commit.
         conn.pragma_update(None, "cache_size", 20).unwrap();
         conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB NOT NULL)").unwrap();
@@ -324,6 +377,18 @@ mod tests {
 
     /// Writes this connection's WAL handle has made.
     fn writes(conn: &Connection) -> u64 {
+        // SAFETY: the connection, and so its WAL handle, is alive.
+        unsafe { (*held(conn)).writes }
+    }
+
+    /// Bytes this connection's WAL handle holds, not yet written.
+    fn held_bytes(conn: &Connection) -> usize {
+        // SAFETY: as for `writes`.
+        unsafe { (*held(conn)).bytes.len() }
+    }
+
+    /// What this connection's WAL handle holds.
+    fn held(conn: &Connection) -> *mut Held {
         let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
         // SAFETY: SQLITE_FCNTL_JOURNAL_POINTER stores the WAL's handle (opened by this VFS,
         // as `pMethods` shows) at the pointer given; the connection is alive.
@@ -337,7 +402,7 @@ mod tests {
             );
             assert_eq!(rc, ffi::SQLITE_OK);
             assert!(std::ptr::eq((*file).pMethods, &WAL_METHODS), "the WAL is this VFS's");
-            (*(*file.cast::<WalFile>()).held).writes
+            (*file.cast::<WalFile>()).held
         }
     }
 
@@ -393,6 +458,7 @@ mod tests {
             conn.execute_batch("COMMIT").unwrap();
             let made = writes(&conn) - before;
             assert!(made <= 2, "commit {c}: {made} writes for ≈6 frames");
+            assert_eq!(held_bytes(&conn), 0, "commit {c} returned with bytes held");
             assert_eq!(after_crash(&db), expected, "after commit {c}");
         }
 
@@ -407,6 +473,7 @@ mod tests {
             insert(&conn, id, 1);
         }
         conn.execute_batch("COMMIT").unwrap();
+        assert_eq!(held_bytes(&conn), 0, "the large commit returned with bytes held");
         expected.extend((1000..1300).map(|id| (id, if id % 2 == 0 { 1 } else { 0 })));
         assert_eq!(after_crash(&db), expected, "after the large commit");
 
@@ -423,5 +490,34 @@ mod tests {
         // And the connection itself reads everything back.
         let n: i64 = conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
         assert_eq!(n as usize, expected.len());
+    }
+
+    /// Without power-safe overwrite (`psow=0`) and with `synchronous=FULL`, SQLite pads a
+    /// commit with copies of its last frame up to a sector boundary and syncs there, which
+    /// can fall inside a frame's page: that page then arrives in two writes with a sync
+    /// between them. Every frame, padding included, is whole in the file when `COMMIT`
+    /// returns (readers may read the padding frames: they are in the WAL index).
+    #[test]
+    fn commits_padded_to_a_sector_are_written_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("psow.db");
+        let conn = open_uri(&format!("file:{}?psow=0", db.display()), "FULL");
+        let mut expected = Vec::new();
+        for c in 0..20 {
+            conn.execute_batch("BEGIN").unwrap();
+            for id in c * 3..(c + 1) * 3 {
+                conn.execute("INSERT INTO t (id, v) VALUES (?1, ?2)", (id, value(id, 0))).unwrap();
+                expected.push((id, 0));
+            }
+            conn.execute_batch("COMMIT").unwrap();
+            assert_eq!(held_bytes(&conn), 0, "commit {c} returned with bytes held");
+            let wal_len = std::fs::metadata(format!("{}-wal", db.display())).unwrap().len();
+            assert_eq!(
+                (wal_len - WAL_HEADER as u64) % (FRAME_HEADER as u64 + 4096),
+                0,
+                "commit {c}: a frame cut short"
+            );
+            assert_eq!(after_crash(&db), expected, "after commit {c}");
+        }
     }
 }
