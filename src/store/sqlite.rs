@@ -181,7 +181,7 @@ fn open(uri: &str, flags: OpenFlags, memory: bool) -> Result<Connection> {
 fn open_with(uri: &str, flags: OpenFlags, memory: bool, coalesce: bool) -> Result<Connection> {
     configure_sqlite();
     let conn = if coalesce && !memory && super::wal_vfs::register() {
-        Connection::open_with_flags_and_vfs(uri, flags, super::wal_vfs::NAME)?
+        super::wal_vfs::open(uri, flags)?
     } else {
         Connection::open_with_flags(uri, flags)?
     };
@@ -220,8 +220,10 @@ impl SqliteStore {
             | OpenFlags::SQLITE_OPEN_URI
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         // Only the writer writes the WAL: it alone goes through the coalescing VFS.
-        let mut writer = open_with(&uri, flags, memory, opts.coalesce_wal_writes)?;
-        migrate(&mut writer)?;
+        let writer = open_with(&uri, flags, memory, opts.coalesce_wal_writes)?;
+        // Migrations on a connection of their own: a large one may spill its page cache,
+        // which the writer's connection never does (see `wal_vfs::open`).
+        migrate(&mut open(&uri, flags, memory)?)?;
         // Each event runs in its own savepoint: keep its page copies in memory, not in a
         // temporary file.
         writer.pragma_update(None, "temp_store", "MEMORY")?;

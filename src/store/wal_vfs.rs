@@ -20,13 +20,17 @@
 //! - once more than [`MAX_HELD`] bytes are held.
 //!
 //! Any other write (an overwrite of a frame already written: a page rewritten in place, a
-//! checksum rewritten at commit) is made at once, after what was held. Frames written
-//! without a commit (a transaction spilling its page cache) may stay held past the call
-//! that wrote them; readers cannot see them (they are beyond the last commit in the
-//! index), and the writer's own reads flush first. Nothing is held across a commit, so
-//! what is on disk, and what another connection or process reads, is what SQLite's own
-//! VFS would have written by the same point; durability is unchanged (the WAL is synced
-//! as before).
+//! checksum rewritten at commit) is made at once, after what was held. Nothing is held
+//! across a commit, so what is on disk, and what another connection or process reads, is
+//! what SQLite's own VFS would have written by the same point; durability is unchanged
+//! (the WAL is synced as before).
+//!
+//! Connections are opened through [`open`], with `cache_spill` off: SQLite then writes
+//! frames only to commit, so every run ends with a commit frame within the same call and
+//! nothing is held when a statement returns. (With spilling on, a transaction that spills
+//! frames and then rolls back would leave them held, without the WAL's write lock, until
+//! the next use of the file: had another process written its own frames there meanwhile,
+//! that write-back would overwrite them.)
 //!
 //! Each connection has its own WAL file handle, and SQLite never uses one connection from
 //! two threads at once, so what a handle holds needs no lock.
@@ -78,6 +82,18 @@ pub fn register() -> bool {
         ffi::sqlite3_vfs_register(Box::leak(Box::new(vfs)), 0)
     });
     rc == ffi::SQLITE_OK
+}
+
+/// Opens a connection through this VFS (registering it if needed), with `cache_spill` off
+/// (see the module's notes). Its transactions' dirty pages stay in memory until commit:
+/// for the store's writer, whose transactions are batches of events, a few hundred pages.
+pub fn open(uri: &str, flags: rusqlite::OpenFlags) -> rusqlite::Result<rusqlite::Connection> {
+    if !register() {
+        return Err(rusqlite::Error::SqliteFailure(ffi::Error::new(ffi::SQLITE_ERROR), Some(format!("no VFS {NAME}"))));
+    }
+    let conn = rusqlite::Connection::open_with_flags_and_vfs(uri, flags, NAME)?;
+    conn.pragma_update(None, "cache_spill", false)?;
+    Ok(conn)
 }
 
 /// A WAL file: SQLite's handle, then the default VFS's own handle for the same file.
@@ -358,15 +374,21 @@ mod tests {
     use rusqlite::{Connection, OpenFlags};
     use std::path::Path;
 
+    /// A connection through this VFS that may spill frames before its commits (`cache_spill`
+    /// on, unlike [`super::open`]'s), to exercise runs that end without a commit.
     fn open(path: &Path) -> Connection {
-        open_uri(&format!("file:{}", path.display()), "NORMAL")
+        open_uri(&format!("file:{}", path.display()), "NORMAL", true)
     }
 
-    fn open_uri(uri: &str, synchronous: &str) -> Connection {
+    fn open_uri(uri: &str, synchronous: &str, spill: bool) -> Connection {
         crate::store::sqlite::configure_sqlite();
         assert!(register());
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_URI;
-        let conn = Connection::open_with_flags_and_vfs(uri, flags, NAME).unwrap();
+        let conn = if spill {
+            Connection::open_with_flags_and_vfs(uri, flags, NAME).unwrap()
+        } else {
+            super::open(uri, flags).unwrap()
+        };
         conn.pragma_update(None, "journal_mode", "WAL").unwrap();
         conn.pragma_update(None, "synchronous", synchronous).unwrap();
         // A small page cache: large transactions spill frames before they commit.
@@ -501,7 +523,7 @@ mod tests {
     fn commits_padded_to_a_sector_are_written_whole() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("psow.db");
-        let conn = open_uri(&format!("file:{}?psow=0", db.display()), "FULL");
+        let conn = open_uri(&format!("file:{}?psow=0", db.display()), "FULL", false);
         let mut expected = Vec::new();
         for c in 0..20 {
             conn.execute_batch("BEGIN").unwrap();
@@ -519,5 +541,45 @@ mod tests {
             );
             assert_eq!(after_crash(&db), expected, "after commit {c}");
         }
+    }
+
+    /// Through [`super::open`] (no spilling), nothing is held when a statement returns:
+    /// not after a large transaction's commit, nor after one rolled back. With spilling on,
+    /// the rolled-back transaction's frames would be (checked first, as the contrast) — and
+    /// written back over whatever another connection committed in the meantime (which,
+    /// tried, left a WAL SQLite read as "file is not a database"). Here another
+    /// connection commits after the rollback, and everything stays readable.
+    #[test]
+    fn nothing_is_held_when_a_statement_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let large = |conn: &Connection, from: i64, end: &str| {
+            conn.execute_batch("BEGIN").unwrap();
+            for id in from..from + 300 {
+                conn.execute("INSERT INTO t (id, v) VALUES (?1, ?2)", (id, value(id, 0))).unwrap();
+            }
+            conn.execute_batch(end).unwrap();
+        };
+        let spilling = open(&dir.path().join("spill.db"));
+        // Every page in the database file, none in the WAL: rolling back then reads nothing
+        // from the WAL (which would write what is held first).
+        spilling.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+        large(&spilling, 0, "ROLLBACK");
+        assert!(held_bytes(&spilling) > 0, "the contrast: spilled frames held after ROLLBACK");
+
+        let db = dir.path().join("nospill.db");
+        let conn = open_uri(&format!("file:{}", db.display()), "NORMAL", false);
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+        large(&conn, 0, "ROLLBACK");
+        assert_eq!(held_bytes(&conn), 0, "held after ROLLBACK");
+        let other = Connection::open(&db).unwrap();
+        for id in 5000..5010 {
+            other.execute("INSERT INTO t (id, v) VALUES (?1, ?2)", (id, value(id, 0))).unwrap();
+        }
+        let n: i64 = conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 10, "the other connection's rows, read through this one");
+        large(&conn, 1000, "COMMIT");
+        assert_eq!(held_bytes(&conn), 0, "held after COMMIT");
+        let expected: Vec<(i64, i64)> = (1000..1300).chain(5000..5010).map(|id| (id, 0)).collect();
+        assert_eq!(after_crash(&db), expected);
     }
 }
