@@ -8,8 +8,14 @@ use crate::effects::Effect;
 use crate::machine::Input;
 use rhai::{Array, Dynamic, Engine, ImmutableString, Map};
 
+/// A string value, from `&str`: one allocation (the shared string) at most, not a `String`
+/// copy as well.
+fn text(s: &str) -> Dynamic {
+    Dynamic::from(ImmutableString::from(s))
+}
+
 fn opt_str(s: &Option<String>) -> Dynamic {
-    s.as_ref().map(|s| Dynamic::from(s.clone())).unwrap_or(Dynamic::UNIT)
+    s.as_deref().map(text).unwrap_or(Dynamic::UNIT)
 }
 
 fn opt_time(t: &Option<chrono::DateTime<chrono::Utc>>) -> Dynamic {
@@ -19,11 +25,11 @@ fn opt_time(t: &Option<chrono::DateTime<chrono::Utc>>) -> Dynamic {
 /// The event as a map: every canonical field, times in unix seconds.
 pub fn event_view(ev: &CanonicalEvent) -> Dynamic {
     let mut m = Map::new();
-    m.insert("kind".into(), ev.kind.map(|k| Dynamic::from(k.as_str().to_string())).unwrap_or(Dynamic::UNIT));
-    m.insert("provider".into(), Dynamic::from(ev.provider.clone()));
-    m.insert("tenant".into(), Dynamic::from(ev.tenant.clone()));
-    m.insert("event_id".into(), Dynamic::from(ev.event_id.clone()));
-    m.insert("event_type".into(), Dynamic::from(ev.event_type.clone()));
+    m.insert("kind".into(), ev.kind.map(|k| text(k.as_str())).unwrap_or(Dynamic::UNIT));
+    m.insert("provider".into(), text(&ev.provider));
+    m.insert("tenant".into(), text(&ev.tenant));
+    m.insert("event_id".into(), text(&ev.event_id));
+    m.insert("event_type".into(), text(&ev.event_type));
     m.insert("occurred_at".into(), Dynamic::from(unix(ev.occurred_at)));
     m.insert("email".into(), opt_str(&ev.member.email));
     m.insert("name".into(), opt_str(&ev.member.name));
@@ -43,7 +49,7 @@ pub fn event_view(ev: &CanonicalEvent) -> Dynamic {
 pub fn membership_view(v: &MembershipView) -> Dynamic {
     let mut m = Map::new();
     m.insert("exists".into(), Dynamic::from(v.exists));
-    m.insert("state".into(), Dynamic::from(v.state.unwrap_or(crate::machine::MState::None).as_str().to_string()));
+    m.insert("state".into(), text(v.state.unwrap_or(crate::machine::MState::None).as_str()));
     m.insert("period_end".into(), opt_time(&v.period_end));
     m.insert("grace_until".into(), opt_time(&v.grace_until));
     m.insert("access_until".into(), opt_time(&v.access_until));
@@ -58,7 +64,7 @@ pub fn membership_view(v: &MembershipView) -> Dynamic {
 
 fn effect(kind: &str, fields: Vec<(&str, Dynamic)>) -> Map {
     let mut m = Map::new();
-    m.insert("type".into(), Dynamic::from(kind.to_string()));
+    m.insert("type".into(), text(kind));
     for (k, v) in fields {
         m.insert(k.into(), v);
     }
