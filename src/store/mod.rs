@@ -265,7 +265,8 @@ pub trait Store: Send + Sync + 'static {
     fn submit(&self, work: Work) -> Result<()>;
     fn member_detail(&self, id: &str, recent: usize) -> Result<Option<MemberDetail>>;
     fn members_by_email(&self, email: &str) -> Result<Vec<MemberRow>>;
-    fn events(&self, status: Option<&str>, limit: usize) -> Result<Vec<EventRow>>;
+    /// The newest `limit` events, of one status and/or one tenant if given.
+    fn events(&self, status: Option<&str>, tenant: Option<&str>, limit: usize) -> Result<Vec<EventRow>>;
     fn events_by_event_id(&self, event_id: &str) -> Result<Vec<EventRow>>;
     /// Events in arrival order, filtered (for replay and explain).
     fn events_where(&self, filter: &EventFilter) -> Result<Vec<EventRow>>;

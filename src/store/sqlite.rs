@@ -1097,24 +1097,28 @@ impl Store for SqliteStore {
         })
     }
 
-    fn events(&self, status: Option<&str>, limit: usize) -> Result<Vec<EventRow>> {
+    fn events(&self, status: Option<&str>, tenant: Option<&str>, limit: usize) -> Result<Vec<EventRow>> {
         self.read(|c| {
-            // Two statements, not `(?1 IS NULL OR status = ?1)`: SQLite plans a statement
-            // before its parameters are bound, and that OR keeps it off `events_status`.
-            let rows = match status {
-                Some(status) => {
-                    let sql = format!("SELECT {EVENT_COLS} FROM events WHERE status = ?1 ORDER BY seq DESC LIMIT ?2");
-                    c.prepare_cached(&sql)?
-                        .query_map(params![status, limit as i64], event_row)?
-                        .collect::<rusqlite::Result<Vec<_>>>()?
-                }
-                None => {
-                    let sql = format!("SELECT {EVENT_COLS} FROM events ORDER BY seq DESC LIMIT ?1");
-                    c.prepare_cached(&sql)?
-                        .query_map(params![limit as i64], event_row)?
-                        .collect::<rusqlite::Result<Vec<_>>>()?
-                }
-            };
+            // Only the filters given, not `(?1 IS NULL OR status = ?1)`: SQLite plans a
+            // statement before its parameters are bound, and that OR keeps it off
+            // `events_status`.
+            let mut conds = Vec::new();
+            let mut values: Vec<rusqlite::types::Value> = Vec::new();
+            if let Some(status) = status {
+                conds.push("status = ?");
+                values.push(status.to_string().into());
+            }
+            if let Some(tenant) = tenant {
+                conds.push("tenant = ?");
+                values.push(tenant.to_string().into());
+            }
+            values.push((limit as i64).into());
+            let filter = if conds.is_empty() { String::new() } else { format!(" WHERE {}", conds.join(" AND ")) };
+            let sql = format!("SELECT {EVENT_COLS} FROM events{filter} ORDER BY seq DESC LIMIT ?");
+            let rows = c
+                .prepare_cached(&sql)?
+                .query_map(rusqlite::params_from_iter(values), event_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })
     }

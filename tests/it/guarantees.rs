@@ -30,7 +30,7 @@ async fn same_delivery_fifty_times_concurrently_applies_once() {
     }
     assert_eq!(statuses.iter().filter(|s| *s == "applied").count(), 1, "{statuses:?}");
     assert_eq!(statuses.iter().filter(|s| *s == "duplicate").count(), 49);
-    let rows = s.ctx.store.events(None, 100).unwrap();
+    let rows = s.ctx.store.events(None, None, 100).unwrap();
     assert_eq!(rows.len(), 1, "stored once");
     let d = s.ctx.store.member_detail(rows[0].member_id.as_deref().unwrap(), 10).unwrap().unwrap();
     assert_eq!(d.memberships.len(), 1);
@@ -94,7 +94,7 @@ async fn bad_input_gets_its_status_and_unreadable_fields_are_dead_lettered() {
     let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
     let (status, err) = post(format!(r#"{{"id":"evt_deep","type":"x","created":1,"a":{deep}}}"#).into_bytes()).await;
     assert_eq!(status, 400, "{err}");
-    assert!(s.ctx.store.events(None, 10).unwrap().is_empty(), "nothing stored for undecodable bodies");
+    assert!(s.ctx.store.events(None, None, 10).unwrap().is_empty(), "nothing stored for undecodable bodies");
 
     // A mapped field of the wrong type: stored, dead-lettered with the reason.
     let body = String::from_utf8(fixture("stripe", "invoice_paid"))
@@ -103,7 +103,7 @@ async fn bad_input_gets_its_status_and_unreadable_fields_are_dead_lettered() {
     assert!(body.contains("yesterday"));
     let (status, ack) = post(body.into_bytes()).await;
     assert_eq!((status, ack["status"].as_str()), (200, Some("failed")), "{ack}");
-    let dead = s.ctx.store.events(Some("failed"), 10).unwrap();
+    let dead = s.ctx.store.events(Some("failed"), None, 10).unwrap();
     assert_eq!(dead.len(), 1);
     assert!(dead[0].reason.as_deref().unwrap().contains("occurred_at"), "{:?}", dead[0].reason);
     assert!(!dead[0].raw.is_empty(), "the raw body is kept for replay");
@@ -159,7 +159,7 @@ async fn one_tenants_signature_and_admin_token_cannot_touch_another_tenant() {
     let body = fixture("stripe", "checkout_session_completed");
     let demo_signed = signed_headers(&s.ctx, "stripe", &body, SystemClock.now());
     assert_eq!(s.post("/webhooks/acme/stripe", &demo_signed, body.clone()).await.0, 401);
-    assert!(s.ctx.store.events(None, 10).unwrap().is_empty(), "nothing written to acme");
+    assert!(s.ctx.store.events(None, None, 10).unwrap().is_empty(), "nothing written to acme");
     // Into demo it goes.
     assert_eq!(s.post("/webhooks/demo/stripe", &demo_signed, body).await.0, 200);
 
@@ -176,6 +176,47 @@ async fn one_tenants_signature_and_admin_token_cannot_touch_another_tenant() {
     // The global token sees it; a made-up token nothing.
     assert_eq!(s.get(&format!("/members/{id}"), Some(TOKEN)).await.0, 200);
     assert_eq!(s.get(&format!("/members/{id}"), Some("acme-admin-tokenX")).await.0, 401);
+    s.stop().await;
+}
+
+/// A tenant's admin token lists that tenant's newest events, however many of another
+/// tenant's arrived after them (the list is filtered in the query, not cut from the
+/// newest events of every tenant).
+#[tokio::test]
+async fn a_tenants_event_list_is_its_own_behind_any_number_of_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db");
+    let config = two_tenants(&db);
+    let s = Server::start_with(config, Arc::new(SystemClock), dir).await;
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+        conn.execute_batch("BEGIN").unwrap();
+        let mut insert = conn
+            .prepare(
+                "INSERT INTO events (tenant, provider, event_id, idempotency_key, event_type, source,
+                 received_at, status, raw, outcome) VALUES (?1, 'stripe', ?2, ?2, 'invoice.paid', 'webhook',
+                 1700000000, ?3, x'7b7d', '{}')",
+            )
+            .unwrap();
+        insert.execute(("acme", "evt_acme_failed", "failed")).unwrap();
+        insert.execute(("acme", "evt_acme_applied", "applied")).unwrap();
+        for i in 0..12_000 {
+            insert.execute(("demo", format!("evt_demo_{i}"), if i % 2 == 0 { "failed" } else { "applied" })).unwrap();
+        }
+        drop(insert);
+        conn.execute_batch("COMMIT").unwrap();
+    }
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v["events"].as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap().to_string()).collect()
+    };
+    let acme = Some("acme-admin-token");
+    assert_eq!(ids(&s.get("/events", acme).await.1), ["evt_acme_applied", "evt_acme_failed"]);
+    assert_eq!(ids(&s.get("/events?status=failed", acme).await.1), ["evt_acme_failed"]);
+    assert_eq!(ids(&s.get("/events?limit=1", acme).await.1), ["evt_acme_applied"]);
+    // The global token: every tenant's, newest first.
+    assert_eq!(ids(&s.get("/events?limit=2", Some(TOKEN)).await.1), ["evt_demo_11999", "evt_demo_11998"]);
+    assert_eq!(ids(&s.get("/events?status=failed&limit=1", Some(TOKEN)).await.1), ["evt_demo_11998"]);
     s.stop().await;
 }
 

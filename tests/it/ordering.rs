@@ -40,7 +40,7 @@ async fn deliver_burst(sc: &Scenario, files: &[String], end: chrono::DateTime<ch
     }
     membersync::timers::fire_due(&ctx, end).await;
     let mut out = Final::new();
-    for e in ctx.store.events(None, 10_000).unwrap() {
+    for e in ctx.store.events(None, None, 10_000).unwrap() {
         if let Some(mid) = e.member_id {
             if let Some(d) = ctx.store.member_detail(&mid, 0).unwrap() {
                 for m in d.memberships {

@@ -31,7 +31,7 @@ async fn rule_that_raises_dead_letters_and_the_event_applies_on_replay_after_the
     assert!(reason.contains("rules/grace.rhai:") && reason.contains("occured_at"), "{reason}");
     // Nothing moved, nothing lost: the event is stored as a dead letter.
     assert_eq!(member(&ctx, "ada@example.com").memberships[0].state.as_str(), "active");
-    let dead = ctx.store.events(Some("failed"), 10).unwrap();
+    let dead = ctx.store.events(Some("failed"), None, 10).unwrap();
     assert_eq!(dead.len(), 1);
 
     // Fixed and reloaded: the dead letter applies on replay.
@@ -75,13 +75,13 @@ async fn dry_run_shows_what_edited_rules_would_change_and_writes_nothing() {
     let text = std::fs::read_to_string(&yaml).unwrap();
     std::fs::write(&yaml, text.replace("grace_days: 7", "grace_days: 1")).unwrap();
     membersync::reload::reload(&ctx, "test").unwrap();
-    let before = ctx.store.events(None, 1000).unwrap().len();
+    let before = ctx.store.events(None, None, 1000).unwrap().len();
     let diffs = membersync::replay::dry_run(&ctx, &EventFilter::default(), clock.now()).await.unwrap();
     assert_eq!(diffs.len(), 1, "{diffs:?}");
     assert_eq!(diffs[0].member, "ada@example.com");
     assert_eq!(diffs[0].stored, Some(("past_due".into(), true)));
     assert_eq!(diffs[0].derived, Some(("expired".into(), false)));
-    assert_eq!(ctx.store.events(None, 1000).unwrap().len(), before, "a dry run writes nothing");
+    assert_eq!(ctx.store.events(None, None, 1000).unwrap().len(), before, "a dry run writes nothing");
     assert_eq!(member(&ctx, "ada@example.com").memberships[0].state.as_str(), "past_due");
 }
 

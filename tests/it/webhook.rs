@@ -66,7 +66,7 @@ async fn webhook_answers_each_bad_input_with_its_status() {
     let h = signed_headers(&s.ctx, "stripe", &big, SystemClock.now());
     assert_eq!(s.post("/webhooks/demo/stripe", &h, big).await.0, 413);
     // Nothing of the above was stored.
-    assert!(s.ctx.store.events(None, 10).unwrap().is_empty());
+    assert!(s.ctx.store.events(None, None, 10).unwrap().is_empty());
 
     // The good one, twice: applied, then duplicate.
     assert_eq!(s.post("/webhooks/demo/stripe", &good, body.clone()).await.1["status"], "applied");
@@ -150,16 +150,16 @@ async fn each_provider_accepts_its_signature_and_rejects_tampering_and_wrong_sec
         assert!(matches!(ack["status"].as_str(), Some("applied" | "duplicate")), "{provider}: {ack}");
     }
     // ThriveCart's stored body never shows the secret word.
-    let events = s.ctx.store.events(None, 100).unwrap();
+    let events = s.ctx.store.events(None, None, 100).unwrap();
     let tc = events.iter().find(|e| e.provider == "thrivecart").unwrap();
     let stored = String::from_utf8_lossy(&tc.raw);
     assert!(!stored.contains("thrivecart_demo_secret_word") && stored.contains("%5Bredacted%5D"), "{stored}");
     // ThriveCart's URL check: HEAD, GET and an empty POST answer 200 and store nothing.
-    let before = s.ctx.store.events(None, 1000).unwrap().len();
+    let before = s.ctx.store.events(None, None, 1000).unwrap().len();
     let head = reqwest::Client::new().head(format!("{}/webhooks/demo/thrivecart", s.url)).send().await.unwrap();
     assert_eq!(head.status().as_u16(), 200);
     assert_eq!(s.post("/webhooks/demo/thrivecart", &[], vec![]).await.0, 200);
-    assert_eq!(s.ctx.store.events(None, 1000).unwrap().len(), before);
+    assert_eq!(s.ctx.store.events(None, None, 1000).unwrap().len(), before);
     s.stop().await;
 }
 
