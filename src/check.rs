@@ -325,6 +325,9 @@ fn unresolved_paths(file: &str, src: &str, spec: &ProviderSpec, fixtures: &Path)
             fields_paths(&c.fields, &mut paths);
             paths.extend(c.when.keys().cloned());
         }
+        for f in &ev.flags {
+            paths.extend(f.when.keys().cloned());
+        }
     }
     paths.sort();
     paths.dedup();

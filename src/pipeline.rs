@@ -654,6 +654,14 @@ pub fn apply_with(
     ms.last_event_id = Some(ev.event_id.clone());
     ms.updated_at = now;
 
+    // Flags the provider file puts on events like this one (its `flags:`), once each.
+    for reason in outcome.mapping.iter().flat_map(|m| &m.flags) {
+        if !ms.flags.contains(reason) && !effects.iter().any(|e| matches!(e, Effect::Flag { reason: r } if r == reason))
+        {
+            effects.push(Effect::Flag { reason: reason.clone() });
+        }
+    }
+
     // Effects the rule asked for.
     for e in &effects {
         match e {
@@ -884,6 +892,7 @@ fn timer_event(tx: &mut dyn Tx, t: &TimerRow) -> store::Result<Option<Extraction
             event: Some(format!("timer.{}", t.name)),
             case: None,
             ignored_because: None,
+            flags: vec![],
         },
     }))
 }

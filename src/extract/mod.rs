@@ -99,6 +99,8 @@ struct EventMap {
     target: Option<Target>,
     cases: Vec<Case>,
     fields: Fields,
+    /// (conditions, flag) for each of the event's `flags:`.
+    flags: Vec<(Vec<(Path, Cond)>, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -135,6 +137,9 @@ pub struct Mapping {
     pub case: Option<String>,
     /// Why the event maps to no kind, when it does not.
     pub ignored_because: Option<String>,
+    /// The event's `flags:` whose conditions held: put on the membership if it applies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<String>,
 }
 
 /// An extracted event, with the idempotency key and what decided it.
@@ -204,18 +209,14 @@ impl Extractor {
                 .enumerate()
                 .map(|(i, c)| Case {
                     name: c.name.clone().unwrap_or_else(|| format!("cases[{i}]")),
-                    conds: c
-                        .when
-                        .iter()
-                        .filter_map(|(p, cond)| Some((cx.path(p)?, cond)))
-                        .flat_map(|(p, cond)| compile_cond(cond).into_iter().map(move |c| (p.clone(), c)))
-                        .collect(),
+                    conds: cx.conds(&c.when),
                     target: cx.target(&c.kind),
                     fields: cx.fields(&c.fields),
                 })
                 .collect();
             let fields = cx.fields(&ev.fields);
-            events.insert(name.clone(), EventMap { target, cases, fields });
+            let flags = ev.flags.iter().map(|f| (cx.conds(&f.when), f.flag.clone())).collect();
+            events.insert(name.clone(), EventMap { target, cases, fields, flags });
         }
         if let Some(r) = &spec.reconcile {
             cx.reconcile(r);
@@ -265,6 +266,9 @@ impl Extractor {
             for c in &ev.cases {
                 out.extend(c.conds.iter().map(|(p, _)| p));
                 out.extend(of_fields(&c.fields));
+            }
+            for (conds, _) in &ev.flags {
+                out.extend(conds.iter().map(|(p, _)| p));
             }
         }
         out
@@ -355,7 +359,7 @@ impl Extractor {
             Err(e) => return Err(fail(Error(format!("occurred_at: {e}")), None)),
         };
 
-        let mut mapping = Mapping { file: self.file(), event: None, case: None, ignored_because: None };
+        let mut mapping = Mapping { file: self.file(), event: None, case: None, ignored_because: None, flags: vec![] };
         let mut layers: Vec<&Fields> = Vec::with_capacity(3);
         let kind = match self.events.get(&event_type) {
             None => {
@@ -364,7 +368,9 @@ impl Extractor {
             }
             Some(em) => {
                 mapping.event = Some(event_type.clone());
-                let matched = em.cases.iter().find(|c| c.conds.iter().all(|(p, c)| holds(c, body.at(p))));
+                let all_hold = |conds: &[(Path, Cond)]| conds.iter().all(|(p, c)| holds(c, body.at(p)));
+                mapping.flags = em.flags.iter().filter(|(conds, _)| all_hold(conds)).map(|(_, f)| f.clone()).collect();
+                let matched = em.cases.iter().find(|c| all_hold(&c.conds));
                 if let Some(case) = matched {
                     layers.push(&case.fields);
                 }
@@ -683,6 +689,17 @@ impl Cx<'_> {
                 None
             }
         }
+    }
+
+    /// The conditions of a `when:` map, each path parsed (a bad one reported).
+    fn conds(&mut self, when: &BTreeMap<String, spec::Condition>) -> Vec<(Path, Cond)> {
+        let mut out = Vec::new();
+        for (p, cond) in when {
+            if let Some(path) = self.path(p) {
+                out.extend(compile_cond(cond).into_iter().map(|c| (path.clone(), c)));
+            }
+        }
+        out
     }
 
     fn target(&mut self, kind: &str) -> Target {

@@ -305,6 +305,21 @@ pub struct EventSpec {
     /// Field overrides for this event type.
     #[serde(default)]
     pub fields: FieldsSpec,
+    /// Flags put on the membership when this event applies and a flag's conditions hold
+    /// (each flag on its own, whatever case matched): what the payload shows but this
+    /// mapping cannot act on, for an operator to see.
+    #[serde(default)]
+    pub flags: Vec<FlagSpec>,
+}
+
+/// A flag an event puts on its membership: every condition in `when` must hold.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FlagSpec {
+    /// Path → condition.
+    pub when: BTreeMap<String, Condition>,
+    /// The flag, as the membership shows it: a short code, a colon, what it means.
+    pub flag: String,
 }
 
 /// A conditional mapping: every condition in `when` must hold.

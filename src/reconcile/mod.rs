@@ -672,6 +672,7 @@ fn status_synced(
             event: Some("reconcile".into()),
             case: None,
             ignored_because: None,
+            flags: vec![],
         },
     }
 }

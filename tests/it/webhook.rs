@@ -187,3 +187,41 @@ async fn same_email_through_two_providers_is_one_member_whose_levels_combine() {
     assert_eq!(m["access_levels"], serde_json::json!(["lifetime", "pro"]));
     s.stop().await;
 }
+
+/// A ThriveCart order with a bump grants its front-end product's access, and says on the
+/// membership that the bump granted nothing (the engine makes one membership per order):
+/// once, however often the order is delivered again.
+#[tokio::test]
+async fn an_order_with_items_beyond_its_front_end_product_is_flagged_on_the_membership() {
+    let s = Server::start().await;
+    let (headers, body) = provider_request(&s, "thrivecart", "order_success_bump.form");
+    let (status, ack) = s.post("/webhooks/demo/thrivecart", &headers, body).await;
+    assert_eq!((status, ack["status"].as_str()), (200, Some("applied")), "{ack}");
+    // The same order again, as a second delivery with a changed body (a new event).
+    let (headers, body) = provider_request(&s, "thrivecart", "order_success_bump.form");
+    let body = String::from_utf8(body).unwrap().replace("Sam+Rivera", "Sam+R.").into_bytes();
+    let headers: Vec<_> = headers.into_iter().filter(|(k, _)| k != "content-length").collect();
+    assert_eq!(s.post("/webhooks/demo/thrivecart", &headers, body).await.0, 200);
+
+    let (_, found) = s.get("/members?email=sam@example.com", Some(TOKEN)).await;
+    let m = &found["members"][0]["memberships"][0];
+    assert_eq!(m["state"], "active", "{found}");
+    assert_eq!(m["access_levels"], serde_json::json!(["pro"]));
+    let flags: Vec<&str> = m["flags"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+    let ours: Vec<&&str> = flags.iter().filter(|f| f.starts_with("order_items_not_granted:")).collect();
+    assert_eq!(ours.len(), 1, "flagged once: {flags:?}");
+
+    // Without a second item: no such flag.
+    let (headers, body) = provider_request(&s, "thrivecart", "order_success_one_time.form");
+    assert_eq!(s.post("/webhooks/demo/thrivecart", &headers, body).await.0, 200);
+    let (_, found) = s.get("/members?email=sam@example.com", Some(TOKEN)).await;
+    let one_time = found["members"][0]["memberships"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["product_id"] != m["product_id"])
+        .expect("the one-time order's membership")
+        .clone();
+    assert_eq!(one_time["flags"], serde_json::json!([]), "{one_time}");
+    s.stop().await;
+}
