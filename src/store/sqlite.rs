@@ -1099,22 +1099,14 @@ impl Store for SqliteStore {
 
     fn events(&self, status: Option<&str>, tenant: Option<&str>, limit: usize) -> Result<Vec<EventRow>> {
         self.read(|c| {
-            // Only the filters given, not `(?1 IS NULL OR status = ?1)`: SQLite plans a
-            // statement before its parameters are bound, and that OR keeps it off
-            // `events_status`.
             let mut conds = Vec::new();
-            let mut values: Vec<rusqlite::types::Value> = Vec::new();
             if let Some(status) = status {
-                conds.push("status = ?");
-                values.push(status.to_string().into());
+                conds.push(("status = ?", Some(status.to_string().into())));
             }
             if let Some(tenant) = tenant {
-                conds.push("tenant = ?");
-                values.push(tenant.to_string().into());
+                conds.push(("tenant = ?", Some(tenant.to_string().into())));
             }
-            values.push((limit as i64).into());
-            let filter = if conds.is_empty() { String::new() } else { format!(" WHERE {}", conds.join(" AND ")) };
-            let sql = format!("SELECT {EVENT_COLS} FROM events{filter} ORDER BY seq DESC LIMIT ?");
+            let (sql, values) = events_sql(conds, "DESC", Some(limit));
             let rows = c
                 .prepare_cached(&sql)?
                 .query_map(rusqlite::params_from_iter(values), event_row)?
@@ -1243,40 +1235,48 @@ impl Store for SqliteStore {
     }
 }
 
-/// The statement for an [`EventFilter`], with only the conditions it sets, and their
-/// values in order. (A statement is planned before its parameters are bound, so a generic
-/// `(?1 IS NULL OR member_id = ?1)` would keep every filter off its index: `explain` of
-/// one member would read the whole events table.) At most 2^6 distinct statements, each
-/// kept by the connection's statement cache.
-fn events_where_sql(f: &EventFilter) -> (String, Vec<rusqlite::types::Value>) {
-    use rusqlite::types::Value;
-    let mut conds: Vec<&str> = Vec::new();
-    let mut values: Vec<Value> = Vec::new();
-    let mut cond = |sql: &'static str, value: Option<Value>| {
-        if let Some(v) = value {
-            conds.push(sql);
-            values.push(v);
-        }
-    };
-    cond("status = ?", f.status.clone().map(Value::Text));
-    cond("received_at >= ?", f.since.map(|t| Value::Integer(ts(t))));
-    cond("member_id = ?", f.member_id.clone().map(Value::Text));
-    cond("seq = ?", f.seq.map(Value::Integer));
-    cond("seq > ?", f.after_seq.map(Value::Integer));
-    if f.deliveries_only {
-        conds.push("source = 'webhook'");
-    }
+/// `SELECT … FROM events` under `conds` (each a test, with the value for its `?` if it has
+/// one), in `seq` order (`ASC` or `DESC`), at most `limit` rows; and the values to bind.
+/// Callers pass only the filters that are set: a statement is planned before its
+/// parameters are bound, so a generic `(?1 IS NULL OR member_id = ?1)` would keep every
+/// filter off its index (`explain` of one member read the whole events table). Each
+/// distinct statement is kept by the connection's statement cache.
+fn events_sql(
+    conds: Vec<(&'static str, Option<rusqlite::types::Value>)>,
+    order: &str,
+    limit: Option<usize>,
+) -> (String, Vec<rusqlite::types::Value>) {
     let mut sql = format!("SELECT {EVENT_COLS} FROM events");
-    if !conds.is_empty() {
-        sql.push_str(" WHERE ");
-        sql.push_str(&conds.join(" AND "));
+    let mut values = Vec::new();
+    for (i, (test, value)) in conds.into_iter().enumerate() {
+        sql.push_str(if i == 0 { " WHERE " } else { " AND " });
+        sql.push_str(test);
+        values.extend(value);
     }
-    sql.push_str(" ORDER BY seq");
-    if let Some(n) = f.limit {
+    sql.push_str(" ORDER BY seq ");
+    sql.push_str(order);
+    if let Some(n) = limit {
         sql.push_str(" LIMIT ?");
-        values.push(Value::Integer(n as i64));
+        values.push(rusqlite::types::Value::Integer(n as i64));
     }
     (sql, values)
+}
+
+/// The statement for an [`EventFilter`]: [`events_sql`] with the filters it sets, oldest first.
+fn events_where_sql(f: &EventFilter) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    let set = [
+        ("status = ?", f.status.clone().map(Value::Text)),
+        ("received_at >= ?", f.since.map(|t| Value::Integer(ts(t)))),
+        ("member_id = ?", f.member_id.clone().map(Value::Text)),
+        ("seq = ?", f.seq.map(Value::Integer)),
+        ("seq > ?", f.after_seq.map(Value::Integer)),
+    ];
+    let mut conds: Vec<_> = set.into_iter().filter_map(|(test, v)| Some((test, Some(v?)))).collect();
+    if f.deliveries_only {
+        conds.push(("source = 'webhook'", None));
+    }
+    events_sql(conds, "ASC", f.limit)
 }
 
 #[cfg(test)]

@@ -264,10 +264,6 @@ unsafe extern "C" fn x_write(file: *mut ffi::sqlite3_file, data: *const c_void, 
             }
             return ffi::SQLITE_OK;
         }
-        if offset == 0 && len == WAL_HEADER {
-            // The WAL's header: bytes 8..12 are the page size, big-endian.
-            held.page_size = u32::from_be_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
-        }
         // A frame header's bytes 4..8 hold the database size after a commit, 0 otherwise.
         if len == FRAME_HEADER && bytes[4..8] != [0, 0, 0, 0] {
             if held.page_size == 0 {
@@ -281,24 +277,24 @@ unsafe extern "C" fn x_write(file: *mut ffi::sqlite3_file, data: *const c_void, 
     }
 }
 
-/// The page size in the header of the WAL behind `file` (0 if it cannot be read). Only
-/// called while appending frames, so the header is in the file already: it is written,
-/// and synced or held first, when the WAL starts.
+/// The page size in the header of the WAL behind `file` (bytes 8..12, big-endian; 0 if it
+/// cannot be read): from what is held if the header is, else from the file. Only called
+/// while appending frames, so the header has been written or is held.
 ///
 /// # Safety
 /// As for [`real`].
 unsafe fn page_size(file: *mut ffi::sqlite3_file) -> usize {
     unsafe {
         let held = &*(*file.cast::<WalFile>()).held;
-        if held.start == 0 && held.bytes.len() >= WAL_HEADER {
-            let b = &held.bytes;
-            return u32::from_be_bytes([b[8], b[9], b[10], b[11]]) as usize;
-        }
-        let (real, methods) = real(file);
-        let Some(read) = methods.xRead else { return 0 };
         let mut b = [0u8; 4];
-        if read(real, b.as_mut_ptr().cast(), 4, 8) != ffi::SQLITE_OK {
-            return 0;
+        if held.start == 0 && held.bytes.len() >= WAL_HEADER {
+            b.copy_from_slice(&held.bytes[8..12]);
+        } else {
+            let (real, methods) = real(file);
+            let Some(read) = methods.xRead else { return 0 };
+            if read(real, b.as_mut_ptr().cast(), 4, 8) != ffi::SQLITE_OK {
+                return 0;
+            }
         }
         u32::from_be_bytes(b) as usize
     }
