@@ -277,6 +277,7 @@ pub fn event_json(e: &EventRow) -> Value {
         "headers": e.headers,
         "canonical": e.canonical,
         "outcome": e.outcome,
+        "deliveries": e.deliveries,
     })
 }
 

@@ -23,8 +23,22 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/admin/rules", get(admin::rules))
         .route("/admin/reload", axum::routing::post(admin::reload))
         .route("/metrics", get(admin::metrics))
-        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route("/healthz", get(healthz))
         .with_state(ctx)
+}
+
+/// `GET /healthz`: 200 `{"status": "ok"}`, or 503 `{"status": "failed", "error"}` once
+/// the store has hit an I/O error (it then takes no writes; restart it).
+async fn healthz(axum::extract::State(ctx): axum::extract::State<Arc<Ctx>>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match ctx.store.health() {
+        Ok(()) => axum::Json(serde_json::json!({"status": "ok"})).into_response(),
+        Err(e) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"status": "failed", "error": e.to_string()})),
+        )
+            .into_response(),
+    }
 }
 
 /// Serves until `shutdown` resolves: stops accepting, finishes requests in flight (and

@@ -187,7 +187,7 @@ fn open_store(config: &Config, database: &str) -> Result<Arc<dyn Store>> {
         max_batch: config.max_batch,
         checkpoint_interval: config.checkpoint_interval,
         drop_appended_pages: config.drop_appended_pages,
-        coalesce_wal_writes: config.coalesce_wal_writes,
+        startup_check: config.startup_check,
         ..Options::default()
     };
     let store = SqliteStore::open(database, opts).with_context(|| format!("Failed to open the database {database}"))?;

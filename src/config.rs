@@ -110,11 +110,11 @@ pub struct LimitsSpec {
     /// instead of growing the page cache. Off: they stay cached. Default on.
     #[serde(default)]
     pub drop_appended_pages: Option<bool>,
-    /// Whether the writer's WAL writes go through membersync's VFS, which writes a
-    /// commit's frames in one call instead of two per page (header, then page). Off:
-    /// SQLite's own VFS. Default on.
+    /// Most time, in seconds, the integrity check at start (`PRAGMA quick_check`) may
+    /// take; a larger database is served unchecked, with a warning. 0 skips the check.
+    /// Default 10.
     #[serde(default)]
-    pub coalesce_wal_writes: Option<bool>,
+    pub startup_check_secs: Option<u64>,
 }
 
 /// A secret: a literal, or an environment variable with an optional local default.
@@ -209,7 +209,7 @@ pub struct Config {
     pub max_batch: usize,
     pub checkpoint_interval: std::time::Duration,
     pub drop_appended_pages: bool,
-    pub coalesce_wal_writes: bool,
+    pub startup_check: std::time::Duration,
     pub tenants: BTreeMap<String, Tenant>,
     pub extractors: BTreeMap<String, Extractor>,
     pub reconcile: ReconcileSettings,
@@ -302,7 +302,7 @@ impl Config {
             max_batch: file.limits.max_batch.unwrap_or(32),
             checkpoint_interval: std::time::Duration::from_millis(file.limits.checkpoint_interval_ms.unwrap_or(20)),
             drop_appended_pages: file.limits.drop_appended_pages.unwrap_or(true),
-            coalesce_wal_writes: file.limits.coalesce_wal_writes.unwrap_or(true),
+            startup_check: std::time::Duration::from_secs(file.limits.startup_check_secs.unwrap_or(10)),
             tenants,
             reconcile: ReconcileSettings::from_spec(&file.reconcile),
             api_bases: extractors

@@ -55,7 +55,7 @@ impl ApiError {
 impl From<crate::store::Error> for ApiError {
     fn from(e: crate::store::Error) -> Self {
         match e {
-            crate::store::Error::Busy | crate::store::Error::Closed => ApiError::Busy,
+            crate::store::Error::Busy | crate::store::Error::Closed | crate::store::Error::Failed(_) => ApiError::Busy,
             other => ApiError::Internal(other.to_string()),
         }
     }

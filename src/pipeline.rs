@@ -325,6 +325,7 @@ pub fn apply_with(
         canonical: None,
         outcome: store::null_json(),
         park_key: None,
+        deliveries: 1,
     };
 
     let x = match incoming {

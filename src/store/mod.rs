@@ -5,7 +5,6 @@
 //! `Tx` is what a PostgreSQL implementation fills in; nothing above this module writes SQL.
 
 pub mod sqlite;
-mod wal_vfs;
 
 use crate::machine::MState;
 use chrono::{DateTime, Utc};
@@ -26,6 +25,13 @@ pub enum Error {
     /// A stored value could not be read back (500).
     #[error("corrupt stored value: {0}")]
     Corrupt(String),
+    /// The store hit an I/O error (a failed sync, a failed write); it takes no more
+    /// writes and `/healthz` answers 503 (503).
+    #[error("the store hit an I/O error and takes no more writes: {0}")]
+    Failed(String),
+    /// The database failed its integrity check at start; the message says how to recover.
+    #[error("{0}")]
+    Damaged(String),
 }
 
 impl From<rusqlite::Error> for Error {
@@ -136,6 +142,8 @@ pub struct EventRow {
     /// Set while the event waits for its membership to exist: the membership key it
     /// waits for (`""`: any membership of the member it names).
     pub park_key: Option<String>,
+    /// Requests that delivered it: 1, and one more for each duplicate answered.
+    pub deliveries: i64,
 }
 
 /// An abandoned checkout's contact, until (and after) it converts.
@@ -296,6 +304,10 @@ pub trait Store: Send + Sync + 'static {
     fn customer_id(&self, tenant: &str, provider: &str, member_id: &str) -> Result<Option<String>>;
     /// Count of memberships by sync status (for /metrics).
     fn sync_status_counts(&self) -> Result<Vec<(String, i64)>>;
+    /// `Failed` once the store has hit an I/O error (`/healthz` answers 503 then).
+    fn health(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl dyn Store {

@@ -3,6 +3,12 @@
 //! — the guarantee of `synchronous=FULL`, with the next batch running during the sync —
 //! and a small pool of read connections. `:memory:` opens a private shared-cache database
 //! (used by `simulate`).
+//!
+//! SQLite is used as it ships: its own unix VFS, WAL and locking; nothing here writes a
+//! database or WAL byte itself. It must never answer a write before the commit holding it
+//! is on disk, and never answer one after a sync failed: a failed sync stops the process
+//! (`Options::on_sync_failure`), because the kernel may have dropped the pages it could
+//! not write and a later sync that succeeds proves nothing about them.
 
 use super::*;
 use chrono::TimeZone;
@@ -35,9 +41,31 @@ pub struct Options {
     /// Whether the checkpointer drops the pages appended to the database file from the OS
     /// page cache once they are written back (see [`AppendedPages`]).
     pub drop_appended_pages: bool,
-    /// Whether the writer opens the database through [`wal_vfs`](super::wal_vfs), which
-    /// writes a commit's WAL frames in one call.
-    pub coalesce_wal_writes: bool,
+    /// Most time the integrity check at open (`PRAGMA quick_check`) may take; past it the
+    /// check is abandoned with a warning. Zero skips it.
+    pub startup_check: std::time::Duration,
+    /// How a committed batch is made durable: `File::sync_data` (fdatasync) of the WAL.
+    /// Replaced only by tests that make it fail.
+    pub sync_wal: fn(&std::fs::File) -> std::io::Result<()>,
+    /// Called once when a sync fails (after the store has marked itself failed and before
+    /// any caller of the batch hears back). The default logs and exits the process with
+    /// status 74 (EX_IOERR); tests replace it to watch what the store does next.
+    pub on_sync_failure: fn(&str),
+}
+
+/// Exit code of a process stopped by a failed sync (sysexits' EX_IOERR).
+pub const EXIT_SYNC_FAILED: i32 = 74;
+
+fn sync_data(f: &std::fs::File) -> std::io::Result<()> {
+    f.sync_data()
+}
+
+/// The default `on_sync_failure`: a failed fsync cannot be retried safely (the kernel may
+/// have dropped the dirty pages and cleared the error), so the process stops; a restart
+/// recovers from what the WAL really holds, and the providers resend what was not answered.
+fn exit_on_sync_failure(error: &str) {
+    tracing::error!(%error, "A sync of the database failed: stopping. Nothing since the last good sync was acknowledged; restart to recover from the WAL.");
+    std::process::exit(EXIT_SYNC_FAILED);
 }
 
 impl Default for Options {
@@ -48,7 +76,9 @@ impl Default for Options {
             wal_restart_pages: 10_000,
             checkpoint_interval: std::time::Duration::from_millis(20),
             drop_appended_pages: true,
-            coalesce_wal_writes: true,
+            startup_check: std::time::Duration::from_secs(10),
+            sync_wal: sync_data,
+            on_sync_failure: exit_on_sync_failure,
         }
     }
 }
@@ -65,6 +95,60 @@ pub struct SqliteStore {
     readers: Mutex<Vec<Connection>>,
     uri: String,
     flags: OpenFlags,
+    health: Health,
+}
+
+/// Set once the store hits an I/O error (sticky): from then on it takes no writes, acks
+/// nothing, and `/healthz` says so. A failed sync is also reported to `on_sync_failure`.
+#[derive(Clone)]
+struct Health {
+    failed: Arc<Mutex<Option<String>>>,
+    on_sync_failure: fn(&str),
+}
+
+impl Health {
+    fn fail(&self, why: &str) {
+        if let Ok(mut h) = self.failed.lock() {
+            if h.is_none() {
+                *h = Some(why.to_string());
+            }
+        }
+    }
+
+    /// A sync failed: the store is failed, and `on_sync_failure` hears of it (by default
+    /// the process ends there).
+    fn sync_failed(&self, why: &str) {
+        self.fail(why);
+        (self.on_sync_failure)(why);
+    }
+
+    fn check(&self) -> Result<()> {
+        match self.failed.lock() {
+            Ok(h) => match h.as_ref() {
+                Some(why) => Err(Error::Failed(why.clone())),
+                None => Ok(()),
+            },
+            Err(_) => Err(Error::Failed("health lock poisoned".into())),
+        }
+    }
+}
+
+/// Whether an SQLite error means the storage itself failed (I/O, a full disk, damage), as
+/// opposed to a statement's own error.
+fn is_storage_failure(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(
+        e.sqlite_error_code(),
+        Some(SystemIoFailure | DiskFull | DatabaseCorrupt | NotADatabase | CannotOpen | ReadOnly)
+    )
+}
+
+/// Whether an SQLite error is a failed fsync (of the WAL, the database or a directory).
+fn is_sync_failure(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error().map(|e| e.extended_code),
+        Some(rusqlite::ffi::SQLITE_IOERR_FSYNC | rusqlite::ffi::SQLITE_IOERR_DIR_FSYNC)
+    )
 }
 
 fn ts(t: DateTime<Utc>) -> i64 {
@@ -113,9 +197,6 @@ pub(super) fn configure_sqlite() {
         let rc = unsafe { rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS, 0 as std::ffi::c_int) };
         if rc != rusqlite::ffi::SQLITE_OK {
             tracing::debug!(rc, "SQLite was already initialized; its memory statistics stay on.");
-        }
-        if !super::wal_vfs::register() {
-            tracing::warn!("The WAL-writing VFS could not be registered; SQLite's default VFS is used.");
         }
     });
 }
@@ -174,24 +255,86 @@ unsafe extern "C" fn sqlite_mem_init(_: *mut std::ffi::c_void) -> std::ffi::c_in
 unsafe extern "C" fn sqlite_mem_shutdown(_: *mut std::ffi::c_void) {}
 
 fn open(uri: &str, flags: OpenFlags, memory: bool) -> Result<Connection> {
-    open_with(uri, flags, memory, false)
-}
-
-/// `open`, through [`wal_vfs`](super::wal_vfs) if `coalesce` (and it could be registered).
-fn open_with(uri: &str, flags: OpenFlags, memory: bool, coalesce: bool) -> Result<Connection> {
     configure_sqlite();
-    let conn = if coalesce && !memory && super::wal_vfs::register() {
-        super::wal_vfs::open(uri, flags)?
-    } else {
-        Connection::open_with_flags(uri, flags)?
-    };
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let mut conn = Connection::open_with_flags(uri, flags)?;
+    conn.busy_handler(Some(wait_for_lock))?;
     if !memory {
         conn.pragma_update(None, "journal_mode", "WAL")?;
     }
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     Ok(conn)
+}
+
+/// Retries a locked database every half millisecond for up to a minute. Another process
+/// writing the same file (`replay`, `reconcile`, `simulate --apply` beside `serve`) holds
+/// the write lock in batches a few milliseconds long with gaps of microseconds between
+/// them: SQLite's own busy timeout backs off to 100 ms sleeps and would mostly miss the
+/// gaps, so a command beside a loaded server failed with "database is locked".
+fn wait_for_lock(attempt: i32) -> bool {
+    const TRIES: i32 = 120_000;
+    if attempt >= TRIES {
+        return false;
+    }
+    std::thread::sleep(std::time::Duration::from_micros(500));
+    true
+}
+
+/// `PRAGMA quick_check` within `budget`: `Ok(true)` if it passed, `Ok(false)` if it ran out
+/// of time, `Err(Damaged)` with the recovery steps if the database is damaged.
+fn startup_check(conn: &Connection, db: &str, budget: std::time::Duration) -> Result<bool> {
+    if budget.is_zero() {
+        return Ok(true);
+    }
+    // A watchdog interrupts the check once the budget is spent.
+    let out_of_time = Arc::new(AtomicBool::new(false));
+    let (finished, wait) = std::sync::mpsc::channel::<()>();
+    let watchdog = {
+        let (interrupt, flag) = (conn.get_interrupt_handle(), out_of_time.clone());
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(budget) {
+                flag.store(true, Ordering::SeqCst);
+                interrupt.interrupt();
+            }
+        })
+    };
+    let result = (|| -> rusqlite::Result<Vec<String>> {
+        let mut st = conn.prepare("PRAGMA quick_check(20)")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        rows.collect()
+    })();
+    drop(finished);
+    let _ = watchdog.join();
+    match result {
+        Ok(lines) if lines == ["ok"] => Ok(true),
+        Ok(lines) => Err(damaged(db, &lines.join("\n"))),
+        Err(_) if out_of_time.load(Ordering::SeqCst) => Ok(false),
+        Err(e) => Err(damaged(db, &e.to_string())),
+    }
+}
+
+/// The refusal to serve from a damaged database, with what to do about it.
+fn damaged(db: &str, findings: &str) -> Error {
+    Error::Damaged(format!(
+        "the database {db} is damaged; membersync will not serve from it.\n\
+         SQLite's integrity check found:\n{findings}\n\
+         To recover:\n\
+         1. Stop every process using it and copy {db}, {db}-wal and {db}-shm aside, as they are.\n\
+         2. Restore the latest backup, or rebuild what SQLite can still read:\n\
+         \x20    sqlite3 {db} \".recover\" | sqlite3 recovered.db\n\
+         \x20  then point `database:` (or MEMBERSYNC_DATABASE) at recovered.db.\n\
+         3. Start membersync again, then run `membersync reconcile` to compare every membership\n\
+         \x20  with the providers; deliveries it did not answer while down are resent by them."
+    ))
+}
+
+/// Errors opening a file that is not a database, or is damaged, refuse with the recovery
+/// steps; anything else stays as it is.
+fn open_error(db: &str, e: Error) -> Error {
+    match &e {
+        Error::Db(m) if m.contains("malformed") || m.contains("not a database") => damaged(db, m),
+        _ => e,
+    }
 }
 
 fn migrate(conn: &mut Connection) -> Result<()> {
@@ -219,10 +362,19 @@ impl SqliteStore {
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_URI
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        // Only the writer writes the WAL: it alone goes through the coalescing VFS.
-        let writer = open_with(&uri, flags, memory, opts.coalesce_wal_writes)?;
-        // Migrations on a connection of their own: a large one may spill its page cache,
-        // which the writer's connection never does (see `wal_vfs::open`).
+        let writer = open(&uri, flags, memory).map_err(|e| open_error(&uri, e))?;
+        if !memory {
+            // Closing a connection checkpoints the WAL into the database: not a damaged one.
+            writer.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
+            if !startup_check(&writer, &uri, opts.startup_check)? {
+                tracing::warn!(
+                    database = %uri,
+                    budget_secs = opts.startup_check.as_secs_f64(),
+                    "The integrity check at start did not finish in time; serving unchecked (limits.startup_check_secs)."
+                );
+            }
+            writer.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)?;
+        }
         migrate(&mut open(&uri, flags, memory)?)?;
         // Each event runs in its own savepoint: keep its page copies in memory, not in a
         // temporary file.
@@ -252,6 +404,7 @@ impl SqliteStore {
         // commits: a stall of several milliseconds, which set the p99.) SQLite's own
         // trigger stays as a backstop.
         let restart = Arc::new(AtomicBool::new(false));
+        let health = Health { failed: Default::default(), on_sync_failure: opts.on_sync_failure };
         let checkpoints = match &wal {
             Some(_) => {
                 let restart_pages = opts.wal_restart_pages.max(1);
@@ -264,9 +417,10 @@ impl SqliteStore {
                 let (wake, woken) = std::sync::mpsc::sync_channel(1);
                 let restart = restart.clone();
                 let interval = opts.checkpoint_interval;
+                let health = health.clone();
                 std::thread::Builder::new()
                     .name("membersync-ckpt".into())
-                    .spawn(move || run_checkpointer(conn, woken, restart, restart_pages, interval, appended))
+                    .spawn(move || run_checkpointer(conn, woken, restart, restart_pages, interval, appended, health))
                     .map_err(|e| Error::Db(format!("cannot start checkpointer: {e}")))?;
                 Some(wake)
             }
@@ -276,20 +430,30 @@ impl SqliteStore {
         let max_batch = opts.max_batch.max(1);
         let (committed, to_sync) = std::sync::mpsc::channel();
         let unsynced = Arc::new(AtomicUsize::new(0));
-        let syncer = Syncer { wal, checkpoints, unsynced: unsynced.clone(), writer: sender.downgrade() };
+        let syncer = Syncer {
+            wal,
+            sync_wal: opts.sync_wal,
+            health: health.clone(),
+            checkpoints,
+            unsynced: unsynced.clone(),
+            writer: sender.downgrade(),
+        };
         std::thread::Builder::new()
             .name("membersync-sync".into())
             .spawn(move || syncer.run(to_sync))
             .map_err(|e| Error::Db(format!("cannot start syncer: {e}")))?;
         std::thread::Builder::new()
             .name("membersync-writer".into())
-            .spawn(move || run_writer(writer, receiver, max_batch, committed, unsynced, restart))
+            .spawn({
+                let health = health.clone();
+                move || run_writer(writer, receiver, max_batch, committed, unsynced, restart, health)
+            })
             .map_err(|e| Error::Db(format!("cannot start writer: {e}")))?;
         let mut readers = Vec::new();
         for _ in 0..2 {
             readers.push(open(&uri, flags, memory)?);
         }
-        Ok(SqliteStore { sender, readers: Mutex::new(readers), uri, flags })
+        Ok(SqliteStore { sender, readers: Mutex::new(readers), uri, flags, health })
     }
 
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
@@ -358,6 +522,8 @@ type Committed = (Vec<Done>, Result<()>);
 /// caller hears back only once its commit is on disk — without the writer waiting.
 struct Syncer {
     wal: Option<std::path::PathBuf>,
+    sync_wal: fn(&std::fs::File) -> std::io::Result<()>,
+    health: Health,
     checkpoints: Option<std::sync::mpsc::SyncSender<()>>,
     /// Batches committed and not yet answered (the writer counts them up, this down).
     unsynced: Arc<AtomicUsize>,
@@ -373,17 +539,11 @@ impl Syncer {
             batches.extend(rx.try_iter());
             let synced = match &self.wal {
                 None => Ok(()),
-                Some(path) if batches.iter().any(|(_, r)| r.is_ok()) => {
-                    if file.is_none() {
-                        file = std::fs::OpenOptions::new().read(true).write(true).open(path).ok();
-                    }
-                    match &file {
-                        Some(f) => f.sync_data().map_err(|e| Error::Db(format!("cannot sync the WAL: {e}"))),
-                        None => Err(Error::Db(format!("cannot open the WAL {}", path.display()))),
-                    }
-                }
+                Some(path) if batches.iter().any(|(_, r)| r.is_ok()) => self.sync(path, &mut file),
                 Some(_) => Ok(()),
             };
+            // Once a sync has failed nothing is acknowledged again, whatever later syncs say.
+            let synced = synced.and(self.health.check());
             if let Err(e) = &synced {
                 tracing::error!(error = %e, "Batch committed but not synced; none of its requests is acknowledged.");
             }
@@ -405,6 +565,31 @@ impl Syncer {
                 let _ = wake.try_send(());
             }
         }
+    }
+
+    /// One fdatasync of the WAL. The first time, the WAL is opened and its directory
+    /// synced too, so that the file itself (created by SQLite at the first write) is
+    /// there after a power loss. A failure marks the store failed and is reported to
+    /// `on_failure` (which, by default, ends the process) before anyone hears back.
+    fn sync(&self, path: &std::path::Path, file: &mut Option<std::fs::File>) -> Result<()> {
+        let result = (|| -> std::io::Result<()> {
+            if file.is_none() {
+                let f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::File::open(dir)?.sync_all()?;
+                }
+                *file = Some(f);
+            }
+            match file {
+                Some(f) => (self.sync_wal)(f),
+                None => Ok(()),
+            }
+        })();
+        result.map_err(|e| {
+            let why = format!("cannot sync the WAL {}: {e}", path.display());
+            self.health.sync_failed(&why);
+            Error::Failed(why)
+        })
     }
 }
 
@@ -486,6 +671,7 @@ fn run_checkpointer(
     restart_pages: i64,
     interval: std::time::Duration,
     mut appended: Option<AppendedPages>,
+    health: Health,
 ) {
     while woken.recv().is_ok() {
         let started = std::time::Instant::now();
@@ -498,6 +684,16 @@ fn run_checkpointer(
                 restart.store(true, Ordering::Release);
             }
             Ok(_) => {}
+            Err(e) if is_storage_failure(&e) => {
+                let why = format!("WAL checkpoint failed: {e}");
+                if is_sync_failure(&e) {
+                    health.sync_failed(&why);
+                } else {
+                    health.fail(&why);
+                }
+                tracing::error!(error = %e, "WAL checkpoint failed on an I/O error; the store takes no more writes.");
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "WAL checkpoint failed; the writer checkpoints at four times the restart size.")
             }
@@ -517,6 +713,10 @@ fn run_checkpointer(
 /// batch also ends at `max_batch` jobs (32 by default): with a few dozen requests in
 /// flight, an uncapped batch gathers nearly all of them, and the writer, the syncer and the
 /// request threads then take turns instead of working side by side.
+///
+/// A batch takes the write lock when it begins (`BEGIN IMMEDIATE`): another process
+/// writing the same file then waits for it (see [`wait_for_lock`]) instead of failing at
+/// its first write with a stale snapshot. After an I/O error (`health`) it runs nothing.
 fn run_writer(
     conn: Connection,
     mut rx: mpsc::Receiver<Msg>,
@@ -524,10 +724,16 @@ fn run_writer(
     committed: std::sync::mpsc::Sender<Committed>,
     unsynced: Arc<AtomicUsize>,
     restart: Arc<AtomicBool>,
+    health: Health,
 ) {
     let mut prepared = Prepared::new();
     while let Some(msg) = rx.blocking_recv() {
         let Msg::Job(first) = msg else { continue };
+        if health.check().is_err() {
+            // Dropped unrun: its caller hears `Closed` (503), never an acknowledgement.
+            drop(first);
+            continue;
+        }
         if restart.swap(false, Ordering::AcqRel) {
             // The checkpointer has copied nearly all of the WAL: copy the rest, so that
             // this batch starts the WAL over.
@@ -537,7 +743,8 @@ fn run_writer(
         }
         let mut dones = Vec::new();
         let result = (|| -> Result<()> {
-            let txn = conn.unchecked_transaction()?;
+            let txn = rusqlite::Transaction::new_unchecked(&conn, rusqlite::TransactionBehavior::Immediate)
+                .map_err(|e| storage_error(e, &health))?;
             let mut tx = SqliteTx { conn: &conn, prepared: Some(&mut prepared), lean: false };
             let mut next = Some(first);
             while let Some(work) = next.take() {
@@ -564,7 +771,7 @@ fn run_writer(
                     }
                 }
             }
-            txn.commit()?;
+            txn.commit().map_err(|e| storage_error(e, &health))?;
             Ok(())
         })();
         if let Err(e) = &result {
@@ -576,6 +783,21 @@ fn run_writer(
         }
         // A job taken but not run (an error before it) is dropped: its caller sees `Closed`.
     }
+}
+
+/// An error of the writer's transaction: one that means the storage failed marks the
+/// store failed (and a failed sync is reported, which by default ends the process).
+fn storage_error(e: rusqlite::Error, health: &Health) -> Error {
+    if is_storage_failure(&e) {
+        let why = format!("the writer's transaction failed: {e}");
+        if is_sync_failure(&e) {
+            health.sync_failed(&why);
+        } else {
+            health.fail(&why);
+        }
+        return Error::Failed(why);
+    }
+    Error::from(e)
 }
 
 /// Statements the writer keeps prepared for its whole life, bindings and plan included.
@@ -642,7 +864,7 @@ impl<'c> SqliteTx<'_, 'c> {
     }
 }
 
-const EVENT_COLS: &str = "seq, tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key";
+const EVENT_COLS: &str = "seq, tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key, deliveries";
 const MEMBER_COLS: &str = "id, tenant, email, name, flags, created_at, updated_at";
 const MEMBERSHIP_COLS: &str = "id, tenant, member_id, provider, key, subscription_id, product_id, plan_id, status, state, period_end, grace_until, access_until, cancel_at_period_end, access_levels, flags, last_event_at, last_event_id, last_reconciled_at, sync_status, created_at, updated_at, last_event_rank";
 
@@ -693,6 +915,7 @@ fn event_row(r: &Row) -> rusqlite::Result<EventRow> {
         canonical: json_value(r.get(16)?)?,
         outcome: json_value(r.get(17)?)?.unwrap_or_else(null_json),
         park_key: r.get(18)?,
+        deliveries: r.get(19)?,
     })
 }
 
@@ -1031,10 +1254,15 @@ fn sync_row(c: &Connection, membership_id: &str) -> Result<SyncRow> {
 
 impl Store for SqliteStore {
     fn submit(&self, work: Work) -> Result<()> {
+        self.health.check()?;
         self.sender.try_send(Msg::Job(work)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Error::Busy,
             mpsc::error::TrySendError::Closed(_) => Error::Closed,
         })
+    }
+
+    fn health(&self) -> Result<()> {
+        self.health.check()
     }
 
     fn member_detail(&self, id: &str, recent: usize) -> Result<Option<MemberDetail>> {

@@ -6,51 +6,9 @@ use crate::support::*;
 use membersync::clock::{Clock, SystemClock};
 use membersync::store::Store;
 use serde_json::Value;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Service {
-    child: Child,
-    url: String,
-}
-
-async fn spawn(dir: &std::path::Path, port: u16) -> Service {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_membersync"))
-        .args(["serve", "--config"])
-        .arg(dir.join("membersync.yaml"))
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("MEMBERSYNC_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the service starts");
-    let url = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        if let Ok(r) = reqwest::get(format!("{url}/healthz")).await {
-            if r.status().is_success() {
-                return Service { child, url };
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("the service did not come up");
-}
-
-impl Drop for Service {
-    /// A failing test never leaves the service running.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A distinct `invoice.paid` per index (its own event and subscription).
 fn event(i: usize) -> (String, Vec<u8>) {

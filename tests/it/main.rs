@@ -2,6 +2,7 @@
 
 mod check;
 mod crash;
+mod durability;
 mod extract;
 mod fuzz;
 mod guarantees;
@@ -13,5 +14,6 @@ mod replay;
 mod restart;
 mod scenarios;
 mod schemas;
+mod store_faults;
 mod support;
 mod webhook;

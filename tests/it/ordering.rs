@@ -9,21 +9,6 @@ use membersync::scenario::{event_time, signed_request, Scenario};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// A small deterministic generator (xorshift), so a failing case can be named by its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 type Final = BTreeMap<(String, String), (String, bool)>;
 
 /// Delivers `files` in the given order with the clock standing at the burst's end, fires

@@ -192,3 +192,79 @@ impl Server {
         reqwest::get(format!("{}{path}", self.url)).await.unwrap().text().await.unwrap()
     }
 }
+
+/// A free loopback port (bound, then released for the service to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `membersync serve` as a child process, on the config in a directory made by
+/// `editable_config` (its database, `membersync.db`, beside it). Its log is appended to
+/// `service.log` there.
+pub struct Service {
+    pub child: std::process::Child,
+    pub url: String,
+}
+
+/// Starts the service and waits until `/healthz` answers; panics with its log if it exits
+/// or does not come up within 15 s.
+pub async fn spawn(dir: &Path, port: u16) -> Service {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("service.log")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_membersync"))
+        .args(["serve", "--config"])
+        .arg(dir.join("membersync.yaml"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("MEMBERSYNC_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("the service starts");
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(dir.join("service.log")).unwrap_or_default();
+            panic!("the service exited ({status}) at start:\n{log}");
+        }
+        if let Ok(r) = reqwest::get(format!("{url}/healthz")).await {
+            if r.status().is_success() {
+                return Service { child, url };
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the service did not come up");
+}
+
+impl Service {
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Service {
+    /// A failing test never leaves the service running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A small deterministic generator (xorshift), so a failing case can be named by its seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
