@@ -10,7 +10,6 @@ use membersync::store::sqlite::{Options, SqliteStore, EXIT_SYNC_FAILED};
 use membersync::store::{Error, Store};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use tower::ServiceExt;
 
 static FAIL_SYNCS: AtomicBool = AtomicBool::new(false);
 static FAILURES_REPORTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -46,49 +45,90 @@ async fn insert(store: &dyn Store, n: usize) -> membersync::store::Result<()> {
         .await
 }
 
+/// A webhook over real HTTP to a service whose store syncs through `sync`.
+async fn server_syncing_with(sync: fn(&std::fs::File) -> std::io::Result<()>) -> Server {
+    let (dir, config) = editable_config();
+    let opts = Options { sync_wal: sync, on_sync_failure: record_failure, ..Options::default() };
+    Server::start_with_options(config, Arc::new(SystemClock), dir, opts).await
+}
+
+/// A Stripe `invoice.paid` of its own (a new member each).
+fn paid(n: usize) -> Vec<u8> {
+    String::from_utf8(fixture("stripe", "invoice_paid"))
+        .unwrap()
+        .replace("evt_1QxaZ1K7dEmoAc01GAm3W0e2", &format!("evt_fault_{n}"))
+        .replace("sub_1QxDemo001", &format!("sub_fault_{n}"))
+        .replace("cus_QxDemo001", &format!("cus_fault_{n}"))
+        .replace("ada@example.com", &format!("fault{n}@example.com"))
+        .into_bytes()
+}
+
+async fn post_paid(s: &Server, n: usize) -> (u16, serde_json::Value) {
+    let body = paid(n);
+    let headers = signed_headers(&s.ctx, "stripe", &body, SystemClock.now());
+    s.post("/webhooks/demo/stripe", &headers, body).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_sync_acknowledges_nothing_after_it_and_healthz_is_503() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("m.db").display().to_string();
-    let opts = Options { sync_wal: flaky_sync, on_sync_failure: record_failure, ..Options::default() };
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db, opts).unwrap());
+    let s = server_syncing_with(flaky_sync).await;
     for n in 0..3 {
-        insert(&*store, n).await.expect("acknowledged while syncs succeed");
+        assert_eq!(post_paid(&s, n).await.0, 200, "answered while syncs succeed");
     }
     assert!(SYNCS.load(Ordering::SeqCst) >= 1, "the syncer synced");
-    assert!(store.health().is_ok());
+    assert_eq!(s.get("/healthz", None).await.0, 200);
 
     FAIL_SYNCS.store(true, Ordering::SeqCst);
-    let err = insert(&*store, 3).await.expect_err("a batch whose sync failed is not acknowledged");
-    assert!(matches!(err, Error::Failed(_)), "{err:?}");
+    let (code, ack) = post_paid(&s, 3).await;
+    assert_eq!(code, 503, "a delivery whose sync failed is not acknowledged: {ack}");
     assert_eq!(FAILURES_REPORTED.lock().unwrap().len(), 1, "reported once");
     assert!(FAILURES_REPORTED.lock().unwrap()[0].contains("cannot sync the WAL"));
 
     // A sync that would succeed again proves nothing: nothing is acknowledged from now on.
     FAIL_SYNCS.store(false, Ordering::SeqCst);
     for n in 4..8 {
-        assert!(insert(&*store, n).await.is_err(), "write {n} after a failed sync must not be acknowledged");
+        let (code, ack) = post_paid(&s, n).await;
+        assert_eq!(code, 503, "delivery {n} after a failed sync must not be acknowledged: {ack}");
     }
-    assert!(matches!(store.health(), Err(Error::Failed(_))));
+    assert!(matches!(s.ctx.store.health(), Err(Error::Failed(_))));
+    let (code, health) = s.get("/healthz", None).await;
+    assert_eq!(code, 503, "{health}");
+    assert_eq!(health["status"], "failed");
+    // The store, asked directly, refuses too.
+    assert!(matches!(insert(&*s.ctx.store, 9).await, Err(Error::Failed(_))));
+}
 
-    let (_, config) = editable_config();
-    let ctx = Arc::new(membersync::pipeline::Ctx::new(
-        config,
-        rules(),
-        store.clone(),
-        Arc::new(FixedClock::new(at(1_767_225_600))),
-    ));
-    let req = axum::http::Request::get("/healthz").body(axum::body::Body::empty()).unwrap();
-    let resp = membersync::app::router(ctx.clone()).oneshot(req).await.unwrap();
-    assert_eq!(resp.status(), 503);
-    // A webhook now is a 503 (the provider retries), not a 200.
-    let body = fixture("stripe", "invoice_paid");
-    let mut req = axum::http::Request::post("/webhooks/demo/stripe");
-    for (k, v) in signed_headers(&ctx, "stripe", &body, ctx.clock.now()) {
-        req = req.header(k, v);
+static HOLD_SYNC: AtomicBool = AtomicBool::new(false);
+
+/// fdatasync, after waiting while `HOLD_SYNC` is set.
+fn held_sync(f: &std::fs::File) -> std::io::Result<()> {
+    while HOLD_SYNC.load(Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    let resp = membersync::app::router(ctx).oneshot(req.body(axum::body::Body::from(body)).unwrap()).await.unwrap();
-    assert_eq!(resp.status(), 503);
+    f.sync_data()
+}
+
+/// No answer leaves before the WAL sync that covers its commit has returned: with the sync
+/// held, a delivery waits; released, it is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_delivery_is_answered_before_its_sync_returns() {
+    let s = Arc::new(server_syncing_with(held_sync).await);
+    assert_eq!(post_paid(&s, 100).await.0, 200);
+    // Let the syncer go idle, so that what is held next is the sync of the next commit.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    HOLD_SYNC.store(true, Ordering::SeqCst);
+    let pending = {
+        let s = s.clone();
+        tokio::spawn(async move { post_paid(&s, 101).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let early = pending.is_finished();
+    HOLD_SYNC.store(false, Ordering::SeqCst);
+    assert!(!early, "answered while its sync was still held");
+    let (code, ack) = pending.await.unwrap();
+    assert_eq!(code, 200, "{ack}");
+    assert_eq!(ack["status"], "applied");
 }
 
 /// The default reaction to a failed sync: the process stops with status 74 before the

@@ -107,7 +107,17 @@ impl Server {
 
     /// A real server for `config` (its database inside `dir`, which the server keeps).
     pub async fn start_with(config: Config, clock: Arc<dyn Clock>, dir: tempfile::TempDir) -> Server {
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database, Options::default()).unwrap());
+        Server::start_with_options(config, clock, dir, Options::default()).await
+    }
+
+    /// `start_with`, the store opened with `opts` (a sync hook, say).
+    pub async fn start_with_options(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        dir: tempfile::TempDir,
+        opts: Options,
+    ) -> Server {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database, opts).unwrap());
         let ctx = Arc::new(Ctx::new(config, rules(), store, clock));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
