@@ -64,3 +64,49 @@ async fn timer_task_fires_by_itself_after_start() {
     task.await.unwrap();
     assert!(expired, "the timer task fired the overdue grace timer on its own");
 }
+
+/// `serve` started on a database holding a timer that fell due while it was down: nothing
+/// is sent, and the member loses access by itself.
+// See: issue 26 (the restart test above calls `fire_due` itself, so a timer task that
+// skipped timers already due at start went unnoticed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_started_after_a_grace_end_expires_the_member_without_any_delivery() {
+    let (dir, _) = editable_config();
+    let db = dir.path().join("membersync.db");
+    {
+        let clock = Arc::new(FixedClock::new(at(1_767_225_600)));
+        let ctx = ctx_on(&db, clock.clone());
+        deliver(&ctx, "stripe", "checkout_session_completed").await;
+        deliver(&ctx, "stripe", "customer_subscription_created").await;
+        clock.set(at(1_769_907_606));
+        deliver(&ctx, "stripe", "invoice_payment_failed").await;
+        let d = member(&ctx, "ada@example.com");
+        assert_eq!(d.memberships[0].state, MState::PastDue);
+        assert_eq!(d.timers.len(), 1);
+        assert!(d.timers[0].due_at < membersync::clock::SystemClock.now(), "the grace end is in the past");
+    } // stopped, with the grace timer pending
+
+    let svc = spawn(dir.path(), free_port()).await;
+    let client = reqwest::Client::new();
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..100 {
+        seen = client
+            .get(format!("{}/members?email=ada@example.com", svc.url))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if seen["members"][0]["memberships"][0]["state"] == "expired" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let m = &seen["members"][0];
+    assert_eq!(m["memberships"][0]["state"], "expired", "{seen}");
+    assert_eq!(m["memberships"][0]["has_access"], false);
+    assert_eq!(m["access_levels"], serde_json::json!([]));
+    assert_eq!(m["recent_events"][0]["source"], "timer", "{m}");
+}
