@@ -300,3 +300,67 @@ async fn secrets_never_appear_in_logs_errors_or_api_output() {
         assert!(!debug.contains(secret.as_str()));
     }
 }
+
+/// Every tenant-scoped admin route, tried with another tenant's token: each answers 404
+/// (or an empty list) and changes nothing.
+// See: issue 26 (dropping the tenant filter from `GET /leads`, `POST /members/{id}/resync`
+// or `POST /events/{id}/replay` passed every test).
+#[tokio::test]
+async fn every_tenant_scoped_route_refuses_another_tenants_token_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = two_tenants(&dir.path().join("m.db"));
+    let s = Server::start_with(config, Arc::new(SystemClock), dir).await;
+    let post = |name: &'static str, body: Vec<u8>| {
+        let headers = signed_headers(&s.ctx, "stripe", &body, SystemClock.now());
+        let s = &s;
+        async move {
+            let (code, ack) = s.post("/webhooks/demo/stripe", &headers, body).await;
+            assert_eq!(code, 200, "{name}: {ack}");
+            ack
+        }
+    };
+    // demo: a member, a lead (an abandoned checkout) and a dead letter.
+    post("checkout", fixture("stripe", "checkout_session_completed")).await;
+    post("subscription", fixture("stripe", "customer_subscription_created")).await;
+    post("abandoned", fixture("stripe", "checkout_session_expired")).await;
+    let dead = String::from_utf8(fixture("stripe", "invoice_paid"))
+        .unwrap()
+        .replace("\"created\": 1767225603", "\"created\": \"yesterday\"");
+    assert_eq!(post("dead letter", dead.into_bytes()).await["status"], "failed");
+    let dead_id = "evt_1QxaZ1K7dEmoAc01GAm3W0e2";
+
+    let demo = Some(TOKEN);
+    let acme = Some("acme-admin-token");
+    let (_, found) = s.get("/members?email=ada@example.com", demo).await;
+    let id = found["members"][0]["id"].as_str().unwrap().to_string();
+    let before = s.get(&format!("/members/{id}"), demo).await.1;
+    let (_, leads) = s.get("/leads", demo).await;
+    assert_eq!(leads["leads"].as_array().map(Vec::len), Some(1), "demo's lead: {leads}");
+
+    // Reads.
+    assert_eq!(s.get("/leads", acme).await.1["leads"], serde_json::json!([]), "acme sees no lead of demo's");
+    assert_eq!(s.get("/members?email=ada@example.com", acme).await.1["members"], serde_json::json!([]));
+    assert_eq!(s.get(&format!("/members/{id}"), acme).await.0, 404);
+    assert_eq!(s.get(&format!("/events/{dead_id}"), acme).await.0, 404);
+    assert_eq!(s.get("/events?status=failed", acme).await.1["events"], serde_json::json!([]));
+    // Writes.
+    let as_acme = |path: String| {
+        let url = format!("{}{path}", s.url);
+        async move {
+            let resp = reqwest::Client::new().post(url).bearer_auth("acme-admin-token").send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    let (code, body) = as_acme(format!("/members/{id}/resync")).await;
+    assert_eq!(code, 404, "resync of another tenant's member: {body}");
+    let (code, body) = as_acme(format!("/events/{dead_id}/replay")).await;
+    assert_eq!(code, 404, "replay of another tenant's event: {body}");
+
+    // Nothing changed: the dead letter is still the one row, still failed; the member is
+    // as it was.
+    let (_, e) = s.get(&format!("/events/{dead_id}"), demo).await;
+    assert_eq!(e["status"], "failed", "{e}");
+    let after = s.get(&format!("/members/{id}"), demo).await.1;
+    assert_eq!(after, before);
+    s.stop().await;
+}
