@@ -112,6 +112,7 @@ async fn each_provider_accepts_its_signature_and_rejects_tampering_and_wrong_sec
         ("whop", "payment_succeeded.json"),
         ("memberstack", "member_plan_added.json"),
         ("thrivecart", "order_success.form"),
+        ("memberful", "order_purchased.json"),
     ];
     for (provider, file) in cases {
         let url = format!("/webhooks/demo/{provider}");
@@ -149,6 +150,30 @@ async fn each_provider_accepts_its_signature_and_rejects_tampering_and_wrong_sec
         assert_eq!(status, 200, "{provider}: {ack}");
         assert!(matches!(ack["status"].as_str(), Some("applied" | "duplicate")), "{provider}: {ack}");
     }
+    // Memberful's legacy digest (hex SHA-256 of body + secret, in its own header) alone:
+    // the genuine one is accepted, a tampered body or another secret is not.
+    // See: issue 26 (ignoring the digest check's result passed every test).
+    let url = "/webhooks/demo/memberful";
+    let secret = s.ctx.config().tenants["demo"].providers["memberful"].secret.clone().unwrap();
+    let digest = |secret: &str, body: &[u8]| {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(body);
+        h.update(secret.as_bytes());
+        vec![
+            ("x-memberful-webhook-digest".to_string(), hex::encode(h.finalize())),
+            ("content-type".to_string(), "application/json".to_string()),
+        ]
+    };
+    let body = fixture("memberful", "member_signup");
+    let genuine = digest(secret.expose(), &body);
+    let tampered = String::from_utf8(body.clone()).unwrap().replacen("example.com", "example.org", 1).into_bytes();
+    assert_ne!(tampered, body);
+    assert_eq!(s.post(url, &genuine, tampered).await.0, 401, "memberful legacy digest: tampered body");
+    assert_eq!(s.post(url, &digest("wrong-secret", &body), body.clone()).await.0, 401, "legacy digest: wrong secret");
+    let (status, ack) = s.post(url, &genuine, body).await;
+    assert_eq!(status, 200, "legacy digest: genuine: {ack}");
+
     // ThriveCart's stored body never shows the secret word.
     let events = s.ctx.store.events(None, None, 100).unwrap();
     let tc = events.iter().find(|e| e.provider == "thrivecart").unwrap();
