@@ -101,3 +101,26 @@ async fn broken_rule_edit_is_reported_with_file_and_line_and_old_rules_keep_serv
     assert_eq!(grace_until(&s).await, "2026-02-08T01:00:06Z");
     s.stop().await;
 }
+
+/// The grace period is the file's: `grace_days: 3` in `membersync.yaml` gives a failed
+/// payment three days, over HTTP.
+// See: issue 26 (forcing grace_days to 7 at load was caught by one indirect dry-run test).
+#[tokio::test]
+async fn grace_days_in_the_config_file_sets_grace_until() {
+    let (dir, _) = editable_config();
+    let file = dir.path().join("membersync.yaml");
+    let yaml = std::fs::read_to_string(&file).unwrap();
+    assert!(yaml.contains("grace_days: 7 "), "the shipped default");
+    std::fs::write(&file, yaml.replace("grace_days: 7 ", "grace_days: 3 ")).unwrap();
+    let mut config = membersync::config::Config::load(&file).unwrap();
+    config.database = dir.path().join("m.db").display().to_string();
+    let clock = Arc::new(FixedClock::new(at(1_767_225_600)));
+    let s = Server::start_with(config, clock.clone(), dir).await;
+    post_at(&s, &clock, 1_767_225_600, "checkout_session_completed").await;
+    post_at(&s, &clock, 1_767_225_601, "customer_subscription_created").await;
+    let ack = post_at(&s, &clock, 1_769_907_606, "invoice_payment_failed").await;
+    assert_eq!(ack["status"], "applied");
+    // invoice.payment_failed at 2026-02-01T01:00:06Z, three days on.
+    assert_eq!(grace_until(&s).await, "2026-02-04T01:00:06Z");
+    s.stop().await;
+}
