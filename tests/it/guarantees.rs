@@ -364,3 +364,36 @@ async fn every_tenant_scoped_route_refuses_another_tenants_token_and_changes_not
     assert_eq!(after, before);
     s.stop().await;
 }
+
+/// ThriveCart's Event Subscription API posts JSON with the secret word in the body: it is
+/// redacted before the body is stored, so neither the database nor the admin API shows it.
+// See: issue 26 (leaving it in JSON bodies passed every HTTP test; they posted forms only).
+#[tokio::test]
+async fn thrivecart_json_delivery_never_stores_or_shows_its_secret_word() {
+    let s = Server::start().await;
+    let (raw, content_type, _) = crate::scenarios::load_fixture("thrivecart", "api_order_payment_product.json");
+    assert_eq!(content_type, "application/json");
+    let spec = &s.ctx.config().extractors["thrivecart"].spec.verify;
+    let secret = s.ctx.config().tenants["demo"].providers["thrivecart"].secret.clone().unwrap();
+    let word = secret.expose().to_string();
+    let scheme = membersync::verify::Scheme::compile(spec);
+    let body = scheme.prepare_body(&secret, &raw);
+    assert!(String::from_utf8_lossy(&body).contains(&word), "the delivery carries the word");
+    let mut headers = scheme.sign(&secret, &body, SystemClock.now());
+    headers.push(("content-type".into(), content_type.into()));
+    let (status, ack) = s.post("/webhooks/demo/thrivecart", &headers, body).await;
+    assert_eq!(status, 200, "{ack}");
+    let id = ack["event_id"].as_str().unwrap().to_string();
+
+    let stored = s.ctx.store.events_by_event_id(&id).unwrap();
+    assert_eq!(stored.len(), 1);
+    let text = String::from_utf8_lossy(&stored[0].raw).to_string();
+    assert!(!text.contains(&word), "stored body: {text}");
+    assert!(text.contains("[redacted]"), "stored body keeps the field, redacted: {text}");
+    assert!(!stored[0].headers.get().contains(&word));
+    let (_, e) = s.get(&format!("/events/{id}"), Some(TOKEN)).await;
+    assert!(!e.to_string().contains(&word), "GET /events/{id}: {e}");
+    let (_, list) = s.get("/events", Some(TOKEN)).await;
+    assert!(!list.to_string().contains(&word));
+    s.stop().await;
+}
