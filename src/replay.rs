@@ -45,13 +45,16 @@ pub async fn replay_one(ctx: &Arc<Ctx>, e: &EventRow) -> Result<Ack, Error> {
     let note = format!("replayed under rules {}", ctx.rules().version);
     let now = ctx.clock.now();
     let loaded = ctx.loaded();
+    // The original is marked `replayed` in the same transaction as the new outcome, and
+    // only if it still was replayable: two replays of one dead letter apply it once.
     let ack = ctx
         .store
-        .write(move |tx| {
-            tx.retire_event(seq, &note)?;
-            pipeline::apply(&loaded, tx, incoming, raw, now)
+        .write(move |tx| match tx.mark_replayed(seq, &note)? {
+            true => pipeline::apply(&loaded, tx, incoming, raw, now).map(Some),
+            false => Ok(None),
         })
-        .await?;
+        .await?
+        .ok_or_else(|| Error::NotReplayable(e.seq, "replayed".into()))?;
     ctx.timers_changed.notify_one();
     Ok(ack)
 }

@@ -177,6 +177,10 @@ pub trait Tx {
     /// Takes a stored event out of dedupe (its key gets a suffix) so that it can be
     /// processed again, noting why; returns false if it is not there.
     fn retire_event(&mut self, seq: i64, note: &str) -> Result<bool>;
+    /// Retires a failed, refused or ignored event for replay and marks it `replayed`, so
+    /// it is never replayed again; returns false (and changes nothing) if it is not one of
+    /// those any more (a replay got there first).
+    fn mark_replayed(&mut self, seq: i64, note: &str) -> Result<bool>;
     /// Parked events of a provider waiting for membership `key` (or for any membership of
     /// their member), oldest first.
     fn parked(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Vec<EventRow>>;

@@ -1011,6 +1011,15 @@ impl Tx for SqliteTx<'_, '_> {
         Ok(n > 0)
     }
 
+    fn mark_replayed(&mut self, seq: i64, note: &str) -> Result<bool> {
+        let n = self
+            .st("UPDATE events SET idempotency_key = idempotency_key || '#retired@' || seq, park_key = NULL,
+                   status = 'replayed', reason = COALESCE(reason || ' — ', '') || ?2
+                 WHERE seq = ?1 AND status IN ('failed', 'refused', 'ignored')")?
+            .execute(params![seq, note])?;
+        Ok(n > 0)
+    }
+
     fn parked(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Vec<EventRow>> {
         // Two lookups in the partial index, almost always empty: ordered here rather than
         // by SQL, whose ORDER BY built a temporary B-tree for every event (8% of the writer).

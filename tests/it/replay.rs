@@ -45,10 +45,11 @@ async fn rule_that_raises_dead_letters_and_the_event_applies_on_replay_after_the
     let m = &member(&ctx, "ada@example.com").memberships[0];
     assert_eq!(m.state.as_str(), "past_due");
     assert_eq!(m.grace_until, Some(at(FAILED + 7 * 86_400)));
-    // History keeps both: the dead letter (retired from dedupe) and the replay.
+    // History keeps both: the dead letter (retired from dedupe, marked `replayed`) and the
+    // replay.
     let rows = ctx.store.events_by_event_id("evt_1QxqTxK7dEmoAc01LZbqVCbE").unwrap();
     let summary: Vec<(&str, &str)> = rows.iter().map(|e| (e.source.as_str(), e.status.as_str())).collect();
-    assert_eq!(summary, vec![("webhook", "failed"), ("replay", "applied")]);
+    assert_eq!(summary, vec![("webhook", "replayed"), ("replay", "applied")]);
     assert!(rows[0].reason.as_deref().unwrap().contains("replayed under rules"));
     // The same delivery again is still a duplicate.
     assert_eq!(deliver(&ctx, "stripe", "invoice_payment_failed").await.status, Status::Duplicate);
@@ -155,4 +156,60 @@ async fn dry_run_runs_parked_events_again_from_their_stored_body() {
 
     let diffs = membersync::replay::dry_run(&ctx, &EventFilter::default(), clock.now()).await.unwrap();
     assert!(diffs.is_empty(), "the parked failure ran again in the dry run too: {diffs:?}");
+}
+
+/// One dead letter, its rule fixed, replayed again and again — over HTTP twice at once,
+/// then once more, then by the command's path for every failed event: it applies once.
+// See: issue 26 (applying one dead letter twice went unnoticed); issue 18 (three `replay`
+// runs and one POST each printed `failed → applied`).
+#[tokio::test]
+async fn a_dead_letter_replayed_many_times_applies_once() {
+    let (dir, config) = editable_config();
+    let rules_dir = dir.path().join("rules");
+    let clock = Arc::new(FixedClock::new(at(START)));
+    let s = Server::start_with(config, clock.clone(), dir).await;
+    let post = |name: &'static str| {
+        let body = fixture("stripe", name);
+        let headers = signed_headers(&s.ctx, "stripe", &body, clock.now());
+        let s = &s;
+        async move { s.post("/webhooks/demo/stripe", &headers, body).await.1 }
+    };
+    post("checkout_session_completed").await;
+    post("customer_subscription_created").await;
+    let grace = rules_dir.join("grace.rhai");
+    let good = std::fs::read_to_string(&grace).unwrap();
+    std::fs::write(&grace, good.replace("ev.occurred_at + days", "ev.occured_at + days")).unwrap();
+    membersync::reload::reload(&s.ctx, "test").unwrap();
+    clock.set(at(FAILED));
+    assert_eq!(post("invoice_payment_failed").await["status"], "failed");
+    std::fs::write(&grace, &good).unwrap();
+    membersync::reload::reload(&s.ctx, "test").unwrap();
+
+    let id = "evt_1QxqTxK7dEmoAc01LZbqVCbE";
+    let replay = || {
+        let url = format!("{}/events/{id}/replay", s.url);
+        async move {
+            let resp = reqwest::Client::new().post(url).bearer_auth(TOKEN).send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let (a, b) = tokio::join!(replay(), replay());
+    let mut codes = [a.0, b.0];
+    codes.sort();
+    assert_eq!(codes, [200, 409], "two replays at once: {a:?} {b:?}");
+    let (code, again) = replay().await;
+    assert_eq!(code, 409, "{again}");
+    let done = membersync::replay::replay(&s.ctx, &EventFilter { status: Some("failed".into()), ..Default::default() })
+        .await
+        .unwrap();
+    assert!(done.is_empty(), "nothing failed is left to replay: {done:?}");
+
+    let rows = s.ctx.store.events_by_event_id(id).unwrap();
+    let applied = rows.iter().filter(|e| e.status == "applied").count();
+    assert_eq!(applied, 1, "{:?}", rows.iter().map(|e| (&e.source, &e.status)).collect::<Vec<_>>());
+    assert_eq!(rows[0].status, "replayed");
+    let metrics = s.get_text("/metrics").await;
+    assert!(!metrics.contains("status=\"failed\""), "{metrics}");
+    assert!(metrics.contains("membersync_events_total{status=\"replayed\"} 1"), "{metrics}");
+    s.stop().await;
 }
