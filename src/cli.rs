@@ -186,7 +186,6 @@ fn open_store(config: &Config, database: &str) -> Result<Arc<dyn Store>> {
         queue_capacity: config.queue_capacity,
         max_batch: config.max_batch,
         checkpoint_interval: config.checkpoint_interval,
-        drop_appended_pages: config.drop_appended_pages,
         startup_check: config.startup_check,
         ..Options::default()
     };
@@ -209,6 +208,9 @@ async fn serve(config_path: &Path, listen: Option<String>, database: Option<Stri
         .with_context(|| format!("Failed to listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, database = %config.database, rules = %rules.version, tenants = config.tenants.len(), "Listening.");
+    for name in &config.removed_settings {
+        tracing::warn!(setting = %name, "This setting was removed and is ignored; delete it from the config.");
+    }
     if config.admin_token.is_none() {
         tracing::warn!("No admin token configured: the admin API answers 401 to everyone.");
     }

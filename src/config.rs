@@ -104,12 +104,15 @@ pub struct LimitsSpec {
     /// passes are smaller (a lower p99 under load) and cost more CPU per event. Default 20.
     #[serde(default)]
     pub checkpoint_interval_ms: Option<u64>,
-    /// Whether the checkpointer drops the pages it appended to the database file from the
-    /// operating system's page cache once they are written back. Event rows are written
-    /// once and seldom read again; dropping them lets new pages reuse the same memory
-    /// instead of growing the page cache. Off: they stay cached. Default on.
+    /// Removed: ignored, with a warning at start (kept so that existing files load). It
+    /// opened the database file beside SQLite, and closing that descriptor dropped the
+    /// process's locks on the file.
     #[serde(default)]
     pub drop_appended_pages: Option<bool>,
+    /// Removed: ignored, with a warning at start (kept so that existing files load). The
+    /// WAL-writing VFS it switched on acknowledged commits it had not yet written.
+    #[serde(default)]
+    pub coalesce_wal_writes: Option<bool>,
     /// Most time, in seconds, the integrity check at start (`PRAGMA quick_check`) may
     /// take; a larger database is served unchecked, with a warning. 0 skips the check.
     /// Default 10.
@@ -208,7 +211,8 @@ pub struct Config {
     pub queue_capacity: usize,
     pub max_batch: usize,
     pub checkpoint_interval: std::time::Duration,
-    pub drop_appended_pages: bool,
+    /// Settings of `limits` that are no longer used, as written (warned about at start).
+    pub removed_settings: Vec<String>,
     pub startup_check: std::time::Duration,
     pub tenants: BTreeMap<String, Tenant>,
     pub extractors: BTreeMap<String, Extractor>,
@@ -301,7 +305,14 @@ impl Config {
             queue_capacity: file.limits.queue_capacity.unwrap_or(4096),
             max_batch: file.limits.max_batch.unwrap_or(32),
             checkpoint_interval: std::time::Duration::from_millis(file.limits.checkpoint_interval_ms.unwrap_or(20)),
-            drop_appended_pages: file.limits.drop_appended_pages.unwrap_or(true),
+            removed_settings: [
+                ("limits.drop_appended_pages", file.limits.drop_appended_pages.is_some()),
+                ("limits.coalesce_wal_writes", file.limits.coalesce_wal_writes.is_some()),
+            ]
+            .into_iter()
+            .filter(|(_, set)| *set)
+            .map(|(name, _)| name.to_string())
+            .collect(),
             startup_check: std::time::Duration::from_secs(file.limits.startup_check_secs.unwrap_or(10)),
             tenants,
             reconcile: ReconcileSettings::from_spec(&file.reconcile),

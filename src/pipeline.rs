@@ -325,7 +325,8 @@ pub fn apply_with(
         canonical: None,
         outcome: store::null_json(),
         park_key: None,
-        deliveries: 1,
+        // A provider's request; a timer, replay or reconciliation is none.
+        deliveries: i64::from(source == Source::Webhook),
     };
 
     let x = match incoming {

@@ -38,9 +38,6 @@ pub struct Options {
     pub wal_restart_pages: i64,
     /// Least time between two checkpointer passes (20 ms).
     pub checkpoint_interval: std::time::Duration,
-    /// Whether the checkpointer drops the pages appended to the database file from the OS
-    /// page cache once they are written back (see [`AppendedPages`]).
-    pub drop_appended_pages: bool,
     /// Most time the integrity check at open (`PRAGMA quick_check`) may take; past it the
     /// check is abandoned with a warning. Zero skips it.
     pub startup_check: std::time::Duration,
@@ -75,7 +72,6 @@ impl Default for Options {
             max_batch: 32,
             wal_restart_pages: 10_000,
             checkpoint_interval: std::time::Duration::from_millis(20),
-            drop_appended_pages: true,
             startup_check: std::time::Duration::from_secs(10),
             sync_wal: sync_data,
             on_sync_failure: exit_on_sync_failure,
@@ -255,14 +251,45 @@ unsafe extern "C" fn sqlite_mem_init(_: *mut std::ffi::c_void) -> std::ffi::c_in
 unsafe extern "C" fn sqlite_mem_shutdown(_: *mut std::ffi::c_void) {}
 
 fn open(uri: &str, flags: OpenFlags, memory: bool) -> Result<Connection> {
+    let conn = connect(uri, flags)?;
+    configure(&conn, memory)?;
+    Ok(conn)
+}
+
+/// A connection, before any statement has run on it.
+fn connect(uri: &str, flags: OpenFlags) -> Result<Connection> {
     configure_sqlite();
     let mut conn = Connection::open_with_flags(uri, flags)?;
     conn.busy_handler(Some(wait_for_lock))?;
+    Ok(conn)
+}
+
+fn configure(conn: &Connection, memory: bool) -> Result<()> {
     if !memory {
         conn.pragma_update(None, "journal_mode", "WAL")?;
     }
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(())
+}
+
+/// The first connection to a database file: checked (`startup_check`) before anything
+/// else runs on it, and unable to checkpoint on close until it passed — closing a
+/// connection copies the WAL into the database file and deletes it, which on a damaged
+/// database would change the very files the operator is told to keep.
+fn open_checked(uri: &str, flags: OpenFlags, budget: std::time::Duration) -> Result<Connection> {
+    use rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE as NO_CKPT_ON_CLOSE;
+    let conn = connect(uri, flags).map_err(|e| open_error(uri, e))?;
+    conn.set_db_config(NO_CKPT_ON_CLOSE, true)?;
+    if !startup_check(&conn, uri, budget)? {
+        tracing::warn!(
+            database = %uri,
+            budget_secs = budget.as_secs_f64(),
+            "The integrity check at start did not finish in time; serving unchecked (limits.startup_check_secs)."
+        );
+    }
+    configure(&conn, false).map_err(|e| open_error(uri, e))?;
+    conn.set_db_config(NO_CKPT_ON_CLOSE, false)?;
     Ok(conn)
 }
 
@@ -362,19 +389,10 @@ impl SqliteStore {
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_URI
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let writer = open(&uri, flags, memory).map_err(|e| open_error(&uri, e))?;
-        if !memory {
-            // Closing a connection checkpoints the WAL into the database: not a damaged one.
-            writer.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
-            if !startup_check(&writer, &uri, opts.startup_check)? {
-                tracing::warn!(
-                    database = %uri,
-                    budget_secs = opts.startup_check.as_secs_f64(),
-                    "The integrity check at start did not finish in time; serving unchecked (limits.startup_check_secs)."
-                );
-            }
-            writer.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)?;
-        }
+        let writer = match memory {
+            true => open(&uri, flags, memory)?,
+            false => open_checked(&uri, flags, opts.startup_check)?,
+        };
         migrate(&mut open(&uri, flags, memory)?)?;
         // Each event runs in its own savepoint: keep its page copies in memory, not in a
         // temporary file.
@@ -410,17 +428,13 @@ impl SqliteStore {
                 let restart_pages = opts.wal_restart_pages.max(1);
                 writer.pragma_update(None, "wal_autocheckpoint", 4 * restart_pages)?;
                 let conn = open(&uri, flags, memory)?;
-                let appended = match (opts.drop_appended_pages, conn.path()) {
-                    (true, Some(db)) => AppendedPages::open(std::path::Path::new(db)),
-                    _ => None,
-                };
                 let (wake, woken) = std::sync::mpsc::sync_channel(1);
                 let restart = restart.clone();
                 let interval = opts.checkpoint_interval;
                 let health = health.clone();
                 std::thread::Builder::new()
                     .name("membersync-ckpt".into())
-                    .spawn(move || run_checkpointer(conn, woken, restart, restart_pages, interval, appended, health))
+                    .spawn(move || run_checkpointer(conn, woken, restart, restart_pages, interval, health))
                     .map_err(|e| Error::Db(format!("cannot start checkpointer: {e}")))?;
                 Some(wake)
             }
@@ -593,84 +607,17 @@ impl Syncer {
     }
 }
 
-/// The pages the checkpointer appends to the database file, dropped from the operating
-/// system's page cache once written back (`posix_fadvise(DONTNEED)`, which leaves dirty
-/// pages alone: it only starts their write-back). Under load the file grows by a page or so
-/// per event — mostly event rows, written once and seldom read — and kept cached, that is
-/// as much new memory, tens of megabytes a second. Dropped, the next pages reuse the same
-/// memory. On a VM that hands idle memory back to its host, every first touch of new
-/// memory is a host fault: there the checkpointer spent 12 µs of system time per page it
-/// appended (and the p99 rose with it), against a third of that with this on.
-///
-/// A passive checkpoint syncs the file only when it caught up with the writer, so a page
-/// appended in one pass may still be dirty at the next: each pass covers what the last
-/// [`AppendedPages::PASSES`] passes appended (from the length the file had then). Pages
-/// that were in the file when the store opened are never touched. The writer keeps its
-/// own page cache; a reader of a dropped page reads it from the disk.
-struct AppendedPages {
-    file: std::fs::File,
-    /// The file's length at the start of each of the last passes, oldest first.
-    lengths: std::collections::VecDeque<u64>,
-}
-
-impl AppendedPages {
-    const PASSES: usize = 8;
-
-    fn open(db: &std::path::Path) -> Option<AppendedPages> {
-        let file = std::fs::File::open(db).ok()?;
-        let len = file.metadata().ok()?.len();
-        Some(AppendedPages { file, lengths: [len].into() })
-    }
-
-    /// The byte range to drop after a pass that left the file `len` bytes long.
-    fn range(&mut self, len: u64) -> std::ops::Range<u64> {
-        // A file that shrank has nothing past its end to drop.
-        for l in self.lengths.iter_mut() {
-            *l = (*l).min(len);
-        }
-        let from = self.lengths.front().copied().unwrap_or(len);
-        self.lengths.push_back(len);
-        if self.lengths.len() > Self::PASSES {
-            self.lengths.pop_front();
-        }
-        from..len
-    }
-
-    fn drop_pass(&mut self) {
-        let Ok(meta) = self.file.metadata() else { return };
-        let range = self.range(meta.len());
-        if !range.is_empty() {
-            drop_cached(&self.file, range);
-        }
-    }
-}
-
-#[cfg(target_os = "linux")]
-fn drop_cached(file: &std::fs::File, range: std::ops::Range<u64>) {
-    use std::os::fd::AsRawFd;
-    let (Ok(offset), Ok(len)) = (i64::try_from(range.start), i64::try_from(range.end - range.start)) else {
-        return;
-    };
-    // SAFETY: a hint about a file descriptor this struct owns; it changes no file content.
-    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED) };
-    if rc != 0 {
-        tracing::debug!(rc, "posix_fadvise(DONTNEED) on the database file failed.");
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn drop_cached(_file: &std::fs::File, _range: std::ops::Range<u64>) {}
-
 /// Copies the WAL into the database file (a passive checkpoint: it never blocks the writer
-/// or readers) after batches were made durable, at most every `interval`; then drops what
-/// it appended from the OS cache (`appended`). Ends with the syncer.
+/// or readers) after batches were made durable, at most every `interval`. Ends with the
+/// syncer. After an I/O error it marks the store failed and checkpoints no more, but keeps
+/// its connection open until the store ends (the connection's shared lock on the file is
+/// what tells another process that the WAL is in use).
 fn run_checkpointer(
     conn: Connection,
     woken: std::sync::mpsc::Receiver<()>,
     restart: Arc<AtomicBool>,
     restart_pages: i64,
     interval: std::time::Duration,
-    mut appended: Option<AppendedPages>,
     health: Health,
 ) {
     while woken.recv().is_ok() {
@@ -685,21 +632,14 @@ fn run_checkpointer(
             }
             Ok(_) => {}
             Err(e) if is_storage_failure(&e) => {
-                let why = format!("WAL checkpoint failed: {e}");
-                if is_sync_failure(&e) {
-                    health.sync_failed(&why);
-                } else {
-                    health.fail(&why);
-                }
+                let e = storage_error(e, &health, "WAL checkpoint failed");
                 tracing::error!(error = %e, "WAL checkpoint failed on an I/O error; the store takes no more writes.");
+                while woken.recv().is_ok() {}
                 return;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "WAL checkpoint failed; the writer checkpoints at four times the restart size.")
             }
-        }
-        if let Some(appended) = &mut appended {
-            appended.drop_pass();
         }
         std::thread::sleep(interval.saturating_sub(started.elapsed()));
     }
@@ -738,22 +678,28 @@ fn run_writer(
             // The checkpointer has copied nearly all of the WAL: copy the rest, so that
             // this batch starts the WAL over.
             if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                let e = storage_error(e, &health, "WAL checkpoint before a batch failed");
                 tracing::warn!(error = %e, "WAL checkpoint before a batch failed.");
+                if health.check().is_err() {
+                    drop(first);
+                    continue;
+                }
             }
         }
         let mut dones = Vec::new();
         let result = (|| -> Result<()> {
             let txn = rusqlite::Transaction::new_unchecked(&conn, rusqlite::TransactionBehavior::Immediate)
-                .map_err(|e| storage_error(e, &health))?;
+                .map_err(|e| storage_error(e, &health, "the writer's transaction failed"))?;
             let mut tx = SqliteTx { conn: &conn, prepared: Some(&mut prepared), lean: false };
             let mut next = Some(first);
             while let Some(work) = next.take() {
-                tx.st("SAVEPOINT job")?.execute([])?;
+                let step = |e| storage_error(e, &health, "the writer's transaction failed");
+                tx.st("SAVEPOINT job")?.execute([]).map_err(step)?;
                 let (ok, done) = work(&mut tx);
                 if !ok {
-                    tx.st("ROLLBACK TO job")?.execute([])?;
+                    tx.st("ROLLBACK TO job")?.execute([]).map_err(step)?;
                 }
-                tx.st("RELEASE job")?.execute([])?;
+                tx.st("RELEASE job")?.execute([]).map_err(step)?;
                 dones.push(done);
                 while next.is_none() && dones.len() < max_batch {
                     let msg = match rx.try_recv() {
@@ -771,7 +717,7 @@ fn run_writer(
                     }
                 }
             }
-            txn.commit().map_err(|e| storage_error(e, &health))?;
+            txn.commit().map_err(|e| storage_error(e, &health, "the writer's transaction failed"))?;
             Ok(())
         })();
         if let Err(e) = &result {
@@ -787,9 +733,9 @@ fn run_writer(
 
 /// An error of the writer's transaction: one that means the storage failed marks the
 /// store failed (and a failed sync is reported, which by default ends the process).
-fn storage_error(e: rusqlite::Error, health: &Health) -> Error {
+fn storage_error(e: rusqlite::Error, health: &Health, what: &str) -> Error {
     if is_storage_failure(&e) {
-        let why = format!("the writer's transaction failed: {e}");
+        let why = format!("{what}: {e}");
         if is_sync_failure(&e) {
             health.sync_failed(&why);
         } else {
@@ -1035,8 +981,8 @@ impl Tx for SqliteTx<'_, '_> {
         // A scratch keeps the body only of events it may run again (parked ones).
         let lean = self.lean && e.park_key.is_none();
         self.st(
-                "INSERT INTO events (tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                "INSERT INTO events (tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key, deliveries)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
             )?
             .execute(params![
                 e.tenant,
@@ -1057,6 +1003,7 @@ impl Tx for SqliteTx<'_, '_> {
                 if lean { None } else { e.canonical.as_ref().map(|c| c.get()) },
                 if lean { "null" } else { e.outcome.get() },
                 e.park_key,
+                e.deliveries,
             ])?;
         Ok(self.conn.last_insert_rowid())
     }
@@ -1603,33 +1550,6 @@ mod tests {
         }
     }
 
-    /// Each pass drops what the last `PASSES` passes appended, never what the file held
-    /// when the store opened, and nothing past the end of a file that shrank.
-    #[test]
-    fn appended_pages_cover_the_last_passes_and_never_the_opening_length() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("grow.db");
-        std::fs::write(&path, vec![0u8; 4096]).unwrap();
-        let mut a = AppendedPages::open(&path).unwrap();
-        let p = 4096u64;
-        assert_eq!(a.range(2 * p), p..2 * p);
-        assert_eq!(a.range(3 * p), p..3 * p);
-        // The first PASSES passes all reach back to the opening length…
-        for n in 4..=AppendedPages::PASSES as u64 + 1 {
-            assert_eq!(a.range(n * p), p..n * p, "pass {n}");
-        }
-        // …and from here on the start slides forward one pass at a time.
-        let n = AppendedPages::PASSES as u64 + 2;
-        assert_eq!(a.range(n * p), 2 * p..n * p);
-        assert_eq!(a.range((n + 1) * p), 3 * p..(n + 1) * p);
-        // A file that shrank: nothing past its end, and the window restarts at it.
-        assert_eq!(a.range(2 * p), 2 * p..2 * p);
-        assert_eq!(a.range(3 * p), 2 * p..3 * p);
-        // A pass with nothing appended still covers the recent passes.
-        assert_eq!(a.range(3 * p), 2 * p..3 * p);
-        a.drop_pass();
-    }
-
     /// Jobs that arrive while a batch is being synced join the open batch; a failing job
     /// among them is rolled back alone and every caller hears its own result.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1704,46 +1624,5 @@ mod tests {
         assert!(largest > (pages as u64) * frame, "the writes should outgrow one restart size: {largest} bytes");
         // SQLite's own trigger alone lets it reach about 4 × 100 pages (429 when tried).
         assert!(largest < 3 * (pages as u64) * frame, "WAL grew to {largest} bytes ({} pages)", largest / frame);
-    }
-
-    /// With the checkpointer dropping what it appended from the OS cache (the default),
-    /// everything written reads back intact — while writes go on and afterwards, from a
-    /// fresh connection — and the file passes SQLite's integrity check.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn dropped_pages_read_back_intact() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("dropped.db");
-        let opts = Options { wal_restart_pages: 200, ..Options::default() };
-        assert!(opts.drop_appended_pages, "on by default");
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(db.to_str().unwrap(), opts).unwrap());
-        let opened = std::fs::metadata(&db).unwrap().len();
-        let name = |i: usize| format!("{i:05}-{}", "n".repeat(3000)); // about a page per member
-        for wave in 0..40 {
-            let mut tasks = Vec::new();
-            for i in wave * 25..(wave + 1) * 25 {
-                let store = store.clone();
-                let mut m = member(i);
-                m.name = Some(name(i));
-                tasks.push(tokio::spawn(async move { store.write(move |tx| tx.save_member(&m)).await }));
-            }
-            for t in tasks {
-                t.await.unwrap().unwrap();
-            }
-            // Read back a member of an earlier wave while the checkpointer works.
-            let i = wave * 13;
-            let got = store.member(&format!("mbr_{i}")).unwrap().expect("written earlier");
-            assert_eq!(got.name.as_deref(), Some(name(i).as_str()));
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        }
-        assert!(std::fs::metadata(&db).unwrap().len() > opened + 2_000_000, "the file should have grown");
-        for i in 0..1000 {
-            let got = store.member(&format!("mbr_{i}")).unwrap().expect("written");
-            assert_eq!(got.name.as_deref(), Some(name(i).as_str()), "member {i}");
-        }
-        let fresh = Connection::open(&db).unwrap();
-        let check: String = fresh.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
-        assert_eq!(check, "ok");
-        let count: i64 = fresh.query_row("SELECT count(*) FROM members", [], |r| r.get(0)).unwrap();
-        assert_eq!(count, 1000);
     }
 }

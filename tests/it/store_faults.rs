@@ -205,3 +205,69 @@ async fn damaged_database_is_refused_at_start_with_recovery_steps() {
     assert!(std::fs::read(&db).unwrap() == bytes, "the damaged file is left as it was");
     assert!(std::fs::read(dir.path().join("membersync.db-wal")).ok() == wal, "its WAL too");
 }
+
+/// A damaged schema (a byte of an index's SQL) with a WAL of committed frames beside it:
+/// refused at start, and neither file is changed — the refusing connection must not copy
+/// the WAL into the damaged database as it closes.
+// See: issue 16 (found on review: the WAL was merged and deleted by the refusal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_schema_is_refused_and_its_wal_left_as_it_was() {
+    let (dir, config) = editable_config();
+    let signer = ctx_with(config, Arc::new(FixedClock::new(SystemClock.now())));
+    let post = |url: &str, signer: &membersync::pipeline::Ctx, body: Vec<u8>| {
+        let (url, headers) = (url.to_string(), signed_headers(signer, "stripe", &body, SystemClock.now()));
+        async move {
+            let mut req = reqwest::Client::new().post(format!("{url}/webhooks/demo/stripe")).body(body);
+            for (k, v) in headers {
+                req = req.header(k, v);
+            }
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    // Create and migrate the database, then close it cleanly (its WAL is checkpointed and
+    // deleted): the schema pages now live only in the database file.
+    let mut svc = spawn(dir.path(), free_port()).await;
+    svc.kill9();
+    let db = dir.path().join("membersync.db");
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        let _: i64 = c.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0)).unwrap();
+    }
+    assert!(!dir.path().join("membersync.db-wal").exists());
+    // Serve, answer some deliveries, kill -9: a WAL with committed frames is left.
+    let mut svc = spawn(dir.path(), free_port()).await;
+    for n in 0..50 {
+        let body = String::from_utf8(fixture("stripe", "customer_created"))
+            .unwrap()
+            .replace("evt_1QxTTTK7dEmoAc018TCMSFm8", &format!("evt_schema_{n}"));
+        let (code, ack) = post(&svc.url, &signer, body.into_bytes()).await;
+        assert_eq!(code, 200, "{ack}");
+    }
+    svc.kill9();
+    let wal_before = std::fs::read(dir.path().join("membersync.db-wal")).expect("a WAL is left");
+    assert!(wal_before.len() > 32, "the WAL holds frames");
+    // One damaged byte in the schema text of an index (a schema leaf page, not in the WAL).
+    let mut bytes = std::fs::read(&db).unwrap();
+    let needle = b"CREATE INDEX events_status";
+    let at = bytes.windows(needle.len()).rposition(|w| w == needle).expect("schema text in the file");
+    bytes[at + 5] = b'X';
+    std::fs::write(&db, &bytes).unwrap();
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_membersync"))
+        .args(["serve", "--config"])
+        .arg(dir.path().join("membersync.yaml"))
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it refused to serve");
+    assert!(stderr.contains("is damaged"), "{stderr}");
+    let wal_after = std::fs::read(dir.path().join("membersync.db-wal")).ok();
+    assert!(
+        wal_after.as_ref() == Some(&wal_before),
+        "its WAL is left as it was: now {:?} bytes",
+        wal_after.map(|w| w.len())
+    );
+    assert!(std::fs::read(&db).unwrap() == bytes, "the damaged file is left as it was");
+}
