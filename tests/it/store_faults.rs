@@ -192,15 +192,7 @@ async fn damaged_database_is_refused_at_start_with_recovery_steps() {
     }
     std::fs::write(&db, &bytes).unwrap();
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_membersync"))
-        .args(["serve", "--config"])
-        .arg(dir.path().join("membersync.yaml"))
-        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "it refused to serve");
-    assert!(stderr.contains("is damaged"), "{stderr}");
+    let stderr = serve_refuses_damaged(dir.path());
     assert!(stderr.contains(".recover"), "names the recovery: {stderr}");
     assert!(std::fs::read(&db).unwrap() == bytes, "the damaged file is left as it was");
     assert!(std::fs::read(dir.path().join("membersync.db-wal")).ok() == wal, "its WAL too");
@@ -254,15 +246,7 @@ async fn damaged_schema_is_refused_and_its_wal_left_as_it_was() {
     bytes[at + 5] = b'X';
     std::fs::write(&db, &bytes).unwrap();
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_membersync"))
-        .args(["serve", "--config"])
-        .arg(dir.path().join("membersync.yaml"))
-        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "it refused to serve");
-    assert!(stderr.contains("is damaged"), "{stderr}");
+    serve_refuses_damaged(dir.path());
     let wal_after = std::fs::read(dir.path().join("membersync.db-wal")).ok();
     assert!(
         wal_after.as_ref() == Some(&wal_before),
@@ -270,4 +254,19 @@ async fn damaged_schema_is_refused_and_its_wal_left_as_it_was() {
         wal_after.map(|w| w.len())
     );
     assert!(std::fs::read(&db).unwrap() == bytes, "the damaged file is left as it was");
+}
+
+/// Runs `serve` on the config in `dir`, expecting it to refuse a damaged database; its
+/// standard error.
+fn serve_refuses_damaged(dir: &std::path::Path) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_membersync"))
+        .args(["serve", "--config"])
+        .arg(dir.join("membersync.yaml"))
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "it refused to serve");
+    assert!(stderr.contains("is damaged"), "{stderr}");
+    stderr
 }
