@@ -194,6 +194,16 @@ fn open_store(config: &Config, database: &str) -> Result<Arc<dyn Store>> {
 }
 
 async fn serve(config_path: &Path, listen: Option<String>, database: Option<String>) -> Result<ExitCode> {
+    // What `check` refuses, the service refuses: at start as at every reload.
+    let findings = crate::check::check(config_path);
+    if !findings.errors.is_empty() {
+        let errors = findings.errors.iter().map(|d| format!("{d}\n")).collect::<String>();
+        bail!(
+            "{}{} error(s): `membersync check` refuses these files; nothing was started",
+            errors,
+            findings.errors.len()
+        );
+    }
     let mut config = load_config(config_path)?;
     if let Some(l) = listen {
         config.listen = l;

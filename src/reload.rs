@@ -28,10 +28,17 @@ pub struct ReloadStatus {
 
 /// Loads config and rules from where the running config came from; on success swaps
 /// them in, on failure keeps the old ones. Either way the status is recorded and logged.
+/// The files must first pass `membersync check` — the same function, so the service
+/// refuses exactly what `check` refuses (its warnings do not refuse).
 pub fn reload(ctx: &Ctx, trigger: &str) -> Result<String, Vec<Diagnostic>> {
     let now = ctx.clock.now();
     let old = ctx.config();
-    let result = Config::load(&old.path).map_err(|e| e.0).and_then(|mut config| {
+    let checked = crate::check::check(&old.path);
+    let result = match checked.errors.is_empty() {
+        true => Ok(()),
+        false => Err(checked.errors),
+    };
+    let result = result.and_then(|()| Config::load(&old.path).map_err(|e| e.0)).and_then(|mut config| {
         // Where the service listens and stores cannot change while it runs.
         config.database = old.database.clone();
         config.listen = old.listen.clone();
