@@ -390,12 +390,9 @@ pub async fn replay_event(
                 "event_id": ack.event_id, "was": e.status, "status": ack.status, "reason": ack.outcome.reason,
             })),
         )),
-        Err(crate::replay::Error::NotReplayable(..)) => Ok((
-            axum::http::StatusCode::CONFLICT,
-            Json(
-                json!({ "error": format!("event is {}: only failed, refused or ignored events are replayed", e.status) }),
-            ),
-        )),
+        Err(err @ crate::replay::Error::NotReplayable(..)) => {
+            Ok((axum::http::StatusCode::CONFLICT, Json(json!({ "error": err.to_string() }))))
+        }
         Err(crate::replay::Error::Store(err)) => Err(err.into()),
         Err(other) => Err(ApiError::Internal(other.to_string())),
     }

@@ -372,7 +372,14 @@ pub fn check(config_path: &Path) -> Findings {
     let mut schema_broken = Vec::new();
     for p in &provider_files {
         let file = format!("rules/providers/{}", p.file_name().unwrap_or_default().to_string_lossy());
-        let Ok(psrc) = std::fs::read_to_string(p) else { continue };
+        let psrc = match std::fs::read_to_string(p) {
+            Ok(s) => s,
+            Err(e) => {
+                schema_broken.push(file.clone());
+                f.errors.push(Diagnostic::new(&file, 1, 1, format!("cannot read: {e}")));
+                continue;
+            }
+        };
         let errs = validate(&file, &psrc, &provider_schema);
         if !errs.is_empty() {
             schema_broken.push(file.clone());

@@ -393,7 +393,7 @@ pub async fn simulate_json(
         Err(failure) => Incoming::Unreadable { provider: provider.to_string(), tenant: tenant.to_string(), failure },
     };
     let ctx = Arc::new(Ctx::new(config, rules, store, Arc::new(FixedClock::new(at))));
-    let raw = Raw { body, headers, source: Source::Simulate };
+    let raw = Raw { body, headers, source: Source::Simulate, delivery: false };
     let ack = pipeline::process(&ctx, incoming, raw).await?;
     let o = ack.outcome;
     let mut out = json!({

@@ -124,7 +124,7 @@ pub async fn accept(
     };
     let stored: Vec<(String, String)> =
         headers.into_iter().filter(|(k, _)| !UNSTORED_HEADERS.contains(&k.as_str())).collect();
-    let raw = Raw { body: stored_body, headers: stored, source: Source::Webhook };
+    let raw = Raw { body: stored_body, headers: stored, source: Source::Webhook, delivery: true };
     pipeline::process(ctx, incoming, raw).await.map_err(|e| {
         tracing::error!(%tenant, %provider, error = %e, "Webhook could not be stored; the provider will retry.");
         ApiError::from(e)

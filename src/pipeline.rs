@@ -204,6 +204,9 @@ pub struct Raw {
     pub body: Vec<u8>,
     pub headers: Vec<(String, String)>,
     pub source: Source,
+    /// Whether it is a provider's request (counted in the event's `deliveries`): a
+    /// webhook as it came in, not a replay, a timer or one membership's part of it.
+    pub delivery: bool,
 }
 
 /// Runs one event through dedupe → rules → machine → store and waits for its commit.
@@ -305,6 +308,7 @@ pub fn apply_with(
         return Ok(Ack { event_id: prev.event_id, status: Status::Duplicate, outcome });
     }
 
+    let delivery = raw.delivery;
     let mut rec = EventRow {
         seq: 0,
         tenant: tenant.clone(),
@@ -326,7 +330,7 @@ pub fn apply_with(
         outcome: store::null_json(),
         park_key: None,
         // A provider's request; a timer, replay or reconciliation is none.
-        deliveries: i64::from(source == Source::Webhook),
+        deliveries: i64::from(delivery),
     };
 
     let x = match incoming {
@@ -415,6 +419,7 @@ pub fn apply_with(
                     body: rec.raw.clone(),
                     headers: serde_json::from_str(rec.headers.get()).unwrap_or_default(),
                     source,
+                    delivery: false,
                 };
                 let ack = apply(loaded, tx, Incoming::Extracted(Box::new(sub)), raw, now)?;
                 let o = &ack.outcome;
@@ -956,7 +961,7 @@ pub fn incoming_from_row(config: &Config, e: &EventRow) -> Option<(Incoming, Raw
     let x = config.extractors.get(&e.provider)?;
     let headers: Vec<(String, String)> = serde_json::from_str(e.headers.get()).unwrap_or_default();
     let content_type = headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_str());
-    let raw = Raw { body: e.raw.clone(), headers: headers.clone(), source: Source::Replay };
+    let raw = Raw { body: e.raw.clone(), headers: headers.clone(), source: Source::Replay, delivery: false };
     let unreadable = |error: String| Incoming::Unreadable {
         provider: e.provider.clone(),
         tenant: e.tenant.clone(),

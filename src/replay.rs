@@ -18,7 +18,7 @@ use std::sync::Arc;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Only events that changed nothing may run again (applied ones would apply twice).
-    #[error("event #{0} is {1}: only failed, refused or ignored events are replayed")]
+    #[error("event #{0} is {1}: only failed, refused or ignored deliveries are replayed, each once")]
     NotReplayable(i64, String),
     /// The provider has no YAML any more.
     #[error("no provider `{0}` in the rules")]
@@ -39,6 +39,11 @@ fn incoming(config: &Config, e: &EventRow) -> Result<(Incoming, Raw), Error> {
 pub async fn replay_one(ctx: &Arc<Ctx>, e: &EventRow) -> Result<Ack, Error> {
     if !REPLAYABLE.contains(&e.status.as_str()) {
         return Err(Error::NotReplayable(e.seq, e.status.clone()));
+    }
+    if e.source == Source::Timer.as_str() {
+        // Its stored body is the timer, not a provider's payload: run again as a delivery
+        // it could only fail, and the timer itself is gone once it fired.
+        return Err(Error::NotReplayable(e.seq, format!("{} (a timer's event)", e.status)));
     }
     let (incoming, raw) = incoming(&ctx.config(), e)?;
     let seq = e.seq;
@@ -226,7 +231,12 @@ fn fire_due_in_tx(loaded: &pipeline::Loaded, tx: &mut dyn crate::store::Tx, at: 
             return Ok(());
         }
         for t in due {
-            let raw = Raw { body: serde_json::to_vec(&t).unwrap_or_default(), headers: vec![], source: Source::Timer };
+            let raw = Raw {
+                body: serde_json::to_vec(&t).unwrap_or_default(),
+                headers: vec![],
+                source: Source::Timer,
+                delivery: false,
+            };
             let when = t.due_at;
             pipeline::apply(loaded, tx, Incoming::Timer(t), raw, when)?;
         }

@@ -34,7 +34,7 @@ pub async fn fire_due(ctx: &Arc<Ctx>, now: DateTime<Utc>) -> usize {
         let batch = due.len();
         for t in due {
             let body = serde_json::to_vec(&t).unwrap_or_default();
-            let raw = Raw { body, headers: vec![], source: Source::Timer };
+            let raw = Raw { body, headers: vec![], source: Source::Timer, delivery: false };
             let (name, membership) = (t.name.clone(), t.membership_id.clone());
             match pipeline::process(ctx, Incoming::Timer(t), raw).await {
                 Ok(ack) => {

@@ -480,6 +480,7 @@ impl Reconciler {
             body,
             headers: vec![("x-membersync-reconcile".into(), request.describe())],
             source: Source::Reconcile,
+            delivery: false,
         };
         let ack = match pipeline::process(ctx, Incoming::Extracted(Box::new(event)), raw).await {
             Ok(a) => a,

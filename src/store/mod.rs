@@ -174,8 +174,9 @@ pub trait Tx {
     fn event_by_key(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Option<EventRow>>;
     /// Counts one more delivery of an already stored event.
     fn note_duplicate(&mut self, seq: i64) -> Result<()>;
-    /// Takes a stored event out of dedupe (its key gets a suffix) so that it can be
-    /// processed again, noting why; returns false if it is not there.
+    /// Takes a stored event out of dedupe (its key gets a suffix) and marks it `replayed`
+    /// so that it is processed again once, here, and never by a replay; notes why; returns
+    /// false if it is not there.
     fn retire_event(&mut self, seq: i64, note: &str) -> Result<bool>;
     /// Retires a failed, refused or ignored event for replay and marks it `replayed`, so
     /// it is never replayed again; returns false (and changes nothing) if it is not one of

@@ -952,7 +952,7 @@ impl Tx for SqliteTx<'_, '_> {
     fn retire_event(&mut self, seq: i64, note: &str) -> Result<bool> {
         let n = self
             .st("UPDATE events SET idempotency_key = idempotency_key || '#retired@' || seq, park_key = NULL,
-                   reason = COALESCE(reason || ' — ', '') || ?2 WHERE seq = ?1")?
+                   status = 'replayed', reason = COALESCE(reason || ' — ', '') || ?2 WHERE seq = ?1")?
             .execute(params![seq, note])?;
         Ok(n > 0)
     }

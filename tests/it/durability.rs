@@ -451,3 +451,22 @@ async fn replay_then_redelivery_counts_each_answered_request_once() {
     assert_eq!(rows.len(), 2, "the delivery and its replay: {e}");
     assert!(sum >= answered && sum <= sent, "answered {answered}, sent {sent}: deliveries per row {counts:?}");
 }
+
+/// A `member_deleted` applies to each of the member's memberships, one row each: the one
+/// request is still one delivery.
+// See: issue 16 (found on review: one request was counted once per row).
+#[tokio::test]
+async fn member_deleted_for_several_memberships_counts_one_delivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FixedClock::new(at(1_773_532_800)));
+    let ctx = ctx_on(&dir.path().join("m.db"), clock.clone());
+    for f in ["member_signup", "order_completed", "order_purchased"] {
+        deliver(&ctx, "memberful", f).await;
+    }
+    let a = deliver(&ctx, "memberful", "member_deleted").await;
+    let all = ctx.store.events(None, None, 100).unwrap();
+    let rows: Vec<_> = all.iter().filter(|e| e.event_id == a.event_id).collect();
+    let total: i64 = rows.iter().map(|e| e.deliveries).sum();
+    assert!(rows.len() >= 2, "a row for the membership besides the request's: {}", rows.len());
+    assert_eq!(total, 1, "one request, counted {total} times");
+}

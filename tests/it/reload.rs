@@ -205,3 +205,63 @@ async fn serve_refuses_to_start_on_files_check_refuses() {
     assert!(!out.status.success(), "it did not start");
     assert!(stderr.contains("rules/grace.rhai:") && stderr.contains("payment_fail"), "{stderr}");
 }
+
+/// A provider file that cannot be read as text (not UTF-8: a half-copied file, a binary
+/// dropped by mistake): `check` and the reload both refuse it.
+// See: issue 26 (found on review: check skipped it and passed, the reload refused).
+#[tokio::test]
+async fn unreadable_provider_file_is_refused_by_check_and_reload_alike() {
+    let (dir, config) = editable_config();
+    let clock = Arc::new(FixedClock::new(at(1_769_907_606)));
+    let ctx = ctx_with(config, clock);
+    std::fs::write(dir.path().join("rules/providers/junk.yaml"), [0xffu8, 0xfe, 0x00, b'\n']).unwrap();
+    let f = membersync::check::check(&dir.path().join("membersync.yaml"));
+    let reloaded = membersync::reload::reload(&ctx, "test");
+    assert!(!f.errors.is_empty(), "check refuses it");
+    assert_eq!(
+        f.errors.is_empty(),
+        reloaded.is_ok(),
+        "check {} but reload {:?}",
+        if f.errors.is_empty() { "accepts" } else { "refuses" },
+        reloaded
+    );
+}
+
+/// The same with the binaries, a directory named like a provider file: `check` exits 1
+/// and `serve` does not start.
+#[tokio::test]
+async fn provider_path_that_is_a_directory_fails_check_and_serve_alike() {
+    let (dir, _) = editable_config();
+    std::fs::create_dir(dir.path().join("rules/providers/old.yaml")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_membersync"))
+        .args(["check", "--config"])
+        .arg(dir.path().join("membersync.yaml"))
+        .output()
+        .unwrap();
+    let check_ok = out.status.success();
+    let port = free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_membersync"))
+        .args(["serve", "--config"])
+        .arg(dir.path().join("membersync.yaml"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut serve_ok = false;
+    for _ in 0..100 {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        if reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await.is_ok() {
+            serve_ok = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let out2 = child.wait_with_output().unwrap();
+    assert!(!check_ok, "check exits 1: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out2.stderr).contains("cannot read"));
+    assert_eq!(check_ok, serve_ok, "check ok={check_ok}, serve started={serve_ok}");
+}

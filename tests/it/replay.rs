@@ -213,3 +213,68 @@ async fn a_dead_letter_replayed_many_times_applies_once() {
     assert!(metrics.contains("membersync_events_total{status=\"replayed\"} 1"), "{metrics}");
     s.stop().await;
 }
+
+/// A parked event (arrived before its membership) runs again once the membership exists;
+/// its original row is then `replayed`, so a replay of refused events does not apply it a
+/// second time.
+// See: issue 26 (found on review: the released row stayed `refused` and applied twice).
+#[tokio::test]
+async fn a_released_parked_event_is_not_replayed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FixedClock::new(at(FAILED)));
+    let ctx = ctx_on(&dir.path().join("m.db"), clock.clone());
+    let early = deliver(&ctx, "stripe", "invoice_payment_failed").await;
+    assert_eq!(early.status, Status::Refused, "{:?}", early.outcome.reason);
+    deliver(&ctx, "stripe", "checkout_session_completed").await;
+    deliver(&ctx, "stripe", "customer_subscription_created").await;
+    let id = "evt_1QxqTxK7dEmoAc01LZbqVCbE";
+    let before: Vec<(String, String)> =
+        ctx.store.events_by_event_id(id).unwrap().iter().map(|e| (e.source.clone(), e.status.clone())).collect();
+    assert_eq!(before, [("webhook".to_string(), "replayed".to_string()), ("replay".into(), "applied".into())]);
+    // The event already applied once (released). Replaying refused events must not apply it again.
+    let done = membersync::replay::replay(&ctx, &EventFilter { status: Some("refused".into()), ..Default::default() })
+        .await
+        .unwrap();
+    let after: Vec<(String, String)> =
+        ctx.store.events_by_event_id(id).unwrap().iter().map(|e| (e.source.clone(), e.status.clone())).collect();
+    assert!(done.is_empty(), "an event that already ran again on release was replayed: {done:?}; rows {after:?}");
+}
+
+/// A timer's dead letter is not replayed as if it were a provider's delivery: the replay
+/// answers 409 and names why, and the row stays as it was.
+// See: issue 26 (found on review: it was re-parsed as a webhook, failed under a new id and
+// was marked replayed, so the expiry it carried was lost).
+#[tokio::test]
+async fn a_timers_dead_letter_is_not_replayed_as_a_delivery() {
+    let (dir, config) = editable_config();
+    let rules_dir = dir.path().join("rules");
+    let clock = Arc::new(FixedClock::new(at(START)));
+    let s = Server::start_with(config, clock.clone(), dir).await;
+    let post = |name: &'static str| {
+        let body = fixture("stripe", name);
+        let headers = signed_headers(&s.ctx, "stripe", &body, clock.now());
+        let s = &s;
+        async move { s.post("/webhooks/demo/stripe", &headers, body).await.1 }
+    };
+    post("checkout_session_completed").await;
+    post("customer_subscription_created").await;
+    clock.set(at(FAILED));
+    assert_eq!(post("invoice_payment_failed").await["status"], "applied");
+    let timers = rules_dir.join("timers.rhai");
+    let good = std::fs::read_to_string(&timers).unwrap();
+    std::fs::write(&timers, good.replacen("clear_grace()", "clear_grace(ev.nope)", 1)).unwrap();
+    membersync::reload::reload(&s.ctx, "test").expect("compiles");
+    membersync::timers::fire_due(&s.ctx, at(FAILED + 8 * 86_400)).await;
+    let failed = s.ctx.store.events(Some("failed"), None, 10).unwrap();
+    assert_eq!(failed.len(), 1, "the timer is a dead letter");
+    assert_eq!(failed[0].source, "timer");
+    std::fs::write(&timers, &good).unwrap();
+    membersync::reload::reload(&s.ctx, "test").unwrap();
+    let (code, body) = s.post_admin(&format!("/events/{}/replay", failed[0].event_id)).await;
+    assert_eq!(code, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("a timer's event"), "{body}");
+    let rows = s.ctx.store.events_by_event_id(&failed[0].event_id).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].status, "failed", "left as it was");
+    s.stop().await;
+}
