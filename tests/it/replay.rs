@@ -164,18 +164,8 @@ async fn dry_run_runs_parked_events_again_from_their_stored_body() {
 // runs and one POST each printed `failed → applied`).
 #[tokio::test]
 async fn a_dead_letter_replayed_many_times_applies_once() {
-    let (dir, config) = editable_config();
-    let rules_dir = dir.path().join("rules");
-    let clock = Arc::new(FixedClock::new(at(START)));
-    let s = Server::start_with(config, clock.clone(), dir).await;
-    let post = |name: &'static str| {
-        let body = fixture("stripe", name);
-        let headers = signed_headers(&s.ctx, "stripe", &body, clock.now());
-        let s = &s;
-        async move { s.post("/webhooks/demo/stripe", &headers, body).await.1 }
-    };
-    post("checkout_session_completed").await;
-    post("customer_subscription_created").await;
+    let (s, clock, rules_dir) = subscribed().await;
+    let post = |name: &'static str| post_stripe(&s, &clock, name);
     let grace = rules_dir.join("grace.rhai");
     let good = std::fs::read_to_string(&grace).unwrap();
     std::fs::write(&grace, good.replace("ev.occurred_at + days", "ev.occured_at + days")).unwrap();
@@ -246,18 +236,8 @@ async fn a_released_parked_event_is_not_replayed_again() {
 // was marked replayed, so the expiry it carried was lost).
 #[tokio::test]
 async fn a_timers_dead_letter_is_not_replayed_as_a_delivery() {
-    let (dir, config) = editable_config();
-    let rules_dir = dir.path().join("rules");
-    let clock = Arc::new(FixedClock::new(at(START)));
-    let s = Server::start_with(config, clock.clone(), dir).await;
-    let post = |name: &'static str| {
-        let body = fixture("stripe", name);
-        let headers = signed_headers(&s.ctx, "stripe", &body, clock.now());
-        let s = &s;
-        async move { s.post("/webhooks/demo/stripe", &headers, body).await.1 }
-    };
-    post("checkout_session_completed").await;
-    post("customer_subscription_created").await;
+    let (s, clock, rules_dir) = subscribed().await;
+    let post = |name: &'static str| post_stripe(&s, &clock, name);
     clock.set(at(FAILED));
     assert_eq!(post("invoice_payment_failed").await["status"], "applied");
     let timers = rules_dir.join("timers.rhai");
@@ -277,4 +257,22 @@ async fn a_timers_dead_letter_is_not_replayed_as_a_delivery() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].status, "failed", "left as it was");
     s.stop().await;
+}
+
+/// A server on an editable copy of the config, with Ada subscribed; its clock and rules dir.
+async fn subscribed() -> (Server, Arc<FixedClock>, std::path::PathBuf) {
+    let (dir, config) = editable_config();
+    let rules_dir = dir.path().join("rules");
+    let clock = Arc::new(FixedClock::new(at(START)));
+    let s = Server::start_with(config, clock.clone(), dir).await;
+    post_stripe(&s, &clock, "checkout_session_completed").await;
+    post_stripe(&s, &clock, "customer_subscription_created").await;
+    (s, clock, rules_dir)
+}
+
+/// Posts a Stripe fixture signed at the clock's time; the answer's JSON.
+async fn post_stripe(s: &Server, clock: &FixedClock, name: &str) -> serde_json::Value {
+    let body = fixture("stripe", name);
+    let headers = signed_headers(&s.ctx, "stripe", &body, clock.now());
+    s.post("/webhooks/demo/stripe", &headers, body).await.1
 }
