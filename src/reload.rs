@@ -11,7 +11,7 @@ use crate::pipeline::{Ctx, Loaded};
 use crate::rules::RuleSet;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,22 +29,21 @@ pub struct ReloadStatus {
 /// Loads config and rules from where the running config came from; on success swaps
 /// them in, on failure keeps the old ones. Either way the status is recorded and logged.
 /// The files must first pass `membersync check` — the same function, so the service
-/// refuses exactly what `check` refuses (its warnings do not refuse).
+/// refuses exactly what `check` refuses (its warnings do not refuse). Both read one copy
+/// of the files (see [`Snapshot`]), so an editor still writing cannot slip a version past
+/// the check.
 pub fn reload(ctx: &Ctx, trigger: &str) -> Result<String, Vec<Diagnostic>> {
     let now = ctx.clock.now();
     let old = ctx.config();
-    let checked = crate::check::check(&old.path);
-    let result = match checked.errors.is_empty() {
-        true => Ok(()),
-        false => Err(checked.errors),
+    let result = match Snapshot::take(&old.path) {
+        Ok(snap) => check_and_load(&old, snap.as_ref(), now),
+        Err(e) => Err(vec![Diagnostic::new(
+            old.path.display().to_string(),
+            1,
+            1,
+            format!("cannot copy the files to check them: {e}"),
+        )]),
     };
-    let result = result.and_then(|()| Config::load(&old.path).map_err(|e| e.0)).and_then(|mut config| {
-        // Where the service listens and stores cannot change while it runs.
-        config.database = old.database.clone();
-        config.listen = old.listen.clone();
-        let rules = RuleSet::load(&config.rules_dir, "rules", now).map_err(|e| e.0)?;
-        Ok((config, rules))
-    });
     let mut status = ReloadStatus { last_attempt_at: Some(now), trigger: Some(trigger.into()), ..Default::default() };
     let out = match result {
         Ok((config, rules)) => {
@@ -67,6 +66,84 @@ pub fn reload(ctx: &Ctx, trigger: &str) -> Result<String, Vec<Diagnostic>> {
         *s = status;
     }
     out
+}
+
+/// `check`, then the load, both on the snapshot's copy when there is one.
+fn check_and_load(
+    old: &Config,
+    snap: Option<&Snapshot>,
+    now: DateTime<Utc>,
+) -> Result<(Config, RuleSet), Vec<Diagnostic>> {
+    let path = snap.map_or(old.path.as_path(), |s| s.config.as_path());
+    let checked = crate::check::check(path);
+    if !checked.errors.is_empty() {
+        return Err(checked.errors);
+    }
+    let mut config = Config::load(path).map_err(|e| e.0)?;
+    let rules = RuleSet::load(&config.rules_dir, "rules", now).map_err(|e| e.0)?;
+    if let Some(s) = snap {
+        // Back to where the files live (the watch, the next reload).
+        config.path = old.path.clone();
+        config.rules_dir = old.path.parent().unwrap_or(Path::new("")).join(&s.rules_rel);
+    }
+    // Where the service listens and stores cannot change while it runs.
+    config.database = old.database.clone();
+    config.listen = old.listen.clone();
+    Ok((config, rules))
+}
+
+/// The config file and the rules directory, copied once into a private directory, so that
+/// `check` and the load read the same bytes. Taken when the rules directory lies under
+/// the config's own (the usual layout); otherwise `None`, and both read the files in place.
+struct Snapshot {
+    dir: PathBuf,
+    config: PathBuf,
+    rules_rel: PathBuf,
+}
+
+impl Snapshot {
+    fn take(config_path: &Path) -> std::io::Result<Option<Snapshot>> {
+        let text = std::fs::read(config_path)?;
+        let rules_rel = std::str::from_utf8(&text)
+            .ok()
+            .and_then(|t| crate::yaml::from_str::<crate::config::ConfigFile>(t).ok())
+            .and_then(|c| c.rules_dir)
+            .unwrap_or_else(|| "rules".into());
+        let rules_rel = PathBuf::from(rules_rel);
+        let outside = rules_rel.is_absolute() || rules_rel.components().any(|c| c == Component::ParentDir);
+        let Some(name) = config_path.file_name().filter(|_| !outside) else { return Ok(None) };
+        let dir = std::env::temp_dir().join(format!("membersync-reload-{}", uuid::Uuid::new_v4()));
+        let snap = Snapshot { config: dir.join(name), dir, rules_rel };
+        std::fs::create_dir_all(&snap.dir)?;
+        std::fs::write(&snap.config, &text)?;
+        let base = config_path.parent().unwrap_or(Path::new(""));
+        copy_tree(&base.join(&snap.rules_rel), &snap.dir.join(&snap.rules_rel))?;
+        Ok(Some(snap))
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Copies a directory's files and subdirectories (a missing one copies nothing; `check`
+/// reports it). An entry that cannot be read as a file is copied as an empty directory,
+/// so that `check` reports it as it would in place.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    let Ok(entries) = std::fs::read_dir(from) else { return Ok(()) };
+    std::fs::create_dir_all(to)?;
+    for entry in entries {
+        let entry = entry?;
+        let (src, dest) = (entry.path(), to.join(entry.file_name()));
+        if src.is_dir() {
+            copy_tree(&src, &dest)?;
+        } else if std::fs::copy(&src, &dest).is_err() {
+            std::fs::create_dir_all(&dest)?;
+        }
+    }
+    Ok(())
 }
 
 /// Watches the rules directory and the config file; reloads (debounced) on any change
