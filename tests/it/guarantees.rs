@@ -70,7 +70,11 @@ async fn full_write_queue_answers_503_with_retry_after() {
     for (k, v) in signed_headers(&ctx, "stripe", &body, SystemClock.now()) {
         req = req.header(k, v);
     }
-    let resp = tower::ServiceExt::oneshot(app, req.body(axum::body::Body::from(body)).unwrap()).await.unwrap();
+    let answer = tower::ServiceExt::oneshot(app, req.body(axum::body::Body::from(body)).unwrap());
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(5), answer)
+        .await
+        .expect("answered at once, not queued behind the held writer")
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 503);
     assert_eq!(resp.headers()["retry-after"], "1");
     release_tx.send(()).unwrap();
