@@ -110,3 +110,32 @@ async fn serve_started_after_a_grace_end_expires_the_member_without_any_delivery
     assert_eq!(m["access_levels"], serde_json::json!([]));
     assert_eq!(m["recent_events"][0]["source"], "timer", "{m}");
 }
+
+/// More timers due than one read returns (256): one `fire_due` fires them all and says how
+/// many.
+// See: issue 26 (mutants of the batch loop's end survived the suite).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fire_due_fires_every_due_timer_past_one_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FixedClock::new(at(1_769_907_606)));
+    let ctx = ctx_on(&dir.path().join("m.db"), clock.clone());
+    let n = 300;
+    for i in 0..n {
+        let (paid, failed) = (fixture("stripe", "invoice_paid"), fixture("stripe", "invoice_payment_failed"));
+        for (body, id) in [(paid, "evt_1QxaZ1K7dEmoAc01GAm3W0e2"), (failed, "evt_1QxqTxK7dEmoAc01LZbqVCbE")] {
+            let body = String::from_utf8(body)
+                .unwrap()
+                .replace(id, &format!("{id}_{i}"))
+                .replace("sub_1QxDemo001", &format!("sub_batch_{i}"))
+                .replace("cus_QxDemo001", &format!("cus_batch_{i}"))
+                .replace("ada@example.com", &format!("batch{i}@example.com"))
+                .into_bytes();
+            let headers = signed_headers(&ctx, "stripe", &body, clock.now());
+            membersync::ingest::accept(&ctx, "demo", "stripe", headers, body).await.unwrap();
+        }
+    }
+    let later = at(1_769_907_606 + 30 * 86_400);
+    assert_eq!(ctx.store.due_timers(later, 1000).unwrap().len(), n, "one grace timer each");
+    assert_eq!(timers::fire_due(&ctx, later).await, n, "all fired in one call");
+    assert!(ctx.store.due_timers(later, 1000).unwrap().is_empty());
+}

@@ -250,3 +250,18 @@ async fn an_order_with_items_beyond_its_front_end_product_is_flagged_on_the_memb
     assert_eq!(one_time["flags"], serde_json::json!([]), "{one_time}");
     s.stop().await;
 }
+
+/// An empty POST is a URL check only where the provider sends one (ThriveCart): to any
+/// other provider it is an unsigned delivery, 401, and nothing is stored.
+// See: issue 26 (a mutant that treated every empty body as a probe survived the suite).
+#[tokio::test]
+async fn empty_unsigned_post_is_401_except_for_thrivecarts_url_check() {
+    let s = Server::start().await;
+    for provider in ["stripe", "whop", "memberstack", "memberful"] {
+        let (status, body) = s.post(&format!("/webhooks/demo/{provider}"), &[], vec![]).await;
+        assert_eq!(status, 401, "{provider}: {body}");
+    }
+    assert_eq!(s.post("/webhooks/demo/thrivecart", &[], vec![]).await.0, 200);
+    assert!(s.ctx.store.events(None, None, 10).unwrap().is_empty(), "nothing stored");
+    s.stop().await;
+}
