@@ -1,0 +1,287 @@
+//! `Store` on SQLite: the reads the admin API, reports and replay make, on the read
+//! connections. It must never write.
+
+use super::*;
+
+/// The reconciliation detail of one membership, with its last webhook time.
+pub(super) fn sync_row(c: &Connection, membership_id: &str) -> Result<SyncRow> {
+    let last_webhook_at: Option<i64> = c
+        .prepare_cached("SELECT MAX(received_at) FROM events WHERE membership_id = ?1 AND source = 'webhook'")?
+        .query_row([membership_id], |r| r.get(0))?;
+    let row = c
+        .prepare_cached(
+            "SELECT attempted_at, detail, drift_at, drift, last_error, last_error_at FROM membership_sync
+             WHERE membership_id = ?1",
+        )?
+        .query_row([membership_id], |r| {
+            Ok(SyncRow {
+                membership_id: membership_id.to_string(),
+                attempted_at: opt_from(r.get(0)?),
+                detail: r.get(1)?,
+                drift_at: opt_from(r.get(2)?),
+                drift: r.get(3)?,
+                last_error: r.get(4)?,
+                last_error_at: opt_from(r.get(5)?),
+                last_webhook_at: None,
+            })
+        })
+        .optional()?;
+    let mut row = row.unwrap_or_else(|| SyncRow { membership_id: membership_id.to_string(), ..Default::default() });
+    row.last_webhook_at = opt_from(last_webhook_at);
+    Ok(row)
+}
+
+impl Store for SqliteStore {
+    fn submit(&self, work: Work) -> Result<()> {
+        self.health.check()?;
+        self.sender.try_send(Msg::Job(work)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Error::Busy,
+            mpsc::error::TrySendError::Closed(_) => Error::Closed,
+        })
+    }
+
+    fn health(&self) -> Result<()> {
+        self.health.check()
+    }
+
+    fn member_detail(&self, id: &str, recent: usize) -> Result<Option<MemberDetail>> {
+        self.read(|c| {
+            let mut tx = SqliteTx::reader(c);
+            let Some(member) = tx.member(id)? else { return Ok(None) };
+            let memberships = tx.memberships_of(id)?;
+            let sql = format!("SELECT {EVENT_COLS} FROM events WHERE member_id = ?1 ORDER BY seq DESC LIMIT ?2");
+            let recent_events = c
+                .prepare_cached(&sql)?
+                .query_map(params![id, recent as i64], event_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut timers = Vec::new();
+            for m in &memberships {
+                let mut st = c.prepare_cached(
+                    "SELECT tenant, membership_id, name, due_at, set_by_event FROM timers WHERE membership_id = ?1 ORDER BY due_at",
+                )?;
+                timers.extend(st.query_map([&m.id], timer_row)?.collect::<rusqlite::Result<Vec<_>>>()?);
+            }
+            let mut sync = Vec::new();
+            for m in &memberships {
+                sync.push(sync_row(c, &m.id)?);
+            }
+            Ok(Some(MemberDetail { member, memberships, recent_events, timers, sync }))
+        })
+    }
+
+    fn member(&self, id: &str) -> Result<Option<MemberRow>> {
+        self.read(|c| Tx::member(&mut SqliteTx::reader(c), id))
+    }
+
+    fn members_with_memberships(&self, ids: &[String]) -> Result<Vec<(MemberRow, Vec<MembershipRow>)>> {
+        // Two statements prepared once for the whole list (the cached ones would be
+        // re-planned on every run, see `Prepared`).
+        self.read(|c| {
+            let (mut member, mut of) = (c.prepare(&MEMBER_BY_ID)?, c.prepare(&MEMBERSHIPS_OF)?);
+            let mut out = Vec::new();
+            for id in ids {
+                if let Some(m) = member.query_row([id], member_row).optional()? {
+                    let ms = of.query_map([id], membership_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+                    out.push((m, ms));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn memberships_of(&self, member_id: &str) -> Result<Vec<MembershipRow>> {
+        self.read(|c| Tx::memberships_of(&mut SqliteTx::reader(c), member_id))
+    }
+
+    fn members_by_email(&self, email: &str) -> Result<Vec<MemberRow>> {
+        self.read(|c| {
+            let sql = format!("SELECT {MEMBER_COLS} FROM members WHERE email_lc = ?1 ORDER BY created_at");
+            let rows = c
+                .prepare_cached(&sql)?
+                .query_map([email.to_lowercase()], member_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn events(&self, status: Option<&str>, tenant: Option<&str>, limit: usize) -> Result<Vec<EventRow>> {
+        self.read(|c| {
+            let mut conds = Vec::new();
+            if let Some(status) = status {
+                conds.push(("status = ?", Some(status.to_string().into())));
+            }
+            if let Some(tenant) = tenant {
+                conds.push(("tenant = ?", Some(tenant.to_string().into())));
+            }
+            let (sql, values) = events_sql(conds, "DESC", Some(limit));
+            let rows = c
+                .prepare_cached(&sql)?
+                .query_map(rusqlite::params_from_iter(values), event_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn events_by_event_id(&self, event_id: &str) -> Result<Vec<EventRow>> {
+        self.read(|c| {
+            let sql = format!("SELECT {EVENT_COLS} FROM events WHERE event_id = ?1 ORDER BY seq");
+            let rows =
+                c.prepare_cached(&sql)?.query_map([event_id], event_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn events_where(&self, f: &EventFilter) -> Result<Vec<EventRow>> {
+        self.read(|c| {
+            let (sql, values) = events_where_sql(f);
+            let rows = c
+                .prepare_cached(&sql)?
+                .query_map(rusqlite::params_from_iter(values), event_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn leads(&self, tenant: Option<&str>) -> Result<Vec<LeadRow>> {
+        self.read(|c| {
+            let rows = c
+                .prepare_cached(
+                    "SELECT tenant, email, name, provider, event_id, captured_at, converted_at, member_id FROM leads
+                     WHERE (?1 IS NULL OR tenant = ?1) ORDER BY captured_at DESC",
+                )?
+                .query_map([tenant], lead_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn due_timers(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<TimerRow>> {
+        self.read(|c| {
+            let rows = c
+                .prepare_cached(
+                    "SELECT tenant, membership_id, name, due_at, set_by_event FROM timers WHERE due_at <= ?1
+                     ORDER BY due_at, membership_id, name LIMIT ?2",
+                )?
+                .query_map(params![ts(now), limit as i64], timer_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn next_timer(&self) -> Result<Option<DateTime<Utc>>> {
+        self.read(|c| {
+            let v: Option<i64> = c.prepare_cached("SELECT MIN(due_at) FROM timers")?.query_row([], |r| r.get(0))?;
+            Ok(opt_from(v))
+        })
+    }
+
+    fn reconcile_queue(
+        &self,
+        targets: &[(String, String)],
+        attempted_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<MembershipRow>> {
+        if targets.is_empty() {
+            return Ok(vec![]);
+        }
+        self.read(|c| {
+            let cols = MEMBERSHIP_COLS.split(", ").map(|c| format!("m.{c}")).collect::<Vec<_>>().join(", ");
+            let which = (0..targets.len())
+                .map(|i| format!("(m.tenant = ?{} AND m.provider = ?{})", 3 + 2 * i, 4 + 2 * i))
+                .collect::<Vec<_>>()
+                .join(" OR ");
+            let sql = format!(
+                "SELECT {cols} FROM memberships m LEFT JOIN membership_sync s ON s.membership_id = m.id
+                 WHERE ({which}) AND (s.attempted_at IS NULL OR s.attempted_at < ?1)
+                 ORDER BY COALESCE(s.attempted_at, -1), m.id LIMIT ?2"
+            );
+            let mut args: Vec<rusqlite::types::Value> = vec![ts(attempted_before).into(), (limit as i64).into()];
+            for (t, p) in targets {
+                args.push(t.clone().into());
+                args.push(p.clone().into());
+            }
+            let rows = c
+                .prepare(&sql)?
+                .query_map(rusqlite::params_from_iter(args), membership_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn customer_id(&self, tenant: &str, provider: &str, member_id: &str) -> Result<Option<String>> {
+        self.read(|c| {
+            Ok(c.prepare_cached(
+                "SELECT customer_id FROM member_customers WHERE tenant = ?1 AND provider = ?2 AND member_id = ?3
+                 ORDER BY customer_id LIMIT 1",
+            )?
+            .query_row(params![tenant, provider, member_id], |r| r.get(0))
+            .optional()?)
+        })
+    }
+
+    fn sync_status_counts(&self) -> Result<Vec<(String, i64)>> {
+        self.read(|c| {
+            let rows = c
+                .prepare_cached(
+                    "SELECT sync_status, COUNT(*) FROM memberships GROUP BY sync_status ORDER BY sync_status",
+                )?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn event_counts(&self) -> Result<Vec<(String, i64)>> {
+        self.read(|c| {
+            let rows = c
+                .prepare_cached("SELECT status, COUNT(*) FROM events GROUP BY status ORDER BY status")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+}
+
+/// `SELECT … FROM events` under `conds` (each a test, with the value for its `?` if it has
+/// one), in `seq` order (`ASC` or `DESC`), at most `limit` rows; and the values to bind.
+/// Callers pass only the filters that are set: a statement is planned before its
+/// parameters are bound, so a generic `(?1 IS NULL OR member_id = ?1)` would keep every
+/// filter off its index (`explain` of one member read the whole events table). Each
+/// distinct statement is kept by the connection's statement cache.
+pub(super) fn events_sql(
+    conds: Vec<(&'static str, Option<rusqlite::types::Value>)>,
+    order: &str,
+    limit: Option<usize>,
+) -> (String, Vec<rusqlite::types::Value>) {
+    let mut sql = format!("SELECT {EVENT_COLS} FROM events");
+    let mut values = Vec::new();
+    for (i, (test, value)) in conds.into_iter().enumerate() {
+        sql.push_str(if i == 0 { " WHERE " } else { " AND " });
+        sql.push_str(test);
+        values.extend(value);
+    }
+    sql.push_str(" ORDER BY seq ");
+    sql.push_str(order);
+    if let Some(n) = limit {
+        sql.push_str(" LIMIT ?");
+        values.push(rusqlite::types::Value::Integer(n as i64));
+    }
+    (sql, values)
+}
+
+/// The statement for an [`EventFilter`]: [`events_sql`] with the filters it sets, oldest first.
+pub(super) fn events_where_sql(f: &EventFilter) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    let set = [
+        ("status = ?", f.status.clone().map(Value::Text)),
+        ("received_at >= ?", f.since.map(|t| Value::Integer(ts(t)))),
+        ("member_id = ?", f.member_id.clone().map(Value::Text)),
+        ("seq = ?", f.seq.map(Value::Integer)),
+        ("seq > ?", f.after_seq.map(Value::Integer)),
+    ];
+    let mut conds: Vec<_> = set.into_iter().filter_map(|(test, v)| Some((test, Some(v?)))).collect();
+    if f.deliveries_only {
+        conds.push(("source = 'webhook'", None));
+    }
+    events_sql(conds, "ASC", f.limit)
+}

@@ -1,0 +1,466 @@
+//! `Tx` on an SQLite connection: the writer's kept statements, the row mappers and every
+//! write and lookup a job makes inside its savepoint. It holds no state of its own.
+
+use super::*;
+
+pub(super) fn ts(t: DateTime<Utc>) -> i64 {
+    t.timestamp()
+}
+
+pub(super) fn opt_ts(t: Option<DateTime<Utc>>) -> Option<i64> {
+    t.map(ts)
+}
+
+pub(super) fn from_ts(s: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(s, 0).single().unwrap_or_default()
+}
+
+pub(super) fn opt_from(s: Option<i64>) -> Option<DateTime<Utc>> {
+    s.map(from_ts)
+}
+
+pub(super) fn json_list(s: String) -> rusqlite::Result<Vec<String>> {
+    serde_json::from_str(&s)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+pub(super) fn json_value(s: Option<String>) -> rusqlite::Result<Option<StoredJson>> {
+    s.map(serde_json::value::RawValue::from_string)
+        .transpose()
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+/// Statements the writer keeps prepared for its whole life, bindings and plan included.
+/// rusqlite's statement cache clears a statement's bindings when it takes it back, and
+/// SQLite then re-plans, on its next run, any statement whose plan looked at a bound value
+/// (the partial index of parked events, the join of `member_by_customer`, the
+/// `ORDER BY … LIMIT` of `member_by_email`): a full re-prepare per event, a fifth of the
+/// writer's time under load. Every run binds every parameter, so keeping them is safe.
+/// Keyed by where the SQL text lives (a `'static` string never moves or changes), so a
+/// lookup hashes two words rather than the whole statement.
+pub(super) type Prepared<'c> = HashMap<(usize, usize), Statement<'c>>;
+
+/// A statement from the writer's own set or, on a read connection, rusqlite's cache.
+pub(super) enum Stmt<'s, 'c> {
+    Kept(&'s mut Statement<'c>),
+    Cached(CachedStatement<'c>),
+}
+
+impl<'c> Deref for Stmt<'_, 'c> {
+    type Target = Statement<'c>;
+    fn deref(&self) -> &Statement<'c> {
+        match self {
+            Stmt::Kept(s) => s,
+            Stmt::Cached(s) => s,
+        }
+    }
+}
+
+impl DerefMut for Stmt<'_, '_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        match self {
+            Stmt::Kept(s) => s,
+            Stmt::Cached(s) => s,
+        }
+    }
+}
+
+/// The writer's transaction (with its kept statements), or a read connection.
+pub(super) struct SqliteTx<'a, 'c> {
+    pub(super) conn: &'c Connection,
+    pub(super) prepared: Option<&'a mut Prepared<'c>>,
+    /// A scratch database: event rows keep their body, headers and outcome only when
+    /// parked (a later event runs them again); nothing else reads them back.
+    pub(super) lean: bool,
+}
+
+impl<'c> SqliteTx<'_, 'c> {
+    pub(super) fn reader(conn: &'c Connection) -> SqliteTx<'c, 'c> {
+        SqliteTx { conn, prepared: None, lean: false }
+    }
+
+    pub(super) fn st(&mut self, sql: &'static str) -> Result<Stmt<'_, 'c>> {
+        let conn = self.conn;
+        match self.prepared.as_deref_mut() {
+            Some(kept) => {
+                let st = match kept.entry((sql.as_ptr() as usize, sql.len())) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => e.insert(conn.prepare(sql)?),
+                };
+                Ok(Stmt::Kept(st))
+            }
+            None => Ok(Stmt::Cached(conn.prepare_cached(sql)?)),
+        }
+    }
+}
+
+pub(super) const EVENT_COLS: &str = "seq, tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key, deliveries";
+pub(super) const MEMBER_COLS: &str = "id, tenant, email, name, flags, created_at, updated_at";
+pub(super) const MEMBERSHIP_COLS: &str = "id, tenant, member_id, provider, key, subscription_id, product_id, plan_id, status, state, period_end, grace_until, access_until, cancel_at_period_end, access_levels, flags, last_event_at, last_event_id, last_reconciled_at, sync_status, created_at, updated_at, last_event_rank";
+
+// The writer's lookups that name their columns (built once; kept prepared by the writer).
+pub(super) static EVENT_BY_KEY: LazyLock<String> = LazyLock::new(|| {
+    format!("SELECT {EVENT_COLS} FROM events WHERE tenant = ?1 AND provider = ?2 AND idempotency_key = ?3")
+});
+pub(super) static PARKED: LazyLock<String> = LazyLock::new(|| {
+    format!("SELECT {EVENT_COLS} FROM events WHERE tenant = ?1 AND provider = ?2 AND park_key IN (?3, '')")
+});
+pub(super) static MEMBER_BY_ID: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {MEMBER_COLS} FROM members WHERE id = ?1"));
+pub(super) static MEMBER_BY_CUSTOMER: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM members m JOIN member_customers c ON c.member_id = m.id
+         WHERE c.tenant = ?1 AND c.provider = ?2 AND c.customer_id = ?3",
+        MEMBER_COLS.split(", ").map(|c| format!("m.{c}")).collect::<Vec<_>>().join(", ")
+    )
+});
+pub(super) static MEMBER_BY_EMAIL: LazyLock<String> = LazyLock::new(|| {
+    format!("SELECT {MEMBER_COLS} FROM members WHERE tenant = ?1 AND email_lc = ?2 ORDER BY created_at LIMIT 1")
+});
+pub(super) static MEMBERSHIP_BY_ID: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {MEMBERSHIP_COLS} FROM memberships WHERE id = ?1"));
+pub(super) static MEMBERSHIP_BY_KEY: LazyLock<String> = LazyLock::new(|| {
+    format!("SELECT {MEMBERSHIP_COLS} FROM memberships WHERE tenant = ?1 AND provider = ?2 AND key = ?3")
+});
+pub(super) static MEMBERSHIPS_OF: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {MEMBERSHIP_COLS} FROM memberships WHERE member_id = ?1 ORDER BY created_at, id"));
+
+pub(super) fn event_row(r: &Row) -> rusqlite::Result<EventRow> {
+    Ok(EventRow {
+        seq: r.get(0)?,
+        tenant: r.get(1)?,
+        provider: r.get(2)?,
+        event_id: r.get(3)?,
+        idempotency_key: r.get(4)?,
+        event_type: r.get(5)?,
+        kind: r.get(6)?,
+        source: r.get(7)?,
+        received_at: from_ts(r.get(8)?),
+        occurred_at: opt_from(r.get(9)?),
+        member_id: r.get(10)?,
+        membership_id: r.get(11)?,
+        status: r.get(12)?,
+        reason: r.get(13)?,
+        raw: r.get(14)?,
+        headers: json_value(r.get(15)?)?.unwrap_or_else(null_json),
+        canonical: json_value(r.get(16)?)?,
+        outcome: json_value(r.get(17)?)?.unwrap_or_else(null_json),
+        park_key: r.get(18)?,
+        deliveries: r.get(19)?,
+    })
+}
+
+pub(super) fn member_row(r: &Row) -> rusqlite::Result<MemberRow> {
+    Ok(MemberRow {
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        email: r.get(2)?,
+        name: r.get(3)?,
+        flags: json_list(r.get(4)?)?,
+        created_at: from_ts(r.get(5)?),
+        updated_at: from_ts(r.get(6)?),
+    })
+}
+
+pub(super) fn membership_row(r: &Row) -> rusqlite::Result<MembershipRow> {
+    let state: String = r.get(9)?;
+    Ok(MembershipRow {
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        member_id: r.get(2)?,
+        provider: r.get(3)?,
+        key: r.get(4)?,
+        subscription_id: r.get(5)?,
+        product_id: r.get(6)?,
+        plan_id: r.get(7)?,
+        status: r.get(8)?,
+        state: MState::parse(&state).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                9,
+                rusqlite::types::Type::Text,
+                format!("unknown state {state}").into(),
+            )
+        })?,
+        period_end: opt_from(r.get(10)?),
+        grace_until: opt_from(r.get(11)?),
+        access_until: opt_from(r.get(12)?),
+        cancel_at_period_end: r.get(13)?,
+        access_levels: json_list(r.get(14)?)?,
+        flags: json_list(r.get(15)?)?,
+        last_event_at: opt_from(r.get(16)?),
+        last_event_id: r.get(17)?,
+        last_reconciled_at: opt_from(r.get(18)?),
+        sync_status: r.get(19)?,
+        created_at: from_ts(r.get(20)?),
+        updated_at: from_ts(r.get(21)?),
+        last_event_rank: r.get(22)?,
+    })
+}
+
+pub(super) fn lead_row(r: &Row) -> rusqlite::Result<LeadRow> {
+    Ok(LeadRow {
+        tenant: r.get(0)?,
+        email: r.get(1)?,
+        name: r.get(2)?,
+        provider: r.get(3)?,
+        event_id: r.get(4)?,
+        captured_at: from_ts(r.get(5)?),
+        converted_at: opt_from(r.get(6)?),
+        member_id: r.get(7)?,
+    })
+}
+
+pub(super) fn timer_row(r: &Row) -> rusqlite::Result<TimerRow> {
+    Ok(TimerRow {
+        tenant: r.get(0)?,
+        membership_id: r.get(1)?,
+        name: r.get(2)?,
+        due_at: from_ts(r.get(3)?),
+        set_by_event: r.get(4)?,
+    })
+}
+
+pub(super) fn to_json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+impl Tx for SqliteTx<'_, '_> {
+    fn event_by_key(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Option<EventRow>> {
+        Ok(self.st(&EVENT_BY_KEY)?.query_row(params![tenant, provider, key], event_row).optional()?)
+    }
+
+    fn note_duplicate(&mut self, seq: i64) -> Result<()> {
+        self.st("UPDATE events SET deliveries = deliveries + 1 WHERE seq = ?1")?.execute([seq])?;
+        Ok(())
+    }
+
+    fn retire_event(&mut self, seq: i64, note: &str) -> Result<bool> {
+        let n = self
+            .st("UPDATE events SET idempotency_key = idempotency_key || '#retired@' || seq, park_key = NULL,
+                   status = 'replayed', reason = COALESCE(reason || ' — ', '') || ?2 WHERE seq = ?1")?
+            .execute(params![seq, note])?;
+        Ok(n > 0)
+    }
+
+    fn mark_replayed(&mut self, seq: i64, note: &str) -> Result<bool> {
+        let n = self
+            .st("UPDATE events SET idempotency_key = idempotency_key || '#retired@' || seq, park_key = NULL,
+                   status = 'replayed', reason = COALESCE(reason || ' — ', '') || ?2
+                 WHERE seq = ?1 AND status IN ('failed', 'refused', 'ignored')")?
+            .execute(params![seq, note])?;
+        Ok(n > 0)
+    }
+
+    fn parked(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Vec<EventRow>> {
+        // Two lookups in the partial index, almost always empty: ordered here rather than
+        // by SQL, whose ORDER BY built a temporary B-tree for every event (8% of the writer).
+        let mut rows = self
+            .st(&PARKED)?
+            .query_map(params![tenant, provider, key], event_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.sort_by_key(|e| (e.occurred_at, e.seq));
+        Ok(rows)
+    }
+
+    fn insert_event(&mut self, e: &EventRow) -> Result<i64> {
+        // A scratch keeps the body only of events it may run again (parked ones).
+        let lean = self.lean && e.park_key.is_none();
+        self.st(
+                "INSERT INTO events (tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key, deliveries)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+            )?
+            .execute(params![
+                e.tenant,
+                e.provider,
+                e.event_id,
+                e.idempotency_key,
+                e.event_type,
+                e.kind,
+                e.source,
+                ts(e.received_at),
+                opt_ts(e.occurred_at),
+                e.member_id,
+                e.membership_id,
+                e.status,
+                e.reason,
+                if lean { &[][..] } else { &e.raw[..] },
+                if lean { "[]" } else { e.headers.get() },
+                if lean { None } else { e.canonical.as_ref().map(|c| c.get()) },
+                if lean { "null" } else { e.outcome.get() },
+                e.park_key,
+                e.deliveries,
+            ])?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    fn member(&mut self, id: &str) -> Result<Option<MemberRow>> {
+        Ok(self.st(&MEMBER_BY_ID)?.query_row([id], member_row).optional()?)
+    }
+
+    fn member_by_customer(&mut self, tenant: &str, provider: &str, customer_id: &str) -> Result<Option<MemberRow>> {
+        Ok(self.st(&MEMBER_BY_CUSTOMER)?.query_row(params![tenant, provider, customer_id], member_row).optional()?)
+    }
+
+    fn member_by_email(&mut self, tenant: &str, email: &str) -> Result<Option<MemberRow>> {
+        Ok(self.st(&MEMBER_BY_EMAIL)?.query_row(params![tenant, email.to_lowercase()], member_row).optional()?)
+    }
+
+    fn save_member(&mut self, m: &MemberRow) -> Result<()> {
+        self.st("INSERT INTO members (id, tenant, email, email_lc, name, flags, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (id) DO UPDATE SET email = excluded.email, email_lc = excluded.email_lc,
+                   name = excluded.name, flags = excluded.flags, updated_at = excluded.updated_at")?
+            .execute(params![
+                m.id,
+                m.tenant,
+                m.email,
+                m.email.as_ref().map(|e| e.to_lowercase()),
+                m.name,
+                to_json(&m.flags),
+                ts(m.created_at),
+                ts(m.updated_at)
+            ])?;
+        Ok(())
+    }
+
+    fn link_customer(&mut self, tenant: &str, provider: &str, customer_id: &str, member_id: &str) -> Result<()> {
+        self.st("INSERT INTO member_customers (tenant, provider, customer_id, member_id) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT DO NOTHING")?
+            .execute(params![tenant, provider, customer_id, member_id])?;
+        Ok(())
+    }
+
+    fn membership(&mut self, id: &str) -> Result<Option<MembershipRow>> {
+        Ok(self.st(&MEMBERSHIP_BY_ID)?.query_row([id], membership_row).optional()?)
+    }
+
+    fn membership_by_key(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Option<MembershipRow>> {
+        Ok(self.st(&MEMBERSHIP_BY_KEY)?.query_row(params![tenant, provider, key], membership_row).optional()?)
+    }
+
+    fn memberships_of(&mut self, member_id: &str) -> Result<Vec<MembershipRow>> {
+        let mut st = self.st(&MEMBERSHIPS_OF)?;
+        let rows = st.query_map([member_id], membership_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    fn save_membership(&mut self, m: &MembershipRow) -> Result<()> {
+        self.st(
+                "INSERT INTO memberships (id, tenant, member_id, provider, key, subscription_id, product_id, plan_id, status, state,
+                   period_end, grace_until, access_until, cancel_at_period_end, access_levels, flags, last_event_at, last_event_id,
+                   last_reconciled_at, sync_status, created_at, updated_at, last_event_rank)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)
+                 ON CONFLICT (id) DO UPDATE SET member_id = excluded.member_id, subscription_id = excluded.subscription_id,
+                   product_id = excluded.product_id, plan_id = excluded.plan_id, status = excluded.status, state = excluded.state,
+                   period_end = excluded.period_end, grace_until = excluded.grace_until, access_until = excluded.access_until,
+                   cancel_at_period_end = excluded.cancel_at_period_end, access_levels = excluded.access_levels,
+                   flags = excluded.flags, last_event_at = excluded.last_event_at, last_event_id = excluded.last_event_id,
+                   last_reconciled_at = excluded.last_reconciled_at, sync_status = excluded.sync_status,
+                   updated_at = excluded.updated_at, last_event_rank = excluded.last_event_rank",
+            )?
+            .execute(params![
+                m.id,
+                m.tenant,
+                m.member_id,
+                m.provider,
+                m.key,
+                m.subscription_id,
+                m.product_id,
+                m.plan_id,
+                m.status,
+                m.state.as_str(),
+                opt_ts(m.period_end),
+                opt_ts(m.grace_until),
+                opt_ts(m.access_until),
+                m.cancel_at_period_end,
+                to_json(&m.access_levels),
+                to_json(&m.flags),
+                opt_ts(m.last_event_at),
+                m.last_event_id,
+                opt_ts(m.last_reconciled_at),
+                m.sync_status,
+                ts(m.created_at),
+                ts(m.updated_at),
+                m.last_event_rank,
+            ])?;
+        Ok(())
+    }
+
+    fn capture_lead(&mut self, l: &LeadRow) -> Result<()> {
+        self.st(
+                "INSERT INTO leads (tenant, email_lc, email, name, provider, event_id, captured_at, converted_at, member_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, NULL)
+                 ON CONFLICT (tenant, email_lc) DO UPDATE SET name = COALESCE(excluded.name, leads.name),
+                   provider = excluded.provider, event_id = excluded.event_id, captured_at = excluded.captured_at
+                 WHERE leads.converted_at IS NULL",
+            )?
+            .execute(params![l.tenant, l.email.to_lowercase(), l.email, l.name, l.provider, l.event_id, ts(l.captured_at)])?;
+        Ok(())
+    }
+
+    fn convert_lead(&mut self, tenant: &str, email: &str, member_id: &str, at: DateTime<Utc>) -> Result<bool> {
+        let n = self
+            .st(
+                "UPDATE leads SET converted_at = ?4, member_id = ?3 WHERE tenant = ?1 AND email_lc = ?2 AND converted_at IS NULL",
+            )?
+            .execute(params![tenant, email.to_lowercase(), member_id, ts(at)])?;
+        Ok(n > 0)
+    }
+
+    fn set_timer(&mut self, t: &TimerRow) -> Result<()> {
+        self.st(
+                "INSERT INTO timers (membership_id, name, tenant, due_at, set_by_event) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (membership_id, name) DO UPDATE SET due_at = excluded.due_at, set_by_event = excluded.set_by_event",
+            )?
+            .execute(params![t.membership_id, t.name, t.tenant, ts(t.due_at), t.set_by_event])?;
+        Ok(())
+    }
+
+    fn cancel_timer(&mut self, membership_id: &str, name: &str) -> Result<()> {
+        self.st("DELETE FROM timers WHERE membership_id = ?1 AND name = ?2")?.execute(params![membership_id, name])?;
+        Ok(())
+    }
+
+    fn due_timers_tx(&mut self, now: DateTime<Utc>, limit: usize) -> Result<Vec<TimerRow>> {
+        let rows = self
+            .st("SELECT tenant, membership_id, name, due_at, set_by_event FROM timers WHERE due_at <= ?1
+                 ORDER BY due_at, membership_id, name LIMIT ?2")?
+            .query_map(params![ts(now), limit as i64], timer_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    fn delete_timer_if_due(&mut self, membership_id: &str, name: &str, due_at: DateTime<Utc>) -> Result<bool> {
+        let n = self
+            .st("DELETE FROM timers WHERE membership_id = ?1 AND name = ?2 AND due_at = ?3")?
+            .execute(params![membership_id, name, ts(due_at)])?;
+        Ok(n > 0)
+    }
+
+    fn record_sync(&mut self, r: &SyncRecord) -> Result<()> {
+        // Only the sync columns: a webhook applied meanwhile keeps everything else.
+        self.st("UPDATE memberships SET sync_status = ?2,
+                   last_reconciled_at = COALESCE(?3, last_reconciled_at) WHERE id = ?1")?
+            .execute(params![r.membership_id, r.sync_status, opt_ts(r.reconciled_at)])?;
+        self.st(
+                "INSERT INTO membership_sync (membership_id, attempted_at, detail, drift_at, drift, last_error, last_error_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (membership_id) DO UPDATE SET attempted_at = excluded.attempted_at,
+                   detail = excluded.detail,
+                   drift_at = COALESCE(excluded.drift_at, membership_sync.drift_at),
+                   drift = COALESCE(excluded.drift, membership_sync.drift),
+                   last_error = COALESCE(excluded.last_error, membership_sync.last_error),
+                   last_error_at = COALESCE(excluded.last_error_at, membership_sync.last_error_at)",
+            )?
+            .execute(params![
+                r.membership_id,
+                ts(r.attempted_at),
+                r.detail,
+                opt_ts(r.drift.as_ref().map(|d| d.0)),
+                r.drift.as_ref().map(|d| d.1.clone()),
+                r.error.as_ref().map(|e| e.1.clone()),
+                opt_ts(r.error.as_ref().map(|e| e.0)),
+            ])?;
+        Ok(())
+    }
+}
