@@ -13,6 +13,8 @@ pub(super) fn sync_data(f: &std::fs::File) -> std::io::Result<()> {
 /// recovers from what the WAL really holds, and the providers resend what was not answered.
 pub(super) fn exit_on_sync_failure(error: &str) {
     tracing::error!(%error, "A sync of the database failed: stopping. Nothing since the last good sync was acknowledged; restart to recover from the WAL.");
+    // Also where no log is set up (a library user, a test binary): the process ends here.
+    eprintln!("membersync: a sync of the database failed, exiting with status {EXIT_SYNC_FAILED}: {error}");
     std::process::exit(EXIT_SYNC_FAILED);
 }
 

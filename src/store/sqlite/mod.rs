@@ -170,8 +170,15 @@ impl SqliteStore {
         let max_batch = opts.max_batch.max(1);
         let (committed, to_sync) = std::sync::mpsc::channel();
         let unsynced = Arc::new(AtomicUsize::new(0));
+        let wal_file = match &wal {
+            Some(path) if path.exists() => {
+                Some(open_wal(path).map_err(|e| Error::Db(format!("cannot open the WAL {}: {e}", path.display())))?)
+            }
+            _ => None,
+        };
         let syncer = Syncer {
             wal,
+            wal_file,
             sync_wal: opts.sync_wal,
             health: health.clone(),
             checkpoints,

@@ -158,3 +158,26 @@ async fn the_wal_starts_over_near_its_restart_size_under_steady_writes() {
     // SQLite's own trigger alone lets it reach about 4 × 100 pages (429 when tried).
     assert!(largest < 3 * (pages as u64) * frame, "WAL grew to {largest} bytes ({} pages)", largest / frame);
 }
+
+static SYNC_FAILED: AtomicBool = AtomicBool::new(false);
+
+fn note_sync_failure(_: &str) {
+    SYNC_FAILED.store(true, Ordering::SeqCst);
+}
+
+/// The syncer holds the WAL open from the moment the store opens: a first write after
+/// the database's directory was removed (a test's temporary directory, an operator's
+/// mistake) still commits and syncs, rather than failing to open the WAL by its path
+/// and stopping the process (it did, once in a few runs of the suite).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_write_after_the_directory_is_removed_still_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("gone.db");
+    let opts = Options { on_sync_failure: note_sync_failure, ..Options::default() };
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(db.to_str().unwrap(), opts).unwrap());
+    std::fs::remove_dir_all(dir.path()).unwrap();
+    let m = member(1);
+    store.write(move |tx| tx.save_member(&m)).await.expect("committed and synced");
+    assert!(!SYNC_FAILED.load(Ordering::SeqCst), "no sync failed");
+    assert!(store.member("mbr_1").unwrap().is_some());
+}

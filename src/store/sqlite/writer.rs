@@ -13,6 +13,8 @@ pub(super) type Committed = (Vec<Done>, Result<()>);
 /// caller hears back only once its commit is on disk — without the writer waiting.
 pub(super) struct Syncer {
     pub(super) wal: Option<std::path::PathBuf>,
+    /// The WAL, opened when the store opened (if SQLite had created it by then).
+    pub(super) wal_file: Option<std::fs::File>,
     pub(super) sync_wal: fn(&std::fs::File) -> std::io::Result<()>,
     pub(super) health: Health,
     pub(super) checkpoints: Option<std::sync::mpsc::SyncSender<()>>,
@@ -23,8 +25,8 @@ pub(super) struct Syncer {
 }
 
 impl Syncer {
-    pub(super) fn run(self, rx: std::sync::mpsc::Receiver<Committed>) {
-        let mut file: Option<std::fs::File> = None;
+    pub(super) fn run(mut self, rx: std::sync::mpsc::Receiver<Committed>) {
+        let mut file = self.wal_file.take();
         while let Ok(first) = rx.recv() {
             let mut batches = vec![first];
             batches.extend(rx.try_iter());
@@ -58,18 +60,13 @@ impl Syncer {
         }
     }
 
-    /// One fdatasync of the WAL. The first time, the WAL is opened and its directory
-    /// synced too, so that the file itself (created by SQLite at the first write) is
-    /// there after a power loss. A failure marks the store failed and is reported to
-    /// `on_failure` (which, by default, ends the process) before anyone hears back.
+    /// One fdatasync of the WAL (opened now if it was not when the store opened). A
+    /// failure marks the store failed and is reported to `on_failure` (which, by default,
+    /// ends the process) before anyone hears back.
     pub(super) fn sync(&self, path: &std::path::Path, file: &mut Option<std::fs::File>) -> Result<()> {
         let result = (|| -> std::io::Result<()> {
             if file.is_none() {
-                let f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::File::open(dir)?.sync_all()?;
-                }
-                *file = Some(f);
+                *file = Some(open_wal(path)?);
             }
             match file {
                 Some(f) => (self.sync_wal)(f),
@@ -82,6 +79,17 @@ impl Syncer {
             Error::Failed(why)
         })
     }
+}
+
+/// Opens the WAL for the syncer and syncs its directory, so that the file itself is there
+/// after a power loss. Done when the store opens: a descriptor held from then on keeps
+/// working whatever later happens to the path.
+pub(super) fn open_wal(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(f)
 }
 
 /// Copies the WAL into the database file (a passive checkpoint: it never blocks the writer
