@@ -6,7 +6,7 @@
 //! ever resolves are reported as warnings.
 
 use crate::config::{Config, ConfigFile};
-use crate::diagnostic::{closest, Diagnostic};
+use crate::diagnostic::Diagnostic;
 use crate::extract::path::Path as JsonPath;
 use crate::extract::spec::{FieldSpec, FieldsSpec, ProviderSpec};
 use crate::machine::{Input, MState};
@@ -159,11 +159,8 @@ fn validate(file: &str, src: &str, schema: &serde_json::Value) -> Vec<Diagnostic
         if let jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } = err.kind() {
             for key in unexpected {
                 let (line, col) = locate(&pos, &format!("{at}/{}", key.replace('~', "~0").replace('/', "~1")));
-                let mut d = Diagnostic::new(file, line, col, format!("unknown key `{key}`"));
-                if let Some(best) = closest(key, &known) {
-                    d = d.with_hint(format!("did you mean `{best}`?"));
-                }
-                out.push(d);
+                let d = Diagnostic::new(file, line, col, format!("unknown key `{key}`"));
+                out.push(d.suggest(key, &known, false, &[]));
             }
             continue;
         }
@@ -214,23 +211,15 @@ fn lint_rules(dir: &Path, shown: &str) -> Vec<Diagnostic> {
         let name = format!("{shown}/{}", p.file_name().unwrap_or_default().to_string_lossy());
         for (v, line, col) in literals(&src, "input: ") {
             if !inputs.contains(&v.as_str()) {
-                let mut d = Diagnostic::new(&name, line, col, format!("the machine has no input `{v}`"));
-                d = match closest(&v, &inputs) {
-                    Some(b) => d.with_hint(format!("did you mean `{b}`?")),
-                    None => d.with_hint(format!("one of: {}", inputs.join(", "))),
-                };
-                out.push(d);
+                let d = Diagnostic::new(&name, line, col, format!("the machine has no input `{v}`"));
+                out.push(d.suggest(&v, &inputs, true, &[]));
             }
         }
         for pat in ["m.state == ", "m.state != "] {
             for (v, line, col) in literals(&src, pat) {
                 if !states.contains(&v.as_str()) {
-                    let mut d = Diagnostic::new(&name, line, col, format!("the machine has no state `{v}`"));
-                    d = match closest(&v, &states) {
-                        Some(b) => d.with_hint(format!("did you mean `{b}`?")),
-                        None => d.with_hint(format!("one of: {}", states.join(", "))),
-                    };
-                    out.push(d);
+                    let d = Diagnostic::new(&name, line, col, format!("the machine has no state `{v}`"));
+                    out.push(d.suggest(&v, &states, true, &[]));
                 }
             }
         }

@@ -250,7 +250,7 @@ impl Config {
                 if !extractors.contains_key(pname) {
                     let (line, col) = crate::extract::locate(src, &format!("{pname}:"));
                     let known: Vec<&str> = extractors.keys().map(String::as_str).collect();
-                    let mut d = Diagnostic::new(
+                    let d = Diagnostic::new(
                         &shown,
                         line,
                         col,
@@ -258,10 +258,7 @@ impl Config {
                             "tenant `{name}` names provider `{pname}`, which has no valid rules/providers/{pname}.yaml"
                         ),
                     );
-                    if let Some(best) = crate::diagnostic::closest(pname, &known) {
-                        d = d.with_hint(format!("did you mean `{best}`?"));
-                    }
-                    diags.push(d);
+                    diags.push(d.suggest(pname, &known, false, &[]));
                 }
                 providers.insert(
                     pname.clone(),

@@ -24,6 +24,19 @@ impl Diagnostic {
         self
     }
 
+    /// The one "did you mean" of the project: hints the candidate `word` is a likely typo
+    /// of; failing that, with `or_list`, every candidate (and `also`).
+    pub fn suggest(self, word: &str, candidates: &[&str], or_list: bool, also: &[&str]) -> Self {
+        match closest(word, candidates) {
+            Some(best) => self.with_hint(format!("did you mean `{best}`?")),
+            None if or_list => {
+                let all: Vec<&str> = candidates.iter().chain(also).copied().collect();
+                self.with_hint(format!("one of: {}", all.join(", ")))
+            }
+            None => self,
+        }
+    }
+
     /// A diagnostic from a serde_yaml error, at the location it reports.
     pub fn from_yaml(file: &str, err: &serde_yaml::Error) -> Self {
         let (line, column) = err.location().map(|l| (l.line(), l.column())).unwrap_or((1, 1));
@@ -53,27 +66,13 @@ pub fn render(diags: &[Diagnostic]) -> String {
 }
 
 /// The candidate closest to `word` by edit distance, if it is close enough to be a typo.
-pub fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
     candidates
         .iter()
-        .map(|c| (levenshtein(word, c), *c))
+        .map(|c| (strsim::levenshtein(word, c), *c))
         .filter(|(d, c)| *d <= (c.len() / 3).max(2))
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
-}
-
-fn levenshtein(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != *cb);
-            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 #[cfg(test)]

@@ -711,12 +711,8 @@ impl Cx<'_> {
             None => {
                 let (line, col) = locate(self.src, &format!("kind: {kind}"));
                 let names: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
-                let mut d = Diagnostic::new(self.file, line, col, format!("unknown canonical kind `{kind}`"));
-                d = match crate::diagnostic::closest(kind, &names) {
-                    Some(best) => d.with_hint(format!("did you mean `{best}`?")),
-                    None => d.with_hint(format!("one of: {}, ignore", names.join(", "))),
-                };
-                self.diags.push(d);
+                let d = Diagnostic::new(self.file, line, col, format!("unknown canonical kind `{kind}`"));
+                self.diags.push(d.suggest(kind, &names, true, &["ignore"]));
                 Target::Ignore
             }
         }

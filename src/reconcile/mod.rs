@@ -296,13 +296,12 @@ fn fill_with(template: &str, vars: &Vars, api_key: Option<&str>, encode: bool) -
     Ok(out)
 }
 
+/// A value as one URL path segment: everything but RFC 3986's unreserved characters
+/// percent-encoded (so `/`, `?` and `#` in an id cannot change the request).
 fn encode_segment(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    const UNRESERVED: &percent_encoding::AsciiSet =
+        &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+    percent_encoding::utf8_percent_encode(s, UNRESERVED).to_string()
 }
 
 /// Fills the string values of a JSON body template.
@@ -771,5 +770,6 @@ mod tests {
         );
         assert_eq!(fill("/members/{customer_id}", &v, true), Err("{customer_id}".into()));
         assert_eq!(fill_with("Bearer {api_key}", &v, Some("sk_test"), false).unwrap(), "Bearer sk_test");
+        assert_eq!(encode_segment("a?b#c é~-_."), "a%3Fb%23c%20%C3%A9~-_.");
     }
 }

@@ -195,12 +195,11 @@ impl RuleSet {
                 if crate::canonical::EventKind::parse(kind).is_none() {
                     let f = &files[handlers[h]];
                     let (line, col) = crate::extract::locate(&f.src, &format!("fn {h}"));
-                    let names: Vec<&str> = crate::canonical::EventKind::ALL.iter().map(|k| k.as_str()).collect();
-                    let mut d = Diagnostic::new(&f.name, line, col, format!("`{h}` handles no canonical kind"));
-                    if let Some(best) = crate::diagnostic::closest(kind, &names) {
-                        d = d.with_hint(format!("did you mean `on_{best}`?"));
-                    }
-                    diags.push(d);
+                    let names: Vec<String> =
+                        crate::canonical::EventKind::ALL.iter().map(|k| format!("on_{}", k.as_str())).collect();
+                    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                    let d = Diagnostic::new(&f.name, line, col, format!("`{h}` handles no canonical kind"));
+                    diags.push(d.suggest(h, &names, false, &[]));
                 }
             }
         }
