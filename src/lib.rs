@@ -15,11 +15,19 @@
 //! ```
 //!
 //! # Layout
-//! - `cli`: commands; `app`: router and `serve`; `ingest`, `admin`: HTTP handlers;
-//!   `http_error`: the status table.
-//! - `config`: `membersync.yaml`; `canonical`: the event model; `clock`: injectable time.
-//! - `pipeline`: the order of stages; `effects`: effect values.
-//! - `logging`: stderr, with routine lines written in batches.
+//! Every module, top (what drives) to bottom (what is driven):
+//! - `cli`: the commands; `app`: the router and `serve`; `ingest`, `admin`: the HTTP
+//!   handlers; `http_error`: the status table; `logging`: stderr, routine lines batched.
+//! - `reload`: swapping in edited rules (checked first by `check`); `reconcile`: the
+//!   provider APIs and the daily schedule; `timers`: due timers; `replay`: stored events
+//!   run again, and the dry run; `explain`, `scenario`: why a member has access, and
+//!   lifecycle files run as tests; `check`: every problem in the operator's files.
+//! - `pipeline`: the order of stages; `verify`: signature schemes; `extract`: provider
+//!   YAML → canonical event; `rules`: the Rhai policy; `machine`: the membership graph;
+//!   `effects`: effect values; `store`: durable state (`store::sqlite`: SQLite).
+//! - `config`: `membersync.yaml`; `canonical`: the event model; `clock`: injectable time;
+//!   `diagnostic`: file:line:column problems and the one "did you mean"; `schema`: the
+//!   JSON Schemas; `secret`: redacted secrets; `yaml`: the one YAML parser.
 
 pub mod admin;
 pub mod app;
