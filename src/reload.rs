@@ -30,7 +30,7 @@ pub struct ReloadStatus {
 /// them in, on failure keeps the old ones. Either way the status is recorded and logged.
 /// The files must first pass `membersync check` — the same function, so the service
 /// refuses exactly what `check` refuses (its warnings do not refuse). Both read one copy
-/// of the files (see [`Snapshot`]), so an editor still writing cannot slip a version past
+/// of the files (a private copy taken first), so an editor still writing cannot slip a version past
 /// the check.
 pub fn reload(ctx: &Ctx, trigger: &str) -> Result<String, Vec<Diagnostic>> {
     let now = ctx.clock.now();
