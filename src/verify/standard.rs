@@ -116,6 +116,11 @@ mod tests {
         assert_eq!(verify(&k, lookup(&h), b"{ }", now, 300), Err(Error::Mismatch));
         let late = Utc.timestamp_opt(1301, 0).unwrap();
         assert_eq!(verify(&k, lookup(&h), b"{}", late, 300), Err(Error::Expired(300)));
+        // The tolerance is inclusive, either way of the clock: 300 s off is still accepted.
+        for at in [700, 1300] {
+            assert_eq!(verify(&k, lookup(&h), b"{}", Utc.timestamp_opt(at, 0).unwrap(), 300), Ok(()), "at {at}");
+        }
+        assert_eq!(verify(&k, lookup(&h), b"{}", Utc.timestamp_opt(699, 0).unwrap(), 300), Err(Error::Expired(300)));
         assert!(matches!(verify(&k, lookup(&h[..2]), b"{}", now, 300), Err(Error::MissingHeader(_))));
     }
 
