@@ -91,6 +91,13 @@ mod tests {
         assert_eq!(verify(&Secret::new("whsec_other"), &h, b"{}", now(), 300), Err(Error::Mismatch));
         let later = now() + chrono::Duration::seconds(301);
         assert_eq!(verify(&s, &h, b"{}", later, 300), Err(Error::Expired(300)));
+        // The tolerance is inclusive, either way of the clock (Stripe's SDKs: 300 s).
+        for off in [-300, 300] {
+            let at = now() + chrono::Duration::seconds(off);
+            assert_eq!(verify(&s, &h, b"{}", at, 300), Ok(()), "{off} s off");
+        }
+        let earlier = now() - chrono::Duration::seconds(301);
+        assert_eq!(verify(&s, &h, b"{}", earlier, 300), Err(Error::Expired(300)));
         assert!(matches!(verify(&s, "garbage", b"{}", now(), 300), Err(Error::Malformed(_))));
         assert!(matches!(verify(&s, "t=1", b"{}", now(), 300), Err(Error::Malformed(_))));
     }
