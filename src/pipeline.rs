@@ -1013,7 +1013,9 @@ fn release_parked(
             }
         }
         let Some((incoming, raw)) = incoming_from_row(&loaded.config, &e) else { continue };
-        tx.retire_event(e.seq, "re-applied once its membership existed")?;
+        if !tx.mark_replayed(e.seq, "re-applied once its membership existed")? {
+            continue;
+        }
         let ack = apply(loaded, tx, incoming, raw, now)?;
         notes.push(format!("{} {}", e.event_id, ack.status.as_str()));
     }

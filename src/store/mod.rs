@@ -174,13 +174,10 @@ pub trait Tx {
     fn event_by_key(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Option<EventRow>>;
     /// Counts one more delivery of an already stored event.
     fn note_duplicate(&mut self, seq: i64) -> Result<()>;
-    /// Takes a stored event out of dedupe (its key gets a suffix) and marks it `replayed`
-    /// so that it is processed again once, here, and never by a replay; notes why; returns
-    /// false if it is not there.
-    fn retire_event(&mut self, seq: i64, note: &str) -> Result<bool>;
-    /// Retires a failed, refused or ignored event for replay and marks it `replayed`, so
-    /// it is never replayed again; returns false (and changes nothing) if it is not one of
-    /// those any more (a replay got there first).
+    /// Takes a failed, refused or ignored event out of dedupe (its key gets a suffix) and
+    /// marks it `replayed`, noting why, so that it runs again once — by a replay, or as a
+    /// parked event whose membership now exists — and never again; returns false (and
+    /// changes nothing) if it is not one of those any more (it already ran again).
     fn mark_replayed(&mut self, seq: i64, note: &str) -> Result<bool>;
     /// Parked events of a provider waiting for membership `key` (or for any membership of
     /// their member), oldest first.

@@ -146,12 +146,7 @@ async fn dry_run_interleaves_timers_with_deliveries_as_they_happened() {
 #[tokio::test]
 async fn dry_run_runs_parked_events_again_from_their_stored_body() {
     let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(FixedClock::new(at(FAILED)));
-    let ctx = ctx_on(&dir.path().join("m.db"), clock.clone());
-    let early = deliver(&ctx, "stripe", "invoice_payment_failed").await;
-    assert_eq!(early.status, Status::Refused, "{:?}", early.outcome.reason);
-    deliver(&ctx, "stripe", "checkout_session_completed").await;
-    deliver(&ctx, "stripe", "customer_subscription_created").await;
+    let (ctx, clock) = parked_then_released(&dir).await;
     assert_eq!(member(&ctx, "ada@example.com").memberships[0].state.as_str(), "past_due");
 
     let diffs = membersync::replay::dry_run(&ctx, &EventFilter::default(), clock.now()).await.unwrap();
@@ -211,12 +206,7 @@ async fn a_dead_letter_replayed_many_times_applies_once() {
 #[tokio::test]
 async fn a_released_parked_event_is_not_replayed_again() {
     let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(FixedClock::new(at(FAILED)));
-    let ctx = ctx_on(&dir.path().join("m.db"), clock.clone());
-    let early = deliver(&ctx, "stripe", "invoice_payment_failed").await;
-    assert_eq!(early.status, Status::Refused, "{:?}", early.outcome.reason);
-    deliver(&ctx, "stripe", "checkout_session_completed").await;
-    deliver(&ctx, "stripe", "customer_subscription_created").await;
+    let (ctx, _) = parked_then_released(&dir).await;
     let id = "evt_1QxqTxK7dEmoAc01LZbqVCbE";
     let before: Vec<(String, String)> =
         ctx.store.events_by_event_id(id).unwrap().iter().map(|e| (e.source.clone(), e.status.clone())).collect();
@@ -275,4 +265,16 @@ async fn post_stripe(s: &Server, clock: &FixedClock, name: &str) -> serde_json::
     let body = fixture("stripe", name);
     let headers = signed_headers(&s.ctx, "stripe", &body, clock.now());
     s.post("/webhooks/demo/stripe", &headers, body).await.1
+}
+
+/// A failed payment that arrives before the purchase (refused, parked), then the purchase:
+/// the parked event runs again once the membership exists.
+async fn parked_then_released(dir: &tempfile::TempDir) -> (Arc<membersync::pipeline::Ctx>, Arc<FixedClock>) {
+    let clock = Arc::new(FixedClock::new(at(FAILED)));
+    let ctx = ctx_on(&dir.path().join("m.db"), clock.clone());
+    let early = deliver(&ctx, "stripe", "invoice_payment_failed").await;
+    assert_eq!(early.status, Status::Refused, "{:?}", early.outcome.reason);
+    deliver(&ctx, "stripe", "checkout_session_completed").await;
+    deliver(&ctx, "stripe", "customer_subscription_created").await;
+    (ctx, clock)
 }

@@ -13,11 +13,7 @@ async fn restart_keeps_state_and_fires_timers_due_while_down() {
     let db = dir.path().join("m.db");
     let clock = Arc::new(FixedClock::new(at(1_767_225_600)));
     {
-        let ctx = ctx_on(&db, clock.clone());
-        deliver(&ctx, "stripe", "checkout_session_completed").await;
-        deliver(&ctx, "stripe", "customer_subscription_created").await;
-        clock.set(at(1_769_907_606));
-        deliver(&ctx, "stripe", "invoice_payment_failed").await;
+        let ctx = past_due_ada(&db, &clock).await;
         let d = member(&ctx, "ada@example.com");
         assert_eq!(d.timers.len(), 1);
     } // the service stops: store and writer dropped
@@ -75,11 +71,7 @@ async fn serve_started_after_a_grace_end_expires_the_member_without_any_delivery
     let db = dir.path().join("membersync.db");
     {
         let clock = Arc::new(FixedClock::new(at(1_767_225_600)));
-        let ctx = ctx_on(&db, clock.clone());
-        deliver(&ctx, "stripe", "checkout_session_completed").await;
-        deliver(&ctx, "stripe", "customer_subscription_created").await;
-        clock.set(at(1_769_907_606));
-        deliver(&ctx, "stripe", "invoice_payment_failed").await;
+        let ctx = past_due_ada(&db, &clock).await;
         let d = member(&ctx, "ada@example.com");
         assert_eq!(d.memberships[0].state, MState::PastDue);
         assert_eq!(d.timers.len(), 1);
@@ -138,4 +130,14 @@ async fn fire_due_fires_every_due_timer_past_one_batch() {
     assert_eq!(ctx.store.due_timers(later, 1000).unwrap().len(), n, "one grace timer each");
     assert_eq!(timers::fire_due(&ctx, later).await, n, "all fired in one call");
     assert!(ctx.store.due_timers(later, 1000).unwrap().is_empty());
+}
+
+/// Ada subscribed, then a failed payment: past due, with a grace timer (on `db`).
+async fn past_due_ada(db: &std::path::Path, clock: &Arc<FixedClock>) -> Arc<membersync::pipeline::Ctx> {
+    let ctx = ctx_on(db, clock.clone());
+    deliver(&ctx, "stripe", "checkout_session_completed").await;
+    deliver(&ctx, "stripe", "customer_subscription_created").await;
+    clock.set(at(1_769_907_606));
+    deliver(&ctx, "stripe", "invoice_payment_failed").await;
+    ctx
 }

@@ -22,17 +22,14 @@ pub(super) fn exit_on_sync_failure(error: &str) {
 /// nothing, and `/healthz` says so. A failed sync is also reported to `on_sync_failure`.
 #[derive(Clone)]
 pub(super) struct Health {
-    pub(super) failed: Arc<Mutex<Option<String>>>,
+    /// The first failure's reason; set once, read without a lock on every submit.
+    pub(super) failed: Arc<std::sync::OnceLock<String>>,
     pub(super) on_sync_failure: fn(&str),
 }
 
 impl Health {
     pub(super) fn fail(&self, why: &str) {
-        if let Ok(mut h) = self.failed.lock() {
-            if h.is_none() {
-                *h = Some(why.to_string());
-            }
-        }
+        let _ = self.failed.set(why.to_string());
     }
 
     /// A sync failed: the store is failed, and `on_sync_failure` hears of it (by default
@@ -43,12 +40,9 @@ impl Health {
     }
 
     pub(super) fn check(&self) -> Result<()> {
-        match self.failed.lock() {
-            Ok(h) => match h.as_ref() {
-                Some(why) => Err(Error::Failed(why.clone())),
-                None => Ok(()),
-            },
-            Err(_) => Err(Error::Failed("health lock poisoned".into())),
+        match self.failed.get() {
+            Some(why) => Err(Error::Failed(why.clone())),
+            None => Ok(()),
         }
     }
 }

@@ -234,14 +234,6 @@ impl Tx for SqliteTx<'_, '_> {
         Ok(())
     }
 
-    fn retire_event(&mut self, seq: i64, note: &str) -> Result<bool> {
-        let n = self
-            .st("UPDATE events SET idempotency_key = idempotency_key || '#retired@' || seq, park_key = NULL,
-                   status = 'replayed', reason = COALESCE(reason || ' — ', '') || ?2 WHERE seq = ?1")?
-            .execute(params![seq, note])?;
-        Ok(n > 0)
-    }
-
     fn mark_replayed(&mut self, seq: i64, note: &str) -> Result<bool> {
         let n = self
             .st("UPDATE events SET idempotency_key = idempotency_key || '#retired@' || seq, park_key = NULL,
