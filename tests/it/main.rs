@@ -2,6 +2,7 @@
 
 mod check;
 mod crash;
+mod details;
 mod durability;
 mod extract;
 mod fuzz;

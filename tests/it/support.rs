@@ -66,6 +66,20 @@ pub async fn deliver(ctx: &Arc<Ctx>, provider: &str, name: &str) -> Ack {
     membersync::ingest::accept(ctx, "demo", provider, headers, body).await.expect("delivery accepted")
 }
 
+/// Posts a fixture edited first by `edit` (signed as sent), like `deliver`.
+pub async fn deliver_edited(
+    ctx: &Arc<Ctx>,
+    provider: &str,
+    name: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> Ack {
+    let mut v: serde_json::Value = serde_json::from_slice(&fixture(provider, name)).expect("fixture is JSON");
+    edit(&mut v);
+    let body = serde_json::to_vec(&v).expect("serializes");
+    let headers = signed_headers(ctx, provider, &body, ctx.clock.now());
+    membersync::ingest::accept(ctx, "demo", provider, headers, body).await.expect("delivery accepted")
+}
+
 /// The member with this email, with memberships and activity.
 pub fn member(ctx: &Ctx, email: &str) -> MemberDetail {
     let m = ctx.store.members_by_email(email).expect("read").into_iter().next().expect("member exists");

@@ -1,0 +1,116 @@
+//! Who a member is and what the provider last said: a member-updated event changes exactly
+//! what differs, a transition only fills details the member lacks, the provider's status is
+//! kept as last reported, and an ignored event that needs no membership is not held back to
+//! run again later.
+
+use crate::support::*;
+use membersync::clock::{Clock, FixedClock};
+use membersync::machine::MState;
+use membersync::pipeline::Status;
+use std::sync::Arc;
+
+const JAN: i64 = 1_767_225_600; // 2026-01-01
+
+fn fresh() -> (tempfile::TempDir, Arc<FixedClock>, Arc<membersync::pipeline::Ctx>) {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FixedClock::new(at(JAN)));
+    let ctx = ctx_on(&dir.path().join("m.db"), clock.clone());
+    (dir, clock, ctx)
+}
+
+fn who(ctx: &membersync::pipeline::Ctx, email: &str) -> (Option<String>, Option<String>, String) {
+    let d = member(ctx, email);
+    (d.member.email.clone(), d.member.name.clone(), d.member.id.clone())
+}
+
+#[tokio::test]
+async fn member_updated_changes_what_differs_and_a_transition_only_fills_gaps() {
+    let (_dir, clock, ctx) = fresh();
+    assert_eq!(deliver(&ctx, "memberful", "subscription_created").await.status, Status::Applied);
+    let (email, name, id) = who(&ctx, "sam@example.com");
+    assert_eq!((email.as_deref(), name.as_deref()), (Some("sam@example.com"), Some("Sam Rivera")));
+
+    // A new email, the same name: the email changes, the name stays.
+    clock.set(at(JAN + 60));
+    let ack = deliver_edited(&ctx, "memberful", "member_updated", |v| {
+        v["member"]["email"] = "sam.rivera@example.com".into();
+    })
+    .await;
+    assert_eq!(ack.status, Status::Applied, "{:?}", ack.outcome.reason);
+    let (email, name, same_id) = who(&ctx, "sam.rivera@example.com");
+    assert_eq!(same_id, id, "the same member, found by their provider id");
+    assert_eq!((email.as_deref(), name.as_deref()), (Some("sam.rivera@example.com"), Some("Sam Rivera")));
+    assert!(ctx.store.members_by_email("sam@example.com").unwrap().is_empty(), "the old email no longer matches");
+
+    // The same email, a new name: only the name changes.
+    clock.set(at(JAN + 120));
+    deliver_edited(&ctx, "memberful", "member_updated", |v| {
+        v["member"]["email"] = "sam.rivera@example.com".into();
+        v["member"]["full_name"] = "Samantha Rivera".into();
+    })
+    .await;
+    let (email, name, _) = who(&ctx, "sam.rivera@example.com");
+    assert_eq!((email.as_deref(), name.as_deref()), (Some("sam.rivera@example.com"), Some("Samantha Rivera")));
+
+    // A renewal still carrying the details from before the change moves the membership but
+    // does not undo what the member-updated events said.
+    clock.set(at(JAN + 180));
+    let ack = deliver(&ctx, "memberful", "subscription_renewed").await;
+    assert_eq!((ack.status, ack.outcome.to), (Status::Applied, Some(MState::Active)), "{:?}", ack.outcome.reason);
+    let (email, name, _) = who(&ctx, "sam.rivera@example.com");
+    assert_eq!((email.as_deref(), name.as_deref()), (Some("sam.rivera@example.com"), Some("Samantha Rivera")));
+}
+
+#[tokio::test]
+async fn a_transition_fills_details_the_member_lacked() {
+    let (_dir, clock, ctx) = fresh();
+    // Stripe's subscription event names only the customer; the invoice brings the email and name.
+    deliver(&ctx, "stripe", "customer_subscription_created").await;
+    clock.set(at(JAN + 60));
+    deliver(&ctx, "stripe", "invoice_paid").await;
+    let (email, name, _) = who(&ctx, "ada@example.com");
+    assert_eq!((email.as_deref(), name.as_deref()), (Some("ada@example.com"), Some("Ada Lovelace")));
+}
+
+#[tokio::test]
+async fn the_providers_status_is_kept_as_last_reported() {
+    let (_dir, clock, ctx) = fresh();
+    deliver(&ctx, "memberstack", "member_plan_added").await;
+    let m = member(&ctx, "sam@example.com").memberships[0].clone();
+    assert_eq!((m.state, m.status.as_deref()), (MState::Active, Some("active")));
+
+    // The cancel names no status: the last one reported stays; the state says canceled.
+    clock.set(at(1_770_733_800));
+    let ack = deliver(&ctx, "memberstack", "member_plan_canceled").await;
+    assert_eq!(ack.status, Status::Applied, "{:?}", ack.outcome.reason);
+    let m = member(&ctx, "sam@example.com").memberships[0].clone();
+    assert_ne!(m.state, MState::Active);
+    assert_eq!(m.status.as_deref(), Some("active"), "a status-less event does not erase the last reported status");
+
+    // Stripe's statuses are recorded from its own events, each replacing the last.
+    let (_dir2, clock2, stripe) = fresh();
+    deliver(&stripe, "stripe", "checkout_session_completed").await;
+    let status = |ctx: &membersync::pipeline::Ctx| member(ctx, "ada@example.com").memberships[0].status.clone();
+    assert_eq!(status(&stripe).as_deref(), Some("paid"));
+    clock2.set(at(JAN + 1));
+    deliver(&stripe, "stripe", "customer_subscription_created").await;
+    assert_eq!(status(&stripe).as_deref(), Some("active"));
+}
+
+#[tokio::test]
+async fn an_ignored_member_deletion_is_not_held_back_to_cancel_a_later_membership() {
+    let (_dir, clock, ctx) = fresh();
+    // Deleted before any membership of theirs is known here: nothing to do, and nothing to
+    // keep for later.
+    clock.set(at(1_773_532_800));
+    let ack = deliver(&ctx, "memberstack", "member_deleted").await;
+    assert_eq!(ack.status, Status::Ignored, "{:?}", ack.outcome.reason);
+
+    // Their purchase arrives afterwards: it stands; the earlier deletion does not run again.
+    let ack = deliver(&ctx, "memberstack", "member_plan_added").await;
+    assert_eq!(ack.status, Status::Applied, "{:?}", ack.outcome.reason);
+    let d = member(&ctx, "sam@example.com");
+    assert_eq!(d.memberships.len(), 1);
+    assert_eq!(d.memberships[0].state, MState::Active, "{:?}", d.memberships[0]);
+    assert!(d.memberships[0].has_access(clock.now()));
+}
