@@ -3,8 +3,9 @@
 
 use crate::http_error::ApiError;
 use crate::pipeline::Ctx;
+use crate::state::AppState;
 use crate::store::{EventRow, MemberDetail, MembershipRow};
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRef, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::Json;
 use base64::Engine as _;
@@ -36,11 +37,14 @@ impl AdminToken {
     }
 }
 
-impl FromRequestParts<Arc<Ctx>> for AdminToken {
+impl<S: Send + Sync> FromRequestParts<S> for AdminToken
+where
+    Arc<Ctx>: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, ctx: &Arc<Ctx>) -> Result<Self, Self::Rejection> {
-        let config = ctx.config();
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let config = Arc::<Ctx>::from_ref(state).config();
         let given = parts
             .headers
             .get("authorization")
@@ -182,17 +186,18 @@ pub async fn member(
 /// with what each membership's comparison found under `resync`.
 pub async fn resync(
     token: AdminToken,
-    State(ctx): State<Arc<Ctx>>,
+    State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    let ctx = &state.ctx;
     let store = ctx.store.clone();
     let who = id.clone();
     let found = blocking(move || store.member_detail(&who, 0)).await?.ok_or(ApiError::NotFound)?;
     if !token.allows(&found.member.tenant) {
         return Err(ApiError::NotFound);
     }
-    let reconciler = crate::reconcile::reconciler(&ctx);
-    let summary = crate::reconcile::resync_member(&ctx, &reconciler, &id).await.ok_or(ApiError::NotFound)?;
+    let reconciler = state.reconcile.reconciler();
+    let summary = crate::reconcile::resync_member(ctx, &reconciler, &id).await.ok_or(ApiError::NotFound)?;
     let store = ctx.store.clone();
     let d = blocking(move || store.member_detail(&id, 50)).await?.ok_or(ApiError::NotFound)?;
     let mut out = member_json(&d, ctx.clock.now());
@@ -306,7 +311,8 @@ pub async fn leads(token: AdminToken, State(ctx): State<Arc<Ctx>>) -> Result<Jso
 }
 
 /// `GET /metrics`: Prometheus text.
-pub async fn metrics(State(ctx): State<Arc<Ctx>>) -> Result<String, ApiError> {
+pub async fn metrics(State(state): State<AppState>) -> Result<String, ApiError> {
+    let ctx = &state.ctx;
     let store = ctx.store.clone();
     let counts = blocking(move || store.event_counts()).await?;
     let mut out = String::from(
@@ -323,15 +329,15 @@ pub async fn metrics(State(ctx): State<Arc<Ctx>>) -> Result<String, ApiError> {
     for (status, n) in sync {
         out.push_str(&format!("membersync_memberships_by_sync_status{{status=\"{status}\"}} {n}\n"));
     }
-    out.push_str(&ctx.reconcile.stats.render());
+    out.push_str(&state.reconcile.stats().render());
     Ok(out)
 }
 
 /// `GET /admin/rules`: the rule set in force and the last reload attempt.
-pub async fn rules(token: AdminToken, State(ctx): State<Arc<Ctx>>) -> Result<Json<Value>, ApiError> {
+pub async fn rules(token: AdminToken, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     token.require_global()?;
-    let loaded = ctx.loaded();
-    let status = ctx.reload_status.lock().map(|s| s.clone()).unwrap_or_default();
+    let loaded = state.ctx.loaded();
+    let status = state.reload_status();
     Ok(Json(json!({
         "version": loaded.rules.version,
         "source_hash": loaded.rules.source_hash(),
@@ -352,17 +358,17 @@ pub async fn rules(token: AdminToken, State(ctx): State<Arc<Ctx>>) -> Result<Jso
 
 /// `POST /admin/reload`: reload now; 200 with the new version, or 422 with every problem
 /// (the previous rules stay in force).
-pub async fn reload(token: AdminToken, State(ctx): State<Arc<Ctx>>) -> (axum::http::StatusCode, Json<Value>) {
+pub async fn reload(token: AdminToken, State(state): State<AppState>) -> (axum::http::StatusCode, Json<Value>) {
     if token.require_global().is_err() {
         return (axum::http::StatusCode::FORBIDDEN, Json(json!({ "error": "this token may not do that" })));
     }
-    match crate::reload::reload(&ctx, "admin") {
+    match state.reload("admin") {
         Ok(version) => (axum::http::StatusCode::OK, Json(json!({ "ok": true, "version": version }))),
         Err(errors) => (
             axum::http::StatusCode::UNPROCESSABLE_ENTITY,
             Json(json!({
                 "ok": false,
-                "version": ctx.rules().version,
+                "version": state.ctx.rules().version,
                 "errors": errors.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
             })),
         ),

@@ -1,7 +1,9 @@
 //! The HTTP application: one router for ingest, admin, health and metrics, and `serve`,
-//! which runs it with the timer task and the reconcile schedule until shutdown.
+//! which runs it with the timer task, the reload triggers (file watch, SIGHUP) and the
+//! reconcile schedule until shutdown.
 
 use crate::pipeline::Ctx;
+use crate::state::AppState;
 use crate::{admin, ingest, reconcile, timers};
 use axum::routing::{get, post};
 use axum::Router;
@@ -10,7 +12,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 /// The router, for `serve` and for `oneshot` tests.
-pub fn router(ctx: Arc<Ctx>) -> Router {
+pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/webhooks/{tenant}/{provider}", get(ingest::probe).head(ingest::probe).post(ingest::webhook))
         .route("/members", get(admin::members))
@@ -24,7 +26,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/admin/reload", axum::routing::post(admin::reload))
         .route("/metrics", get(admin::metrics))
         .route("/healthz", get(healthz))
-        .with_state(ctx)
+        .with_state(state)
 }
 
 /// `GET /healthz`: 200 `{"status": "ok"}`, or 503 `{"status": "failed", "error"}` once
@@ -45,35 +47,44 @@ async fn healthz(axum::extract::State(ctx): axum::extract::State<Arc<Ctx>>) -> a
 /// their commits), stops the timer task and the reconcile schedule, then returns.
 pub async fn serve(
     listener: TcpListener,
-    ctx: Arc<Ctx>,
+    state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let timer_ctx = ctx.clone();
-    let mut timer_stop = stop_rx.clone();
-    let timer_task = tokio::spawn(async move {
-        timers::run(timer_ctx, async move {
-            let _ = timer_stop.wait_for(|s| *s).await;
-        })
-        .await
-    });
-    let watch_ctx = ctx.clone();
-    let mut watch_stop = stop_rx.clone();
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let ctx = state.ctx.clone();
+    let timer_task = tokio::spawn(timers::run(ctx.clone(), stopped(stop_rx.clone())));
+    let watch_state = state.clone();
+    let watch_stop = stopped(stop_rx.clone());
     let watch_task = tokio::spawn(async move {
-        crate::reload::watch(watch_ctx, async move {
-            let _ = watch_stop.wait_for(|s| *s).await;
-        })
+        let config = watch_state.ctx.config();
+        crate::reload::watch(
+            &config,
+            || {
+                let _ = watch_state.reload("watch");
+            },
+            watch_stop,
+        )
         .await
     });
-    let reconcile_ctx = ctx.clone();
-    let mut reconcile_stop = stop_rx.clone();
-    let reconcile_task = tokio::spawn(async move {
-        reconcile::schedule::run(reconcile_ctx, async move {
-            let _ = reconcile_stop.wait_for(|s| *s).await;
+    #[cfg(unix)]
+    let hup_task = {
+        let (hup_state, hup_stop) = (state.clone(), stopped(stop_rx.clone()));
+        tokio::spawn(async move {
+            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+            tokio::pin!(hup_stop);
+            loop {
+                tokio::select! {
+                    Some(()) = hup.recv() => { let _ = hup_state.reload("sighup"); }
+                    _ = &mut hup_stop => return,
+                }
+            }
         })
-        .await
-    });
-    let app = router(ctx);
+    };
+    let reconcile_task = tokio::spawn(reconcile::schedule::run(ctx, state.reconcile.clone(), stopped(stop_rx.clone())));
+    let app = router(state);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
@@ -82,6 +93,8 @@ pub async fn serve(
         .await;
     let _ = timer_task.await;
     let _ = watch_task.await;
+    #[cfg(unix)]
+    let _ = hup_task.await;
     let _ = reconcile_task.await;
     result
 }

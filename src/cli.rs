@@ -225,18 +225,7 @@ async fn serve(config_path: &Path, listen: Option<String>, database: Option<Stri
         tracing::warn!("No admin token configured: the admin API answers 401 to everyone.");
     }
     let ctx = Arc::new(Ctx::new(config, rules, store, Arc::new(SystemClock)));
-    #[cfg(unix)]
-    {
-        let hup_ctx = ctx.clone();
-        tokio::spawn(async move {
-            if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-                while hup.recv().await.is_some() {
-                    let _ = crate::reload::reload(&hup_ctx, "sighup");
-                }
-            }
-        });
-    }
-    crate::app::serve(listener, ctx, shutdown_signal()).await?;
+    crate::app::serve(listener, crate::state::AppState::new(ctx), shutdown_signal()).await?;
     tracing::info!("Stopped.");
     Ok(ExitCode::SUCCESS)
 }
@@ -279,13 +268,16 @@ fn check(config_path: &Path, strict: bool) -> ExitCode {
 }
 
 /// What `membersync reconcile` runs: one member's memberships, or one pass over all.
-pub async fn reconcile_summary(ctx: &Arc<Ctx>, member: Option<&str>) -> Result<crate::reconcile::Summary> {
-    let reconciler = crate::reconcile::reconciler(ctx);
+pub async fn reconcile_summary(
+    ctx: &Arc<Ctx>,
+    reconciler: &Arc<crate::reconcile::Reconciler>,
+    member: Option<&str>,
+) -> Result<crate::reconcile::Summary> {
     match member {
         Some(id) => {
-            crate::reconcile::resync_member(ctx, &reconciler, id).await.with_context(|| format!("no member `{id}`"))
+            crate::reconcile::resync_member(ctx, reconciler, id).await.with_context(|| format!("no member `{id}`"))
         }
-        None => Ok(crate::reconcile::run_pass(ctx, &reconciler, ctx.clock.now()).await),
+        None => Ok(crate::reconcile::schedule::run_pass(ctx, reconciler, ctx.clock.now()).await),
     }
 }
 
@@ -322,7 +314,8 @@ async fn reconcile(
     let rules = load_rules(&config, Utc::now())?;
     let store = open_store(&config, &config.database)?;
     let ctx = Arc::new(Ctx::new(config, rules, store, Arc::new(SystemClock)));
-    let summary = reconcile_summary(&ctx, member.as_deref()).await?;
+    let reconciler = Arc::new(crate::reconcile::Reconciler::new(&ctx.config(), Default::default()));
+    let summary = reconcile_summary(&ctx, &reconciler, member.as_deref()).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {

@@ -18,6 +18,8 @@
 //! Every module, top (what drives) to bottom (what is driven):
 //! - `cli`: the commands; `app`: the router and `serve`; `ingest`, `admin`: the HTTP
 //!   handlers; `http_error`: the status table; `logging`: stderr, routine lines batched.
+//! - `state`: the running service's state above the pipeline (the pipeline's context,
+//!   the last reload's outcome, the reconciler in force).
 //! - `reload`: swapping in edited rules (checked first by `check`); `reconcile`: the
 //!   provider APIs and the daily schedule; `timers`: due timers; `replay`: stored events
 //!   run again, and the dry run; `explain`, `scenario`: why a member has access, and
@@ -52,6 +54,7 @@ pub mod rules;
 pub mod scenario;
 pub mod schema;
 pub mod secret;
+pub mod state;
 pub mod store;
 pub mod timers;
 pub mod verify;

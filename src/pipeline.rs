@@ -127,18 +127,14 @@ impl Loaded {
     }
 }
 
-/// Everything the pipeline needs, shared by the HTTP layer, the timer task and the CLI.
+/// Everything the pipeline needs: the store, the clock and the snapshot in force. Shared
+/// by whatever drives it (the service's `AppState`, the timer task, the CLI).
 pub struct Ctx {
     loaded: RwLock<Arc<Loaded>>,
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
     /// Woken when a timer is scheduled, so the timer task re-reads the next due time.
     pub timers_changed: tokio::sync::Notify,
-    /// The outcome of the last reload attempt (for `GET /admin/rules`).
-    pub reload_status: std::sync::Mutex<crate::reload::ReloadStatus>,
-    /// Reconciliation: counters for `/metrics` and the one reconciler (its per-provider
-    /// rate limits are shared by the schedule, resync and the CLI).
-    pub reconcile: crate::reconcile::Shared,
 }
 
 impl Ctx {
@@ -148,21 +144,12 @@ impl Ctx {
             store,
             clock,
             timers_changed: tokio::sync::Notify::new(),
-            reload_status: Default::default(),
-            reconcile: Default::default(),
         }
     }
 
     /// A context sharing an existing snapshot (a scratch run under the rules in force).
     pub fn with_loaded(loaded: Arc<Loaded>, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Ctx {
-        Ctx {
-            loaded: RwLock::new(loaded),
-            store,
-            clock,
-            timers_changed: tokio::sync::Notify::new(),
-            reload_status: Default::default(),
-            reconcile: Default::default(),
-        }
+        Ctx { loaded: RwLock::new(loaded), store, clock, timers_changed: tokio::sync::Notify::new() }
     }
 
     /// The snapshot in force.

@@ -10,24 +10,12 @@ use crate::diagnostic::Diagnostic;
 use crate::pipeline::{Ctx, Loaded};
 use crate::rules::RuleSet;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-/// The outcome of the last reload attempt.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ReloadStatus {
-    pub last_attempt_at: Option<DateTime<Utc>>,
-    /// What triggered it (watch, admin, sighup).
-    pub trigger: Option<String>,
-    pub ok: Option<bool>,
-    /// Every problem of the last failed attempt (the old rules stayed in force).
-    pub errors: Vec<Diagnostic>,
-}
-
 /// Loads config and rules from where the running config came from; on success swaps
-/// them in, on failure keeps the old ones. Either way the status is recorded and logged.
+/// them in, on failure keeps the old ones. Either way the outcome is logged (the service
+/// records it too: `AppState::reload`).
 /// The files must first pass `membersync check` — the same function, so the service
 /// refuses exactly what `check` refuses (its warnings do not refuse). Both read one copy
 /// of the files (a private copy taken first), so an editor still writing cannot slip a version past
@@ -44,28 +32,20 @@ pub fn reload(ctx: &Ctx, trigger: &str) -> Result<String, Vec<Diagnostic>> {
             format!("cannot copy the files to check them: {e}"),
         )]),
     };
-    let mut status = ReloadStatus { last_attempt_at: Some(now), trigger: Some(trigger.into()), ..Default::default() };
-    let out = match result {
+    match result {
         Ok((config, rules)) => {
             let version = rules.version.clone();
             ctx.swap(Loaded::new(config, rules));
-            status.ok = Some(true);
             tracing::info!(%trigger, %version, "Rules reloaded.");
             Ok(version)
         }
         Err(errors) => {
-            status.ok = Some(false);
-            status.errors = errors.clone();
             for e in &errors {
                 tracing::error!(%trigger, problem = %e, "Reload refused; the previous rules stay in force.");
             }
             Err(errors)
         }
-    };
-    if let Ok(mut s) = ctx.reload_status.lock() {
-        *s = status;
     }
-    out
 }
 
 /// `check`, then the load, both on the snapshot's copy when there is one.
@@ -146,11 +126,11 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Watches the rules directory and the config file; reloads (debounced) on any change
-/// until `shutdown` resolves. Returns at once if the watch cannot be set up (logged).
-pub async fn watch(ctx: Arc<Ctx>, shutdown: impl std::future::Future<Output = ()>) {
+/// Watches the rules directory and the config file of `config`; calls `reload` (debounced)
+/// on any change until `shutdown` resolves. Returns at once if the watch cannot be set up
+/// (logged).
+pub async fn watch(config: &Config, reload: impl Fn(), shutdown: impl std::future::Future<Output = ()>) {
     use notify::{RecursiveMode, Watcher};
-    let config = ctx.config();
     let rules_dir: PathBuf = config.rules_dir.clone();
     let config_path: PathBuf = config.path.clone();
     let config_dir =
@@ -176,7 +156,7 @@ pub async fn watch(ctx: Arc<Ctx>, shutdown: impl std::future::Future<Output = ()
             return;
         }
     };
-    if let Err(e) = watcher.watch(&ctx.config().rules_dir, RecursiveMode::Recursive) {
+    if let Err(e) = watcher.watch(&config.rules_dir, RecursiveMode::Recursive) {
         tracing::warn!(error = %e, "Cannot watch the rules directory; reload with POST /admin/reload or SIGHUP.");
         return;
     }
@@ -195,7 +175,7 @@ pub async fn watch(ctx: Arc<Ctx>, shutdown: impl std::future::Future<Output = ()
                 // Editors write in several steps: wait for the burst to settle.
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 while rx.try_recv().is_ok() {}
-                let _ = reload(&ctx, "watch");
+                reload();
             }
             _ = &mut shutdown => return,
         }

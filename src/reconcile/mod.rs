@@ -74,22 +74,39 @@ impl Stats {
     }
 }
 
-/// Per-context reconciliation state: counters and the reconciler, built on first use.
-#[derive(Default)]
-pub struct Shared {
-    pub stats: Stats,
-    reconciler: std::sync::OnceLock<Arc<Reconciler>>,
+/// The reconciler in force and the counters every reconciler since start adds to: one per
+/// service, shared by the schedule and resync so they share its rate limits; rebuilt from
+/// the new config on a reload.
+pub struct Reconciliation {
+    stats: Arc<Stats>,
+    current: std::sync::RwLock<Arc<Reconciler>>,
 }
 
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("stats", &self.stats).finish()
+impl Reconciliation {
+    pub fn new(config: &Config) -> Reconciliation {
+        let stats = Arc::new(Stats::default());
+        let current = std::sync::RwLock::new(Arc::new(Reconciler::new(config, stats.clone())));
+        Reconciliation { stats, current }
     }
-}
 
-/// The context's reconciler: one per process, so every caller shares its rate limits.
-pub fn reconciler(ctx: &Ctx) -> Arc<Reconciler> {
-    ctx.reconcile.reconciler.get_or_init(|| Arc::new(Reconciler::new(&ctx.config()))).clone()
+    /// The reconciler in force.
+    pub fn reconciler(&self) -> Arc<Reconciler> {
+        self.current.read().map(|r| r.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Builds the reconciler anew from `config` (its plans, API bases, timeout and rate);
+    /// passes already running finish with the old one.
+    pub fn rebuild(&self, config: &Config) {
+        let new = Arc::new(Reconciler::new(config, self.stats.clone()));
+        match self.current.write() {
+            Ok(mut r) => *r = new,
+            Err(p) => *p.into_inner() = new,
+        }
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
 }
 
 /// What one attempt found. The first four are stored as the membership's `sync_status`.
@@ -321,10 +338,12 @@ pub struct Reconciler {
     client: reqwest::Client,
     plans: BTreeMap<String, Plan>,
     limiters: BTreeMap<String, Limiter>,
+    stats: Arc<Stats>,
 }
 
 impl Reconciler {
-    pub fn new(config: &Config) -> Reconciler {
+    /// A reconciler for `config`, counting what it finds into `stats`.
+    pub fn new(config: &Config, stats: Arc<Stats>) -> Reconciler {
         let plans: BTreeMap<String, Plan> = config
             .extractors
             .iter()
@@ -350,7 +369,7 @@ impl Reconciler {
             .user_agent(concat!("membersync/", env!("CARGO_PKG_VERSION")))
             .build()
             .unwrap_or_default();
-        Reconciler { client, plans, limiters }
+        Reconciler { client, plans, limiters, stats }
     }
 
     /// Why this tenant's memberships at `provider` cannot be reconciled, if they cannot.
@@ -571,7 +590,7 @@ impl Reconciler {
 
     async fn finish(&self, ctx: &Arc<Ctx>, mut report: Report, rec: SyncRecord) -> Report {
         match ctx.store.write(move |tx| tx.record_sync(&rec)).await {
-            Ok(()) => ctx.reconcile.stats.count(report.sync_status),
+            Ok(()) => self.stats.count(report.sync_status),
             Err(e) => {
                 report.detail = format!("{} (could not record the sync status: {e})", report.detail);
                 report.sync_status = SyncStatus::Failed;
@@ -716,37 +735,6 @@ pub async fn resync_member(ctx: &Arc<Ctx>, reconciler: &Reconciler, member_id: &
         summary.add(reconciler.reconcile(ctx, m).await);
     }
     Some(summary)
-}
-
-/// One pass over every reconcilable membership not asked since `asked_before`, least
-/// recently asked first (`membersync reconcile` passes its start time; the schedule
-/// passes now − interval). The order comes from the stored attempt times, so a pass cut
-/// short by a restart continues where it stopped.
-pub async fn run_pass(ctx: &Arc<Ctx>, reconciler: &Arc<Reconciler>, asked_before: DateTime<Utc>) -> Summary {
-    const BATCH: usize = 64;
-    let mut summary = Summary::default();
-    let mut seen = std::collections::HashSet::new();
-    loop {
-        let batch = match schedule::next_batch(ctx, reconciler, asked_before, BATCH).await {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "Could not read the reconcile queue.");
-                return summary;
-            }
-        };
-        let full = batch.len() == BATCH;
-        // What could not be recorded (our own failure) comes back; once is enough per pass.
-        let fresh: Vec<MembershipRow> = batch.into_iter().filter(|m| seen.insert(m.id.clone())).collect();
-        if fresh.is_empty() {
-            return summary;
-        }
-        for r in schedule::reconcile_batch(ctx, reconciler, fresh).await {
-            summary.add(r);
-        }
-        if !full {
-            return summary;
-        }
-    }
 }
 
 #[cfg(test)]

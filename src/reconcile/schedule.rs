@@ -4,7 +4,7 @@
 //! then sleeps until more fall due or shutdown. The order lives in the store (the last
 //! attempt time per membership), so a restart resumes where the last run stopped.
 
-use super::{run_pass, Reconciler, Report};
+use super::{Reconciler, Reconciliation, Report, Summary};
 use crate::pipeline::Ctx;
 use crate::store::MembershipRow;
 use chrono::{DateTime, Utc};
@@ -57,38 +57,82 @@ pub async fn reconcile_batch(ctx: &Arc<Ctx>, reconciler: &Arc<Reconciler>, batch
     reports
 }
 
-/// The schedule: runs until `shutdown` resolves. A request in flight at shutdown is
-/// dropped unrecorded, so that membership is simply first in line at the next start.
-pub async fn run(ctx: Arc<Ctx>, shutdown: impl Future<Output = ()>) {
-    tokio::pin!(shutdown);
-    if !ctx.config().reconcile.enabled {
-        tracing::info!("Reconciliation schedule disabled in the config.");
-        return;
-    }
-    let reconciler = super::reconciler(&ctx);
-    for (tenant, provider) in ctx.config().tenants.iter().flat_map(|(t, tc)| tc.providers.keys().map(move |p| (t, p))) {
-        if let Some(why) = reconciler.why_not(&ctx.config(), tenant, provider) {
-            tracing::info!(%tenant, %provider, reason = %why, "Not reconciled.");
-        }
-    }
-    let interval = chrono::Duration::from_std(ctx.config().reconcile.interval).unwrap_or(chrono::Duration::days(1));
+/// One pass over every reconcilable membership not asked since `asked_before`, least
+/// recently asked first (`membersync reconcile` passes its start time; the schedule
+/// passes now − interval). The order comes from the stored attempt times, so a pass cut
+/// short by a restart continues where it stopped.
+pub async fn run_pass(ctx: &Arc<Ctx>, reconciler: &Arc<Reconciler>, asked_before: DateTime<Utc>) -> Summary {
+    const BATCH: usize = 64;
+    let mut summary = Summary::default();
+    let mut seen = std::collections::HashSet::new();
     loop {
-        let pass = async {
-            let due = ctx.clock.now() - interval;
-            run_pass(&ctx, &reconciler, due).await
-        };
-        tokio::select! {
-            s = pass => {
-                if s.checked > 0 {
-                    tracing::info!(checked = s.checked, in_sync = s.in_sync, drift_corrected = s.drift_corrected,
-                        drift_unresolved = s.drift_unresolved, provider_unreachable = s.provider_unreachable,
-                        "Reconcile pass done.");
-                }
+        let batch = match next_batch(ctx, reconciler, asked_before, BATCH).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "Could not read the reconcile queue.");
+                return summary;
             }
-            _ = &mut shutdown => return,
+        };
+        let full = batch.len() == BATCH;
+        // What could not be recorded (our own failure) comes back; once is enough per pass.
+        let fresh: Vec<MembershipRow> = batch.into_iter().filter(|m| seen.insert(m.id.clone())).collect();
+        if fresh.is_empty() {
+            return summary;
+        }
+        for r in reconcile_batch(ctx, reconciler, fresh).await {
+            summary.add(r);
+        }
+        if !full {
+            return summary;
+        }
+    }
+}
+
+/// The schedule: runs until `shutdown` resolves. A request in flight at shutdown is
+/// dropped unrecorded, so that membership is simply first in line at the next start. Each
+/// pass takes the config and the reconciler in force, so a reload that enables, disables
+/// or retunes reconciliation takes effect from the next pass.
+pub async fn run(ctx: Arc<Ctx>, reconciliation: Arc<Reconciliation>, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    // The reconciler whose unreconcilable pairs were logged; whether "disabled" was.
+    let mut announced: Option<Arc<Reconciler>> = None;
+    let mut said_disabled = false;
+    loop {
+        let config = ctx.config();
+        if config.reconcile.enabled {
+            said_disabled = false;
+            let reconciler = reconciliation.reconciler();
+            if !announced.as_ref().is_some_and(|a| Arc::ptr_eq(a, &reconciler)) {
+                for (tenant, provider) in
+                    config.tenants.iter().flat_map(|(t, tc)| tc.providers.keys().map(move |p| (t, p)))
+                {
+                    if let Some(why) = reconciler.why_not(&config, tenant, provider) {
+                        tracing::info!(%tenant, %provider, reason = %why, "Not reconciled.");
+                    }
+                }
+                announced = Some(reconciler.clone());
+            }
+            let interval = chrono::Duration::from_std(config.reconcile.interval).unwrap_or(chrono::Duration::days(1));
+            let pass = async {
+                let due = ctx.clock.now() - interval;
+                run_pass(&ctx, &reconciler, due).await
+            };
+            tokio::select! {
+                s = pass => {
+                    if s.checked > 0 {
+                        tracing::info!(checked = s.checked, in_sync = s.in_sync, drift_corrected = s.drift_corrected,
+                            drift_unresolved = s.drift_unresolved, provider_unreachable = s.provider_unreachable,
+                            "Reconcile pass done.");
+                    }
+                }
+                _ = &mut shutdown => return,
+            }
+        } else if !said_disabled {
+            tracing::info!("Reconciliation schedule disabled in the config.");
+            said_disabled = true;
         }
         tokio::select! {
-            _ = tokio::time::sleep(MAX_SLEEP.min(ctx.config().reconcile.interval)) => {}
+            _ = tokio::time::sleep(MAX_SLEEP.min(config.reconcile.interval)) => {}
             _ = &mut shutdown => return,
         }
     }

@@ -64,7 +64,7 @@ async fn full_write_queue_answers_503_with_retry_after() {
     held_rx.recv().unwrap();
     store.submit(Box::new(|_tx| (true, Box::new(|_| {})))).unwrap();
 
-    let app = membersync::app::router(ctx.clone());
+    let app = membersync::app::router(membersync::state::AppState::new(ctx.clone()));
     let body = fixture("stripe", "invoice_paid");
     let mut req = axum::http::Request::post("/webhooks/demo/stripe");
     for (k, v) in signed_headers(&ctx, "stripe", &body, SystemClock.now()) {
@@ -289,7 +289,7 @@ async fn secrets_never_appear_in_logs_errors_or_api_output() {
     outputs.push(s.get("/members?email=x", Some("wrong")).await.1.to_string());
     // A reload error.
     std::fs::write(dir.path().join("rules/broken.rhai"), "fn on_paused(ev, m, cfg) { ").unwrap();
-    let _ = membersync::reload::reload(&s.ctx, "test");
+    let _ = s.state.reload("test");
     let debug = format!("{:?}", s.ctx.config());
     s.stop().await;
 

@@ -155,7 +155,7 @@ async fn issue_5_missed_stripe_cancellation_is_caught_by_reconciliation() {
     assert_eq!(before["memberships"][0]["sync_status"], "never_reconciled");
 
     // The customer.subscription.deleted webhook is dropped; a reconcile pass runs.
-    let summary = membersync::cli::reconcile_summary(&s.ctx, None).await.unwrap();
+    let summary = membersync::cli::reconcile_summary(&s.ctx, &s.state.reconcile.reconciler(), None).await.unwrap();
     assert_eq!((summary.checked, summary.drift_corrected), (1, 1), "{summary:?}");
 
     let (_, m) = s.get(&format!("/members/{id}"), Some(TOKEN)).await;
@@ -238,7 +238,7 @@ async fn too_many_requests_is_waited_out_per_retry_after_then_read() {
     let (s, _clock, id) = ada_on_stripe(&api_url).await;
 
     // The CLI's own function, for one member.
-    let summary = membersync::cli::reconcile_summary(&s.ctx, Some(&id)).await.unwrap();
+    let summary = membersync::cli::reconcile_summary(&s.ctx, &s.state.reconcile.reconciler(), Some(&id)).await.unwrap();
     assert_eq!(summary.in_sync, 1, "{summary:?}");
     assert_eq!(api.hits().len(), 2, "asked again after the 429");
     let text = membersync::cli::render_summary(&summary);
@@ -288,7 +288,7 @@ async fn drift_in_period_end_and_scheduled_cancel_is_corrected_and_next_pass_is_
 
     // A day later the schedule asks again: nothing differs, nothing is fed.
     clock.set(at(T0 + 86_400));
-    let summary = membersync::cli::reconcile_summary(&s.ctx, None).await.unwrap();
+    let summary = membersync::cli::reconcile_summary(&s.ctx, &s.state.reconcile.reconciler(), None).await.unwrap();
     assert_eq!((summary.checked, summary.in_sync), (1, 1), "{summary:?}");
     let (_, m) = s.get(&format!("/members/{id}"), Some(TOKEN)).await;
     let ms = &m["memberships"][0];
@@ -334,7 +334,7 @@ async fn schedule_walks_least_recently_asked_first_and_resumes_from_the_store() 
     bob_sub["id"] = json!("sub_Bob002");
     api.on("/v1/subscriptions/sub_Bob002", vec![Reply::Json(200, bob_sub)]);
 
-    let reconciler = membersync::reconcile::reconciler(&s.ctx);
+    let reconciler = s.state.reconcile.reconciler();
     let queue = |before: i64| {
         let (ctx, r) = (s.ctx.clone(), reconciler.clone());
         async move {
@@ -365,7 +365,8 @@ async fn schedule_walks_least_recently_asked_first_and_resumes_from_the_store() 
     ctx_on.reconcile.interval = Duration::from_secs(1800);
     let ctx = Arc::new(membersync::pipeline::Ctx::new(ctx_on, rules(), s.ctx.store.clone(), clock.clone()));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(membersync::reconcile::schedule::run(ctx.clone(), async move {
+    let reconciliation = Arc::new(membersync::reconcile::Reconciliation::new(&ctx.config()));
+    let task = tokio::spawn(membersync::reconcile::schedule::run(ctx.clone(), reconciliation, async move {
         let _ = rx.await;
     }));
     let mut done = false;
@@ -411,9 +412,9 @@ async fn memberstack_plan_connection_is_selected_from_the_member_and_thrivecart_
     assert_eq!(hits[0].headers["x-api-key"], "sk_ms_test");
 
     // ThriveCart has no status API: its memberships are skipped with the reason.
-    let summary = membersync::cli::reconcile_summary(&s.ctx, Some(&id)).await.unwrap();
+    let summary = membersync::cli::reconcile_summary(&s.ctx, &s.state.reconcile.reconciler(), Some(&id)).await.unwrap();
     assert_eq!(summary.reports[0].provider, "memberstack");
-    let r = membersync::reconcile::reconciler(&s.ctx);
+    let r = s.state.reconcile.reconciler();
     let why = r.why_not(&s.ctx.config(), "demo", "thrivecart").unwrap();
     assert!(why.contains("ThriveCart documents no API"), "{why}");
     assert!(r.why_not(&s.ctx.config(), "demo", "whop").unwrap().contains("no API key for whop"));
@@ -458,15 +459,61 @@ async fn one_time_purchase_is_not_asked_and_the_schedule_moves_past_it() {
     let s = Server::start_tuned(clock.clone(), tune(&api_url)).await;
     let ack = deliver(&s.ctx, "stripe", "checkout_session_completed_payment").await;
     let id = ack.outcome.member_id.unwrap();
-    let summary = membersync::cli::reconcile_summary(&s.ctx, None).await.unwrap();
+    let summary = membersync::cli::reconcile_summary(&s.ctx, &s.state.reconcile.reconciler(), None).await.unwrap();
     assert_eq!((summary.checked, summary.skipped), (1, 1), "{summary:?}");
     assert!(api.hits().is_empty(), "nothing to ask about a one-time purchase");
     let (_, m) = s.get(&format!("/members/{id}"), Some(TOKEN)).await;
     let ms = &m["memberships"][0];
     assert_eq!(ms["sync_status"], "never_reconciled");
     assert!(ms["sync_detail"].as_str().unwrap().starts_with("not asked: a one-time purchase"), "{ms}");
-    let reconciler = membersync::reconcile::reconciler(&s.ctx);
+    let reconciler = s.state.reconcile.reconciler();
     let next = membersync::reconcile::schedule::next_batch(&s.ctx, &reconciler, at(T0), 10).await.unwrap();
     assert!(next.is_empty(), "asked at T0: not due again within the interval");
+    s.stop().await;
+}
+
+/// The reconciler follows the files: a reload that points Stripe's `reconcile:` at another
+/// API sends the next resync there (it was built once, from the first config, and kept
+/// asking the old address).
+#[tokio::test]
+async fn a_reload_reaches_the_reconciler() {
+    let (old_api, old_url) = FakeApi::start().await;
+    let (new_api, new_url) = FakeApi::start().await;
+    for api in [&old_api, &new_api] {
+        api.on(
+            SUB,
+            vec![Reply::Json(200, stripe_subscription("active")), Reply::Json(200, stripe_subscription("active"))],
+        );
+    }
+    let (dir, _) = editable_config();
+    let yaml = dir.path().join("membersync.yaml");
+    let text = std::fs::read_to_string(&yaml).unwrap();
+    let text = text.replace("api_key: { env: STRIPE_API_KEY }", &format!("api_key: {STRIPE_KEY}"));
+    std::fs::write(&yaml, text).unwrap();
+    let stripe_yaml = dir.path().join("rules/providers/stripe.yaml");
+    let pointed_at = |url: &str| {
+        let text = std::fs::read_to_string(root().join("rules/providers/stripe.yaml")).unwrap();
+        let text = text.replace("api_base: https://api.stripe.com", &format!("api_base: {url}"));
+        std::fs::write(&stripe_yaml, text).unwrap();
+    };
+    pointed_at(&old_url);
+    let mut config = Config::load(&yaml).unwrap();
+    config.database = dir.path().join("m.db").display().to_string();
+    let clock = Arc::new(FixedClock::new(at(T0)));
+    let s = Server::start_with(config, clock, dir).await;
+    deliver(&s.ctx, "stripe", "checkout_session_completed").await;
+    deliver(&s.ctx, "stripe", "customer_subscription_created").await;
+    let id = member(&s.ctx, "ada@example.com").member.id;
+
+    let (status, m) = s.post_admin(&format!("/members/{id}/resync")).await;
+    assert_eq!((status, m["resync"][0]["sync_status"].as_str()), (200, Some("in_sync")), "{m}");
+    assert_eq!((old_api.hits().len(), new_api.hits().len()), (1, 0));
+
+    pointed_at(&new_url);
+    let (status, r) = s.post_admin("/admin/reload").await;
+    assert_eq!(status, 200, "{r}");
+    let (status, m) = s.post_admin(&format!("/members/{id}/resync")).await;
+    assert_eq!((status, m["resync"][0]["sync_status"].as_str()), (200, Some("in_sync")), "{m}");
+    assert_eq!((old_api.hits().len(), new_api.hits().len()), (1, 1), "the reloaded reconciler asks the new API");
     s.stop().await;
 }

@@ -164,11 +164,11 @@ async fn a_dead_letter_replayed_many_times_applies_once() {
     let grace = rules_dir.join("grace.rhai");
     let good = std::fs::read_to_string(&grace).unwrap();
     std::fs::write(&grace, good.replace("ev.occurred_at + days", "ev.occured_at + days")).unwrap();
-    membersync::reload::reload(&s.ctx, "test").unwrap();
+    s.state.reload("test").unwrap();
     clock.set(at(FAILED));
     assert_eq!(post("invoice_payment_failed").await["status"], "failed");
     std::fs::write(&grace, &good).unwrap();
-    membersync::reload::reload(&s.ctx, "test").unwrap();
+    s.state.reload("test").unwrap();
 
     let id = "evt_1QxqTxK7dEmoAc01LZbqVCbE";
     let replay = || {
@@ -233,13 +233,13 @@ async fn a_timers_dead_letter_is_not_replayed_as_a_delivery() {
     let timers = rules_dir.join("timers.rhai");
     let good = std::fs::read_to_string(&timers).unwrap();
     std::fs::write(&timers, good.replacen("clear_grace()", "clear_grace(ev.nope)", 1)).unwrap();
-    membersync::reload::reload(&s.ctx, "test").expect("compiles");
+    s.state.reload("test").expect("compiles");
     membersync::timers::fire_due(&s.ctx, at(FAILED + 8 * 86_400)).await;
     let failed = s.ctx.store.events(Some("failed"), None, 10).unwrap();
     assert_eq!(failed.len(), 1, "the timer is a dead letter");
     assert_eq!(failed[0].source, "timer");
     std::fs::write(&timers, &good).unwrap();
-    membersync::reload::reload(&s.ctx, "test").unwrap();
+    s.state.reload("test").unwrap();
     let (code, body) = s.post_admin(&format!("/events/{}/replay", failed[0].event_id)).await;
     assert_eq!(code, 409, "{body}");
     assert!(body["error"].as_str().unwrap().contains("a timer's event"), "{body}");

@@ -101,6 +101,8 @@ pub const TOKEN: &str = "dev-admin-token";
 pub struct Server {
     pub url: String,
     pub ctx: Arc<Ctx>,
+    /// The service's state (`ctx` is its pipeline context).
+    pub state: membersync::state::AppState,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     _dir: tempfile::TempDir,
@@ -136,10 +138,11 @@ impl Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(membersync::app::serve(listener, ctx.clone(), async move {
+        let state = membersync::state::AppState::new(ctx.clone());
+        let task = tokio::spawn(membersync::app::serve(listener, state.clone(), async move {
             let _ = rx.await;
         }));
-        Server { url, ctx, stop: Some(stop), task: Some(task), _dir: dir }
+        Server { url, ctx, state, stop: Some(stop), task: Some(task), _dir: dir }
     }
 
     pub async fn post(&self, path: &str, headers: &[(String, String)], body: Vec<u8>) -> (u16, Value) {
