@@ -9,22 +9,23 @@
 //! anything but the sync status. The API key never leaves a request header.
 
 mod fetch;
+mod plan;
 pub mod schedule;
 
 pub use fetch::parse_retry_after;
+pub use plan::Snapshot;
 
 use crate::canonical::{CanonicalEvent, EventKind, MemberRef, Source};
 use crate::config::Config;
-use crate::extract::path::Path;
 use crate::extract::spec::{ReconcileMethod, ReconcileSpec};
-use crate::extract::{Extraction, FieldReader, Mapping};
+use crate::extract::{Extraction, Mapping};
 use crate::machine::MState;
 use crate::pipeline::{self, Ctx, Incoming, Raw, Status};
 use crate::store::{MembershipRow, SyncRecord};
 use chrono::{DateTime, SecondsFormat, Utc};
 use fetch::{Limiter, Request};
+use plan::{fill, fill_json, fill_with, Plan, Vars};
 use serde::Serialize;
-use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -152,185 +153,6 @@ pub struct Report {
     pub event_id: Option<String>,
     pub from: Option<MState>,
     pub to: Option<MState>,
-}
-
-/// What the provider says about one membership, on the rules' vocabulary.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Snapshot {
-    pub status: String,
-    pub period_end: Option<DateTime<Utc>>,
-    pub cancel_at_period_end: Option<bool>,
-    pub product_id: Option<String>,
-}
-
-/// A provider's compiled `reconcile:` section.
-#[derive(Debug)]
-struct Plan {
-    file: String,
-    unsupported: Option<String>,
-    method: ReconcileMethod,
-    url: String,
-    api_base: Option<String>,
-    headers: Vec<(String, String)>,
-    body: Option<Value>,
-    select: Option<(Path, Path, String)>,
-    status: Option<FieldReader>,
-    period_end: Option<FieldReader>,
-    cancel_at_period_end: Option<FieldReader>,
-    product_id: Option<FieldReader>,
-}
-
-impl Plan {
-    /// `check` has validated the section; what still fails to compile here makes the
-    /// provider unsupported with the reason, rather than a panic.
-    fn compile(file: String, spec: &ReconcileSpec, env_base: Option<&String>) -> Plan {
-        let field = |f: &Option<crate::extract::spec::FieldSpec>| f.as_ref().and_then(|f| FieldReader::compile(f).ok());
-        let select = spec.select.as_ref().and_then(|s| {
-            Some((
-                Path::parse(&s.list).ok()?,
-                Path::parse(&s.key).ok()?,
-                s.equals.clone().unwrap_or_else(|| "{subscription_id}".into()),
-            ))
-        });
-        let status = field(&spec.fields.status);
-        let unsupported = spec.unsupported.clone().or_else(|| match (&spec.url, &status) {
-            (None, _) => Some("the `reconcile:` section has no `url`".into()),
-            (_, None) => Some("the `reconcile:` section has no `fields.status`".into()),
-            _ => None,
-        });
-        Plan {
-            file,
-            unsupported,
-            method: spec.method,
-            url: spec.url.clone().unwrap_or_default(),
-            api_base: env_base.cloned().or_else(|| spec.api_base.clone()),
-            headers: spec.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            body: spec.body.clone(),
-            select,
-            status,
-            period_end: field(&spec.fields.period_end),
-            cancel_at_period_end: field(&spec.fields.cancel_at_period_end),
-            product_id: field(&spec.fields.product_id),
-        }
-    }
-
-    /// Reads the snapshot out of a provider's answer.
-    fn snapshot(&self, body: &[u8], vars: &Vars) -> Result<Snapshot, String> {
-        let root: Value = serde_json::from_slice(body).map_err(|e| format!("the answer is not JSON: {e}"))?;
-        let item = match &self.select {
-            None => &root,
-            Some((list, key, equals)) => {
-                let want = fill(equals, vars, false).map_err(|v| format!("no {v} to select with"))?;
-                let items = list
-                    .lookup(&root)
-                    .and_then(Value::as_array)
-                    .ok_or_else(|| format!("the answer has no list at `{}`", list.as_str()))?;
-                items
-                    .iter()
-                    .find(|it| key.lookup(it).and_then(scalar_text).as_deref() == Some(want.as_str()))
-                    .ok_or_else(|| {
-                        format!("the answer's `{}` lists no item with {} = {want}", list.as_str(), key.as_str())
-                    })?
-            }
-        };
-        let status_field = self.status.as_ref().ok_or("no status extractor")?;
-        let status = status_field
-            .string(item)
-            .map_err(|e| format!("status: {e}"))?
-            .ok_or_else(|| format!("the answer has no status at `{}`", status_field.describe()))?;
-        let read_time = |f: &Option<FieldReader>| f.as_ref().map(|f| f.time(item)).transpose().map(Option::flatten);
-        let period_end = read_time(&self.period_end).map_err(|e| format!("period_end: {e}"))?;
-        let cancel_at_period_end = self
-            .cancel_at_period_end
-            .as_ref()
-            .map(|f| f.bool(item))
-            .transpose()
-            .map_err(|e| format!("cancel_at_period_end: {e}"))?
-            .flatten();
-        let product_id = self
-            .product_id
-            .as_ref()
-            .map(|f| f.string(item))
-            .transpose()
-            .map_err(|e| format!("product_id: {e}"))?
-            .flatten();
-        Ok(Snapshot { status, period_end, cancel_at_period_end, product_id })
-    }
-}
-
-fn scalar_text(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-/// Values a template may name.
-#[derive(Debug, Default)]
-struct Vars {
-    api_base: Option<String>,
-    subscription_id: Option<String>,
-    customer_id: Option<String>,
-    product_id: Option<String>,
-}
-
-/// Fills `{name}` placeholders; `Err(name)` when one has no value. `encode` percent-encodes
-/// values (URL path segments). Braces around anything else (GraphQL) are left alone.
-fn fill(template: &str, vars: &Vars, encode: bool) -> Result<String, String> {
-    fill_with(template, vars, None, encode)
-}
-
-fn fill_with(template: &str, vars: &Vars, api_key: Option<&str>, encode: bool) -> Result<String, String> {
-    let mut out = String::with_capacity(template.len());
-    let mut rest = template;
-    while let Some(i) = rest.find('{') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        let name = after.find('}').map(|j| &after[..j]);
-        let value = match name {
-            Some("api_base") => Some(vars.api_base.as_deref().map(str::to_string)),
-            Some("subscription_id") => Some(vars.subscription_id.clone()),
-            Some("customer_id") => Some(vars.customer_id.clone()),
-            Some("product_id") => Some(vars.product_id.clone()),
-            Some("api_key") => Some(api_key.map(str::to_string)),
-            _ => None,
-        };
-        match (name, value) {
-            (Some(n), Some(v)) => {
-                let v = v.ok_or_else(|| format!("{{{n}}}"))?;
-                let raw = n == "api_base" || n == "api_key" || !encode;
-                out.push_str(&if raw { v } else { encode_segment(&v) });
-                rest = &after[n.len() + 1..];
-            }
-            _ => {
-                out.push('{');
-                rest = after;
-            }
-        }
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
-/// A value as one URL path segment: everything but RFC 3986's unreserved characters
-/// percent-encoded (so `/`, `?` and `#` in an id cannot change the request).
-fn encode_segment(s: &str) -> String {
-    const UNRESERVED: &percent_encoding::AsciiSet =
-        &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
-    percent_encoding::utf8_percent_encode(s, UNRESERVED).to_string()
-}
-
-/// Fills the string values of a JSON body template.
-fn fill_json(v: &Value, vars: &Vars) -> Result<Value, String> {
-    Ok(match v {
-        Value::String(s) => Value::String(fill(s, vars, false)?),
-        Value::Array(a) => Value::Array(a.iter().map(|x| fill_json(x, vars)).collect::<Result<_, _>>()?),
-        Value::Object(m) => {
-            Value::Object(m.iter().map(|(k, x)| Ok((k.clone(), fill_json(x, vars)?))).collect::<Result<_, String>>()?)
-        }
-        other => other.clone(),
-    })
 }
 
 /// Compiled plans, one HTTP client, one rate limiter per provider.
@@ -735,29 +557,4 @@ pub async fn resync_member(ctx: &Arc<Ctx>, reconciler: &Reconciler, member_id: &
         summary.add(reconciler.reconcile(ctx, m).await);
     }
     Some(summary)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn templates_fill_known_names_and_keep_other_braces() {
-        let v = Vars {
-            api_base: Some("http://127.0.0.1:9".into()),
-            subscription_id: Some("sub 1/x".into()),
-            ..Default::default()
-        };
-        assert_eq!(
-            fill("{api_base}/v1/subscriptions/{subscription_id}", &v, true).unwrap(),
-            "http://127.0.0.1:9/v1/subscriptions/sub%201%2Fx"
-        );
-        assert_eq!(
-            fill("query { subscription(id: $id) { active } }", &v, false).unwrap(),
-            "query { subscription(id: $id) { active } }"
-        );
-        assert_eq!(fill("/members/{customer_id}", &v, true), Err("{customer_id}".into()));
-        assert_eq!(fill_with("Bearer {api_key}", &v, Some("sk_test"), false).unwrap(), "Bearer sk_test");
-        assert_eq!(encode_segment("a?b#c é~-_."), "a%3Fb%23c%20%C3%A9~-_.");
-    }
 }

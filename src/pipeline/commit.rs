@@ -1,0 +1,308 @@
+//! Commit: what a decided event changes in the store — the member (created on first sight,
+//! details learnt), the membership (created, the provider's data, the rule's effects,
+//! access through the product mapping, flags), timers, leads — and the access granted or
+//! revoked that the outcome reports.
+//!
+//! What this module must never do: decide (the rules and the machine have, before it is
+//! called) or grant access to a product the config does not map: unmapped grants nothing
+//! and is flagged.
+
+use super::outcome::push_flag;
+use crate::canonical::CanonicalEvent;
+use crate::config::Tenant;
+use crate::effects::Effect;
+use crate::machine::MState;
+use crate::rules::MembershipView;
+use crate::store::{self, LeadRow, MemberRow, MembershipRow, TimerRow, Tx};
+use chrono::{DateTime, Utc};
+
+/// A member-updated event: the member's email and name where the event's differ.
+pub(super) fn update_member_details(
+    tx: &mut dyn Tx,
+    ev: &CanonicalEvent,
+    m: &mut MemberRow,
+    now: DateTime<Utc>,
+) -> store::Result<()> {
+    let email = ev.member.email.clone().filter(|e| m.email.as_deref() != Some(e.as_str()));
+    let name = ev.member.name.clone().filter(|n| m.name.as_deref() != Some(n.as_str()));
+    if email.is_some() || name.is_some() {
+        m.email = email.or(m.email.take());
+        m.name = name.or(m.name.take());
+        m.updated_at = now;
+        tx.save_member(m)?;
+    }
+    Ok(())
+}
+
+/// The member a transition belongs to: the stored one with details it lacked filled from
+/// the event, or a new one; linked to the event's provider customer id. `None` when the
+/// event names no member at all (no email, no customer id) and none is stored.
+pub(super) fn member_for(
+    tx: &mut dyn Tx,
+    tenant: &str,
+    provider: &str,
+    ev: &CanonicalEvent,
+    member: Option<MemberRow>,
+    now: DateTime<Utc>,
+) -> store::Result<Option<MemberRow>> {
+    let mem = match member {
+        Some(mut m) => {
+            let mut changed = false;
+            if m.email.is_none() && ev.member.email.is_some() {
+                m.email = ev.member.email.clone();
+                changed = true;
+            }
+            if m.name.is_none() && ev.member.name.is_some() {
+                m.name = ev.member.name.clone();
+                changed = true;
+            }
+            if changed {
+                m.updated_at = now;
+                tx.save_member(&m)?;
+            }
+            m
+        }
+        None => {
+            if ev.member.email.is_none() && ev.member.provider_customer_id.is_none() {
+                return Ok(None);
+            }
+            // Ids are time-ordered (UUIDv7): new members' rows land at the end of every
+            // index keyed by member id rather than on a random page each, so a batch of
+            // new members dirties a few pages of the WAL, not one per member and index.
+            let m = MemberRow {
+                id: format!("mbr_{}", uuid::Uuid::now_v7().simple()),
+                tenant: tenant.to_string(),
+                email: ev.member.email.clone(),
+                name: ev.member.name.clone(),
+                flags: vec![],
+                created_at: now,
+                updated_at: now,
+            };
+            tx.save_member(&m)?;
+            m
+        }
+    };
+    if let Some(cid) = &ev.member.provider_customer_id {
+        tx.link_customer(tenant, provider, cid, &mem.id)?;
+    }
+    Ok(Some(mem))
+}
+
+/// One transition the machine allowed, `from` → `to`, for the event `ev`.
+pub(super) struct Transition<'a> {
+    pub tenant: &'a str,
+    pub provider: &'a str,
+    pub tenant_cfg: &'a Tenant,
+    pub ev: &'a CanonicalEvent,
+    /// Flags the provider file puts on events like this one (its mapping's `flags:`).
+    pub mapping_flags: &'a [String],
+    pub from: MState,
+    pub to: MState,
+    pub rank: i64,
+    pub now: DateTime<Utc>,
+}
+
+/// Applies the transition to the membership (`None`: created under `mkey`) of `mem`:
+/// the provider's data, the rule's `effects` (to which the access granted or revoked and
+/// any new flags are added), access levels, timers and leads; saves it. Returns it, and
+/// whether it was created.
+pub(super) fn apply_transition(
+    tx: &mut dyn Tx,
+    t: &Transition<'_>,
+    mkey: String,
+    membership: Option<MembershipRow>,
+    mem: &MemberRow,
+    effects: &mut Vec<Effect>,
+) -> store::Result<(MembershipRow, bool)> {
+    let Transition { tenant, provider, tenant_cfg, ev, mapping_flags, from, to, rank, now } = *t;
+    let created = membership.is_none();
+    let mut ms = membership.unwrap_or_else(|| MembershipRow {
+        id: format!("msp_{}", uuid::Uuid::now_v7().simple()), // time-ordered, like member ids
+        tenant: tenant.to_string(),
+        member_id: mem.id.clone(),
+        provider: provider.to_string(),
+        key: mkey,
+        subscription_id: None,
+        product_id: None,
+        plan_id: None,
+        status: None,
+        state: MState::None,
+        period_end: None,
+        grace_until: None,
+        access_until: None,
+        cancel_at_period_end: false,
+        access_levels: vec![],
+        flags: vec![],
+        last_event_at: None,
+        last_event_id: None,
+        last_reconciled_at: None,
+        sync_status: "never_reconciled".into(),
+        created_at: now,
+        updated_at: now,
+        last_event_rank: 0,
+    });
+    // Held by state (a grace or period end that just ran out still counts: the transition
+    // that follows it is what revokes, and the log should say so).
+    let had_access = ms.state.holds_access() && !ms.access_levels.is_empty();
+    let old_levels = ms.access_levels.clone();
+
+    // Data the provider reports.
+    ms.state = to;
+    if ev.subscription_id.is_some() {
+        ms.subscription_id = ev.subscription_id.clone();
+    }
+    if ev.product_id.is_some() {
+        ms.product_id = ev.product_id.clone();
+    }
+    if ev.plan_id.is_some() {
+        ms.plan_id = ev.plan_id.clone();
+    }
+    if ev.status.is_some() && !ev.event_type.starts_with("timer.") {
+        ms.status = ev.status.clone();
+    }
+    if ev.period_end.is_some() {
+        ms.period_end = ev.period_end;
+    }
+    // The state is the truth about a scheduled cancel; the event's flag only informs rules.
+    ms.cancel_at_period_end = to == MState::Canceling;
+    note_provider_time(&mut ms, ev, rank);
+    ms.last_event_id = Some(ev.event_id.clone());
+    ms.updated_at = now;
+
+    // Flags the provider file puts on events like this one (its `flags:`), once each.
+    for reason in mapping_flags {
+        if !ms.flags.contains(reason) && !effects.iter().any(|e| matches!(e, Effect::Flag { reason: r } if r == reason))
+        {
+            effects.push(Effect::Flag { reason: reason.clone() });
+        }
+    }
+
+    // Effects the rule asked for.
+    for e in effects.iter() {
+        match e {
+            Effect::SetGrace { until } => ms.grace_until = *until,
+            Effect::SetAccessUntil { until } => ms.access_until = *until,
+            Effect::Flag { reason } => push_flag(&mut ms.flags, reason),
+            _ => {}
+        }
+    }
+    if !to.holds_access() {
+        ms.grace_until = None;
+        ms.access_until = None;
+    }
+
+    // Access levels through the product mapping; unmapped grants nothing and is flagged.
+    match tenant_cfg.access_levels(provider, ms.product_id.as_deref(), ms.plan_id.as_deref()) {
+        Some(levels) => {
+            ms.access_levels = levels;
+            ms.flags.retain(|f| !f.starts_with("unmapped_product"));
+        }
+        None => {
+            ms.access_levels = vec![];
+            let reason = match ms.product_id.clone().or(ms.plan_id.clone()) {
+                Some(id) => {
+                    format!("unmapped_product: {provider} product `{id}` maps to no access level in the config")
+                }
+                None => "unmapped_product: no product known for this membership yet".to_string(),
+            };
+            if !ms.flags.contains(&reason) {
+                effects.push(Effect::Flag { reason: reason.clone() });
+            }
+            push_flag(&mut ms.flags, &reason);
+        }
+    }
+    let has_access = ms.has_access(now);
+    if has_access && (!had_access || ms.access_levels != old_levels) {
+        effects
+            .push(Effect::GrantAccess { levels: ms.access_levels.clone(), until: ms.access_until.or(ms.grace_until) });
+    } else if had_access && !has_access {
+        effects
+            .push(Effect::RevokeAccess {
+                levels: old_levels, reason: format!("{} → {}", from.as_str(), to.as_str())
+            });
+    }
+    tx.save_membership(&ms)?;
+    for e in effects.iter() {
+        match e {
+            Effect::ScheduleTimer { timer, at } => tx.set_timer(&TimerRow {
+                tenant: tenant.to_string(),
+                membership_id: ms.id.clone(),
+                name: timer.clone(),
+                due_at: *at,
+                set_by_event: ev.event_id.clone(),
+            })?,
+            Effect::CancelTimer { timer } => tx.cancel_timer(&ms.id, timer)?,
+            _ => {}
+        }
+    }
+    apply_member_effects(tx, tenant, provider, ev, Some(mem), effects, now)?;
+    Ok((ms, created))
+}
+
+/// Records that the membership reflects the provider as of this event. A timer is our own
+/// clock, not news from the provider, so a late provider event older than a fired timer
+/// still counts.
+pub(super) fn note_provider_time(ms: &mut MembershipRow, ev: &CanonicalEvent, rank: i64) {
+    if ev.event_type.starts_with("timer.") {
+        return;
+    }
+    ms.last_event_rank = match ms.last_event_at {
+        Some(t) if t > ev.occurred_at => ms.last_event_rank,
+        Some(t) if t == ev.occurred_at => ms.last_event_rank.max(rank),
+        _ => rank,
+    };
+    ms.last_event_at = Some(ms.last_event_at.map_or(ev.occurred_at, |t| t.max(ev.occurred_at)));
+}
+
+/// The membership as the rules see it.
+pub fn view_of(m: Option<&MembershipRow>) -> MembershipView {
+    match m {
+        None => MembershipView::default(),
+        Some(m) => MembershipView {
+            exists: true,
+            state: Some(m.state),
+            period_end: m.period_end,
+            grace_until: m.grace_until,
+            access_until: m.access_until,
+            last_event_at: m.last_event_at,
+            last_event_rank: m.last_event_rank,
+            cancel_at_period_end: m.cancel_at_period_end,
+            product_id: m.product_id.clone(),
+            plan_id: m.plan_id.clone(),
+            status: m.status.clone(),
+        },
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn apply_member_effects(
+    tx: &mut dyn Tx,
+    tenant: &str,
+    provider: &str,
+    ev: &CanonicalEvent,
+    member: Option<&MemberRow>,
+    effects: &[Effect],
+    now: DateTime<Utc>,
+) -> store::Result<()> {
+    for e in effects {
+        match e {
+            Effect::CaptureLead { email, name } => tx.capture_lead(&LeadRow {
+                tenant: tenant.to_string(),
+                email: email.clone(),
+                name: name.clone(),
+                provider: provider.to_string(),
+                event_id: ev.event_id.clone(),
+                captured_at: ev.occurred_at,
+                converted_at: None,
+                member_id: None,
+            })?,
+            Effect::ConvertLead { email } => {
+                if let Some(m) = member {
+                    tx.convert_lead(tenant, email, &m.id, now)?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}

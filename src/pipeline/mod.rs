@@ -1,0 +1,403 @@
+//! The pipeline: the one place the order of stages lives.
+//!
+//! ```text
+//! ingest: verify → decode → extract ─┐
+//! timers: due timer ─────────────────┼→ process (in the writer, one savepoint per event):
+//! reconcile: status_synced ──────────┘   dedupe → resolve → stale? → rules → machine → commit
+//!                                          → release of events parked for a new membership
+//! ```
+//! A caller hears the outcome only after the batch holding its event has committed.
+//!
+//! The stages, each in a room of its own: `resolve` (which member and membership, the
+//! fan-out of a member deleted at the provider, a timer as an event), the rules (`rules`)
+//! and the machine (`machine`), `commit` (what a transition changes in the store),
+//! `parked` (events that arrived before their membership), all under `context` (the
+//! snapshot in force) and recorded through `outcome`. `seed` puts a membership in a given
+//! state for dry runs.
+//!
+//! What this module must never do: know what drives it (HTTP, timers, reconciliation,
+//! reload), or commit an event outside the writer's transaction.
+
+mod commit;
+mod context;
+mod outcome;
+mod parked;
+mod resolve;
+mod seed;
+
+pub use commit::view_of;
+pub use context::{Ctx, Loaded};
+pub use outcome::{Ack, Incoming, Outcome, Raw, Status};
+pub use parked::incoming_from_row;
+pub use resolve::membership_key;
+pub use seed::seed_membership;
+
+use crate::canonical::EventKind;
+use crate::effects::Effect;
+use crate::machine::{self, MState, Step};
+use crate::store::{self, EventRow, Tx};
+use chrono::{DateTime, Utc};
+use commit::Transition;
+use outcome::{finish, flag_member, flag_membership};
+use std::sync::Arc;
+
+/// Runs one event through dedupe → rules → machine → store and waits for its commit.
+pub async fn process(ctx: &Arc<Ctx>, incoming: Incoming, raw: Raw) -> store::Result<Ack> {
+    let now = ctx.clock.now();
+    let loaded = ctx.loaded();
+    let pre = Precomputed::of(&loaded, &incoming, &raw);
+    let ack = ctx.store.write(move |tx| apply_with(&loaded, tx, incoming, raw, now, pre)).await?;
+    if ack.outcome.effects.iter().any(|e| matches!(e, Effect::ScheduleTimer { .. })) {
+        ctx.timers_changed.notify_one();
+    }
+    Ok(ack)
+}
+
+/// What the writer would otherwise work out from the event alone — its rule view and rank,
+/// its canonical JSON, the request headers' JSON — worked out before it, on the caller's
+/// thread, under the same snapshot. None of it depends on stored state; the single writer
+/// thread is what bounds ingest, so the less it does per event the better.
+#[derive(Default)]
+pub struct Precomputed {
+    rank: Option<Result<i64, crate::rules::Error>>,
+    canonical: Option<store::StoredJson>,
+    headers: Option<store::StoredJson>,
+    view: Option<crate::rules::EventView>,
+}
+
+impl Precomputed {
+    pub fn of(loaded: &Loaded, incoming: &Incoming, raw: &Raw) -> Precomputed {
+        let headers = Some(store::stored_json(&raw.headers));
+        match incoming {
+            Incoming::Extracted(x) => {
+                let view = crate::rules::EventView::of(&x.event);
+                Precomputed {
+                    rank: Some(loaded.rules.rank_of(&view)),
+                    canonical: Some(store::stored_json(&x.event)),
+                    headers,
+                    view: Some(view),
+                }
+            }
+            _ => Precomputed { headers, ..Default::default() },
+        }
+    }
+}
+
+/// The job the writer runs for one event, inside its savepoint.
+pub fn apply(loaded: &Loaded, tx: &mut dyn Tx, incoming: Incoming, raw: Raw, now: DateTime<Utc>) -> store::Result<Ack> {
+    apply_with(loaded, tx, incoming, raw, now, Precomputed::default())
+}
+
+/// `apply`, with what `pre` already holds not worked out again.
+pub fn apply_with(
+    loaded: &Loaded,
+    tx: &mut dyn Tx,
+    incoming: Incoming,
+    raw: Raw,
+    now: DateTime<Utc>,
+    mut pre: Precomputed,
+) -> store::Result<Ack> {
+    let source = raw.source;
+
+    // A due timer becomes a canonical `expired` event for its membership.
+    let incoming = match incoming {
+        Incoming::Timer(t) => match resolve::timer_event(tx, &t)? {
+            Some(x) => {
+                tx.delete_timer_if_due(&t.membership_id, &t.name, t.due_at)?;
+                Incoming::Extracted(Box::new(x))
+            }
+            None => {
+                tx.cancel_timer(&t.membership_id, &t.name)?;
+                let outcome = Outcome::new(Status::Ignored, source);
+                return Ok(Ack {
+                    event_id: format!("timer:{}:{}", t.membership_id, t.name),
+                    status: Status::Ignored,
+                    outcome,
+                });
+            }
+        },
+        other => other,
+    };
+    let (tenant, provider, key) = match &incoming {
+        Incoming::Extracted(x) => (x.event.tenant.clone(), x.event.provider.clone(), x.idempotency_key.clone()),
+        Incoming::Unreadable { provider, tenant, failure } => {
+            (tenant.clone(), provider.clone(), failure.idempotency_key.clone())
+        }
+        Incoming::Timer(_) => unreachable!("timers were turned into events above"),
+    };
+
+    // Dedupe.
+    if let Some(prev) = tx.event_by_key(&tenant, &provider, &key)? {
+        tx.note_duplicate(prev.seq)?;
+        let mut outcome = Outcome::new(Status::Duplicate, source);
+        outcome.reason = Some(format!("already received as event #{} ({})", prev.seq, prev.status));
+        outcome.member_id = prev.member_id.clone();
+        outcome.membership_id = prev.membership_id.clone();
+        return Ok(Ack { event_id: prev.event_id, status: Status::Duplicate, outcome });
+    }
+
+    let delivery = raw.delivery;
+    let mut rec = EventRow {
+        seq: 0,
+        tenant: tenant.clone(),
+        provider: provider.clone(),
+        event_id: String::new(),
+        idempotency_key: key,
+        event_type: String::new(),
+        kind: None,
+        source: source.as_str().to_string(),
+        received_at: now,
+        occurred_at: None,
+        member_id: None,
+        membership_id: None,
+        status: String::new(),
+        reason: None,
+        raw: raw.body,
+        headers: pre.headers.take().unwrap_or_else(|| store::stored_json(&raw.headers)),
+        canonical: None,
+        outcome: store::null_json(),
+        park_key: None,
+        // A provider's request; a timer, replay or reconciliation is none.
+        deliveries: i64::from(delivery),
+    };
+
+    let x = match incoming {
+        Incoming::Unreadable { failure, .. } => {
+            rec.event_id = failure.event_id.clone();
+            rec.event_type = failure.event_type.clone();
+            rec.occurred_at = failure.occurred_at;
+            let mut outcome = Outcome::new(Status::Failed, source);
+            outcome.reason = Some(failure.error.0.clone());
+            return finish(tx, rec, outcome);
+        }
+        Incoming::Extracted(x) => x,
+        Incoming::Timer(_) => unreachable!("timers were turned into events above"),
+    };
+    let ev = &x.event;
+    rec.event_id = ev.event_id.clone();
+    rec.event_type = ev.event_type.clone();
+    rec.kind = ev.kind.map(|k| k.as_str().to_string());
+    rec.occurred_at = Some(ev.occurred_at);
+    rec.canonical = pre.canonical.take().or_else(|| Some(store::stored_json(ev)));
+    let mut outcome = Outcome::new(Status::Applied, source);
+    outcome.mapping = Some(x.mapping.clone());
+
+    if ev.kind.is_none() {
+        outcome.status = Status::Ignored;
+        outcome.reason = x.mapping.ignored_because.clone().or(Some("unmapped event".into()));
+        return finish(tx, rec, outcome);
+    }
+    let rules = &loaded.rules;
+    let Some(tenant_cfg) = loaded.config.tenants.get(&tenant) else {
+        outcome.status = Status::Refused;
+        outcome.reason = Some(format!("unknown tenant `{tenant}`"));
+        return finish(tx, rec, outcome);
+    };
+
+    // Resolve who and which membership.
+    let resolve::Resolved { mkey, mut membership, mut member } = match resolve::resolve(tx, &tenant, &provider, ev)? {
+        Ok(r) => r,
+        Err(resolve::Ambiguous { member: mem, count }) => {
+            outcome.status = Status::Refused;
+            outcome.member_id = Some(mem.id.clone());
+            outcome.reason = Some(format!(
+                "the event names no subscription or product and member has {count} {provider} memberships: not guessing which"
+            ));
+            rec.member_id = Some(mem.id.clone());
+            flag_member(tx, &mem, &outcome, now)?;
+            return finish(tx, rec, outcome);
+        }
+    };
+    outcome.member_id = member.as_ref().map(|m| m.id.clone());
+    outcome.membership_id = membership.as_ref().map(|m| m.id.clone());
+    rec.member_id = outcome.member_id.clone();
+    rec.membership_id = outcome.membership_id.clone();
+
+    // A member deleted at the provider: every membership of theirs there gets the event,
+    // each logged as its own row (same event id), each through the rules and the machine.
+    if ev.kind == Some(EventKind::MemberDeleted) && mkey.is_none() {
+        if let Some(mem) = &member {
+            let mut parts = Vec::new();
+            for (key, sub) in resolve::member_deleted_parts(tx, &x, mem, &provider)? {
+                let raw = Raw {
+                    body: rec.raw.clone(),
+                    headers: serde_json::from_str(rec.headers.get()).unwrap_or_default(),
+                    source,
+                    delivery: false,
+                };
+                let ack = apply(loaded, tx, Incoming::Extracted(Box::new(sub)), raw, now)?;
+                let o = &ack.outcome;
+                parts.push(format!(
+                    "{key} {}{}",
+                    ack.status.as_str(),
+                    match (o.from, o.to) {
+                        (Some(f), Some(t)) => format!(" {f} → {t}"),
+                        _ => String::new(),
+                    }
+                ));
+            }
+            outcome.reason = Some(if parts.is_empty() {
+                "member deleted at the provider; no memberships there".to_string()
+            } else {
+                format!("member deleted at the provider; per membership: {}", parts.join("; "))
+            });
+            return finish(tx, rec, outcome);
+        }
+    }
+    let view = view_of(membership.as_ref());
+    let ev_view = pre.view.take().unwrap_or_else(|| crate::rules::EventView::of(ev));
+
+    // Stale?
+    if membership.is_some() {
+        match rules.is_stale_of(&ev_view, &view) {
+            Ok(true) => {
+                outcome.status = Status::Stale;
+                outcome.reason = Some(format!(
+                    "occurred at {} but the membership already reflects {}",
+                    ev.occurred_at.to_rfc3339(),
+                    view.last_event_at.map(|t| t.to_rfc3339()).unwrap_or_default()
+                ));
+                return finish(tx, rec, outcome);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                outcome.status = Status::Failed;
+                outcome.reason = Some(format!("rule error: {e}"));
+                return finish(tx, rec, outcome);
+            }
+        }
+    }
+
+    // Rules. The rank first: the decision takes the event's view.
+    let rank = match pre.rank.take().unwrap_or_else(|| rules.rank_of(&ev_view)) {
+        Ok(r) => r,
+        Err(e) => {
+            outcome.status = Status::Failed;
+            outcome.reason = Some(format!("rule error: {e}"));
+            return finish(tx, rec, outcome);
+        }
+    };
+    let decision = match rules.decide_of(ev, ev_view, &view, &loaded.policy(&tenant), now) {
+        Ok(d) => d,
+        Err(e) => {
+            outcome.status = Status::Failed;
+            outcome.reason = Some(format!("rule error: {e}"));
+            return finish(tx, rec, outcome);
+        }
+    };
+    outcome.rule = decision.rule.clone();
+    outcome.input = decision.input;
+    let from = membership.as_ref().map(|m| m.state).unwrap_or(MState::None);
+    if let Some(reason) = decision.ignore {
+        // The rule found the provider's view consistent with the state: the membership
+        // now reflects the provider as of this event, so older ones are stale.
+        if let Some(m) = membership.as_mut() {
+            if !ev.event_type.starts_with("timer.") && m.last_event_at.is_none_or(|t| t <= ev.occurred_at) {
+                commit::note_provider_time(m, ev, rank);
+                tx.save_membership(m)?;
+            }
+        } else if resolve::needs_membership(ev.kind) && !ev.event_type.starts_with("timer.") {
+            // Nothing to act on yet; once the membership exists this may matter (a resume
+            // that arrived before the purchase): parked, like a refused one.
+            rec.park_key = Some(mkey.clone().unwrap_or_default());
+        }
+        outcome.status = Status::Ignored;
+        outcome.reason = Some(reason);
+        return finish(tx, rec, outcome);
+    }
+    if let Some(reason) = decision.refuse {
+        outcome.status = Status::Refused;
+        outcome.reason = Some(reason);
+        outcome.from = Some(from);
+        if let Some(m) = membership.as_mut() {
+            flag_membership(tx, m, &outcome, now)?;
+        }
+        return finish(tx, rec, outcome);
+    }
+
+    // Machine.
+    let mut effects = decision.effects;
+    let Some(input) = decision.input else {
+        // Effects only (a lead, a flag, new member details): no membership moves.
+        if let (Some(EventKind::MemberUpdated), Some(m)) = (ev.kind, member.as_mut()) {
+            commit::update_member_details(tx, ev, m, now)?;
+        }
+        commit::apply_member_effects(tx, &tenant, &provider, ev, member.as_ref(), &effects, now)?;
+        outcome.effects = effects;
+        return finish(tx, rec, outcome);
+    };
+    let to = match machine::step(from, input) {
+        Step::Refused { .. } => {
+            outcome.status = Status::Refused;
+            outcome.from = Some(from);
+            outcome.reason = Some(format!("the machine has no `{}` edge from `{}`", input.as_str(), from.as_str()));
+            if membership.is_none() {
+                // It arrived before the event that starts its membership: parked, and run
+                // again when that membership comes to exist.
+                rec.park_key = Some(mkey.clone().unwrap_or_default());
+                outcome.reason =
+                    Some(format!("{}; parked until the membership exists", outcome.reason.clone().unwrap_or_default()));
+            }
+            if let Some(m) = membership.as_mut() {
+                flag_membership(tx, m, &outcome, now)?;
+            }
+            return finish(tx, rec, outcome);
+        }
+        Step::Moved { to, .. } => to,
+    };
+    outcome.from = Some(from);
+    outcome.to = Some(to);
+
+    // Commit: who it is (created on first sight, new details learnt), then the membership.
+    let Some(mem) = commit::member_for(tx, &tenant, &provider, ev, member.take(), now)? else {
+        outcome.status = Status::Refused;
+        outcome.to = None;
+        outcome.reason = Some("the event names no member (no email, no customer id) and no known membership".into());
+        return finish(tx, rec, outcome);
+    };
+    let Some(mkey) = mkey.or_else(|| membership.as_ref().map(|m| m.key.clone())) else {
+        outcome.status = Status::Refused;
+        outcome.to = None;
+        outcome.reason = Some(
+            "the event names no subscription or product, so no membership can be started; parked until one exists"
+                .into(),
+        );
+        rec.park_key = Some(String::new());
+        return finish(tx, rec, outcome);
+    };
+    let transition = Transition {
+        tenant: &tenant,
+        provider: &provider,
+        tenant_cfg,
+        ev,
+        mapping_flags: &x.mapping.flags,
+        from,
+        to,
+        rank,
+        now,
+    };
+    let (ms, created) = commit::apply_transition(tx, &transition, mkey, membership, &mem, &mut effects)?;
+    outcome.member_id = Some(mem.id.clone());
+    outcome.membership_id = Some(ms.id.clone());
+    rec.member_id = outcome.member_id.clone();
+    rec.membership_id = outcome.membership_id.clone();
+    outcome.effects = effects;
+    let ack = finish(tx, rec, outcome)?;
+
+    // Events that arrived before this membership existed run now, oldest first, each
+    // through the whole pipeline again.
+    if created {
+        for e in tx.parked(&ms.tenant, &ms.provider, &ms.key)? {
+            if !parked::waits_for(tx, &e, &ms, &mem)? {
+                continue;
+            }
+            let Some((incoming, raw)) = incoming_from_row(&loaded.config, &e) else { continue };
+            if !tx.mark_replayed(e.seq, "re-applied once its membership existed")? {
+                continue;
+            }
+            let parked = apply(loaded, tx, incoming, raw, now)?;
+            tracing::info!(membership = %ms.id, parked = %format!("{} {}", e.event_id, parked.status.as_str()), "Parked event re-applied.");
+        }
+    }
+    Ok(ack)
+}

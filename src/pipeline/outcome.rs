@@ -1,0 +1,154 @@
+//! What becomes of an event: its status and outcome (what `simulate` prints and the event
+//! row stores), the answer to the caller, the writer's input, and the recording of the
+//! event row and of flags an operator must see.
+//!
+//! What this module must never do: decide an outcome (the stages in `pipeline` do); it
+//! only records one.
+
+use crate::canonical::Source;
+use crate::effects::Effect;
+use crate::extract::{Extraction, Failure, Mapping};
+use crate::machine::{Input, MState};
+use crate::rules::RuleRef;
+use crate::store::{self, EventRow, MemberRow, MembershipRow, TimerRow, Tx};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// What became of an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Applied,
+    Duplicate,
+    Ignored,
+    Stale,
+    Refused,
+    Failed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Applied => "applied",
+            Status::Duplicate => "duplicate",
+            Status::Ignored => "ignored",
+            Status::Stale => "stale",
+            Status::Refused => "refused",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+/// The outcome of one event: what `simulate` prints and the event row stores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub status: Status,
+    pub from: Option<MState>,
+    pub to: Option<MState>,
+    pub effects: Vec<Effect>,
+    /// The machine input the rule chose.
+    pub input: Option<Input>,
+    /// Why the event was ignored, stale, refused or failed.
+    pub reason: Option<String>,
+    /// The YAML mapping that produced the canonical event.
+    pub mapping: Option<Mapping>,
+    /// The rule that decided (file, function, line, rule-set version).
+    pub rule: Option<RuleRef>,
+    pub source: Source,
+    pub member_id: Option<String>,
+    pub membership_id: Option<String>,
+}
+
+impl Outcome {
+    /// A provider's URL check: nothing was stored.
+    pub fn probe() -> Outcome {
+        let mut o = Outcome::new(Status::Ignored, Source::Webhook);
+        o.reason = Some("URL check (empty body): nothing stored".into());
+        o
+    }
+
+    pub(super) fn new(status: Status, source: Source) -> Outcome {
+        Outcome {
+            status,
+            from: None,
+            to: None,
+            effects: vec![],
+            input: None,
+            reason: None,
+            mapping: None,
+            rule: None,
+            source,
+            member_id: None,
+            membership_id: None,
+        }
+    }
+}
+
+/// The answer to the provider: the event id and its status.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Ack {
+    pub event_id: String,
+    pub status: Status,
+    #[serde(skip)]
+    pub outcome: Outcome,
+}
+
+/// An event ready for the writer.
+pub enum Incoming {
+    /// A delivery whose fields were extracted.
+    Extracted(Box<Extraction>),
+    /// A delivery whose fields could not be read: stored as a dead letter.
+    Unreadable { provider: String, tenant: String, failure: Box<Failure> },
+    /// A timer that fell due.
+    Timer(TimerRow),
+}
+
+/// The raw request kept with the event.
+pub struct Raw {
+    pub body: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+    pub source: Source,
+    /// Whether it is a provider's request (counted in the event's `deliveries`): a
+    /// webhook as it came in, not a replay, a timer or one membership's part of it.
+    pub delivery: bool,
+}
+
+/// Stores the event row with its outcome: the last step of every event, whatever became
+/// of it.
+pub(super) fn finish(tx: &mut dyn Tx, mut rec: EventRow, outcome: Outcome) -> store::Result<Ack> {
+    rec.status = outcome.status.as_str().to_string();
+    rec.reason = outcome.reason.clone();
+    rec.outcome = store::stored_json(&outcome);
+    tx.insert_event(&rec)?;
+    Ok(Ack { event_id: rec.event_id, status: outcome.status, outcome })
+}
+
+/// Adds a flag (once; the oldest dropped past 20).
+pub(super) fn push_flag(flags: &mut Vec<String>, reason: &str) {
+    if !flags.iter().any(|f| f == reason) {
+        flags.push(reason.to_string());
+    }
+    if flags.len() > 20 {
+        flags.remove(0);
+    }
+}
+
+/// Flags a membership with the outcome's status and reason, for an operator to see.
+pub(super) fn flag_membership(
+    tx: &mut dyn Tx,
+    m: &mut MembershipRow,
+    o: &Outcome,
+    now: DateTime<Utc>,
+) -> store::Result<()> {
+    push_flag(&mut m.flags, &format!("{}: {}", o.status.as_str(), o.reason.clone().unwrap_or_default()));
+    m.updated_at = now;
+    tx.save_membership(m)
+}
+
+/// Flags a member with the outcome's status and reason (no membership to put it on).
+pub(super) fn flag_member(tx: &mut dyn Tx, m: &MemberRow, o: &Outcome, now: DateTime<Utc>) -> store::Result<()> {
+    let mut m = m.clone();
+    push_flag(&mut m.flags, &format!("{}: {}", o.status.as_str(), o.reason.clone().unwrap_or_default()));
+    m.updated_at = now;
+    tx.save_member(&m)
+}

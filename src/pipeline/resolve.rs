@@ -1,0 +1,148 @@
+//! Resolution: which member and which membership an event is about, as stored — by the
+//! membership key the event names, else by the member it names (provider customer id,
+//! then email) and that member's one membership at the provider; a member deleted at
+//! the provider stands for one event per membership of theirs there; a due timer stands
+//! for an `expired` event of its membership.
+//!
+//! What this module must never do: change anything stored, or guess: a member with
+//! several memberships at the provider and an event that names none of them is reported
+//! as ambiguous, never matched to one.
+
+use crate::canonical::{CanonicalEvent, EventKind, MemberRef};
+use crate::extract::{Extraction, Mapping};
+use crate::store::{self, MemberRow, MembershipRow, TimerRow, Tx};
+
+/// Who and which membership an event is about.
+pub(super) struct Resolved {
+    /// The membership key the event names (`sub:…`, `product:…`), if any.
+    pub mkey: Option<String>,
+    pub membership: Option<MembershipRow>,
+    pub member: Option<MemberRow>,
+}
+
+/// The member an event names and how many memberships they hold at its provider, when the
+/// event names no membership and acts on one: not guessing which.
+pub(super) struct Ambiguous {
+    pub member: MemberRow,
+    pub count: usize,
+}
+
+/// The stored member and membership `ev` is about.
+pub(super) fn resolve(
+    tx: &mut dyn Tx,
+    tenant: &str,
+    provider: &str,
+    ev: &CanonicalEvent,
+) -> store::Result<Result<Resolved, Ambiguous>> {
+    let mkey = membership_key(ev);
+    let mut membership = match &mkey {
+        Some(k) => tx.membership_by_key(tenant, provider, k)?,
+        None => None,
+    };
+    let member = match &membership {
+        Some(m) => tx.member(&m.member_id)?,
+        None => find_member(tx, tenant, provider, &ev.member)?,
+    };
+    if membership.is_none() && mkey.is_none() {
+        if let Some(mem) = &member {
+            let mut mine = memberships_at(tx, mem, provider)?;
+            match mine.len() {
+                0 => {}
+                1 => membership = mine.pop(),
+                count if needs_membership(ev.kind) => {
+                    return Ok(Err(Ambiguous { member: mem.clone(), count }));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(Ok(Resolved { mkey, membership, member }))
+}
+
+/// A member deleted at the provider: the event once per membership of theirs there (its
+/// key, and the event aimed at it under an idempotency key of its own).
+pub(super) fn member_deleted_parts(
+    tx: &mut dyn Tx,
+    x: &Extraction,
+    member: &MemberRow,
+    provider: &str,
+) -> store::Result<Vec<(String, Extraction)>> {
+    Ok(memberships_at(tx, member, provider)?
+        .into_iter()
+        .map(|ms| {
+            let mut sub = x.clone();
+            sub.idempotency_key = format!("{}#{}", x.idempotency_key, ms.key);
+            sub.event.subscription_id = ms.key.strip_prefix("sub:").map(str::to_string);
+            sub.event.product_id = ms.key.strip_prefix("product:").map(str::to_string).or(ms.product_id.clone());
+            (ms.key, sub)
+        })
+        .collect())
+}
+
+fn memberships_at(tx: &mut dyn Tx, member: &MemberRow, provider: &str) -> store::Result<Vec<MembershipRow>> {
+    Ok(tx.memberships_of(&member.id)?.into_iter().filter(|m| m.provider == provider).collect())
+}
+
+/// Kinds that act on one membership (a lead or a member update does not).
+pub(super) fn needs_membership(kind: Option<EventKind>) -> bool {
+    !matches!(kind, None | Some(EventKind::LeadCaptured | EventKind::MemberUpdated | EventKind::MemberDeleted))
+}
+
+/// `sub:<id>` for subscriptions, `product:<id>` for one-time products.
+pub fn membership_key(ev: &CanonicalEvent) -> Option<String> {
+    if let Some(s) = &ev.subscription_id {
+        return Some(format!("sub:{s}"));
+    }
+    ev.product_id.as_ref().map(|p| format!("product:{p}"))
+}
+
+fn find_member(tx: &mut dyn Tx, tenant: &str, provider: &str, who: &MemberRef) -> store::Result<Option<MemberRow>> {
+    if let Some(cid) = &who.provider_customer_id {
+        if let Some(m) = tx.member_by_customer(tenant, provider, cid)? {
+            return Ok(Some(m));
+        }
+    }
+    match &who.email {
+        Some(e) => tx.member_by_email(tenant, e),
+        None => Ok(None),
+    }
+}
+
+/// The canonical event a due timer stands for (`None` if its membership is gone).
+pub(super) fn timer_event(tx: &mut dyn Tx, t: &TimerRow) -> store::Result<Option<Extraction>> {
+    let Some(m) = tx.membership(&t.membership_id)? else {
+        return Ok(None);
+    };
+    let event_id = format!("timer:{}:{}:{}", t.membership_id, t.name, t.due_at.timestamp());
+    Ok(Some(Extraction {
+        event: CanonicalEvent {
+            kind: Some(EventKind::Expired),
+            provider: m.provider.clone(),
+            tenant: m.tenant.clone(),
+            event_id: event_id.clone(),
+            event_type: format!("timer.{}", t.name),
+            occurred_at: t.due_at,
+            member: MemberRef::default(),
+            subscription_id: m.subscription_id.clone(),
+            product_id: if m.subscription_id.is_some() {
+                m.product_id.clone()
+            } else {
+                m.key.strip_prefix("product:").map(str::to_string)
+            },
+            plan_id: m.plan_id.clone(),
+            status: None,
+            period_end: None,
+            cancel_at_period_end: m.cancel_at_period_end,
+            amount_cents: None,
+            currency: None,
+        },
+        idempotency_key: event_id,
+        mapping: Mapping {
+            file: "timers".into(),
+            event: Some(format!("timer.{}", t.name)),
+            case: None,
+            ignored_because: None,
+            flags: vec![],
+        },
+    }))
+}
