@@ -8,8 +8,8 @@
 use crate::config::{Config, ConfigFile};
 use crate::diagnostic::Diagnostic;
 use crate::extract::path::Path as JsonPath;
-use crate::extract::spec::{FieldSpec, FieldsSpec, ProviderSpec};
 use crate::machine::{Input, MState};
+use crate::spec::{FieldSpec, FieldsSpec, ProviderSpec};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
@@ -228,11 +228,8 @@ fn lint_rules(dir: &Path, shown: &str) -> Vec<Diagnostic> {
 }
 
 fn field_paths(f: &Option<FieldSpec>, out: &mut Vec<String>) {
-    match f {
-        Some(FieldSpec::Path(p)) => out.push(p.clone()),
-        Some(FieldSpec::Paths(ps)) => out.extend(ps.iter().cloned()),
-        Some(FieldSpec::Full(d)) => out.extend(d.paths.iter().cloned()),
-        None => {}
+    if let Some(f) = f {
+        out.extend(f.detail().paths);
     }
 }
 
@@ -273,7 +270,7 @@ fn locate_token(src: &str, token: &str) -> (usize, usize) {
             from = start + token.len();
         }
     }
-    crate::extract::locate(src, token)
+    crate::diagnostic::locate(src, token)
 }
 
 /// Paths in a provider file that no fixture of that provider resolves (likely typos).

@@ -248,7 +248,7 @@ impl Config {
             let mut providers = BTreeMap::new();
             for (pname, p) in &t.providers {
                 if !extractors.contains_key(pname) {
-                    let (line, col) = crate::extract::locate(src, &format!("{pname}:"));
+                    let (line, col) = crate::diagnostic::locate(src, &format!("{pname}:"));
                     let known: Vec<&str> = extractors.keys().map(String::as_str).collect();
                     let d = Diagnostic::new(
                         &shown,

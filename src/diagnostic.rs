@@ -75,6 +75,19 @@ fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
         .map(|(_, c)| c)
 }
 
+/// 1-based line and column of the first occurrence of `needle` in `src` (1:1 if absent).
+pub fn locate(src: &str, needle: &str) -> (usize, usize) {
+    match src.find(needle) {
+        Some(at) => {
+            let before = &src[..at];
+            let line = before.matches('\n').count() + 1;
+            let col = at - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+            (line, col)
+        }
+        None => (1, 1),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

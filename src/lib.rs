@@ -54,6 +54,7 @@ pub mod rules;
 pub mod scenario;
 pub mod schema;
 pub mod secret;
+pub mod spec;
 pub mod state;
 pub mod store;
 pub mod timers;

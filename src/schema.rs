@@ -5,8 +5,8 @@
 use crate::canonical::CanonicalEvent;
 use crate::config::ConfigFile;
 use crate::effects::Effect;
-use crate::extract::spec::ProviderSpec;
 use crate::machine::graph;
+use crate::spec::ProviderSpec;
 
 fn schema<T: schemars::JsonSchema>() -> String {
     serde_json::to_string_pretty(&schemars::schema_for!(T)).expect("schema serializes") + "\n"

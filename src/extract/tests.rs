@@ -1,4 +1,5 @@
 use super::*;
+use crate::canonical::EventKind;
 use chrono::TimeZone;
 use decode::Lookup;
 use serde_json::json;

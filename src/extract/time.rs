@@ -1,7 +1,7 @@
 //! Time and money conversions for extracted values. Form providers send every scalar as
 //! a string, so numbers in strings are read as numbers.
 
-use super::spec::{AmountUnit, TimeUnit};
+use crate::spec::{AmountUnit, TimeUnit};
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use serde_json::Value;
 

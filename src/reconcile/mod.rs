@@ -17,10 +17,10 @@ pub use plan::Snapshot;
 
 use crate::canonical::{CanonicalEvent, EventKind, MemberRef, Source};
 use crate::config::Config;
-use crate::extract::spec::{ReconcileMethod, ReconcileSpec};
 use crate::extract::{Extraction, Mapping};
 use crate::machine::MState;
 use crate::pipeline::{self, Ctx, Incoming, Raw, Status};
+use crate::spec::{ReconcileMethod, ReconcileSpec};
 use crate::store::{MembershipRow, SyncRecord};
 use chrono::{DateTime, SecondsFormat, Utc};
 use fetch::{Limiter, Request};

@@ -6,8 +6,8 @@
 //! limiter) or put the API key anywhere but the header templates that name it.
 
 use crate::extract::path::Path;
-use crate::extract::spec::{ReconcileMethod, ReconcileSpec};
 use crate::extract::FieldReader;
+use crate::spec::{ReconcileMethod, ReconcileSpec};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
@@ -42,7 +42,7 @@ impl Plan {
     /// `check` has validated the section; what still fails to compile here makes the
     /// provider unsupported with the reason, rather than a panic.
     pub(super) fn compile(file: String, spec: &ReconcileSpec, env_base: Option<&String>) -> Plan {
-        let field = |f: &Option<crate::extract::spec::FieldSpec>| f.as_ref().and_then(|f| FieldReader::compile(f).ok());
+        let field = |f: &Option<crate::spec::FieldSpec>| f.as_ref().and_then(|f| FieldReader::compile(f).ok());
         let select = spec.select.as_ref().and_then(|s| {
             Some((
                 Path::parse(&s.list).ok()?,

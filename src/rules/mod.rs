@@ -166,7 +166,7 @@ impl RuleSet {
                             continue;
                         }
                         if let Some(prev) = handlers.get(&fname) {
-                            let (line, col) = crate::extract::locate(&src, &format!("fn {fname}"));
+                            let (line, col) = crate::diagnostic::locate(&src, &format!("fn {fname}"));
                             diags.push(Diagnostic::new(
                                 &name,
                                 line,
@@ -194,7 +194,7 @@ impl RuleSet {
             if let Some(kind) = h.strip_prefix("on_") {
                 if crate::canonical::EventKind::parse(kind).is_none() {
                     let f = &files[handlers[h]];
-                    let (line, col) = crate::extract::locate(&f.src, &format!("fn {h}"));
+                    let (line, col) = crate::diagnostic::locate(&f.src, &format!("fn {h}"));
                     let names: Vec<String> =
                         crate::canonical::EventKind::ALL.iter().map(|k| format!("on_{}", k.as_str())).collect();
                     let names: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -209,7 +209,7 @@ impl RuleSet {
         let version = hex::encode(&hasher.finalize()[..6]);
         let lines = handlers
             .iter()
-            .map(|(h, &idx)| (h.clone(), crate::extract::locate(&files[idx].src, &format!("fn {h}")).0))
+            .map(|(h, &idx)| (h.clone(), crate::diagnostic::locate(&files[idx].src, &format!("fn {h}")).0))
             .collect();
         Ok(RuleSet { engine, files, handlers, lines, version, loaded_at: now })
     }
@@ -238,7 +238,7 @@ impl RuleSet {
             function: function.to_string(),
             line: match self.lines.get(function) {
                 Some(&line) => line,
-                None => crate::extract::locate(&f.src, &format!("fn {function}")).0,
+                None => crate::diagnostic::locate(&f.src, &format!("fn {function}")).0,
             },
             version: self.version.clone(),
         }

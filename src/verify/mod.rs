@@ -7,8 +7,8 @@ mod hmac_hex;
 mod standard;
 mod stripe;
 
-use crate::extract::spec::{SchemeName, SecretEncoding, VerifySpec};
 use crate::secret::Secret;
+use crate::spec::{SchemeName, SecretEncoding, VerifySpec};
 use chrono::{DateTime, Utc};
 
 /// Why a delivery did not verify (all 401).

@@ -5,8 +5,8 @@
 //! match; the timestamp must be within the tolerance.
 
 use super::Error;
-use crate::extract::spec::SecretEncoding;
 use crate::secret::Secret;
+use crate::spec::SecretEncoding;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};

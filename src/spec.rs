@@ -1,5 +1,8 @@
-//! The provider YAML as written (`rules/providers/<provider>.yaml`). Compiled into an
-//! `Extractor` by `extract::compile`; nothing here evaluates anything.
+//! The provider file model: `rules/providers/<provider>.yaml` as written, shared by
+//! verify (its `verify:` schemes), extract (fields and events), reconcile (its
+//! `reconcile:` section), check and the JSON Schema.
+//!
+//! What this module must never do: evaluate anything; each layer compiles what it reads.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -231,6 +234,17 @@ pub enum FieldSpec {
     Paths(Vec<String>),
     /// Paths with a unit, a constant or a value map.
     Full(FieldDetail),
+}
+
+impl FieldSpec {
+    /// The field in its full form, whichever form it was written in.
+    pub fn detail(&self) -> FieldDetail {
+        match self {
+            FieldSpec::Path(p) => FieldDetail { paths: vec![p.clone()], ..Default::default() },
+            FieldSpec::Paths(ps) => FieldDetail { paths: ps.clone(), ..Default::default() },
+            FieldSpec::Full(d) => d.clone(),
+        }
+    }
 }
 
 /// The long form of a field extractor.
