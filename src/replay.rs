@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::pipeline::{self, Ack, Ctx, Incoming, Raw, Status};
 use crate::store::sqlite::Scratch;
 use crate::store::{self, EventFilter, EventRow, MemberRow, MembershipRow};
+use crate::timers::{self, FireAt};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -179,11 +180,11 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
         scratch.session(|tx| -> Result<(View, View), Error> {
             for batch in deliveries {
                 for (when, incoming, raw, pre) in batch? {
-                    fire_due_in_tx(&loaded, tx, when)?;
+                    timers::fire_due_in_tx(&loaded, tx, when, FireAt::DueTime, usize::MAX)?;
                     pipeline::apply_with(&loaded, tx, incoming, raw, when, pre)?;
                 }
             }
-            fire_due_in_tx(&loaded, tx, now)?;
+            timers::fire_due_in_tx(&loaded, tx, now, FireAt::DueTime, usize::MAX)?;
             let stored = reader.join().map_err(|_| store::Error::Db("the dry run's reader panicked".into()))??;
             // The scratch store has its own member ids: find them by tenant and email.
             let mut derived = View::new();
@@ -220,25 +221,5 @@ fn add_to_view(view: &mut View, member: &MemberRow, memberships: Vec<MembershipR
             (member.tenant.clone(), who.clone(), m.provider.clone(), m.key.clone()),
             (m.state.to_string(), m.has_access(now)),
         );
-    }
-}
-
-/// Fires, inside the caller's transaction, every timer due by `at`, oldest first.
-fn fire_due_in_tx(loaded: &pipeline::Loaded, tx: &mut dyn crate::store::Tx, at: DateTime<Utc>) -> store::Result<()> {
-    loop {
-        let due = tx.due_timers_tx(at, 256)?;
-        if due.is_empty() {
-            return Ok(());
-        }
-        for t in due {
-            let raw = Raw {
-                body: serde_json::to_vec(&t).unwrap_or_default(),
-                headers: vec![],
-                source: Source::Timer,
-                delivery: false,
-            };
-            let when = t.due_at;
-            pipeline::apply(loaded, tx, Incoming::Timer(t), raw, when)?;
-        }
     }
 }

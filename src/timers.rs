@@ -4,7 +4,8 @@
 //! fell due while the service was down fire at start.
 
 use crate::canonical::Source;
-use crate::pipeline::{self, Ctx, Incoming, Raw};
+use crate::pipeline::{self, Ctx, Incoming, Loaded, Raw, Status};
+use crate::store::{self, Tx};
 use chrono::{DateTime, Utc};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,43 +13,82 @@ use std::time::Duration;
 /// Longest sleep between checks, so a clock jump is noticed.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
 
-/// Fires every timer due at `now`; returns how many fired.
-pub async fn fire_due(ctx: &Arc<Ctx>, now: DateTime<Utc>) -> usize {
-    let mut fired = 0;
+/// Due timers read at a time.
+const BATCH: usize = 256;
+
+/// One timer that fired, and what it came to.
+pub struct Fired {
+    pub membership: String,
+    pub timer: String,
+    pub status: Status,
+}
+
+/// When a fired timer's event is processed: now (the service), or at the time it fell due
+/// (a dry run re-living the past).
+#[derive(Debug, Clone, Copy)]
+pub enum FireAt {
+    Now(DateTime<Utc>),
+    DueTime,
+}
+
+/// The one timer-firing path: fires, inside the caller's transaction, the timers due by
+/// `at` (at most `limit` of them), oldest first, each through the whole pipeline as an
+/// `expired` event of its membership.
+pub fn fire_due_in_tx(
+    loaded: &Loaded,
+    tx: &mut dyn Tx,
+    at: DateTime<Utc>,
+    when: FireAt,
+    limit: usize,
+) -> store::Result<Vec<Fired>> {
+    let mut fired = Vec::new();
     loop {
-        let store = ctx.store.clone();
-        let due = match tokio::task::spawn_blocking(move || store.due_timers(now, 256)).await {
-            Ok(Ok(d)) => d,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "Could not read due timers.");
-                return fired;
+        let due = tx.due_timers_tx(at, BATCH.min(limit - fired.len()))?;
+        if due.is_empty() {
+            return Ok(fired);
+        }
+        for t in due {
+            let raw = Raw {
+                body: serde_json::to_vec(&t).unwrap_or_default(),
+                headers: vec![],
+                source: Source::Timer,
+                delivery: false,
+            };
+            let now = match when {
+                FireAt::Now(now) => now,
+                FireAt::DueTime => t.due_at,
+            };
+            let (membership, timer) = (t.membership_id.clone(), t.name.clone());
+            let ack = pipeline::apply(loaded, tx, Incoming::Timer(t), raw, now)?;
+            fired.push(Fired { membership, timer, status: ack.status });
+        }
+        if fired.len() == limit {
+            return Ok(fired);
+        }
+    }
+}
+
+/// Fires every timer due at `now`, a batch per write to the store (so deliveries are not
+/// held up behind a backlog); returns how many fired. A batch that cannot be stored is not:
+/// its timers stay due and fire at the next look.
+pub async fn fire_due(ctx: &Arc<Ctx>, now: DateTime<Utc>) -> usize {
+    let mut total = 0;
+    loop {
+        let loaded = ctx.loaded();
+        match ctx.store.write(move |tx| fire_due_in_tx(&loaded, tx, now, FireAt::Now(now), BATCH)).await {
+            Ok(fired) => {
+                for f in &fired {
+                    tracing::info!(membership = %f.membership, timer = %f.timer, status = f.status.as_str(), "Timer fired.");
+                }
+                total += fired.len();
+                if fired.len() < BATCH {
+                    return total;
+                }
             }
             Err(e) => {
-                tracing::error!(error = %e, "Timer read task failed.");
-                return fired;
+                tracing::error!(error = %e, "Due timers could not be processed; they stay due.");
+                return total;
             }
-        };
-        if due.is_empty() {
-            return fired;
-        }
-        let batch = due.len();
-        for t in due {
-            let body = serde_json::to_vec(&t).unwrap_or_default();
-            let raw = Raw { body, headers: vec![], source: Source::Timer, delivery: false };
-            let (name, membership) = (t.name.clone(), t.membership_id.clone());
-            match pipeline::process(ctx, Incoming::Timer(t), raw).await {
-                Ok(ack) => {
-                    fired += 1;
-                    tracing::info!(%membership, timer = %name, status = ack.status.as_str(), "Timer fired.");
-                }
-                Err(e) => {
-                    tracing::error!(%membership, timer = %name, error = %e, "Timer could not be processed; it stays due.");
-                    return fired;
-                }
-            }
-        }
-        if batch < 256 {
-            return fired;
         }
     }
 }

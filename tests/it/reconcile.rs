@@ -489,6 +489,9 @@ async fn a_reload_reaches_the_reconciler() {
     let yaml = dir.path().join("membersync.yaml");
     let text = std::fs::read_to_string(&yaml).unwrap();
     let text = text.replace("api_key: { env: STRIPE_API_KEY }", &format!("api_key: {STRIPE_KEY}"));
+    // Only the resyncs below ask the provider: the background schedule stays off.
+    let text = text.replace("\nreconcile:\n", "\nreconcile:\n  enabled: false\n");
+    assert!(text.contains("enabled: false"), "the config still has its reconcile section");
     std::fs::write(&yaml, text).unwrap();
     let stripe_yaml = dir.path().join("rules/providers/stripe.yaml");
     let pointed_at = |url: &str| {

@@ -158,10 +158,7 @@ impl Store for SqliteStore {
     fn due_timers(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<TimerRow>> {
         self.read(|c| {
             let rows = c
-                .prepare_cached(
-                    "SELECT tenant, membership_id, name, due_at, set_by_event FROM timers WHERE due_at <= ?1
-                     ORDER BY due_at, membership_id, name LIMIT ?2",
-                )?
+                .prepare_cached(super::tx::DUE_TIMERS)?
                 .query_map(params![ts(now), limit as i64], timer_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)

@@ -94,6 +94,11 @@ impl<'c> SqliteTx<'_, 'c> {
     }
 }
 
+/// Timers due by ?1, oldest first, at most ?2 (read by the timer task and in a transaction).
+pub(super) const DUE_TIMERS: &str =
+    "SELECT tenant, membership_id, name, due_at, set_by_event FROM timers WHERE due_at <= ?1
+     ORDER BY due_at, membership_id, name LIMIT ?2";
+
 pub(super) const EVENT_COLS: &str = "seq, tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key, deliveries";
 pub(super) const MEMBER_COLS: &str = "id, tenant, email, name, flags, created_at, updated_at";
 pub(super) const MEMBERSHIP_COLS: &str = "id, tenant, member_id, provider, key, subscription_id, product_id, plan_id, status, state, period_end, grace_until, access_until, cancel_at_period_end, access_levels, flags, last_event_at, last_event_id, last_reconciled_at, sync_status, created_at, updated_at, last_event_rank";
@@ -415,8 +420,7 @@ impl Tx for SqliteTx<'_, '_> {
 
     fn due_timers_tx(&mut self, now: DateTime<Utc>, limit: usize) -> Result<Vec<TimerRow>> {
         let rows = self
-            .st("SELECT tenant, membership_id, name, due_at, set_by_event FROM timers WHERE due_at <= ?1
-                 ORDER BY due_at, membership_id, name LIMIT ?2")?
+            .st(DUE_TIMERS)?
             .query_map(params![ts(now), limit as i64], timer_row)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
