@@ -3,12 +3,12 @@
 use crate::canonical::Source;
 use crate::clock::{Clock, FixedClock, SystemClock};
 use crate::config::Config;
+use crate::intake::{intake, Check, Delivery};
 use crate::machine::MState;
 use crate::pipeline::{self, Ctx, Incoming, Raw};
 use crate::rules::RuleSet;
 use crate::store::sqlite::{Options, SqliteStore};
 use crate::store::Store;
-use crate::verify::Scheme;
 use anyhow::{bail, Context as _, Result};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
@@ -363,15 +363,18 @@ pub async fn simulate_json(
 ) -> Result<serde_json::Value> {
     let SimulateInput { provider, tenant, headers, now, state, body, content_type } = input;
     let (provider, tenant, content_type) = (provider.as_str(), tenant.as_str(), content_type.as_str());
-    let extractor = config
-        .extractors
-        .get(provider)
-        .with_context(|| format!("no provider `{provider}` in rules/providers"))?
-        .clone();
-    let decoded = extractor.decode(&body, Some(content_type)).context("Failed to decode the payload")?;
-    // As ingest does: a secret carried in the body is redacted before hashing and storing.
-    let body = Scheme::compile(&extractor.spec.verify).redact(&body);
-    let extracted = extractor.extract(tenant, &decoded, &body, &headers, now.unwrap_or_else(Utc::now));
+    if !config.extractors.contains_key(provider) {
+        anyhow::bail!("no provider `{provider}` in rules/providers");
+    }
+    let mut with_type = headers.clone();
+    if !with_type.iter().any(|(k, _)| k == "content-type") {
+        with_type.push(("content-type".into(), content_type.into()));
+    }
+    let received_at = now.unwrap_or_else(Utc::now);
+    let delivery = Delivery { tenant, provider, headers: &with_type, body: &body, received_at };
+    // As ingest takes it in (a secret carried in the body redacted), without the signature.
+    let taken = intake(&config, &delivery, Check::Trusted).context("Failed to decode the payload")?;
+    let (body, extracted) = (taken.body, taken.extracted);
     let at = now.unwrap_or_else(|| match &extracted {
         Ok(x) => x.event.occurred_at,
         Err(f) => f.occurred_at.unwrap_or_else(Utc::now),
@@ -381,10 +384,7 @@ pub async fn simulate_json(
         let seed_config = config.clone();
         store.write(move |tx| pipeline::seed_membership(tx, &seed_config, &ev, state)).await?;
     }
-    let incoming = match extracted {
-        Ok(x) => Incoming::Extracted(Box::new(x)),
-        Err(failure) => Incoming::Unreadable { provider: provider.to_string(), tenant: tenant.to_string(), failure },
-    };
+    let incoming = Incoming::of(tenant, provider, extracted);
     let ctx = Arc::new(Ctx::new(config, rules, store, Arc::new(FixedClock::new(at))));
     let raw = Raw { body, headers, source: Source::Simulate, delivery: false };
     let ack = pipeline::process(&ctx, incoming, raw).await?;
@@ -446,8 +446,8 @@ async fn simulate(args: SimulateArgs) -> Result<ExitCode> {
 
 async fn send(config_path: &Path, provider: &str, tenant: &str, url: Option<String>, file: &Path) -> Result<ExitCode> {
     let config = load_config(config_path)?;
-    let extractor =
-        config.extractors.get(provider).with_context(|| format!("no provider `{provider}` in rules/providers"))?;
+    let verifier =
+        config.verifiers.get(provider).with_context(|| format!("no provider `{provider}` in rules/providers"))?;
     let secret = config
         .tenants
         .get(tenant)
@@ -459,7 +459,7 @@ async fn send(config_path: &Path, provider: &str, tenant: &str, url: Option<Stri
     let body =
         expand_time(&body, now.timestamp()).with_context(|| format!("Failed to expand times in {}", file.display()))?;
     let url = url.unwrap_or_else(|| format!("http://{}/webhooks/{tenant}/{provider}", config.listen));
-    let scheme = Scheme::compile(&extractor.spec.verify);
+    let scheme = &verifier.scheme;
     let body = scheme.prepare_body(&secret, &body);
     let signed = scheme.sign(&secret, &body, now);
     let mut req = reqwest::Client::new().post(&url).header("content-type", content_type_for(file)).body(body);

@@ -216,6 +216,8 @@ pub struct Config {
     pub startup_check: std::time::Duration,
     pub tenants: BTreeMap<String, Tenant>,
     pub extractors: BTreeMap<String, Extractor>,
+    /// Provider → its verification, compiled from the same file.
+    pub verifiers: BTreeMap<String, crate::verify::Verifier>,
     pub reconcile: ReconcileSettings,
     /// Provider → API root from `<PROVIDER>_API_BASE` (overrides the YAML's `api_base`).
     pub api_bases: BTreeMap<String, String>,
@@ -316,6 +318,10 @@ impl Config {
             api_bases: extractors
                 .keys()
                 .filter_map(|p| env(&format!("{}_API_BASE", p.to_ascii_uppercase())).map(|b| (p.clone(), b)))
+                .collect(),
+            verifiers: extractors
+                .iter()
+                .map(|(p, x)| (p.clone(), crate::verify::Verifier::compile(&x.spec.verify, &x.spec.verify_also)))
                 .collect(),
             extractors,
         })

@@ -1,11 +1,11 @@
-//! Ingest: `POST /webhooks/{tenant}/{provider}` → size limit → verify → decode → extract
-//! → `pipeline::process`, answered only once the event is durable. `HEAD`/`GET` on the same
+//! Ingest: `POST /webhooks/{tenant}/{provider}` → size limit → intake (verify → redact →
+//! decode → extract) → `pipeline::process`, answered only once the event is durable. `HEAD`/`GET` on the same
 //! URL answer 200 (providers probe the URL when it is added). Never logs a secret.
 
 use crate::canonical::Source;
 use crate::http_error::ApiError;
+use crate::intake::{self, intake, Check, Delivery};
 use crate::pipeline::{self, Ack, Ctx, Incoming, Raw};
-use crate::verify::Scheme;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -81,50 +81,29 @@ pub async fn accept(
 ) -> Result<Ack, ApiError> {
     let config = ctx.config();
     let tp = target(&config, tenant, provider)?;
-    let extractor = &config.extractors[provider];
-    let now = ctx.clock.now();
-    let scheme = Scheme::compile(&extractor.spec.verify);
-    if body.iter().all(u8::is_ascii_whitespace) && scheme.empty_body_is_probe() {
+    if body.iter().all(u8::is_ascii_whitespace) && config.verifiers[provider].scheme.empty_body_is_probe() {
         tracing::info!(%tenant, %provider, "Empty POST answered as a URL check; nothing stored.");
         let outcome = pipeline::Outcome::probe();
         return Ok(Ack { event_id: String::new(), status: outcome.status, outcome });
     }
-    let verified = match scheme.verify(tp.secret.as_ref(), &headers, &body, now) {
-        Err(first @ crate::verify::Error::MissingHeader(_)) => {
-            // A legacy signing the provider file opts into, tried only when the primary
-            // scheme's header is absent.
-            let mut result = Err(first);
-            for alt in &extractor.spec.verify_also {
-                result = Scheme::compile(alt).verify(tp.secret.as_ref(), &headers, &body, now);
-                if result.is_ok() {
-                    break;
-                }
-            }
-            result
+    let delivery = Delivery { tenant, provider, headers: &headers, body: &body, received_at: ctx.clock.now() };
+    let taken = intake(&config, &delivery, Check::Signature(tp.secret.as_ref())).map_err(|e| match e {
+        intake::Error::Unverified(e) => {
+            tracing::warn!(%tenant, %provider, reason = %e, "Signature did not verify.");
+            ApiError::Unauthorized(e.to_string())
         }
-        other => other,
-    };
-    verified.map_err(|e| {
-        tracing::warn!(%tenant, %provider, reason = %e, "Signature did not verify.");
-        ApiError::Unauthorized(e.to_string())
-    })?;
-    // A secret carried in the body never reaches storage, nor a body hash shown as an id.
-    let stored_body = scheme.redact(&body);
-    let content_type = headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_str());
-    let decoded = extractor.decode_captured(&body, content_type).map_err(|e| {
-        tracing::warn!(%tenant, %provider, error = %e, "Webhook body could not be decoded.");
-        ApiError::BadRequest(e.to_string())
-    })?;
-    let incoming = match extractor.extract(tenant, &decoded, &stored_body, &headers, now) {
-        Ok(x) => Incoming::Extracted(Box::new(x)),
-        Err(failure) => {
-            tracing::warn!(%tenant, %provider, event_id = %failure.event_id, error = %failure.error, "Webhook fields could not be read; storing it as failed.");
-            Incoming::Unreadable { provider: provider.to_string(), tenant: tenant.to_string(), failure }
+        e => {
+            tracing::warn!(%tenant, %provider, error = %e, "Webhook body could not be decoded.");
+            ApiError::BadRequest(e.to_string())
         }
-    };
+    })?;
+    if let Err(failure) = &taken.extracted {
+        tracing::warn!(%tenant, %provider, event_id = %failure.event_id, error = %failure.error, "Webhook fields could not be read; storing it as failed.");
+    }
+    let incoming = Incoming::of(tenant, provider, taken.extracted);
     let stored: Vec<(String, String)> =
         headers.into_iter().filter(|(k, _)| !UNSTORED_HEADERS.contains(&k.as_str())).collect();
-    let raw = Raw { body: stored_body, headers: stored, source: Source::Webhook, delivery: true };
+    let raw = Raw { body: taken.body, headers: stored, source: Source::Webhook, delivery: true };
     pipeline::process(ctx, incoming, raw).await.map_err(|e| {
         tracing::error!(%tenant, %provider, error = %e, "Webhook could not be stored; the provider will retry.");
         ApiError::from(e)

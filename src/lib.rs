@@ -44,6 +44,7 @@ pub mod explain;
 pub mod extract;
 pub mod http_error;
 pub mod ingest;
+pub mod intake;
 pub mod logging;
 pub mod machine;
 pub mod pipeline;

@@ -6,10 +6,10 @@
 
 use crate::clock::{Clock, FixedClock};
 use crate::config::Config;
+use crate::intake::{intake, Check, Delivery};
 use crate::pipeline::{Ctx, Loaded};
 use crate::store::sqlite::{Options, SqliteStore};
 use crate::store::Store;
-use crate::verify::Scheme;
 use chrono::{DateTime, TimeZone, Utc};
 use serde::Deserialize;
 use serde_json::Value;
@@ -95,14 +95,14 @@ pub fn signed_request(
 ) -> Result<(Headers, Vec<u8>), String> {
     let (body, content_type, extra) =
         load_fixture(dir, file).map_err(|e| format!("{}: {e}", dir.join(file).display()))?;
-    let x = config.extractors.get(provider).ok_or(format!("no provider `{provider}`"))?;
+    let verifier = config.verifiers.get(provider).ok_or(format!("no provider `{provider}`"))?;
     let secret = config
         .tenants
         .get(tenant)
         .and_then(|t| t.providers.get(provider))
         .and_then(|p| p.secret.clone())
         .ok_or(format!("tenant `{tenant}` has no secret for `{provider}`"))?;
-    let scheme = Scheme::compile(&x.spec.verify);
+    let scheme = &verifier.scheme;
     let body = scheme.prepare_body(&secret, &body);
     let id = extra.iter().find(|(k, _)| k == "webhook-id" || k == "svix-id").map(|(_, v)| v.clone());
     let mut headers = extra;
@@ -117,10 +117,11 @@ pub fn event_time(config: &Config, provider: &str, dir: &Path, file: &str) -> Op
     if let Some(t) = fixture_now(dir, file) {
         return Some(t);
     }
-    let (body, content_type, headers) = load_fixture(dir, file).ok()?;
-    let x = config.extractors.get(provider)?;
-    let decoded = x.decode(&body, Some(content_type)).ok()?;
-    x.extract("t", &decoded, &body, &headers, Utc.timestamp_opt(0, 0).single()?).ok().map(|e| e.event.occurred_at)
+    let (body, content_type, mut headers) = load_fixture(dir, file).ok()?;
+    headers.push(("content-type".into(), content_type.into()));
+    let received_at = Utc.timestamp_opt(0, 0).single()?;
+    let delivery = Delivery { tenant: "t", provider, headers: &headers, body: &body, received_at };
+    intake(config, &delivery, Check::Trusted).ok()?.extracted.ok().map(|x| x.event.occurred_at)
 }
 
 /// One failed expectation.

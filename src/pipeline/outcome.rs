@@ -103,6 +103,18 @@ pub enum Incoming {
     Timer(TimerRow),
 }
 
+impl Incoming {
+    /// A delivery taken in: its event, or a dead letter when its fields could not be read.
+    pub fn of(tenant: &str, provider: &str, extracted: Result<Extraction, Box<Failure>>) -> Incoming {
+        match extracted {
+            Ok(x) => Incoming::Extracted(Box::new(x)),
+            Err(failure) => {
+                Incoming::Unreadable { provider: provider.to_string(), tenant: tenant.to_string(), failure }
+            }
+        }
+    }
+}
+
 /// The raw request kept with the event.
 pub struct Raw {
     pub body: Vec<u8>,

@@ -10,6 +10,7 @@ use super::outcome::{Incoming, Raw};
 use crate::canonical::Source;
 use crate::config::Config;
 use crate::extract::Failure;
+use crate::intake::{intake, Check, Delivery};
 use crate::store::{self, EventRow, MemberRow, MembershipRow, Tx};
 
 /// Whether the parked event `e` waits for `ms`, which now exists: it waits for its key, or
@@ -34,9 +35,8 @@ pub(super) fn waits_for(tx: &mut dyn Tx, e: &EventRow, ms: &MembershipRow, mem: 
 /// decoded and extracted from its raw body under the current provider YAML, keeping its
 /// idempotency key. `None` if its provider has no YAML any more.
 pub fn incoming_from_row(config: &Config, e: &EventRow) -> Option<(Incoming, Raw)> {
-    let x = config.extractors.get(&e.provider)?;
+    config.extractors.get(&e.provider)?;
     let headers: Vec<(String, String)> = serde_json::from_str(e.headers.get()).unwrap_or_default();
-    let content_type = headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_str());
     let raw = Raw { body: e.raw.clone(), headers: headers.clone(), source: Source::Replay, delivery: false };
     let unreadable = |error: String| Incoming::Unreadable {
         provider: e.provider.clone(),
@@ -49,9 +49,16 @@ pub fn incoming_from_row(config: &Config, e: &EventRow) -> Option<(Incoming, Raw
             error: crate::extract::Error(error),
         }),
     };
-    let incoming = match x.decode_captured(&e.raw, content_type) {
+    let delivery = Delivery {
+        tenant: &e.tenant,
+        provider: &e.provider,
+        headers: &headers,
+        body: &e.raw,
+        received_at: e.received_at,
+    };
+    let incoming = match intake(config, &delivery, Check::Trusted) {
         Err(err) => unreadable(err.to_string()),
-        Ok(decoded) => match x.extract(&e.tenant, &decoded, &e.raw, &headers, e.received_at) {
+        Ok(taken) => match taken.extracted {
             Ok(mut ex) => {
                 ex.idempotency_key = e.idempotency_key.clone();
                 Incoming::Extracted(Box::new(ex))

@@ -34,6 +34,43 @@ pub enum Error {
     BadSecret(String),
 }
 
+/// A provider's verification, compiled once at load: its scheme, and the legacy schemes its
+/// file also accepts (`verify_also`), tried only when the primary scheme's header is absent.
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    pub scheme: Scheme,
+    also: Vec<Scheme>,
+}
+
+impl Verifier {
+    pub fn compile(spec: &VerifySpec, also: &[VerifySpec]) -> Verifier {
+        Verifier { scheme: Scheme::compile(spec), also: also.iter().map(Scheme::compile).collect() }
+    }
+
+    /// Checks a delivery with the primary scheme, then (its header absent) each legacy one.
+    pub fn verify(
+        &self,
+        secret: Option<&Secret>,
+        headers: &[(String, String)],
+        body: &[u8],
+        now: DateTime<Utc>,
+    ) -> Result<(), Error> {
+        match self.scheme.verify(secret, headers, body, now) {
+            Err(first @ Error::MissingHeader(_)) => {
+                let mut result = Err(first);
+                for alt in &self.also {
+                    result = alt.verify(secret, headers, body, now);
+                    if result.is_ok() {
+                        break;
+                    }
+                }
+                result
+            }
+            other => other,
+        }
+    }
+}
+
 /// A compiled verification scheme.
 #[derive(Debug, Clone)]
 pub struct Scheme {
