@@ -358,20 +358,14 @@ pub async fn rules(token: AdminToken, State(state): State<AppState>) -> Result<J
 
 /// `POST /admin/reload`: reload now; 200 with the new version, or 422 with every problem
 /// (the previous rules stay in force).
-pub async fn reload(token: AdminToken, State(state): State<AppState>) -> (axum::http::StatusCode, Json<Value>) {
-    if token.require_global().is_err() {
-        return (axum::http::StatusCode::FORBIDDEN, Json(json!({ "error": "this token may not do that" })));
-    }
+pub async fn reload(token: AdminToken, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    token.require_global()?;
     match state.reload("admin") {
-        Ok(version) => (axum::http::StatusCode::OK, Json(json!({ "ok": true, "version": version }))),
-        Err(errors) => (
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            Json(json!({
-                "ok": false,
-                "version": state.ctx.rules().version,
-                "errors": errors.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
-            })),
-        ),
+        Ok(version) => Ok(Json(json!({ "ok": true, "version": version }))),
+        Err(errors) => Err(ApiError::ReloadRefused {
+            version: state.ctx.rules().version.clone(),
+            errors: errors.iter().map(|d| d.to_string()).collect(),
+        }),
     }
 }
 
@@ -381,7 +375,7 @@ pub async fn replay_event(
     token: AdminToken,
     State(ctx): State<Arc<Ctx>>,
     Path(id): Path<String>,
-) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
+) -> Result<Json<Value>, ApiError> {
     let store = ctx.store.clone();
     let mut rows = blocking(move || store.events_by_event_id(&id)).await?;
     rows.retain(|e| token.allows(&e.tenant));
@@ -390,15 +384,10 @@ pub async fn replay_event(
         return Err(ApiError::NotFound);
     };
     match crate::replay::replay_one(&ctx, e).await {
-        Ok(ack) => Ok((
-            axum::http::StatusCode::OK,
-            Json(json!({
-                "event_id": ack.event_id, "was": e.status, "status": ack.status, "reason": ack.outcome.reason,
-            })),
-        )),
-        Err(err @ crate::replay::Error::NotReplayable(..)) => {
-            Ok((axum::http::StatusCode::CONFLICT, Json(json!({ "error": err.to_string() }))))
-        }
+        Ok(ack) => Ok(Json(json!({
+            "event_id": ack.event_id, "was": e.status, "status": ack.status, "reason": ack.outcome.reason,
+        }))),
+        Err(err @ crate::replay::Error::NotReplayable(..)) => Err(ApiError::Conflict(err.to_string())),
         Err(crate::replay::Error::Store(err)) => Err(err.into()),
         Err(other) => Err(ApiError::Internal(other.to_string())),
     }

@@ -31,15 +31,12 @@ pub fn router(state: AppState) -> Router {
 
 /// `GET /healthz`: 200 `{"status": "ok"}`, or 503 `{"status": "failed", "error"}` once
 /// the store has hit an I/O error (it then takes no writes; restart it).
-async fn healthz(axum::extract::State(ctx): axum::extract::State<Arc<Ctx>>) -> axum::response::Response {
-    use axum::response::IntoResponse;
+async fn healthz(
+    axum::extract::State(ctx): axum::extract::State<Arc<Ctx>>,
+) -> Result<axum::Json<serde_json::Value>, crate::http_error::ApiError> {
     match ctx.store.health() {
-        Ok(()) => axum::Json(serde_json::json!({"status": "ok"})).into_response(),
-        Err(e) => (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({"status": "failed", "error": e.to_string()})),
-        )
-            .into_response(),
+        Ok(()) => Ok(axum::Json(serde_json::json!({"status": "ok"}))),
+        Err(e) => Err(crate::http_error::ApiError::Unhealthy(e.to_string())),
     }
 }
 

@@ -30,9 +30,18 @@ pub enum ApiError {
     /// 403: a tenant's admin token on an endpoint for every tenant.
     #[error("this token may not do that")]
     Forbidden,
+    /// 409: the request conflicts with what is stored (an event that may not run again).
+    #[error("{0}")]
+    Conflict(String),
+    /// 422: a reload found problems in the files; the rules in force stay.
+    #[error("reload refused: {} problem(s) in the files", .errors.len())]
+    ReloadRefused { version: String, errors: Vec<String> },
     /// 503 with Retry-After: the write queue is full.
     #[error("busy, retry later")]
     Busy,
+    /// 503: the store hit an I/O error and takes no writes (`/healthz`; restart it).
+    #[error("{0}")]
+    Unhealthy(String),
     /// 500: anything else (logged, not shown).
     #[error("internal error")]
     Internal(String),
@@ -45,8 +54,10 @@ impl ApiError {
             ApiError::Unauthorized(_) | ApiError::AdminUnauthorized => StatusCode::UNAUTHORIZED,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Busy | ApiError::Unhealthy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::ReloadRefused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -71,7 +82,15 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let mut resp = (status, Json(json!({ "error": message }))).into_response();
+        let body = match &self {
+            // What was wrong, every problem, and the version still in force.
+            ApiError::ReloadRefused { version, errors } => {
+                json!({ "error": message, "ok": false, "version": version, "errors": errors })
+            }
+            ApiError::Unhealthy(_) => json!({ "status": "failed", "error": message }),
+            _ => json!({ "error": message }),
+        };
+        let mut resp = (status, Json(body)).into_response();
         if matches!(self, ApiError::Busy) {
             resp.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
         }
