@@ -310,27 +310,13 @@ pub async fn leads(token: AdminToken, State(ctx): State<Arc<Ctx>>) -> Result<Jso
     Ok(Json(json!({ "leads": rows })))
 }
 
-/// `GET /metrics`: Prometheus text.
-pub async fn metrics(State(state): State<AppState>) -> Result<String, ApiError> {
-    let ctx = &state.ctx;
-    let store = ctx.store.clone();
-    let counts = blocking(move || store.event_counts()).await?;
-    let mut out = String::from(
-        "# HELP membersync_events_total Stored events by outcome.\n# TYPE membersync_events_total gauge\n",
-    );
-    for (status, n) in counts {
-        out.push_str(&format!("membersync_events_total{{status=\"{status}\"}} {n}\n"));
-    }
-    let store = ctx.store.clone();
-    let sync = blocking(move || store.sync_status_counts()).await?;
-    out.push_str(
-        "# HELP membersync_memberships_by_sync_status Memberships by reconciliation status.\n# TYPE membersync_memberships_by_sync_status gauge\n",
-    );
-    for (status, n) in sync {
-        out.push_str(&format!("membersync_memberships_by_sync_status{{status=\"{status}\"}} {n}\n"));
-    }
-    out.push_str(&state.reconcile.stats().render());
-    Ok(out)
+/// `GET /metrics`: OpenMetrics text (see `metrics`).
+pub async fn metrics(State(state): State<AppState>) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let store = state.ctx.store.clone();
+    let (events, sync) = blocking(move || Ok((store.event_counts()?, store.sync_status_counts()?))).await?;
+    let text = state.metrics.render(&events, &sync);
+    Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
 /// `GET /admin/rules`: the rule set in force and the last reload attempt.

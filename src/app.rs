@@ -26,7 +26,33 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/reload", axum::routing::post(admin::reload))
         .route("/metrics", get(admin::metrics))
         .route("/healthz", get(healthz))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), measure))
         .with_state(state)
+}
+
+/// Times every request to a known route and counts its answer (see `metrics`). A webhook is
+/// labelled with its provider when the config knows it, `unknown` otherwise.
+async fn measure(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    matched: Option<axum::extract::MatchedPath>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = matched.map(|m| m.as_str().to_string()).unwrap_or_default();
+    let provider = if route.starts_with("/webhooks/") {
+        let named = req.uri().path().rsplit('/').next().unwrap_or_default();
+        if state.ctx.config().extractors.contains_key(named) {
+            named.to_string()
+        } else {
+            "unknown".to_string()
+        }
+    } else {
+        String::new()
+    };
+    let start = std::time::Instant::now();
+    let resp = next.run(req).await;
+    state.metrics.observe(&route, &provider, resp.status().as_u16(), start.elapsed());
+    resp
 }
 
 /// `GET /healthz`: 200 `{"status": "ok"}`, or 503 `{"status": "failed", "error"}` once

@@ -47,6 +47,7 @@ pub mod ingest;
 pub mod intake;
 pub mod logging;
 pub mod machine;
+pub mod metrics;
 pub mod pipeline;
 pub mod reconcile;
 pub mod reload;

@@ -1,6 +1,6 @@
 //! The running service's state, above the pipeline: the pipeline's context (store, clock,
-//! the config and rules in force), the outcome of the last reload, and reconciliation (the
-//! reconciler in force and its counters). The HTTP handlers, the reload triggers and the
+//! the config and rules in force), the outcome of the last reload, reconciliation (the
+//! reconciler in force and its counters) and the metrics. The HTTP handlers, the reload triggers and the
 //! reconcile schedule share one `AppState`; what drives the pipeline lives here, so
 //! the pipeline never imports the layers that call it.
 //!
@@ -9,6 +9,7 @@
 //! that keep their own compiled form of it.
 
 use crate::diagnostic::Diagnostic;
+use crate::metrics::Metrics;
 use crate::pipeline::Ctx;
 use crate::reconcile::Reconciliation;
 use chrono::{DateTime, Utc};
@@ -33,13 +34,16 @@ pub struct AppState {
     pub ctx: Arc<Ctx>,
     /// The reconciler in force and the reconcile counters.
     pub reconcile: Arc<Reconciliation>,
+    /// What `/metrics` shows.
+    pub metrics: Arc<Metrics>,
     reload_status: Arc<Mutex<ReloadStatus>>,
 }
 
 impl AppState {
     pub fn new(ctx: Arc<Ctx>) -> AppState {
         let reconcile = Arc::new(Reconciliation::new(&ctx.config()));
-        AppState { ctx, reconcile, reload_status: Arc::default() }
+        let metrics = Arc::new(Metrics::new(reconcile.stats()));
+        AppState { ctx, reconcile, metrics, reload_status: Arc::default() }
     }
 
     /// Reloads config and rules (see `reload::reload`), records the outcome for

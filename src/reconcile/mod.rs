@@ -25,18 +25,18 @@ use crate::store::{MembershipRow, SyncRecord};
 use chrono::{DateTime, SecondsFormat, Utc};
 use fetch::{Limiter, Request};
 use plan::{fill, fill_json, fill_with, Plan, Vars};
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// Counters for `/metrics` (since the process started).
+/// Reconciliation's counters for `/metrics` (since the process started).
 #[derive(Debug, Default)]
 pub struct Stats {
-    pub in_sync: AtomicU64,
-    pub drift_corrected: AtomicU64,
-    pub drift_unresolved: AtomicU64,
-    pub errors: AtomicU64,
+    in_sync: Counter,
+    drift_corrected: Counter,
+    drift_unresolved: Counter,
+    errors: Counter,
 }
 
 impl Stats {
@@ -48,30 +48,27 @@ impl Stats {
             SyncStatus::ProviderUnreachable => &self.errors,
             SyncStatus::Skipped | SyncStatus::Failed => return,
         };
-        c.fetch_add(1, Ordering::Relaxed);
+        c.inc();
     }
 
-    /// Prometheus text for these counters.
-    pub fn render(&self) -> String {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        format!(
-            "# HELP membersync_reconcile_drift_total Differences found by reconciliation and corrected through the rules.\n\
-             # TYPE membersync_reconcile_drift_total counter\n\
-             membersync_reconcile_drift_total {}\n\
-             # HELP membersync_reconcile_drift_unresolved_total Differences the rules did not resolve (refused, ignored, stale).\n\
-             # TYPE membersync_reconcile_drift_unresolved_total counter\n\
-             membersync_reconcile_drift_unresolved_total {}\n\
-             # HELP membersync_reconcile_in_sync_total Comparisons that found no difference.\n\
-             # TYPE membersync_reconcile_in_sync_total counter\n\
-             membersync_reconcile_in_sync_total {}\n\
-             # HELP membersync_reconcile_errors_total Provider requests that failed (5xx, timeout, bad answer).\n\
-             # TYPE membersync_reconcile_errors_total counter\n\
-             membersync_reconcile_errors_total {}\n",
-            g(&self.drift_corrected),
-            g(&self.drift_unresolved),
-            g(&self.in_sync),
-            g(&self.errors)
-        )
+    /// Adds these counters to `/metrics` (each name gains `_total`).
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "membersync_reconcile_drift",
+            "Differences found by reconciliation and corrected through the rules",
+            self.drift_corrected.clone(),
+        );
+        registry.register(
+            "membersync_reconcile_drift_unresolved",
+            "Differences the rules did not resolve (refused, ignored, stale)",
+            self.drift_unresolved.clone(),
+        );
+        registry.register("membersync_reconcile_in_sync", "Comparisons that found no difference", self.in_sync.clone());
+        registry.register(
+            "membersync_reconcile_errors",
+            "Provider requests that failed (5xx, timeout, bad answer)",
+            self.errors.clone(),
+        );
     }
 }
 

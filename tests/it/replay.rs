@@ -195,7 +195,7 @@ async fn a_dead_letter_replayed_many_times_applies_once() {
     assert_eq!(rows[0].status, "replayed");
     let metrics = s.get_text("/metrics").await;
     assert!(!metrics.contains("status=\"failed\""), "{metrics}");
-    assert!(metrics.contains("membersync_events_total{status=\"replayed\"} 1"), "{metrics}");
+    assert!(metrics.contains("membersync_events_stored{status=\"replayed\"} 1"), "{metrics}");
     s.stop().await;
 }
 

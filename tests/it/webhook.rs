@@ -76,6 +76,28 @@ async fn webhook_answers_each_bad_input_with_its_status() {
     assert_eq!((status, ack["status"].as_str()), (200, Some("ignored")));
     let (_, ignored) = s.get("/events?status=ignored", Some(TOKEN)).await;
     assert_eq!(ignored["events"].as_array().unwrap().len(), 1);
+
+    // /metrics counts each of them: per route, provider and status, the signature
+    // failures per provider, and their latency; an unknown provider is `unknown`.
+    let m = s.get_text("/metrics").await;
+    let route = r#"route="/webhooks/{tenant}/{provider}""#;
+    for line in [
+        r#"membersync_webhook_verification_failures_total{provider="stripe"} 3"#.to_string(),
+        format!(r#"membersync_http_requests_total{{{route},provider="stripe",status="401"}} 3"#),
+        format!(r#"membersync_http_requests_total{{{route},provider="stripe",status="200"}} 3"#),
+        format!(r#"membersync_http_requests_total{{{route},provider="stripe",status="404"}} 1"#),
+        format!(r#"membersync_http_requests_total{{{route},provider="unknown",status="404"}} 1"#),
+        format!(r#"membersync_http_request_duration_seconds_count{{{route},provider="stripe"}} 9"#),
+        r#"membersync_http_requests_total{route="/events",provider="",status="200"} 1"#.to_string(),
+        format!("membersync_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION")),
+        r#"membersync_events_stored{status="ignored"} 1"#.to_string(),
+        "# TYPE membersync_http_requests counter".to_string(),
+        "# TYPE membersync_events_stored gauge".to_string(),
+        "# TYPE membersync_http_request_duration_seconds histogram".to_string(),
+    ] {
+        assert!(m.lines().any(|l| l == line), "no line `{line}` in\n{m}");
+    }
+    assert!(!m.contains("membersync_events_total"), "a gauge named like a counter: {m}");
     s.stop().await;
 }
 
