@@ -4,15 +4,12 @@
 use crate::http_error::ApiError;
 use crate::pipeline::Ctx;
 use crate::state::AppState;
-use crate::store::{EventRow, MemberDetail, MembershipRow};
+use crate::views::{activity_json, event_json, member_json, rfc};
 use axum::extract::{FromRef, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::Json;
-use base64::Engine as _;
-use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
@@ -71,100 +68,6 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> crate::store::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(e.to_string()))?.map_err(ApiError::from)
-}
-
-fn rfc(t: Option<DateTime<Utc>>) -> Value {
-    t.map(|t| Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))).unwrap_or(Value::Null)
-}
-
-/// One membership as the API shows it.
-pub fn membership_json(m: &MembershipRow, now: DateTime<Utc>, timers: &[crate::store::TimerRow]) -> Value {
-    let has_access = m.has_access(now);
-    json!({
-        "id": m.id,
-        "provider": m.provider,
-        "subscription_id": m.subscription_id,
-        "product_id": m.product_id,
-        "plan_id": m.plan_id,
-        "provider_status": m.status,
-        "state": m.state,
-        "has_access": has_access,
-        "access_levels": if has_access { m.access_levels.clone() } else { vec![] },
-        "period_end": rfc(m.period_end),
-        "grace_until": rfc(m.grace_until),
-        "access_until": rfc(m.access_until),
-        "cancel_at_period_end": m.cancel_at_period_end,
-        "last_event_at": rfc(m.last_event_at),
-        "last_event_id": m.last_event_id,
-        "last_reconciled_at": rfc(m.last_reconciled_at),
-        "sync_status": m.sync_status,
-        "flags": m.flags,
-        "timers": timers.iter().filter(|t| t.membership_id == m.id)
-            .map(|t| json!({"name": t.name, "due_at": rfc(Some(t.due_at)), "set_by_event": t.set_by_event}))
-            .collect::<Vec<_>>(),
-    })
-}
-
-/// The reconciliation detail next to `sync_status`: what the last comparison found, the
-/// last drift corrected (what and when), the last provider error (what and when), and the
-/// last webhook and last attempt times.
-fn add_sync_json(j: &mut Value, s: Option<&crate::store::SyncRow>) {
-    let d = crate::store::SyncRow::default();
-    let s = s.unwrap_or(&d);
-    if let Value::Object(o) = j {
-        o.insert("last_webhook_at".into(), rfc(s.last_webhook_at));
-        o.insert("last_reconcile_attempt_at".into(), rfc(s.attempted_at));
-        o.insert("sync_detail".into(), json!(s.detail));
-        o.insert("last_drift".into(), json!({ "at": rfc(s.drift_at), "what": s.drift }));
-        o.insert("last_error".into(), json!({ "at": rfc(s.last_error_at), "error": s.last_error }));
-    }
-}
-
-/// One activity-log line: the event, its outcome, the rule and transition, its source.
-pub fn activity_json(e: &EventRow) -> Value {
-    activity_json_with(e, &crate::store::json_of(&e.outcome))
-}
-
-/// `activity_json` with the event's outcome already parsed (`o`).
-pub fn activity_json_with(e: &EventRow, o: &Value) -> Value {
-    json!({
-        "event_id": e.event_id,
-        "provider": e.provider,
-        "event_type": e.event_type,
-        "kind": e.kind,
-        "source": e.source,
-        "status": e.status,
-        "reason": e.reason,
-        "occurred_at": rfc(e.occurred_at),
-        "received_at": rfc(Some(e.received_at)),
-        "membership_id": e.membership_id,
-        "from": o.get("from").cloned().unwrap_or(Value::Null),
-        "to": o.get("to").cloned().unwrap_or(Value::Null),
-        "input": o.get("input").cloned().unwrap_or(Value::Null),
-        "rule": o.get("rule").cloned().unwrap_or(Value::Null),
-        "effects": o.get("effects").cloned().unwrap_or(Value::Null),
-    })
-}
-
-/// The member JSON of DESIGN.md.
-pub fn member_json(d: &MemberDetail, now: DateTime<Utc>) -> Value {
-    let levels: BTreeSet<String> =
-        d.memberships.iter().filter(|m| m.has_access(now)).flat_map(|m| m.access_levels.iter().cloned()).collect();
-    json!({
-        "id": d.member.id,
-        "tenant": d.member.tenant,
-        "email": d.member.email,
-        "name": d.member.name,
-        "has_access": !levels.is_empty() || d.memberships.iter().any(|m| m.has_access(now)),
-        "access_levels": levels,
-        "flags": d.member.flags,
-        "memberships": d.memberships.iter().map(|m| {
-            let mut j = membership_json(m, now, &d.timers);
-            add_sync_json(&mut j, d.sync.iter().find(|s| s.membership_id == m.id));
-            j
-        }).collect::<Vec<_>>(),
-        "recent_events": d.recent_events.iter().map(activity_json).collect::<Vec<_>>(),
-    })
 }
 
 /// `GET /members/{id}`.
@@ -256,36 +159,6 @@ pub async fn events(
 }
 
 /// The full stored event: raw body, canonical event, outcome, rule and transition.
-pub fn event_json(e: &EventRow) -> Value {
-    let raw = match std::str::from_utf8(&e.raw) {
-        Ok(s) => json!({ "encoding": "utf-8", "body": s }),
-        Err(_) => {
-            json!({ "encoding": "base64", "body": base64::engine::general_purpose::STANDARD.encode(&e.raw) })
-        }
-    };
-    json!({
-        "seq": e.seq,
-        "tenant": e.tenant,
-        "provider": e.provider,
-        "event_id": e.event_id,
-        "idempotency_key": e.idempotency_key,
-        "event_type": e.event_type,
-        "kind": e.kind,
-        "source": e.source,
-        "status": e.status,
-        "reason": e.reason,
-        "received_at": rfc(Some(e.received_at)),
-        "occurred_at": rfc(e.occurred_at),
-        "member_id": e.member_id,
-        "membership_id": e.membership_id,
-        "raw": raw,
-        "headers": e.headers,
-        "canonical": e.canonical,
-        "outcome": e.outcome,
-        "deliveries": e.deliveries,
-    })
-}
-
 /// `GET /events/{event_id}`.
 pub async fn event(
     token: AdminToken,

@@ -1,18 +1,15 @@
 //! The command line: one function per command. `anyhow` lives here and in `main.rs` only.
 
-use crate::canonical::Source;
-use crate::clock::{Clock, FixedClock, SystemClock};
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
-use crate::intake::{intake, Check, Delivery};
 use crate::machine::MState;
-use crate::pipeline::{self, Ctx, Incoming, Raw};
+use crate::pipeline::Ctx;
 use crate::rules::RuleSet;
 use crate::store::sqlite::{Options, SqliteStore};
 use crate::store::Store;
 use anyhow::{bail, Context as _, Result};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
-use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -267,40 +264,6 @@ fn check(config_path: &Path, strict: bool) -> ExitCode {
     }
 }
 
-/// What `membersync reconcile` runs: one member's memberships, or one pass over all.
-pub async fn reconcile_summary(
-    ctx: &Arc<Ctx>,
-    reconciler: &Arc<crate::reconcile::Reconciler>,
-    member: Option<&str>,
-) -> Result<crate::reconcile::Summary> {
-    match member {
-        Some(id) => {
-            crate::reconcile::resync_member(ctx, reconciler, id).await.with_context(|| format!("no member `{id}`"))
-        }
-        None => Ok(crate::reconcile::schedule::run_pass(ctx, reconciler, ctx.clock.now()).await),
-    }
-}
-
-/// The summary as `membersync reconcile` prints it: a line per membership, then totals.
-pub fn render_summary(s: &crate::reconcile::Summary) -> String {
-    let mut out = String::new();
-    for r in &s.reports {
-        out.push_str(&format!(
-            "{} {} {} {}: {}\n",
-            r.member_id,
-            r.membership_id,
-            r.provider,
-            r.sync_status.as_str(),
-            r.detail
-        ));
-    }
-    out.push_str(&format!(
-        "checked {}: {} in sync, {} drift corrected, {} drift unresolved, {} provider unreachable, {} skipped, {} failed\n",
-        s.checked, s.in_sync, s.drift_corrected, s.drift_unresolved, s.provider_unreachable, s.skipped, s.failed
-    ));
-    out
-}
-
 async fn reconcile(
     config_path: &Path,
     database: Option<String>,
@@ -315,11 +278,13 @@ async fn reconcile(
     let store = open_store(&config, &config.database)?;
     let ctx = Arc::new(Ctx::new(config, rules, store, Arc::new(SystemClock)));
     let reconciler = Arc::new(crate::reconcile::Reconciler::new(&ctx.config(), Default::default()));
-    let summary = reconcile_summary(&ctx, &reconciler, member.as_deref()).await?;
+    let summary = crate::reconcile::schedule::run_now(&ctx, &reconciler, member.as_deref())
+        .await
+        .with_context(|| format!("no member `{}`", member.as_deref().unwrap_or_default()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        print!("{}", render_summary(&summary));
+        print!("{}", summary.render());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -342,72 +307,6 @@ fn content_type_for(file: &Path) -> &'static str {
     }
 }
 
-/// What `simulate` runs.
-pub struct SimulateInput {
-    pub provider: String,
-    pub tenant: String,
-    pub headers: Vec<(String, String)>,
-    pub now: Option<DateTime<Utc>>,
-    /// Seed the membership in this state first.
-    pub state: Option<MState>,
-    pub body: Vec<u8>,
-    pub content_type: String,
-}
-
-/// The JSON `simulate` prints for one payload.
-pub async fn simulate_json(
-    config: Config,
-    rules: RuleSet,
-    store: Arc<dyn Store>,
-    input: SimulateInput,
-) -> Result<serde_json::Value> {
-    let SimulateInput { provider, tenant, headers, now, state, body, content_type } = input;
-    let (provider, tenant, content_type) = (provider.as_str(), tenant.as_str(), content_type.as_str());
-    if !config.extractors.contains_key(provider) {
-        anyhow::bail!("no provider `{provider}` in rules/providers");
-    }
-    let mut with_type = headers.clone();
-    if !with_type.iter().any(|(k, _)| k == "content-type") {
-        with_type.push(("content-type".into(), content_type.into()));
-    }
-    let received_at = now.unwrap_or_else(Utc::now);
-    let delivery = Delivery { tenant, provider, headers: &with_type, body: &body, received_at };
-    // As ingest takes it in (a secret carried in the body redacted), without the signature.
-    let taken = intake(&config, &delivery, Check::Trusted).context("Failed to decode the payload")?;
-    let (body, extracted) = (taken.body, taken.extracted);
-    let at = now.unwrap_or_else(|| match &extracted {
-        Ok(x) => x.event.occurred_at,
-        Err(f) => f.occurred_at.unwrap_or_else(Utc::now),
-    });
-    let event = extracted.as_ref().ok().map(|x| x.event.clone());
-    if let (Some(state), Some(ev)) = (state, event.clone()) {
-        let seed_config = config.clone();
-        store.write(move |tx| pipeline::seed_membership(tx, &seed_config, &ev, state)).await?;
-    }
-    let incoming = Incoming::of(tenant, provider, extracted);
-    let ctx = Arc::new(Ctx::new(config, rules, store, Arc::new(FixedClock::new(at))));
-    let raw = Raw { body, headers, source: Source::Simulate, delivery: false };
-    let ack = pipeline::process(&ctx, incoming, raw).await?;
-    let o = ack.outcome;
-    let mut out = json!({
-        "event": event,
-        "outcome": {
-            "status": o.status,
-            "from": o.from,
-            "to": o.to,
-            "input": o.input,
-            "effects": o.effects,
-            "reason": o.reason,
-            "mapping": o.mapping,
-            "rule": o.rule,
-        }
-    });
-    if let Some(s) = state {
-        out["seeded_state"] = json!(s);
-    }
-    Ok(out)
-}
-
 async fn simulate(args: SimulateArgs) -> Result<ExitCode> {
     let SimulateArgs { provider, tenant, headers, now, apply, state, config: config_path, file } = args;
     let state = state
@@ -427,10 +326,10 @@ async fn simulate(args: SimulateArgs) -> Result<ExitCode> {
     let rules = load_rules(&config, now.unwrap_or_else(Utc::now))?;
     let body = std::fs::read(&file).with_context(|| format!("Failed to read {}", file.display()))?;
     // The examples' `${now…}` times, as `send` fills them: from `--now`, else the clock.
-    let body = expand_time(&body, now.unwrap_or_else(Utc::now).timestamp())
+    let body = crate::simulate::expand_time(&body, now.unwrap_or_else(Utc::now).timestamp())
         .with_context(|| format!("Failed to expand times in {}", file.display()))?;
     let store = if apply { open_store(&config, &config.database)? } else { open_store(&config, ":memory:")? };
-    let input = SimulateInput {
+    let input = crate::simulate::SimulateInput {
         headers: parse_headers(&headers)?,
         content_type: content_type_for(&file).to_string(),
         provider,
@@ -439,7 +338,7 @@ async fn simulate(args: SimulateArgs) -> Result<ExitCode> {
         state,
         body,
     };
-    let out = simulate_json(config, rules, store, input).await?;
+    let out = crate::simulate::simulate_json(config, rules, store, input).await?;
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(ExitCode::SUCCESS)
 }
@@ -456,8 +355,8 @@ async fn send(config_path: &Path, provider: &str, tenant: &str, url: Option<Stri
         .with_context(|| format!("tenant `{tenant}` has no secret for `{provider}`"))?;
     let body = std::fs::read(file).with_context(|| format!("Failed to read {}", file.display()))?;
     let now = SystemClock.now();
-    let body =
-        expand_time(&body, now.timestamp()).with_context(|| format!("Failed to expand times in {}", file.display()))?;
+    let body = crate::simulate::expand_time(&body, now.timestamp())
+        .with_context(|| format!("Failed to expand times in {}", file.display()))?;
     let url = url.unwrap_or_else(|| format!("http://{}/webhooks/{tenant}/{provider}", config.listen));
     let scheme = &verifier.scheme;
     let body = scheme.prepare_body(&secret, &body);
@@ -475,53 +374,6 @@ async fn send(config_path: &Path, provider: &str, tenant: &str, url: Option<Stri
     } else {
         bail!("the server answered {status}")
     }
-}
-
-/// Replaces `"${now}"`, `"${now+30d}"`, `"${now-90s}"` (units s, m, h, d; quoted or not)
-/// with unix seconds, so example payloads can describe a story that starts when sent.
-/// Bodies without placeholders pass through unchanged.
-pub fn expand_time(body: &[u8], now: i64) -> Result<Vec<u8>> {
-    let Ok(text) = std::str::from_utf8(body) else {
-        return Ok(body.to_vec());
-    };
-    if !text.contains("${now") {
-        return Ok(body.to_vec());
-    }
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find("${now") {
-        let quoted = rest[..i].ends_with('"');
-        out.push_str(&rest[..if quoted { i - 1 } else { i }]);
-        let after = &rest[i + 5..];
-        let close = after.find('}').context("unclosed ${now…} placeholder")?;
-        let spec = &after[..close];
-        let offset = if spec.is_empty() {
-            0
-        } else {
-            let (sign, num) = spec.split_at(1);
-            let (digits, unit) = num.split_at(num.len().saturating_sub(1));
-            let n: i64 = digits.parse().with_context(|| format!("bad placeholder ${{now{spec}}}"))?;
-            let secs = match unit {
-                "s" => n,
-                "m" => n * 60,
-                "h" => n * 3600,
-                "d" => n * 86_400,
-                _ => bail!("bad unit in ${{now{spec}}}: use s, m, h or d"),
-            };
-            match sign {
-                "+" => secs,
-                "-" => -secs,
-                _ => bail!("bad placeholder ${{now{spec}}}: use +N or -N"),
-            }
-        };
-        out.push_str(&(now + offset).to_string());
-        rest = &after[close + 1..];
-        if quoted && rest.starts_with('"') {
-            rest = &rest[1..];
-        }
-    }
-    out.push_str(rest);
-    Ok(out.into_bytes())
 }
 
 fn parse_time(s: &str, what: &str) -> Result<DateTime<Utc>> {
@@ -637,18 +489,4 @@ async fn test(config_path: &Path, dir: &Path) -> Result<ExitCode> {
     print!("{}", crate::scenario::render(&reports));
     let ok = reports.iter().all(|r| r.error.is_none() && r.mismatches.is_empty());
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn expand_time_replaces_quoted_and_bare_placeholders() {
-        let got = expand_time(br#"{"a": "${now}", "b": ${now+2m}, "c": "${now-1d}", "d": "x"}"#, 1000).unwrap();
-        assert_eq!(String::from_utf8(got).unwrap(), r#"{"a": 1000, "b": 1120, "c": -85400, "d": "x"}"#);
-        assert_eq!(expand_time(b"{}", 5).unwrap(), b"{}");
-        assert!(expand_time(b"${now+3y}", 5).is_err());
-        assert!(expand_time(b"${now", 5).is_err());
-    }
 }

@@ -35,7 +35,7 @@ fn s(v: &Value) -> String {
 /// evidence of its decision.
 pub fn explain_json(store: &dyn Store, d: &MemberDetail, now: DateTime<Utc>) -> crate::store::Result<Value> {
     let events = store.events_where(&EventFilter { member_id: Some(d.member.id.clone()), ..Default::default() })?;
-    let mut out = crate::admin::member_json(d, now);
+    let mut out = crate::views::member_json(d, now);
     out["history"] = Value::Array(events.iter().map(history_entry).collect());
     out["as_of"] = json!(t(Some(now)));
     Ok(out)
@@ -44,7 +44,7 @@ pub fn explain_json(store: &dyn Store, d: &MemberDetail, now: DateTime<Utc>) -> 
 /// An activity-log line plus what explain adds: the sequence number and the mapping.
 fn history_entry(e: &EventRow) -> Value {
     let outcome = crate::store::json_of(&e.outcome);
-    let mut v = crate::admin::activity_json_with(e, &outcome);
+    let mut v = crate::views::activity_json_with(e, &outcome);
     v["seq"] = json!(e.seq);
     v["mapping"] = outcome.get("mapping").cloned().unwrap_or(Value::Null);
     v

@@ -246,7 +246,7 @@ pub async fn run(path: &Path, loaded: Arc<Loaded>) -> Report {
         }
         let email = sc.email.clone();
         let member = match store.members_by_email(&email).ok().and_then(|m| m.into_iter().next()) {
-            Some(m) => store.member_detail(&m.id, 0).ok().flatten().map(|d| crate::admin::member_json(&d, clock.now())),
+            Some(m) => store.member_detail(&m.id, 0).ok().flatten().map(|d| crate::views::member_json(&d, clock.now())),
             None => None,
         };
         report.mismatches.extend(check(n, &what, step, status.as_deref(), member.as_ref()));

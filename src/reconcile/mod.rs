@@ -529,6 +529,26 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// As `membersync reconcile` prints it: a line per membership, then totals.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for r in &self.reports {
+            out.push_str(&format!(
+                "{} {} {} {}: {}\n",
+                r.member_id,
+                r.membership_id,
+                r.provider,
+                r.sync_status.as_str(),
+                r.detail
+            ));
+        }
+        out.push_str(&format!(
+            "checked {}: {} in sync, {} drift corrected, {} drift unresolved, {} provider unreachable, {} skipped, {} failed\n",
+            self.checked, self.in_sync, self.drift_corrected, self.drift_unresolved, self.provider_unreachable, self.skipped, self.failed
+        ));
+        out
+    }
+
     fn add(&mut self, r: Report) {
         self.checked += 1;
         match r.sync_status {

@@ -88,6 +88,15 @@ pub async fn run_pass(ctx: &Arc<Ctx>, reconciler: &Arc<Reconciler>, asked_before
     }
 }
 
+/// What `membersync reconcile` runs now: one member's memberships, or one pass over every
+/// membership (all of them not asked since now). `None` when there is no such member.
+pub async fn run_now(ctx: &Arc<Ctx>, reconciler: &Arc<Reconciler>, member: Option<&str>) -> Option<Summary> {
+    match member {
+        Some(id) => super::resync_member(ctx, reconciler, id).await,
+        None => Some(run_pass(ctx, reconciler, ctx.clock.now()).await),
+    }
+}
+
 /// The schedule: runs until `shutdown` resolves. A request in flight at shutdown is
 /// dropped unrecorded, so that membership is simply first in line at the next start. Each
 /// pass takes the config and the reconciler in force, so a reload that enables, disables

@@ -49,7 +49,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_event_and_timers_fire_after_re
     for file in ["1_checkout_completed.json", "2_subscription_created.json", "5_cancel_at_period_end.json"] {
         let raw = std::fs::read(root().join("examples/stripe").join(file)).unwrap();
         let raw = String::from_utf8(raw).unwrap().replace("${now+2m}", "${now+3s}");
-        let body = membersync::cli::expand_time(raw.as_bytes(), now).unwrap();
+        let body = membersync::simulate::expand_time(raw.as_bytes(), now).unwrap();
         let ack = send(&client, &svc.url, &signer, body).await.expect("accepted");
         assert_eq!(ack["status"], "applied", "{file}: {ack}");
     }

@@ -5,8 +5,8 @@
 //! provider never renames another's snapshots.
 
 use crate::support::*;
-use membersync::cli::SimulateInput;
 use membersync::machine::MState;
+use membersync::simulate::SimulateInput;
 use membersync::store::sqlite::{Options, SqliteStore};
 use membersync::store::Store;
 use std::sync::Arc;
@@ -54,7 +54,7 @@ fn fixtures_simulate_to_reviewed_snapshots() {
         };
         let out = rt.block_on(async {
             let store: Arc<dyn Store> = Arc::new(SqliteStore::open(":memory:", Options::default()).unwrap());
-            membersync::cli::simulate_json(config(":memory:"), rules(), store, input).await.unwrap()
+            membersync::simulate::simulate_json(config(":memory:"), rules(), store, input).await.unwrap()
         });
         let stem = path.file_stem().unwrap().to_string_lossy().to_string();
         let name = format!("{provider}__{stem}");
