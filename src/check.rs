@@ -234,19 +234,7 @@ fn field_paths(f: &Option<FieldSpec>, out: &mut Vec<String>) {
 }
 
 fn fields_paths(f: &FieldsSpec, out: &mut Vec<String>) {
-    for x in [
-        &f.email,
-        &f.provider_customer_id,
-        &f.name,
-        &f.subscription_id,
-        &f.product_id,
-        &f.plan_id,
-        &f.status,
-        &f.period_end,
-        &f.cancel_at_period_end,
-        &f.amount_cents,
-        &f.currency,
-    ] {
+    for (_, x) in f.in_order() {
         field_paths(x, out);
     }
 }

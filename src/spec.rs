@@ -306,6 +306,26 @@ pub struct FieldsSpec {
     pub currency: Option<FieldSpec>,
 }
 
+impl FieldsSpec {
+    /// The canonical fields in their fixed order (the order `extract` indexes them by),
+    /// each with its name and its spec here.
+    pub fn in_order(&self) -> [(&'static str, &Option<FieldSpec>); 11] {
+        [
+            ("email", &self.email),
+            ("provider_customer_id", &self.provider_customer_id),
+            ("name", &self.name),
+            ("subscription_id", &self.subscription_id),
+            ("product_id", &self.product_id),
+            ("plan_id", &self.plan_id),
+            ("status", &self.status),
+            ("period_end", &self.period_end),
+            ("cancel_at_period_end", &self.cancel_at_period_end),
+            ("amount_cents", &self.amount_cents),
+            ("currency", &self.currency),
+        ]
+    }
+}
+
 /// One event type's mapping.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

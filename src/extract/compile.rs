@@ -5,7 +5,7 @@
 //! What this module must never do: stop at the first problem (the operator fixes them
 //! all at once) or read a delivery.
 
-use super::compiled::{Case, Cond, EventMap, Field, Fields, Idempotency, Target, FIELD_NAMES};
+use super::compiled::{Case, Cond, EventMap, Field, Fields, Idempotency, Target};
 use super::path::Path;
 use super::{decode, CompileError, Extractor};
 use crate::canonical::EventKind;
@@ -286,23 +286,10 @@ impl Cx<'_> {
     }
 
     fn fields(&mut self, spec: &FieldsSpec) -> Fields {
-        let specs = [
-            &spec.email,
-            &spec.provider_customer_id,
-            &spec.name,
-            &spec.subscription_id,
-            &spec.product_id,
-            &spec.plan_id,
-            &spec.status,
-            &spec.period_end,
-            &spec.cancel_at_period_end,
-            &spec.amount_cents,
-            &spec.currency,
-        ];
         let mut out: Fields = Default::default();
-        for (i, s) in specs.into_iter().enumerate() {
+        for (i, (name, s)) in spec.in_order().into_iter().enumerate() {
             if let Some(s) = s {
-                out[i] = Some(self.field(FIELD_NAMES[i].1, s));
+                out[i] = Some(self.field(name, s));
             }
         }
         out

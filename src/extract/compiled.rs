@@ -26,19 +26,12 @@ pub(super) enum F {
     Currency,
 }
 
-pub(super) const FIELD_NAMES: [(F, &str); 11] = [
-    (F::Email, "email"),
-    (F::CustomerId, "provider_customer_id"),
-    (F::Name, "name"),
-    (F::SubscriptionId, "subscription_id"),
-    (F::ProductId, "product_id"),
-    (F::PlanId, "plan_id"),
-    (F::Status, "status"),
-    (F::PeriodEnd, "period_end"),
-    (F::CancelAtPeriodEnd, "cancel_at_period_end"),
-    (F::AmountCents, "amount_cents"),
-    (F::Currency, "currency"),
-];
+impl F {
+    /// The field's canonical name (from the one ordered list, `FieldsSpec::in_order`).
+    pub(super) fn name(self) -> &'static str {
+        crate::spec::FieldsSpec::default().in_order()[self as usize].0
+    }
+}
 
 /// A compiled field extractor.
 #[derive(Debug, Clone)]

@@ -12,7 +12,7 @@ pub mod time;
 
 pub use read::{FieldReader, Headers};
 
-use compiled::{Cond, EventMap, Field, Fields, Idempotency, Target, F, FIELD_NAMES};
+use compiled::{Cond, EventMap, Field, Fields, Idempotency, Target, F};
 use read::{as_bool, as_string, body_hash, field_in, first, header, holds, read};
 
 use crate::canonical::{CanonicalEvent, MemberRef};
@@ -215,7 +215,7 @@ impl Extractor {
         let get = |f: F| -> Result<Option<Value>, Error> {
             for layer in &layers {
                 if let Some(field) = &layer[f as usize] {
-                    return read(field, body).map_err(|e| Error(format!("{}: {e}", FIELD_NAMES[f as usize].1)));
+                    return read(field, body).map_err(|e| Error(format!("{}: {e}", f.name())));
                 }
             }
             Ok(None)

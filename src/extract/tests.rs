@@ -229,3 +229,24 @@ fn captured_decoding_reads_every_path_as_the_whole_decode() {
     assert_eq!(decode::json_captured(b"[1]", &tree).unwrap_err(), decode::DecodeError::NotObject);
     assert!(matches!(decode::json_captured(br#"{"data": {"obj": 1"#, &tree), Err(decode::DecodeError::Json(_))));
 }
+
+#[test]
+fn canonical_field_indexes_follow_the_one_ordered_list() {
+    use compiled::F;
+    let all = [
+        (F::Email, "email"),
+        (F::CustomerId, "provider_customer_id"),
+        (F::Name, "name"),
+        (F::SubscriptionId, "subscription_id"),
+        (F::ProductId, "product_id"),
+        (F::PlanId, "plan_id"),
+        (F::Status, "status"),
+        (F::PeriodEnd, "period_end"),
+        (F::CancelAtPeriodEnd, "cancel_at_period_end"),
+        (F::AmountCents, "amount_cents"),
+        (F::Currency, "currency"),
+    ];
+    for (f, name) in all {
+        assert_eq!(f.name(), name);
+    }
+}
