@@ -4,6 +4,7 @@
 use crate::http_error::ApiError;
 use crate::pipeline::Ctx;
 use crate::state::AppState;
+use crate::store::read;
 use crate::views::{activity_json, event_json, member_json, rfc};
 use axum::extract::{FromRef, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
@@ -64,20 +65,13 @@ where
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> crate::store::Result<T> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(e.to_string()))?.map_err(ApiError::from)
-}
-
 /// `GET /members/{id}`.
 pub async fn member(
     token: AdminToken,
     State(ctx): State<Arc<Ctx>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let store = ctx.store.clone();
-    let d = blocking(move || store.member_detail(&id, 50)).await?.ok_or(ApiError::NotFound)?;
+    let d = read(&ctx.store, move |s| s.member_detail(&id, 50)).await?.ok_or(ApiError::NotFound)?;
     if !token.allows(&d.member.tenant) {
         return Err(ApiError::NotFound);
     }
@@ -93,16 +87,14 @@ pub async fn resync(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let ctx = &state.ctx;
-    let store = ctx.store.clone();
     let who = id.clone();
-    let found = blocking(move || store.member_detail(&who, 0)).await?.ok_or(ApiError::NotFound)?;
+    let found = read(&ctx.store, move |s| s.member_detail(&who, 0)).await?.ok_or(ApiError::NotFound)?;
     if !token.allows(&found.member.tenant) {
         return Err(ApiError::NotFound);
     }
     let reconciler = state.reconcile.reconciler();
-    let summary = crate::reconcile::resync_member(ctx, &reconciler, &id).await.ok_or(ApiError::NotFound)?;
-    let store = ctx.store.clone();
-    let d = blocking(move || store.member_detail(&id, 50)).await?.ok_or(ApiError::NotFound)?;
+    let summary = crate::reconcile::resync_member(ctx, &reconciler, &id).await?.ok_or(ApiError::NotFound)?;
+    let d = read(&ctx.store, move |s| s.member_detail(&id, 50)).await?.ok_or(ApiError::NotFound)?;
     let mut out = member_json(&d, ctx.clock.now());
     out["resync"] = json!(summary.reports);
     Ok(Json(out))
@@ -120,8 +112,7 @@ pub async fn members(
     Query(q): Query<EmailQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let email = q.email.ok_or_else(|| ApiError::BadRequest("`email` query parameter is required".into()))?;
-    let store = ctx.store.clone();
-    let details = blocking(move || {
+    let details = read(&ctx.store, move |store| {
         let mut out = Vec::new();
         for m in store.members_by_email(&email)? {
             if !token.allows(&m.tenant) {
@@ -150,11 +141,10 @@ pub async fn events(
     State(ctx): State<Arc<Ctx>>,
     Query(q): Query<EventsQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let store = ctx.store.clone();
     let limit = q.limit.unwrap_or(50).min(1000);
     // A tenant's token: that tenant's newest events, however many others arrived since.
     let tenant = token.tenant.clone();
-    let rows = blocking(move || store.events(q.status.as_deref(), tenant.as_deref(), limit)).await?;
+    let rows = read(&ctx.store, move |s| s.events(q.status.as_deref(), tenant.as_deref(), limit)).await?;
     Ok(Json(json!({ "events": rows.iter().map(activity_json).collect::<Vec<_>>() })))
 }
 
@@ -165,8 +155,7 @@ pub async fn event(
     State(ctx): State<Arc<Ctx>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let store = ctx.store.clone();
-    let mut rows = blocking(move || store.events_by_event_id(&id)).await?;
+    let mut rows = read(&ctx.store, move |s| s.events_by_event_id(&id)).await?;
     rows.retain(|e| token.allows(&e.tenant));
     match rows.len() {
         0 => Err(ApiError::NotFound),
@@ -177,17 +166,15 @@ pub async fn event(
 
 /// `GET /leads`.
 pub async fn leads(token: AdminToken, State(ctx): State<Arc<Ctx>>) -> Result<Json<Value>, ApiError> {
-    let store = ctx.store.clone();
     let tenant = token.tenant.clone();
-    let rows = blocking(move || store.leads(tenant.as_deref())).await?;
+    let rows = read(&ctx.store, move |s| s.leads(tenant.as_deref())).await?;
     Ok(Json(json!({ "leads": rows })))
 }
 
 /// `GET /metrics`: OpenMetrics text (see `metrics`).
 pub async fn metrics(State(state): State<AppState>) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
-    let store = state.ctx.store.clone();
-    let (events, sync) = blocking(move || Ok((store.event_counts()?, store.sync_status_counts()?))).await?;
+    let (events, sync) = read(&state.ctx.store, |s| Ok((s.event_counts()?, s.sync_status_counts()?))).await?;
     let text = state.metrics.render(&events, &sync);
     Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
@@ -235,8 +222,7 @@ pub async fn replay_event(
     State(ctx): State<Arc<Ctx>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let store = ctx.store.clone();
-    let mut rows = blocking(move || store.events_by_event_id(&id)).await?;
+    let mut rows = read(&ctx.store, move |s| s.events_by_event_id(&id)).await?;
     rows.retain(|e| token.allows(&e.tenant));
     let Some(e) = rows.iter().rev().find(|e| crate::replay::REPLAYABLE.contains(&e.status.as_str())).or(rows.last())
     else {

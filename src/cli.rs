@@ -279,7 +279,7 @@ async fn reconcile(
     let ctx = Arc::new(Ctx::new(config, rules, store, Arc::new(SystemClock)));
     let reconciler = Arc::new(crate::reconcile::Reconciler::new(&ctx.config(), Default::default()));
     let summary = crate::reconcile::schedule::run_now(&ctx, &reconciler, member.as_deref())
-        .await
+        .await?
         .with_context(|| format!("no member `{}`", member.as_deref().unwrap_or_default()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -400,9 +400,8 @@ async fn replay(
     let since = since.map(|s| parse_time(s, "--since")).transpose()?;
     let mut filter = crate::store::EventFilter { since, member_id: member, ..Default::default() };
     if let Some(id) = &filter.member_id {
-        let store = ctx.store.clone();
         let who = id.clone();
-        let found = tokio::task::spawn_blocking(move || crate::explain::find(&*store, &who)).await??;
+        let found = crate::store::read(&ctx.store, move |s| crate::explain::find(s, &who)).await?;
         filter.member_id = Some(found.with_context(|| format!("no member `{id}`"))?.member.id);
     }
     if dry_run {
@@ -451,11 +450,13 @@ async fn explain(config_path: &Path, who: &str, as_json: bool) -> Result<ExitCod
     let store = open_store(&config, &config.database)?;
     let who = who.to_string();
     let now = Utc::now();
-    let j = tokio::task::spawn_blocking(move || -> Result<serde_json::Value> {
-        let d = crate::explain::find(&*store, &who)?.with_context(|| format!("no member `{who}`"))?;
-        Ok(crate::explain::explain_json(&*store, &d, now)?)
+    let found = who.clone();
+    let j = crate::store::read(&store, move |s| match crate::explain::find(s, &found)? {
+        Some(d) => crate::explain::explain_json(s, &d, now).map(Some),
+        None => Ok(None),
     })
-    .await??;
+    .await?
+    .with_context(|| format!("no member `{who}`"))?;
     if as_json {
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else {

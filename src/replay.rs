@@ -77,11 +77,8 @@ pub struct Replayed {
 
 /// Replays every stored event matching `filter` whose status allows it.
 pub async fn replay(ctx: &Arc<Ctx>, filter: &EventFilter) -> Result<Vec<Replayed>, Error> {
-    let store = ctx.store.clone();
     let f = filter.clone();
-    let rows = tokio::task::spawn_blocking(move || store.events_where(&f))
-        .await
-        .map_err(|e| store::Error::Db(e.to_string()))??;
+    let rows = store::read(&ctx.store, move |s| s.events_where(&f)).await?;
     let mut out = Vec::new();
     for e in rows.iter().filter(|e| REPLAYABLE.contains(&e.status.as_str()) && e.source != "timer") {
         let ack = replay_one(ctx, e).await?;

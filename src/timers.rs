@@ -99,8 +99,13 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: impl std::future::Future<Output = ()>)
     loop {
         let now = ctx.clock.now();
         fire_due(&ctx, now).await;
-        let store = ctx.store.clone();
-        let next = tokio::task::spawn_blocking(move || store.next_timer()).await.ok().and_then(Result::ok).flatten();
+        let next = match store::read(&ctx.store, |s| s.next_timer()).await {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!(error = %e, "Could not read when the next timer is due; looking again shortly.");
+                None
+            }
+        };
         let wait = match next {
             Some(t) => (t - ctx.clock.now()).to_std().unwrap_or(Duration::ZERO).min(MAX_SLEEP),
             None => MAX_SLEEP,

@@ -21,7 +21,7 @@ use crate::extract::{Extraction, Mapping};
 use crate::machine::MState;
 use crate::pipeline::{self, Ctx, Incoming, Raw, Status};
 use crate::spec::{ReconcileMethod, ReconcileSpec};
-use crate::store::{MembershipRow, SyncRecord};
+use crate::store::{self, MembershipRow, SyncRecord};
 use chrono::{DateTime, SecondsFormat, Utc};
 use fetch::{Limiter, Request};
 use plan::{fill, fill_json, fill_with, Plan, Vars};
@@ -242,14 +242,14 @@ impl Reconciler {
             let why = "a one-time purchase (no subscription at the provider): nothing to compare";
             return self.skip(ctx, report, m, why.into()).await;
         };
-        let customer_id = {
-            let store = ctx.store.clone();
-            let (t, p, mid) = (m.tenant.clone(), m.provider.clone(), m.member_id.clone());
-            tokio::task::spawn_blocking(move || store.customer_id(&t, &p, &mid))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .flatten()
+        let (t, p, mid) = (m.tenant.clone(), m.provider.clone(), m.member_id.clone());
+        let customer_id = match store::read(&ctx.store, move |s| s.customer_id(&t, &p, &mid)).await {
+            Ok(id) => id,
+            Err(e) => {
+                report.sync_status = SyncStatus::Failed;
+                report.detail = format!("could not read the member's customer id: {e}");
+                return report;
+            }
         };
         let vars = Vars {
             api_base: plan.api_base.as_ref().map(|b| b.trim_end_matches('/').to_string()),
@@ -565,13 +565,14 @@ impl Summary {
 
 /// Reconciles every membership of one member now (`POST /members/{id}/resync`,
 /// `membersync reconcile --member`). `None` when there is no such member.
-pub async fn resync_member(ctx: &Arc<Ctx>, reconciler: &Reconciler, member_id: &str) -> Option<Summary> {
-    let store = ctx.store.clone();
+pub async fn resync_member(ctx: &Arc<Ctx>, reconciler: &Reconciler, member_id: &str) -> store::Result<Option<Summary>> {
     let id = member_id.to_string();
-    let detail = tokio::task::spawn_blocking(move || store.member_detail(&id, 0)).await.ok()?.ok()??;
+    let Some(detail) = store::read(&ctx.store, move |s| s.member_detail(&id, 0)).await? else {
+        return Ok(None);
+    };
     let mut summary = Summary::default();
     for m in &detail.memberships {
         summary.add(reconciler.reconcile(ctx, m).await);
     }
-    Some(summary)
+    Ok(Some(summary))
 }

@@ -24,10 +24,7 @@ pub async fn next_batch(
     limit: usize,
 ) -> crate::store::Result<Vec<MembershipRow>> {
     let targets = reconciler.targets(&ctx.config());
-    let store = ctx.store.clone();
-    tokio::task::spawn_blocking(move || store.reconcile_queue(&targets, asked_before, limit))
-        .await
-        .map_err(|e| crate::store::Error::Db(e.to_string()))?
+    crate::store::read(&ctx.store, move |s| s.reconcile_queue(&targets, asked_before, limit)).await
 }
 
 /// Reconciles a batch: one lane per provider, in parallel; in order within a lane.
@@ -90,10 +87,14 @@ pub async fn run_pass(ctx: &Arc<Ctx>, reconciler: &Arc<Reconciler>, asked_before
 
 /// What `membersync reconcile` runs now: one member's memberships, or one pass over every
 /// membership (all of them not asked since now). `None` when there is no such member.
-pub async fn run_now(ctx: &Arc<Ctx>, reconciler: &Arc<Reconciler>, member: Option<&str>) -> Option<Summary> {
+pub async fn run_now(
+    ctx: &Arc<Ctx>,
+    reconciler: &Arc<Reconciler>,
+    member: Option<&str>,
+) -> crate::store::Result<Option<Summary>> {
     match member {
         Some(id) => super::resync_member(ctx, reconciler, id).await,
-        None => Some(run_pass(ctx, reconciler, ctx.clock.now()).await),
+        None => Ok(Some(run_pass(ctx, reconciler, ctx.clock.now()).await)),
     }
 }
 

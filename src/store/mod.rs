@@ -9,6 +9,7 @@ pub mod sqlite;
 use crate::machine::MState;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use std::sync::Arc;
 
 /// Storage failures.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -310,6 +311,16 @@ pub trait Store: Send + Sync + 'static {
     fn health(&self) -> Result<()> {
         Ok(())
     }
+}
+
+/// Runs a blocking read off the async threads — the one way async code reads the store. A
+/// read task that panicked is reported as a store error, never swallowed.
+pub async fn read<T: Send + 'static>(
+    store: &Arc<dyn Store>,
+    f: impl FnOnce(&dyn Store) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(&*store)).await.map_err(|e| Error::Db(format!("a store read failed: {e}")))?
 }
 
 impl dyn Store {

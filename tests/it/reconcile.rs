@@ -155,8 +155,10 @@ async fn issue_5_missed_stripe_cancellation_is_caught_by_reconciliation() {
     assert_eq!(before["memberships"][0]["sync_status"], "never_reconciled");
 
     // The customer.subscription.deleted webhook is dropped; a reconcile pass runs.
-    let summary =
-        membersync::reconcile::schedule::run_now(&s.ctx, &s.state.reconcile.reconciler(), None).await.unwrap();
+    let summary = membersync::reconcile::schedule::run_now(&s.ctx, &s.state.reconcile.reconciler(), None)
+        .await
+        .unwrap()
+        .expect("the member exists");
     assert_eq!((summary.checked, summary.drift_corrected), (1, 1), "{summary:?}");
 
     let (_, m) = s.get(&format!("/members/{id}"), Some(TOKEN)).await;
@@ -239,8 +241,10 @@ async fn too_many_requests_is_waited_out_per_retry_after_then_read() {
     let (s, _clock, id) = ada_on_stripe(&api_url).await;
 
     // The CLI's own function, for one member.
-    let summary =
-        membersync::reconcile::schedule::run_now(&s.ctx, &s.state.reconcile.reconciler(), Some(&id)).await.unwrap();
+    let summary = membersync::reconcile::schedule::run_now(&s.ctx, &s.state.reconcile.reconciler(), Some(&id))
+        .await
+        .unwrap()
+        .expect("the member exists");
     assert_eq!(summary.in_sync, 1, "{summary:?}");
     assert_eq!(api.hits().len(), 2, "asked again after the 429");
     let text = summary.render();
@@ -290,8 +294,10 @@ async fn drift_in_period_end_and_scheduled_cancel_is_corrected_and_next_pass_is_
 
     // A day later the schedule asks again: nothing differs, nothing is fed.
     clock.set(at(T0 + 86_400));
-    let summary =
-        membersync::reconcile::schedule::run_now(&s.ctx, &s.state.reconcile.reconciler(), None).await.unwrap();
+    let summary = membersync::reconcile::schedule::run_now(&s.ctx, &s.state.reconcile.reconciler(), None)
+        .await
+        .unwrap()
+        .expect("the member exists");
     assert_eq!((summary.checked, summary.in_sync), (1, 1), "{summary:?}");
     let (_, m) = s.get(&format!("/members/{id}"), Some(TOKEN)).await;
     let ms = &m["memberships"][0];
@@ -415,8 +421,10 @@ async fn memberstack_plan_connection_is_selected_from_the_member_and_thrivecart_
     assert_eq!(hits[0].headers["x-api-key"], "sk_ms_test");
 
     // ThriveCart has no status API: its memberships are skipped with the reason.
-    let summary =
-        membersync::reconcile::schedule::run_now(&s.ctx, &s.state.reconcile.reconciler(), Some(&id)).await.unwrap();
+    let summary = membersync::reconcile::schedule::run_now(&s.ctx, &s.state.reconcile.reconciler(), Some(&id))
+        .await
+        .unwrap()
+        .expect("the member exists");
     assert_eq!(summary.reports[0].provider, "memberstack");
     let r = s.state.reconcile.reconciler();
     let why = r.why_not(&s.ctx.config(), "demo", "thrivecart").unwrap();
@@ -463,8 +471,10 @@ async fn one_time_purchase_is_not_asked_and_the_schedule_moves_past_it() {
     let s = Server::start_tuned(clock.clone(), tune(&api_url)).await;
     let ack = deliver(&s.ctx, "stripe", "checkout_session_completed_payment").await;
     let id = ack.outcome.member_id.unwrap();
-    let summary =
-        membersync::reconcile::schedule::run_now(&s.ctx, &s.state.reconcile.reconciler(), None).await.unwrap();
+    let summary = membersync::reconcile::schedule::run_now(&s.ctx, &s.state.reconcile.reconciler(), None)
+        .await
+        .unwrap()
+        .expect("the member exists");
     assert_eq!((summary.checked, summary.skipped), (1, 1), "{summary:?}");
     assert!(api.hits().is_empty(), "nothing to ask about a one-time purchase");
     let (_, m) = s.get(&format!("/members/{id}"), Some(TOKEN)).await;
