@@ -110,7 +110,7 @@ pub async fn dry_run(ctx: &Arc<Ctx>, filter: &EventFilter, now: DateTime<Utc>) -
     let (ctx, filter) = (ctx.clone(), filter.clone());
     tokio::task::spawn_blocking(move || dry_run_blocking(&ctx, &filter, now))
         .await
-        .map_err(|e| store::Error::Db(e.to_string()))?
+        .map_err(|e| store::Error::Thread(format!("the dry run failed: {e}")))?
 }
 
 /// The dry run on two threads: one reads the stored deliveries a page at a time in
@@ -182,7 +182,7 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
                 }
             }
             timers::fire_due_in_tx(&loaded, tx, now, FireAt::DueTime, usize::MAX)?;
-            let stored = reader.join().map_err(|_| store::Error::Db("the dry run's reader panicked".into()))??;
+            let stored = reader.join().map_err(|_| store::Error::Thread("the dry run's reader panicked".into()))??;
             // The scratch store has its own member ids: find them by tenant and email.
             let mut derived = View::new();
             let people: BTreeSet<(String, String)> =

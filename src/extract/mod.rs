@@ -29,10 +29,24 @@ use std::collections::HashMap;
 #[error("{}", crate::diagnostic::render(.0))]
 pub struct CompileError(pub Vec<Diagnostic>);
 
-/// A mapped field could not be read as its canonical type: the event is dead-lettered.
+/// Why a delivery's fields could not be read: the event is stored as a dead letter.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[error("{0}")]
-pub struct Error(pub String);
+pub enum Error {
+    #[error("no event type found at the configured `event_type` path")]
+    NoEventType,
+    #[error("no event time found at the configured `occurred_at` path")]
+    NoEventTime,
+    /// A mapped field whose value is not of its canonical type.
+    #[error("{field}: {problem}")]
+    Field { field: &'static str, problem: String },
+    /// A stored body that can no longer be decoded (replay, parked events).
+    #[error("{0}")]
+    Undecodable(String),
+}
+
+fn field_error(field: &'static str) -> impl Fn(String) -> Error {
+    move |problem| Error::Field { field, problem }
+}
 
 /// The compiled form of one provider file.
 #[derive(Debug, Clone)]
@@ -148,7 +162,7 @@ impl Extractor {
             .unwrap_or_else(|| idempotency_key.clone());
         let occurred_at = read(&self.occurred_at, body)
             .and_then(|v| v.map(|v| time::to_time(&v, self.occurred_at.time.unwrap_or(TimeUnit::Auto))).transpose())
-            .map_err(Error);
+            .map_err(field_error("occurred_at"));
         let fail = |error: Error, occurred_at: Option<DateTime<Utc>>| {
             Box::new(Failure {
                 idempotency_key: idempotency_key.clone(),
@@ -159,15 +173,13 @@ impl Extractor {
             })
         };
         let Some(event_type) = event_type.clone() else {
-            return Err(fail(Error("no event type found at the configured `event_type` path".into()), None));
+            return Err(fail(Error::NoEventType, None));
         };
         let occurred_at = match occurred_at {
             Ok(Some(t)) => t,
             Ok(None) if self.spec.occurred_at_fallback == Some(spec::OccurredFallback::Received) => received_at,
-            Ok(None) => {
-                return Err(fail(Error("no event time found at the configured `occurred_at` path".into()), None))
-            }
-            Err(e) => return Err(fail(Error(format!("occurred_at: {e}")), None)),
+            Ok(None) => return Err(fail(Error::NoEventTime, None)),
+            Err(e) => return Err(fail(e, None)),
         };
 
         let mut mapping = Mapping { file: self.file(), event: None, case: None, ignored_because: None, flags: vec![] };
@@ -215,7 +227,7 @@ impl Extractor {
         let get = |f: F| -> Result<Option<Value>, Error> {
             for layer in &layers {
                 if let Some(field) = &layer[f as usize] {
-                    return read(field, body).map_err(|e| Error(format!("{}: {e}", f.name())));
+                    return read(field, body).map_err(field_error(f.name()));
                 }
             }
             Ok(None)
@@ -226,21 +238,20 @@ impl Extractor {
                 None => None,
                 Some(v) => {
                     let unit = field_in(&layers, F::PeriodEnd).and_then(|f| f.time).unwrap_or(TimeUnit::Auto);
-                    Some(time::to_time(&v, unit).map_err(|e| Error(format!("period_end: {e}")))?)
+                    Some(time::to_time(&v, unit).map_err(field_error("period_end"))?)
                 }
             };
             let amount_cents = match get(F::AmountCents)? {
                 None => None,
                 Some(v) => {
                     let unit = field_in(&layers, F::AmountCents).and_then(|f| f.amount).unwrap_or(AmountUnit::Cents);
-                    Some(time::to_cents(&v, unit).map_err(|e| Error(format!("amount_cents: {e}")))?)
+                    Some(time::to_cents(&v, unit).map_err(field_error("amount_cents"))?)
                 }
             };
             let cancel_at_period_end = match get(F::CancelAtPeriodEnd)? {
                 None => false,
-                Some(v) => {
-                    as_bool(&v).ok_or_else(|| Error(format!("cancel_at_period_end: expected a boolean, got {v}")))?
-                }
+                Some(v) => as_bool(&v)
+                    .ok_or_else(|| field_error("cancel_at_period_end")(format!("expected a boolean, got {v}")))?,
             };
             Ok(CanonicalEvent {
                 kind,

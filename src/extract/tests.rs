@@ -102,13 +102,13 @@ fn unmapped_and_ignored_types_carry_a_reason() {
 #[test]
 fn wrong_types_and_missing_basics_fail_with_reason() {
     let f = run(json!({"type": "sub.gone", "ts": 1, "data": {"cancel": "maybe"}}), &[]).unwrap_err();
-    assert!(f.error.0.contains("cancel_at_period_end"), "{}", f.error);
+    assert!(f.error.to_string().contains("cancel_at_period_end"), "{}", f.error);
     let f = run(json!({"type": "sub.gone", "ts": 1, "data": {"ended": "soon"}}), &[]).unwrap_err();
-    assert!(f.error.0.contains("period_end"), "{}", f.error);
+    assert!(f.error.to_string().contains("period_end"), "{}", f.error);
     let f = run(json!({"ts": 1}), &[]).unwrap_err();
-    assert!(f.error.0.contains("event type"), "{}", f.error);
+    assert!(f.error.to_string().contains("event type"), "{}", f.error);
     let f = run(json!({"type": "noise"}), &[]).unwrap_err();
-    assert!(f.error.0.contains("event time"), "{}", f.error);
+    assert!(f.error.to_string().contains("event time"), "{}", f.error);
 }
 
 #[test]

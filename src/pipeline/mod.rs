@@ -167,7 +167,7 @@ pub fn apply_with(
             rec.event_type = failure.event_type.clone();
             rec.occurred_at = failure.occurred_at;
             let mut outcome = Outcome::new(Status::Failed, source);
-            outcome.reason = Some(failure.error.0.clone());
+            outcome.reason = Some(failure.error.to_string());
             return finish(tx, rec, outcome);
         }
         Incoming::Extracted(x) => x,

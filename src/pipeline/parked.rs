@@ -46,7 +46,7 @@ pub fn incoming_from_row(config: &Config, e: &EventRow) -> Option<(Incoming, Raw
             event_id: e.event_id.clone(),
             event_type: e.event_type.clone(),
             occurred_at: e.occurred_at,
-            error: crate::extract::Error(error),
+            error: crate::extract::Error::Undecodable(error),
         }),
     };
     let delivery = Delivery {

@@ -14,9 +14,16 @@ use std::sync::Arc;
 /// Storage failures.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
-    /// The database rejected an operation (500).
-    #[error("database error: {0}")]
-    Db(String),
+    /// The database rejected an operation (500). The code is the engine's (SQLite's
+    /// extended result code), when it gave one.
+    #[error("database error: {message}")]
+    Db { code: Option<i32>, message: String },
+    /// A store thread could not be started, or a read task failed (500).
+    #[error("{0}")]
+    Thread(String),
+    /// A file the store needs could not be opened (500).
+    #[error("cannot open {path}: {message}")]
+    File { path: String, message: String },
     /// The write queue is full (503 with Retry-After).
     #[error("write queue is full")]
     Busy,
@@ -37,7 +44,11 @@ pub enum Error {
 
 impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Self {
-        Error::Db(e.to_string())
+        let code = match &e {
+            rusqlite::Error::SqliteFailure(f, _) => Some(f.extended_code),
+            _ => None,
+        };
+        Error::Db { code, message: e.to_string() }
     }
 }
 
@@ -320,7 +331,9 @@ pub async fn read<T: Send + 'static>(
     f: impl FnOnce(&dyn Store) -> Result<T> + Send + 'static,
 ) -> Result<T> {
     let store = store.clone();
-    tokio::task::spawn_blocking(move || f(&*store)).await.map_err(|e| Error::Db(format!("a store read failed: {e}")))?
+    tokio::task::spawn_blocking(move || f(&*store))
+        .await
+        .map_err(|e| Error::Thread(format!("a store read failed: {e}")))?
 }
 
 impl dyn Store {

@@ -161,7 +161,7 @@ impl SqliteStore {
                 std::thread::Builder::new()
                     .name("membersync-ckpt".into())
                     .spawn(move || run_checkpointer(conn, woken, restart, restart_pages, interval, health))
-                    .map_err(|e| Error::Db(format!("cannot start checkpointer: {e}")))?;
+                    .map_err(|e| Error::Thread(format!("cannot start checkpointer: {e}")))?;
                 Some(wake)
             }
             None => None,
@@ -171,9 +171,9 @@ impl SqliteStore {
         let (committed, to_sync) = std::sync::mpsc::channel();
         let unsynced = Arc::new(AtomicUsize::new(0));
         let wal_file = match &wal {
-            Some(path) if path.exists() => {
-                Some(open_wal(path).map_err(|e| Error::Db(format!("cannot open the WAL {}: {e}", path.display())))?)
-            }
+            Some(path) if path.exists() => Some(
+                open_wal(path).map_err(|e| Error::File { path: path.display().to_string(), message: e.to_string() })?,
+            ),
             _ => None,
         };
         let syncer = Syncer {
@@ -188,14 +188,14 @@ impl SqliteStore {
         std::thread::Builder::new()
             .name("membersync-sync".into())
             .spawn(move || syncer.run(to_sync))
-            .map_err(|e| Error::Db(format!("cannot start syncer: {e}")))?;
+            .map_err(|e| Error::Thread(format!("cannot start syncer: {e}")))?;
         std::thread::Builder::new()
             .name("membersync-writer".into())
             .spawn({
                 let health = health.clone();
                 move || run_writer(writer, receiver, max_batch, committed, unsynced, restart, health)
             })
-            .map_err(|e| Error::Db(format!("cannot start writer: {e}")))?;
+            .map_err(|e| Error::Thread(format!("cannot start writer: {e}")))?;
         let mut readers = Vec::new();
         for _ in 0..2 {
             readers.push(open(&uri, flags, memory)?);

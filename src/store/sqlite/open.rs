@@ -113,7 +113,8 @@ pub(super) fn damaged(db: &str, findings: &str) -> Error {
 /// steps; anything else stays as it is.
 pub(super) fn open_error(db: &str, e: Error) -> Error {
     match &e {
-        Error::Db(m) if m.contains("malformed") || m.contains("not a database") => damaged(db, m),
+        // SQLITE_CORRUPT and SQLITE_NOTADB, with any extended code.
+        Error::Db { code: Some(c), message } if matches!(c & 0xff, 11 | 26) => damaged(db, message),
         _ => e,
     }
 }

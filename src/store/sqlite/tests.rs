@@ -104,7 +104,7 @@ async fn concurrent_jobs_batch_together_and_a_failed_job_leaves_its_batch_mates_
                 .write(move |tx| {
                     tx.save_member(&member(i))?;
                     if i % 7 == 3 {
-                        return Err(Error::Db(format!("job {i} refused")));
+                        return Err(Error::Thread(format!("job {i} refused")));
                     }
                     Ok(i)
                 })
