@@ -2,6 +2,7 @@
 //! Errors are plain text for the operator; they name the method and URL (which never hold
 //! the API key: that lives in headers only) and never a header.
 
+use super::error::Unreachable;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -66,14 +67,15 @@ pub async fn send(
     req: &Request,
     timeout: Duration,
     max_wait: Duration,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, Unreachable> {
     let mut headers = HeaderMap::new();
     for (k, v) in &req.headers {
-        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("invalid header name `{k}`"))?;
-        let mut value = HeaderValue::from_str(v).map_err(|_| format!("header `{k}` has an invalid value"))?;
+        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| Unreachable::HeaderName(k.clone()))?;
+        let mut value = HeaderValue::from_str(v).map_err(|_| Unreachable::HeaderValue(k.clone()))?;
         value.set_sensitive(true);
         headers.insert(name, value);
     }
+    let timed_out = || Unreachable::Timeout { secs: timeout.as_secs_f64(), request: req.describe() };
     for _ in 0..=MAX_RETRIES_429 {
         limiter.acquire().await;
         let mut builder = client.request(req.method.clone(), &req.url).headers(headers.clone()).timeout(timeout);
@@ -88,33 +90,34 @@ pub async fn send(
             Ok::<_, reqwest::Error>((status, retry_after, body))
         };
         let (status, retry_after, body) = match tokio::time::timeout(timeout, answer).await {
-            Err(_) => return Err(format!("no answer within {:.1} s ({})", timeout.as_secs_f64(), req.describe())),
-            Ok(Err(e)) if e.is_timeout() => {
-                return Err(format!("no answer within {:.1} s ({})", timeout.as_secs_f64(), req.describe()))
-            }
-            Ok(Err(e)) => return Err(format!("request failed ({}): {}", req.describe(), transport_error(&e))),
+            Err(_) => return Err(timed_out()),
+            Ok(Err(e)) if e.is_timeout() => return Err(timed_out()),
+            Ok(Err(e)) => return Err(Unreachable::Transport { request: req.describe(), cause: transport_error(&e) }),
             Ok(Ok(r)) => r,
         };
         if status.as_u16() == 429 {
             let wait = retry_after.as_deref().and_then(parse_retry_after).unwrap_or(Duration::from_secs(1));
             if wait > max_wait {
-                return Err(format!(
-                    "429 Too Many Requests with Retry-After {} s, longer than the {} s this pass waits ({})",
-                    wait.as_secs(),
-                    max_wait.as_secs(),
-                    req.describe()
-                ));
+                return Err(Unreachable::WaitTooLong {
+                    wait_secs: wait.as_secs(),
+                    max_secs: max_wait.as_secs(),
+                    request: req.describe(),
+                });
             }
             tracing::info!(request = %req.describe(), wait_secs = wait.as_secs_f64(), "Provider asked to slow down; waiting.");
             limiter.hold_off(wait).await;
             continue;
         }
         if !status.is_success() {
-            return Err(format!("HTTP {status} from {}: {}", req.describe(), excerpt(&body)));
+            return Err(Unreachable::Status {
+                status: status.to_string(),
+                request: req.describe(),
+                excerpt: excerpt(&body),
+            });
         }
         return Ok(body.to_vec());
     }
-    Err(format!("still 429 Too Many Requests after {MAX_RETRIES_429} waits ({})", req.describe()))
+    Err(Unreachable::StillTooMany { tries: MAX_RETRIES_429, request: req.describe() })
 }
 
 /// `Retry-After`: delay seconds, or an HTTP date.

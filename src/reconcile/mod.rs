@@ -8,10 +8,12 @@
 //! decide what a status means (rules/status.rhai does), or let a provider error change
 //! anything but the sync status. The API key never leaves a request header.
 
+mod error;
 mod fetch;
 mod plan;
 pub mod schedule;
 
+pub use error::{MissingValue, Unreachable};
 pub use fetch::parse_retry_after;
 pub use plan::Snapshot;
 
@@ -259,7 +261,7 @@ impl Reconciler {
         };
         let request = match self.request(ctx, plan, m, &vars) {
             Ok(r) => r,
-            Err(why) => return self.skip(ctx, report, m, why).await,
+            Err(why) => return self.skip(ctx, report, m, why.to_string()).await,
         };
         let settings = &ctx.config().reconcile;
         let limiter = &self.limiters[&m.provider];
@@ -271,7 +273,7 @@ impl Reconciler {
             Err(error) => {
                 tracing::warn!(membership = %m.id, provider = %m.provider, %error, "Provider could not be read; nothing changed.");
                 report.sync_status = SyncStatus::ProviderUnreachable;
-                report.detail = error.clone();
+                report.detail = error.to_string();
                 let rec = SyncRecord {
                     membership_id: m.id.clone(),
                     sync_status: SyncStatus::ProviderUnreachable.as_str().into(),
@@ -279,7 +281,7 @@ impl Reconciler {
                     reconciled_at: None,
                     detail: Some(format!("provider unreachable: {error}")),
                     drift: None,
-                    error: Some((asked_at, error)),
+                    error: Some((asked_at, error.to_string())),
                 };
                 return self.finish(ctx, report, rec).await;
             }
@@ -289,7 +291,7 @@ impl Reconciler {
             Ok(d) => d,
             Err(e) => {
                 report.sync_status = SyncStatus::Failed;
-                report.detail = e;
+                report.detail = format!("rule error: {e}");
                 return report;
             }
         };
@@ -368,9 +370,8 @@ impl Reconciler {
         self.finish(ctx, report, rec).await
     }
 
-    fn request(&self, ctx: &Ctx, plan: &Plan, m: &MembershipRow, vars: &Vars) -> Result<Request, String> {
-        let missing = |v: String| format!("the request needs {v}, which this membership has not");
-        let url = fill(&plan.url, vars, true).map_err(missing)?;
+    fn request(&self, ctx: &Ctx, plan: &Plan, m: &MembershipRow, vars: &Vars) -> Result<Request, MissingValue> {
+        let url = fill(&plan.url, vars, true)?;
         let config = ctx.config();
         let key =
             config.tenants.get(&m.tenant).and_then(|t| t.providers.get(&m.provider)).and_then(|p| p.api_key.as_ref());
@@ -378,10 +379,9 @@ impl Reconciler {
             .headers
             .iter()
             .map(|(k, v)| Ok((k.clone(), fill_with(v, vars, key.map(|k| k.expose()), false)?)))
-            .collect::<Result<Vec<_>, String>>()
-            .map_err(missing)?;
+            .collect::<Result<Vec<_>, MissingValue>>()?;
         let body = match &plan.body {
-            Some(b) => Some(fill_json(b, vars).map_err(missing)?.to_string().into_bytes()),
+            Some(b) => Some(fill_json(b, vars)?.to_string().into_bytes()),
             None => None,
         };
         let method = match plan.method {
@@ -441,13 +441,9 @@ fn describe(s: &Snapshot) -> String {
 /// Whether a status agrees with a state is the rules' call (`status_matches`); the other
 /// fields are compared only while the membership holds (or the provider grants) access:
 /// an ended membership whose provider also says it ended is in sync, whatever its dates.
-fn differences(ctx: &Ctx, s: &Snapshot, m: &MembershipRow) -> Result<Vec<String>, String> {
+fn differences(ctx: &Ctx, s: &Snapshot, m: &MembershipRow) -> Result<Vec<String>, crate::rules::Error> {
     let view = crate::pipeline::view_of(Some(m));
-    let agrees = ctx
-        .rules()
-        .status_matches(&s.status, &view)
-        .map_err(|e| format!("rule error: {e}"))?
-        .unwrap_or(s.status == m.state.as_str());
+    let agrees = ctx.rules().status_matches(&s.status, &view)?.unwrap_or(s.status == m.state.as_str());
     let mut out = Vec::new();
     if !agrees {
         out.push(format!("status: provider says `{}`, membership is `{}`", s.status, m.state));

@@ -5,6 +5,7 @@
 //! What this module must never do: send a request (the reconciler does, through its rate
 //! limiter) or put the API key anywhere but the header templates that name it.
 
+use super::error::{MissingValue, Unreachable};
 use crate::extract::path::Path;
 use crate::extract::FieldReader;
 use crate::spec::{ReconcileMethod, ReconcileSpec};
@@ -73,47 +74,48 @@ impl Plan {
     }
 
     /// Reads the snapshot out of a provider's answer.
-    pub(super) fn snapshot(&self, body: &[u8], vars: &Vars) -> Result<Snapshot, String> {
-        let root: Value = serde_json::from_slice(body).map_err(|e| format!("the answer is not JSON: {e}"))?;
+    pub(super) fn snapshot(&self, body: &[u8], vars: &Vars) -> Result<Snapshot, Unreachable> {
+        let root: Value = serde_json::from_slice(body).map_err(|e| Unreachable::NotJson(e.to_string()))?;
         let item = match &self.select {
             None => &root,
             Some((list, key, equals)) => {
-                let want = fill(equals, vars, false).map_err(|v| format!("no {v} to select with"))?;
+                let want = fill(equals, vars, false).map_err(|MissingValue(v)| Unreachable::NothingToSelectWith(v))?;
                 let items = list
                     .lookup(&root)
                     .and_then(Value::as_array)
-                    .ok_or_else(|| format!("the answer has no list at `{}`", list.as_str()))?;
+                    .ok_or_else(|| Unreachable::NoList(list.as_str().to_string()))?;
                 items
                     .iter()
                     .find(|it| key.lookup(it).and_then(scalar_text).as_deref() == Some(want.as_str()))
-                    .ok_or_else(|| {
-                        format!("the answer's `{}` lists no item with {} = {want}", list.as_str(), key.as_str())
+                    .ok_or_else(|| Unreachable::NoItem {
+                        list: list.as_str().to_string(),
+                        key: key.as_str().to_string(),
+                        want: want.clone(),
                     })?
             }
         };
-        let status_field = self.status.as_ref().ok_or("no status extractor")?;
+        let status_field = self.status.as_ref().ok_or(Unreachable::NoStatusReader)?;
         let status = status_field
             .string(item)
-            .map_err(|e| format!("status: {e}"))?
-            .ok_or_else(|| format!("the answer has no status at `{}`", status_field.describe()))?;
+            .map_err(field("status"))?
+            .ok_or_else(|| Unreachable::NoStatus(status_field.describe()))?;
         let read_time = |f: &Option<FieldReader>| f.as_ref().map(|f| f.time(item)).transpose().map(Option::flatten);
-        let period_end = read_time(&self.period_end).map_err(|e| format!("period_end: {e}"))?;
+        let period_end = read_time(&self.period_end).map_err(field("period_end"))?;
         let cancel_at_period_end = self
             .cancel_at_period_end
             .as_ref()
             .map(|f| f.bool(item))
             .transpose()
-            .map_err(|e| format!("cancel_at_period_end: {e}"))?
+            .map_err(field("cancel_at_period_end"))?
             .flatten();
-        let product_id = self
-            .product_id
-            .as_ref()
-            .map(|f| f.string(item))
-            .transpose()
-            .map_err(|e| format!("product_id: {e}"))?
-            .flatten();
+        let product_id =
+            self.product_id.as_ref().map(|f| f.string(item)).transpose().map_err(field("product_id"))?.flatten();
         Ok(Snapshot { status, period_end, cancel_at_period_end, product_id })
     }
+}
+
+fn field(field: &'static str) -> impl Fn(String) -> Unreachable {
+    move |problem| Unreachable::Field { field, problem }
 }
 
 fn scalar_text(v: &Value) -> Option<String> {
@@ -135,11 +137,16 @@ pub(super) struct Vars {
 
 /// Fills `{name}` placeholders; `Err(name)` when one has no value. `encode` percent-encodes
 /// values (URL path segments). Braces around anything else (GraphQL) are left alone.
-pub(super) fn fill(template: &str, vars: &Vars, encode: bool) -> Result<String, String> {
+pub(super) fn fill(template: &str, vars: &Vars, encode: bool) -> Result<String, MissingValue> {
     fill_with(template, vars, None, encode)
 }
 
-pub(super) fn fill_with(template: &str, vars: &Vars, api_key: Option<&str>, encode: bool) -> Result<String, String> {
+pub(super) fn fill_with(
+    template: &str,
+    vars: &Vars,
+    api_key: Option<&str>,
+    encode: bool,
+) -> Result<String, MissingValue> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(i) = rest.find('{') {
@@ -156,7 +163,7 @@ pub(super) fn fill_with(template: &str, vars: &Vars, api_key: Option<&str>, enco
         };
         match (name, value) {
             (Some(n), Some(v)) => {
-                let v = v.ok_or_else(|| format!("{{{n}}}"))?;
+                let v = v.ok_or_else(|| MissingValue(format!("{{{n}}}")))?;
                 let raw = n == "api_base" || n == "api_key" || !encode;
                 out.push_str(&if raw { v } else { encode_segment(&v) });
                 rest = &after[n.len() + 1..];
@@ -180,13 +187,13 @@ fn encode_segment(s: &str) -> String {
 }
 
 /// Fills the string values of a JSON body template.
-pub(super) fn fill_json(v: &Value, vars: &Vars) -> Result<Value, String> {
+pub(super) fn fill_json(v: &Value, vars: &Vars) -> Result<Value, MissingValue> {
     Ok(match v {
         Value::String(s) => Value::String(fill(s, vars, false)?),
         Value::Array(a) => Value::Array(a.iter().map(|x| fill_json(x, vars)).collect::<Result<_, _>>()?),
-        Value::Object(m) => {
-            Value::Object(m.iter().map(|(k, x)| Ok((k.clone(), fill_json(x, vars)?))).collect::<Result<_, String>>()?)
-        }
+        Value::Object(m) => Value::Object(
+            m.iter().map(|(k, x)| Ok((k.clone(), fill_json(x, vars)?))).collect::<Result<_, MissingValue>>()?,
+        ),
         other => other.clone(),
     })
 }
@@ -210,7 +217,7 @@ mod tests {
             fill("query { subscription(id: $id) { active } }", &v, false).unwrap(),
             "query { subscription(id: $id) { active } }"
         );
-        assert_eq!(fill("/members/{customer_id}", &v, true), Err("{customer_id}".into()));
+        assert_eq!(fill("/members/{customer_id}", &v, true), Err(MissingValue("{customer_id}".into())));
         assert_eq!(fill_with("Bearer {api_key}", &v, Some("sk_test"), false).unwrap(), "Bearer sk_test");
         assert_eq!(encode_segment("a?b#c é~-_."), "a%3Fb%23c%20%C3%A9~-_.");
     }
