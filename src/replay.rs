@@ -7,7 +7,6 @@
 use crate::canonical::Source;
 use crate::config::Config;
 use crate::pipeline::{self, Ack, Ctx, Incoming, Raw, Status};
-use crate::store::sqlite::Scratch;
 use crate::store::{self, EventFilter, EventRow, MemberRow, MembershipRow};
 use crate::timers::{self, FireAt};
 use chrono::{DateTime, Utc};
@@ -121,7 +120,6 @@ pub async fn dry_run(ctx: &Arc<Ctx>, filter: &EventFilter, now: DateTime<Utc>) -
 /// they did in life. Then the timers due by `now`, and the comparison.
 fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Result<Vec<Difference>, Error> {
     let loaded = ctx.loaded();
-    let mut scratch = Scratch::open()?;
     let mut page = filter.clone();
     page.deliveries_only = true;
     page.status = None;
@@ -174,7 +172,8 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
             }
             Ok(stored)
         });
-        scratch.session(|tx| -> Result<(View, View), Error> {
+        let mut result = None;
+        let derive = |tx: &mut dyn store::Tx| -> Result<(View, View), Error> {
             for batch in deliveries {
                 for (when, incoming, raw, pre) in batch? {
                     timers::fire_due_in_tx(&loaded, tx, when, FireAt::DueTime, usize::MAX)?;
@@ -194,7 +193,12 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
                 }
             }
             Ok((stored, derived))
-        })
+        };
+        ctx.store.scratch(Box::new(|tx| {
+            result = Some(derive(tx));
+            Ok(())
+        }))?;
+        result.unwrap_or_else(|| Err(store::Error::Thread("the dry run did not run".into()).into()))
     })?;
     let mut keys: Vec<_> = stored.keys().chain(derived.keys()).cloned().collect();
     keys.sort();

@@ -281,6 +281,9 @@ pub struct MemberDetail {
     pub sync: Vec<SyncRow>,
 }
 
+/// What runs on a scratch store (`Store::scratch`).
+pub type ScratchJob<'a> = Box<dyn FnOnce(&mut dyn Tx) -> Result<()> + 'a>;
+
 /// Durable storage. Reads block (call them from `spawn_blocking`); writes are queued.
 pub trait Store: Send + Sync + 'static {
     /// Queues a job for the writer; `Busy` when the queue is full.
@@ -309,8 +312,6 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<MembershipRow>>;
     /// A member by id.
     fn member(&self, id: &str) -> Result<Option<MemberRow>>;
-    /// A member's memberships, without the detail `member_detail` gathers.
-    fn memberships_of(&self, member_id: &str) -> Result<Vec<MembershipRow>>;
     /// These members (those that exist) with their memberships, read in one go (replay's
     /// compare).
     fn members_with_memberships(&self, ids: &[String]) -> Result<Vec<(MemberRow, Vec<MembershipRow>)>>;
@@ -318,6 +319,9 @@ pub trait Store: Send + Sync + 'static {
     fn customer_id(&self, tenant: &str, provider: &str, member_id: &str) -> Result<Option<String>>;
     /// Count of memberships by sync status (for /metrics).
     fn sync_status_counts(&self) -> Result<Vec<(String, i64)>>;
+    /// Runs `f` in one transaction on an empty scratch store of the same schema, dropped
+    /// afterwards: what a dry run re-derives state into. Nothing reaches this store.
+    fn scratch(&self, f: ScratchJob<'_>) -> Result<()>;
     /// `Failed` once the store has hit an I/O error (`/healthz` answers 503 then).
     fn health(&self) -> Result<()> {
         Ok(())

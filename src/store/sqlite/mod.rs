@@ -223,13 +223,13 @@ impl SqliteStore {
 /// syncs, no rollback journal. SQLite's anonymous temporary database, so what does not fit
 /// its page cache spills to a file deleted on close rather than growing the process. What
 /// a dry run re-derives state into; dropped afterwards.
-pub struct Scratch {
+pub(super) struct Scratch {
     conn: Connection,
 }
 
 impl Scratch {
     /// Opens and migrates an empty scratch database.
-    pub fn open() -> Result<Scratch> {
+    pub(super) fn open() -> Result<Scratch> {
         configure_sqlite();
         let mut conn = Connection::open("")?;
         conn.pragma_update(None, "journal_mode", "OFF")?;
@@ -247,7 +247,7 @@ impl Scratch {
 
     /// Runs `f` in one transaction with the writer's kept statements. Without a journal
     /// nothing is rolled back: on an error the scratch is to be dropped.
-    pub fn session<T, E: From<Error>>(
+    pub(super) fn session<T, E: From<Error>>(
         &mut self,
         f: impl FnOnce(&mut dyn Tx) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {

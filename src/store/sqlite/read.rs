@@ -32,6 +32,10 @@ pub(super) fn sync_row(c: &Connection, membership_id: &str) -> Result<SyncRow> {
 }
 
 impl Store for SqliteStore {
+    fn scratch(&self, f: ScratchJob<'_>) -> Result<()> {
+        Scratch::open()?.session(f)
+    }
+
     fn submit(&self, work: Work) -> Result<()> {
         self.health.check()?;
         self.sender.try_send(Msg::Job(work)).map_err(|e| match e {
@@ -87,10 +91,6 @@ impl Store for SqliteStore {
             }
             Ok(out)
         })
-    }
-
-    fn memberships_of(&self, member_id: &str) -> Result<Vec<MembershipRow>> {
-        self.read(|c| Tx::memberships_of(&mut SqliteTx::reader(c), member_id))
     }
 
     fn members_by_email(&self, email: &str) -> Result<Vec<MemberRow>> {
