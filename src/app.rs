@@ -1,6 +1,9 @@
 //! The HTTP application: one router for ingest, admin, health and metrics, and `serve`,
 //! which runs it with the timer task, the reload triggers (file watch, SIGHUP) and the
 //! reconcile schedule until shutdown.
+//!
+//! What this module must never do: hold state of its own (it is in `AppState`) or answer a
+//! request anywhere but the handlers it routes to.
 
 use crate::pipeline::Ctx;
 use crate::state::AppState;

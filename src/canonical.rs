@@ -2,6 +2,9 @@
 //!
 //! Nothing here knows about a provider's wire format; `extract` builds these values and
 //! `rules` reads them. The JSON shape is part of the public contract (DESIGN.md).
+//!
+//! What this module must never do: know a provider's wire format or a rule; it is data both
+//! sides agree on.
 
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;

@@ -4,6 +4,9 @@
 //! checked in under `schemas/`), then compiled; every rule file is compiled and linted
 //! (machine inputs and states it names must exist). Paths that no fixture of the provider
 //! ever resolves are reported as warnings.
+//!
+//! What this module must never do: change a file or open the database: it reads and
+//! reports.
 
 use crate::config::{Config, ConfigFile};
 use crate::diagnostic::Diagnostic;

@@ -1,4 +1,7 @@
 //! The command line: one function per command. `anyhow` lives here and in `main.rs` only.
+//!
+//! What this module must never do: hold library code: a command parses its arguments, calls
+//! the library and prints.
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;

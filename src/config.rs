@@ -1,6 +1,9 @@
 //! Configuration: `membersync.yaml` as written (`ConfigFile`) → resolved (`Config`), with
 //! secrets read from the environment and every provider file under `rules/providers/`
 //! compiled. Problems are gathered, not reported one at a time.
+//!
+//! What this module must never do: log or show a secret (they are `Secret`s), or stop at
+//! the first problem.
 
 use crate::diagnostic::Diagnostic;
 use crate::extract::Extractor;

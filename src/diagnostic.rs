@@ -1,5 +1,8 @@
 //! Diagnostics about operator files (config, provider YAML, Rhai rules): each names
 //! `file:line:column`, so an operator can jump straight to the mistake.
+//!
+//! What this module must never do: decide what is wrong; each layer does, and reports
+//! through here.
 
 use serde::Serialize;
 use std::fmt;

@@ -1,6 +1,9 @@
 //! Effects: what a decision does besides moving the machine, as values. They are
 //! recorded (and applied to the store) in the same transaction as the event; nothing is
 //! performed in a state's entry action.
+//!
+//! What this module must never do: perform an effect; the pipeline's commit applies them in
+//! the event's transaction.
 
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;

@@ -2,6 +2,9 @@
 //! every change, the stored evidence: the raw event id, the YAML mapping that read it, the
 //! rule (file:line, rule-set version) that decided, the transition and until when access
 //! holds. Read-only; everything comes from what was stored when the event was processed.
+//!
+//! What this module must never do: recompute a decision under today's rules: it tells what
+//! was decided then.
 
 use crate::store::{EventFilter, EventRow, MemberDetail, Store};
 use chrono::{DateTime, Utc};

@@ -1,5 +1,8 @@
 //! The one status table: every error the HTTP layer can answer, and its status code.
 //! A 500 is opaque to the caller; the error itself is logged.
+//!
+//! What this module must never do: show a 500's cause to the caller, or let a handler
+//! choose a status itself.
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};

@@ -1,35 +1,45 @@
 //! membersync keeps member access in sync with payment-provider webhooks.
 //!
 //! ```text
-//! POST /webhooks/{tenant}/{provider}
-//!   → verify   (verify/: the scheme the provider's YAML names; 401)
-//!   → decode   (extract/decode.rs: json | form with bracket keys; 400)
-//!   → extract  (extract/: YAML field extractors → CanonicalEvent; unmapped → ignored)
-//!   → dedupe   (pipeline.rs: idempotency key from body, header or body hash)
-//!   → rules    (rules/: Rhai decides the machine input and the effects)
-//!   → machine  (machine/: statig graph; an illegal transition is refused and recorded)
-//!   → store    (store/: one transaction per batch; event, state, access, leads, timers)
-//!   → respond  (2xx only after the commit)
-//! timers.rs feeds due timers through the same path; reconcile/ feeds the provider's
+//! POST /webhooks/{tenant}/{provider}                                 (ingest.rs)
+//!   → intake   (intake.rs, the one way a delivery enters:
+//!                 verify/  the scheme the provider's YAML names; 401
+//!                 redact   a secret carried in the body never stored
+//!                 decode   extract/decode.rs: json | form with bracket keys; 400
+//!                 extract  extract/: YAML field extractors → CanonicalEvent; unmapped → ignored)
+//!   → pipeline (pipeline/, in the writer, one savepoint per event:
+//!                 dedupe   idempotency key from body, header or body hash
+//!                 resolve  member and membership
+//!                 rules    rules/: Rhai decides the machine input and the effects
+//!                 machine  machine/: statig graph; an illegal transition is refused and recorded
+//!                 commit   store/: event, state, access, leads, timers; one transaction per batch)
+//!   → respond  (2xx only after the commit is on disk)
+//! timers.rs feeds due timers through the same pipeline; reconcile/ feeds the provider's
 //! current view (`status_synced`, source `reconcile`) where it differs from what is stored.
 //! ```
 //!
 //! # Layout
-//! Every module, top (what drives) to bottom (what is driven):
-//! - `cli`: the commands; `app`: the router and `serve`; `ingest`, `admin`: the HTTP
-//!   handlers; `http_error`: the status table; `logging`: stderr, routine lines batched.
+//! Every module, top (what drives) to bottom (what is driven); no module imports one
+//! above it:
+//! - `cli`: the commands; `app`: the router, `serve` and the request metrics; `ingest`,
+//!   `admin`: the HTTP handlers; `views`: the JSON of members, memberships and events;
+//!   `http_error`: the one status table; `logging`: stderr, routine lines batched.
 //! - `state`: the running service's state above the pipeline (the pipeline's context,
-//!   the last reload's outcome, the reconciler in force).
+//!   the last reload's outcome, the reconciler in force, the metrics); `metrics`: what
+//!   `/metrics` shows.
 //! - `reload`: swapping in edited rules (checked first by `check`); `reconcile`: the
-//!   provider APIs and the daily schedule; `timers`: due timers; `replay`: stored events
-//!   run again, and the dry run; `explain`, `scenario`: why a member has access, and
-//!   lifecycle files run as tests; `check`: every problem in the operator's files.
-//! - `pipeline`: the order of stages; `verify`: signature schemes; `extract`: provider
-//!   YAML → canonical event; `rules`: the Rhai policy; `machine`: the membership graph;
-//!   `effects`: effect values; `store`: durable state (`store::sqlite`: SQLite).
-//! - `config`: `membersync.yaml`; `canonical`: the event model; `clock`: injectable time;
-//!   `diagnostic`: file:line:column problems and the one "did you mean"; `schema`: the
-//!   JSON Schemas; `secret`: redacted secrets; `yaml`: the one YAML parser.
+//!   provider APIs and the daily schedule; `timers`: the one timer-firing path; `replay`:
+//!   stored events run again, and the dry run; `explain`, `scenario`, `simulate`: why a
+//!   member has access, lifecycle files run as tests, one payload as a dry run; `check`:
+//!   every problem in the operator's files.
+//! - `pipeline`: the order of stages (`resolve`, `commit`, `parked`); `intake`: how a
+//!   delivery enters; `verify`: signature schemes; `extract`: provider YAML → canonical
+//!   event; `rules`: the Rhai policy; `machine`: the membership graph; `effects`: effect
+//!   values; `store`: durable state (`store::sqlite`: SQLite).
+//! - `config`: `membersync.yaml`; `spec`: the provider file model; `canonical`: the event
+//!   model; `clock`: injectable time; `diagnostic`: file:line:column problems and the one
+//!   "did you mean"; `schema`: the JSON Schemas; `secret`: redacted secrets; `yaml`: the
+//!   one YAML parser.
 
 pub mod admin;
 pub mod app;

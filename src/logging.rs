@@ -8,6 +8,8 @@
 //! hook flushes first). A process killed outright loses at most the last
 //! [`FLUSH_EVERY`] of routine lines; what happened to each event is in the database, not in
 //! the log.
+//!
+//! What this module must never do: hold back a warning or an error behind routine lines.
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};

@@ -1,3 +1,8 @@
+//! The `membersync` binary: the allocator, the log writer and the panic hook, then the
+//! command line (`cli`).
+//!
+//! What this module must never do: anything a command does; that is the library's.
+
 use std::process::ExitCode;
 
 /// mimalloc instead of glibc's malloc: the request threads allocate what the writer thread

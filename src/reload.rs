@@ -4,6 +4,9 @@
 //! broken edit is reported (file:line) and the previous rules keep running.
 //! Triggers: a file watch on the rules directory and the config file, `POST /admin/reload`
 //! and SIGHUP.
+//!
+//! What this module must never do: swap in files that `check` refuses, or change where the
+//! service listens and stores.
 
 use crate::config::Config;
 use crate::diagnostic::Diagnostic;

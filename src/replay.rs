@@ -3,6 +3,9 @@
 //! `replay`, the old row stays as history, taken out of dedupe. And `dry_run`: re-derive
 //! every membership from the stored deliveries under the current rules, on a scratch
 //! store, and report what would differ — writing nothing.
+//!
+//! What this module must never do: apply an event twice: only failed, refused or ignored
+//! events run again, each once; the dry run writes nothing.
 
 use crate::canonical::Source;
 use crate::config::Config;

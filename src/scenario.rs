@@ -3,6 +3,9 @@
 //! clock moved to the event's own time, or moves the clock (due timers fire); after each,
 //! the member's state and access are compared with what the file expects.
 //! `membersync test` runs them against the rules in force, in process, on a scratch store.
+//!
+//! What this module must never do: touch the configured database: scenarios run on a
+//! scratch store.
 
 use crate::clock::{Clock, FixedClock};
 use crate::config::Config;

@@ -1,6 +1,9 @@
 //! The checked-in files under `schemas/`: JSON Schemas generated from the Rust types an
 //! operator writes (config, provider YAML) or reads (canonical event, effects), and the
 //! machine's graph. A test compares them with what the code generates now.
+//!
+//! What this module must never do: be edited by hand: the files are generated
+//! (`MEMBERSYNC_WRITE_SCHEMAS=1`).
 
 use crate::canonical::CanonicalEvent;
 use crate::config::ConfigFile;

@@ -2,6 +2,9 @@
 //! due time (or until a new timer is scheduled), then feeds each due timer through the
 //! same rules → machine → store path as a webhook. Timers live in the store, so those that
 //! fell due while the service was down fire at start.
+//!
+//! What this module must never do: change a membership itself: a due timer is an event
+//! through the pipeline like any other.
 
 use crate::canonical::Source;
 use crate::pipeline::{self, Ctx, Incoming, Loaded, Raw, Status};

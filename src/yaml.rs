@@ -1,5 +1,7 @@
 //! The one place YAML is parsed, so a maintained fork of serde_yaml can replace the
 //! archived crate in one line.
+//!
+//! What this module must never do: be bypassed: every YAML read goes through `from_str`.
 
 pub use serde_yaml::Error;
 

@@ -1,5 +1,7 @@
 //! Paths into a decoded body: `data.object.items.data[0].price.id` (or `data.0`).
 //! A path tells "absent" from "present and null", which conditions need.
+//!
+//! What this module must never do: guess at a missing key: absent stays absent.
 
 use serde_json::Value;
 

@@ -1,5 +1,8 @@
 //! Time and money conversions for extracted values. Form providers send every scalar as
 //! a string, so numbers in strings are read as numbers.
+//!
+//! What this module must never do: read a value of the wrong kind as something else (a
+//! boolean as a time, say); that is an error.
 
 use crate::spec::{AmountUnit, TimeUnit};
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};

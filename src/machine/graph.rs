@@ -1,6 +1,9 @@
 //! The machine's graph, read off the statig machine itself by stepping every input from
 //! every state. Exported to `schemas/membership.graph.json` and drawn as Mermaid in the
 //! README; a test fails when either is stale (`MEMBERSYNC_WRITE_SCHEMAS=1` rewrites).
+//!
+//! What this module must never do: describe an edge the machine does not have: the graph is
+//! read off the machine, not written by hand.
 
 use super::{statig_step as step, Input, MState, Step};
 use serde::Serialize;

@@ -3,6 +3,9 @@
 //! in its own lane (its own rate limit, so a slow provider does not hold up the others),
 //! then sleeps until more fall due or shutdown. The order lives in the store (the last
 //! attempt time per membership), so a restart resumes where the last run stopped.
+//!
+//! What this module must never do: reconcile one provider's memberships in another's lane,
+//! or ask a membership twice in one pass.
 
 use super::{Reconciler, Reconciliation, Report, Summary};
 use crate::pipeline::Ctx;

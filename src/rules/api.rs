@@ -1,6 +1,9 @@
 //! What Rhai sees: the event and membership as maps (times as unix seconds, absent values
 //! as `()`), and helper functions that build effects. The decision a rule returns is read
 //! back strictly: an unknown key, input or effect is an error, not a guess.
+//!
+//! What this module must never do: let a rule reach the store or the clock other than
+//! through what it is handed.
 
 use super::{from_unix, unix, Decision, MembershipView};
 use crate::canonical::CanonicalEvent;

@@ -2,6 +2,9 @@
 //! the account's secret word). Form or JSON bodies. Constant-time comparison. There is no
 //! timestamp and no body integrity: a captured delivery could be altered and replayed, which
 //! the README states plainly.
+//!
+//! What this module must never do: store or show the secret word: `redact` replaces it
+//! before anything is kept.
 
 use super::Error;
 use crate::secret::Secret;

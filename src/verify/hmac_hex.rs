@@ -1,6 +1,9 @@
 //! Hex HMAC-SHA256 of the raw body in one header (Memberful's
 //! `X-Memberful-Webhook-Signature`); optionally the legacy digest, hex SHA-256 of
 //! `body + secret`, in another. Constant-time comparison; no timestamp.
+//!
+//! What this module must never do: accept the legacy digest when the primary signature
+//! header is present.
 
 use super::Error;
 use crate::secret::Secret;

@@ -3,6 +3,8 @@
 //! HMAC-SHA256 over `"{id}.{timestamp}.{raw body}"`; the key is the secret decoded as the
 //! provider YAML says (default: `whsec_` stripped, base64-decoded). Any listed v1 may
 //! match; the timestamp must be within the tolerance.
+//!
+//! What this module must never do: accept a signature outside the timestamp tolerance.
 
 use super::Error;
 use crate::secret::Secret;

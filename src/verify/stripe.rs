@@ -1,6 +1,9 @@
 //! Stripe: `Stripe-Signature: t=<unix s>,v1=<hex>[,v1=<hex>…][,v0=…]`, HMAC-SHA256 over
 //! `"{t}.{raw body}"` keyed with the whole `whsec_…` string as UTF-8. Any v1 may match
 //! (secret rotation); v0 is ignored. Comparison is constant-time (`Mac::verify_slice`).
+//!
+//! What this module must never do: accept a signature outside the timestamp tolerance, or a
+//! v0 signature.
 
 use super::Error;
 use crate::secret::Secret;

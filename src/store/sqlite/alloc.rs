@@ -1,5 +1,7 @@
 //! SQLite's process-wide settings, made before its first connection: its allocator
 //! (mimalloc) and no memory statistics. Nothing here touches a database.
+//!
+//! What this module must never do: change a setting after SQLite has opened a connection.
 
 /// Process-wide SQLite settings, made once before the first connection opens (SQLite
 /// accepts them only before it initializes). Its allocator: mimalloc (below). Memory

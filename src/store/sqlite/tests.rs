@@ -1,4 +1,6 @@
 //! The SQLite store's own tests: batching, savepoints, WAL growth, query plans.
+//!
+//! What this module must never do: assert a timing; speed lives in the benchmarks.
 
 use super::read::events_where_sql;
 use super::*;

@@ -1,5 +1,7 @@
 //! `Tx` on an SQLite connection: the writer's kept statements, the row mappers and every
 //! write and lookup a job makes inside its savepoint. It holds no state of its own.
+//!
+//! What this module must never do: commit or roll back: the writer owns the transaction.
 
 use super::*;
 
