@@ -6,6 +6,7 @@
 mod compile;
 mod compiled;
 pub mod decode;
+mod form;
 pub mod path;
 mod read;
 pub mod time;
@@ -107,7 +108,7 @@ impl Extractor {
     /// Decodes a raw body the way the provider encodes it.
     pub fn decode(&self, body: &[u8], content_type: Option<&str>) -> Result<Value, decode::DecodeError> {
         if self.is_form(content_type) {
-            decode::form(body)
+            form::form(body)
         } else {
             decode::json_paths(body, &self.paths)
         }
@@ -121,7 +122,7 @@ impl Extractor {
         content_type: Option<&str>,
     ) -> Result<decode::Decoded<'_>, decode::DecodeError> {
         if self.is_form(content_type) {
-            decode::form(body).map(decode::Decoded::Tree)
+            form::form(body).map(decode::Decoded::Tree)
         } else {
             decode::json_captured(body, &self.paths)
         }
