@@ -134,6 +134,14 @@ pub enum Source {
 }
 
 impl Source {
+    pub const ALL: [Source; 6] =
+        [Source::Webhook, Source::Timer, Source::Reconcile, Source::Replay, Source::Admin, Source::Simulate];
+
+    /// The source named `s` (as `as_str` writes it).
+    pub fn parse(s: &str) -> Option<Source> {
+        Source::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Webhook => "webhook",

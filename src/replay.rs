@@ -43,7 +43,7 @@ pub async fn replay_one(ctx: &Arc<Ctx>, e: &EventRow) -> Result<Ack, Error> {
     if !REPLAYABLE.contains(&e.status.as_str()) {
         return Err(Error::NotReplayable(e.seq, e.status.clone()));
     }
-    if e.source == Source::Timer.as_str() {
+    if e.source == Source::Timer {
         // Its stored body is the timer, not a provider's payload: run again as a delivery
         // it could only fail, and the timer itself is gone once it fired.
         return Err(Error::NotReplayable(e.seq, format!("{} (a timer's event)", e.status)));
@@ -82,7 +82,7 @@ pub async fn replay(ctx: &Arc<Ctx>, filter: &EventFilter) -> Result<Vec<Replayed
     let f = filter.clone();
     let rows = store::read(&ctx.store, move |s| s.events_where(&f)).await?;
     let mut out = Vec::new();
-    for e in rows.iter().filter(|e| REPLAYABLE.contains(&e.status.as_str()) && e.source != "timer") {
+    for e in rows.iter().filter(|e| REPLAYABLE.contains(&e.status.as_str()) && e.source != Source::Timer) {
         let ack = replay_one(ctx, e).await?;
         out.push(Replayed {
             seq: e.seq,

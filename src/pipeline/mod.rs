@@ -145,7 +145,7 @@ pub fn apply_with(
         idempotency_key: key,
         event_type: String::new(),
         kind: None,
-        source: source.as_str().to_string(),
+        source,
         received_at: now,
         occurred_at: None,
         member_id: None,

@@ -6,6 +6,7 @@
 
 pub mod sqlite;
 
+use crate::canonical::Source;
 use crate::machine::MState;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -139,7 +140,7 @@ pub struct EventRow {
     pub idempotency_key: String,
     pub event_type: String,
     pub kind: Option<String>,
-    pub source: String,
+    pub source: Source,
     pub received_at: DateTime<Utc>,
     pub occurred_at: Option<DateTime<Utc>>,
     pub member_id: Option<String>,

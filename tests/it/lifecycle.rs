@@ -117,7 +117,8 @@ async fn stripe_subscription_lives_through_grace_recovery_and_cancel_at_period_e
 
     // The activity log holds every step, the timer included, with its source.
     let d = member(&ctx, "ada@example.com");
-    let timer_row = d.recent_events.iter().find(|e| e.source == "timer").expect("timer event logged");
+    let timer_row =
+        d.recent_events.iter().find(|e| e.source == membersync::canonical::Source::Timer).expect("timer event logged");
     assert_eq!(timer_row.event_type, "timer.period_end");
     assert_eq!(timer_row.status, "applied");
     assert_eq!(membersync::store::json_of(&timer_row.outcome)["rule"]["file"], "rules/timers.rhai");

@@ -208,15 +208,25 @@ async fn a_released_parked_event_is_not_replayed_again() {
     let dir = tempfile::tempdir().unwrap();
     let (ctx, _) = parked_then_released(&dir).await;
     let id = "evt_1QxqTxK7dEmoAc01LZbqVCbE";
-    let before: Vec<(String, String)> =
-        ctx.store.events_by_event_id(id).unwrap().iter().map(|e| (e.source.clone(), e.status.clone())).collect();
+    let before: Vec<(String, String)> = ctx
+        .store
+        .events_by_event_id(id)
+        .unwrap()
+        .iter()
+        .map(|e| (e.source.as_str().to_string(), e.status.clone()))
+        .collect();
     assert_eq!(before, [("webhook".to_string(), "replayed".to_string()), ("replay".into(), "applied".into())]);
     // The event already applied once (released). Replaying refused events must not apply it again.
     let done = membersync::replay::replay(&ctx, &EventFilter { status: Some("refused".into()), ..Default::default() })
         .await
         .unwrap();
-    let after: Vec<(String, String)> =
-        ctx.store.events_by_event_id(id).unwrap().iter().map(|e| (e.source.clone(), e.status.clone())).collect();
+    let after: Vec<(String, String)> = ctx
+        .store
+        .events_by_event_id(id)
+        .unwrap()
+        .iter()
+        .map(|e| (e.source.as_str().to_string(), e.status.clone()))
+        .collect();
     assert!(done.is_empty(), "an event that already ran again on release was replayed: {done:?}; rows {after:?}");
 }
 
@@ -237,7 +247,7 @@ async fn a_timers_dead_letter_is_not_replayed_as_a_delivery() {
     membersync::timers::fire_due(&s.ctx, at(FAILED + 8 * 86_400)).await;
     let failed = s.ctx.store.events(Some("failed"), None, 10).unwrap();
     assert_eq!(failed.len(), 1, "the timer is a dead letter");
-    assert_eq!(failed[0].source, "timer");
+    assert_eq!(failed[0].source.as_str(), "timer");
     std::fs::write(&timers, &good).unwrap();
     s.state.reload("test").unwrap();
     let (code, body) = s.post_admin(&format!("/events/{}/replay", failed[0].event_id)).await;
