@@ -187,6 +187,43 @@ async fn same_second_events_are_ordered_by_lifecycle_rank_not_arrival() {
     }
 }
 
+/// The rank same-second events are judged by is the one of the newest event the
+/// membership reflects: a newer event ranking lower lowers it; a same-second event ranking
+/// higher raises it.
+#[tokio::test]
+async fn the_rank_that_orders_same_second_events_is_the_newest_events() {
+    let at_time = |t: i64| move |v: &mut serde_json::Value| v["created"] = t.into();
+    let (t1, t2) = (START + 100, START + 200);
+
+    // Cancel scheduled (rank 40) at t1; at t2 the renewal (30), then the cancel reverted
+    // (30) in the same second: equal to the newest rank, so it applies.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FixedClock::new(at(START)));
+    let ctx = ctx_on(&dir.path().join("m.db"), clock.clone());
+    purchase(&ctx, &clock).await;
+    clock.set(at(t1));
+    deliver_edited(&ctx, "stripe", "customer_subscription_updated_cancel_scheduled", at_time(t1)).await;
+    assert_access(&ctx, MState::Canceling, true);
+    clock.set(at(t2));
+    let ack = deliver_edited(&ctx, "stripe", "invoice_paid_renewal", at_time(t2)).await;
+    assert_ne!(ack.status, Status::Stale, "{:?}", ack.outcome.reason);
+    let ack = deliver_edited(&ctx, "stripe", "customer_subscription_updated_cancel_reverted", at_time(t2)).await;
+    assert_eq!((ack.status, ack.outcome.to), (Status::Applied, Some(MState::Active)), "{:?}", ack.outcome.reason);
+
+    // At one second: the renewal (30), the cancel scheduled (40), then the cancel reverted
+    // (30): it ranks below the newest, so it is stale and the cancel stands.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FixedClock::new(at(START)));
+    let ctx = ctx_on(&dir.path().join("m.db"), clock.clone());
+    purchase(&ctx, &clock).await;
+    clock.set(at(t1));
+    deliver_edited(&ctx, "stripe", "invoice_paid_renewal", at_time(t1)).await;
+    deliver_edited(&ctx, "stripe", "customer_subscription_updated_cancel_scheduled", at_time(t1)).await;
+    let ack = deliver_edited(&ctx, "stripe", "customer_subscription_updated_cancel_reverted", at_time(t1)).await;
+    assert_eq!(ack.status, Status::Stale, "{:?}", ack.outcome.reason);
+    assert_access(&ctx, MState::Canceling, true);
+}
+
 #[tokio::test]
 async fn stripe_refund_revokes_at_once_and_lead_converts_on_purchase() {
     let dir = tempfile::tempdir().unwrap();
