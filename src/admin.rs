@@ -186,6 +186,7 @@ pub async fn rules(token: AdminToken, State(state): State<AppState>) -> Result<J
     let status = state.reload_status();
     Ok(Json(json!({
         "version": loaded.rules.version,
+        "version_covers": ["rules/*.rhai", "rules/providers/*.yaml", "tenants.*.policy", "tenants.*.providers.*.products"],
         "source_hash": loaded.rules.source_hash(),
         "loaded_at": rfc(Some(loaded.rules.loaded_at)),
         "files": loaded.rules.file_names(),

@@ -217,14 +217,15 @@ async fn serve(config_path: &Path, listen: Option<String>, database: Option<Stri
         .await
         .with_context(|| format!("Failed to listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, database = %config.database, rules = %rules.version, tenants = config.tenants.len(), "Listening.");
+    let ctx = Arc::new(Ctx::new(config, rules, store, Arc::new(SystemClock)));
+    let config = ctx.config();
+    tracing::info!(%addr, database = %config.database, rules = %ctx.rules().version, tenants = config.tenants.len(), "Listening.");
     for name in &config.removed_settings {
         tracing::warn!(setting = %name, "This setting was removed and is ignored; delete it from the config.");
     }
     if config.admin_token.is_none() {
         tracing::warn!("No admin token configured: the admin API answers 401 to everyone.");
     }
-    let ctx = Arc::new(Ctx::new(config, rules, store, Arc::new(SystemClock)));
     crate::app::serve(listener, crate::state::AppState::new(ctx), shutdown_signal()).await?;
     tracing::info!("Stopped.");
     Ok(ExitCode::SUCCESS)

@@ -37,8 +37,8 @@ pub fn reload(ctx: &Ctx, trigger: &str) -> Result<String, Vec<Diagnostic>> {
     };
     match result {
         Ok((config, rules)) => {
-            let version = rules.version.clone();
             ctx.swap(Loaded::new(config, rules));
+            let version = ctx.rules().version.clone();
             tracing::info!(%trigger, %version, "Rules reloaded.");
             Ok(version)
         }

@@ -9,12 +9,15 @@ use crate::config::Config;
 use crate::rules::RuleSet;
 use crate::store::Store;
 use rhai::Dynamic;
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 /// One consistent snapshot of what operators edit: the config (tenants, provider YAML)
 /// and the rule set. An event is processed under one snapshot from start to commit; a
-/// reload swaps in a new one for the events after it.
+/// reload swaps in a new one for the events after it. Its version (`rules.version`, the
+/// one every decision records) covers everything that decides: every rule file, every
+/// provider file, and each tenant's policy and product → access map.
 pub struct Loaded {
     pub config: Arc<Config>,
     pub rules: Arc<RuleSet>,
@@ -23,6 +26,8 @@ pub struct Loaded {
 
 impl Loaded {
     pub fn new(config: Config, rules: RuleSet) -> Loaded {
+        let mut rules = rules;
+        rules.version = version_of(&rules, &config);
         let policies = config
             .tenants
             .iter()
@@ -37,6 +42,30 @@ impl Loaded {
     pub(super) fn policy(&self, tenant: &str) -> Dynamic {
         self.policies.get(tenant).cloned().unwrap_or_else(|| Dynamic::from_map(rhai::Map::new()))
     }
+}
+
+/// The snapshot's version: the first 12 hex digits of a SHA-256 over the rule files, the
+/// provider files as read (their meaning: comments and layout do not count) and each
+/// tenant's policy and product map. Secrets are not part of it.
+pub fn version_of(rules: &RuleSet, config: &Config) -> String {
+    let mut h = Sha256::new();
+    let mut part = |label: &str, bytes: &[u8]| {
+        h.update(label.as_bytes());
+        h.update([0]);
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    part("rules", rules.source_hash().as_bytes());
+    for (name, x) in &config.extractors {
+        part(&format!("provider {name}"), &serde_json::to_vec(&x.spec).unwrap_or_default());
+    }
+    for (name, t) in &config.tenants {
+        part(&format!("tenant {name} policy"), &serde_json::to_vec(&t.policy).unwrap_or_default());
+        for (provider, p) in &t.providers {
+            part(&format!("tenant {name} products {provider}"), &serde_json::to_vec(&p.products).unwrap_or_default());
+        }
+    }
+    hex::encode(&h.finalize()[..6])
 }
 
 /// Everything the pipeline needs: the store, the clock and the snapshot in force. Shared

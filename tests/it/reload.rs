@@ -125,6 +125,48 @@ async fn grace_days_in_the_config_file_sets_grace_until() {
     s.stop().await;
 }
 
+/// The version every decision records covers everything that decides: a rule file, a
+/// provider file, a tenant's policy and its product map each change it; a comment in YAML
+/// does not. Each decision after a reload records the new version, and `explain` shows it.
+// See: issue 18 (grace_days 7 → 3 and a reload left the version as it was).
+#[tokio::test]
+async fn the_version_covers_rules_provider_files_policy_and_products() {
+    let (s, clock, rules_dir) = subscribed_server().await;
+    let root = rules_dir.parent().unwrap().to_path_buf();
+    let mut seen = vec![version(&s).await["version"].as_str().unwrap().to_string()];
+    let edits: &[(&str, &str, &str, bool)] = &[
+        ("membersync.yaml", "grace_days: 7 ", "grace_days: 3 ", true),
+        ("membersync.yaml", "prod_Pro001: [pro]", "prod_Pro001: [pro, extra]", true),
+        ("rules/providers/stripe.yaml", "kind: renewed", "kind: renewed  # a comment", false),
+        ("rules/providers/stripe.yaml", "api_base: https://api.stripe.com", "api_base: https://api.stripe.test", true),
+        ("rules/grace.rhai", "fn on_payment_failed(", "// noted\nfn on_payment_failed(", true),
+    ];
+    for (file, from, to, changes) in edits {
+        let path = root.join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from), "{file} has `{from}`");
+        std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
+        let (status, answer) =
+            s.post("/admin/reload", &[("authorization".into(), format!("Bearer {TOKEN}"))], vec![]).await;
+        assert_eq!(status, 200, "{file}: {answer}");
+        let now = answer["version"].as_str().unwrap().to_string();
+        assert_eq!(version(&s).await["version"], now.as_str(), "GET /admin/rules shows it");
+        let last = seen.last().unwrap().clone();
+        assert_eq!(now != last, *changes, "{file}: `{from}` → `{to}` changed the version from {last} to {now}");
+        seen.push(now);
+    }
+    // The next decision records the version in force, and explain shows it.
+    let ack = post_at(&s, &clock, 1_769_907_606, "invoice_payment_failed").await;
+    assert_eq!(ack["status"], "applied");
+    let (_, stored) = s.get(&format!("/events/{}", ack["event_id"].as_str().unwrap()), Some(TOKEN)).await;
+    assert_eq!(stored["outcome"]["rule"]["version"], seen.last().unwrap().as_str(), "{stored}");
+    let explained = membersync::explain::explain_json(&*s.ctx.store, &member(&s.ctx, "ada@example.com"), clock.now())
+        .unwrap()
+        .to_string();
+    assert!(explained.contains(seen.last().unwrap().as_str()), "explain names the version: {explained}");
+    s.stop().await;
+}
+
 /// One broken edit per kind of error `membersync check` reports. For each, on a running
 /// service: `check` finds errors ⇔ the reload is refused (422), the version stays, and
 /// `GET /admin/rules` shows what `check` showed, by file and line; undone, both accept.
