@@ -3,7 +3,7 @@
 //! are validated against the JSON Schemas generated from the Rust types (the same ones
 //! checked in under `schemas/`), then compiled; every rule file is compiled and linted
 //! (machine inputs and states it names must exist). Paths that no fixture of the provider
-//! ever resolves are reported as warnings.
+//! ever resolves are notes, shown with `--verbose`.
 //!
 //! What this module must never do: change a file or open the database: it reads and
 //! reports.
@@ -21,25 +21,47 @@ use yaml_rust2::scanner::Marker;
 /// What `check` found.
 #[derive(Debug, Default)]
 pub struct Findings {
+    /// What refuses the files (`check` exits 1; a reload and `serve` refuse them).
     pub errors: Vec<Diagnostic>,
+    /// What an operator should fix, though it refuses nothing (`--strict` makes them fail).
     pub warnings: Vec<Diagnostic>,
+    /// What is only worth knowing when looking for it (`--verbose`): a provider file's paths
+    /// that no fixture of the provider has — payload shapes the fixtures do not cover yet.
+    pub notes: Vec<Diagnostic>,
 }
 
 impl Findings {
-    /// One line per problem, errors first, then a summary line.
-    pub fn render(&self) -> String {
+    /// One line per problem, errors first, then warnings (and notes, with `verbose`), then
+    /// a summary line.
+    pub fn render(&self, verbose: bool) -> String {
         let mut out = String::new();
         for d in &self.errors {
             out.push_str(&format!("{d}\n"));
         }
-        for d in &self.warnings {
-            out.push_str(&format!("{}:{}:{}: warning: {}", d.file, d.line, d.column, d.message));
+        let mut line = |d: &Diagnostic, what: &str| {
+            out.push_str(&format!("{}:{}:{}: {what}: {}", d.file, d.line, d.column, d.message));
             if let Some(h) = &d.hint {
                 out.push_str(&format!(" (hint: {h})"));
             }
             out.push('\n');
+        };
+        for d in &self.warnings {
+            line(d, "warning");
         }
-        out.push_str(&format!("{} error(s), {} warning(s)\n", self.errors.len(), self.warnings.len()));
+        if verbose {
+            for d in &self.notes {
+                line(d, "note");
+            }
+        }
+        out.push_str(&format!("{} error(s), {} warning(s)", self.errors.len(), self.warnings.len()));
+        if !self.notes.is_empty() {
+            out.push_str(&format!(
+                ", {} note(s){}",
+                self.notes.len(),
+                if verbose { "" } else { " (--verbose lists them)" }
+            ));
+        }
+        out.push('\n');
         out
     }
 }
@@ -371,7 +393,7 @@ pub fn check(config_path: &Path) -> Findings {
                     continue;
                 }
                 let fixtures = base.join("tests/fixtures").join(&spec.provider);
-                f.warnings.extend(unresolved_paths(&file, &psrc, &spec, &fixtures));
+                f.notes.extend(unresolved_paths(&file, &psrc, &spec, &fixtures));
             }
             Err(e) => {
                 schema_broken.push(file.clone());

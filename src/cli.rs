@@ -41,9 +41,12 @@ pub enum Command {
     Check {
         #[arg(long, default_value = "membersync.yaml")]
         config: PathBuf,
-        /// Treat warnings (paths no fixture resolves) as errors too.
+        /// Treat warnings as errors too.
         #[arg(long)]
         strict: bool,
+        /// Also list the notes: provider-file paths that no fixture of the provider has.
+        #[arg(long)]
+        verbose: bool,
     },
     /// Dry-run one payload: print the canonical event and the outcome as JSON.
     Simulate(SimulateArgs),
@@ -161,7 +164,7 @@ pub fn run() -> ExitCode {
 async fn dispatch(cmd: Command) -> Result<ExitCode> {
     match cmd {
         Command::Serve { config, listen, database } => serve(&config, listen, database).await,
-        Command::Check { config, strict } => Ok(check(&config, strict)),
+        Command::Check { config, strict, verbose } => Ok(check(&config, strict, verbose)),
         Command::Replay { status, since, member, dry_run, config } => {
             replay(&config, status, since.as_deref(), member, dry_run).await
         }
@@ -253,13 +256,14 @@ async fn shutdown_signal() {
     tracing::info!("Shutting down: finishing requests in flight.");
 }
 
-fn check(config_path: &Path, strict: bool) -> ExitCode {
+fn check(config_path: &Path, strict: bool, verbose: bool) -> ExitCode {
     let findings = crate::check::check(config_path);
-    if findings.errors.is_empty() && findings.warnings.is_empty() {
+    let listed_notes = verbose && !findings.notes.is_empty();
+    if findings.errors.is_empty() && findings.warnings.is_empty() && !listed_notes {
         println!("ok: {} and its rules are valid", config_path.display());
         return ExitCode::SUCCESS;
     }
-    print!("{}", findings.render());
+    print!("{}", findings.render(verbose));
     let failing_warnings = strict && !findings.warnings.is_empty();
     if findings.errors.is_empty() && !failing_warnings {
         ExitCode::SUCCESS

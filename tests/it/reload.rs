@@ -204,7 +204,7 @@ async fn reload_refuses_exactly_what_check_refuses() {
 
         let findings = membersync::check::check(&cfg);
         assert!(!findings.errors.is_empty(), "{file}: `{to}`: check finds an error");
-        let shown = findings.render();
+        let shown = findings.render(false);
         assert!(shown.contains(names), "{file}: check names `{names}`: {shown}");
         let (status, answer) =
             s.post("/admin/reload", &[("authorization".into(), format!("Bearer {TOKEN}"))], vec![]).await;
