@@ -96,6 +96,11 @@ pub enum Command {
         /// Webhook URL; defaults to the local server's URL for this tenant and provider.
         #[arg(long)]
         url: Option<String>,
+        /// Extra request header, `Name: value` (repeatable). A `webhook-id` (or `svix-id`)
+        /// sets the message id that Standard Webhooks providers sign; without one it is
+        /// derived from the body, so the same file sent twice is the same delivery.
+        #[arg(long = "header")]
+        headers: Vec<String>,
         #[arg(long, default_value = "membersync.yaml")]
         config: PathBuf,
         file: PathBuf,
@@ -171,7 +176,9 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
         Command::Explain { member, json, config } => explain(&config, &member, json).await,
         Command::Test { dir, config } => test(&config, &dir).await,
         Command::Simulate(args) => simulate(args).await,
-        Command::Send { provider, tenant, url, config, file } => send(&config, &provider, &tenant, url, &file).await,
+        Command::Send { provider, tenant, url, headers, config, file } => {
+            send(&config, &provider, &tenant, url, &headers, &file).await
+        }
         Command::Reconcile { member, json, config, database } => reconcile(&config, database, member, json).await,
     }
 }
@@ -351,7 +358,15 @@ async fn simulate(args: SimulateArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn send(config_path: &Path, provider: &str, tenant: &str, url: Option<String>, file: &Path) -> Result<ExitCode> {
+async fn send(
+    config_path: &Path,
+    provider: &str,
+    tenant: &str,
+    url: Option<String>,
+    headers: &[String],
+    file: &Path,
+) -> Result<ExitCode> {
+    let mut extra = parse_headers(headers)?;
     let config = load_config(config_path)?;
     let verifier =
         config.verifiers.get(provider).with_context(|| format!("no provider `{provider}` in rules/providers"))?;
@@ -368,9 +383,17 @@ async fn send(config_path: &Path, provider: &str, tenant: &str, url: Option<Stri
     let url = url.unwrap_or_else(|| format!("http://{}/webhooks/{tenant}/{provider}", config.listen));
     let scheme = &verifier.scheme;
     let body = scheme.prepare_body(&secret, &body);
-    let signed = scheme.sign(&secret, &body, now);
+    // The message id a Standard Webhooks signature covers: the one given, else the body's
+    // own, so a resend is recognised as the same delivery.
+    let given = extra.iter().find(|(k, _)| k == "webhook-id" || k == "svix-id").map(|(_, v)| v.clone());
+    extra.retain(|(k, _)| k != "webhook-id" && k != "svix-id");
+    let id = given.unwrap_or_else(|| {
+        use sha2::Digest as _;
+        format!("msg_{}", &hex::encode(sha2::Sha256::digest(&body))[..24])
+    });
+    let signed = scheme.sign_with_id(&secret, &body, now, Some(&id));
     let mut req = reqwest::Client::new().post(&url).header("content-type", content_type_for(file)).body(body);
-    for (k, v) in signed {
+    for (k, v) in signed.into_iter().chain(extra) {
         req = req.header(k, v);
     }
     let resp = req.send().await.with_context(|| format!("Failed to POST to {url}"))?;

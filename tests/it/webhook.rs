@@ -292,3 +292,44 @@ async fn empty_unsigned_post_is_401_except_for_thrivecarts_url_check() {
     assert!(s.ctx.store.events(None, None, 10).unwrap().is_empty(), "nothing stored");
     s.stop().await;
 }
+
+/// `membersync send` is repeatable: the same file twice is the same delivery, for every
+/// provider (a Standard Webhooks message id derives from the body unless `--header
+/// 'webhook-id: …'` names one, which then makes a new delivery).
+// See: issue 18 (Memberstack's second send was applied again under a new svix-id).
+#[tokio::test]
+async fn send_twice_is_one_delivery_and_a_given_message_id_is_another() {
+    let s = Server::start().await;
+    let send = |provider: &'static str, file: &'static str, extra: &'static [&'static str]| {
+        let url = format!("{}/webhooks/demo/{provider}", s.url);
+        async move {
+            let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_membersync"));
+            cmd.args(["send", "--provider", provider, "--url", &url, "--config"])
+                .arg(root().join("membersync.yaml"))
+                .arg(root().join("tests/fixtures").join(provider).join(file));
+            for h in extra {
+                cmd.args(["--header", h]);
+            }
+            let out = cmd.output().await.unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let ack: serde_json::Value = serde_json::from_str(text.split_once(' ').unwrap().1).unwrap();
+            ack["status"].as_str().unwrap().to_string()
+        }
+    };
+    for (provider, file) in [
+        ("memberstack", "member_plan_added.json"),
+        ("whop", "membership_activated.json"),
+        ("stripe", "customer_subscription_created.json"),
+        ("memberful", "subscription_created.json"),
+    ] {
+        assert_eq!(send(provider, file, &[]).await, "applied", "{provider}");
+        assert_eq!(send(provider, file, &[]).await, "duplicate", "{provider}: the same file again");
+    }
+    // A message id of one's own is another delivery (and the same id again, a duplicate).
+    let fresh = send("memberstack", "member_plan_added.json", &["webhook-id: msg_by_hand_1"]).await;
+    assert_ne!(fresh, "duplicate");
+    let again = send("memberstack", "member_plan_added.json", &["webhook-id: msg_by_hand_1"]).await;
+    assert_eq!(again, "duplicate");
+    s.stop().await;
+}
