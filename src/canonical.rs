@@ -1,7 +1,7 @@
 //! Canonical model: the one event shape every provider's payload is mapped onto.
 //!
 //! Nothing here knows about a provider's wire format; `extract` builds these values and
-//! `rules` reads them. The JSON shape is part of the public contract (DESIGN.md).
+//! `rules` reads them. The JSON shape is part of the public contract (`schemas/canonical-event.schema.json`).
 //!
 //! What this module must never do: know a provider's wire format or a rule; it is data both
 //! sides agree on.

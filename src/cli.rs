@@ -108,7 +108,7 @@ pub enum Command {
     /// Compare memberships with the providers now and correct drift through the rules:
     /// one member's (`--member`), or one pass over every membership.
     Reconcile {
-        /// Only this member's memberships (its `mbr_…` id).
+        /// Only this member's memberships (its `mbr_…` id or an email).
         #[arg(long)]
         member: Option<String>,
         /// Print the summary as JSON.
@@ -189,6 +189,19 @@ fn load_config(path: &Path) -> Result<Config> {
 
 fn load_rules(config: &Config, now: DateTime<Utc>) -> Result<RuleSet> {
     RuleSet::load(&config.rules_dir, "rules", now).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))
+}
+
+/// The database of a command that reads what `serve` stored (explain, replay, reconcile):
+/// one that does not exist is an error, not a new empty database.
+fn open_existing_store(config: &Config) -> Result<Arc<dyn Store>> {
+    let db = &config.database;
+    if db != ":memory:" && !Path::new(db).exists() {
+        bail!(
+            "no database at {db}: nothing was stored there yet (`membersync serve` creates it; \
+             `database:` in the config or MEMBERSYNC_DATABASE names another)"
+        );
+    }
+    open_store(config, db)
 }
 
 fn open_store(config: &Config, database: &str) -> Result<Arc<dyn Store>> {
@@ -290,10 +303,19 @@ async fn reconcile(
         config.database = d;
     }
     let rules = load_rules(&config, Utc::now())?;
-    let store = open_store(&config, &config.database)?;
+    let store = open_existing_store(&config)?;
     let ctx = Arc::new(Ctx::new(config, rules, store, Arc::new(SystemClock)));
     let reconciler = Arc::new(crate::reconcile::Reconciler::new(&ctx.config(), Default::default()));
-    let summary = crate::reconcile::schedule::run_now(&ctx, &reconciler, member.as_deref())
+    // A member by id or email, as `explain` takes them.
+    let member_id = match &member {
+        Some(who) => {
+            let w = who.clone();
+            let found = crate::store::read(&ctx.store, move |s| crate::explain::find(s, &w)).await?;
+            Some(found.with_context(|| format!("no member `{who}` (by id or email)"))?.member.id)
+        }
+        None => None,
+    };
+    let summary = crate::reconcile::schedule::run_now(&ctx, &reconciler, member_id.as_deref())
         .await?
         .with_context(|| format!("no member `{}`", member.as_deref().unwrap_or_default()))?;
     if json {
@@ -368,14 +390,18 @@ async fn send(
 ) -> Result<ExitCode> {
     let mut extra = parse_headers(headers)?;
     let config = load_config(config_path)?;
-    let verifier =
-        config.verifiers.get(provider).with_context(|| format!("no provider `{provider}` in rules/providers"))?;
-    let secret = config
-        .tenants
-        .get(tenant)
-        .and_then(|t| t.providers.get(provider))
-        .and_then(|p| p.secret.clone())
-        .with_context(|| format!("tenant `{tenant}` has no secret for `{provider}`"))?;
+    let Some(verifier) = config.verifiers.get(provider) else {
+        let known: Vec<&str> = config.verifiers.keys().map(String::as_str).collect();
+        bail!("{}", crate::diagnostic::unknown("provider", provider, &known));
+    };
+    let Some(t) = config.tenants.get(tenant) else {
+        let known: Vec<&str> = config.tenants.keys().map(String::as_str).collect();
+        bail!("{}", crate::diagnostic::unknown("tenant", tenant, &known));
+    };
+    let Some(tp) = t.providers.get(provider) else {
+        bail!("tenant `{tenant}` does not take `{provider}` (add it under tenants.{tenant}.providers in the config)");
+    };
+    let secret = tp.secret.clone().with_context(|| format!("tenant `{tenant}` has no secret for `{provider}`"))?;
     let body = std::fs::read(file).with_context(|| format!("Failed to read {}", file.display()))?;
     let now = SystemClock.now();
     let body = crate::simulate::expand_time(&body, now.timestamp())
@@ -416,7 +442,7 @@ fn parse_time(s: &str, what: &str) -> Result<DateTime<Utc>> {
 async fn open_ctx(config_path: &Path) -> Result<Arc<Ctx>> {
     let config = load_config(config_path)?;
     let rules = load_rules(&config, Utc::now())?;
-    let store = open_store(&config, &config.database)?;
+    let store = open_existing_store(&config)?;
     Ok(Arc::new(Ctx::new(config, rules, store, Arc::new(SystemClock))))
 }
 
@@ -478,7 +504,7 @@ async fn replay(
 
 async fn explain(config_path: &Path, who: &str, as_json: bool) -> Result<ExitCode> {
     let config = load_config(config_path)?;
-    let store = open_store(&config, &config.database)?;
+    let store = open_existing_store(&config)?;
     let who = who.to_string();
     let now = Utc::now();
     let found = who.clone();

@@ -69,6 +69,17 @@ pub fn render(diags: &[Diagnostic]) -> String {
 }
 
 /// The candidate closest to `word` by edit distance, if it is close enough to be a typo.
+/// A name nobody knows, said with the closest known one and the whole list:
+/// "no provider `strpe` (did you mean `stripe`?); known: memberful, stripe, …".
+pub fn unknown(what: &str, word: &str, known: &[&str]) -> String {
+    let mut out = format!("no {what} `{word}`");
+    if let Some(best) = closest(word, known) {
+        out.push_str(&format!(" (did you mean `{best}`?)"));
+    }
+    out.push_str(&format!("; known: {}", if known.is_empty() { "none".to_string() } else { known.join(", ") }));
+    out
+}
+
 fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
     candidates
         .iter()

@@ -21,8 +21,9 @@ use std::sync::Arc;
 /// Why a payload could not be simulated.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("no provider `{0}` in rules/providers")]
-    UnknownProvider(String),
+    /// An unknown provider or tenant, named with the known ones.
+    #[error("{0}")]
+    Unknown(String),
     #[error("Failed to decode the payload: {0}")]
     Intake(#[from] crate::intake::Error),
     #[error(transparent)]
@@ -54,7 +55,12 @@ pub async fn simulate_json(
     let SimulateInput { provider, tenant, headers, now, state, body, content_type } = input;
     let (provider, tenant, content_type) = (provider.as_str(), tenant.as_str(), content_type.as_str());
     if !config.extractors.contains_key(provider) {
-        return Err(Error::UnknownProvider(provider.to_string()));
+        let known: Vec<&str> = config.extractors.keys().map(String::as_str).collect();
+        return Err(Error::Unknown(crate::diagnostic::unknown("provider", provider, &known)));
+    }
+    if !config.tenants.contains_key(tenant) {
+        let known: Vec<&str> = config.tenants.keys().map(String::as_str).collect();
+        return Err(Error::Unknown(crate::diagnostic::unknown("tenant", tenant, &known)));
     }
     let mut with_type = headers.clone();
     if !with_type.iter().any(|(k, _)| k == "content-type") {

@@ -1,7 +1,7 @@
 //! The JSON views of stored rows — a member with memberships, sync detail and activity, a
 //! membership, an activity-log line, a stored event with its raw body — shared by the admin
-//! API, `explain` and scenario files, so each shows a member the same way (DESIGN.md's
-//! member JSON).
+//! API, `explain` and scenario files, so each shows a member the same way (the member JSON
+//! the README documents).
 //!
 //! What this module must never do: read the store or show a secret; it shapes what it is
 //! handed.
@@ -86,7 +86,7 @@ pub fn activity_json_with(e: &EventRow, o: &Value) -> Value {
     })
 }
 
-/// The member JSON of DESIGN.md.
+/// The member JSON (the README's "HTTP API").
 pub fn member_json(d: &MemberDetail, now: DateTime<Utc>) -> Value {
     let levels: BTreeSet<String> =
         d.memberships.iter().filter(|m| m.has_access(now)).flat_map(|m| m.access_levels.iter().cloned()).collect();

@@ -1,6 +1,7 @@
 //! Integration tests: one binary (one link step), a module per area.
 
 mod check;
+mod cli;
 mod crash;
 mod details;
 mod durability;

@@ -1,0 +1,65 @@
+//! The command line as a newcomer meets it: unknown names answered with the known ones,
+//! a member found by email wherever an id is taken, and a read-only command never creating
+//! an empty database where none was.
+
+use crate::support::*;
+use std::path::Path;
+
+fn run(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_membersync")).args(args).current_dir(dir).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+// See: issue 18 (an unknown provider or tenant was a bare "no provider"; `reconcile
+// --member` took only an id; `explain` on a mistyped database path made an empty one).
+#[test]
+fn unknown_names_are_answered_with_the_known_ones() {
+    let (dir, _) = editable_config();
+    let d = dir.path();
+    let fixture = root().join("tests/fixtures/stripe/invoice_paid.json");
+    let fixture = fixture.to_str().unwrap();
+    let (code, _, err) = run(d, &["send", "--provider", "strpe", "--url", "http://127.0.0.1:9/x", fixture]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("no provider `strpe` (did you mean `stripe`?); known: memberful, memberstack, stripe"),
+        "{err}"
+    );
+    let (code, _, err) =
+        run(d, &["send", "--provider", "stripe", "--tenant", "dmo", "--url", "http://127.0.0.1:9/x", fixture]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no tenant `dmo` (did you mean `demo`?); known: demo"), "{err}");
+    let (code, _, err) = run(d, &["simulate", "--provider", "whoop", fixture]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no provider `whoop` (did you mean `whop`?)"), "{err}");
+}
+
+#[test]
+fn read_only_commands_refuse_a_database_that_does_not_exist() {
+    let (dir, _) = editable_config();
+    let d = dir.path();
+    let db = d.join("membersync.db");
+    assert!(!db.exists());
+    for args in [&["explain", "ada@example.com"][..], &["replay", "--dry-run"][..], &["reconcile"][..]] {
+        let (code, _, err) = run(d, args);
+        assert_eq!(code, Some(1), "{args:?}");
+        assert!(err.contains("no database at") && err.contains("membersync.db"), "{args:?}: {err}");
+        assert!(!db.exists(), "{args:?} created an empty database");
+    }
+}
+
+#[tokio::test]
+async fn reconcile_takes_a_member_by_email_like_explain() {
+    let (dir, config) = editable_config();
+    let clock = std::sync::Arc::new(membersync::clock::FixedClock::new(at(1_767_225_600)));
+    let ctx = ctx_with(config, clock);
+    deliver(&ctx, "stripe", "checkout_session_completed").await;
+    deliver(&ctx, "stripe", "customer_subscription_created").await;
+    drop(ctx);
+    let (code, out, err) = run(dir.path(), &["reconcile", "--database", "m.db", "--member", "ada@example.com"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains(" stripe ") && out.contains("checked 1:"), "{out}");
+    let (code, _, err) = run(dir.path(), &["reconcile", "--database", "m.db", "--member", "nobody@example.com"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no member `nobody@example.com` (by id or email)"), "{err}");
+}
