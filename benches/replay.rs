@@ -98,7 +98,8 @@ fn main() {
     let _ = std::process::Command::new("sync").status();
 
     let t0 = Instant::now();
-    let diffs = rt.block_on(membersync::replay::dry_run(&ctx, &EventFilter::default(), now)).expect("dry run");
+    let diffs =
+        rt.block_on(membersync::replay::dry_run(&ctx, &EventFilter::default(), now)).expect("dry run").differences;
     let dt = t0.elapsed().as_secs_f64();
     println!(
         "replay --dry-run: {stored} stored events re-derived and compared in {dt:.2} s = {:.0} events/s (target >= 20000); {} difference(s)",

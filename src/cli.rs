@@ -462,24 +462,19 @@ async fn replay(
         filter.member_id = Some(found.with_context(|| format!("no member `{id}`"))?.member.id);
     }
     if dry_run {
-        let diffs = crate::replay::dry_run(&ctx, &filter, Utc::now()).await?;
-        let fmt = |v: &Option<(String, bool)>| match v {
-            Some((state, access)) => format!("{state} ({})", if *access { "access" } else { "no access" }),
-            None => "absent".to_string(),
-        };
+        let run = crate::replay::dry_run(&ctx, &filter, Utc::now()).await?;
         println!("rules {} (dry run: nothing written)", ctx.rules().version);
-        if diffs.is_empty() {
+        println!(
+            "{} deliveries re-derived; {} membership(s) compared; {} differ",
+            run.deliveries,
+            run.compared,
+            run.differences.len()
+        );
+        if run.differences.is_empty() {
             println!("no differences: the stored state is what the current rules derive");
         }
-        for d in &diffs {
-            println!(
-                "{}  {} {}: stored {} → derived {}",
-                d.member,
-                d.provider,
-                d.membership,
-                fmt(&d.stored),
-                fmt(&d.derived)
-            );
+        for d in &run.differences {
+            println!("{} ({})  {} {}: {}", d.member, d.member_id, d.provider, d.membership, d.changes.join("; "));
         }
         return Ok(ExitCode::SUCCESS);
     }

@@ -10,7 +10,7 @@
 use crate::canonical::Source;
 use crate::config::Config;
 use crate::pipeline::{self, Ack, Ctx, Incoming, Raw, Status};
-use crate::store::{self, EventFilter, EventRow, MemberRow, MembershipRow};
+use crate::store::{self, EventFilter, EventRow, MembershipRow};
 use crate::timers::{self, FireAt};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -95,25 +95,125 @@ pub async fn replay(ctx: &Arc<Ctx>, filter: &EventFilter) -> Result<Vec<Replayed
     Ok(out)
 }
 
-/// One membership's state and access, stored vs re-derived.
+/// What the dry run compares of one membership.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Compared {
+    pub state: String,
+    pub has_access: bool,
+    /// The levels it grants now (none without access).
+    pub access_levels: Vec<String>,
+    pub grace_until: Option<DateTime<Utc>>,
+    pub access_until: Option<DateTime<Utc>>,
+    pub flags: Vec<String>,
+}
+
+impl Compared {
+    fn of(m: &MembershipRow, now: DateTime<Utc>) -> Compared {
+        let has_access = m.has_access(now);
+        Compared {
+            state: m.state.to_string(),
+            has_access,
+            access_levels: if has_access { m.access_levels.clone() } else { vec![] },
+            grace_until: m.grace_until,
+            access_until: m.access_until,
+            flags: m.flags.clone(),
+        }
+    }
+
+    /// What differs from `other`, a phrase per field.
+    fn changes_to(a: Option<&Compared>, b: Option<&Compared>) -> Vec<String> {
+        let (a, b) = match (a, b) {
+            (Some(a), Some(b)) => (a, b),
+            (Some(_), None) => return vec!["not derived: no delivery leads to it under these rules".into()],
+            (None, Some(_)) => return vec!["derived, but not stored".into()],
+            (None, None) => return vec![],
+        };
+        let t = |v: Option<DateTime<Utc>>| {
+            v.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)).unwrap_or_else(|| "none".into())
+        };
+        let mut out = Vec::new();
+        if a.state != b.state {
+            out.push(format!("state {} → {}", a.state, b.state));
+        }
+        if a.has_access != b.has_access {
+            out.push(format!("access {} → {}", a.has_access, b.has_access));
+        }
+        if a.access_levels != b.access_levels {
+            out.push(format!("levels [{}] → [{}]", a.access_levels.join(", "), b.access_levels.join(", ")));
+        }
+        if a.grace_until != b.grace_until {
+            out.push(format!("grace_until {} → {}", t(a.grace_until), t(b.grace_until)));
+        }
+        if a.access_until != b.access_until {
+            out.push(format!("access_until {} → {}", t(a.access_until), t(b.access_until)));
+        }
+        if a.flags != b.flags {
+            out.push(format!("flags [{}] → [{}]", a.flags.join("; "), b.flags.join("; ")));
+        }
+        out
+    }
+}
+
+/// One membership, stored vs re-derived, where they differ.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Difference {
+    /// The stored member's email, or its id when it has none.
     pub member: String,
+    pub member_id: String,
     pub provider: String,
+    /// The membership key (`sub:…`, `product:…`).
     pub membership: String,
-    pub stored: Option<(String, bool)>,
-    pub derived: Option<(String, bool)>,
+    pub stored: Option<Compared>,
+    pub derived: Option<Compared>,
+    /// What differs, a phrase per field ("state past_due → expired", …).
+    pub changes: Vec<String>,
+}
+
+/// What a dry run found: how many memberships it compared, and where they differ.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DryRun {
+    pub deliveries: usize,
+    pub compared: usize,
+    pub differences: Vec<Difference>,
 }
 
 /// Re-derives memberships from the stored deliveries (all, or one member's, or since a
-/// time) under the rules in force, on a scratch store; returns what differs from the
-/// stored state at `now`. Writes nothing.
-pub async fn dry_run(ctx: &Arc<Ctx>, filter: &EventFilter, now: DateTime<Utc>) -> Result<Vec<Difference>, Error> {
+/// time) under the rules in force, on a scratch store, and compares each membership of the
+/// members those deliveries touched — matched by member (email, else the provider customer
+/// ids the member is linked by) and membership key — at `now`. Writes nothing.
+pub async fn dry_run(ctx: &Arc<Ctx>, filter: &EventFilter, now: DateTime<Utc>) -> Result<DryRun, Error> {
     let (ctx, filter) = (ctx.clone(), filter.clone());
     tokio::task::spawn_blocking(move || dry_run_blocking(&ctx, &filter, now))
         .await
         .map_err(|e| store::Error::Thread(format!("the dry run failed: {e}")))?
 }
+
+/// A stored member, as the scratch store can find it again: its own ids differ there.
+struct Person {
+    tenant: String,
+    id: String,
+    email: Option<String>,
+    /// (provider, customer id) links.
+    links: Vec<(String, String)>,
+}
+
+impl Person {
+    fn shown(&self) -> String {
+        self.email.clone().unwrap_or_else(|| self.id.clone())
+    }
+}
+
+/// (tenant, provider, membership key) → (the stored member's index in `people`, what is compared).
+type View = BTreeMap<(String, String, String), (usize, Compared)>;
+
+fn add_to_view(view: &mut View, person: usize, memberships: &[MembershipRow], now: DateTime<Utc>) {
+    for m in memberships {
+        view.insert((m.tenant.clone(), m.provider.clone(), m.key.clone()), (person, Compared::of(m, now)));
+    }
+}
+
+/// Deliveries read between two progress lines.
+const PROGRESS_EVERY: usize = 20_000;
 
 /// The dry run on two threads: one reads the stored deliveries a page at a time in
 /// arrival order, decodes and extracts each again and works out what needs no stored
@@ -121,7 +221,7 @@ pub async fn dry_run(ctx: &Arc<Ctx>, filter: &EventFilter, now: DateTime<Utc>) -
 /// through the pipeline into a scratch database in one transaction, firing the timers due
 /// by a delivery's arrival just before it, so timers interleave with deliveries exactly as
 /// they did in life. Then the timers due by `now`, and the comparison.
-fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Result<Vec<Difference>, Error> {
+fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Result<DryRun, Error> {
     let loaded = ctx.loaded();
     let mut page = filter.clone();
     page.deliveries_only = true;
@@ -130,11 +230,13 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
     // A page of deliveries at a time crosses between the threads (one wake-up per page).
     type Delivery = (DateTime<Utc>, Incoming, Raw, pipeline::Precomputed);
     let (to_apply, deliveries) = std::sync::mpsc::sync_channel::<Result<Vec<Delivery>, Error>>(2);
-    let (stored, derived) = std::thread::scope(|scope| {
+    type Side = (View, Vec<Person>, usize);
+    let ((stored, people, read), derived) = std::thread::scope(|scope| {
         let reader_loaded = loaded.clone();
-        let reader = scope.spawn(move || -> Result<View, Error> {
+        let reader = scope.spawn(move || -> Result<Side, Error> {
             let mut touched = Vec::new();
             let mut at: Option<DateTime<Utc>> = None;
+            let mut read = 0usize;
             loop {
                 let next = (|| -> Result<Option<Vec<Delivery>>, Error> {
                     let rows = ctx.store.events_where(&page)?;
@@ -154,14 +256,19 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
                 // The applying thread stops early only on an error, which it reports.
                 match next {
                     Ok(Some(batch)) => {
+                        let before = read / PROGRESS_EVERY;
+                        read += batch.len();
+                        if read / PROGRESS_EVERY > before {
+                            tracing::info!(deliveries = read, "Dry run: deliveries read so far.");
+                        }
                         if to_apply.send(Ok(batch)).is_err() {
-                            return Ok(View::new());
+                            return Ok((View::new(), vec![], read));
                         }
                     }
                     Ok(None) => break,
                     Err(e) => {
                         let _ = to_apply.send(Err(e));
-                        return Ok(View::new());
+                        return Ok((View::new(), vec![], read));
                     }
                 }
             }
@@ -170,13 +277,22 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
             touched.sort();
             touched.dedup();
             let mut stored = View::new();
+            let mut people = Vec::new();
             for (member, memberships) in ctx.store.members_with_memberships(&touched)? {
-                add_to_view(&mut stored, &member, memberships, now);
+                let providers: BTreeSet<&str> = memberships.iter().map(|m| m.provider.as_str()).collect();
+                let mut links = Vec::new();
+                for p in providers {
+                    if let Some(cid) = ctx.store.customer_id(&member.tenant, p, &member.id)? {
+                        links.push((p.to_string(), cid));
+                    }
+                }
+                add_to_view(&mut stored, people.len(), &memberships, now);
+                people.push(Person { tenant: member.tenant, id: member.id, email: member.email, links });
             }
-            Ok(stored)
+            Ok((stored, people, read))
         });
         let mut result = None;
-        let derive = |tx: &mut dyn store::Tx| -> Result<(View, View), Error> {
+        let derive = |tx: &mut dyn store::Tx| -> Result<(Side, View), Error> {
             for batch in deliveries {
                 for (when, incoming, raw, pre) in batch? {
                     timers::fire_due_in_tx(&loaded, tx, when, FireAt::DueTime, usize::MAX)?;
@@ -184,18 +300,26 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
                 }
             }
             timers::fire_due_in_tx(&loaded, tx, now, FireAt::DueTime, usize::MAX)?;
-            let stored = reader.join().map_err(|_| store::Error::Thread("the dry run's reader panicked".into()))??;
-            // The scratch store has its own member ids: find them by tenant and email.
+            let side = reader.join().map_err(|_| store::Error::Thread("the dry run's reader panicked".into()))??;
+            // The scratch store has its own member ids: find each stored member there by
+            // email, else by a provider customer id they are linked by.
             let mut derived = View::new();
-            let people: BTreeSet<(String, String)> =
-                stored.keys().map(|(t, who, _, _)| (t.clone(), who.clone())).collect();
-            for (tenant, who) in people {
-                if let Some(member) = tx.member_by_email(&tenant, &who)? {
-                    let memberships = tx.memberships_of(&member.id)?;
-                    add_to_view(&mut derived, &member, memberships, now);
+            for (i, p) in side.1.iter().enumerate() {
+                let mut found = match &p.email {
+                    Some(e) => tx.member_by_email(&p.tenant, e)?,
+                    None => None,
+                };
+                for (provider, cid) in &p.links {
+                    if found.is_some() {
+                        break;
+                    }
+                    found = tx.member_by_customer(&p.tenant, provider, cid)?;
+                }
+                if let Some(m) = found {
+                    add_to_view(&mut derived, i, &tx.memberships_of(&m.id)?, now);
                 }
             }
-            Ok((stored, derived))
+            Ok((side, derived))
         };
         ctx.store.scratch(Box::new(|tx| {
             result = Some(derive(tx));
@@ -206,24 +330,23 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
     let mut keys: Vec<_> = stored.keys().chain(derived.keys()).cloned().collect();
     keys.sort();
     keys.dedup();
-    Ok(keys
+    let compared = keys.len();
+    let differences = keys
         .into_iter()
         .filter_map(|k| {
-            let (a, b) = (stored.get(&k).cloned(), derived.get(&k).cloned());
-            (a != b).then_some(Difference { member: k.1, provider: k.2, membership: k.3, stored: a, derived: b })
+            let (a, b) = (stored.get(&k), derived.get(&k));
+            let changes = Compared::changes_to(a.map(|x| &x.1), b.map(|x| &x.1));
+            let person = &people[a.or(b)?.0];
+            (!changes.is_empty()).then(|| Difference {
+                member: person.shown(),
+                member_id: person.id.clone(),
+                provider: k.1,
+                membership: k.2,
+                stored: a.map(|x| x.1.clone()),
+                derived: b.map(|x| x.1.clone()),
+                changes,
+            })
         })
-        .collect())
-}
-
-/// (tenant, member email or id, provider, membership key) → (state, has access).
-type View = BTreeMap<(String, String, String, String), (String, bool)>;
-
-fn add_to_view(view: &mut View, member: &MemberRow, memberships: Vec<MembershipRow>, now: DateTime<Utc>) {
-    let who = member.email.clone().unwrap_or_else(|| member.id.clone());
-    for m in memberships {
-        view.insert(
-            (member.tenant.clone(), who.clone(), m.provider.clone(), m.key.clone()),
-            (m.state.to_string(), m.has_access(now)),
-        );
-    }
+        .collect();
+    Ok(DryRun { deliveries: read, compared, differences })
 }

@@ -69,7 +69,8 @@ async fn dry_run_shows_what_edited_rules_would_change_and_writes_nothing() {
     clock.set(at(FAILED + 3 * 86_400));
 
     let same = membersync::replay::dry_run(&ctx, &EventFilter::default(), clock.now()).await.unwrap();
-    assert!(same.is_empty(), "unchanged rules derive the stored state: {same:?}");
+    assert!(same.differences.is_empty(), "unchanged rules derive the stored state: {same:?}");
+    assert_eq!((same.deliveries, same.compared), (3, 1));
 
     // One day of grace instead of seven.
     let yaml = dir.path().join("membersync.yaml");
@@ -77,13 +78,57 @@ async fn dry_run_shows_what_edited_rules_would_change_and_writes_nothing() {
     std::fs::write(&yaml, text.replace("grace_days: 7", "grace_days: 1")).unwrap();
     membersync::reload::reload(&ctx, "test").unwrap();
     let before = ctx.store.events(None, None, 1000).unwrap().len();
-    let diffs = membersync::replay::dry_run(&ctx, &EventFilter::default(), clock.now()).await.unwrap();
+    let diffs = membersync::replay::dry_run(&ctx, &EventFilter::default(), clock.now()).await.unwrap().differences;
     assert_eq!(diffs.len(), 1, "{diffs:?}");
     assert_eq!(diffs[0].member, "ada@example.com");
-    assert_eq!(diffs[0].stored, Some(("past_due".into(), true)));
-    assert_eq!(diffs[0].derived, Some(("expired".into(), false)));
+    assert_eq!(diffs[0].member_id, member(&ctx, "ada@example.com").member.id);
+    let (stored, derived) = (diffs[0].stored.clone().unwrap(), diffs[0].derived.clone().unwrap());
+    assert_eq!((stored.state.as_str(), stored.has_access), ("past_due", true));
+    assert_eq!((derived.state.as_str(), derived.has_access), ("expired", false));
+    assert_eq!(
+        diffs[0].changes,
+        [
+            "state past_due → expired",
+            "access true → false",
+            "levels [pro] → []",
+            "grace_until 2026-02-08T01:00:06Z → none"
+        ],
+        "{diffs:?}"
+    );
     assert_eq!(ctx.store.events(None, None, 1000).unwrap().len(), before, "a dry run writes nothing");
     assert_eq!(member(&ctx, "ada@example.com").memberships[0].state.as_str(), "past_due");
+}
+
+/// The dry run finds a member by the provider customer id they are linked by when they have
+/// no email (Memberstack's plan events carry none), and compares grace and access ends,
+/// levels and flags, not only state and access.
+// See: issue 18 (Memberstack members showed as "stored active → derived absent" under
+// unchanged rules; grace 7 → 3 showed no difference).
+#[tokio::test]
+async fn dry_run_matches_members_without_email_and_sees_a_shorter_grace() {
+    let (dir, config) = editable_config();
+    let clock = Arc::new(FixedClock::new(at(START)));
+    let ctx = ctx_with(config, clock.clone());
+    clock.set(at(1_767_607_200));
+    assert_eq!(deliver(&ctx, "memberstack", "member_plan_created").await.status, Status::Applied);
+    clock.set(at(START));
+    deliver(&ctx, "stripe", "checkout_session_completed").await;
+    deliver(&ctx, "stripe", "customer_subscription_created").await;
+    clock.set(at(FAILED));
+    deliver(&ctx, "stripe", "invoice_payment_failed").await;
+    clock.set(at(FAILED + 86_400));
+
+    let same = membersync::replay::dry_run(&ctx, &EventFilter::default(), clock.now()).await.unwrap();
+    assert!(same.differences.is_empty(), "unchanged rules derive the stored state: {same:?}");
+    assert_eq!(same.compared, 2, "the Memberstack membership and the Stripe one");
+
+    let yaml = dir.path().join("membersync.yaml");
+    let text = std::fs::read_to_string(&yaml).unwrap();
+    std::fs::write(&yaml, text.replace("grace_days: 7", "grace_days: 3")).unwrap();
+    membersync::reload::reload(&ctx, "test").unwrap();
+    let diffs = membersync::replay::dry_run(&ctx, &EventFilter::default(), clock.now()).await.unwrap().differences;
+    assert_eq!(diffs.len(), 1, "{diffs:?}");
+    assert_eq!(diffs[0].changes, ["grace_until 2026-02-08T01:00:06Z → 2026-02-04T01:00:06Z"], "{diffs:?}");
 }
 
 #[tokio::test]
@@ -137,7 +182,7 @@ async fn dry_run_interleaves_timers_with_deliveries_as_they_happened() {
     assert_eq!(ack.status, Status::Ignored, "{:?}", ack.outcome.reason);
     assert_eq!(member(&ctx, "ada@example.com").memberships[0].state.as_str(), "canceled");
 
-    let diffs = membersync::replay::dry_run(&ctx, &EventFilter::default(), clock.now()).await.unwrap();
+    let diffs = membersync::replay::dry_run(&ctx, &EventFilter::default(), clock.now()).await.unwrap().differences;
     assert!(diffs.is_empty(), "the timer fired before the late revert in the dry run too: {diffs:?}");
 }
 
@@ -149,7 +194,7 @@ async fn dry_run_runs_parked_events_again_from_their_stored_body() {
     let (ctx, clock) = parked_then_released(&dir).await;
     assert_eq!(member(&ctx, "ada@example.com").memberships[0].state.as_str(), "past_due");
 
-    let diffs = membersync::replay::dry_run(&ctx, &EventFilter::default(), clock.now()).await.unwrap();
+    let diffs = membersync::replay::dry_run(&ctx, &EventFilter::default(), clock.now()).await.unwrap().differences;
     assert!(diffs.is_empty(), "the parked failure ran again in the dry run too: {diffs:?}");
 }
 
