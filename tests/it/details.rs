@@ -114,3 +114,25 @@ async fn an_ignored_member_deletion_is_not_held_back_to_cancel_a_later_membershi
     assert_eq!(d.memberships[0].state, MState::Active, "{:?}", d.memberships[0]);
     assert!(d.memberships[0].has_access(clock.now()));
 }
+
+/// A member-updated event names no membership; a member holding two memberships at the
+/// provider is still updated (only events that act on one membership need to know which).
+#[tokio::test]
+async fn a_member_with_two_memberships_is_updated_without_naming_either() {
+    let (_dir, clock, ctx) = fresh();
+    deliver(&ctx, "memberful", "subscription_created").await;
+    clock.set(at(JAN + 30));
+    let second = deliver_edited(&ctx, "memberful", "subscription_created", |v| {
+        v["subscription"]["id"] = 550_018.into();
+    })
+    .await;
+    assert_eq!(second.status, Status::Applied, "{:?}", second.outcome.reason);
+    assert_eq!(member(&ctx, "sam@example.com").memberships.len(), 2);
+    clock.set(at(JAN + 60));
+    let ack = deliver_edited(&ctx, "memberful", "member_updated", |v| {
+        v["member"]["email"] = "sam.rivera@example.com".into();
+    })
+    .await;
+    assert_eq!(ack.status, Status::Applied, "{:?}", ack.outcome.reason);
+    assert_eq!(member(&ctx, "sam.rivera@example.com").member.email.as_deref(), Some("sam.rivera@example.com"));
+}
