@@ -136,7 +136,7 @@ pub(super) fn apply_transition(
         last_event_at: None,
         last_event_id: None,
         last_reconciled_at: None,
-        sync_status: "never_reconciled".into(),
+        sync_status: crate::store::SyncState::NeverReconciled,
         created_at: now,
         updated_at: now,
         last_event_rank: 0,

@@ -51,7 +51,7 @@ pub fn seed_membership(tx: &mut dyn Tx, config: &Config, ev: &CanonicalEvent, st
         last_event_at: None,
         last_event_id: None,
         last_reconciled_at: None,
-        sync_status: "never_reconciled".into(),
+        sync_status: crate::store::SyncState::NeverReconciled,
         created_at: at,
         updated_at: at,
         last_event_rank: 0,

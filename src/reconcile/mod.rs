@@ -23,7 +23,7 @@ use crate::extract::{Extraction, Mapping};
 use crate::machine::MState;
 use crate::pipeline::{self, Ctx, Incoming, Raw, Status};
 use crate::spec::{ReconcileMethod, ReconcileSpec};
-use crate::store::{self, MembershipRow, SyncRecord};
+use crate::store::{self, MembershipRow, SyncRecord, SyncState};
 use chrono::{DateTime, SecondsFormat, Utc};
 use fetch::{Limiter, Request};
 use plan::{fill, fill_json, fill_with, Plan, Vars};
@@ -127,6 +127,17 @@ pub enum SyncStatus {
 }
 
 impl SyncStatus {
+    /// The membership's stored sync status this outcome sets (`None`: it sets none).
+    pub fn stored(self) -> Option<SyncState> {
+        match self {
+            SyncStatus::InSync => Some(SyncState::InSync),
+            SyncStatus::DriftCorrected => Some(SyncState::DriftCorrected),
+            SyncStatus::DriftUnresolved => Some(SyncState::DriftUnresolved),
+            SyncStatus::ProviderUnreachable => Some(SyncState::ProviderUnreachable),
+            SyncStatus::Skipped | SyncStatus::Failed => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             SyncStatus::InSync => "in_sync",
@@ -276,7 +287,7 @@ impl Reconciler {
                 report.detail = error.to_string();
                 let rec = SyncRecord {
                     membership_id: m.id.clone(),
-                    sync_status: SyncStatus::ProviderUnreachable.as_str().into(),
+                    sync_status: SyncState::ProviderUnreachable,
                     attempted_at: asked_at,
                     reconciled_at: None,
                     detail: Some(format!("provider unreachable: {error}")),
@@ -301,7 +312,7 @@ impl Reconciler {
             report.detail = format!("in sync: provider says {}", describe(&snapshot));
             let rec = SyncRecord {
                 membership_id: m.id.clone(),
-                sync_status: SyncStatus::InSync.as_str().into(),
+                sync_status: SyncState::InSync,
                 attempted_at: asked_at,
                 reconciled_at: Some(now),
                 detail: Some(report.detail.clone()),
@@ -360,7 +371,7 @@ impl Reconciler {
         report.detail = detail.clone();
         let rec = SyncRecord {
             membership_id: m.id.clone(),
-            sync_status: status.as_str().into(),
+            sync_status: status.stored().unwrap_or(SyncState::DriftUnresolved),
             attempted_at: asked_at,
             reconciled_at: Some(now),
             detail: Some(detail.clone()),
@@ -397,7 +408,7 @@ impl Reconciler {
         report.detail = why;
         let rec = SyncRecord {
             membership_id: m.id.clone(),
-            sync_status: m.sync_status.clone(),
+            sync_status: m.sync_status,
             attempted_at: ctx.clock.now(),
             reconciled_at: None,
             detail: Some(format!("not asked: {}", report.detail)),

@@ -12,6 +12,46 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::sync::Arc;
 
+/// Where a membership stands with reconciliation, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncState {
+    /// Never compared with the provider (or the provider cannot be asked).
+    NeverReconciled,
+    InSync,
+    /// A difference was found and corrected through the rules.
+    DriftCorrected,
+    /// A difference the rules did not act on: flagged for a human.
+    DriftUnresolved,
+    /// The provider could not be read at the last attempt; nothing changed.
+    ProviderUnreachable,
+}
+
+impl SyncState {
+    pub const ALL: [SyncState; 5] = [
+        SyncState::NeverReconciled,
+        SyncState::InSync,
+        SyncState::DriftCorrected,
+        SyncState::DriftUnresolved,
+        SyncState::ProviderUnreachable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncState::NeverReconciled => "never_reconciled",
+            SyncState::InSync => "in_sync",
+            SyncState::DriftCorrected => "drift_corrected",
+            SyncState::DriftUnresolved => "drift_unresolved",
+            SyncState::ProviderUnreachable => "provider_unreachable",
+        }
+    }
+
+    /// The state named `s` (as `as_str` writes it).
+    pub fn parse(s: &str) -> Option<SyncState> {
+        SyncState::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
 /// Storage failures.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -91,7 +131,7 @@ pub struct MembershipRow {
     pub last_event_at: Option<DateTime<Utc>>,
     pub last_event_id: Option<String>,
     pub last_reconciled_at: Option<DateTime<Utc>>,
-    pub sync_status: String,
+    pub sync_status: SyncState,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// Lifecycle rank of the event that last changed it (orders ties in time).
@@ -225,7 +265,7 @@ pub trait Tx {
 pub struct SyncRecord {
     pub membership_id: String,
     /// `in_sync`, `drift_corrected`, `drift_unresolved`, `provider_unreachable`.
-    pub sync_status: String,
+    pub sync_status: SyncState,
     pub attempted_at: DateTime<Utc>,
     /// Set when the provider answered (the comparison happened).
     pub reconciled_at: Option<DateTime<Utc>>,

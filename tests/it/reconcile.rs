@@ -252,7 +252,7 @@ async fn too_many_requests_is_waited_out_per_retry_after_then_read() {
     assert!(text.ends_with("checked 1: 1 in sync, 0 drift corrected, 0 drift unresolved, 0 provider unreachable, 0 skipped, 0 failed\n"), "{text}");
 
     let d = member(&s.ctx, "ada@example.com");
-    assert_eq!(d.memberships[0].sync_status, "in_sync");
+    assert_eq!(d.memberships[0].sync_status, membersync::store::SyncState::InSync);
     assert_eq!(d.recent_events.len(), 2, "in sync: nothing fed");
     s.stop().await;
 }
@@ -381,7 +381,7 @@ async fn schedule_walks_least_recently_asked_first_and_resumes_from_the_store() 
     let mut done = false;
     for _ in 0..200 {
         let d = ctx.store.member_detail(&ada, 0).unwrap().unwrap();
-        if d.memberships[0].sync_status == "in_sync" {
+        if d.memberships[0].sync_status == membersync::store::SyncState::InSync {
             done = true;
             break;
         }

@@ -132,6 +132,21 @@ pub(super) static MEMBERSHIP_BY_KEY: LazyLock<String> = LazyLock::new(|| {
 pub(super) static MEMBERSHIPS_OF: LazyLock<String> =
     LazyLock::new(|| format!("SELECT {MEMBERSHIP_COLS} FROM memberships WHERE member_id = ?1 ORDER BY created_at, id"));
 
+/// Sync states are stored by name.
+impl rusqlite::types::ToSql for SyncState {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+impl rusqlite::types::FromSql for SyncState {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let s = v.as_str()?;
+        SyncState::parse(s)
+            .ok_or_else(|| rusqlite::types::FromSqlError::Other(format!("unknown sync status `{s}`").into()))
+    }
+}
+
 /// Sources are stored by name.
 impl rusqlite::types::ToSql for Source {
     fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
