@@ -132,35 +132,27 @@ pub(super) static MEMBERSHIP_BY_KEY: LazyLock<String> = LazyLock::new(|| {
 pub(super) static MEMBERSHIPS_OF: LazyLock<String> =
     LazyLock::new(|| format!("SELECT {MEMBERSHIP_COLS} FROM memberships WHERE member_id = ?1 ORDER BY created_at, id"));
 
-/// Sync states are stored by name.
-impl rusqlite::types::ToSql for SyncState {
-    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
-        Ok(self.as_str().into())
-    }
+/// Enums stored by name (`as_str` / `parse`); a name read back that is not one is an error.
+macro_rules! stored_by_name {
+    ($t:ty, $what:literal) => {
+        impl rusqlite::types::ToSql for $t {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(self.as_str().into())
+            }
+        }
+
+        impl rusqlite::types::FromSql for $t {
+            fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+                let s = v.as_str()?;
+                <$t>::parse(s)
+                    .ok_or_else(|| rusqlite::types::FromSqlError::Other(format!("unknown {} `{s}`", $what).into()))
+            }
+        }
+    };
 }
 
-impl rusqlite::types::FromSql for SyncState {
-    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
-        let s = v.as_str()?;
-        SyncState::parse(s)
-            .ok_or_else(|| rusqlite::types::FromSqlError::Other(format!("unknown sync status `{s}`").into()))
-    }
-}
-
-/// Sources are stored by name.
-impl rusqlite::types::ToSql for Source {
-    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
-        Ok(self.as_str().into())
-    }
-}
-
-impl rusqlite::types::FromSql for Source {
-    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
-        let s = v.as_str()?;
-        Source::parse(s)
-            .ok_or_else(|| rusqlite::types::FromSqlError::Other(format!("unknown event source `{s}`").into()))
-    }
-}
+stored_by_name!(Source, "event source");
+stored_by_name!(SyncState, "sync status");
 
 pub(super) fn event_row(r: &Row) -> rusqlite::Result<EventRow> {
     Ok(EventRow {
