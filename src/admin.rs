@@ -225,8 +225,7 @@ pub async fn replay_event(
 ) -> Result<Json<Value>, ApiError> {
     let mut rows = read(&ctx.store, move |s| s.events_by_event_id(&id)).await?;
     rows.retain(|e| token.allows(&e.tenant));
-    let Some(e) = rows.iter().rev().find(|e| crate::replay::REPLAYABLE.contains(&e.status.as_str())).or(rows.last())
-    else {
+    let Some(e) = rows.iter().rev().find(|e| e.status.is_replayable()).or(rows.last()) else {
         return Err(ApiError::NotFound);
     };
     match crate::replay::replay_one(&ctx, e).await {

@@ -478,8 +478,8 @@ async fn replay(
         }
         return Ok(ExitCode::SUCCESS);
     }
-    if !crate::replay::REPLAYABLE.contains(&status.as_str()) {
-        bail!("--status must be one of {:?}: applied events would apply twice", crate::replay::REPLAYABLE);
+    if !crate::store::EventStatus::parse(&status).is_some_and(|s| s.is_replayable()) {
+        bail!("--status must be failed, refused or ignored: applied events would apply twice");
     }
     filter.status = Some(status);
     let done = crate::replay::replay(&ctx, &filter).await?;

@@ -31,17 +31,14 @@ pub enum Error {
     Store(#[from] store::Error),
 }
 
-/// Statuses that changed nothing, so running them again cannot apply anything twice.
-pub const REPLAYABLE: [&str; 3] = ["failed", "refused", "ignored"];
-
 fn incoming(config: &Config, e: &EventRow) -> Result<(Incoming, Raw), Error> {
     pipeline::incoming_from_row(config, e).ok_or_else(|| Error::NoProvider(e.provider.clone()))
 }
 
 /// Replays one stored event (failed, refused or ignored) through the current rules.
 pub async fn replay_one(ctx: &Arc<Ctx>, e: &EventRow) -> Result<Ack, Error> {
-    if !REPLAYABLE.contains(&e.status.as_str()) {
-        return Err(Error::NotReplayable(e.seq, e.status.clone()));
+    if !e.status.is_replayable() {
+        return Err(Error::NotReplayable(e.seq, e.status.to_string()));
     }
     if e.source == Source::Timer {
         // Its stored body is the timer, not a provider's payload: run again as a delivery
@@ -82,12 +79,12 @@ pub async fn replay(ctx: &Arc<Ctx>, filter: &EventFilter) -> Result<Vec<Replayed
     let f = filter.clone();
     let rows = store::read(&ctx.store, move |s| s.events_where(&f)).await?;
     let mut out = Vec::new();
-    for e in rows.iter().filter(|e| REPLAYABLE.contains(&e.status.as_str()) && e.source != Source::Timer) {
+    for e in rows.iter().filter(|e| e.status.is_replayable() && e.source != Source::Timer) {
         let ack = replay_one(ctx, e).await?;
         out.push(Replayed {
             seq: e.seq,
             event_id: e.event_id.clone(),
-            was: e.status.clone(),
+            was: e.status.to_string(),
             now: ack.status,
             reason: ack.outcome.reason.clone(),
         });

@@ -150,7 +150,7 @@ pub fn apply_with(
         occurred_at: None,
         member_id: None,
         membership_id: None,
-        status: String::new(),
+        status: store::EventStatus::Failed, // set by `finish`
         reason: None,
         raw: raw.body,
         headers: pre.headers.take().unwrap_or_else(|| store::stored_json(&raw.headers)),

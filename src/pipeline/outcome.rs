@@ -10,7 +10,7 @@ use crate::effects::Effect;
 use crate::extract::{Extraction, Failure, Mapping};
 use crate::machine::{Input, MState};
 use crate::rules::RuleRef;
-use crate::store::{self, EventRow, MemberRow, MembershipRow, TimerRow, Tx};
+use crate::store::{self, EventRow, EventStatus, MemberRow, MembershipRow, TimerRow, Tx};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -128,7 +128,15 @@ pub struct Raw {
 /// Stores the event row with its outcome: the last step of every event, whatever became
 /// of it.
 pub(super) fn finish(tx: &mut dyn Tx, mut rec: EventRow, outcome: Outcome) -> store::Result<Ack> {
-    rec.status = outcome.status.as_str().to_string();
+    rec.status = match outcome.status {
+        Status::Applied => EventStatus::Applied,
+        Status::Ignored => EventStatus::Ignored,
+        Status::Stale => EventStatus::Stale,
+        Status::Refused => EventStatus::Refused,
+        Status::Failed => EventStatus::Failed,
+        // A duplicate is answered from the row it repeats and never stored.
+        Status::Duplicate => return Err(store::Error::Thread("a duplicate is never stored as an event".into())),
+    };
     rec.reason = outcome.reason.clone();
     rec.outcome = store::stored_json(&outcome);
     tx.insert_event(&rec)?;

@@ -12,6 +12,57 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::sync::Arc;
 
+/// What became of a stored event (a duplicate is not stored; `replayed` is an event that
+/// ran again and whose new outcome is a row of its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventStatus {
+    Applied,
+    Ignored,
+    Stale,
+    Refused,
+    Failed,
+    Replayed,
+}
+
+impl EventStatus {
+    pub const ALL: [EventStatus; 6] = [
+        EventStatus::Applied,
+        EventStatus::Ignored,
+        EventStatus::Stale,
+        EventStatus::Refused,
+        EventStatus::Failed,
+        EventStatus::Replayed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventStatus::Applied => "applied",
+            EventStatus::Ignored => "ignored",
+            EventStatus::Stale => "stale",
+            EventStatus::Refused => "refused",
+            EventStatus::Failed => "failed",
+            EventStatus::Replayed => "replayed",
+        }
+    }
+
+    /// The status named `s` (as `as_str` writes it).
+    pub fn parse(s: &str) -> Option<EventStatus> {
+        EventStatus::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+
+    /// Changed nothing, so running it again cannot apply anything twice.
+    pub fn is_replayable(self) -> bool {
+        matches!(self, EventStatus::Failed | EventStatus::Refused | EventStatus::Ignored)
+    }
+}
+
+impl std::fmt::Display for EventStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Where a membership stands with reconciliation, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -185,7 +236,7 @@ pub struct EventRow {
     pub occurred_at: Option<DateTime<Utc>>,
     pub member_id: Option<String>,
     pub membership_id: Option<String>,
-    pub status: String,
+    pub status: EventStatus,
     pub reason: Option<String>,
     #[serde(skip)]
     pub raw: Vec<u8>,

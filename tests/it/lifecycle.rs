@@ -120,7 +120,7 @@ async fn stripe_subscription_lives_through_grace_recovery_and_cancel_at_period_e
     let timer_row =
         d.recent_events.iter().find(|e| e.source == membersync::canonical::Source::Timer).expect("timer event logged");
     assert_eq!(timer_row.event_type, "timer.period_end");
-    assert_eq!(timer_row.status, "applied");
+    assert_eq!(timer_row.status.as_str(), "applied");
     assert_eq!(membersync::store::json_of(&timer_row.outcome)["rule"]["file"], "rules/timers.rhai");
 }
 

@@ -235,9 +235,9 @@ async fn a_dead_letter_replayed_many_times_applies_once() {
     assert!(done.is_empty(), "nothing failed is left to replay: {done:?}");
 
     let rows = s.ctx.store.events_by_event_id(id).unwrap();
-    let applied = rows.iter().filter(|e| e.status == "applied").count();
+    let applied = rows.iter().filter(|e| e.status.as_str() == "applied").count();
     assert_eq!(applied, 1, "{:?}", rows.iter().map(|e| (&e.source, &e.status)).collect::<Vec<_>>());
-    assert_eq!(rows[0].status, "replayed");
+    assert_eq!(rows[0].status.as_str(), "replayed");
     let metrics = s.get_text("/metrics").await;
     assert!(!metrics.contains("status=\"failed\""), "{metrics}");
     assert!(metrics.contains("membersync_events_stored{status=\"replayed\"} 1"), "{metrics}");
@@ -258,7 +258,7 @@ async fn a_released_parked_event_is_not_replayed_again() {
         .events_by_event_id(id)
         .unwrap()
         .iter()
-        .map(|e| (e.source.as_str().to_string(), e.status.clone()))
+        .map(|e| (e.source.as_str().to_string(), e.status.to_string()))
         .collect();
     assert_eq!(before, [("webhook".to_string(), "replayed".to_string()), ("replay".into(), "applied".into())]);
     // The event already applied once (released). Replaying refused events must not apply it again.
@@ -270,7 +270,7 @@ async fn a_released_parked_event_is_not_replayed_again() {
         .events_by_event_id(id)
         .unwrap()
         .iter()
-        .map(|e| (e.source.as_str().to_string(), e.status.clone()))
+        .map(|e| (e.source.as_str().to_string(), e.status.to_string()))
         .collect();
     assert!(done.is_empty(), "an event that already ran again on release was replayed: {done:?}; rows {after:?}");
 }
@@ -300,7 +300,7 @@ async fn a_timers_dead_letter_is_not_replayed_as_a_delivery() {
     assert!(body["error"].as_str().unwrap().contains("a timer's event"), "{body}");
     let rows = s.ctx.store.events_by_event_id(&failed[0].event_id).unwrap();
     assert_eq!(rows.len(), 1);
-    assert_eq!(rows[0].status, "failed", "left as it was");
+    assert_eq!(rows[0].status.as_str(), "failed", "left as it was");
     s.stop().await;
 }
 

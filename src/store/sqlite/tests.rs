@@ -24,7 +24,7 @@ fn member(i: usize) -> MemberRow {
 fn event_filters_select_what_they_say_through_an_index() {
     let mut conn = Connection::open_in_memory().unwrap();
     migrate(&mut conn).unwrap();
-    let statuses = ["applied", "flagged", "duplicate"];
+    let statuses = ["applied", "failed", "ignored"];
     let members = [Some("m0"), Some("m1"), None];
     let mut all = Vec::new();
     for i in 0..60i64 {
@@ -41,7 +41,7 @@ fn event_filters_select_what_they_say_through_an_index() {
     for bits in 0..128u32 {
         let on = |b: u32| bits & (1 << b) != 0;
         let f = EventFilter {
-            status: on(0).then(|| "flagged".to_string()),
+            status: on(0).then(|| "failed".to_string()),
             since: on(1).then(|| from_ts(1_200)),
             member_id: on(2).then(|| "m1".to_string()),
             seq: on(3).then_some(29),

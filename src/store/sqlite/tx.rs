@@ -153,6 +153,7 @@ macro_rules! stored_by_name {
 
 stored_by_name!(Source, "event source");
 stored_by_name!(SyncState, "sync status");
+stored_by_name!(EventStatus, "event status");
 
 pub(super) fn event_row(r: &Row) -> rusqlite::Result<EventRow> {
     Ok(EventRow {
