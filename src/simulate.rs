@@ -24,7 +24,8 @@ pub enum Error {
     /// An unknown provider or tenant, named with the known ones.
     #[error("{0}")]
     Unknown(String),
-    #[error("Failed to decode the payload: {0}")]
+    /// The payload could not be taken in; the cause is its source.
+    #[error("Failed to decode the payload")]
     Intake(#[from] crate::intake::Error),
     #[error(transparent)]
     Store(#[from] store::Error),

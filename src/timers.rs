@@ -71,20 +71,21 @@ pub fn fire_due_in_tx(
     }
 }
 
-/// Fires every timer due at `now`, a batch per write to the store (so deliveries are not
-/// held up behind a backlog); returns how many fired. A batch that cannot be stored is not:
-/// its timers stay due and fire at the next look.
+/// Fires every timer due at `now`, oldest first, each in a write of its own (deliveries
+/// are not held up behind a backlog, and one timer that cannot be stored holds back no
+/// other that was); returns how many fired. One that cannot be stored is not: it stays due
+/// and fires at the next look.
 pub async fn fire_due(ctx: &Arc<Ctx>, now: DateTime<Utc>) -> usize {
     let mut total = 0;
     loop {
         let loaded = ctx.loaded();
-        match ctx.store.write(move |tx| fire_due_in_tx(&loaded, tx, now, FireAt::Now(now), BATCH)).await {
+        match ctx.store.write(move |tx| fire_due_in_tx(&loaded, tx, now, FireAt::Now(now), 1)).await {
             Ok(fired) => {
                 for f in &fired {
                     tracing::info!(membership = %f.membership, timer = %f.timer, status = f.status.as_str(), "Timer fired.");
                 }
                 total += fired.len();
-                if fired.len() < BATCH {
+                if fired.is_empty() {
                     return total;
                 }
             }

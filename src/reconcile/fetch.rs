@@ -23,6 +23,11 @@ impl Limiter {
         Limiter { next: Mutex::new(None), gap: Duration::from_secs_f64(1.0 / rate_per_sec.max(0.001)) }
     }
 
+    /// Whether this limiter spaces requests as one for `rate_per_sec` would.
+    pub fn paces_as(&self, rate_per_sec: f64) -> bool {
+        self.gap == Limiter::new(rate_per_sec).gap
+    }
+
     /// Waits for this provider's next free slot.
     pub async fn acquire(&self) {
         let at = {

@@ -97,7 +97,7 @@ impl Reconciliation {
     /// Builds the reconciler anew from `config` (its plans, API bases, timeout and rate);
     /// passes already running finish with the old one.
     pub fn rebuild(&self, config: &Config) {
-        let new = Arc::new(Reconciler::new(config, self.stats.clone()));
+        let new = Arc::new(Reconciler::build(config, self.stats.clone(), Some(&self.reconciler())));
         match self.current.write() {
             Ok(mut r) => *r = new,
             Err(p) => *p.into_inner() = new,
@@ -169,13 +169,20 @@ pub struct Report {
 pub struct Reconciler {
     client: reqwest::Client,
     plans: BTreeMap<String, Plan>,
-    limiters: BTreeMap<String, Limiter>,
+    limiters: BTreeMap<String, Arc<Limiter>>,
     stats: Arc<Stats>,
 }
 
 impl Reconciler {
     /// A reconciler for `config`, counting what it finds into `stats`.
     pub fn new(config: &Config, stats: Arc<Stats>) -> Reconciler {
+        Reconciler::build(config, stats, None)
+    }
+
+    /// A reconciler for `config` that keeps `previous`'s rate limiters where the rate did
+    /// not change, so a reload neither forgets a provider's `Retry-After` nor lets a pass
+    /// still running on the old one and a new one ask a provider at twice its rate.
+    fn build(config: &Config, stats: Arc<Stats>, previous: Option<&Reconciler>) -> Reconciler {
         let plans: BTreeMap<String, Plan> = config
             .extractors
             .iter()
@@ -194,8 +201,14 @@ impl Reconciler {
                 (name.clone(), plan)
             })
             .collect();
-        let limiters =
-            plans.keys().map(|p| (p.clone(), Limiter::new(config.reconcile.rate_per_sec))).collect::<BTreeMap<_, _>>();
+        let rate = config.reconcile.rate_per_sec;
+        let limiters = plans
+            .keys()
+            .map(|p| {
+                let kept = previous.and_then(|r| r.limiters.get(p)).filter(|l| l.paces_as(rate)).cloned();
+                (p.clone(), kept.unwrap_or_else(|| Arc::new(Limiter::new(rate))))
+            })
+            .collect::<BTreeMap<_, _>>();
         let client = reqwest::Client::builder()
             .timeout(config.reconcile.timeout)
             .user_agent(concat!("membersync/", env!("CARGO_PKG_VERSION")))
@@ -258,6 +271,11 @@ impl Reconciler {
         let (t, p, mid) = (m.tenant.clone(), m.provider.clone(), m.member_id.clone());
         let customer_id = match store::read(&ctx.store, move |s| s.customer_id(&t, &p, &mid)).await {
             Ok(id) => id,
+            // Only a request that names the customer id needs it.
+            Err(e) if !plan.names("customer_id") => {
+                tracing::warn!(membership = %m.id, error = %e, "Could not read the member's customer id; the request does not use it.");
+                None
+            }
             Err(e) => {
                 report.sync_status = SyncStatus::Failed;
                 report.detail = format!("could not read the member's customer id: {e}");
@@ -582,4 +600,31 @@ pub async fn resync_member(ctx: &Arc<Ctx>, reconciler: &Reconciler, member_id: &
         summary.add(reconciler.reconcile(ctx, m).await);
     }
     Ok(Some(summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reload keeps each provider's rate limiter (and the `Retry-After` it holds) unless
+    /// the rate itself changed.
+    #[test]
+    fn a_rebuild_keeps_the_rate_limiters_whose_rate_did_not_change() {
+        let mut config = Config::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("membersync.yaml"))
+            .expect("the shipped config loads");
+        let r = Reconciliation::new(&config);
+        let first = r.reconciler();
+        r.rebuild(&config);
+        let second = r.reconciler();
+        assert!(!Arc::ptr_eq(&first, &second), "a new reconciler");
+        for (p, l) in &first.limiters {
+            assert!(Arc::ptr_eq(l, &second.limiters[p]), "{p}: the same limiter");
+        }
+        config.reconcile.rate_per_sec *= 2.0;
+        r.rebuild(&config);
+        let third = r.reconciler();
+        for (p, l) in &second.limiters {
+            assert!(!Arc::ptr_eq(l, &third.limiters[p]), "{p}: a new rate, a new limiter");
+        }
+    }
 }

@@ -73,6 +73,15 @@ impl Plan {
         }
     }
 
+    /// Whether any of the request's templates names `{var}`.
+    pub(super) fn names(&self, var: &str) -> bool {
+        let needle = format!("{{{var}}}");
+        self.url.contains(&needle)
+            || self.headers.iter().any(|(_, v)| v.contains(&needle))
+            || self.body.as_ref().is_some_and(|b| b.to_string().contains(&needle))
+            || self.select.as_ref().is_some_and(|(_, _, equals)| equals.contains(&needle))
+    }
+
     /// Reads the snapshot out of a provider's answer.
     pub(super) fn snapshot(&self, body: &[u8], vars: &Vars) -> Result<Snapshot, Unreachable> {
         let root: Value = serde_json::from_slice(body).map_err(|e| Unreachable::NotJson(e.to_string()))?;
@@ -220,5 +229,14 @@ mod tests {
         assert_eq!(fill("/members/{customer_id}", &v, true), Err(MissingValue("{customer_id}".into())));
         assert_eq!(fill_with("Bearer {api_key}", &v, Some("sk_test"), false).unwrap(), "Bearer sk_test");
         assert_eq!(encode_segment("a?b#c é~-_."), "a%3Fb%23c%20%C3%A9~-_.");
+    }
+
+    #[test]
+    fn a_plan_knows_which_values_its_request_names() {
+        let spec = |url: &str| ReconcileSpec { url: Some(url.into()), ..Default::default() };
+        let by_customer = Plan::compile("f".into(), &spec("{api_base}/members/{customer_id}"), None);
+        let by_subscription = Plan::compile("f".into(), &spec("{api_base}/v1/subscriptions/{subscription_id}"), None);
+        assert!(by_customer.names("customer_id") && !by_customer.names("subscription_id"));
+        assert!(by_subscription.names("subscription_id") && !by_subscription.names("customer_id"));
     }
 }

@@ -63,3 +63,17 @@ async fn reconcile_takes_a_member_by_email_like_explain() {
     assert_eq!(code, Some(1));
     assert!(err.contains("no member `nobody@example.com` (by id or email)"), "{err}");
 }
+
+/// A payload that cannot be decoded is said once, with its cause.
+// See: issue 17 (found on review: the cause was printed twice after the intake move).
+#[test]
+fn simulate_names_an_undecodable_payload_once() {
+    let (dir, _) = editable_config();
+    std::fs::write(dir.path().join("bad.json"), "{\"type\": ").unwrap();
+    let (code, _, err) = run(dir.path(), &["simulate", "--provider", "stripe", "bad.json"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        err.trim(),
+        "error: Failed to decode the payload: body is not valid JSON: EOF while parsing a value at line 1 column 9"
+    );
+}
