@@ -172,3 +172,22 @@ pub(super) fn flag_member(tx: &mut dyn Tx, m: &MemberRow, o: &Outcome, now: Date
     m.updated_at = now;
     tx.save_member(&m)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flag_is_kept_once_and_the_newest_twenty_are_kept() {
+        let mut flags = vec![];
+        push_flag(&mut flags, "a");
+        push_flag(&mut flags, "b");
+        push_flag(&mut flags, "a");
+        assert_eq!(flags, ["a", "b"], "once each, a new one beside the others");
+        for i in 0..25 {
+            push_flag(&mut flags, &format!("f{i}"));
+        }
+        assert_eq!(flags.len(), 20);
+        assert_eq!((flags[0].as_str(), flags[19].as_str()), ("f5", "f24"), "the oldest dropped first");
+    }
+}

@@ -136,3 +136,23 @@ async fn a_member_with_two_memberships_is_updated_without_naming_either() {
     assert_eq!(ack.status, Status::Applied, "{:?}", ack.outcome.reason);
     assert_eq!(member(&ctx, "sam.rivera@example.com").member.email.as_deref(), Some("sam.rivera@example.com"));
 }
+
+/// An event that acts on one membership but names none, for a member holding two at the
+/// provider: refused ("not guessing which"), and the member flagged where an operator sees it.
+#[tokio::test]
+async fn an_ambiguous_event_is_refused_and_flags_the_member() {
+    let (_dir, clock, ctx) = fresh();
+    deliver(&ctx, "stripe", "checkout_session_completed").await;
+    deliver(&ctx, "stripe", "customer_subscription_created").await;
+    deliver_edited(&ctx, "stripe", "customer_subscription_created", |v| {
+        v["id"] = "evt_second_subscription".into();
+        v["data"]["object"]["id"] = "sub_Second002".into();
+    })
+    .await;
+    assert_eq!(member(&ctx, "ada@example.com").memberships.len(), 2);
+    clock.set(at(1_772_449_512));
+    let ack = deliver(&ctx, "stripe", "charge_refunded").await;
+    assert_eq!(ack.status, Status::Refused, "{:?}", ack.outcome.reason);
+    let flags = member(&ctx, "ada@example.com").member.flags;
+    assert!(flags.iter().any(|f| f.starts_with("refused:") && f.contains("not guessing which")), "{flags:?}");
+}
