@@ -187,7 +187,6 @@ pub fn apply_with(
         outcome.reason = x.mapping.ignored_because.clone().or(Some("unmapped event".into()));
         return finish(tx, rec, outcome);
     }
-    let rules = &loaded.rules;
     let Some(tenant_cfg) = loaded.config.tenants.get(&tenant) else {
         outcome.status = Status::Refused;
         outcome.reason = Some(format!("unknown tenant `{tenant}`"));
@@ -217,71 +216,20 @@ pub fn apply_with(
     // each logged as its own row (same event id), each through the rules and the machine.
     if ev.kind == Some(EventKind::MemberDeleted) && mkey.is_none() {
         if let Some(mem) = &member {
-            let mut parts = Vec::new();
-            for (key, sub) in resolve::member_deleted_parts(tx, &x, mem, &provider)? {
-                let raw = Raw {
-                    body: rec.raw.clone(),
-                    headers: serde_json::from_str(rec.headers.get()).unwrap_or_default(),
-                    source,
-                    delivery: false,
-                };
-                let ack = apply(loaded, tx, Incoming::Extracted(Box::new(sub)), raw, now)?;
-                let o = &ack.outcome;
-                parts.push(format!(
-                    "{key} {}{}",
-                    ack.status.as_str(),
-                    match (o.from, o.to) {
-                        (Some(f), Some(t)) => format!(" {f} → {t}"),
-                        _ => String::new(),
-                    }
-                ));
-            }
-            outcome.reason = Some(if parts.is_empty() {
-                "member deleted at the provider; no memberships there".to_string()
-            } else {
-                format!("member deleted at the provider; per membership: {}", parts.join("; "))
-            });
+            outcome.reason = Some(fan_out_member_deleted(loaded, tx, &x, &rec, mem, now)?);
             return finish(tx, rec, outcome);
         }
     }
+
+    // Stale? Then the rules: the rank, and the decision.
     let view = view_of(membership.as_ref());
     let ev_view = pre.view.take().unwrap_or_else(|| crate::rules::EventView::of(ev));
-
-    // Stale?
-    if membership.is_some() {
-        match rules.is_stale_of(&ev_view, &view) {
-            Ok(true) => {
-                outcome.status = Status::Stale;
-                outcome.reason = Some(format!(
-                    "occurred at {} but the membership already reflects {}",
-                    ev.occurred_at.to_rfc3339(),
-                    view.last_event_at.map(|t| t.to_rfc3339()).unwrap_or_default()
-                ));
-                return finish(tx, rec, outcome);
-            }
-            Ok(false) => {}
-            Err(e) => {
-                outcome.status = Status::Failed;
-                outcome.reason = Some(format!("rule error: {e}"));
-                return finish(tx, rec, outcome);
-            }
-        }
-    }
-
-    // Rules. The rank first: the decision takes the event's view.
-    let rank = match pre.rank.take().unwrap_or_else(|| rules.rank_of(&ev_view)) {
-        Ok(r) => r,
-        Err(e) => {
-            outcome.status = Status::Failed;
-            outcome.reason = Some(format!("rule error: {e}"));
-            return finish(tx, rec, outcome);
-        }
-    };
-    let decision = match rules.decide_of(ev, ev_view, &view, &loaded.policy(&tenant), now) {
-        Ok(d) => d,
-        Err(e) => {
-            outcome.status = Status::Failed;
-            outcome.reason = Some(format!("rule error: {e}"));
+    let (rank, decision) = match judge(loaded, &tenant, ev, ev_view, &view, membership.is_some(), pre.rank.take(), now)
+    {
+        Ok(judged) => judged,
+        Err((status, reason)) => {
+            outcome.status = status;
+            outcome.reason = Some(reason);
             return finish(tx, rec, outcome);
         }
     };
@@ -400,4 +348,72 @@ pub fn apply_with(
         }
     }
     Ok(ack)
+}
+
+/// Stale, then the rules: the event's rank (`pre`, if worked out already) and the rules'
+/// decision. `Err`: the event is stale, or a rule failed (status and reason).
+#[allow(clippy::too_many_arguments)]
+fn judge(
+    loaded: &Loaded,
+    tenant: &str,
+    ev: &crate::canonical::CanonicalEvent,
+    ev_view: crate::rules::EventView,
+    view: &crate::rules::MembershipView,
+    has_membership: bool,
+    pre: Option<Result<i64, crate::rules::Error>>,
+    now: DateTime<Utc>,
+) -> Result<(i64, crate::rules::Decision), (Status, String)> {
+    let rules = &loaded.rules;
+    let failed = |e: crate::rules::Error| (Status::Failed, format!("rule error: {e}"));
+    if has_membership && rules.is_stale_of(&ev_view, view).map_err(failed)? {
+        return Err((
+            Status::Stale,
+            format!(
+                "occurred at {} but the membership already reflects {}",
+                ev.occurred_at.to_rfc3339(),
+                view.last_event_at.map(|t| t.to_rfc3339()).unwrap_or_default()
+            ),
+        ));
+    }
+    let rank = pre.unwrap_or_else(|| rules.rank_of(&ev_view)).map_err(failed)?;
+    let decision = rules.decide_of(ev, ev_view, view, &loaded.policy(tenant), now).map_err(failed)?;
+    Ok((rank, decision))
+}
+
+/// A member deleted at the provider: every membership of theirs there gets the event, each
+/// logged as its own row (same event id), each through the rules and the machine. Returns
+/// the reason the member's own row records (what became of each).
+fn fan_out_member_deleted(
+    loaded: &Loaded,
+    tx: &mut dyn Tx,
+    x: &crate::extract::Extraction,
+    rec: &EventRow,
+    mem: &crate::store::MemberRow,
+    now: DateTime<Utc>,
+) -> store::Result<String> {
+    let source = rec.source;
+    let mut parts = Vec::new();
+    for (key, sub) in resolve::member_deleted_parts(tx, x, mem, &rec.provider)? {
+        let raw = Raw {
+            body: rec.raw.clone(),
+            headers: serde_json::from_str(rec.headers.get()).unwrap_or_default(),
+            source,
+            delivery: false,
+        };
+        let ack = apply(loaded, tx, Incoming::Extracted(Box::new(sub)), raw, now)?;
+        let o = &ack.outcome;
+        parts.push(format!(
+            "{key} {}{}",
+            ack.status.as_str(),
+            match (o.from, o.to) {
+                (Some(f), Some(t)) => format!(" {f} → {t}"),
+                _ => String::new(),
+            }
+        ));
+    }
+    Ok(if parts.is_empty() {
+        "member deleted at the provider; no memberships there".to_string()
+    } else {
+        format!("member deleted at the provider; per membership: {}", parts.join("; "))
+    })
 }
