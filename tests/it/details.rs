@@ -156,3 +156,51 @@ async fn an_ambiguous_event_is_refused_and_flags_the_member() {
     let flags = member(&ctx, "ada@example.com").member.flags;
     assert!(flags.iter().any(|f| f.starts_with("refused:") && f.contains("not guessing which")), "{flags:?}");
 }
+
+/// An event parked until "a membership of the member it names" exists (it names no
+/// subscription or product) is released by that member's new membership, and by no one
+/// else's — whether it names its member by customer id only or by email only.
+// See: issue 26 (five mutants of the release check survived the suite).
+#[tokio::test]
+async fn an_event_parked_for_its_member_is_released_by_that_members_membership_only() {
+    for by in ["customer id", "email"] {
+        let (_dir, clock, ctx) = fresh();
+        // Ada's checkout names no subscription or product: it is parked.
+        let ack = deliver_edited(&ctx, "stripe", "checkout_session_completed", |v| {
+            let o = &mut v["data"]["object"];
+            o["subscription"] = serde_json::Value::Null;
+            o["mode"] = "payment".into();
+            if by == "customer id" {
+                o["customer_details"]["email"] = serde_json::Value::Null;
+                o["customer_email"] = serde_json::Value::Null;
+            } else {
+                o["customer"] = serde_json::Value::Null;
+            }
+            v["id"] = "evt_parked_checkout".into();
+        })
+        .await;
+        assert_eq!(ack.status, Status::Refused, "{by}: {:?}", ack.outcome.reason);
+        let status_of = |ctx: &membersync::pipeline::Ctx| {
+            let rows = ctx.store.events_by_event_id("evt_parked_checkout").unwrap();
+            rows.iter().map(|e| e.status.as_str().to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(status_of(&ctx), ["refused"], "{by}");
+
+        // Another customer's subscription: Ada's parked event stays parked.
+        clock.set(at(JAN + 10));
+        let other = deliver_edited(&ctx, "stripe", "customer_subscription_created", |v| {
+            v["id"] = "evt_other_customer".into();
+            v["data"]["object"]["id"] = "sub_Other01".into();
+            v["data"]["object"]["customer"] = "cus_Other01".into();
+        })
+        .await;
+        assert_eq!(other.status, Status::Applied, "{by}: {:?}", other.outcome.reason);
+        assert_eq!(status_of(&ctx), ["refused"], "{by}: released by another member's membership");
+
+        // Ada's own subscription (her checkout with it): the parked event runs again now.
+        clock.set(at(JAN + 20));
+        let own = deliver(&ctx, "stripe", "checkout_session_completed").await;
+        assert_eq!(own.status, Status::Applied, "{by}: {:?}", own.outcome.reason);
+        assert_eq!(status_of(&ctx)[0], "replayed", "{by}: {:?}", status_of(&ctx));
+    }
+}
