@@ -204,3 +204,28 @@ async fn an_event_parked_for_its_member_is_released_by_that_members_membership_o
         assert_eq!(status_of(&ctx)[0], "replayed", "{by}: {:?}", status_of(&ctx));
     }
 }
+
+/// `simulate --state` seeds the membership as that state holds it: past_due with its grace
+/// still ahead, canceling with access until the period end.
+#[tokio::test]
+async fn a_seeded_state_holds_what_that_state_holds() {
+    let (_dir, _clock, ctx) = fresh();
+    let body = fixture("stripe", "customer_subscription_updated_cancel_scheduled");
+    let x = ctx.config().extractors["stripe"].clone();
+    let decoded = x.decode(&body, Some("application/json")).unwrap();
+    let ev = x.extract("demo", &decoded, &body, &[], at(JAN)).unwrap().event;
+    let config = ctx.config();
+    for state in [MState::PastDue, MState::Canceling] {
+        let (c, e) = (config.clone(), ev.clone());
+        ctx.store.write(move |tx| membersync::pipeline::seed_membership(tx, &c, &e, state)).await.unwrap();
+        let m = ctx.store.member_detail("mbr_seeded", 0).unwrap().unwrap().memberships[0].clone();
+        assert_eq!(m.state, state);
+        match state {
+            MState::PastDue => assert_eq!(m.grace_until, Some(ev.occurred_at + chrono::Duration::days(3))),
+            _ => {
+                assert!(ev.period_end.is_some());
+                assert_eq!((m.access_until, m.cancel_at_period_end), (ev.period_end, true));
+            }
+        }
+    }
+}
