@@ -216,6 +216,36 @@ pub async fn reload(token: AdminToken, State(state): State<AppState>) -> Result<
     }
 }
 
+#[derive(Deserialize)]
+pub struct RederiveQuery {
+    /// Only this member's memberships (id or email).
+    member: Option<String>,
+    /// Show what would change; write nothing.
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// `POST /admin/rederive[?member=ID-or-EMAIL][&dry_run=true]`: sets each membership to what
+/// its stored deliveries derive under the rules in force, recorded as events with source
+/// `rederive` (global token; see `replay::rederive`).
+pub async fn rederive(
+    token: AdminToken,
+    State(ctx): State<Arc<Ctx>>,
+    Query(q): Query<RederiveQuery>,
+) -> Result<Json<Value>, ApiError> {
+    token.require_global()?;
+    let mut filter = crate::store::EventFilter::default();
+    if let Some(who) = q.member {
+        let found = read(&ctx.store, move |s| crate::explain::find(s, &who)).await?.ok_or(ApiError::NotFound)?;
+        filter.member_id = Some(found.member.id);
+    }
+    let r = crate::replay::rederive(&ctx, &filter, ctx.clock.now(), q.dry_run).await.map_err(|e| match e {
+        crate::replay::Error::Store(e) => ApiError::from(e),
+        other => ApiError::Internal(other.to_string()),
+    })?;
+    Ok(Json(json!(r)))
+}
+
 /// `POST /events/{event_id}/replay`: run a failed, refused or ignored event again under
 /// the rules in force (409 for any other status).
 pub async fn replay_event(

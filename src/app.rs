@@ -27,6 +27,7 @@ pub fn router(state: AppState) -> Router {
         .route("/leads", get(admin::leads))
         .route("/admin/rules", get(admin::rules))
         .route("/admin/reload", axum::routing::post(admin::reload))
+        .route("/admin/rederive", axum::routing::post(admin::rederive))
         .route("/metrics", get(admin::metrics))
         .route("/healthz", get(healthz))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), measure))

@@ -131,11 +131,20 @@ pub enum Source {
     Replay,
     Admin,
     Simulate,
+    /// A membership re-derived from its stored deliveries under rules that changed.
+    Rederive,
 }
 
 impl Source {
-    pub const ALL: [Source; 6] =
-        [Source::Webhook, Source::Timer, Source::Reconcile, Source::Replay, Source::Admin, Source::Simulate];
+    pub const ALL: [Source; 7] = [
+        Source::Webhook,
+        Source::Timer,
+        Source::Reconcile,
+        Source::Replay,
+        Source::Admin,
+        Source::Simulate,
+        Source::Rederive,
+    ];
 
     /// The source named `s` (as `as_str` writes it).
     pub fn parse(s: &str) -> Option<Source> {
@@ -150,6 +159,7 @@ impl Source {
             Source::Replay => "replay",
             Source::Admin => "admin",
             Source::Simulate => "simulate",
+            Source::Rederive => "rederive",
         }
     }
 }

@@ -68,6 +68,25 @@ pub enum Command {
         #[arg(long, default_value = "membersync.yaml")]
         config: PathBuf,
     },
+    /// Set each membership to what its stored deliveries derive under the rules in force
+    /// (after a product is mapped, a policy or a rule changes), recorded as events with
+    /// source `rederive`; `--dry-run` shows the differences first.
+    Rederive {
+        /// Only this member's memberships (id or email).
+        #[arg(long)]
+        member: Option<String>,
+        /// Only deliveries received at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Show what would change; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "membersync.yaml")]
+        config: PathBuf,
+    },
     /// Run scenario files (payloads, clock steps, expected state and access) against
     /// the rules in force, and show a diff where an expectation fails.
     Test {
@@ -170,6 +189,9 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
     match cmd {
         Command::Serve { config, listen, database } => serve(&config, listen, database).await,
         Command::Check { config, strict, verbose } => Ok(check(&config, strict, verbose)),
+        Command::Rederive { member, since, dry_run, json, config } => {
+            rederive(&config, member, since.as_deref(), dry_run, json).await
+        }
         Command::Replay { status, since, member, dry_run, config } => {
             replay(&config, status, since.as_deref(), member, dry_run).await
         }
@@ -444,6 +466,48 @@ async fn open_ctx(config_path: &Path) -> Result<Arc<Ctx>> {
     let rules = load_rules(&config, Utc::now())?;
     let store = open_existing_store(&config)?;
     Ok(Arc::new(Ctx::new(config, rules, store, Arc::new(SystemClock))))
+}
+
+async fn rederive(
+    config_path: &Path,
+    member: Option<String>,
+    since: Option<&str>,
+    dry_run: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let ctx = open_ctx(config_path).await?;
+    let since = since.map(|s| parse_time(s, "--since")).transpose()?;
+    let mut filter = crate::store::EventFilter { since, ..Default::default() };
+    if let Some(who) = &member {
+        let w = who.clone();
+        let found = crate::store::read(&ctx.store, move |s| crate::explain::find(s, &w)).await?;
+        filter.member_id = Some(found.with_context(|| format!("no member `{who}` (by id or email)"))?.member.id);
+    }
+    let r = crate::replay::rederive(&ctx, &filter, Utc::now(), dry_run).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "rules {}{}: {} deliveries re-derived; {} membership(s) compared; {} differ",
+        r.version,
+        if r.dry_run { " (dry run: nothing written)" } else { "" },
+        r.deliveries,
+        r.compared,
+        r.memberships.len()
+    );
+    for m in &r.memberships {
+        println!(
+            "{} ({})  {} {}: {} — {}",
+            m.member,
+            m.member_id,
+            m.provider,
+            m.membership,
+            m.changes.join("; "),
+            m.result
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn replay(

@@ -164,6 +164,12 @@ pub struct Difference {
     pub derived: Option<Compared>,
     /// What differs, a phrase per field ("state past_due → expired", …).
     pub changes: Vec<String>,
+    /// The stored membership as compared, and the derived one with its timers (what
+    /// `rederive` applies).
+    #[serde(skip)]
+    stored_row: Option<MembershipRow>,
+    #[serde(skip)]
+    derived_row: Option<(MembershipRow, Vec<store::TimerRow>)>,
 }
 
 /// What a dry run found: how many memberships it compared, and where they differ.
@@ -200,12 +206,19 @@ impl Person {
     }
 }
 
-/// (tenant, provider, membership key) → (the stored member's index in `people`, what is compared).
-type View = BTreeMap<(String, String, String), (usize, Compared)>;
+/// (tenant, provider, membership key) → (the stored member's index in `people`, what is
+/// compared, the membership and — derived side only — its timers).
+type View = BTreeMap<(String, String, String), (usize, Compared, MembershipRow, Vec<store::TimerRow>)>;
 
-fn add_to_view(view: &mut View, person: usize, memberships: &[MembershipRow], now: DateTime<Utc>) {
-    for m in memberships {
-        view.insert((m.tenant.clone(), m.provider.clone(), m.key.clone()), (person, Compared::of(m, now)));
+fn add_to_view(
+    view: &mut View,
+    person: usize,
+    memberships: Vec<(MembershipRow, Vec<store::TimerRow>)>,
+    now: DateTime<Utc>,
+) {
+    for (m, timers) in memberships {
+        let key = (m.tenant.clone(), m.provider.clone(), m.key.clone());
+        view.insert(key, (person, Compared::of(&m, now), m, timers));
     }
 }
 
@@ -283,7 +296,7 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
                         links.push((p.to_string(), cid));
                     }
                 }
-                add_to_view(&mut stored, people.len(), &memberships, now);
+                add_to_view(&mut stored, people.len(), memberships.into_iter().map(|m| (m, vec![])).collect(), now);
                 people.push(Person { tenant: member.tenant, id: member.id, email: member.email, links });
             }
             Ok((stored, people, read))
@@ -313,7 +326,12 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
                     found = tx.member_by_customer(&p.tenant, provider, cid)?;
                 }
                 if let Some(m) = found {
-                    add_to_view(&mut derived, i, &tx.memberships_of(&m.id)?, now);
+                    let mut with_timers = Vec::new();
+                    for ms in tx.memberships_of(&m.id)? {
+                        let timers = tx.timers_of(&ms.id)?;
+                        with_timers.push((ms, timers));
+                    }
+                    add_to_view(&mut derived, i, with_timers, now);
                 }
             }
             Ok((side, derived))
@@ -342,8 +360,96 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
                 stored: a.map(|x| x.1.clone()),
                 derived: b.map(|x| x.1.clone()),
                 changes,
+                stored_row: a.map(|x| x.2.clone()),
+                derived_row: b.map(|x| (x.2.clone(), x.3.clone())),
             })
         })
         .collect();
     Ok(DryRun { deliveries: read, compared, differences })
+}
+
+/// What became of one membership in a re-derivation.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Rederived {
+    pub member: String,
+    pub member_id: String,
+    pub provider: String,
+    pub membership: String,
+    pub changes: Vec<String>,
+    /// `applied` (the event it was recorded as: `event_id`), `would apply` (a dry run), or
+    /// `left` with why.
+    pub result: String,
+    pub event_id: Option<String>,
+}
+
+/// A re-derivation: the comparison, and what became of each difference.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Rederivation {
+    pub version: String,
+    pub dry_run: bool,
+    pub deliveries: usize,
+    pub compared: usize,
+    pub memberships: Vec<Rederived>,
+}
+
+/// Re-derives the memberships the stored deliveries (per `filter`) lead to under the rules
+/// in force, and applies each difference (not with `dry_run`): the membership is set to
+/// what the deliveries derive, with its timers, recorded as an event with source
+/// `rederive`. A membership no delivery derives is left as it is, and said so; nothing is
+/// created that is not stored. What a config or rule change means for earlier members
+/// (a product mapped after they bought it) is applied this way.
+pub async fn rederive(
+    ctx: &Arc<Ctx>,
+    filter: &EventFilter,
+    now: DateTime<Utc>,
+    dry_run: bool,
+) -> Result<Rederivation, Error> {
+    let version = ctx.rules().version.clone();
+    let run = self::dry_run(ctx, filter, now).await?;
+    let mut out = Rederivation {
+        version: version.clone(),
+        dry_run,
+        deliveries: run.deliveries,
+        compared: run.compared,
+        memberships: vec![],
+    };
+    for d in run.differences {
+        let mut line = Rederived {
+            member: d.member.clone(),
+            member_id: d.member_id.clone(),
+            provider: d.provider.clone(),
+            membership: d.membership.clone(),
+            changes: d.changes.clone(),
+            result: String::new(),
+            event_id: None,
+        };
+        line.result = match (d.stored_row, d.derived_row) {
+            (Some(_), Some(_)) if dry_run => "would apply".into(),
+            (Some(stored), Some((derived, timers))) => {
+                let (version, changes) = (version.clone(), d.changes.clone());
+                let done = ctx
+                    .store
+                    .write(move |tx| pipeline::apply_derived(tx, &stored, &derived, &timers, &changes, &version, now))
+                    .await?;
+                match done {
+                    pipeline::Rederived::Applied(ack) => {
+                        line.event_id = Some(ack.event_id);
+                        "applied".into()
+                    }
+                    pipeline::Rederived::Left(why) => format!("left: {why}"),
+                }
+            }
+            (Some(_), None) => {
+                "left: no stored delivery derives this membership under these rules; see its events".into()
+            }
+            (None, _) => {
+                "left: derived but not stored (its deliveries are stored refused or ignored); replay them".into()
+            }
+        };
+        out.memberships.push(line);
+    }
+    if !dry_run {
+        ctx.timers_changed.notify_one();
+    }
+    Ok(out)
 }

@@ -22,6 +22,7 @@ mod commit;
 mod context;
 mod outcome;
 mod parked;
+mod rederive;
 mod resolve;
 mod seed;
 
@@ -29,6 +30,7 @@ pub use commit::view_of;
 pub use context::{Ctx, Loaded};
 pub use outcome::{Ack, Incoming, Outcome, Raw, Status};
 pub use parked::incoming_from_row;
+pub use rederive::{apply_derived, Rederived};
 pub use resolve::membership_key;
 pub use seed::seed_membership;
 

@@ -306,6 +306,8 @@ pub trait Tx {
     fn delete_timer_if_due(&mut self, membership_id: &str, name: &str, due_at: DateTime<Utc>) -> Result<bool>;
     /// Timers due at or before `now`, oldest first (inside the transaction).
     fn due_timers_tx(&mut self, now: DateTime<Utc>, limit: usize) -> Result<Vec<TimerRow>>;
+    /// A membership's timers, soonest first.
+    fn timers_of(&mut self, membership_id: &str) -> Result<Vec<TimerRow>>;
     /// Records a reconciliation attempt: sync status, times, drift or error. Touches only
     /// the sync columns, so a webhook applied meanwhile is kept.
     fn record_sync(&mut self, r: &SyncRecord) -> Result<()>;

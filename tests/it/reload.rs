@@ -356,3 +356,71 @@ async fn reload_never_swaps_in_a_file_check_did_not_see() {
     flipper.join().unwrap();
     assert!(hit.is_none(), "after {tries} reloads the service runs rules {bad_version}, which check refuses");
 }
+
+/// Seed 001's workflow: a buyer of a product not mapped yet has no access and a flag; the
+/// operator maps the product and reloads; a re-derive (dry run first) applies what the
+/// stored deliveries now derive, recorded as an event `explain` shows; a second one finds
+/// nothing to do.
+// See: issue 18 (mapping the product later never reached the earlier buyer).
+#[tokio::test]
+async fn mapping_a_product_later_reaches_the_earlier_buyer_through_rederive() {
+    let (dir, config) = editable_config();
+    let yaml = dir.path().join("membersync.yaml");
+    let clock = Arc::new(FixedClock::new(at(1_767_225_600)));
+    let s = Server::start_with(config, clock.clone(), dir).await;
+    let admin = |path: &'static str| {
+        let url = format!("{}{path}", s.url);
+        async move {
+            let resp = reqwest::Client::new().post(url).bearer_auth(TOKEN).send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    post_at(&s, &clock, 1_767_225_600, "checkout_session_completed").await;
+    clock.set(at(1_767_225_601));
+    let ack = deliver_edited(&s.ctx, "stripe", "customer_subscription_created", |v| {
+        let price = &mut v["data"]["object"]["items"]["data"][0]["price"];
+        price["id"] = "price_Course99".into();
+        price["product"] = "prod_Course99".into();
+    })
+    .await;
+    assert_eq!(ack.status, membersync::pipeline::Status::Applied);
+    let m = member(&s.ctx, "ada@example.com").memberships[0].clone();
+    assert!(!m.has_access(clock.now()));
+    assert!(m.flags.iter().any(|f| f.contains("prod_Course99")), "{:?}", m.flags);
+
+    // Map it, reload: the stored membership is as it was.
+    let text = std::fs::read_to_string(&yaml).unwrap();
+    std::fs::write(&yaml, text.replacen("prod_Pro001: [pro]", "prod_Pro001: [pro]\n          prod_Course99: [pro]", 1))
+        .unwrap();
+    assert_eq!(admin("/admin/reload").await.0, 200);
+    assert!(!member(&s.ctx, "ada@example.com").memberships[0].has_access(clock.now()));
+
+    // The dry run shows it and writes nothing.
+    let (status, dry) = admin("/admin/rederive?dry_run=true").await;
+    assert_eq!(status, 200, "{dry}");
+    assert_eq!(dry["memberships"][0]["result"], "would apply", "{dry}");
+    assert!(dry["memberships"][0]["changes"].to_string().contains("levels [] → [pro]"), "{dry}");
+    assert!(!member(&s.ctx, "ada@example.com").memberships[0].has_access(clock.now()));
+
+    // Applied: access, the flag gone, an event with source `rederive` that explain shows.
+    let (status, done) = admin("/admin/rederive").await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["memberships"][0]["result"], "applied", "{done}");
+    let m = member(&s.ctx, "ada@example.com").memberships[0].clone();
+    assert!(m.has_access(clock.now()), "{m:?}");
+    assert_eq!(m.access_levels, ["pro"]);
+    assert!(!m.flags.iter().any(|f| f.starts_with("unmapped_product")), "{:?}", m.flags);
+    let d = member(&s.ctx, "ada@example.com");
+    let text =
+        membersync::explain::explain_text(&membersync::explain::explain_json(&*s.ctx.store, &d, clock.now()).unwrap());
+    assert!(text.contains("rederive") && text.contains("levels [] → [pro]"), "{text}");
+    let event_id = done["memberships"][0]["event_id"].as_str().unwrap();
+    let (_, stored) = s.get(&format!("/events/{event_id}"), Some(TOKEN)).await;
+    assert_eq!(stored["source"], "rederive");
+    assert_eq!(stored["outcome"]["rule"]["version"], version(&s).await["version"]);
+
+    // Nothing left to do.
+    let (_, again) = admin("/admin/rederive").await;
+    assert_eq!(again["memberships"], serde_json::json!([]), "{again}");
+    s.stop().await;
+}

@@ -60,9 +60,7 @@ impl Store for SqliteStore {
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let mut timers = Vec::new();
             for m in &memberships {
-                let mut st = c.prepare_cached(
-                    "SELECT tenant, membership_id, name, due_at, set_by_event FROM timers WHERE membership_id = ?1 ORDER BY due_at",
-                )?;
+                let mut st = c.prepare_cached(super::tx::TIMERS_OF)?;
                 timers.extend(st.query_map([&m.id], timer_row)?.collect::<rusqlite::Result<Vec<_>>>()?);
             }
             let mut sync = Vec::new();

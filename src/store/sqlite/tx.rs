@@ -96,6 +96,10 @@ impl<'c> SqliteTx<'_, 'c> {
     }
 }
 
+/// A membership's timers, soonest first.
+pub(super) const TIMERS_OF: &str =
+    "SELECT tenant, membership_id, name, due_at, set_by_event FROM timers WHERE membership_id = ?1 ORDER BY due_at";
+
 /// Timers due by ?1, oldest first, at most ?2 (read by the timer task and in a transaction).
 pub(super) const DUE_TIMERS: &str =
     "SELECT tenant, membership_id, name, due_at, set_by_event FROM timers WHERE due_at <= ?1
@@ -448,6 +452,11 @@ impl Tx for SqliteTx<'_, '_> {
             .st(DUE_TIMERS)?
             .query_map(params![ts(now), limit as i64], timer_row)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    fn timers_of(&mut self, membership_id: &str) -> Result<Vec<TimerRow>> {
+        let rows = self.st(TIMERS_OF)?.query_map([membership_id], timer_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
 

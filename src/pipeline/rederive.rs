@@ -1,0 +1,127 @@
+//! Re-derived: a membership set to what its stored deliveries derive under the rules in
+//! force (the dry run ran them through rules → machine on a scratch store), recorded as an
+//! event with source `rederive` that names the rule-set version and every change, so
+//! `explain` tells why access changed.
+//!
+//! What this module must never do: apply over a membership that changed after the
+//! comparison (a webhook that came in meanwhile wins; the operator runs it again), apply the
+//! same re-derivation twice (one event per membership and rule-set version), or invent a
+//! membership the deliveries do not derive.
+
+use super::outcome::{finish, Ack, Outcome, Status};
+use crate::canonical::Source;
+use crate::effects::Effect;
+use crate::extract::Mapping;
+use crate::rules::RuleRef;
+use crate::store::{self, EventRow, EventStatus, MembershipRow, TimerRow, Tx};
+use chrono::{DateTime, Utc};
+
+/// What became of one re-derivation.
+pub enum Rederived {
+    Applied(Box<Ack>),
+    /// Not applied, and why.
+    Left(String),
+}
+
+/// Sets membership `stored` (as the comparison read it) to `derived` and its timers to
+/// `timers`, inside the caller's transaction, recording the change as an event.
+pub fn apply_derived(
+    tx: &mut dyn Tx,
+    stored: &MembershipRow,
+    derived: &MembershipRow,
+    timers: &[TimerRow],
+    changes: &[String],
+    version: &str,
+    now: DateTime<Utc>,
+) -> store::Result<Rederived> {
+    let key = format!("rederive:{}:{version}", stored.id);
+    if tx.event_by_key(&stored.tenant, &stored.provider, &key)?.is_some() {
+        return Ok(Rederived::Left(format!("already re-derived under rules {version}")));
+    }
+    let Some(mut ms) = tx.membership(&stored.id)? else {
+        return Ok(Rederived::Left("the membership is gone".into()));
+    };
+    if ms.updated_at != stored.updated_at {
+        return Ok(Rederived::Left("it changed after the comparison; run it again".into()));
+    }
+    let (from, had_access, old_levels) = (ms.state, ms.has_access(now), ms.access_levels.clone());
+    ms.state = derived.state;
+    ms.product_id = derived.product_id.clone();
+    ms.plan_id = derived.plan_id.clone();
+    ms.status = derived.status.clone();
+    ms.period_end = derived.period_end;
+    ms.grace_until = derived.grace_until;
+    ms.access_until = derived.access_until;
+    ms.cancel_at_period_end = derived.cancel_at_period_end;
+    ms.access_levels = derived.access_levels.clone();
+    ms.flags = derived.flags.clone();
+    ms.updated_at = now;
+    let has_access = ms.has_access(now);
+    let mut effects = Vec::new();
+    if has_access && (!had_access || ms.access_levels != old_levels) {
+        effects
+            .push(Effect::GrantAccess { levels: ms.access_levels.clone(), until: ms.access_until.or(ms.grace_until) });
+    } else if had_access && !has_access {
+        effects.push(Effect::RevokeAccess { levels: old_levels, reason: format!("re-derived under rules {version}") });
+    }
+    tx.save_membership(&ms)?;
+    for t in tx.timers_of(&ms.id)? {
+        tx.cancel_timer(&ms.id, &t.name)?;
+    }
+    for t in timers {
+        tx.set_timer(&TimerRow {
+            membership_id: ms.id.clone(),
+            tenant: ms.tenant.clone(),
+            set_by_event: key.clone(),
+            ..t.clone()
+        })?;
+        effects.push(Effect::ScheduleTimer { timer: t.name.clone(), at: t.due_at });
+    }
+    let outcome = Outcome {
+        status: Status::Applied,
+        from: Some(from),
+        to: Some(ms.state),
+        effects,
+        input: None,
+        reason: Some(format!("re-derived under rules {version}: {}", changes.join("; "))),
+        mapping: Some(Mapping {
+            file: "rederive".into(),
+            event: None,
+            case: None,
+            ignored_because: None,
+            flags: vec![],
+        }),
+        rule: Some(RuleRef {
+            file: "(the stored deliveries, run again through the rules)".into(),
+            function: "rederive".into(),
+            line: 0,
+            version: version.to_string(),
+        }),
+        source: Source::Rederive,
+        member_id: Some(ms.member_id.clone()),
+        membership_id: Some(ms.id.clone()),
+    };
+    let rec = EventRow {
+        seq: 0,
+        tenant: ms.tenant.clone(),
+        provider: ms.provider.clone(),
+        event_id: key.clone(),
+        idempotency_key: key,
+        event_type: "rederive".into(),
+        kind: None,
+        source: Source::Rederive,
+        received_at: now,
+        occurred_at: Some(now),
+        member_id: Some(ms.member_id.clone()),
+        membership_id: Some(ms.id.clone()),
+        status: EventStatus::Applied,
+        reason: None,
+        raw: vec![],
+        headers: store::stored_json(&Vec::<(String, String)>::new()),
+        canonical: None,
+        outcome: store::null_json(),
+        park_key: None,
+        deliveries: 0,
+    };
+    Ok(Rederived::Applied(Box::new(finish(tx, rec, outcome)?)))
+}
