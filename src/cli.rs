@@ -72,12 +72,10 @@ pub enum Command {
     /// (after a product is mapped, a policy or a rule changes), recorded as events with
     /// source `rederive`; `--dry-run` shows the differences first.
     Rederive {
-        /// Only this member's memberships (id or email).
+        /// Only this member's memberships (id or email). Every stored delivery of theirs is
+        /// run again: a state derived from part of them would be wrong.
         #[arg(long)]
         member: Option<String>,
-        /// Only deliveries received at or after this time (RFC 3339).
-        #[arg(long)]
-        since: Option<String>,
         /// Show what would change; write nothing.
         #[arg(long)]
         dry_run: bool,
@@ -189,9 +187,7 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
     match cmd {
         Command::Serve { config, listen, database } => serve(&config, listen, database).await,
         Command::Check { config, strict, verbose } => Ok(check(&config, strict, verbose)),
-        Command::Rederive { member, since, dry_run, json, config } => {
-            rederive(&config, member, since.as_deref(), dry_run, json).await
-        }
+        Command::Rederive { member, dry_run, json, config } => rederive(&config, member, dry_run, json).await,
         Command::Replay { status, since, member, dry_run, config } => {
             replay(&config, status, since.as_deref(), member, dry_run).await
         }
@@ -468,16 +464,9 @@ async fn open_ctx(config_path: &Path) -> Result<Arc<Ctx>> {
     Ok(Arc::new(Ctx::new(config, rules, store, Arc::new(SystemClock))))
 }
 
-async fn rederive(
-    config_path: &Path,
-    member: Option<String>,
-    since: Option<&str>,
-    dry_run: bool,
-    json: bool,
-) -> Result<ExitCode> {
+async fn rederive(config_path: &Path, member: Option<String>, dry_run: bool, json: bool) -> Result<ExitCode> {
     let ctx = open_ctx(config_path).await?;
-    let since = since.map(|s| parse_time(s, "--since")).transpose()?;
-    let mut filter = crate::store::EventFilter { since, ..Default::default() };
+    let mut filter = crate::store::EventFilter::default();
     if let Some(who) = &member {
         let w = who.clone();
         let found = crate::store::read(&ctx.store, move |s| crate::explain::find(s, &w)).await?;

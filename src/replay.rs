@@ -404,6 +404,9 @@ pub async fn rederive(
     now: DateTime<Utc>,
     dry_run: bool,
 ) -> Result<Rederivation, Error> {
+    // Only whole histories: a state derived from part of a membership's deliveries (a
+    // time range, a status) would be wrong, and applying it would be worse.
+    let filter = &EventFilter { member_id: filter.member_id.clone(), ..Default::default() };
     let version = ctx.rules().version.clone();
     let run = self::dry_run(ctx, filter, now).await?;
     let mut out = Rederivation {
