@@ -183,3 +183,33 @@ async fn first_write_after_the_directory_is_removed_still_syncs() {
     assert!(!SYNC_FAILED.load(Ordering::SeqCst), "no sync failed");
     assert!(store.member("mbr_1").unwrap().is_some());
 }
+
+/// Storage failures (I/O, a full disk, damage, a read-only or unopenable file) are told
+/// from a statement's own errors: only they put the store in its failed state.
+#[test]
+fn storage_failures_are_told_from_statement_errors() {
+    let err = |code: i32| rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None);
+    for code in [
+        rusqlite::ffi::SQLITE_IOERR,
+        rusqlite::ffi::SQLITE_FULL,
+        rusqlite::ffi::SQLITE_CORRUPT,
+        rusqlite::ffi::SQLITE_NOTADB,
+        rusqlite::ffi::SQLITE_CANTOPEN,
+        rusqlite::ffi::SQLITE_READONLY,
+    ] {
+        assert!(is_storage_failure(&err(code)), "code {code}");
+    }
+    for code in [rusqlite::ffi::SQLITE_CONSTRAINT, rusqlite::ffi::SQLITE_ERROR, rusqlite::ffi::SQLITE_MISMATCH] {
+        assert!(!is_storage_failure(&err(code)), "code {code}");
+    }
+    assert!(!is_storage_failure(&rusqlite::Error::QueryReturnedNoRows));
+}
+
+/// A locked database is waited for, but not for ever: the busy handler gives up after its
+/// tries (a minute of half-millisecond waits), and the caller gets "database is locked".
+#[test]
+fn the_wait_for_a_lock_ends() {
+    assert!(wait_for_lock(0), "the first attempts wait");
+    assert!(!wait_for_lock(120_000), "and the last one gives up");
+    assert!(!wait_for_lock(i32::MAX));
+}
