@@ -515,6 +515,11 @@ async fn replay(
         filter.member_id = Some(found.with_context(|| format!("no member `{id}`"))?.member.id);
     }
     if dry_run {
+        if filter.since.is_some() {
+            bail!(
+                "--since does not go with --dry-run: a membership is derived from all its deliveries, not from a part"
+            );
+        }
         let run = crate::replay::dry_run(&ctx, &filter, Utc::now()).await?;
         println!("rules {} (dry run: nothing written)", ctx.rules().version);
         println!(
