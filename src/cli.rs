@@ -506,6 +506,9 @@ async fn replay(
     member: Option<String>,
     dry_run: bool,
 ) -> Result<ExitCode> {
+    if dry_run && since.is_some() {
+        bail!("--since does not go with --dry-run: a membership is derived from all its deliveries, not from a part");
+    }
     let ctx = open_ctx(config_path).await?;
     let since = since.map(|s| parse_time(s, "--since")).transpose()?;
     let mut filter = crate::store::EventFilter { since, member_id: member, ..Default::default() };
@@ -515,11 +518,6 @@ async fn replay(
         filter.member_id = Some(found.with_context(|| format!("no member `{id}`"))?.member.id);
     }
     if dry_run {
-        if filter.since.is_some() {
-            bail!(
-                "--since does not go with --dry-run: a membership is derived from all its deliveries, not from a part"
-            );
-        }
         let run = crate::replay::dry_run(&ctx, &filter, Utc::now()).await?;
         println!("rules {} (dry run: nothing written)", ctx.rules().version);
         println!(

@@ -40,6 +40,9 @@ fn read_only_commands_refuse_a_database_that_does_not_exist() {
     let d = dir.path();
     let db = d.join("membersync.db");
     assert!(!db.exists());
+    let (code, _, err) = run(d, &["replay", "--dry-run", "--since", "2026-01-01T00:00:00Z"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--since does not go with --dry-run"), "{err}");
     for args in [&["explain", "ada@example.com"][..], &["replay", "--dry-run"][..], &["reconcile"][..]] {
         let (code, _, err) = run(d, args);
         assert_eq!(code, Some(1), "{args:?}");
