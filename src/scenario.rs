@@ -98,6 +98,9 @@ pub fn signed_request(
 ) -> Result<(Headers, Vec<u8>), String> {
     let (body, content_type, extra) =
         load_fixture(dir, file).map_err(|e| format!("{}: {e}", dir.join(file).display()))?;
+    // `${now…}` placeholders, as in `examples/`: the event happens at the scenario's clock.
+    let body = crate::simulate::expand_time(&body, now.timestamp())
+        .map_err(|e| format!("{}: {e}", dir.join(file).display()))?;
     let verifier = config.verifiers.get(provider).ok_or(format!("no provider `{provider}`"))?;
     let secret = config
         .tenants
@@ -115,7 +118,8 @@ pub fn signed_request(
     Ok((headers, body))
 }
 
-/// The event time a fixture carries (to move the clock there before sending it).
+/// The event time a fixture carries (to move the clock there before sending it); `None` for
+/// one whose times are `${now…}` placeholders (it reads as no time): it happens when sent.
 pub fn event_time(config: &Config, provider: &str, dir: &Path, file: &str) -> Option<DateTime<Utc>> {
     if let Some(t) = fixture_now(dir, file) {
         return Some(t);

@@ -111,3 +111,45 @@ async fn membersync_test_passes_on_shipped_rules_and_shows_the_diff_when_grace_c
     );
     drop(edit_dir);
 }
+
+/// A fixture may carry `${now…}` placeholders, as `examples/` do: a scenario sends it at
+/// its own clock, so what it sets in motion (a period end, a grace timer) starts then, not
+/// at a date long past.
+// See: issue 18 (fixed fixture times made timers fire at once on a live server).
+#[tokio::test]
+async fn a_fixture_with_now_placeholders_happens_at_the_scenario_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = dir.path().join("stripe");
+    std::fs::create_dir(&fixtures).unwrap();
+    for name in ["checkout_session_completed", "customer_subscription_created", "invoice_payment_failed"] {
+        let text = String::from_utf8(fixture("stripe", name)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let created = v["created"].as_i64().unwrap().to_string();
+        let text = text.replace(&format!("\"created\": {created}"), "\"created\": ${now}");
+        assert!(text.contains("${now}"), "{name}");
+        std::fs::write(fixtures.join(format!("{name}.json")), text).unwrap();
+    }
+    let scenarios = dir.path().join("scenarios");
+    std::fs::create_dir(&scenarios).unwrap();
+    let file = scenarios.join("now.yaml");
+    std::fs::write(
+        &file,
+        "provider: stripe\nemail: ada@example.com\nsteps:\n\
+         \x20 - clock: 2026-06-01T00:00:00Z\n\
+         \x20   expect: {}\n\
+         \x20 - send: checkout_session_completed.json\n\
+         \x20   expect: { status: applied }\n\
+         \x20 - send: customer_subscription_created.json\n\
+         \x20   expect: { status: applied, state: active, access: true }\n\
+         \x20 - send: invoice_payment_failed.json\n\
+         \x20   expect: { status: applied, state: past_due, access: true }\n\
+         \x20 - clock: 2026-06-07T23:00:00Z\n\
+         \x20   expect: { state: past_due, access: true }\n\
+         \x20 - clock: 2026-06-08T00:00:01Z\n\
+         \x20   expect: { state: expired, access: false }\n",
+    )
+    .unwrap();
+    let loaded = Arc::new(membersync::pipeline::Loaded::new(config(":memory:"), rules()));
+    let report = membersync::scenario::run(&file, loaded).await;
+    assert!(report.error.is_none() && report.mismatches.is_empty(), "{}", membersync::scenario::render(&[report]));
+}
