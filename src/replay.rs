@@ -404,11 +404,15 @@ pub async fn rederive(
     now: DateTime<Utc>,
     dry_run: bool,
 ) -> Result<Rederivation, Error> {
-    // Only whole histories: a state derived from part of a membership's deliveries (a
-    // time range, a status) would be wrong, and applying it would be worse.
-    let filter = &EventFilter { member_id: filter.member_id.clone(), ..Default::default() };
+    // Only whole histories: a state derived from part of the deliveries (a time range, one
+    // member's — a parked delivery is stored before it has a member) would be wrong, and
+    // applying it worse. A member filter narrows what is applied, not what is run.
+    let only = filter.member_id.clone();
     let version = ctx.rules().version.clone();
-    let run = self::dry_run(ctx, filter, now).await?;
+    let mut run = self::dry_run(ctx, &EventFilter::default(), now).await?;
+    if let Some(id) = &only {
+        run.differences.retain(|d| &d.member_id == id);
+    }
     let mut out = Rederivation {
         version: version.clone(),
         dry_run,

@@ -4,9 +4,9 @@
 //! `explain` tells why access changed.
 //!
 //! What this module must never do: apply over a membership that changed after the
-//! comparison (a webhook that came in meanwhile wins; the operator runs it again), apply the
-//! same re-derivation twice (one event per membership and rule-set version), or invent a
-//! membership the deliveries do not derive.
+//! comparison (a webhook that came in meanwhile wins; the operator runs it again), undo what
+//! reconciliation learnt from the provider (its view is not among the deliveries), or
+//! invent a membership the deliveries do not derive.
 
 use super::outcome::{finish, Ack, Outcome, Status};
 use crate::canonical::Source;
@@ -34,16 +34,24 @@ pub fn apply_derived(
     version: &str,
     now: DateTime<Utc>,
 ) -> store::Result<Rederived> {
-    let key = format!("rederive:{}:{version}", stored.id);
-    if tx.event_by_key(&stored.tenant, &stored.provider, &key)?.is_some() {
-        return Ok(Rederived::Left(format!("already re-derived under rules {version}")));
-    }
     let Some(mut ms) = tx.membership(&stored.id)? else {
         return Ok(Rederived::Left("the membership is gone".into()));
     };
-    if ms.updated_at != stored.updated_at {
+    // Anything but the time it was written: a webhook applied in the same second as the
+    // comparison leaves that as it was, and must still win.
+    if (MembershipRow { updated_at: stored.updated_at, ..ms.clone() }) != *stored {
         return Ok(Rederived::Left("it changed after the comparison; run it again".into()));
     }
+    if tx.applied_from(&ms.id, Source::Reconcile)? {
+        return Ok(Rederived::Left(
+            "reconciliation corrected it from the provider's own view, which its deliveries do not \
+             hold: re-deriving from them would undo that (resync it instead)"
+                .into(),
+        ));
+    }
+    // Unique per application; what keeps it from applying twice is the comparison above
+    // (after it, stored and derived agree).
+    let key = format!("rederive:{}:{}", ms.id, uuid::Uuid::now_v7().simple());
     let (from, had_access, old_levels) = (ms.state, ms.has_access(now), ms.access_levels.clone());
     ms.state = derived.state;
     ms.product_id = derived.product_id.clone();

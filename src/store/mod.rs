@@ -308,6 +308,8 @@ pub trait Tx {
     fn due_timers_tx(&mut self, now: DateTime<Utc>, limit: usize) -> Result<Vec<TimerRow>>;
     /// A membership's timers, soonest first.
     fn timers_of(&mut self, membership_id: &str) -> Result<Vec<TimerRow>>;
+    /// Whether an event from `source` was applied to the membership.
+    fn applied_from(&mut self, membership_id: &str, source: Source) -> Result<bool>;
     /// Records a reconciliation attempt: sync status, times, drift or error. Touches only
     /// the sync columns, so a webhook applied meanwhile is kept.
     fn record_sync(&mut self, r: &SyncRecord) -> Result<()>;

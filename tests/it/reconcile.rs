@@ -6,7 +6,7 @@ use crate::support::*;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use membersync::clock::FixedClock;
+use membersync::clock::{Clock, FixedClock};
 use membersync::config::Config;
 use membersync::secret::Secret;
 use serde_json::{json, Value};
@@ -533,5 +533,25 @@ async fn a_reload_reaches_the_reconciler() {
     let (status, m) = s.post_admin(&format!("/members/{id}/resync")).await;
     assert_eq!((status, m["resync"][0]["sync_status"].as_str()), (200, Some("in_sync")), "{m}");
     assert_eq!((old_api.hits().len(), new_api.hits().len()), (1, 1), "the reloaded reconciler asks the new API");
+    s.stop().await;
+}
+
+/// What reconciliation learnt from the provider (a cancellation whose webhook never came)
+/// is not in the stored deliveries: a re-derivation leaves that membership alone and says
+/// why, instead of giving access back.
+// See: issue 18 (found on review: rederive reverted a cancellation reconciliation caught).
+#[tokio::test]
+async fn rederive_leaves_alone_what_reconciliation_corrected() {
+    let (api, api_url) = FakeApi::start().await;
+    api.on(SUB, vec![Reply::Json(200, stripe_subscription("canceled"))]);
+    let (s, clock, id) = ada_on_stripe(&api_url).await;
+    let (status, m) = s.post_admin(&format!("/members/{id}/resync")).await;
+    assert_eq!((status, m["memberships"][0]["state"].as_str()), (200, Some("canceled")), "{m}");
+    let r = membersync::replay::rederive(&s.ctx, &Default::default(), clock.now(), false).await.unwrap();
+    assert_eq!(r.memberships.len(), 1, "{r:?}");
+    assert!(r.memberships[0].result.starts_with("left: reconciliation corrected it"), "{r:?}");
+    let d = member(&s.ctx, "ada@example.com");
+    assert_eq!(d.memberships[0].state.as_str(), "canceled");
+    assert!(!d.memberships[0].has_access(clock.now()));
     s.stop().await;
 }

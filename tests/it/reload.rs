@@ -424,3 +424,81 @@ async fn mapping_a_product_later_reaches_the_earlier_buyer_through_rederive() {
     assert_eq!(again["memberships"], serde_json::json!([]), "{again}");
     s.stop().await;
 }
+
+/// `rederive` runs whole histories, even for one member: a cancel that arrived before the
+/// membership existed (stored without a member, parked, then released) is part of it.
+// See: issue 18 (found on review: `--member` ran only the deliveries stored under the
+// member and gave a canceled member access back).
+#[tokio::test]
+async fn rederive_for_one_member_still_runs_their_whole_history() {
+    let (_dir, config) = editable_config();
+    let clock = Arc::new(FixedClock::new(at(1_767_225_700)));
+    let ctx = ctx_with(config, clock.clone());
+    let cancel =
+        deliver_edited(&ctx, "stripe", "customer_subscription_deleted", |v| v["created"] = 1_767_225_700.into()).await;
+    assert_eq!(cancel.status, membersync::pipeline::Status::Refused, "parked: {:?}", cancel.outcome.reason);
+    deliver(&ctx, "stripe", "checkout_session_completed").await;
+    deliver(&ctx, "stripe", "customer_subscription_created").await;
+    let d = member(&ctx, "ada@example.com");
+    let state = d.memberships[0].state;
+    assert_eq!(state.as_str(), "canceling", "the parked cancel ran once the membership existed");
+    let only_ada = membersync::store::EventFilter { member_id: Some(d.member.id.clone()), ..Default::default() };
+    for dry_run in [true, false] {
+        let r = membersync::replay::rederive(&ctx, &only_ada, clock.now(), dry_run).await.unwrap();
+        assert!(r.memberships.is_empty(), "{r:?}");
+    }
+    assert_eq!(member(&ctx, "ada@example.com").memberships[0].state, state);
+}
+
+/// A re-derivation applies over nothing that changed after its comparison (a webhook in
+/// the same second included), and applies again when the rules go back and forth.
+// See: issue 18 (found on review: a cancel acknowledged in the same second was overwritten;
+// grace 3 → 7 → 3 left the 7 days in force).
+#[tokio::test]
+async fn rederive_yields_to_a_later_change_and_follows_rules_back_and_forth() {
+    let (dir, config) = editable_config();
+    let yaml = dir.path().join("membersync.yaml");
+    let clock = Arc::new(FixedClock::new(at(1_767_225_600)));
+    let ctx = ctx_with(config, clock.clone());
+    deliver(&ctx, "stripe", "checkout_session_completed").await;
+    deliver(&ctx, "stripe", "customer_subscription_created").await;
+    clock.set(at(1_769_907_606));
+    deliver(&ctx, "stripe", "invoice_payment_failed").await;
+    clock.set(at(1_769_907_606 + 3600));
+    let grace = |ctx: &membersync::pipeline::Ctx| member(ctx, "ada@example.com").memberships[0].grace_until;
+    let all = membersync::store::EventFilter::default();
+    for days in [3, 7, 3] {
+        let text = std::fs::read_to_string(&yaml).unwrap();
+        let text = text
+            .replace("grace_days: 7 ", &format!("grace_days: {days} "))
+            .replace("grace_days: 3 ", &format!("grace_days: {days} "));
+        std::fs::write(&yaml, text).unwrap();
+        membersync::reload::reload(&ctx, "test").unwrap();
+        let r = membersync::replay::rederive(&ctx, &all, clock.now(), false).await.unwrap();
+        assert_eq!(r.memberships.len(), 1, "{days}: {r:?}");
+        assert_eq!(r.memberships[0].result, "applied", "{days}: {r:?}");
+        assert_eq!(grace(&ctx), Some(at(1_769_907_606 + days * 86_400)), "{days} days");
+    }
+
+    // The comparison saw one membership; a change in the same second (its `updated_at` as
+    // it was) comes before the apply: the apply yields.
+    let stored = member(&ctx, "ada@example.com").memberships[0].clone();
+    let mut derived = stored.clone();
+    derived.grace_until = Some(at(1_769_907_606 + 86_400));
+    let mut meanwhile = stored.clone();
+    meanwhile.state = membersync::machine::MState::Canceled;
+    let (s, d) = (stored.clone(), derived.clone());
+    let left = ctx
+        .store
+        .write(move |tx| {
+            tx.save_membership(&meanwhile)?;
+            membersync::pipeline::apply_derived(tx, &s, &d, &[], &["grace".into()], "v", at(1_769_907_606 + 3600))
+        })
+        .await
+        .unwrap();
+    match left {
+        membersync::pipeline::Rederived::Left(why) => assert!(why.contains("changed after the comparison"), "{why}"),
+        membersync::pipeline::Rederived::Applied(_) => panic!("applied over a change made after the comparison"),
+    }
+    assert_eq!(member(&ctx, "ada@example.com").memberships[0].state.as_str(), "canceled");
+}

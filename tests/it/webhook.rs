@@ -326,6 +326,30 @@ async fn send_twice_is_one_delivery_and_a_given_message_id_is_another() {
         assert_eq!(send(provider, file, &[]).await, "applied", "{provider}");
         assert_eq!(send(provider, file, &[]).await, "duplicate", "{provider}: the same file again");
     }
+    // A file whose times are `${now}` placeholders, sent in two different seconds: its
+    // times differ, and it is still one delivery (the id comes from the file as written).
+    let dir = tempfile::tempdir().unwrap();
+    let text = String::from_utf8(fixture("memberstack", "member_plan_added")).unwrap();
+    let text = text.replace("\"timestamp\": 1767225600000", "\"timestamp\": ${now}000");
+    assert!(text.contains("${now}"));
+    let placeholder = dir.path().join("plan_added_now.json");
+    std::fs::write(&placeholder, text).unwrap();
+    let send_file = |path: std::path::PathBuf| {
+        let url = format!("{}/webhooks/demo/memberstack", s.url);
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_membersync"))
+                .args(["send", "--provider", "memberstack", "--url", &url, "--config"])
+                .arg(root().join("membersync.yaml"))
+                .arg(path)
+                .output()
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).to_string()
+        }
+    };
+    assert!(send_file(placeholder.clone()).await.contains("\"status\":\"applied\""));
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert!(send_file(placeholder).await.contains("\"status\":\"duplicate\""), "the same file, a second later");
     // A message id of one's own is another delivery (and the same id again, a duplicate).
     let fresh = send("memberstack", "member_plan_added.json", &["webhook-id: msg_by_hand_1"]).await;
     assert_ne!(fresh, "duplicate");

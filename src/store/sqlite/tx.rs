@@ -455,6 +455,14 @@ impl Tx for SqliteTx<'_, '_> {
         Ok(rows)
     }
 
+    fn applied_from(&mut self, membership_id: &str, source: Source) -> Result<bool> {
+        Ok(self
+            .st("SELECT 1 FROM events WHERE membership_id = ?1 AND source = ?2 AND status = 'applied' LIMIT 1")?
+            .query_row(params![membership_id, source], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
     fn timers_of(&mut self, membership_id: &str) -> Result<Vec<TimerRow>> {
         let rows = self.st(TIMERS_OF)?.query_map([membership_id], timer_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
