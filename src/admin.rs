@@ -236,7 +236,13 @@ pub async fn rederive(
     token.require_global()?;
     let mut filter = crate::store::EventFilter::default();
     if let Some(who) = q.member {
-        let found = read(&ctx.store, move |s| crate::explain::find(s, &who)).await?.ok_or(ApiError::NotFound)?;
+        let found = match read(&ctx.store, move |s| crate::explain::find(s, &who)).await? {
+            crate::explain::Found::Member(d) => d,
+            crate::explain::Found::NotFound => return Err(ApiError::NotFound),
+            several @ crate::explain::Found::Several(_) => {
+                return Err(ApiError::Conflict(several.one("the email").err().unwrap_or_default()))
+            }
+        };
         filter.member_id = Some(found.member.id);
     }
     let r = crate::replay::rederive(&ctx, &filter, ctx.clock.now(), q.dry_run).await.map_err(|e| match e {

@@ -335,7 +335,7 @@ async fn reconcile(
         Some(who) => {
             let w = who.clone();
             let found = crate::store::read(&ctx.store, move |s| crate::explain::find(s, &w)).await?;
-            Some(found.with_context(|| format!("no member `{who}` (by id or email)"))?.member.id)
+            Some(found.one(who).map_err(anyhow::Error::msg)?.member.id)
         }
         None => None,
     };
@@ -479,7 +479,7 @@ async fn rederive(config_path: &Path, member: Option<String>, dry_run: bool, jso
     if let Some(who) = &member {
         let w = who.clone();
         let found = crate::store::read(&ctx.store, move |s| crate::explain::find(s, &w)).await?;
-        filter.member_id = Some(found.with_context(|| format!("no member `{who}` (by id or email)"))?.member.id);
+        filter.member_id = Some(found.one(who).map_err(anyhow::Error::msg)?.member.id);
     }
     let r = crate::replay::rederive(&ctx, &filter, Utc::now(), dry_run).await?;
     if json {
@@ -524,7 +524,7 @@ async fn replay(
     if let Some(id) = &filter.member_id {
         let who = id.clone();
         let found = crate::store::read(&ctx.store, move |s| crate::explain::find(s, &who)).await?;
-        filter.member_id = Some(found.with_context(|| format!("no member `{id}`"))?.member.id);
+        filter.member_id = Some(found.one(id).map_err(anyhow::Error::msg)?.member.id);
     }
     if dry_run {
         let run = crate::replay::dry_run(&ctx, &filter, Utc::now()).await?;
@@ -567,13 +567,13 @@ async fn explain(config_path: &Path, who: &str, as_json: bool) -> Result<ExitCod
     let store = open_existing_store(&config)?;
     let who = who.to_string();
     let now = Utc::now();
-    let found = who.clone();
-    let j = crate::store::read(&store, move |s| match crate::explain::find(s, &found)? {
-        Some(d) => crate::explain::explain_json(s, &d, now).map(Some),
-        None => Ok(None),
+    let asked = who.clone();
+    let j = crate::store::read(&store, move |s| match crate::explain::find(s, &asked)?.one(&asked) {
+        Ok(d) => crate::explain::explain_json(s, &d, now).map(Ok),
+        Err(why) => Ok(Err(why)),
     })
     .await?
-    .with_context(|| format!("no member `{who}`"))?;
+    .map_err(anyhow::Error::msg)?;
     if as_json {
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else {

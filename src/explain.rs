@@ -11,14 +11,41 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 
-/// Finds a member by id or email.
-pub fn find(store: &dyn Store, who: &str) -> crate::store::Result<Option<MemberDetail>> {
-    if let Some(d) = store.member_detail(who, 0)? {
-        return Ok(Some(d));
+/// A member named by id or email.
+pub enum Found {
+    Member(Box<MemberDetail>),
+    NotFound,
+    /// An email more than one member has (in different tenants): (tenant, member id) each.
+    Several(Vec<(String, String)>),
+}
+
+impl Found {
+    /// The member, or what to tell the operator.
+    pub fn one(self, who: &str) -> Result<MemberDetail, String> {
+        match self {
+            Found::Member(d) => Ok(*d),
+            Found::NotFound => Err(format!("no member `{who}` (by id or email)")),
+            Found::Several(ms) => Err(format!(
+                "`{who}` is the email of {} members: {}; name one by its id",
+                ms.len(),
+                ms.iter().map(|(t, id)| format!("{id} (tenant {t})")).collect::<Vec<_>>().join(", ")
+            )),
+        }
     }
-    match store.members_by_email(who)?.into_iter().next() {
-        Some(m) => store.member_detail(&m.id, 0),
-        None => Ok(None),
+}
+
+/// Finds a member by id or email; an email several members have is not guessed at.
+pub fn find(store: &dyn Store, who: &str) -> crate::store::Result<Found> {
+    if let Some(d) = store.member_detail(who, 0)? {
+        return Ok(Found::Member(Box::new(d)));
+    }
+    let mut by_email = store.members_by_email(who)?;
+    match by_email.len() {
+        0 => Ok(Found::NotFound),
+        1 => {
+            Ok(store.member_detail(&by_email.remove(0).id, 0)?.map_or(Found::NotFound, |d| Found::Member(Box::new(d))))
+        }
+        _ => Ok(Found::Several(by_email.into_iter().map(|m| (m.tenant, m.id)).collect())),
     }
 }
 

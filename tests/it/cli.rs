@@ -80,3 +80,48 @@ fn simulate_names_an_undecodable_payload_once() {
         "error: Failed to decode the payload: body is not valid JSON: EOF while parsing a value at line 1 column 9"
     );
 }
+
+/// An email two members have (in two tenants) is not guessed at: the command names both
+/// and asks for an id.
+// See: issue 18 (found on review: `--member EMAIL` took one tenant's member silently).
+#[tokio::test]
+async fn an_email_in_two_tenants_is_not_guessed_at() {
+    let (dir, _) = editable_config();
+    let yaml = dir.path().join("membersync.yaml");
+    let text = std::fs::read_to_string(&yaml).unwrap().replacen(
+        "tenants:\n",
+        "tenants:\n  acme:\n    providers:\n      stripe:\n        secret: whsec_acme_local_only\n        products:\n          prod_Pro001: [pro]\n",
+        1,
+    );
+    std::fs::write(&yaml, text).unwrap();
+    let mut config = membersync::config::Config::load(&yaml).unwrap();
+    config.database = dir.path().join("m.db").display().to_string();
+    let clock = std::sync::Arc::new(membersync::clock::FixedClock::new(at(1_767_225_600)));
+    let ctx = ctx_with(config, clock.clone());
+    deliver(&ctx, "stripe", "checkout_session_completed").await;
+    let body = fixture("stripe", "checkout_session_completed");
+    let spec = &ctx.config().extractors["stripe"].spec.verify;
+    let secret = ctx.config().tenants["acme"].providers["stripe"].secret.clone().unwrap();
+    let mut headers = membersync::verify::Scheme::compile(spec).sign(&secret, &body, at(1_767_225_600));
+    headers.push(("content-type".into(), "application/json".into()));
+    let ack = membersync::ingest::accept(&ctx, "acme", "stripe", headers, body).await.unwrap();
+    assert_eq!(ack.status, membersync::pipeline::Status::Applied, "{:?}", ack.outcome.reason);
+    drop(ctx);
+    // The commands read the config's own database.
+    let db = dir.path().join("m.db");
+    std::fs::rename(&db, dir.path().join("membersync.db")).unwrap();
+    for wal in ["-wal", "-shm"] {
+        let from = dir.path().join(format!("m.db{wal}"));
+        if from.exists() {
+            std::fs::rename(&from, dir.path().join(format!("membersync.db{wal}"))).unwrap();
+        }
+    }
+    for args in [&["explain", "ada@example.com"][..], &["rederive", "--dry-run", "--member", "ada@example.com"][..]] {
+        let (code, _, err) = run(dir.path(), args);
+        assert_eq!(code, Some(1), "{args:?}");
+        assert!(
+            err.contains("`ada@example.com` is the email of 2 members:") && err.contains("tenant acme"),
+            "{args:?}: {err}"
+        );
+    }
+}

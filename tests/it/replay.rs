@@ -148,7 +148,7 @@ async fn explain_names_the_event_mapping_rule_and_transition_behind_each_change(
     clock.set(at(1_772_323_200));
     membersync::timers::fire_due(&ctx, clock.now()).await;
 
-    let d = membersync::explain::find(&*ctx.store, "ADA@example.com").unwrap().unwrap();
+    let d = membersync::explain::find(&*ctx.store, "ADA@example.com").unwrap().one("ADA@example.com").unwrap();
     let j = membersync::explain::explain_json(&*ctx.store, &d, clock.now()).unwrap();
     let text = membersync::explain::explain_text(&j);
     assert!(text.contains("Access as of 2026-03-01T00:00:00Z: NONE"), "{text}");
