@@ -299,8 +299,8 @@ pub trait Tx {
     fn save_membership(&mut self, m: &MembershipRow) -> Result<()>;
     /// Records a lead (a second capture of the same email updates name and time).
     fn capture_lead(&mut self, l: &LeadRow) -> Result<()>;
-    /// Marks an unconverted lead converted; returns whether one was.
-    fn convert_lead(&mut self, tenant: &str, email: &str, member_id: &str, at: DateTime<Utc>) -> Result<bool>;
+    /// Marks an unconverted lead of this email converted (none: nothing to do).
+    fn convert_lead(&mut self, tenant: &str, email: &str, member_id: &str, at: DateTime<Utc>) -> Result<()>;
     fn set_timer(&mut self, t: &TimerRow) -> Result<()>;
     fn cancel_timer(&mut self, membership_id: &str, name: &str) -> Result<()>;
     fn delete_timer_if_due(&mut self, membership_id: &str, name: &str, due_at: DateTime<Utc>) -> Result<bool>;

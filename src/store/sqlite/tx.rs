@@ -424,13 +424,12 @@ impl Tx for SqliteTx<'_, '_> {
         Ok(())
     }
 
-    fn convert_lead(&mut self, tenant: &str, email: &str, member_id: &str, at: DateTime<Utc>) -> Result<bool> {
-        let n = self
-            .st(
-                "UPDATE leads SET converted_at = ?4, member_id = ?3 WHERE tenant = ?1 AND email_lc = ?2 AND converted_at IS NULL",
-            )?
-            .execute(params![tenant, email.to_lowercase(), member_id, ts(at)])?;
-        Ok(n > 0)
+    fn convert_lead(&mut self, tenant: &str, email: &str, member_id: &str, at: DateTime<Utc>) -> Result<()> {
+        self.st(
+            "UPDATE leads SET converted_at = ?4, member_id = ?3 WHERE tenant = ?1 AND email_lc = ?2 AND converted_at IS NULL",
+        )?
+        .execute(params![tenant, email.to_lowercase(), member_id, ts(at)])?;
+        Ok(())
     }
 
     fn set_timer(&mut self, t: &TimerRow) -> Result<()> {
