@@ -23,7 +23,14 @@ const BATCH: usize = 256;
 pub struct Fired {
     pub membership: String,
     pub timer: String,
+    pub due_at: DateTime<Utc>,
     pub status: Status,
+}
+
+impl Fired {
+    fn key(&self) -> (String, String, DateTime<Utc>) {
+        (self.membership.clone(), self.timer.clone(), self.due_at)
+    }
 }
 
 /// When a fired timer's event is processed: now (the service), or at the time it fell due
@@ -61,9 +68,14 @@ pub fn fire_due_in_tx(
                 FireAt::Now(now) => now,
                 FireAt::DueTime => t.due_at,
             };
-            let (membership, timer) = (t.membership_id.clone(), t.name.clone());
+            let (membership, timer, due_at) = (t.membership_id.clone(), t.name.clone(), t.due_at);
+            if fired.iter().any(|f: &Fired| f.membership == membership && f.timer == timer && f.due_at == due_at) {
+                // Fired, yet still due: firing it again would loop for ever.
+                tracing::error!(%membership, %timer, "A timer fired but stayed due; left for the next look.");
+                return Ok(fired);
+            }
             let ack = pipeline::apply(loaded, tx, Incoming::Timer(t), raw, now)?;
-            fired.push(Fired { membership, timer, status: ack.status });
+            fired.push(Fired { membership, timer, due_at, status: ack.status });
         }
         if fired.len() == limit {
             return Ok(fired);
@@ -76,22 +88,26 @@ pub fn fire_due_in_tx(
 /// other that was); returns how many fired. One that cannot be stored is not: it stays due
 /// and fires at the next look.
 pub async fn fire_due(ctx: &Arc<Ctx>, now: DateTime<Utc>) -> usize {
-    let mut total = 0;
+    let mut seen = std::collections::HashSet::new();
     loop {
         let loaded = ctx.loaded();
         match ctx.store.write(move |tx| fire_due_in_tx(&loaded, tx, now, FireAt::Now(now), 1)).await {
             Ok(fired) => {
                 for f in &fired {
                     tracing::info!(membership = %f.membership, timer = %f.timer, status = f.status.as_str(), "Timer fired.");
+                    if !seen.insert(f.key()) {
+                        // Fired, yet still due: firing it again would loop for ever.
+                        tracing::error!(membership = %f.membership, timer = %f.timer, "A timer fired but stayed due; left for the next look.");
+                        return seen.len();
+                    }
                 }
-                total += fired.len();
                 if fired.is_empty() {
-                    return total;
+                    return seen.len();
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, "Due timers could not be processed; they stay due.");
-                return total;
+                return seen.len();
             }
         }
     }
