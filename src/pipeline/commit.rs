@@ -211,16 +211,7 @@ pub(super) fn apply_transition(
             push_flag(&mut ms.flags, &reason);
         }
     }
-    let has_access = ms.has_access(now);
-    if has_access && (!had_access || ms.access_levels != old_levels) {
-        effects
-            .push(Effect::GrantAccess { levels: ms.access_levels.clone(), until: ms.access_until.or(ms.grace_until) });
-    } else if had_access && !has_access {
-        effects
-            .push(Effect::RevokeAccess {
-                levels: old_levels, reason: format!("{} → {}", from.as_str(), to.as_str())
-            });
-    }
+    effects.extend(access_change(had_access, old_levels, &ms, now, || format!("{} → {}", from.as_str(), to.as_str())));
     tx.save_membership(&ms)?;
     for e in effects.iter() {
         match e {
@@ -237,6 +228,25 @@ pub(super) fn apply_transition(
     }
     apply_member_effects(tx, tenant, provider, ev, Some(mem), effects, now)?;
     Ok((ms, created))
+}
+
+/// The access granted or revoked by a membership's change: granted when it holds access
+/// it did not (or other levels), revoked when it held access and holds none.
+pub(super) fn access_change(
+    had_access: bool,
+    old_levels: Vec<String>,
+    ms: &MembershipRow,
+    now: DateTime<Utc>,
+    revoke_reason: impl FnOnce() -> String,
+) -> Option<Effect> {
+    let has_access = ms.has_access(now);
+    if has_access && (!had_access || ms.access_levels != old_levels) {
+        Some(Effect::GrantAccess { levels: ms.access_levels.clone(), until: ms.access_until.or(ms.grace_until) })
+    } else if had_access && !has_access {
+        Some(Effect::RevokeAccess { levels: old_levels, reason: revoke_reason() })
+    } else {
+        None
+    }
 }
 
 /// Records that the membership reflects the provider as of this event. A timer is our own

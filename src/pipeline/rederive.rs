@@ -8,6 +8,7 @@
 //! reconciliation learnt from the provider (its view is not among the deliveries), or
 //! invent a membership the deliveries do not derive.
 
+use super::commit::access_change;
 use super::outcome::{finish, Ack, Outcome, Status};
 use crate::canonical::Source;
 use crate::effects::Effect;
@@ -64,14 +65,10 @@ pub fn apply_derived(
     ms.access_levels = derived.access_levels.clone();
     ms.flags = derived.flags.clone();
     ms.updated_at = now;
-    let has_access = ms.has_access(now);
-    let mut effects = Vec::new();
-    if has_access && (!had_access || ms.access_levels != old_levels) {
-        effects
-            .push(Effect::GrantAccess { levels: ms.access_levels.clone(), until: ms.access_until.or(ms.grace_until) });
-    } else if had_access && !has_access {
-        effects.push(Effect::RevokeAccess { levels: old_levels, reason: format!("re-derived under rules {version}") });
-    }
+    let mut effects: Vec<Effect> =
+        access_change(had_access, old_levels, &ms, now, || format!("re-derived under rules {version}"))
+            .into_iter()
+            .collect();
     tx.save_membership(&ms)?;
     for t in tx.timers_of(&ms.id)? {
         tx.cancel_timer(&ms.id, &t.name)?;

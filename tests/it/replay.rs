@@ -258,25 +258,17 @@ async fn a_released_parked_event_is_not_replayed_again() {
     let dir = tempfile::tempdir().unwrap();
     let (ctx, _) = parked_then_released(&dir).await;
     let id = "evt_1QxqTxK7dEmoAc01LZbqVCbE";
-    let before: Vec<(String, String)> = ctx
-        .store
-        .events_by_event_id(id)
-        .unwrap()
-        .iter()
-        .map(|e| (e.source.as_str().to_string(), e.status.to_string()))
-        .collect();
+    let rows = || -> Vec<(String, String)> {
+        let rows = ctx.store.events_by_event_id(id).unwrap();
+        rows.iter().map(|e| (e.source.as_str().to_string(), e.status.to_string())).collect()
+    };
+    let before = rows();
     assert_eq!(before, [("webhook".to_string(), "replayed".to_string()), ("replay".into(), "applied".into())]);
     // The event already applied once (released). Replaying refused events must not apply it again.
     let done = membersync::replay::replay(&ctx, &EventFilter { status: Some("refused".into()), ..Default::default() })
         .await
         .unwrap();
-    let after: Vec<(String, String)> = ctx
-        .store
-        .events_by_event_id(id)
-        .unwrap()
-        .iter()
-        .map(|e| (e.source.as_str().to_string(), e.status.to_string()))
-        .collect();
+    let after = rows();
     assert!(done.is_empty(), "an event that already ran again on release was replayed: {done:?}; rows {after:?}");
 }
 
