@@ -93,6 +93,9 @@ pub enum Command {
         dir: PathBuf,
         #[arg(long, default_value = "membersync.yaml")]
         config: PathBuf,
+        /// Also show each scenario step by step: the outcome and where the membership stands.
+        #[arg(long, short)]
+        verbose: bool,
     },
     /// Why does this member (not) have access? Every change with its evidence.
     Explain {
@@ -192,7 +195,7 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
             replay(&config, status, since.as_deref(), member, dry_run).await
         }
         Command::Explain { member, json, config } => explain(&config, &member, json).await,
-        Command::Test { dir, config } => test(&config, &dir).await,
+        Command::Test { dir, config, verbose } => test(&config, &dir, verbose).await,
         Command::Simulate(args) => simulate(args).await,
         Command::Send { provider, tenant, url, headers, config, file } => {
             send(&config, &provider, &tenant, url, &headers, &file).await
@@ -582,7 +585,7 @@ async fn explain(config_path: &Path, who: &str, as_json: bool) -> Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-async fn test(config_path: &Path, dir: &Path) -> Result<ExitCode> {
+async fn test(config_path: &Path, dir: &Path, verbose: bool) -> Result<ExitCode> {
     let config = load_config(config_path)?;
     let rules = load_rules(&config, Utc::now())?;
     let loaded = Arc::new(crate::pipeline::Loaded::new(config, rules));
@@ -603,6 +606,11 @@ async fn test(config_path: &Path, dir: &Path) -> Result<ExitCode> {
     let mut reports = Vec::new();
     for f in &files {
         reports.push(crate::scenario::run(f, loaded.clone()).await);
+    }
+    if verbose {
+        for r in &reports {
+            println!("{}", crate::scenario::render_trace(r));
+        }
     }
     print!("{}", crate::scenario::render(&reports));
     let ok = reports.iter().all(|r| r.error.is_none() && r.mismatches.is_empty());

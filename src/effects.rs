@@ -31,4 +31,7 @@ pub enum Effect {
     ConvertLead { email: String },
     /// Something an operator must look at (unmapped product, unknown status …).
     Flag { reason: String },
+    /// The flags starting with `prefix` no longer hold (e.g. a renewal arrived after
+    /// `no renewal seen`).
+    ClearFlag { prefix: String },
 }

@@ -60,6 +60,8 @@ pub struct Expect {
     pub access: Option<bool>,
     /// The member's access levels (union over memberships).
     pub levels: Option<Vec<String>>,
+    /// That membership's flags, all of them, in order.
+    pub flags: Option<Vec<String>>,
 }
 
 /// Request headers as (lower-case name, value).
@@ -141,6 +143,23 @@ pub struct Mismatch {
     pub actual: String,
 }
 
+/// The membership a step's expectations refer to: the one its `membership:` names, else
+/// the member's first.
+fn step_membership(step: &Step, member: Option<&Value>) -> Option<Value> {
+    let memberships = member.and_then(|m| m["memberships"].as_array())?;
+    match &step.membership {
+        Some(key) => memberships
+            .iter()
+            .find(|x| {
+                let (kind, id) = key.split_once(':').unwrap_or(("", ""));
+                (kind == "sub" && x["subscription_id"] == id)
+                    || (kind == "product" && x["subscription_id"].is_null() && x["product_id"] == id)
+            })
+            .cloned(),
+        None => memberships.first().cloned(),
+    }
+}
+
 /// Compares the member JSON (as `GET /members?email=` shows it) with a step's expectation.
 pub fn check(step_no: usize, what: &str, step: &Step, status: Option<&str>, member: Option<&Value>) -> Vec<Mismatch> {
     let mut out = Vec::new();
@@ -153,15 +172,8 @@ pub fn check(step_no: usize, what: &str, step: &Step, status: Option<&str>, memb
     if let Some(want) = &e.status {
         miss("status", want.clone(), status.unwrap_or("(none)").to_string());
     }
-    let memberships = member.and_then(|m| m["memberships"].as_array().cloned()).unwrap_or_default();
-    let ms = match &step.membership {
-        Some(key) => memberships.iter().find(|x| {
-            let (kind, id) = key.split_once(':').unwrap_or(("", ""));
-            (kind == "sub" && x["subscription_id"] == id)
-                || (kind == "product" && x["subscription_id"].is_null() && x["product_id"] == id)
-        }),
-        None => memberships.first(),
-    };
+    let ms = step_membership(step, member);
+    let ms = ms.as_ref();
     let text = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
     if let Some(want) = &e.state {
         miss("state", want.clone(), ms.map(|m| text(&m["state"])).unwrap_or_else(|| "(no membership)".into()));
@@ -171,6 +183,14 @@ pub fn check(step_no: usize, what: &str, step: &Step, status: Option<&str>, memb
             "access",
             want.to_string(),
             ms.map(|m| text(&m["has_access"])).unwrap_or_else(|| "(no membership)".into()),
+        );
+    }
+    if let Some(want) = &e.flags {
+        let got = ms.map(|m| m["flags"].clone()).unwrap_or(Value::Array(vec![]));
+        miss(
+            "flags",
+            format!("{want:?}"),
+            format!("{:?}", serde_json::from_value::<Vec<String>>(got).unwrap_or_default()),
         );
     }
     if let Some(want) = &e.levels {
@@ -191,11 +211,13 @@ pub struct Report {
     pub steps: usize,
     pub mismatches: Vec<Mismatch>,
     pub error: Option<String>,
+    /// One line per step: what it did, what came of it and where the membership stands.
+    pub trace: Vec<String>,
 }
 
 /// Runs one scenario in process against `loaded` (config and rules), on a scratch store.
 pub async fn run(path: &Path, loaded: Arc<Loaded>) -> Report {
-    let mut report = Report { file: path.to_path_buf(), steps: 0, mismatches: vec![], error: None };
+    let mut report = Report { file: path.to_path_buf(), steps: 0, mismatches: vec![], error: None, trace: vec![] };
     let sc: Scenario = match std::fs::read_to_string(path)
         .map_err(|e| e.to_string())
         .and_then(|s| crate::yaml::from_str(&s).map_err(|e| e.to_string()))
@@ -224,6 +246,7 @@ pub async fn run(path: &Path, loaded: Arc<Loaded>) -> Report {
         report.steps += 1;
         let n = i + 1;
         let mut status = None;
+        let mut reason = None;
         let what = step
             .send
             .clone()
@@ -243,7 +266,10 @@ pub async fn run(path: &Path, loaded: Arc<Loaded>) -> Report {
                     }
                 };
             match crate::ingest::accept(&ctx, &sc.tenant, &sc.provider, headers, body).await {
-                Ok(ack) => status = Some(ack.status.as_str().to_string()),
+                Ok(ack) => {
+                    status = Some(ack.status.as_str().to_string());
+                    reason = ack.outcome.reason.clone();
+                }
                 Err(e) => status = Some(format!("rejected: {e}")),
             }
         }
@@ -257,8 +283,55 @@ pub async fn run(path: &Path, loaded: Arc<Loaded>) -> Report {
             None => None,
         };
         report.mismatches.extend(check(n, &what, step, status.as_deref(), member.as_ref()));
+        report.trace.push(trace_line(n, &what, status.as_deref(), reason.as_deref(), step, member.as_ref()));
     }
     report
+}
+
+/// One step of a trace: `3 clock … → past_due, access true [pro], flags [no renewal seen]`.
+fn trace_line(
+    n: usize,
+    what: &str,
+    status: Option<&str>,
+    reason: Option<&str>,
+    step: &Step,
+    member: Option<&Value>,
+) -> String {
+    let ms = step_membership(step, member);
+    let ms = ms.as_ref();
+    let mut line = format!("{n:>2} {what}");
+    if let Some(s) = status {
+        line.push_str(&format!(": {s}"));
+        if let Some(r) = reason {
+            line.push_str(&format!(" ({r})"));
+        }
+    }
+    match ms {
+        Some(m) => line.push_str(&format!(
+            "\n     → {} {}, access {} {}, flags {}",
+            m["subscription_id"].as_str().or(m["product_id"].as_str()).unwrap_or("?"),
+            m["state"].as_str().unwrap_or("?"),
+            m["has_access"],
+            m["access_levels"],
+            m["flags"],
+        )),
+        None => line.push_str("\n     → (no membership)"),
+    }
+    line
+}
+
+/// A report's trace, step by step (`membersync test --verbose`).
+pub fn render_trace(r: &Report) -> String {
+    let name = r.file.file_name().unwrap_or_default().to_string_lossy();
+    let mut out = format!("{name}\n");
+    for l in &r.trace {
+        out.push_str(l);
+        out.push('\n');
+    }
+    if let Some(e) = &r.error {
+        out.push_str(&format!("ERROR {e}\n"));
+    }
+    out
 }
 
 /// Renders reports as text: one line per scenario, and a diff line per mismatch.

@@ -8,7 +8,7 @@
 //! and is flagged.
 
 use super::outcome::push_flag;
-use crate::canonical::CanonicalEvent;
+use crate::canonical::{CanonicalEvent, EventKind};
 use crate::config::Tenant;
 use crate::effects::Effect;
 use crate::machine::MState;
@@ -99,8 +99,15 @@ pub(super) struct Transition<'a> {
     pub from: MState,
     pub to: MState,
     pub rank: i64,
+    /// Where the rules want the membership's `renewal_due` timer (`Some(None)`: none;
+    /// `None`: no rule manages it).
+    pub renewal_due: Option<Option<DateTime<Utc>>>,
     pub now: DateTime<Utc>,
 }
+
+/// The timer that fires when a membership holding access saw no renewal by its period end
+/// (and the rules' allowance after it).
+pub const RENEWAL_TIMER: &str = "renewal_due";
 
 /// Applies the transition to the membership (`None`: created under `mkey`) of `mem`:
 /// the provider's data, the rule's `effects` (to which the access granted or revoked and
@@ -114,7 +121,7 @@ pub(super) fn apply_transition(
     mem: &MemberRow,
     effects: &mut Vec<Effect>,
 ) -> store::Result<(MembershipRow, bool)> {
-    let Transition { tenant, provider, tenant_cfg, ev, mapping_flags, from, to, rank, now } = *t;
+    let Transition { tenant, provider, tenant_cfg, ev, mapping_flags, from, to, rank, renewal_due, now } = *t;
     let created = membership.is_none();
     let mut ms = membership.unwrap_or_else(|| MembershipRow {
         id: format!("msp_{}", uuid::Uuid::now_v7().simple()), // time-ordered, like member ids
@@ -160,9 +167,7 @@ pub(super) fn apply_transition(
     if ev.status.is_some() && !ev.event_type.starts_with("timer.") {
         ms.status = ev.status.clone();
     }
-    if ev.period_end.is_some() {
-        ms.period_end = ev.period_end;
-    }
+    ms.period_end = period_end_after(ev, ms.period_end);
     // The state is the truth about a scheduled cancel; the event's flag only informs rules.
     ms.cancel_at_period_end = to == MState::Canceling;
     note_provider_time(&mut ms, ev, rank);
@@ -183,6 +188,7 @@ pub(super) fn apply_transition(
             Effect::SetGrace { until } => ms.grace_until = *until,
             Effect::SetAccessUntil { until } => ms.access_until = *until,
             Effect::Flag { reason } => push_flag(&mut ms.flags, reason),
+            Effect::ClearFlag { prefix } => ms.flags.retain(|f| !f.starts_with(prefix.as_str())),
             _ => {}
         }
     }
@@ -212,6 +218,20 @@ pub(super) fn apply_transition(
         }
     }
     effects.extend(access_change(had_access, old_levels, &ms, now, || format!("{} → {}", from.as_str(), to.as_str())));
+    if let Some(due) = renewal_due {
+        let current = if created {
+            None
+        } else {
+            tx.timers_of(&ms.id)?.into_iter().find(|x| x.name == RENEWAL_TIMER).map(|x| x.due_at)
+        };
+        match due {
+            Some(at) if current != Some(at) => {
+                effects.push(Effect::ScheduleTimer { timer: RENEWAL_TIMER.to_string(), at })
+            }
+            None if current.is_some() => effects.push(Effect::CancelTimer { timer: RENEWAL_TIMER.to_string() }),
+            _ => {}
+        }
+    }
     tx.save_membership(&ms)?;
     for e in effects.iter() {
         match e {
@@ -228,6 +248,17 @@ pub(super) fn apply_transition(
     }
     apply_member_effects(tx, tenant, provider, ev, Some(mem), effects, now)?;
     Ok((ms, created))
+}
+
+/// The period end a membership shows after `ev`: the event's, else the one it had — unless
+/// the event is a renewal past that end which names no new one (Whop's payments): that end
+/// is over and the next is not known.
+pub(super) fn period_end_after(ev: &CanonicalEvent, stored: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    match ev.period_end {
+        Some(t) => Some(t),
+        None if ev.kind == Some(EventKind::Renewed) && stored.is_some_and(|p| p <= ev.occurred_at) => None,
+        None => stored,
+    }
 }
 
 /// The access granted or revoked by a membership's change: granted when it holds access
@@ -280,6 +311,7 @@ pub fn view_of(m: Option<&MembershipRow>) -> MembershipView {
             product_id: m.product_id.clone(),
             plan_id: m.plan_id.clone(),
             status: m.status.clone(),
+            flags: m.flags.clone(),
         },
     }
 }

@@ -298,6 +298,22 @@ pub fn apply_with(
     outcome.from = Some(from);
     outcome.to = Some(to);
 
+    // When the membership, as this leaves it, expects its next renewal at the latest (the
+    // rules' `renewal_due_at`): its `renewal_due` timer is kept there.
+    let mut after = view.clone();
+    after.exists = true;
+    after.state = Some(to);
+    after.period_end = commit::period_end_after(ev, view.period_end);
+    let renewal_due = match loaded.rules.renewal_due_at(&after, &loaded.policy(&tenant)) {
+        Ok(due) => due,
+        Err(e) => {
+            outcome.status = Status::Failed;
+            outcome.to = None;
+            outcome.reason = Some(format!("rule error: {e}"));
+            return finish(tx, rec, outcome);
+        }
+    };
+
     // Commit: who it is (created on first sight, new details learnt), then the membership.
     let Some(mem) = commit::member_for(tx, &tenant, &provider, ev, member.take(), now)? else {
         outcome.status = Status::Refused;
@@ -324,6 +340,7 @@ pub fn apply_with(
         from,
         to,
         rank,
+        renewal_due,
         now,
     };
     let (ms, created) = commit::apply_transition(tx, &transition, mkey, membership, &mem, &mut effects)?;

@@ -62,6 +62,7 @@ pub fn membership_view(v: &MembershipView) -> Dynamic {
     m.insert("product_id".into(), opt_str(&v.product_id));
     m.insert("plan_id".into(), opt_str(&v.plan_id));
     m.insert("status".into(), opt_str(&v.status));
+    m.insert("flags".into(), Dynamic::from_array(v.flags.iter().map(|f| text(f)).collect()));
     Dynamic::from_map(m)
 }
 
@@ -93,6 +94,9 @@ pub fn register(e: &mut Engine) {
         effect("convert_lead", vec![("email", Dynamic::from(email))])
     });
     e.register_fn("flag", |reason: ImmutableString| effect("flag", vec![("reason", Dynamic::from(reason))]));
+    e.register_fn("clear_flag", |prefix: ImmutableString| {
+        effect("clear_flag", vec![("prefix", Dynamic::from(prefix))])
+    });
     e.register_fn("ignore", |reason: ImmutableString| {
         let mut m = Map::new();
         m.insert("ignore".into(), Dynamic::from(reason));
@@ -142,6 +146,7 @@ fn parse_effect(d: Dynamic) -> Result<Effect, String> {
         "capture_lead" => Effect::CaptureLead { email: need("email")?, name: get_str(&m, "name")? },
         "convert_lead" => Effect::ConvertLead { email: need("email")? },
         "flag" => Effect::Flag { reason: need("reason")? },
+        "clear_flag" => Effect::ClearFlag { prefix: need("prefix")? },
         other => return Err(format!("unknown effect `{other}`")),
     })
 }

@@ -47,6 +47,8 @@ pub struct MembershipView {
     pub product_id: Option<String>,
     pub plan_id: Option<String>,
     pub status: Option<String>,
+    /// What operators were told to look at (e.g. `no renewal seen`).
+    pub flags: Vec<String>,
 }
 
 /// Which rule decided, for the activity log and `explain`.
@@ -161,7 +163,7 @@ impl RuleSet {
                     for f in ast.iter_functions() {
                         let fname = f.name.to_string();
                         let is_handler = fname.starts_with("on_")
-                            || matches!(fname.as_str(), "is_stale" | "status_matches" | "rank");
+                            || matches!(fname.as_str(), "is_stale" | "status_matches" | "rank" | "renewal_due_at");
                         if !is_handler {
                             continue;
                         }
@@ -328,6 +330,29 @@ impl RuleSet {
             let f = self.rule_ref(idx, "rank");
             Error { file: f.file, line: f.line, column: 1, message: format!("rank must return an int, got {t}") }
         })
+    }
+
+    /// When a membership, as a transition leaves it, expects its next renewal at the
+    /// latest: `renewal_due_at(m, cfg)` in the rules, a unix time or `()` for none. The
+    /// pipeline keeps the membership's `renewal_due` timer at that time. `None` when no
+    /// rule defines it (renewal timers are then left alone).
+    pub fn renewal_due_at(&self, m: &MembershipView, policy: &Dynamic) -> Result<Option<Option<DateTime<Utc>>>, Error> {
+        let Some(&idx) = self.handlers.get("renewal_due_at") else {
+            return Ok(None);
+        };
+        let out = self.call(idx, "renewal_due_at", vec![api::membership_view(m), policy.clone()])?;
+        if out.is_unit() {
+            return Ok(Some(None));
+        }
+        let fail = |message: String| {
+            let f = self.rule_ref(idx, "renewal_due_at");
+            Error { file: f.file, line: f.line, column: 1, message }
+        };
+        let secs =
+            out.as_int().map_err(|t| fail(format!("renewal_due_at must return a unix time (int) or (), got {t}")))?;
+        from_unix(secs)
+            .map(|t| Some(Some(t)))
+            .ok_or_else(|| fail(format!("renewal_due_at returned {secs}, out of range")))
     }
 
     /// Runs the rule for the event's kind.

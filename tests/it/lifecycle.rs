@@ -82,7 +82,12 @@ async fn stripe_subscription_lives_through_grace_recovery_and_cancel_at_period_e
     let m = assert_access(&ctx, MState::Active, true);
     assert_eq!(m.grace_until, None);
     assert_eq!(m.period_end, Some(at(PERIOD_END)));
-    assert!(member(&ctx, "ada@example.com").timers.is_empty(), "grace timer dropped");
+    let pending: Vec<_> = member(&ctx, "ada@example.com").timers.iter().map(|t| (t.name.clone(), t.due_at)).collect();
+    assert_eq!(
+        pending,
+        [("renewal_due".to_string(), at(PERIOD_END + DAY))],
+        "grace timer dropped; the renewal one moved"
+    );
     deliver(&ctx, "stripe", "customer_subscription_updated_active").await;
     assert_access(&ctx, MState::Active, true);
 

@@ -173,6 +173,12 @@ async fn dry_run_interleaves_timers_with_deliveries_as_they_happened() {
     let ctx = ctx_on(&dir.path().join("m.db"), clock.clone());
     deliver(&ctx, "stripe", "checkout_session_completed").await;
     deliver(&ctx, "stripe", "customer_subscription_created").await;
+    // The renewal (paid through 1 March) comes a day after the period end: the missed
+    // renewal timer fired on 2 February first, as the dry run will fire it.
+    clock.set(at(1_769_990_400));
+    membersync::timers::fire_due(&ctx, clock.now()).await;
+    clock.set(at(1_770_166_809));
+    deliver(&ctx, "stripe", "invoice_paid_renewal").await;
     clock.set(at(1_770_733_385));
     deliver(&ctx, "stripe", "customer_subscription_updated_cancel_scheduled").await;
     clock.set(at(1_772_409_600)); // 2026-03-02, a day after the period end

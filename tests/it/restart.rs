@@ -141,3 +141,44 @@ async fn past_due_ada(db: &std::path::Path, clock: &Arc<FixedClock>) -> Arc<memb
     deliver(&ctx, "stripe", "invoice_payment_failed").await;
     ctx
 }
+
+/// A missed renewal's timer is stored with the membership: the service stopped before the
+/// period ended and started again days after it, with no webhook in between, still ends
+/// the paid access (past_due with the grace and the flag, then expired).
+// See: issue 19 (access never ran out without a webhook).
+#[tokio::test]
+async fn a_missed_renewal_timer_survives_a_restart_and_ends_access() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db");
+    let clock = Arc::new(FixedClock::new(at(1_767_225_600)));
+    let period_end = at(1_769_904_000); // customer_subscription_created: items' current_period_end
+    {
+        let ctx = ctx_on(&db, clock.clone());
+        deliver(&ctx, "stripe", "checkout_session_completed").await;
+        deliver(&ctx, "stripe", "customer_subscription_created").await;
+        let d = member(&ctx, "ada@example.com");
+        assert_eq!(d.memberships[0].state, MState::Active);
+        assert_eq!(d.memberships[0].period_end, Some(period_end));
+        let renewal: Vec<_> = d.timers.iter().filter(|t| t.name == "renewal_due").collect();
+        assert_eq!(renewal.len(), 1, "{:?}", d.timers);
+        assert_eq!(renewal[0].due_at, period_end + chrono::Duration::hours(24));
+    } // the service stops
+
+    // Three days after the period end it starts again; no renewal webhook ever came.
+    clock.set(period_end + chrono::Duration::days(3));
+    let ctx = ctx_on(&db, clock.clone());
+    assert!(member(&ctx, "ada@example.com").memberships[0].has_access(clock.now()), "not yet acted on");
+    assert_eq!(timers::fire_due(&ctx, clock.now()).await, 1);
+    let d = member(&ctx, "ada@example.com");
+    let m = &d.memberships[0];
+    assert_eq!(m.state, MState::PastDue);
+    assert!(m.flags.iter().any(|f| f == "no renewal seen"), "{:?}", m.flags);
+    assert!(m.has_access(clock.now()), "the usual grace runs");
+    assert_eq!(d.timers.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["grace_end"]);
+
+    clock.set(period_end + chrono::Duration::days(9));
+    assert_eq!(timers::fire_due(&ctx, clock.now()).await, 1);
+    let m = &member(&ctx, "ada@example.com").memberships[0];
+    assert_eq!(m.state, MState::Expired);
+    assert!(!m.has_access(clock.now()));
+}

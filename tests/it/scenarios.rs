@@ -153,3 +153,20 @@ async fn a_fixture_with_now_placeholders_happens_at_the_scenario_clock() {
     let report = membersync::scenario::run(&file, loaded).await;
     assert!(report.error.is_none() && report.mismatches.is_empty(), "{}", membersync::scenario::render(&[report]));
 }
+
+/// Every scenario, step by step (`membersync test --verbose`), as a reviewed snapshot: a
+/// change in what any step comes to shows up here, not only a failed expectation.
+#[tokio::test]
+async fn scenario_traces_match_their_reviewed_snapshots() {
+    let dir = root().join("tests/fixtures/scenarios");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.retain(|p| p.extension().is_some_and(|x| x == "yaml"));
+    files.sort();
+    let loaded = Arc::new(membersync::pipeline::Loaded::new(config(":memory:"), rules()));
+    let settings = insta_settings();
+    for f in &files {
+        let report = membersync::scenario::run(f, loaded.clone()).await;
+        let name = format!("scenario__{}", f.file_stem().unwrap().to_string_lossy());
+        settings.bind(|| insta::assert_snapshot!(name, membersync::scenario::render_trace(&report)));
+    }
+}

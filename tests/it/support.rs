@@ -109,9 +109,17 @@ pub struct Server {
 }
 
 impl Server {
-    /// A real server on 127.0.0.1:0 with the wall clock.
+    /// A real server on 127.0.0.1:0 with the wall clock. The fixtures' periods ended early
+    /// in 2026: on the wall clock every renewal timer they set would be long due and fire at
+    /// once, so here a renewal counts as missed only after ten years. Tests of missed
+    /// renewals run on a fixed clock (`start_with_clock`) with the shipped policy.
     pub async fn start() -> Server {
-        Server::start_with_clock(Arc::new(SystemClock)).await
+        Server::start_tuned(Arc::new(SystemClock), |c| {
+            for t in c.tenants.values_mut() {
+                t.policy.insert("missed_renewal_grace_hours".into(), (24 * 365 * 10).into());
+            }
+        })
+        .await
     }
 
     /// A real server on 127.0.0.1:0 with the given clock, on a fresh database.
