@@ -119,6 +119,37 @@ pub struct CanonicalEvent {
     pub cancel_at_period_end: bool,
     pub amount_cents: Option<i64>,
     pub currency: Option<String>,
+    /// The payment the event is about, where it names one: how a refund or a dispute that
+    /// names no subscription finds its membership, and how one payment announced twice
+    /// counts once.
+    #[serde(default)]
+    pub payment: PaymentRef,
+}
+
+/// A payment as the provider names it. Any may be absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PaymentRef {
+    /// The bill: a Stripe invoice (`in_…`), a ThriveCart invoice, a Memberful order.
+    pub invoice_id: Option<String>,
+    /// The payment: a Stripe payment intent (`pi_…`), a Whop payment (`pay_…`).
+    pub payment_id: Option<String>,
+    /// The card charge: a Stripe charge (`ch_…`).
+    pub charge_id: Option<String>,
+    /// What was paid, in cents (a refund's `amount_cents` is compared with it).
+    pub amount_paid_cents: Option<i64>,
+}
+
+impl PaymentRef {
+    /// The references it holds, as stored: `invoice:…`, `payment:…`, `charge:…`.
+    pub fn refs(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (kind, id) in [("invoice", &self.invoice_id), ("payment", &self.payment_id), ("charge", &self.charge_id)] {
+            if let Some(id) = id {
+                out.push(format!("{kind}:{id}"));
+            }
+        }
+        out
+    }
 }
 
 /// Where an event entered the pipeline; recorded in the activity log.

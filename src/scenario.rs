@@ -31,6 +31,11 @@ pub struct Scenario {
     /// Where `send:` files are, relative to the scenario file (default `../<provider>`).
     #[serde(default)]
     pub fixtures: Option<PathBuf>,
+    /// Why this story ends elsewhere when its deliveries come in another order (the
+    /// ordering test then leaves it out). Only for a story about what an event that names
+    /// nothing stored is matched to as of its arrival.
+    #[serde(default)]
+    pub order_matters: Option<String>,
     pub steps: Vec<Step>,
 }
 

@@ -304,12 +304,20 @@ pub struct FieldsSpec {
     pub cancel_at_period_end: Option<FieldSpec>,
     pub amount_cents: Option<FieldSpec>,
     pub currency: Option<FieldSpec>,
+    /// The bill the event is about (Stripe invoice, ThriveCart invoice, Memberful order).
+    pub invoice_id: Option<FieldSpec>,
+    /// The payment (Stripe payment intent, Whop payment).
+    pub payment_id: Option<FieldSpec>,
+    /// The card charge (Stripe charge).
+    pub charge_id: Option<FieldSpec>,
+    /// What the payment was, for a refund to compare with (`amount:` as for amount_cents).
+    pub amount_paid_cents: Option<FieldSpec>,
 }
 
 impl FieldsSpec {
     /// The canonical fields in their fixed order (the order `extract` indexes them by),
     /// each with its name and its spec here.
-    pub fn in_order(&self) -> [(&'static str, &Option<FieldSpec>); 11] {
+    pub fn in_order(&self) -> [(&'static str, &Option<FieldSpec>); 15] {
         [
             ("email", &self.email),
             ("provider_customer_id", &self.provider_customer_id),
@@ -322,6 +330,10 @@ impl FieldsSpec {
             ("cancel_at_period_end", &self.cancel_at_period_end),
             ("amount_cents", &self.amount_cents),
             ("currency", &self.currency),
+            ("invoice_id", &self.invoice_id),
+            ("payment_id", &self.payment_id),
+            ("charge_id", &self.charge_id),
+            ("amount_paid_cents", &self.amount_paid_cents),
         ]
     }
 }

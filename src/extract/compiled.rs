@@ -24,6 +24,10 @@ pub(super) enum F {
     CancelAtPeriodEnd,
     AmountCents,
     Currency,
+    InvoiceId,
+    PaymentId,
+    ChargeId,
+    AmountPaidCents,
 }
 
 impl F {
@@ -43,7 +47,7 @@ pub(super) struct Field {
     pub(super) map: BTreeMap<String, Value>,
 }
 
-pub(super) type Fields = [Option<Field>; 11];
+pub(super) type Fields = [Option<Field>; 15];
 
 /// Where a mapped event's kind comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -249,6 +249,14 @@ impl Extractor {
                     Some(time::to_cents(&v, unit).map_err(field_error("amount_cents"))?)
                 }
             };
+            let amount_paid_cents = match get(F::AmountPaidCents)? {
+                None => None,
+                Some(v) => {
+                    let unit =
+                        field_in(&layers, F::AmountPaidCents).and_then(|f| f.amount).unwrap_or(AmountUnit::Cents);
+                    Some(time::to_cents(&v, unit).map_err(field_error("amount_paid_cents"))?)
+                }
+            };
             let cancel_at_period_end = match get(F::CancelAtPeriodEnd)? {
                 None => false,
                 Some(v) => as_bool(&v)
@@ -274,6 +282,12 @@ impl Extractor {
                 cancel_at_period_end,
                 amount_cents,
                 currency: string(F::Currency)?,
+                payment: crate::canonical::PaymentRef {
+                    invoice_id: string(F::InvoiceId)?,
+                    payment_id: string(F::PaymentId)?,
+                    charge_id: string(F::ChargeId)?,
+                    amount_paid_cents,
+                },
             })
         };
         match build() {
@@ -298,6 +312,7 @@ impl Extractor {
                         cancel_at_period_end: false,
                         amount_cents: None,
                         currency: None,
+                        payment: Default::default(),
                     },
                     idempotency_key,
                     mapping,

@@ -245,6 +245,10 @@ fn canonical_field_indexes_follow_the_one_ordered_list() {
         (F::CancelAtPeriodEnd, "cancel_at_period_end"),
         (F::AmountCents, "amount_cents"),
         (F::Currency, "currency"),
+        (F::InvoiceId, "invoice_id"),
+        (F::PaymentId, "payment_id"),
+        (F::ChargeId, "charge_id"),
+        (F::AmountPaidCents, "amount_paid_cents"),
     ];
     for (f, name) in all {
         assert_eq!(f.name(), name);

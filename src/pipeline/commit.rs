@@ -250,6 +250,69 @@ pub(super) fn apply_transition(
     Ok((ms, created))
 }
 
+/// The flags a decision without a transition sets or clears on the membership, saved when
+/// they change it.
+pub(super) fn apply_flags(
+    tx: &mut dyn Tx,
+    ms: &mut MembershipRow,
+    effects: &[Effect],
+    now: DateTime<Utc>,
+) -> store::Result<()> {
+    let before = ms.flags.clone();
+    for e in effects {
+        match e {
+            Effect::Flag { reason } => push_flag(&mut ms.flags, reason),
+            Effect::ClearFlag { prefix } => ms.flags.retain(|f| !f.starts_with(prefix.as_str())),
+            _ => {}
+        }
+    }
+    if ms.flags != before {
+        ms.updated_at = now;
+        tx.save_membership(ms)?;
+    }
+    Ok(())
+}
+
+/// Ties the payments `ev` names to membership `membership_id`; `counted`: the event counts
+/// as that payment (a purchase or renewal applied).
+pub(super) fn link_payments(
+    tx: &mut dyn Tx,
+    tenant: &str,
+    provider: &str,
+    ev: &CanonicalEvent,
+    membership_id: &str,
+    counted: bool,
+) -> store::Result<()> {
+    for r in ev.payment.refs() {
+        // Only a bill is counted: a payment intent or a charge may stand for several.
+        let counted = counted && r.starts_with("invoice:");
+        tx.link_payment(tenant, provider, &r, membership_id, &ev.event_id, counted)?;
+    }
+    Ok(())
+}
+
+/// Why a purchase or renewal changes nothing because its bill was already counted as a
+/// payment of this membership by another event, if it was.
+pub(super) fn counted_already(
+    tx: &mut dyn Tx,
+    tenant: &str,
+    provider: &str,
+    ev: &CanonicalEvent,
+    membership: Option<&MembershipRow>,
+) -> store::Result<Option<String>> {
+    let (Some(EventKind::Renewed | EventKind::Purchased), Some(ms), Some(invoice)) =
+        (ev.kind, membership, &ev.payment.invoice_id)
+    else {
+        return Ok(None);
+    };
+    Ok(tx.payment(tenant, provider, &format!("invoice:{invoice}"))?.and_then(|link| match link.counted_by {
+        Some(by) if link.membership_id == ms.id && by != ev.event_id => {
+            Some(format!("invoice {invoice} was already counted as a payment by event {by}"))
+        }
+        _ => None,
+    }))
+}
+
 /// The period end a membership shows after `ev`: the event's, else the one it had — unless
 /// the event is a renewal past that end which names no new one (Whop's payments): that end
 /// is over and the next is not known.

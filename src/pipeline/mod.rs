@@ -97,6 +97,43 @@ pub fn apply_with(
     incoming: Incoming,
     raw: Raw,
     now: DateTime<Utc>,
+    pre: Precomputed,
+) -> store::Result<Ack> {
+    // The payments the event names are tied to the membership it was found to be about,
+    // whatever it did to it (stale or ignored, the bill is still that membership's), and
+    // the events parked for one of them run now.
+    let payments = match &incoming {
+        Incoming::Extracted(x) => x.event.payment.refs(),
+        _ => vec![],
+    };
+    let (tenant, provider, event_id) = match &incoming {
+        Incoming::Extracted(x) => (x.event.tenant.clone(), x.event.provider.clone(), x.event.event_id.clone()),
+        _ => Default::default(),
+    };
+    let ack = apply_event(loaded, tx, incoming, raw, now, pre)?;
+    if payments.is_empty() || ack.status == Status::Duplicate {
+        return Ok(ack);
+    }
+    let Some(ms) = ack.outcome.membership_id.as_deref().map(|id| tx.membership(id)).transpose()?.flatten() else {
+        return Ok(ack);
+    };
+    let Some(mem) = tx.member(&ms.member_id)? else { return Ok(ack) };
+    for r in &payments {
+        tx.link_payment(&tenant, &provider, r, &ms.id, &event_id, false)?;
+    }
+    for r in &payments {
+        release_parked(loaded, tx, &ms, &mem, &parked::payment_key(r), now)?;
+    }
+    Ok(ack)
+}
+
+/// One event through dedupe → resolve → stale → rules → machine → commit.
+fn apply_event(
+    loaded: &Loaded,
+    tx: &mut dyn Tx,
+    incoming: Incoming,
+    raw: Raw,
+    now: DateTime<Utc>,
     mut pre: Precomputed,
 ) -> store::Result<Ack> {
     let source = raw.source;
@@ -196,7 +233,9 @@ pub fn apply_with(
     };
 
     // Resolve who and which membership.
-    let resolve::Resolved { mkey, mut membership, mut member } = match resolve::resolve(tx, &tenant, &provider, ev)? {
+    let resolve::Resolved { mkey, mut membership, mut member, unknown_invoice } = match resolve::resolve(
+        tx, &tenant, &provider, ev,
+    )? {
         Ok(r) => r,
         Err(resolve::Ambiguous { member: mem, count }) => {
             outcome.status = Status::Refused;
@@ -213,6 +252,19 @@ pub fn apply_with(
     outcome.membership_id = membership.as_ref().map(|m| m.id.clone());
     rec.member_id = outcome.member_id.clone();
     rec.membership_id = outcome.membership_id.clone();
+    if let Some(invoice) = unknown_invoice {
+        // It names its bill, which no stored event ties to a membership yet: not guessed
+        // from the member's memberships, waited for.
+        outcome.status = Status::Refused;
+        outcome.reason = Some(format!(
+            "the event names invoice {invoice}, which no stored event ties to a membership; parked until one does"
+        ));
+        rec.park_key = Some(parked::payment_key(&format!("invoice:{invoice}")));
+        if let Some(mem) = &member {
+            flag_member(tx, mem, &outcome, now)?;
+        }
+        return finish(tx, rec, outcome);
+    }
 
     // A member deleted at the provider: every membership of theirs there gets the event,
     // each logged as its own row (same event id), each through the rules and the machine.
@@ -221,6 +273,14 @@ pub fn apply_with(
             outcome.reason = Some(fan_out_member_deleted(loaded, tx, &x, &rec, mem, now)?);
             return finish(tx, rec, outcome);
         }
+    }
+
+    // One payment announced twice (Stripe's invoice.paid and invoice.payment_succeeded)
+    // counts once: the second is a no-op.
+    if let Some(reason) = commit::counted_already(tx, &tenant, &provider, ev, membership.as_ref())? {
+        outcome.status = Status::Ignored;
+        outcome.reason = Some(reason);
+        return finish(tx, rec, outcome);
     }
 
     // Stale? Then the rules: the rank, and the decision.
@@ -249,7 +309,7 @@ pub fn apply_with(
         } else if resolve::needs_membership(ev.kind) && !ev.event_type.starts_with("timer.") {
             // Nothing to act on yet; once the membership exists this may matter (a resume
             // that arrived before the purchase): parked, like a refused one.
-            rec.park_key = Some(mkey.clone().unwrap_or_default());
+            rec.park_key = Some(parked::park_key(mkey.as_deref(), ev));
         }
         outcome.status = Status::Ignored;
         outcome.reason = Some(reason);
@@ -273,6 +333,11 @@ pub fn apply_with(
             commit::update_member_details(tx, ev, m, now)?;
         }
         commit::apply_member_effects(tx, &tenant, &provider, ev, member.as_ref(), &effects, now)?;
+        if let Some(m) = membership.as_mut() {
+            // A flag without a transition (a partial refund, a dispute kept by policy) is
+            // still put where operators look.
+            commit::apply_flags(tx, m, &effects, now)?;
+        }
         outcome.effects = effects;
         return finish(tx, rec, outcome);
     };
@@ -284,7 +349,7 @@ pub fn apply_with(
             if membership.is_none() {
                 // It arrived before the event that starts its membership: parked, and run
                 // again when that membership comes to exist.
-                rec.park_key = Some(mkey.clone().unwrap_or_default());
+                rec.park_key = Some(parked::park_key(mkey.as_deref(), ev));
                 outcome.reason =
                     Some(format!("{}; parked until the membership exists", outcome.reason.clone().unwrap_or_default()));
             }
@@ -344,6 +409,8 @@ pub fn apply_with(
         now,
     };
     let (ms, created) = commit::apply_transition(tx, &transition, mkey, membership, &mem, &mut effects)?;
+    let counts = matches!(ev.kind, Some(EventKind::Renewed | EventKind::Purchased));
+    commit::link_payments(tx, &tenant, &provider, ev, &ms.id, counts)?;
     outcome.member_id = Some(mem.id.clone());
     outcome.membership_id = Some(ms.id.clone());
     rec.member_id = outcome.member_id.clone();
@@ -354,19 +421,33 @@ pub fn apply_with(
     // Events that arrived before this membership existed run now, oldest first, each
     // through the whole pipeline again.
     if created {
-        for e in tx.parked(&ms.tenant, &ms.provider, &ms.key)? {
-            if !parked::waits_for(tx, &e, &ms, &mem)? {
-                continue;
-            }
-            let Some((incoming, raw)) = incoming_from_row(&loaded.config, &e) else { continue };
-            if !tx.mark_replayed(e.seq, "re-applied once its membership existed")? {
-                continue;
-            }
-            let parked = apply(loaded, tx, incoming, raw, now)?;
-            tracing::info!(membership = %ms.id, parked = %format!("{} {}", e.event_id, parked.status.as_str()), "Parked event re-applied.");
-        }
+        release_parked(loaded, tx, &ms, &mem, &ms.key, now)?;
     }
     Ok(ack)
+}
+
+/// Runs again, oldest first, each through the whole pipeline, the events parked under `key`
+/// that wait for `ms` (of `mem`), which now exists or is now tied to what they name.
+fn release_parked(
+    loaded: &Loaded,
+    tx: &mut dyn Tx,
+    ms: &store::MembershipRow,
+    mem: &store::MemberRow,
+    key: &str,
+    now: DateTime<Utc>,
+) -> store::Result<()> {
+    for e in tx.parked(&ms.tenant, &ms.provider, key)? {
+        if !parked::waits_for(tx, &e, ms, mem)? {
+            continue;
+        }
+        let Some((incoming, raw)) = incoming_from_row(&loaded.config, &e) else { continue };
+        if !tx.mark_replayed(e.seq, "re-applied once its membership existed")? {
+            continue;
+        }
+        let parked = apply(loaded, tx, incoming, raw, now)?;
+        tracing::info!(membership = %ms.id, parked = %format!("{} {}", e.event_id, parked.status.as_str()), "Parked event re-applied.");
+    }
+    Ok(())
 }
 
 /// Stale, then the rules: the event's rank (`pre`, if worked out already) and the rules'

@@ -1,7 +1,8 @@
 //! Parked events: an event that arrived before the one starting its membership is stored
-//! with a park key (the membership key it waits for, or empty for "a membership of the
-//! member it names") and run again once that membership exists; replay reads stored
-//! events back into the pipeline's input the same way.
+//! with a park key (the membership key it waits for; `pay:<ref>` for the payment it names,
+//! when it names no membership; or empty for "a membership of the member it names") and
+//! run again once that membership exists or that payment is tied to one; replay reads
+//! stored events back into the pipeline's input the same way.
 //!
 //! What this module must never do: run an event (the pipeline does) or release one that
 //! waits for another member.
@@ -12,6 +13,23 @@ use crate::config::Config;
 use crate::extract::Failure;
 use crate::intake::{intake, Check, Delivery};
 use crate::store::{self, EventRow, MemberRow, MembershipRow, Tx};
+
+/// The park key of a payment reference (`invoice:…`, `payment:…`, `charge:…`).
+pub(super) fn payment_key(r: &str) -> String {
+    format!("pay:{r}")
+}
+
+/// What an event that found no membership waits for: the membership it names, else a
+/// membership of the member it names, else the payment it names (its bill first, which
+/// every provider event about that payment names).
+pub(super) fn park_key(mkey: Option<&str>, ev: &crate::canonical::CanonicalEvent) -> String {
+    let names_member = ev.member.provider_customer_id.is_some() || ev.member.email.is_some();
+    match (mkey, ev.payment.refs().first()) {
+        (Some(k), _) => k.to_string(),
+        (None, Some(r)) if !names_member => payment_key(r),
+        _ => String::new(),
+    }
+}
 
 /// Whether the parked event `e` waits for `ms`, which now exists: it waits for its key, or
 /// for a membership of `mem` (by its provider customer id or email).

@@ -1,6 +1,8 @@
 //! Resolution: which member and which membership an event is about, as stored — by the
-//! membership key the event names, else by the member it names (provider customer id,
-//! then email) and that member's one membership at the provider; a member deleted at
+//! membership key the event names, else by the payment it names (a charge, payment or
+//! invoice an earlier event tied to its membership), else by the member it names (provider
+//! customer id, then email) and that member's one membership at the provider — for a
+//! refund or a dispute, their one membership there that holds access; a member deleted at
 //! the provider stands for one event per membership of theirs there; a due timer stands
 //! for an `expired` event of its membership.
 //!
@@ -18,6 +20,9 @@ pub(super) struct Resolved {
     pub mkey: Option<String>,
     pub membership: Option<MembershipRow>,
     pub member: Option<MemberRow>,
+    /// The invoice the event names and no stored event ties to a membership, when the event
+    /// names no membership: it is waited for, not guessed from the member's memberships.
+    pub unknown_invoice: Option<String>,
 }
 
 /// The member an event names and how many memberships they hold at its provider, when the
@@ -37,15 +42,30 @@ pub(super) fn resolve(
     let mkey = membership_key(ev);
     let mut membership = match &mkey {
         Some(k) => tx.membership_by_key(tenant, provider, k)?,
-        None => None,
+        None => by_payment(tx, tenant, provider, ev)?,
     };
     let member = match &membership {
         Some(m) => tx.member(&m.member_id)?,
         None => find_member(tx, tenant, provider, &ev.member)?,
     };
-    if membership.is_none() && mkey.is_none() {
+    // An event that names its bill is about the membership the bill paid for: while no
+    // stored event ties the bill to one, it waits for it (never matched by the member's
+    // memberships, which may not include the right one yet).
+    let unknown_invoice = match (&membership, &mkey, &ev.payment.invoice_id) {
+        (None, None, Some(invoice)) if needs_membership(ev.kind) => Some(invoice.clone()),
+        _ => None,
+    };
+    if membership.is_none() && mkey.is_none() && unknown_invoice.is_none() {
         if let Some(mem) = &member {
             let mut mine = memberships_at(tx, mem, provider)?;
+            if mine.len() > 1 && matches!(ev.kind, Some(EventKind::Refunded | EventKind::Disputed)) {
+                // Money going back is for something the member holds: their one membership
+                // there that holds access, if exactly one does.
+                let holding: Vec<_> = mine.iter().filter(|m| m.state.holds_access()).cloned().collect();
+                if holding.len() == 1 {
+                    mine = holding;
+                }
+            }
             match mine.len() {
                 0 => {}
                 1 => membership = mine.pop(),
@@ -56,7 +76,7 @@ pub(super) fn resolve(
             }
         }
     }
-    Ok(Ok(Resolved { mkey, membership, member }))
+    Ok(Ok(Resolved { mkey, membership, member, unknown_invoice }))
 }
 
 /// A member deleted at the provider: the event once per membership of theirs there (its
@@ -77,6 +97,26 @@ pub(super) fn member_deleted_parts(
             (ms.key, sub)
         })
         .collect())
+}
+
+/// The membership an earlier event tied the event's payment to: the charge first, then the
+/// payment, then the invoice (the most specific first).
+fn by_payment(
+    tx: &mut dyn Tx,
+    tenant: &str,
+    provider: &str,
+    ev: &CanonicalEvent,
+) -> store::Result<Option<MembershipRow>> {
+    let mut refs = ev.payment.refs();
+    refs.reverse();
+    for r in refs {
+        if let Some(link) = tx.payment(tenant, provider, &r)? {
+            if let Some(m) = tx.membership(&link.membership_id)? {
+                return Ok(Some(m));
+            }
+        }
+    }
+    Ok(None)
 }
 
 fn memberships_at(tx: &mut dyn Tx, member: &MemberRow, provider: &str) -> store::Result<Vec<MembershipRow>> {
@@ -135,6 +175,7 @@ pub(super) fn timer_event(tx: &mut dyn Tx, t: &TimerRow) -> store::Result<Option
             cancel_at_period_end: m.cancel_at_period_end,
             amount_cents: None,
             currency: None,
+            payment: Default::default(),
         },
         idempotency_key: event_id,
         mapping: Mapping {

@@ -10,7 +10,8 @@ use crate::store::{self, MemberRow, MembershipRow, Tx};
 
 /// Puts a member and membership in `state` for the event's membership, as if earlier
 /// events had led there (`simulate --state`): lets a dry run show what one event does to
-/// a membership that is, say, active or past_due.
+/// a membership that is, say, active or past_due. The payments the event names are tied to
+/// it.
 pub fn seed_membership(tx: &mut dyn Tx, config: &Config, ev: &CanonicalEvent, state: MState) -> store::Result<()> {
     let at = ev.occurred_at;
     let member = MemberRow {
@@ -55,5 +56,11 @@ pub fn seed_membership(tx: &mut dyn Tx, config: &Config, ev: &CanonicalEvent, st
         created_at: at,
         updated_at: at,
         last_event_rank: 0,
-    })
+    })?;
+    // The payments the event names are this membership's (as if the events that led here
+    // named them).
+    for r in ev.payment.refs() {
+        tx.link_payment(&ev.tenant, &ev.provider, &r, "msp_seeded", "seeded", false)?;
+    }
+    Ok(())
 }

@@ -528,6 +528,7 @@ fn status_synced(
             cancel_at_period_end: s.cancel_at_period_end.unwrap_or(m.cancel_at_period_end),
             amount_cents: None,
             currency: None,
+            payment: Default::default(),
         },
         idempotency_key: event_id,
         mapping: Mapping {

@@ -45,6 +45,10 @@ pub fn event_view(ev: &CanonicalEvent) -> Dynamic {
     m.insert("cancel_at_period_end".into(), Dynamic::from(ev.cancel_at_period_end));
     m.insert("amount_cents".into(), ev.amount_cents.map(Dynamic::from).unwrap_or(Dynamic::UNIT));
     m.insert("currency".into(), opt_str(&ev.currency));
+    m.insert("invoice_id".into(), opt_str(&ev.payment.invoice_id));
+    m.insert("payment_id".into(), opt_str(&ev.payment.payment_id));
+    m.insert("charge_id".into(), opt_str(&ev.payment.charge_id));
+    m.insert("amount_paid_cents".into(), ev.payment.amount_paid_cents.map(Dynamic::from).unwrap_or(Dynamic::UNIT));
     Dynamic::from_map(m)
 }
 

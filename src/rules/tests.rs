@@ -18,6 +18,7 @@ fn ev(kind: EventKind) -> CanonicalEvent {
         cancel_at_period_end: false,
         amount_cents: None,
         currency: None,
+        payment: Default::default(),
     }
 }
 

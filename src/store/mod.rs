@@ -201,6 +201,16 @@ impl MembershipRow {
     }
 }
 
+/// A payment reference tied to the membership it paid for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentLink {
+    pub membership_id: String,
+    /// The provider event that first named it.
+    pub event_id: String,
+    /// The event that counted it as a payment, if one did.
+    pub counted_by: Option<String>,
+}
+
 /// JSON as stored: its text, written once by whoever produced it (the request thread for
 /// the canonical event and headers) rather than by the writer thread, and read back as is.
 /// `json_of` parses it where its structure is needed.
@@ -293,6 +303,20 @@ pub trait Tx {
     fn member_by_email(&mut self, tenant: &str, email: &str) -> Result<Option<MemberRow>>;
     fn save_member(&mut self, m: &MemberRow) -> Result<()>;
     fn link_customer(&mut self, tenant: &str, provider: &str, customer_id: &str, member_id: &str) -> Result<()>;
+    /// Ties payment reference `r` (`invoice:…`, `payment:…`, `charge:…`) to a membership, as
+    /// first named by `event_id`; a reference already tied keeps its membership. `counted`:
+    /// the event counted it as a payment (recorded once, by the first that did).
+    fn link_payment(
+        &mut self,
+        tenant: &str,
+        provider: &str,
+        r: &str,
+        membership_id: &str,
+        event_id: &str,
+        counted: bool,
+    ) -> Result<()>;
+    /// The payment reference `r` as stored.
+    fn payment(&mut self, tenant: &str, provider: &str, r: &str) -> Result<Option<PaymentLink>>;
     fn membership(&mut self, id: &str) -> Result<Option<MembershipRow>>;
     fn membership_by_key(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Option<MembershipRow>>;
     fn memberships_of(&mut self, member_id: &str) -> Result<Vec<MembershipRow>>;

@@ -43,6 +43,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/002_reconcile.sql"),
     include_str!("../migrations/sqlite/003_ordering.sql"),
     include_str!("../migrations/sqlite/004_lookup_indexes.sql"),
+    include_str!("../migrations/sqlite/005_payments.sql"),
 ];
 
 /// Tuning for the writer.

@@ -356,6 +356,31 @@ impl Tx for SqliteTx<'_, '_> {
         Ok(())
     }
 
+    fn link_payment(
+        &mut self,
+        tenant: &str,
+        provider: &str,
+        r: &str,
+        membership_id: &str,
+        event_id: &str,
+        counted: bool,
+    ) -> Result<()> {
+        self.st("INSERT INTO payments (tenant, provider, ref, membership_id, event_id, counted_by)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT DO UPDATE SET counted_by = coalesce(counted_by, excluded.counted_by)")?
+            .execute(params![tenant, provider, r, membership_id, event_id, counted.then_some(event_id)])?;
+        Ok(())
+    }
+
+    fn payment(&mut self, tenant: &str, provider: &str, r: &str) -> Result<Option<PaymentLink>> {
+        Ok(self
+            .st("SELECT membership_id, event_id, counted_by FROM payments WHERE tenant = ?1 AND provider = ?2 AND ref = ?3")?
+            .query_row(params![tenant, provider, r], |row| {
+                Ok(PaymentLink { membership_id: row.get(0)?, event_id: row.get(1)?, counted_by: row.get(2)? })
+            })
+            .optional()?)
+    }
+
     fn membership(&mut self, id: &str) -> Result<Option<MembershipRow>> {
         Ok(self.st(&MEMBERSHIP_BY_ID)?.query_row([id], membership_row).optional()?)
     }
