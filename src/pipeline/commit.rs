@@ -16,22 +16,49 @@ use crate::rules::MembershipView;
 use crate::store::{self, LeadRow, MemberRow, MembershipRow, TimerRow, Tx};
 use chrono::{DateTime, Utc};
 
-/// A member-updated event: the member's email and name where the event's differ.
+/// A member-updated event: the member's email and name where the event's differ (an email
+/// another member has merges the two).
 pub(super) fn update_member_details(
     tx: &mut dyn Tx,
     ev: &CanonicalEvent,
     m: &mut MemberRow,
     now: DateTime<Utc>,
 ) -> store::Result<()> {
-    let email = ev.member.email.clone().filter(|e| m.email.as_deref() != Some(e.as_str()));
+    let email = ev.member.email.clone().filter(|e| !m.email.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(e)));
     let name = ev.member.name.clone().filter(|n| m.name.as_deref() != Some(n.as_str()));
     if email.is_some() || name.is_some() {
+        let new_email = email.is_some();
         m.email = email.or(m.email.take());
         m.name = name.or(m.name.take());
         m.updated_at = now;
+        if new_email {
+            *m = merge_same_email(tx, m.clone(), now)?;
+        }
         tx.save_member(m)?;
     }
     Ok(())
+}
+
+/// Member `m` has just learnt its email: another member of the tenant with the same email
+/// is the same person (members are matched by email), so the two become one — the newer
+/// merged into the older, which keeps every membership, customer link, event and lead and
+/// is returned (flagged, so an operator sees it happened). Saved by the caller.
+fn merge_same_email(tx: &mut dyn Tx, m: MemberRow, now: DateTime<Utc>) -> store::Result<MemberRow> {
+    let Some(email) = m.email.clone() else { return Ok(m) };
+    let Some(other) = tx.member_by_email(&m.tenant, &email)?.filter(|o| o.id != m.id) else {
+        return Ok(m);
+    };
+    let (mut keep, gone) = if (other.created_at, &other.id) <= (m.created_at, &m.id) { (other, m) } else { (m, other) };
+    keep.email = Some(email.clone());
+    keep.name = keep.name.take().or(gone.name.clone());
+    keep.updated_at = now;
+    for f in &gone.flags {
+        push_flag(&mut keep.flags, f);
+    }
+    push_flag(&mut keep.flags, &format!("merged member {} into this one: both had the email {email}", gone.id));
+    tx.save_member(&keep)?;
+    tx.merge_member(&gone.id, &keep.id)?;
+    Ok(keep)
 }
 
 /// The member a transition belongs to: the stored one with details it lacked filled from
@@ -48,13 +75,17 @@ pub(super) fn member_for(
     let mem = match member {
         Some(mut m) => {
             let mut changed = false;
+            let mut new_email = false;
             if m.email.is_none() && ev.member.email.is_some() {
                 m.email = ev.member.email.clone();
-                changed = true;
+                (changed, new_email) = (true, true);
             }
             if m.name.is_none() && ev.member.name.is_some() {
                 m.name = ev.member.name.clone();
                 changed = true;
+            }
+            if new_email {
+                m = merge_same_email(tx, m, now)?;
             }
             if changed {
                 m.updated_at = now;
@@ -148,6 +179,8 @@ pub(super) fn apply_transition(
         updated_at: now,
         last_event_rank: 0,
     });
+    // The member it belongs to (another member merged into it, by email, keeps it there).
+    ms.member_id = mem.id.clone();
     // Held by state (a grace or period end that just ran out still counts: the transition
     // that follows it is what revokes, and the log should say so).
     let had_access = ms.state.holds_access() && !ms.access_levels.is_empty();
@@ -375,6 +408,7 @@ pub fn view_of(m: Option<&MembershipRow>) -> MembershipView {
             plan_id: m.plan_id.clone(),
             status: m.status.clone(),
             flags: m.flags.clone(),
+            member_email: None,
         },
     }
 }

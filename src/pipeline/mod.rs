@@ -284,7 +284,8 @@ fn apply_event(
     }
 
     // Stale? Then the rules: the rank, and the decision.
-    let view = view_of(membership.as_ref());
+    let mut view = view_of(membership.as_ref());
+    view.member_email = member.as_ref().and_then(|m| m.email.clone());
     let ev_view = pre.view.take().unwrap_or_else(|| crate::rules::EventView::of(ev));
     let (rank, decision) = match judge(loaded, &tenant, ev, ev_view, &view, membership.is_some(), pre.rank.take(), now)
     {
@@ -329,8 +330,18 @@ fn apply_event(
     let mut effects = decision.effects;
     let Some(input) = decision.input else {
         // Effects only (a lead, a flag, new member details): no membership moves.
-        if let (Some(EventKind::MemberUpdated), Some(m)) = (ev.kind, member.as_mut()) {
-            commit::update_member_details(tx, ev, m, now)?;
+        if ev.kind == Some(EventKind::MemberUpdated) {
+            // A member is kept from any event that names one, in any order: a profile event
+            // before any plan creates the member the later plan events attach to.
+            member = match member.take() {
+                Some(mut m) => {
+                    commit::update_member_details(tx, ev, &mut m, now)?;
+                    Some(m)
+                }
+                None => commit::member_for(tx, &tenant, &provider, ev, None, now)?,
+            };
+            outcome.member_id = member.as_ref().map(|m| m.id.clone());
+            rec.member_id = outcome.member_id.clone();
         }
         commit::apply_member_effects(tx, &tenant, &provider, ev, member.as_ref(), &effects, now)?;
         if let Some(m) = membership.as_mut() {

@@ -67,6 +67,7 @@ pub fn membership_view(v: &MembershipView) -> Dynamic {
     m.insert("plan_id".into(), opt_str(&v.plan_id));
     m.insert("status".into(), opt_str(&v.status));
     m.insert("flags".into(), Dynamic::from_array(v.flags.iter().map(|f| text(f)).collect()));
+    m.insert("member_email".into(), opt_str(&v.member_email));
     Dynamic::from_map(m)
 }
 

@@ -49,6 +49,8 @@ pub struct MembershipView {
     pub status: Option<String>,
     /// What operators were told to look at (e.g. `no renewal seen`).
     pub flags: Vec<String>,
+    /// The email of the member the event is about, as stored (an event may name none).
+    pub member_email: Option<String>,
 }
 
 /// Which rule decided, for the activity log and `explain`.

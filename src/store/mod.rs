@@ -315,6 +315,10 @@ pub trait Tx {
         event_id: &str,
         counted: bool,
     ) -> Result<()>;
+    /// Member `from` is member `into` (they turned out to share an email): its memberships,
+    /// provider customer links, events and converted leads move to `into`, and `from` is
+    /// deleted.
+    fn merge_member(&mut self, from: &str, into: &str) -> Result<()>;
     /// The payment reference `r` as stored.
     fn payment(&mut self, tenant: &str, provider: &str, r: &str) -> Result<Option<PaymentLink>>;
     fn membership(&mut self, id: &str) -> Result<Option<MembershipRow>>;

@@ -234,3 +234,71 @@ async fn a_seeded_state_holds_what_that_state_holds() {
         }
     }
 }
+
+/// A member known first by a provider id alone (a Memberstack plan event names no email)
+/// and the same person known by email through another provider become one member when the
+/// first learns that email: memberships, customer links and events all under the older
+/// member, access combined, the merge flagged; later events of either provider reach it.
+// See: issue 19 (members without an email were never merged with the same person elsewhere).
+#[tokio::test]
+async fn a_member_learning_an_email_another_member_has_becomes_one_member() {
+    let (_dir, clock, ctx) = fresh();
+    clock.set(at(1_767_225_600));
+    let a = deliver(&ctx, "memberstack", "member_plan_added_no_email").await;
+    assert_eq!(a.status, Status::Applied, "{:?}", a.outcome.reason);
+    let first = a.outcome.member_id.clone().unwrap();
+    assert!(ctx.store.members_by_email("sam@example.com").unwrap().is_empty(), "no email known yet");
+    let b = deliver(&ctx, "memberful", "order_purchased").await;
+    assert_eq!(b.status, Status::Applied, "{:?}", b.outcome.reason);
+    assert_ne!(b.outcome.member_id.as_deref(), Some(first.as_str()), "two members so far");
+
+    clock.set(at(1_768_494_000));
+    let u = deliver(&ctx, "memberstack", "member_updated").await; // names mem_… and sam@example.com
+    assert_eq!(u.status, Status::Applied, "{:?}", u.outcome.reason);
+    let found = ctx.store.members_by_email("sam@example.com").unwrap();
+    assert_eq!(found.len(), 1, "one member: {found:?}");
+    assert_eq!(found[0].id, first, "the older member is kept");
+    let d = member(&ctx, "sam@example.com");
+    let providers: Vec<&str> = d.memberships.iter().map(|m| m.provider.as_str()).collect();
+    assert_eq!(providers.len(), 2, "{providers:?}");
+    assert!(providers.contains(&"memberful") && providers.contains(&"memberstack"));
+    assert!(d.member.flags.iter().any(|f| f.starts_with("merged member ")), "{:?}", d.member.flags);
+    assert!(ctx.store.member(b.outcome.member_id.as_deref().unwrap()).unwrap().is_none(), "the newer is gone");
+    let events = ctx.store.events(None, None, 100).unwrap();
+    assert!(events.iter().all(|e| e.member_id.as_deref().is_none_or(|m| m == first)), "every event under the kept member");
+
+    // A later Memberful event (by its customer id) reaches the kept member.
+    let r = deliver(&ctx, "memberful", "subscription_renewed").await;
+    assert_eq!(r.outcome.member_id.as_deref(), Some(first.as_str()), "{:?}", r.outcome.reason);
+}
+
+/// A lead whose buyer's purchase named no email (a Memberstack plan event names the member
+/// by id) converts once the member's email is known: from member.created before the plan,
+/// or from a member.updated after it.
+// See: issue 19 (such members did not convert leads).
+#[tokio::test]
+async fn a_lead_converts_when_its_buyer_is_known_by_email_in_either_order() {
+    for member_first in [true, false] {
+        let (_dir, clock, ctx) = fresh();
+        clock.set(at(1_767_225_000));
+        deliver_edited(&ctx, "stripe", "checkout_session_expired", |v| {
+            v["data"]["object"]["customer_details"]["email"] = "sam@example.com".into();
+        })
+        .await;
+        assert_eq!(ctx.store.leads(None).unwrap().len(), 1);
+        if member_first {
+            deliver(&ctx, "memberstack", "member_created").await;
+        }
+        clock.set(at(1_767_225_600));
+        let ack = deliver(&ctx, "memberstack", "member_plan_added_no_email").await;
+        assert_eq!(ack.status, Status::Applied, "{:?}", ack.outcome.reason);
+        if !member_first {
+            assert!(ctx.store.leads(None).unwrap()[0].converted_at.is_none(), "no email known yet");
+            clock.set(at(1_768_494_000));
+            deliver(&ctx, "memberstack", "member_updated").await;
+        }
+        let leads = ctx.store.leads(None).unwrap();
+        assert!(leads[0].converted_at.is_some(), "member first: {member_first}: {leads:?}");
+        assert_eq!(leads[0].member_id, ack.outcome.member_id, "member first: {member_first}");
+    }
+}

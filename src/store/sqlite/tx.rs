@@ -372,6 +372,19 @@ impl Tx for SqliteTx<'_, '_> {
         Ok(())
     }
 
+    fn merge_member(&mut self, from: &str, into: &str) -> Result<()> {
+        for sql in [
+            "UPDATE memberships SET member_id = ?2 WHERE member_id = ?1",
+            "UPDATE member_customers SET member_id = ?2 WHERE member_id = ?1",
+            "UPDATE events SET member_id = ?2 WHERE member_id = ?1",
+            "UPDATE leads SET member_id = ?2 WHERE member_id = ?1",
+        ] {
+            self.st(sql)?.execute(params![from, into])?;
+        }
+        self.st("DELETE FROM members WHERE id = ?1")?.execute([from])?;
+        Ok(())
+    }
+
     fn payment(&mut self, tenant: &str, provider: &str, r: &str) -> Result<Option<PaymentLink>> {
         Ok(self
             .st("SELECT membership_id, event_id, counted_by FROM payments WHERE tenant = ?1 AND provider = ?2 AND ref = ?3")?
