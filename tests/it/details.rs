@@ -265,7 +265,10 @@ async fn a_member_learning_an_email_another_member_has_becomes_one_member() {
     assert!(d.member.flags.iter().any(|f| f.starts_with("merged member ")), "{:?}", d.member.flags);
     assert!(ctx.store.member(b.outcome.member_id.as_deref().unwrap()).unwrap().is_none(), "the newer is gone");
     let events = ctx.store.events(None, None, 100).unwrap();
-    assert!(events.iter().all(|e| e.member_id.as_deref().is_none_or(|m| m == first)), "every event under the kept member");
+    assert!(
+        events.iter().all(|e| e.member_id.as_deref().is_none_or(|m| m == first)),
+        "every event under the kept member"
+    );
 
     // A later Memberful event (by its customer id) reaches the kept member.
     let r = deliver(&ctx, "memberful", "subscription_renewed").await;
