@@ -102,10 +102,13 @@ pub struct Compared {
     pub grace_until: Option<DateTime<Utc>>,
     pub access_until: Option<DateTime<Utc>>,
     pub flags: Vec<String>,
+    /// Its pending timers, `name@time`, sorted: a rule that changed when a timer falls due
+    /// (or a timer the rules now keep, such as `renewal_due`) is a difference too.
+    pub timers: Vec<String>,
 }
 
 impl Compared {
-    fn of(m: &MembershipRow, now: DateTime<Utc>) -> Compared {
+    fn of(m: &MembershipRow, timers: &[store::TimerRow], now: DateTime<Utc>) -> Compared {
         let has_access = m.has_access(now);
         Compared {
             state: m.state.to_string(),
@@ -114,6 +117,15 @@ impl Compared {
             grace_until: m.grace_until,
             access_until: m.access_until,
             flags: m.flags.clone(),
+            timers: {
+                let mut t: Vec<String> = timers
+                    .iter()
+                    .filter(|t| t.membership_id == m.id)
+                    .map(|t| format!("{}@{}", t.name, t.due_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)))
+                    .collect();
+                t.sort();
+                t
+            },
         }
     }
 
@@ -146,6 +158,9 @@ impl Compared {
         }
         if a.flags != b.flags {
             out.push(format!("flags [{}] → [{}]", a.flags.join("; "), b.flags.join("; ")));
+        }
+        if a.timers != b.timers {
+            out.push(format!("timers [{}] → [{}]", a.timers.join(", "), b.timers.join(", ")));
         }
         out
     }
@@ -218,7 +233,7 @@ fn add_to_view(
 ) {
     for (m, timers) in memberships {
         let key = (m.tenant.clone(), m.provider.clone(), m.key.clone());
-        view.insert(key, (person, Compared::of(&m, now), m, timers));
+        view.insert(key, (person, Compared::of(&m, &timers, now), m, timers));
     }
 }
 
@@ -296,7 +311,9 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
                         links.push((p.to_string(), cid));
                     }
                 }
-                add_to_view(&mut stored, people.len(), memberships.into_iter().map(|m| (m, vec![])).collect(), now);
+                let timers = ctx.store.member_detail(&member.id, 0)?.map(|d| d.timers).unwrap_or_default();
+                let with_timers = memberships.into_iter().map(|m| (m, timers.clone())).collect();
+                add_to_view(&mut stored, people.len(), with_timers, now);
                 people.push(Person { tenant: member.tenant, id: member.id, email: member.email, links });
             }
             Ok((stored, people, read))

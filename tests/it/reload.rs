@@ -506,3 +506,43 @@ async fn rederive_yields_to_a_later_change_and_follows_rules_back_and_forth() {
     }
     assert_eq!(member(&ctx, "ada@example.com").memberships[0].state.as_str(), "canceled");
 }
+
+/// A membership stored before the rules kept a renewal timer (or under another
+/// `missed_renewal_grace_hours`) gets the timer the rules now derive through `rederive`:
+/// the dry run shows it, the apply sets it, a second run finds nothing.
+// See: issue 19 (memberships from before the renewal timer would hold access for ever).
+#[tokio::test]
+async fn rederive_gives_an_older_membership_the_renewal_timer_the_rules_now_keep() {
+    let (_dir, config) = editable_config();
+    let clock = Arc::new(FixedClock::new(at(1_767_225_600)));
+    let ctx = ctx_with(config, clock.clone());
+    deliver(&ctx, "stripe", "checkout_session_completed").await;
+    deliver(&ctx, "stripe", "customer_subscription_created").await;
+    let d = member(&ctx, "ada@example.com");
+    let ms = d.memberships[0].id.clone();
+    // As an older version left it: no renewal timer.
+    ctx.store
+        .write({
+            let ms = ms.clone();
+            move |tx| tx.cancel_timer(&ms, "renewal_due")
+        })
+        .await
+        .unwrap();
+    assert!(member(&ctx, "ada@example.com").timers.is_empty());
+
+    let all = membersync::store::EventFilter::default();
+    let dry = membersync::replay::rederive(&ctx, &all, clock.now(), true).await.unwrap();
+    assert_eq!(dry.memberships.len(), 1, "{dry:?}");
+    let changes = format!("{:?}", dry.memberships[0]);
+    assert!(changes.contains("timers [] → [renewal_due@2026-02-02T00:00:00Z]"), "{changes}");
+    assert!(member(&ctx, "ada@example.com").timers.is_empty(), "a dry run writes nothing");
+
+    membersync::replay::rederive(&ctx, &all, clock.now(), false).await.unwrap();
+    let timers = member(&ctx, "ada@example.com").timers;
+    assert_eq!(
+        timers.iter().map(|t| (t.name.as_str(), t.due_at)).collect::<Vec<_>>(),
+        [("renewal_due", at(1_769_990_400))]
+    );
+    let again = membersync::replay::rederive(&ctx, &all, clock.now(), true).await.unwrap();
+    assert!(again.memberships.is_empty(), "{again:?}");
+}

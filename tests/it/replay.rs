@@ -96,7 +96,8 @@ async fn dry_run_shows_what_edited_rules_would_change_and_writes_nothing() {
             "state past_due → expired",
             "access true → false",
             "levels [pro] → []",
-            "grace_until 2026-02-08T01:00:06Z → none"
+            "grace_until 2026-02-08T01:00:06Z → none",
+            "timers [grace_end@2026-02-08T01:00:06Z] → []"
         ],
         "{diffs:?}"
     );
@@ -133,7 +134,14 @@ async fn dry_run_matches_members_without_email_and_sees_a_shorter_grace() {
     membersync::reload::reload(&ctx, "test").unwrap();
     let diffs = membersync::replay::dry_run(&ctx, &EventFilter::default(), clock.now()).await.unwrap().differences;
     assert_eq!(diffs.len(), 1, "{diffs:?}");
-    assert_eq!(diffs[0].changes, ["grace_until 2026-02-08T01:00:06Z → 2026-02-04T01:00:06Z"], "{diffs:?}");
+    assert_eq!(
+        diffs[0].changes,
+        [
+            "grace_until 2026-02-08T01:00:06Z → 2026-02-04T01:00:06Z",
+            "timers [grace_end@2026-02-08T01:00:06Z] → [grace_end@2026-02-04T01:00:06Z]"
+        ],
+        "{diffs:?}"
+    );
 }
 
 #[tokio::test]
