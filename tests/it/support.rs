@@ -46,6 +46,15 @@ pub fn ctx_with(config: Config, clock: Arc<FixedClock>) -> Arc<Ctx> {
     Arc::new(Ctx::new(config, rules, store, clock))
 }
 
+/// Stripe's `invoice_paid` fixture, paid through 2100: for tests on the wall clock, whose
+/// fixture periods (early 2026) would otherwise be long over, so that the service's renewal
+/// timers fire and write while they run.
+pub fn invoice_paid_far_ahead() -> String {
+    let text = String::from_utf8(fixture("stripe", "invoice_paid")).unwrap();
+    assert!(text.contains("\"end\": 1769904000"), "the fixture's line period end moved");
+    text.replace("\"end\": 1769904000", "\"end\": 4102444800")
+}
+
 pub fn fixture(provider: &str, name: &str) -> Vec<u8> {
     std::fs::read(root().join("tests/fixtures").join(provider).join(format!("{name}.json"))).expect("fixture exists")
 }
