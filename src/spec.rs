@@ -38,6 +38,11 @@ pub struct ProviderSpec {
     /// header (a provider's legacy signing; opt-in).
     #[serde(default)]
     pub verify_also: Vec<VerifySpec>,
+    /// Top-level keys read in place of another when that one is absent: `{data: body}`
+    /// reads every `data.…` path at `body.…` in a body that has no `data` (deliveries
+    /// relayed by integration platforms rename the envelope).
+    #[serde(default)]
+    pub aliases: BTreeMap<String, String>,
     /// Field extractors that apply to every event type (overridden per event type).
     #[serde(default)]
     pub fields: FieldsSpec,
@@ -411,4 +416,11 @@ pub struct ConditionTest {
     /// The value is null or absent (`true`), or a non-null value (`false`).
     #[serde(default)]
     pub is_null: Option<bool>,
+    /// The value equals the value at this other path (both absent counts as equal).
+    #[serde(default)]
+    pub same_as: Option<String>,
+    /// The value differs from the value at this other path (e.g. a price id before and
+    /// after an update).
+    #[serde(default)]
+    pub differs_from: Option<String>,
 }

@@ -24,7 +24,7 @@ impl Extractor {
     /// Compiles a parsed provider spec, gathering every problem.
     pub fn compile(file: &str, src: &str, spec: ProviderSpec) -> Result<Extractor, CompileError> {
         let mut diags = Vec::new();
-        let mut cx = Cx { file, src, diags: &mut diags };
+        let mut cx = Cx { file, src, diags: &mut diags, aliases: &spec.aliases };
         let idempotency = if spec.idempotency.body_hash {
             Idempotency::BodyHash
         } else if let Some(h) = &spec.idempotency.header {
@@ -93,6 +93,9 @@ impl Extractor {
         let mut tree = decode::PathTree::default();
         for p in x.body_paths() {
             tree.add(p.steps());
+            if let Some(alt) = p.alt() {
+                tree.add(alt.steps());
+            }
         }
         x.paths = tree;
         Ok(x)
@@ -114,11 +117,11 @@ impl Extractor {
         for ev in self.events.values() {
             out.extend(of_fields(&ev.fields));
             for c in &ev.cases {
-                out.extend(c.conds.iter().map(|(p, _)| p));
+                out.extend(c.conds.iter().flat_map(|(p, c)| std::iter::once(p).chain(c.other_path())));
                 out.extend(of_fields(&c.fields));
             }
             for (conds, _) in &ev.flags {
-                out.extend(conds.iter().map(|(p, _)| p));
+                out.extend(conds.iter().flat_map(|(p, c)| std::iter::once(p).chain(c.other_path())));
             }
         }
         out
@@ -140,7 +143,7 @@ pub fn placeholders(template: &str) -> Vec<&str> {
     out
 }
 
-fn compile_cond(c: &Condition) -> Vec<Cond> {
+fn compile_cond(c: &Condition, path: &mut impl FnMut(&str) -> Option<Path>) -> Vec<Cond> {
     match c {
         Condition::Equals(v) => vec![Cond::Equals(v.clone())],
         Condition::Test(t) => {
@@ -160,7 +163,13 @@ fn compile_cond(c: &Condition) -> Vec<Cond> {
             if let Some(b) = t.is_null {
                 out.push(Cond::Null(b));
             }
-            if out.is_empty() {
+            if let Some(p) = t.same_as.as_deref().and_then(&mut *path) {
+                out.push(Cond::SameAs(p));
+            }
+            if let Some(p) = t.differs_from.as_deref().and_then(&mut *path) {
+                out.push(Cond::DiffersFrom(p));
+            }
+            if out.is_empty() && t.same_as.is_none() && t.differs_from.is_none() {
                 out.push(Cond::Present(true));
             }
             out
@@ -173,6 +182,7 @@ struct Cx<'a> {
     file: &'a str,
     src: &'a str,
     diags: &'a mut Vec<Diagnostic>,
+    aliases: &'a BTreeMap<String, String>,
 }
 
 impl Cx<'_> {
@@ -183,7 +193,7 @@ impl Cx<'_> {
 
     fn path(&mut self, p: &str) -> Option<Path> {
         match Path::parse(p) {
-            Ok(p) => Some(p),
+            Ok(p) => Some(self.aliases.iter().fold(p, |p, (first, alias)| p.with_alias(first, alias))),
             Err(e) => {
                 self.err(p, &e);
                 None
@@ -196,7 +206,8 @@ impl Cx<'_> {
         let mut out = Vec::new();
         for (p, cond) in when {
             if let Some(path) = self.path(p) {
-                out.extend(compile_cond(cond).into_iter().map(|c| (path.clone(), c)));
+                let conds = compile_cond(cond, &mut |other| self.path(other));
+                out.extend(conds.into_iter().map(|c| (path.clone(), c)));
             }
         }
         out

@@ -71,6 +71,20 @@ pub(super) enum Cond {
     OneOf(Vec<Value>),
     Present(bool),
     Null(bool),
+    /// Equals the value at another path.
+    SameAs(Path),
+    /// Differs from the value at another path.
+    DiffersFrom(Path),
+}
+
+impl Cond {
+    /// The other path a condition compares with, if it compares two paths.
+    pub(super) fn other_path(&self) -> Option<&Path> {
+        match self {
+            Cond::SameAs(p) | Cond::DiffersFrom(p) => Some(p),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -116,6 +116,22 @@ pub struct Captured<'t> {
 
 impl Lookup for Captured<'_> {
     fn at(&self, path: &Path) -> Option<&Value> {
+        match (self.at_exactly(path), path.alt()) {
+            (None, Some(alt)) if self.tree.child(path.steps().next()?.0).is_none_or(|n| !self.holds_any(n)) => {
+                self.at_exactly(alt)
+            }
+            (v, _) => v,
+        }
+    }
+}
+
+impl Captured<'_> {
+    /// Whether any value was captured at or below `node`.
+    fn holds_any(&self, node: &PathTree) -> bool {
+        node.slot.is_some_and(|s| self.slots[s].is_some()) || node.keys.iter().any(|(_, c)| self.holds_any(c))
+    }
+
+    fn at_exactly(&self, path: &Path) -> Option<&Value> {
         let mut node = self.tree;
         for (i, (key, _)) in path.steps().enumerate() {
             node = node.child(key)?;

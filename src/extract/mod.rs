@@ -79,6 +79,10 @@ pub struct Mapping {
     /// The event's `flags:` whose conditions held: put on the membership if it applies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub flags: Vec<String>,
+    /// Optional fields whose value could not be read (left out of the event, which still
+    /// applies; the membership is flagged). A field the rules need fails the event instead.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreadable: Vec<String>,
 }
 
 /// An extracted event, with the idempotency key and what decided it.
@@ -183,7 +187,14 @@ impl Extractor {
             Err(e) => return Err(fail(e, None)),
         };
 
-        let mut mapping = Mapping { file: self.file(), event: None, case: None, ignored_because: None, flags: vec![] };
+        let mut mapping = Mapping {
+            file: self.file(),
+            event: None,
+            case: None,
+            ignored_because: None,
+            flags: vec![],
+            unreadable: vec![],
+        };
         let mut layers: Vec<&Fields> = Vec::with_capacity(3);
         let kind = match self.events.get(&event_type) {
             None => {
@@ -192,7 +203,7 @@ impl Extractor {
             }
             Some(em) => {
                 mapping.event = Some(event_type.clone());
-                let all_hold = |conds: &[(Path, Cond)]| conds.iter().all(|(p, c)| holds(c, body.at(p)));
+                let all_hold = |conds: &[(Path, Cond)]| conds.iter().all(|(p, c)| holds(c, body.at(p), |o| body.at(o)));
                 mapping.flags = em.flags.iter().filter(|(conds, _)| all_hold(conds)).map(|(_, f)| f.clone()).collect();
                 let matched = em.cases.iter().find(|c| all_hold(&c.conds));
                 if let Some(case) = matched {
@@ -234,29 +245,30 @@ impl Extractor {
             Ok(None)
         };
         let string = |f: F| -> Result<Option<String>, Error> { Ok(get(f)?.and_then(|v| as_string(&v))) };
+        // Fields the rules can do without (a name, a period end, amounts, payment ids): one
+        // that cannot be read is left out and recorded, not a reason to fail the event.
+        let unreadable = std::cell::RefCell::new(Vec::<String>::new());
+        fn optional<T>(bad: &std::cell::RefCell<Vec<String>>, r: Result<Option<T>, Error>) -> Option<T> {
+            r.unwrap_or_else(|e| {
+                bad.borrow_mut().push(e.to_string());
+                None
+            })
+        }
+        let time_of = |f: F| -> Result<Option<DateTime<Utc>>, Error> {
+            let Some(v) = get(f)? else { return Ok(None) };
+            let unit = field_in(&layers, f).and_then(|x| x.time).unwrap_or(TimeUnit::Auto);
+            time::to_time(&v, unit).map(Some).map_err(field_error(f.name()))
+        };
+        let cents_of = |f: F| -> Result<Option<i64>, Error> {
+            let Some(v) = get(f)? else { return Ok(None) };
+            let unit = field_in(&layers, f).and_then(|x| x.amount).unwrap_or(AmountUnit::Cents);
+            time::to_cents(&v, unit).map(Some).map_err(field_error(f.name()))
+        };
         let build = || -> Result<CanonicalEvent, Error> {
-            let period_end = match get(F::PeriodEnd)? {
-                None => None,
-                Some(v) => {
-                    let unit = field_in(&layers, F::PeriodEnd).and_then(|f| f.time).unwrap_or(TimeUnit::Auto);
-                    Some(time::to_time(&v, unit).map_err(field_error("period_end"))?)
-                }
-            };
-            let amount_cents = match get(F::AmountCents)? {
-                None => None,
-                Some(v) => {
-                    let unit = field_in(&layers, F::AmountCents).and_then(|f| f.amount).unwrap_or(AmountUnit::Cents);
-                    Some(time::to_cents(&v, unit).map_err(field_error("amount_cents"))?)
-                }
-            };
-            let amount_paid_cents = match get(F::AmountPaidCents)? {
-                None => None,
-                Some(v) => {
-                    let unit =
-                        field_in(&layers, F::AmountPaidCents).and_then(|f| f.amount).unwrap_or(AmountUnit::Cents);
-                    Some(time::to_cents(&v, unit).map_err(field_error("amount_paid_cents"))?)
-                }
-            };
+            let period_end = optional(&unreadable, time_of(F::PeriodEnd));
+            let amount_cents = optional(&unreadable, cents_of(F::AmountCents));
+            let amount_paid_cents = optional(&unreadable, cents_of(F::AmountPaidCents));
+            let text = |f: F| optional(&unreadable, string(f));
             let cancel_at_period_end = match get(F::CancelAtPeriodEnd)? {
                 None => false,
                 Some(v) => as_bool(&v)
@@ -272,7 +284,7 @@ impl Extractor {
                 member: MemberRef {
                     email: string(F::Email)?,
                     provider_customer_id: string(F::CustomerId)?,
-                    name: string(F::Name)?,
+                    name: text(F::Name),
                 },
                 subscription_id: string(F::SubscriptionId)?,
                 product_id: string(F::ProductId)?,
@@ -281,17 +293,23 @@ impl Extractor {
                 period_end,
                 cancel_at_period_end,
                 amount_cents,
-                currency: string(F::Currency)?,
+                currency: text(F::Currency),
                 payment: crate::canonical::PaymentRef {
-                    invoice_id: string(F::InvoiceId)?,
-                    payment_id: string(F::PaymentId)?,
-                    charge_id: string(F::ChargeId)?,
+                    invoice_id: text(F::InvoiceId),
+                    payment_id: text(F::PaymentId),
+                    charge_id: text(F::ChargeId),
                     amount_paid_cents,
                 },
             })
         };
         match build() {
-            Ok(event) => Ok(Extraction { event, idempotency_key, mapping }),
+            Ok(event) => {
+                mapping.unreadable = unreadable.into_inner();
+                for why in &mapping.unreadable {
+                    mapping.flags.push(format!("unreadable field left out: {why}"));
+                }
+                Ok(Extraction { event, idempotency_key, mapping })
+            }
             Err(e) if kind.is_none() => {
                 // An unmapped event is stored as ignored even when default fields don't read.
                 let _ = e;

@@ -17,6 +17,8 @@ struct Seg {
 pub struct Path {
     text: String,
     segs: Vec<Seg>,
+    /// The same path under an aliased top-level key, read when this one's key is absent.
+    alt: Option<Box<Path>>,
 }
 
 impl Path {
@@ -49,7 +51,24 @@ impl Path {
                 }
             }
         }
-        Ok(Path { text: text.to_string(), segs })
+        Ok(Path { text: text.to_string(), segs, alt: None })
+    }
+
+    /// This path, also read at `alias.…` when its first key is absent (`aliases:` in the
+    /// provider file).
+    pub fn with_alias(mut self, first: &str, alias: &str) -> Path {
+        if self.segs.first().is_some_and(|s| s.key == first) {
+            let mut alt = self.clone();
+            alt.segs[0] = Seg { key: alias.to_string(), index: alias.parse().ok() };
+            alt.text = format!("{alias}{}", &self.text[first.len()..]);
+            self.alt = Some(Box::new(alt));
+        }
+        self
+    }
+
+    /// The aliased path read in this one's place, if any.
+    pub fn alt(&self) -> Option<&Path> {
+        self.alt.as_deref()
     }
 
     pub fn as_str(&self) -> &str {
@@ -63,7 +82,15 @@ impl Path {
 
     /// The value at this path: `None` when a key is absent, `Some(Null)` when present and null.
     pub fn lookup<'a>(&self, root: &'a Value) -> Option<&'a Value> {
-        self.lookup_from(0, root)
+        match (self.lookup_from(0, root), &self.alt) {
+            (None, Some(alt)) if self.first_absent(root) => alt.lookup(root),
+            (v, _) => v,
+        }
+    }
+
+    /// Whether the body has no value at this path's first key (so an alias may stand in).
+    fn first_absent(&self, root: &Value) -> bool {
+        self.segs.first().is_none_or(|s| root.get(&s.key).is_none())
     }
 
     /// The value at this path's steps from `start` on, read in `v`.

@@ -142,8 +142,19 @@ pub(super) fn loose_eq(a: &Value, b: &Value) -> bool {
     }
 }
 
-pub(super) fn holds(cond: &Cond, v: Option<&Value>) -> bool {
+/// Whether `cond` holds for `v`; `other` looks up the other path of a two-path condition.
+pub(super) fn holds<'b>(
+    cond: &Cond,
+    v: Option<&Value>,
+    other: impl Fn(&super::path::Path) -> Option<&'b Value>,
+) -> bool {
     match cond {
+        Cond::SameAs(p) => match (v.filter(|v| !is_nullish(v)), other(p).filter(|v| !is_nullish(v))) {
+            (None, None) => true,
+            (Some(a), Some(b)) => loose_eq(a, b),
+            _ => false,
+        },
+        Cond::DiffersFrom(p) => !holds(&Cond::SameAs(p.clone()), v, other),
         Cond::Present(want) => v.is_some() == *want,
         Cond::Null(want) => v.is_none_or(is_nullish) == *want,
         Cond::Equals(x) => v.is_some_and(|v| loose_eq(v, x)),

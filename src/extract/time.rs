@@ -8,18 +8,22 @@ use crate::spec::{AmountUnit, TimeUnit};
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use serde_json::Value;
 
-/// Reads a time in the given unit.
+/// Reads a time in the given unit. `auto` reads numbers (and numbers in strings) as unix
+/// seconds, or milliseconds from 1e11 on (after 1973 in milliseconds, after 5138 in
+/// seconds), fractions allowed, and strings as RFC 3339 / ISO 8601 with or without an
+/// offset (`2023-01-04 02:28:57 +0200` as Whop writes it, `…T…+0000`, `…Z`, fractions of a
+/// second), or a bare date.
 pub fn to_time(v: &Value, unit: TimeUnit) -> Result<DateTime<Utc>, String> {
     let num = match v {
         Value::Number(n) => n.as_f64(),
-        Value::String(s) => s.trim().parse::<f64>().ok(),
+        Value::String(s) => s.trim().parse::<f64>().ok().filter(|n| n.is_finite()),
         _ => None,
     };
     match (unit, num) {
-        (TimeUnit::UnixSeconds, Some(n)) => from_millis((n * 1000.0) as i64),
-        (TimeUnit::UnixMillis, Some(n)) => from_millis(n as i64),
-        (TimeUnit::Auto, Some(n)) if n.abs() >= 1e11 => from_millis(n as i64),
-        (TimeUnit::Auto, Some(n)) => from_millis((n * 1000.0) as i64),
+        (TimeUnit::UnixSeconds, Some(n)) => from_millis_f(n * 1000.0),
+        (TimeUnit::UnixMillis, Some(n)) => from_millis_f(n),
+        (TimeUnit::Auto, Some(n)) if n.abs() >= 1e11 => from_millis_f(n),
+        (TimeUnit::Auto, Some(n)) => from_millis_f(n * 1000.0),
         (TimeUnit::Iso8601 | TimeUnit::Auto, None) => match v {
             Value::String(s) => parse_iso(s),
             other => Err(format!("expected a time, got {other}")),
@@ -29,7 +33,12 @@ pub fn to_time(v: &Value, unit: TimeUnit) -> Result<DateTime<Utc>, String> {
     }
 }
 
-fn from_millis(ms: i64) -> Result<DateTime<Utc>, String> {
+/// Milliseconds (rounded to the nearest) as a time; out of range is an error.
+fn from_millis_f(ms: f64) -> Result<DateTime<Utc>, String> {
+    if !ms.is_finite() || ms.abs() > 8.2e15 {
+        return Err(format!("time {ms} ms is out of range"));
+    }
+    let ms = ms.round() as i64;
     Utc.timestamp_millis_opt(ms).single().ok_or_else(|| format!("time {ms} ms is out of range"))
 }
 
@@ -38,7 +47,14 @@ fn parse_iso(s: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }
-    for fmt in ["%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S"] {
+    // With an offset: `2023-01-04 02:28:57 +0200`, `2023-01-04T02:28:57+0200`, `… +02:00`.
+    for fmt in ["%Y-%m-%d %H:%M:%S%.f %z", "%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%.f%z"] {
+        if let Ok(t) = DateTime::parse_from_str(s, fmt) {
+            return Ok(t.with_timezone(&Utc));
+        }
+    }
+    // Without one: UTC.
+    for fmt in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
         if let Ok(t) = NaiveDateTime::parse_from_str(s, fmt) {
             return Ok(Utc.from_utc_datetime(&t));
         }
@@ -86,6 +102,54 @@ mod tests {
         assert_eq!(to_time(&json!(1767225600), TimeUnit::Auto).unwrap(), want);
         assert!(to_time(&json!(true), TimeUnit::Auto).is_err());
         assert!(to_time(&json!("yesterday"), TimeUnit::Iso8601).is_err());
+    }
+
+    proptest::proptest! {
+        /// Every format a provider documents reads back as the same instant: RFC 3339 (Z
+        /// and offsets), `YYYY-MM-DD HH:MM:SS ±ZZZZ`, without an offset (UTC), unix seconds
+        /// and milliseconds as numbers and strings, with and without fractions.
+        #[test]
+        fn every_documented_time_format_reads_back_the_same_instant(
+            secs in 100_000_000i64..4_102_444_800, // 1973..2100: `auto` tells ms from s at 1e11
+            millis in 0i64..1000,
+            offset_min in -840i32..=840,
+        ) {
+            let t = Utc.timestamp_millis_opt(secs * 1000 + millis).unwrap();
+            let whole = Utc.timestamp_opt(secs, 0).unwrap();
+            let tz = chrono::FixedOffset::east_opt(offset_min * 60).unwrap();
+            let local = t.with_timezone(&tz);
+            let local_whole = whole.with_timezone(&tz);
+            let cases: Vec<(Value, DateTime<Utc>)> = vec![
+                (json!(t.to_rfc3339()), t),
+                (json!(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)), t),
+                (json!(local.to_rfc3339()), t),
+                (json!(local_whole.format("%Y-%m-%d %H:%M:%S %z").to_string()), whole),
+                (json!(local.format("%Y-%m-%d %H:%M:%S%.3f %z").to_string()), t),
+                (json!(local_whole.format("%Y-%m-%dT%H:%M:%S%z").to_string()), whole),
+                (json!(t.format("%Y-%m-%d %H:%M:%S%.3f").to_string()), t),
+                (json!(whole.format("%Y-%m-%dT%H:%M:%S").to_string()), whole),
+                (json!(secs), whole),
+                (json!(secs.to_string()), whole),
+                (json!(secs as f64 + millis as f64 / 1000.0), t),
+                (json!(format!("{secs}.{millis:03}")), t),
+                (json!(secs * 1000 + millis), t),
+                (json!((secs * 1000 + millis).to_string()), t),
+            ];
+            for (v, want) in cases {
+                proptest::prop_assert_eq!(to_time(&v, TimeUnit::Auto), Ok(want), "{}", v);
+            }
+            proptest::prop_assert_eq!(to_time(&json!(secs * 1000 + millis), TimeUnit::UnixMillis), Ok(t));
+            proptest::prop_assert_eq!(to_time(&json!(format!("{secs}.{millis:03}")), TimeUnit::UnixSeconds), Ok(t));
+        }
+    }
+
+    #[test]
+    fn no_time_from_what_is_not_one() {
+        for v in
+            [json!("NaN"), json!("inf"), json!("1e300"), json!(1e300), json!("2023-13-45 99:00:00 +0200"), json!(null)]
+        {
+            assert!(to_time(&v, TimeUnit::Auto).is_err(), "{v}");
+        }
     }
 
     #[test]

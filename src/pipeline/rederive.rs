@@ -95,6 +95,7 @@ pub fn apply_derived(
             case: None,
             ignored_because: None,
             flags: vec![],
+            unreadable: vec![],
         }),
         rule: Some(RuleRef {
             file: "(the stored deliveries, run again through the rules)".into(),

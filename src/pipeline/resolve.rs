@@ -184,6 +184,7 @@ pub(super) fn timer_event(tx: &mut dyn Tx, t: &TimerRow) -> store::Result<Option
             case: None,
             ignored_because: None,
             flags: vec![],
+            unreadable: vec![],
         },
     }))
 }

@@ -537,6 +537,7 @@ fn status_synced(
             case: None,
             ignored_because: None,
             flags: vec![],
+            unreadable: vec![],
         },
     }
 }

@@ -305,3 +305,25 @@ async fn a_lead_converts_when_its_buyer_is_known_by_email_in_either_order() {
         assert_eq!(leads[0].member_id, ack.outcome.member_id, "member first: {member_first}");
     }
 }
+
+/// An optional field that cannot be read (a period end in no known format) does not fail
+/// the event: it applies without it, the mapping records the field as unreadable and the
+/// membership is flagged where an operator sees it.
+// See: issue 25 (one unreadable optional time dead-lettered a whole membership.went_valid).
+#[tokio::test]
+async fn an_unreadable_optional_field_is_left_out_and_flagged_not_fatal() {
+    let (_dir, clock, ctx) = fresh();
+    clock.set(at(1_767_225_601));
+    let ack = deliver_edited(&ctx, "whop", "membership_activated", |v| {
+        v["data"]["renewal_period_end"] = "the first of next month".into();
+    })
+    .await;
+    assert_eq!(ack.status, Status::Applied, "{:?}", ack.outcome.reason);
+    let mapping = ack.outcome.mapping.clone().unwrap();
+    assert_eq!(mapping.unreadable.len(), 1, "{mapping:?}");
+    assert!(mapping.unreadable[0].contains("period_end"), "{mapping:?}");
+    let m = &member(&ctx, "sam@example.com").memberships[0];
+    assert_eq!(m.period_end, None);
+    assert!(m.has_access(clock.now()));
+    assert!(m.flags.iter().any(|f| f.starts_with("unreadable field left out: period_end")), "{:?}", m.flags);
+}
