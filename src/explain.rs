@@ -152,6 +152,9 @@ pub fn explain_text(j: &Value) -> String {
             let m = &e["mapping"];
             let case = if m["case"].is_null() { String::new() } else { format!(", case \"{}\"", s(&m["case"])) };
             let _ = writeln!(out, "      mapping: {} events.{}{}", s(&m["file"]), s(&m["event"]), case);
+            if let Some(by) = m["enriched_by"].as_str() {
+                let _ = writeln!(out, "      fetched: {by}");
+            }
         }
         if !e["rule"].is_null() {
             let r = &e["rule"];

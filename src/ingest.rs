@@ -100,10 +100,19 @@ pub async fn accept(
     if let Err(failure) = &taken.extracted {
         tracing::warn!(%tenant, %provider, event_id = %failure.event_id, error = %failure.error, "Webhook fields could not be read; storing it as failed.");
     }
+    // What the delivery leaves out (`enrich:`), fetched before the event is applied and
+    // within the provider's patience; a failure is the event's to record, not the request's.
+    let enrichment = match taken.extracted.as_ref().ok().and_then(|x| x.enrich.as_ref()) {
+        Some(plan) => Some(crate::enrich::fetch(&config, tenant, provider, plan).await.map_err(|e| {
+            tracing::warn!(%tenant, %provider, error = %e, "Enrichment failed; the event is kept and tried again.");
+            e.to_string()
+        })),
+        None => None,
+    };
     let incoming = Incoming::of(tenant, provider, taken.extracted);
     let stored: Vec<(String, String)> =
         headers.into_iter().filter(|(k, _)| !UNSTORED_HEADERS.contains(&k.as_str())).collect();
-    let raw = Raw { body: taken.body, headers: stored, source: Source::Webhook, delivery: true };
+    let raw = Raw { body: taken.body, headers: stored, source: Source::Webhook, delivery: true, enrichment };
     pipeline::process(ctx, incoming, raw).await.map_err(|e| {
         tracing::error!(%tenant, %provider, error = %e, "Webhook could not be stored; the provider will retry.");
         ApiError::from(e)

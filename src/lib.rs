@@ -50,6 +50,7 @@ pub mod clock;
 pub mod config;
 pub mod diagnostic;
 pub mod effects;
+pub mod enrich;
 pub mod explain;
 pub mod extract;
 pub mod http_error;

@@ -36,7 +36,51 @@ pub struct Scenario {
     /// nothing stored is matched to as of its arrival.
     #[serde(default)]
     pub order_matters: Option<String>,
+    /// The provider's API as the scenario needs it: URL path → JSON file (relative to the
+    /// fixtures directory) answered with 200; anything else 404. The provider is pointed at
+    /// it, with a test API key, for this scenario only (e.g. Stripe's checkout line items).
+    #[serde(default)]
+    pub api: std::collections::BTreeMap<String, PathBuf>,
     pub steps: Vec<Step>,
+}
+
+/// A fake provider API on 127.0.0.1 answering each path with its file; stops when dropped.
+pub struct FakeApi {
+    pub url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts the fake API a scenario's `api:` describes (files relative to `dir`).
+pub async fn fake_api(dir: &Path, answers: &std::collections::BTreeMap<String, PathBuf>) -> Result<FakeApi, String> {
+    let mut by_path = std::collections::HashMap::new();
+    for (path, file) in answers {
+        let text =
+            std::fs::read_to_string(dir.join(file)).map_err(|e| format!("api {path}: {}: {e}", file.display()))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| format!("api {path}: {}: {e}", file.display()))?;
+        by_path.insert(path.clone(), v);
+    }
+    let by_path = Arc::new(by_path);
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let by_path = by_path.clone();
+        async move {
+            match by_path.get(uri.path()) {
+                Some(v) => (axum::http::StatusCode::OK, axum::Json(v.clone())),
+                None => (axum::http::StatusCode::NOT_FOUND, axum::Json(serde_json::json!({"error": "not found"}))),
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| format!("fake API: {e}"))?;
+    let url = format!("http://{}", listener.local_addr().map_err(|e| format!("fake API: {e}"))?);
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(FakeApi { url, task })
 }
 
 fn demo() -> String {
@@ -237,6 +281,26 @@ pub async fn run(path: &Path, loaded: Arc<Loaded>) -> Report {
     let dir = match &sc.fixtures {
         Some(d) => base.join(d),
         None => base.join("..").join(&sc.provider),
+    };
+    let _api;
+    let loaded = if sc.api.is_empty() {
+        loaded
+    } else {
+        match fake_api(&dir, &sc.api).await {
+            Ok(api) => {
+                let mut config = (*loaded.config).clone();
+                config.api_bases.insert(sc.provider.clone(), api.url.clone());
+                if let Some(p) = config.tenants.get_mut(&sc.tenant).and_then(|t| t.providers.get_mut(&sc.provider)) {
+                    p.api_key = Some(crate::secret::Secret::new("sk_scenario_fake_api"));
+                }
+                _api = api;
+                Arc::new(loaded.with_api(config))
+            }
+            Err(e) => {
+                report.error = Some(e);
+                return report;
+            }
+        }
     };
     let store: Arc<dyn Store> = match SqliteStore::open(":memory:", Options::default()) {
         Ok(s) => Arc::new(s),

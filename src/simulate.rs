@@ -81,9 +81,15 @@ pub async fn simulate_json(
         let seed_config = config.clone();
         store.write(move |tx| pipeline::seed_membership(tx, &seed_config, &ev, state)).await?;
     }
+    // What the delivery leaves out is fetched as `serve` would (a read-only request, with
+    // the tenant's API key), so the dry run shows what the delivery would grant.
+    let enrichment = match extracted.as_ref().ok().and_then(|x| x.enrich.as_ref()) {
+        Some(plan) => Some(crate::enrich::fetch(&config, tenant, provider, plan).await.map_err(|e| e.to_string())),
+        None => None,
+    };
     let incoming = Incoming::of(tenant, provider, extracted);
     let ctx = Arc::new(Ctx::new(config, rules, store, Arc::new(FixedClock::new(at))));
-    let raw = Raw { body, headers, source: Source::Simulate, delivery: false };
+    let raw = Raw { body, headers, source: Source::Simulate, delivery: false, enrichment };
     let ack = pipeline::process(&ctx, incoming, raw).await?;
     let o = ack.outcome;
     let mut out = json!({

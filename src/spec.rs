@@ -55,6 +55,41 @@ pub struct ProviderSpec {
     /// How to read the provider's current view of one membership (reconciliation).
     #[serde(default)]
     pub reconcile: Option<ReconcileSpec>,
+    /// Requests that fetch what a delivery leaves out (Stripe's checkout line items), made
+    /// before the event is applied, for an event that names no subscription or product.
+    #[serde(default)]
+    pub enrich: Vec<EnrichSpec>,
+}
+
+/// One enrichment: when its conditions hold on a delivery that names no subscription or
+/// product, `GET {url}` with the tenant's API key, and each item of the answer's list names
+/// a product (each a membership of its own).
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnrichSpec {
+    /// Shown in the activity log and `explain`.
+    pub name: String,
+    /// Conditions on the delivery's body (as a case's `when:`).
+    #[serde(default)]
+    pub when: BTreeMap<String, Condition>,
+    /// API root; `<PROVIDER>_API_BASE` overrides it.
+    #[serde(default)]
+    pub api_base: Option<String>,
+    /// URL template: `{api_base}`, and each of `vars` (percent-encoded, one path segment).
+    pub url: String,
+    /// Placeholder → path in the delivery's body (e.g. `session_id: data.object.id`).
+    #[serde(default)]
+    pub vars: BTreeMap<String, String>,
+    /// Header templates; `{api_key}` is the tenant's API key for the provider.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Path to the list of items in the answer (e.g. `data`).
+    pub items: String,
+    /// Per item: path(s) to the product id.
+    pub product_id: FieldSpec,
+    /// Per item: path(s) to the plan or price id.
+    #[serde(default)]
+    pub plan_id: Option<FieldSpec>,
 }
 
 /// The request that reads a provider's current view of one subscription, and the

@@ -63,6 +63,7 @@ pub fn fire_due_in_tx(
                 headers: vec![],
                 source: Source::Timer,
                 delivery: false,
+                enrichment: None,
             };
             let now = match when {
                 FireAt::Now(now) => now,

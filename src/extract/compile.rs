@@ -71,6 +71,21 @@ impl Extractor {
         if let Some(r) = &spec.reconcile {
             cx.reconcile(r);
         }
+        let mut enrich = Vec::new();
+        for e in &spec.enrich {
+            let vars: Vec<(String, Path)> =
+                e.vars.iter().filter_map(|(name, p)| cx.path(p).map(|p| (name.clone(), p))).collect();
+            for name in placeholders(&e.url).into_iter().chain(e.headers.values().flat_map(|v| placeholders(v))) {
+                if name != "api_base" && name != "api_key" && !e.vars.contains_key(name) {
+                    cx.err(
+                        &e.url,
+                        &format!("enrich `{}`: `{{{name}}}` is neither api_base, api_key nor one of its vars", e.name),
+                    );
+                }
+            }
+            cx.path(&e.items);
+            enrich.push(super::compiled::Enrich { conds: cx.conds(&e.when), vars });
+        }
         let stem = std::path::Path::new(file).file_stem().and_then(|s| s.to_str()).unwrap_or("");
         if !stem.is_empty() && stem != spec.provider {
             cx.err("provider:", &format!("`provider: {}` does not match the file name `{stem}`", spec.provider));
@@ -87,6 +102,7 @@ impl Extractor {
             occurred_at,
             defaults,
             events,
+            enrich,
             spec,
             paths: decode::PathTree::default(),
         };
@@ -123,6 +139,10 @@ impl Extractor {
             for (conds, _) in &ev.flags {
                 out.extend(conds.iter().flat_map(|(p, c)| std::iter::once(p).chain(c.other_path())));
             }
+        }
+        for e in &self.enrich {
+            out.extend(e.conds.iter().flat_map(|(p, c)| std::iter::once(p).chain(c.other_path())));
+            out.extend(e.vars.iter().map(|(_, p)| p));
         }
         out
     }

@@ -87,6 +87,14 @@ impl Cond {
     }
 }
 
+/// A compiled `enrich:` step: its conditions and variables; the request itself is read from
+/// the spec when it is made.
+#[derive(Debug, Clone)]
+pub(super) struct Enrich {
+    pub(super) conds: Vec<(Path, Cond)>,
+    pub(super) vars: Vec<(String, Path)>,
+}
+
 #[derive(Debug, Clone)]
 pub(super) struct EventMap {
     pub(super) target: Option<Target>,

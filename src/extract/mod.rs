@@ -61,6 +61,8 @@ pub struct Extractor {
     occurred_at: Field,
     defaults: Fields,
     events: HashMap<String, EventMap>,
+    /// Enrichments (`enrich:`), with their conditions and variables compiled.
+    enrich: Vec<compiled::Enrich>,
     /// Every path above, as a tree: a JSON body is decoded only along these.
     paths: decode::PathTree,
 }
@@ -83,6 +85,9 @@ pub struct Mapping {
     /// applies; the membership is flagged). A field the rules need fails the event instead.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unreadable: Vec<String>,
+    /// Where what the delivery left out came from (`enrich:`): the enrichment and its request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enriched_by: Option<String>,
 }
 
 /// An extracted event, with the idempotency key and what decided it.
@@ -91,6 +96,17 @@ pub struct Extraction {
     pub event: CanonicalEvent,
     pub idempotency_key: String,
     pub mapping: Mapping,
+    /// The request that would fetch what the delivery leaves out (`enrich:`), when it names
+    /// no subscription or product and an enrichment's conditions hold.
+    pub enrich: Option<EnrichPlan>,
+}
+
+/// An enrichment to make for one delivery: which one, and its placeholders' values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrichPlan {
+    /// Index into the provider file's `enrich:`.
+    pub step: usize,
+    pub vars: std::collections::BTreeMap<String, String>,
 }
 
 /// What is known of an event whose fields could not be read, for the dead letter.
@@ -107,6 +123,21 @@ impl Extractor {
     /// The provider file this came from, relative to the rules dir.
     pub fn file(&self) -> String {
         format!("rules/providers/{}.yaml", self.provider)
+    }
+
+    /// The first enrichment whose conditions hold on `body`, with its variables' values
+    /// (`None` if a variable has no value there).
+    fn enrich_plan<B: decode::Lookup + ?Sized>(&self, body: &B) -> Option<EnrichPlan> {
+        let (step, e) = self
+            .enrich
+            .iter()
+            .enumerate()
+            .find(|(_, e)| e.conds.iter().all(|(p, c)| holds(c, body.at(p), |o| body.at(o))))?;
+        let mut vars = std::collections::BTreeMap::new();
+        for (name, path) in &e.vars {
+            vars.insert(name.clone(), body.at(path).and_then(as_string)?);
+        }
+        Some(EnrichPlan { step, vars })
     }
 
     /// Decodes a raw body the way the provider encodes it.
@@ -194,6 +225,7 @@ impl Extractor {
             ignored_because: None,
             flags: vec![],
             unreadable: vec![],
+            enriched_by: None,
         };
         let mut layers: Vec<&Fields> = Vec::with_capacity(3);
         let kind = match self.events.get(&event_type) {
@@ -308,7 +340,12 @@ impl Extractor {
                 for why in &mapping.unreadable {
                     mapping.flags.push(format!("unreadable field left out: {why}"));
                 }
-                Ok(Extraction { event, idempotency_key, mapping })
+                let enrich = if event.kind.is_some() && event.subscription_id.is_none() && event.product_id.is_none() {
+                    self.enrich_plan(body)
+                } else {
+                    None
+                };
+                Ok(Extraction { event, idempotency_key, mapping, enrich })
             }
             Err(e) if kind.is_none() => {
                 // An unmapped event is stored as ignored even when default fields don't read.
@@ -334,6 +371,7 @@ impl Extractor {
                     },
                     idempotency_key,
                     mapping,
+                    enrich: None,
                 })
             }
             Err(e) => Err(fail(e, Some(occurred_at))),

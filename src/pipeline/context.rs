@@ -39,6 +39,12 @@ impl Loaded {
         Loaded { config: Arc::new(config), rules: Arc::new(rules), policies }
     }
 
+    /// The same rules and policies under `config`, which differs in what the version does
+    /// not cover (API roots and keys: a scenario pointing a provider at its fake API).
+    pub fn with_api(&self, config: Config) -> Loaded {
+        Loaded { config: Arc::new(config), rules: self.rules.clone(), policies: self.policies.clone() }
+    }
+
     pub(super) fn policy(&self, tenant: &str) -> Dynamic {
         self.policies.get(tenant).cloned().unwrap_or_else(|| Dynamic::from_map(rhai::Map::new()))
     }

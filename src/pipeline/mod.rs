@@ -29,7 +29,7 @@ mod seed;
 pub use commit::view_of;
 pub use context::{Ctx, Loaded};
 pub use outcome::{Ack, Incoming, Outcome, Raw, Status};
-pub use parked::incoming_from_row;
+pub use parked::{incoming_from_row, ENRICH_KEY};
 pub use rederive::{apply_derived, Rederived};
 pub use resolve::membership_key;
 pub use seed::seed_membership;
@@ -132,11 +132,12 @@ fn apply_event(
     loaded: &Loaded,
     tx: &mut dyn Tx,
     incoming: Incoming,
-    raw: Raw,
+    mut raw: Raw,
     now: DateTime<Utc>,
     mut pre: Precomputed,
 ) -> store::Result<Ack> {
     let source = raw.source;
+    let enrichment = raw.enrichment.take();
 
     // A due timer becomes a canonical `expired` event for its membership.
     let incoming = match incoming {
@@ -198,6 +199,7 @@ fn apply_event(
         park_key: None,
         // A provider's request; a timer, replay or reconciliation is none.
         deliveries: i64::from(delivery),
+        enrichment: None,
     };
 
     let x = match incoming {
@@ -212,6 +214,28 @@ fn apply_event(
         Incoming::Extracted(x) => x,
         Incoming::Timer(_) => unreachable!("timers were turned into events above"),
     };
+    // What the delivery left out and an enrichment fetched (the products a checkout bought):
+    // one item completes the event; several are one membership each, every one an event of
+    // its own under this one.
+    let mut x = x;
+    let mut enrich_failed = None;
+    if x.enrich.is_some() {
+        match enrichment {
+            Some(Ok(e)) if !e.items.is_empty() => {
+                rec.enrichment = serde_json::to_string(&e).ok();
+                x.mapping.enriched_by = Some(format!("{}: {}", e.name, e.request));
+                pre = Precomputed::default(); // worked out before the products were known
+                if e.items.len() > 1 {
+                    return fan_out_items(loaded, tx, *x, rec, &e, now);
+                }
+                x.event.product_id = Some(e.items[0].product_id.clone());
+                x.event.plan_id = e.items[0].plan_id.clone();
+            }
+            Some(Ok(_)) => enrich_failed = Some("the answer lists no item".to_string()),
+            Some(Err(why)) => enrich_failed = Some(why),
+            None => enrich_failed = Some("not fetched yet".to_string()),
+        }
+    }
     let ev = &x.event;
     rec.event_id = ev.event_id.clone();
     rec.event_type = ev.event_type.clone();
@@ -252,6 +276,20 @@ fn apply_event(
     outcome.membership_id = membership.as_ref().map(|m| m.id.clone());
     rec.member_id = outcome.member_id.clone();
     rec.membership_id = outcome.membership_id.clone();
+    if let Some(why) = enrich_failed {
+        // Kept and flagged where an operator sees it; the reconcile schedule tries the
+        // enrichment again. Never dropped, never guessed.
+        outcome.status = Status::Refused;
+        outcome.reason =
+            Some(format!("{}: {why}; kept, and tried again by the reconcile schedule", parked::ENRICH_FLAG));
+        rec.park_key = Some(parked::ENRICH_KEY.to_string());
+        if let Some(mem) = commit::member_for(tx, &tenant, &provider, ev, member.take(), now)? {
+            outcome.member_id = Some(mem.id.clone());
+            rec.member_id = outcome.member_id.clone();
+            flag_member(tx, &mem, &outcome, now)?;
+        }
+        return finish(tx, rec, outcome);
+    }
     if let Some(invoice) = unknown_invoice {
         // It names its bill, which no stored event ties to a membership yet: not guessed
         // from the member's memberships, waited for.
@@ -491,6 +529,51 @@ fn judge(
     Ok((rank, decision))
 }
 
+/// An event whose enrichment fetched several items (a checkout buying several products):
+/// each item is an event of its own (same event id, an idempotency key of its own), each
+/// through the rules and the machine to a membership of its own. The event's row records
+/// what became of each.
+fn fan_out_items(
+    loaded: &Loaded,
+    tx: &mut dyn Tx,
+    x: crate::extract::Extraction,
+    mut rec: EventRow,
+    e: &crate::enrich::Enriched,
+    now: DateTime<Utc>,
+) -> store::Result<Ack> {
+    let source = rec.source;
+    rec.event_id = x.event.event_id.clone();
+    rec.event_type = x.event.event_type.clone();
+    rec.kind = x.event.kind.map(|k| k.as_str().to_string());
+    rec.occurred_at = Some(x.event.occurred_at);
+    rec.canonical = Some(store::stored_json(&x.event));
+    let mut parts = Vec::new();
+    for item in &e.items {
+        let mut sub = x.clone();
+        sub.enrich = None;
+        sub.idempotency_key = format!("{}#product:{}", x.idempotency_key, item.product_id);
+        sub.event.product_id = Some(item.product_id.clone());
+        sub.event.plan_id = item.plan_id.clone();
+        let raw = Raw {
+            body: rec.raw.clone(),
+            headers: serde_json::from_str(rec.headers.get()).unwrap_or_default(),
+            source,
+            delivery: false,
+            enrichment: None,
+        };
+        let ack = apply(loaded, tx, Incoming::Extracted(Box::new(sub)), raw, now)?;
+        parts.push(format!("product:{} {}", item.product_id, ack.status.as_str()));
+        if rec.member_id.is_none() {
+            rec.member_id = ack.outcome.member_id.clone();
+        }
+    }
+    let mut outcome = Outcome::new(Status::Applied, source);
+    outcome.mapping = Some(x.mapping.clone());
+    outcome.member_id = rec.member_id.clone();
+    outcome.reason = Some(format!("{} items, one membership each: {}", e.items.len(), parts.join("; ")));
+    finish(tx, rec, outcome)
+}
+
 /// A member deleted at the provider: every membership of theirs there gets the event, each
 /// logged as its own row (same event id), each through the rules and the machine. Returns
 /// the reason the member's own row records (what became of each).
@@ -510,6 +593,7 @@ fn fan_out_member_deleted(
             headers: serde_json::from_str(rec.headers.get()).unwrap_or_default(),
             source,
             delivery: false,
+            enrichment: None,
         };
         let ack = apply(loaded, tx, Incoming::Extracted(Box::new(sub)), raw, now)?;
         let o = &ack.outcome;

@@ -123,6 +123,9 @@ pub struct Raw {
     /// Whether it is a provider's request (counted in the event's `deliveries`): a
     /// webhook as it came in, not a replay, a timer or one membership's part of it.
     pub delivery: bool,
+    /// What the event's enrichment (`enrich:` in the provider file) came to, when it has
+    /// one: the items fetched, or why they could not be.
+    pub enrichment: Option<Result<crate::enrich::Enriched, String>>,
 }
 
 /// Stores the event row with its outcome: the last step of every event, whatever became

@@ -14,6 +14,11 @@ use crate::extract::Failure;
 use crate::intake::{intake, Check, Delivery};
 use crate::store::{self, EventRow, MemberRow, MembershipRow, Tx};
 
+/// The park key of an event whose enrichment could not be made (tried again by the
+/// reconcile schedule), and the flag its member carries.
+pub const ENRICH_KEY: &str = "enrich:";
+pub const ENRICH_FLAG: &str = "line items unknown";
+
 /// The park key of a payment reference (`invoice:…`, `payment:…`, `charge:…`).
 pub(super) fn payment_key(r: &str) -> String {
     format!("pay:{r}")
@@ -55,7 +60,9 @@ pub(super) fn waits_for(tx: &mut dyn Tx, e: &EventRow, ms: &MembershipRow, mem: 
 pub fn incoming_from_row(config: &Config, e: &EventRow) -> Option<(Incoming, Raw)> {
     config.extractors.get(&e.provider)?;
     let headers: Vec<(String, String)> = serde_json::from_str(e.headers.get()).unwrap_or_default();
-    let raw = Raw { body: e.raw.clone(), headers: headers.clone(), source: Source::Replay, delivery: false };
+    let enrichment = e.enrichment.as_deref().and_then(|j| serde_json::from_str(j).ok()).map(Ok);
+    let raw =
+        Raw { body: e.raw.clone(), headers: headers.clone(), source: Source::Replay, delivery: false, enrichment };
     let unreadable = |error: String| Incoming::Unreadable {
         provider: e.provider.clone(),
         tenant: e.tenant.clone(),

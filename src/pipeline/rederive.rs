@@ -96,6 +96,7 @@ pub fn apply_derived(
             ignored_because: None,
             flags: vec![],
             unreadable: vec![],
+            enriched_by: None,
         }),
         rule: Some(RuleRef {
             file: "(the stored deliveries, run again through the rules)".into(),
@@ -128,6 +129,7 @@ pub fn apply_derived(
         outcome: store::null_json(),
         park_key: None,
         deliveries: 0,
+        enrichment: None,
     };
     Ok(Rederived::Applied(Box::new(finish(tx, rec, outcome)?)))
 }

@@ -185,6 +185,8 @@ pub(super) fn timer_event(tx: &mut dyn Tx, t: &TimerRow) -> store::Result<Option
             ignored_because: None,
             flags: vec![],
             unreadable: vec![],
+            enriched_by: None,
         },
+        enrich: None,
     }))
 }

@@ -349,6 +349,7 @@ impl Reconciler {
             headers: vec![("x-membersync-reconcile".into(), request.describe())],
             source: Source::Reconcile,
             delivery: false,
+            enrichment: None,
         };
         let ack = match pipeline::process(ctx, Incoming::Extracted(Box::new(event)), raw).await {
             Ok(a) => a,
@@ -538,7 +539,9 @@ fn status_synced(
             ignored_because: None,
             flags: vec![],
             unreadable: vec![],
+            enriched_by: None,
         },
+        enrich: None,
     }
 }
 

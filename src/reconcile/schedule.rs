@@ -63,6 +63,9 @@ pub async fn reconcile_batch(ctx: &Arc<Ctx>, reconciler: &Arc<Reconciler>, batch
 /// short by a restart continues where it stopped.
 pub async fn run_pass(ctx: &Arc<Ctx>, reconciler: &Arc<Reconciler>, asked_before: DateTime<Utc>) -> Summary {
     const BATCH: usize = 64;
+    // Events kept because what they left out could not be fetched (Stripe's line items)
+    // are tried again first.
+    crate::enrich::retry_parked(ctx).await;
     let mut summary = Summary::default();
     let mut seen = std::collections::HashSet::new();
     loop {

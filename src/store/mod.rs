@@ -258,6 +258,8 @@ pub struct EventRow {
     pub park_key: Option<String>,
     /// Requests that delivered it: 1, and one more for each duplicate answered.
     pub deliveries: i64,
+    /// What an enrichment fetched for it (JSON, `enrich::Enriched`), if one did.
+    pub enrichment: Option<String>,
 }
 
 /// An abandoned checkout's contact, until (and after) it converts.

@@ -555,3 +555,138 @@ async fn rederive_leaves_alone_what_reconciliation_corrected() {
     assert!(!d.memberships[0].has_access(clock.now()));
     s.stop().await;
 }
+
+// ---- Enrichment: Stripe one-time purchases (issue 28) -------------------------------------
+
+const LINE_ITEMS: &str = "/v1/checkout/sessions/cs_live_b1PayLinkLifetime0001/line_items";
+
+fn line_items() -> Value {
+    let path = root().join("tests/fixtures/stripe/api/line_items_payment_link.json");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// Posts the Payment Links checkout (mode payment, paid, empty metadata) at the clock's time.
+async fn post_payment_link(s: &Server) -> Value {
+    let body = fixture("stripe", "checkout_session_completed_payment_link");
+    let headers = signed_headers(&s.ctx, "stripe", &body, s.ctx.clock.now());
+    let (code, ack) = s.post("/webhooks/demo/stripe", &headers, body).await;
+    assert_eq!(code, 200, "{ack}");
+    ack
+}
+
+fn linus(s: &Server) -> membersync::store::MemberDetail {
+    member(&s.ctx, "linus@example.com")
+}
+
+/// A lifetime purchase through a Payment Link names no product; its line items, fetched
+/// with the tenant's key before the event is applied, do: the mapped level is granted, and
+/// `explain` says where the product came from.
+// See: issue 28.
+#[tokio::test]
+async fn a_one_time_purchase_with_empty_metadata_gets_its_product_from_the_line_items() {
+    let (api, url) = FakeApi::start().await;
+    api.on(LINE_ITEMS, vec![Reply::Json(200, line_items())]);
+    let clock = Arc::new(FixedClock::new(at(1_773_161_045)));
+    let s = Server::start_tuned(clock.clone(), tune(&url)).await;
+
+    let ack = post_payment_link(&s).await;
+    assert_eq!(ack["status"], "applied", "{ack}");
+    let d = linus(&s);
+    assert_eq!(d.memberships.len(), 1);
+    let m = &d.memberships[0];
+    assert_eq!((m.key.as_str(), m.product_id.as_deref()), ("product:prod_Lifetime001", Some("prod_Lifetime001")));
+    assert!(m.has_access(clock.now()));
+    assert_eq!(m.access_levels, ["lifetime"]);
+    assert_eq!(m.period_end, None, "a one-time purchase has no period end");
+
+    let hits = api.hits();
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    assert_eq!((hits[0].method.as_str(), hits[0].path.as_str()), ("GET", LINE_ITEMS));
+    assert_eq!(hits[0].headers["authorization"], format!("Bearer {STRIPE_KEY}"));
+
+    let found =
+        membersync::explain::find(&*s.ctx.store, "linus@example.com").unwrap().one("linus@example.com").unwrap();
+    let text = membersync::explain::explain_text(
+        &membersync::explain::explain_json(&*s.ctx.store, &found, clock.now()).unwrap(),
+    );
+    assert!(text.contains(&format!("checkout line items: GET {url}{LINE_ITEMS}")), "{text}");
+    assert!(!text.contains(STRIPE_KEY), "the key is never shown");
+    s.stop().await;
+}
+
+/// Stripe unreachable (then no key at all): the event is kept, refused, the member flagged
+/// `line items unknown`, no access guessed; once Stripe answers, the reconcile schedule's
+/// retry applies it — once — and grants the level.
+// See: issue 28.
+#[tokio::test]
+async fn a_one_time_purchase_whose_line_items_cannot_be_fetched_is_kept_and_granted_on_retry() {
+    let (api, url) = FakeApi::start().await;
+    api.on(LINE_ITEMS, vec![Reply::Json(500, json!({"error": {"message": "boom"}}))]);
+    let clock = Arc::new(FixedClock::new(at(1_773_161_045)));
+    let s = Server::start_tuned(clock.clone(), tune(&url)).await;
+
+    let ack = post_payment_link(&s).await;
+    assert_eq!(ack["status"], "refused", "{ack}");
+    let kept = s.ctx.store.events_by_event_id("evt_1QyPL1K7dEmoAc01PayLink01").unwrap();
+    assert!(kept[0].reason.as_deref().unwrap().contains("line items unknown"), "{:?}", kept[0].reason);
+    let d = linus(&s);
+    assert!(d.memberships.is_empty(), "nothing guessed: {:?}", d.memberships);
+    assert!(
+        d.member.flags.iter().any(|f| f.contains("line items unknown") && f.contains("HTTP 500")),
+        "{:?}",
+        d.member.flags
+    );
+    assert_eq!(membersync::enrich::retry_parked(&s.ctx).await, 0, "still failing: stays kept");
+
+    api.on(LINE_ITEMS, vec![Reply::Json(200, line_items())]);
+    assert_eq!(membersync::enrich::retry_parked(&s.ctx).await, 1);
+    let d = linus(&s);
+    assert_eq!(d.memberships.len(), 1);
+    assert!(d.memberships[0].has_access(clock.now()));
+    assert_eq!(d.memberships[0].access_levels, ["lifetime"]);
+    assert_eq!(membersync::enrich::retry_parked(&s.ctx).await, 0, "applied once");
+    let rows = s.ctx.store.events_by_event_id("evt_1QyPL1K7dEmoAc01PayLink01").unwrap();
+    let statuses: Vec<&str> = rows.iter().map(|e| e.status.as_str()).collect();
+    assert_eq!(statuses, ["replayed", "applied"]);
+    assert!(rows[1].enrichment.as_deref().unwrap().contains("prod_Lifetime001"), "what was fetched is stored");
+    s.stop().await;
+
+    // Without a key: the same, with the variable to set in the flag.
+    let s = Server::start_tuned(clock.clone(), |c| {
+        tune(&url)(c);
+        c.tenants.get_mut("demo").unwrap().providers.get_mut("stripe").unwrap().api_key = None;
+    })
+    .await;
+    let ack = post_payment_link(&s).await;
+    assert_eq!(ack["status"], "refused", "{ack}");
+    assert!(linus(&s).member.flags.iter().any(|f| f.contains("set STRIPE_API_KEY")), "{:?}", linus(&s).member.flags);
+    s.stop().await;
+}
+
+/// A checkout buying two products: each line item is a membership of its own; a redelivery
+/// changes nothing.
+// See: issue 28.
+#[tokio::test]
+async fn a_checkout_of_two_products_is_two_memberships() {
+    let (api, url) = FakeApi::start().await;
+    let mut items = line_items();
+    let mut second = items["data"][0].clone();
+    second["id"] = json!("li_second");
+    second["price"]["id"] = json!("price_ProMonthly");
+    second["price"]["product"] = json!("prod_Pro001");
+    items["data"].as_array_mut().unwrap().push(second);
+    api.on(LINE_ITEMS, vec![Reply::Json(200, items)]);
+    let clock = Arc::new(FixedClock::new(at(1_773_161_045)));
+    let s = Server::start_tuned(clock.clone(), tune(&url)).await;
+    let ack = post_payment_link(&s).await;
+    assert_eq!(ack["status"], "applied", "{ack}");
+    let mut keys: Vec<String> = linus(&s).memberships.iter().map(|m| m.key.clone()).collect();
+    keys.sort();
+    assert_eq!(keys, ["product:prod_Lifetime001", "product:prod_Pro001"]);
+    let mut levels = membersync::views::member_json(&linus(&s), clock.now())["access_levels"].clone();
+    levels.as_array_mut().unwrap().sort_by_key(|v| v.to_string());
+    assert_eq!(levels, json!(["lifetime", "pro"]));
+    assert_eq!(post_payment_link(&s).await["status"], "duplicate");
+    assert_eq!(linus(&s).memberships.len(), 2);
+    s.stop().await;
+}

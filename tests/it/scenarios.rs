@@ -24,10 +24,19 @@ pub fn fixture_now(provider: &str, file: &str) -> Option<DateTime<Utc>> {
 async fn run(path: &Path) -> Result<(), String> {
     let sc: Scenario = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).map_err(|e| e.to_string())?;
     let clock = Arc::new(FixedClock::new(at(0)));
-    let server = Server::start_with_clock(clock.clone()).await;
+    let dir = root().join("tests/fixtures").join(&sc.provider);
+    // The provider's API as the scenario describes it (`api:`), for this server only.
+    let api = if sc.api.is_empty() { None } else { Some(membersync::scenario::fake_api(&dir, &sc.api).await?) };
+    let server = Server::start_tuned(clock.clone(), |c| {
+        if let Some(api) = &api {
+            c.api_bases.insert(sc.provider.clone(), api.url.clone());
+            c.tenants.get_mut("demo").unwrap().providers.get_mut(&sc.provider).unwrap().api_key =
+                Some(membersync::secret::Secret::new("sk_scenario_fake_api"));
+        }
+    })
+    .await;
     let ctx = server.ctx.clone();
     let config = ctx.config();
-    let dir = root().join("tests/fixtures").join(&sc.provider);
     let mut mismatches = Vec::new();
     for (i, step) in sc.steps.iter().enumerate() {
         let what = step.send.clone().unwrap_or_else(|| format!("clock {:?}", step.clock));

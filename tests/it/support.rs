@@ -121,7 +121,7 @@ impl Server {
     /// A real server on 127.0.0.1:0 with the wall clock. The fixtures' periods ended early
     /// in 2026: on the wall clock every renewal timer they set would be long due and fire at
     /// once, so here a renewal counts as missed only after ten years. Tests of missed
-    /// renewals run on a fixed clock (`start_with_clock`) with the shipped policy.
+    /// renewals run on a fixed clock (`start_tuned`) with the shipped policy.
     pub async fn start() -> Server {
         Server::start_tuned(Arc::new(SystemClock), |c| {
             for t in c.tenants.values_mut() {
@@ -129,13 +129,6 @@ impl Server {
             }
         })
         .await
-    }
-
-    /// A real server on 127.0.0.1:0 with the given clock, on a fresh database.
-    pub async fn start_with_clock(clock: Arc<dyn Clock>) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let config = config(&dir.path().join("m.db").display().to_string());
-        Server::start_with(config, clock, dir).await
     }
 
     /// A real server for `config` (its database inside `dir`, which the server keeps).

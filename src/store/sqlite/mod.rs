@@ -44,6 +44,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/003_ordering.sql"),
     include_str!("../migrations/sqlite/004_lookup_indexes.sql"),
     include_str!("../migrations/sqlite/005_payments.sql"),
+    include_str!("../migrations/sqlite/006_enrichment.sql"),
 ];
 
 /// Tuning for the writer.

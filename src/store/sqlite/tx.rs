@@ -105,7 +105,7 @@ pub(super) const DUE_TIMERS: &str =
     "SELECT tenant, membership_id, name, due_at, set_by_event FROM timers WHERE due_at <= ?1
      ORDER BY due_at, membership_id, name LIMIT ?2";
 
-pub(super) const EVENT_COLS: &str = "seq, tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key, deliveries";
+pub(super) const EVENT_COLS: &str = "seq, tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key, deliveries, enrichment";
 pub(super) const MEMBER_COLS: &str = "id, tenant, email, name, flags, created_at, updated_at";
 pub(super) const MEMBERSHIP_COLS: &str = "id, tenant, member_id, provider, key, subscription_id, product_id, plan_id, status, state, period_end, grace_until, access_until, cancel_at_period_end, access_levels, flags, last_event_at, last_event_id, last_reconciled_at, sync_status, created_at, updated_at, last_event_rank";
 
@@ -181,6 +181,7 @@ pub(super) fn event_row(r: &Row) -> rusqlite::Result<EventRow> {
         outcome: json_value(r.get(17)?)?.unwrap_or_else(null_json),
         park_key: r.get(18)?,
         deliveries: r.get(19)?,
+        enrichment: r.get(20)?,
     })
 }
 
@@ -292,8 +293,8 @@ impl Tx for SqliteTx<'_, '_> {
         // A scratch keeps the body only of events it may run again (parked ones).
         let lean = self.lean && e.park_key.is_none();
         self.st(
-                "INSERT INTO events (tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key, deliveries)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+                "INSERT INTO events (tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key, deliveries, enrichment)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
             )?
             .execute(params![
                 e.tenant,
@@ -315,6 +316,7 @@ impl Tx for SqliteTx<'_, '_> {
                 if lean { "null" } else { e.outcome.get() },
                 e.park_key,
                 e.deliveries,
+                e.enrichment,
             ])?;
         Ok(self.conn.last_insert_rowid())
     }
