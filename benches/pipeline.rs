@@ -54,7 +54,13 @@ async fn ingest(ctx: &Arc<Ctx>, template: &Arc<String>, next: &Arc<AtomicU64>, n
                 let decoded = x.decode_captured(body.as_bytes(), None).expect("decodes");
                 let extraction =
                     x.extract("demo", &decoded, body.as_bytes(), &[], chrono::Utc::now()).expect("extracts");
-                let raw = Raw { body: body.into_bytes(), headers: vec![], source: Source::Webhook, delivery: true, enrichment: None };
+                let raw = Raw {
+                    body: body.into_bytes(),
+                    headers: vec![],
+                    source: Source::Webhook,
+                    delivery: true,
+                    enrichment: None,
+                };
                 let ack =
                     pipeline::process(&ctx, Incoming::Extracted(Box::new(extraction)), raw).await.expect("stored");
                 assert_eq!(ack.status, pipeline::Status::Applied);

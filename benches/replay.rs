@@ -78,8 +78,13 @@ fn main() {
                             .replace("ada@example.com", &format!("ada+{i}@example.com"));
                         let decoded = x.decode_captured(body.as_bytes(), None).expect("decodes");
                         let ex = x.extract("demo", &decoded, body.as_bytes(), &[], now).expect("extracts");
-                        let raw =
-                            Raw { body: body.into_bytes(), headers: vec![], source: Source::Webhook, delivery: true, enrichment: None };
+                        let raw = Raw {
+                            body: body.into_bytes(),
+                            headers: vec![],
+                            source: Source::Webhook,
+                            delivery: true,
+                            enrichment: None,
+                        };
                         let ack =
                             pipeline::process(&ctx, Incoming::Extracted(Box::new(ex)), raw).await.expect("stored");
                         assert_eq!(ack.status, Status::Applied, "{:?}", ack.outcome.reason);

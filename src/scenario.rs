@@ -31,17 +31,33 @@ pub struct Scenario {
     /// Where `send:` files are, relative to the scenario file (default `../<provider>`).
     #[serde(default)]
     pub fixtures: Option<PathBuf>,
-    /// Why this story ends elsewhere when its deliveries come in another order (the
-    /// ordering test then leaves it out). Only for a story about what an event that names
-    /// nothing stored is matched to as of its arrival.
+    /// Why this story's end state (not its access) follows the order its deliveries come in:
+    /// news of different objects (a charge's dispute, the subscription's end) ending one
+    /// membership. The ordering test then compares the access only.
     #[serde(default)]
     pub order_matters: Option<String>,
+    /// Why even the access this story ends with follows arrival (the ordering test leaves it
+    /// out): only for an event that names nothing stored and is matched to what the member
+    /// holds when it arrives.
+    #[serde(default)]
+    pub arrival_decides_access: Option<String>,
     /// The provider's API as the scenario needs it: URL path → JSON file (relative to the
     /// fixtures directory) answered with 200; anything else 404. The provider is pointed at
     /// it, with a test API key, for this scenario only (e.g. Stripe's checkout line items).
     #[serde(default)]
     pub api: std::collections::BTreeMap<String, PathBuf>,
     pub steps: Vec<Step>,
+}
+
+impl Scenario {
+    /// Where its `send:` files are, for the scenario file at `path`.
+    pub fn fixtures_dir(&self, path: &Path) -> PathBuf {
+        let base = path.parent().unwrap_or(Path::new("."));
+        match &self.fixtures {
+            Some(d) => base.join(d),
+            None => base.join("..").join(&self.provider),
+        }
+    }
 }
 
 /// A fake provider API on 127.0.0.1 answering each path with its file; stops when dropped.
@@ -277,11 +293,7 @@ pub async fn run(path: &Path, loaded: Arc<Loaded>) -> Report {
             return report;
         }
     };
-    let base = path.parent().unwrap_or(Path::new("."));
-    let dir = match &sc.fixtures {
-        Some(d) => base.join(d),
-        None => base.join("..").join(&sc.provider),
-    };
+    let dir = sc.fixtures_dir(path);
     let _api;
     let loaded = if sc.api.is_empty() {
         loaded

@@ -16,8 +16,11 @@ use crate::rules::MembershipView;
 use crate::store::{self, LeadRow, MemberRow, MembershipRow, TimerRow, Tx};
 use chrono::{DateTime, Utc};
 
-/// A member-updated event: the member's email and name where the event's differ (an email
-/// another member has merges the two).
+/// A member-updated event: the member's email and name where the event's differ. A first
+/// email another member has merges the two. A changed email is taken only when nothing else
+/// rests on the old one: not when the member holds memberships at another provider (one
+/// provider's profile edit must not move access bought elsewhere) or another member has the
+/// new email; then the change is flagged, not applied.
 pub(super) fn update_member_details(
     tx: &mut dyn Tx,
     ev: &CanonicalEvent,
@@ -26,16 +29,33 @@ pub(super) fn update_member_details(
 ) -> store::Result<()> {
     let email = ev.member.email.clone().filter(|e| !m.email.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(e)));
     let name = ev.member.name.clone().filter(|n| m.name.as_deref() != Some(n.as_str()));
-    if email.is_some() || name.is_some() {
-        let new_email = email.is_some();
-        m.email = email.or(m.email.take());
-        m.name = name.or(m.name.take());
-        m.updated_at = now;
-        if new_email {
+    if email.is_none() && name.is_none() {
+        return Ok(());
+    }
+    m.name = name.or(m.name.take());
+    m.updated_at = now;
+    match (email, m.email.is_some()) {
+        (Some(e), false) => {
+            m.email = Some(e);
             *m = merge_same_email(tx, m.clone(), now)?;
         }
-        tx.save_member(m)?;
+        (Some(e), true) => {
+            let elsewhere = tx.memberships_of(&m.id)?.iter().any(|x| x.provider != ev.provider);
+            let taken = tx.member_by_email(&m.tenant, &e)?.is_some_and(|o| o.id != m.id);
+            if elsewhere || taken {
+                let why = if taken {
+                    "another member has that email"
+                } else {
+                    "the member holds memberships at other providers"
+                };
+                push_flag(&mut m.flags, &format!("email change at {} to {e} not applied: {why}", ev.provider));
+            } else {
+                m.email = Some(e);
+            }
+        }
+        (None, _) => {}
     }
+    tx.save_member(m)?;
     Ok(())
 }
 
@@ -200,7 +220,13 @@ pub(super) fn apply_transition(
     if ev.status.is_some() && !ev.event_type.starts_with("timer.") {
         ms.status = ev.status.clone();
     }
+    let had_period_end = ms.period_end.is_some();
     ms.period_end = period_end_after(ev, ms.period_end);
+    if ms.period_end.is_some() {
+        ms.flags.retain(|f| f != PERIOD_UNKNOWN);
+    } else if had_period_end {
+        push_flag(&mut ms.flags, PERIOD_UNKNOWN);
+    }
     // The state is the truth about a scheduled cancel; the event's flag only informs rules.
     ms.cancel_at_period_end = to == MState::Canceling;
     note_provider_time(&mut ms, ev, rank);
@@ -346,16 +372,51 @@ pub(super) fn counted_already(
     }))
 }
 
+/// After a timer of `ms` fired and changed nothing: its `renewal_due` timer where the rules
+/// want it, when that is later than the timer that fired and none is pending.
+pub(super) fn keep_renewal_timer(
+    loaded: &super::Loaded,
+    tx: &mut dyn Tx,
+    ms: &MembershipRow,
+    fired: &CanonicalEvent,
+) -> store::Result<()> {
+    let due = match loaded.rules.renewal_due_at(&view_of(Some(ms)), &loaded.policy(&ms.tenant)) {
+        Ok(Some(Some(due))) if due > fired.occurred_at => due,
+        Ok(_) => return Ok(()),
+        Err(e) => {
+            tracing::warn!(membership = %ms.id, error = %e, "renewal_due_at failed; the renewal timer is left as it is.");
+            return Ok(());
+        }
+    };
+    if tx.timers_of(&ms.id)?.iter().any(|t| t.name == RENEWAL_TIMER) {
+        return Ok(());
+    }
+    tx.set_timer(&TimerRow {
+        tenant: ms.tenant.clone(),
+        membership_id: ms.id.clone(),
+        name: RENEWAL_TIMER.to_string(),
+        due_at: due,
+        set_by_event: fired.event_id.clone(),
+    })
+}
+
 /// The period end a membership shows after `ev`: the event's, else the one it had — unless
-/// the event is a renewal past that end which names no new one (Whop's payments): that end
-/// is over and the next is not known.
+/// the event is a renewal that names no new one (Whop's payments): it paid for a period
+/// after the known end, early or late, whose end is not known. (Not guessed: the missed-
+/// renewal timer then waits for a period end from a later event or reconciliation, and the
+/// membership is flagged `PERIOD_UNKNOWN`.)
 pub(super) fn period_end_after(ev: &CanonicalEvent, stored: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
     match ev.period_end {
         Some(t) => Some(t),
-        None if ev.kind == Some(EventKind::Renewed) && stored.is_some_and(|p| p <= ev.occurred_at) => None,
+        None if ev.kind == Some(EventKind::Renewed) => None,
         None => stored,
     }
 }
+
+/// The flag of a membership renewed with no period end named: when the next renewal is due
+/// is not known until an event or reconciliation says.
+pub const PERIOD_UNKNOWN: &str =
+    "period end unknown since a renewal that named none: reconciliation or a later event tells it";
 
 /// The access granted or revoked by a membership's change: granted when it holds access
 /// it did not (or other levels), revoked when it held access and holds none.
@@ -381,6 +442,11 @@ pub(super) fn access_change(
 /// still counts.
 pub(super) fn note_provider_time(ms: &mut MembershipRow, ev: &CanonicalEvent, rank: i64) {
     if ev.event_type.starts_with("timer.") {
+        return;
+    }
+    // A dispute won gives back what the dispute took; it is news of the charge, not of the
+    // subscription, so an older end of the subscription arriving after it still applies.
+    if ev.kind == Some(EventKind::Disputed) && ms.state.holds_access() {
         return;
     }
     ms.last_event_rank = match ms.last_event_at {

@@ -341,9 +341,25 @@ fn apply_event(
         // The rule found the provider's view consistent with the state: the membership
         // now reflects the provider as of this event, so older ones are stale.
         if let Some(m) = membership.as_mut() {
-            if !ev.event_type.starts_with("timer.") && m.last_event_at.is_none_or(|t| t <= ev.occurred_at) {
+            // A refund or a dispute the rules ignore (a dispute won that took nothing) says
+            // nothing of the subscription's own state: it does not make older news of it stale.
+            let about_the_charge = matches!(ev.kind, Some(EventKind::Refunded | EventKind::Disputed));
+            if !ev.event_type.starts_with("timer.")
+                && !about_the_charge
+                && m.last_event_at.is_none_or(|t| t <= ev.occurred_at)
+            {
                 commit::note_provider_time(m, ev, rank);
+                // A later period end is news even when the rule changes nothing (a payment
+                // while paused: the resume then finds the period it paid for).
+                if let Some(pe) = ev.period_end.filter(|pe| m.period_end.is_none_or(|p| *pe > p)) {
+                    m.period_end = Some(pe);
+                }
                 tx.save_membership(m)?;
+            }
+            if ev.event_type.starts_with("timer.") {
+                // A timer whose reason moved (a renewal timer under a raised allowance) leaves
+                // the renewal timer where the rules now want it.
+                commit::keep_renewal_timer(loaded, tx, m, ev)?;
             }
         } else if resolve::needs_membership(ev.kind) && !ev.event_type.starts_with("timer.") {
             // Nothing to act on yet; once the membership exists this may matter (a resume
@@ -374,6 +390,10 @@ fn apply_event(
             member = match member.take() {
                 Some(mut m) => {
                     commit::update_member_details(tx, ev, &mut m, now)?;
+                    if let Some(cid) = &ev.member.provider_customer_id {
+                        // Found by email: the provider's id for them is theirs from now on.
+                        tx.link_customer(&tenant, &provider, cid, &m.id)?;
+                    }
                     Some(m)
                 }
                 None => commit::member_for(tx, &tenant, &provider, ev, None, now)?,

@@ -153,7 +153,10 @@ pub(super) fn timer_event(tx: &mut dyn Tx, t: &TimerRow) -> store::Result<Option
     let Some(m) = tx.membership(&t.membership_id)? else {
         return Ok(None);
     };
-    let event_id = format!("timer:{}:{}:{}", t.membership_id, t.name, t.due_at.timestamp());
+    // The event that set it is part of its identity: the same timer set again at the same
+    // due time by a later event (a resume putting a missed renewal's timer back) fires
+    // again, while one row fired twice (two writers racing) is still one event.
+    let event_id = format!("timer:{}:{}:{}:{}", t.membership_id, t.name, t.due_at.timestamp(), t.set_by_event);
     Ok(Some(Extraction {
         event: CanonicalEvent {
             kind: Some(EventKind::Expired),

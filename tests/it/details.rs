@@ -328,3 +328,78 @@ async fn an_unreadable_optional_field_is_left_out_and_flagged_not_fatal() {
     assert!(m.has_access(clock.now()));
     assert!(m.flags.iter().any(|f| f.starts_with("unreadable field left out: period_end")), "{:?}", m.flags);
 }
+
+fn levels(ctx: &membersync::pipeline::Ctx, email: &str) -> Option<(String, Vec<String>)> {
+    let m = ctx.store.members_by_email(email).unwrap().into_iter().next()?;
+    let d = ctx.store.member_detail(&m.id, 0).unwrap().unwrap();
+    let now = ctx.clock.now();
+    let mut l: Vec<String> =
+        d.memberships.iter().filter(|x| x.has_access(now)).flat_map(|x| x.access_levels.clone()).collect();
+    l.sort();
+    Some((m.id, l))
+}
+
+/// A Memberstack member sets their email to another member's, then back: the change is
+/// flagged, not applied (no merge), so the other member keeps their member and Stripe access.
+// See: issue 19 (found on review: the merged member then answered to the attacker's email).
+#[tokio::test]
+async fn a_member_setting_another_members_email_takes_nothing_of_theirs() {
+    let (_d, clock, ctx) = fresh();
+    clock.set(at(1_767_225_600));
+    // Victim: Stripe buyer ada@example.com.
+    assert_eq!(deliver(&ctx, "stripe", "checkout_session_completed").await.status, Status::Applied);
+    assert_eq!(deliver(&ctx, "stripe", "customer_subscription_created").await.status, Status::Applied);
+    let (victim, l) = levels(&ctx, "ada@example.com").unwrap();
+    assert_eq!(l, vec!["pro".to_string()]);
+    clock.set(at(1_767_300_000));
+    let a = deliver_edited(&ctx, "memberstack", "member_created", |v| {
+        v["payload"]["id"] = "mem_mallory".into();
+        v["payload"]["auth"]["email"] = "mallory@example.com".into();
+        v["timestamp"] = 1_767_300_000_000i64.into();
+    })
+    .await;
+    assert_eq!(a.status, Status::Applied, "{:?}", a.outcome.reason);
+    clock.set(at(1_767_400_000));
+    let b = deliver_edited(&ctx, "memberstack", "member_updated", |v| {
+        v["payload"]["id"] = "mem_mallory".into();
+        v["payload"]["auth"]["email"] = "ada@example.com".into();
+        v["payload"]["planConnections"] = serde_json::json!([]);
+        v["timestamp"] = 1_767_400_000_000i64.into();
+    })
+    .await;
+    assert_eq!(b.status, Status::Applied, "{:?}", b.outcome.reason);
+    clock.set(at(1_767_500_000));
+    let c = deliver_edited(&ctx, "memberstack", "member_updated", |v| {
+        v["payload"]["id"] = "mem_mallory".into();
+        v["payload"]["auth"]["email"] = "mallory@example.com".into();
+        v["payload"]["planConnections"] = serde_json::json!([]);
+        v["timestamp"] = 1_767_500_000_000i64.into();
+    })
+    .await;
+    assert_eq!(c.status, Status::Applied, "{:?}", c.outcome.reason);
+    let mal = levels(&ctx, "mallory@example.com");
+    let ada = levels(&ctx, "ada@example.com");
+    assert_eq!(ada, Some((victim, vec!["pro".to_string()])), "ada keeps her member and access");
+    assert_eq!(mal.map(|x| x.1), Some(vec![]), "mallory paid for nothing");
+}
+
+// See: issue 19 (found on review).
+/// Sam already bought through Memberful. Memberstack's member.created names mem_… and
+/// sam@example.com (found by email: the existing member); the plan event that follows names
+/// mem_… only. The plan should land on Sam.
+#[tokio::test]
+async fn member_created_for_a_known_email_links_the_providers_id() {
+    let (_d, clock, ctx) = fresh();
+    clock.set(at(1_767_225_000));
+    let a = deliver(&ctx, "memberful", "order_purchased").await;
+    assert_eq!(a.status, Status::Applied, "{:?}", a.outcome.reason);
+    clock.set(at(1_767_225_300));
+    let b = deliver(&ctx, "memberstack", "member_created").await;
+    assert_eq!(b.outcome.member_id, a.outcome.member_id, "found by email");
+    clock.set(at(1_767_225_600));
+    let c = deliver(&ctx, "memberstack", "member_plan_added_no_email").await;
+    assert_eq!(c.outcome.member_id, a.outcome.member_id, "found by the id member.created linked");
+    let d = member(&ctx, "sam@example.com");
+    let providers: Vec<&str> = d.memberships.iter().map(|m| m.provider.as_str()).collect();
+    assert_eq!(providers.len(), 2, "the Memberstack plan went to another member: {providers:?}");
+}

@@ -182,3 +182,45 @@ async fn a_missed_renewal_timer_survives_a_restart_and_ends_access() {
     assert_eq!(m.state, MState::Expired);
     assert!(!m.has_access(clock.now()));
 }
+
+// See: issue 19 (found on review).
+/// An operator raises missed_renewal_grace_hours 24 → 48 (a config reload, no rederive).
+/// The pending renewal timer fires at the old time, is ignored ("period was extended
+/// since") and the renewal timer is set again where the rules now want it (48 h after the
+/// period end): the missed renewal is still seen.
+#[tokio::test]
+async fn raising_the_missed_renewal_allowance_moves_the_timer_instead_of_losing_it() {
+    let (dir, config) = editable_config();
+    let clock = Arc::new(FixedClock::new(at(1_767_225_600)));
+    let ctx = ctx_with(config, clock.clone());
+    deliver(&ctx, "stripe", "checkout_session_completed").await;
+    deliver(&ctx, "stripe", "customer_subscription_created").await;
+    drop(ctx);
+    let path = dir.path().join("membersync.yaml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("missed_renewal_grace_hours: 24", "missed_renewal_grace_hours: 48");
+    std::fs::write(&path, text).unwrap();
+    let mut c = membersync::config::Config::load(&path).unwrap();
+    c.database = dir.path().join("m.db").display().to_string();
+    let ctx = ctx_with(c, clock.clone());
+    for day in [1_769_990_400i64, 1_770_076_800, 1_770_163_200, 1_772_000_000, 1_780_000_000] {
+        clock.set(at(day));
+        membersync::timers::fire_due(&ctx, at(day)).await;
+        if day == 1_769_990_400 {
+            // 2 February: the old timer fired early under the new allowance and was moved.
+            let timers: Vec<_> =
+                member(&ctx, "ada@example.com").timers.iter().map(|t| (t.name.clone(), t.due_at)).collect();
+            assert_eq!(timers, [("renewal_due".to_string(), at(1_770_076_800))]);
+        }
+        if day == 1_770_076_800 {
+            assert_eq!(
+                member(&ctx, "ada@example.com").memberships[0].state,
+                MState::PastDue,
+                "48 h after the period end"
+            );
+        }
+    }
+    let d = member(&ctx, "ada@example.com");
+    assert!(!d.memberships[0].has_access(at(1_780_000_000)), "no renewal in 4 months, access should be gone");
+}

@@ -24,7 +24,7 @@ pub fn fixture_now(provider: &str, file: &str) -> Option<DateTime<Utc>> {
 async fn run(path: &Path) -> Result<(), String> {
     let sc: Scenario = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).map_err(|e| e.to_string())?;
     let clock = Arc::new(FixedClock::new(at(0)));
-    let dir = root().join("tests/fixtures").join(&sc.provider);
+    let dir = sc.fixtures_dir(path);
     // The provider's API as the scenario describes it (`api:`), for this server only.
     let api = if sc.api.is_empty() { None } else { Some(membersync::scenario::fake_api(&dir, &sc.api).await?) };
     let server = Server::start_tuned(clock.clone(), |c| {
@@ -91,6 +91,7 @@ async fn lifecycle_scenarios_hold_over_real_http() {
 async fn membersync_test_passes_on_shipped_rules_and_shows_the_diff_when_grace_changes() {
     let dir = root().join("tests/fixtures/scenarios");
     let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.retain(|p| p.extension().is_some_and(|x| x == "yaml"));
     files.sort();
     let run_all = |loaded: Arc<membersync::pipeline::Loaded>| {
         let files = files.clone();
