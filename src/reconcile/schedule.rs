@@ -64,8 +64,9 @@ pub async fn reconcile_batch(ctx: &Arc<Ctx>, reconciler: &Arc<Reconciler>, batch
 pub async fn run_pass(ctx: &Arc<Ctx>, reconciler: &Arc<Reconciler>, asked_before: DateTime<Utc>) -> Summary {
     const BATCH: usize = 64;
     // Events kept because what they left out could not be fetched (Stripe's line items)
-    // are tried again first.
+    // are tried again first, and those that waited long enough for an invoice run without it.
     crate::enrich::retry_parked(ctx).await;
+    release_overdue_invoice_waits(ctx).await;
     let mut summary = Summary::default();
     let mut seen = std::collections::HashSet::new();
     loop {
@@ -89,6 +90,60 @@ pub async fn run_pass(ctx: &Arc<Ctx>, reconciler: &Arc<Reconciler>, asked_before
             return summary;
         }
     }
+}
+
+/// How long an event naming an invoice that no stored event ties to a membership (a refund,
+/// a dispute) waits for it — deliveries out of order arrive within minutes — before it is
+/// matched without it: by its payment or charge, else the customer's memberships (one, or
+/// the one holding access; several are refused and flagged, never guessed). Its invoice's
+/// own webhook was lost, or the endpoint does not receive invoice events.
+pub const INVOICE_WAIT: chrono::Duration = chrono::Duration::hours(1);
+
+/// Runs again, without the invoice they named, the events that waited for it longer than
+/// [`INVOICE_WAIT`]; each kept row is marked `replayed`. Returns how many ran.
+pub async fn release_overdue_invoice_waits(ctx: &Arc<Ctx>) -> usize {
+    let now = ctx.clock.now();
+    let kept = match crate::store::read(&ctx.store, |s| s.events(Some("refused"), None, 500)).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::error!(error = %e, "Could not read the events waiting for an invoice.");
+            return 0;
+        }
+    };
+    let mut ran = 0;
+    for e in kept.into_iter().rev() {
+        let Some(invoice) = e.park_key.as_deref().and_then(|k| k.strip_prefix("pay:invoice:")) else { continue };
+        if e.received_at + INVOICE_WAIT > now {
+            continue;
+        }
+        let Some((mut incoming, raw)) = crate::pipeline::incoming_from_row(&ctx.config(), &e) else { continue };
+        if let crate::pipeline::Incoming::Extracted(x) = &mut incoming {
+            x.event.payment.invoice_id = None;
+            x.mapping.flags.push(format!("invoice {invoice} never arrived: matched without it"));
+        }
+        let (loaded, seq) = (ctx.loaded(), e.seq);
+        let note = format!("invoice {invoice} not seen within {} min: run without it", INVOICE_WAIT.num_minutes());
+        let done = ctx
+            .store
+            .write(move |tx| {
+                if !tx.mark_replayed(seq, &note)? {
+                    return Ok(None);
+                }
+                crate::pipeline::apply(&loaded, tx, incoming, raw, now).map(Some)
+            })
+            .await;
+        match done {
+            Ok(Some(ack)) => {
+                ran += 1;
+                tracing::info!(event = %e.event_id, status = ack.status.as_str(), "Ran without the invoice it waited for.");
+            }
+            Ok(None) => {}
+            Err(err) => {
+                tracing::error!(event = %e.event_id, error = %err, "Could not run an event without its invoice.")
+            }
+        }
+    }
+    ran
 }
 
 /// What `membersync reconcile` runs now: one member's memberships, or one pass over every

@@ -263,3 +263,29 @@ async fn stripe_refund_revokes_at_once_and_lead_converts_on_purchase() {
     assert!(leads[0].converted_at.is_some(), "lead converted: {leads:?}");
     assert_eq!(leads[0].member_id.as_deref(), Some(member(&ctx, "grace@example.com").member.id.as_str()));
 }
+
+/// A refund naming an invoice whose own webhook never comes (lost, or the endpoint does
+/// not receive invoice events) does not wait for ever: after an hour each reconcile pass
+/// runs it without the invoice, and the customer's one membership is refunded.
+// See: issue 19 (found on review: such a refund stayed parked for ever, access kept).
+#[tokio::test]
+async fn a_refund_whose_invoice_never_arrives_runs_without_it_after_the_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FixedClock::new(at(START)));
+    let ctx = ctx_on(&dir.path().join("m.db"), clock.clone());
+    purchase(&ctx, &clock).await;
+    clock.set(at(1_772_449_512));
+    let ack = deliver(&ctx, "stripe", "charge_refunded").await;
+    assert_eq!(ack.status, Status::Refused, "waits for the invoice: {:?}", ack.outcome.reason);
+    use membersync::reconcile::schedule::{release_overdue_invoice_waits, INVOICE_WAIT};
+    clock.set(at(1_772_449_512) + INVOICE_WAIT - chrono::Duration::seconds(1));
+    assert_eq!(release_overdue_invoice_waits(&ctx).await, 0, "still within the wait");
+    assert_access(&ctx, MState::Active, true);
+    clock.set(at(1_772_449_512) + INVOICE_WAIT);
+    assert_eq!(release_overdue_invoice_waits(&ctx).await, 1);
+    assert_access(&ctx, MState::Refunded, false);
+    assert_eq!(release_overdue_invoice_waits(&ctx).await, 0, "once");
+    let rows = ctx.store.events_by_event_id("evt_1QxiF4K7dEmoAc01Tb12m0v1").unwrap();
+    let statuses: Vec<_> = rows.iter().map(|e| e.status.as_str()).collect();
+    assert_eq!(statuses, ["replayed", "applied"]);
+}
