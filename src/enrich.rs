@@ -32,6 +32,10 @@ pub struct Enriched {
     /// `GET https://…` (the URL holds no secret).
     pub request: String,
     pub items: Vec<Item>,
+    /// How many items the whole answer listed (more than one: a checkout of several
+    /// products, whose payment belongs to none of its memberships alone).
+    #[serde(default)]
+    pub of: usize,
 }
 
 /// One item of the answer: the product it names (and its plan or price).
@@ -119,7 +123,10 @@ pub async fn fetch(config: &Config, tenant: &str, provider: &str, plan: &EnrichP
         .map_err(|_| fail(format!("{shown}: no answer within {} s", TIMEOUT.as_secs())))??;
     let v: Value = serde_json::from_slice(&body).map_err(|e| fail(format!("{shown}: the answer is not JSON ({e})")))?;
     let items = items_of(spec, &v).map_err(|m| fail(format!("{shown}: {m}")))?;
-    Ok(Enriched { name: spec.name.clone(), request: shown, items })
+    if v.get("has_more").and_then(Value::as_bool) == Some(true) {
+        return Err(fail(format!("{shown}: the answer lists more items than one page holds; not all were read")));
+    }
+    Ok(Enriched { name: spec.name.clone(), request: shown, of: items.len(), items })
 }
 
 /// Tries again the enrichment of every event kept because it could not be made (parked
@@ -128,7 +135,13 @@ pub async fn fetch(config: &Config, tenant: &str, provider: &str, plan: &EnrichP
 /// each reconcile pass.
 pub async fn retry_parked(ctx: &std::sync::Arc<crate::pipeline::Ctx>) -> usize {
     const LIMIT: usize = 500;
-    let kept = match crate::store::read(&ctx.store, |s| s.events(Some("refused"), None, LIMIT)).await {
+    let filter = crate::store::EventFilter {
+        status: Some("refused".into()),
+        park_key: Some(crate::pipeline::ENRICH_KEY.into()),
+        limit: Some(LIMIT),
+        ..Default::default()
+    };
+    let kept = match crate::store::read(&ctx.store, move |s| s.events_where(&filter)).await {
         Ok(rows) => rows,
         Err(e) => {
             tracing::error!(error = %e, "Could not read the events kept for their enrichment.");
@@ -136,27 +149,42 @@ pub async fn retry_parked(ctx: &std::sync::Arc<crate::pipeline::Ctx>) -> usize {
         }
     };
     let mut ran = 0;
-    for e in kept.into_iter().rev().filter(|e| e.park_key.as_deref() == Some(crate::pipeline::ENRICH_KEY)) {
+    for e in kept {
         let config = ctx.config();
         let Some((incoming, mut raw)) = crate::pipeline::incoming_from_row(&config, &e) else { continue };
         let crate::pipeline::Incoming::Extracted(x) = &incoming else { continue };
         let Some(plan) = &x.enrich else { continue };
         match fetch(&config, &e.tenant, &e.provider, plan).await {
-            Ok(fetched) => raw.enrichment = Some(Ok(fetched)),
+            Ok(fetched) if !fetched.items.is_empty() => raw.enrichment = Some(Ok(fetched)),
+            Ok(_) => continue, // still nothing to apply: stays kept as it is
             Err(why) => {
                 tracing::info!(tenant = %e.tenant, provider = %e.provider, event = %e.event_id, error = %why,
                     "Enrichment still fails; the event stays kept.");
                 continue;
             }
         }
-        let (loaded, now, seq) = (ctx.loaded(), ctx.clock.now(), e.seq);
+        let (loaded, now, seq, member_id) = (ctx.loaded(), ctx.clock.now(), e.seq, e.member_id.clone());
+        let fetched = raw.enrichment.clone().and_then(Result::ok).and_then(|f| serde_json::to_string(&f).ok());
         let done = ctx
             .store
             .write(move |tx| {
                 if !tx.mark_replayed(seq, "enriched and re-applied")? {
                     return Ok(None);
                 }
-                crate::pipeline::apply(&loaded, tx, incoming, raw, now).map(Some)
+                // The delivery's own row keeps what was fetched: a dry run replays it as it
+                // now applies.
+                if let Some(f) = &fetched {
+                    tx.set_enrichment(seq, f)?;
+                }
+                let ack = crate::pipeline::apply(&loaded, tx, incoming, raw, now)?;
+                if let Some(mut m) = member_id.map(|id| tx.member(&id)).transpose()?.flatten() {
+                    let before = m.flags.len();
+                    m.flags.retain(|f| !f.contains(crate::pipeline::ENRICH_FLAG));
+                    if m.flags.len() != before {
+                        tx.save_member(&m)?;
+                    }
+                }
+                Ok(Some(ack))
             })
             .await;
         match done {

@@ -16,6 +16,15 @@ use std::sync::Arc;
 /// Headers never stored with an event.
 const UNSTORED_HEADERS: [&str; 3] = ["authorization", "cookie", "proxy-authorization"];
 
+/// Whether `x` is stored already (same tenant, provider and idempotency key).
+async fn stored_already(ctx: &Arc<Ctx>, tenant: &str, provider: &str, x: &crate::extract::Extraction) -> bool {
+    let (id, t, p, key) =
+        (x.event.event_id.clone(), tenant.to_string(), provider.to_string(), x.idempotency_key.clone());
+    crate::store::read(&ctx.store, move |s| s.events_by_event_id(&id))
+        .await
+        .is_ok_and(|rows| rows.iter().any(|e| e.tenant == t && e.provider == p && e.idempotency_key == key))
+}
+
 /// `HEAD`/`GET /webhooks/{tenant}/{provider}`: the URL check providers make.
 pub async fn probe(
     State(ctx): State<Arc<Ctx>>,
@@ -102,11 +111,15 @@ pub async fn accept(
     }
     // What the delivery leaves out (`enrich:`), fetched before the event is applied and
     // within the provider's patience; a failure is the event's to record, not the request's.
-    let enrichment = match taken.extracted.as_ref().ok().and_then(|x| x.enrich.as_ref()) {
-        Some(plan) => Some(crate::enrich::fetch(&config, tenant, provider, plan).await.map_err(|e| {
-            tracing::warn!(%tenant, %provider, error = %e, "Enrichment failed; the event is kept and tried again.");
-            e.to_string()
-        })),
+    let enrichment = match taken.extracted.as_ref().ok().filter(|x| x.enrich.is_some()) {
+        // A redelivery of a stored event is answered `duplicate` by the writer: no request.
+        Some(x) if stored_already(ctx, tenant, provider, x).await => None,
+        Some(x) => Some(
+            crate::enrich::fetch(&config, tenant, provider, x.enrich.as_ref().expect("filtered")).await.map_err(|e| {
+                tracing::warn!(%tenant, %provider, error = %e, "Enrichment failed; the event is kept and tried again.");
+                e.to_string()
+            }),
+        ),
         None => None,
     };
     let incoming = Incoming::of(tenant, provider, taken.extracted);

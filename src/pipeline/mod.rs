@@ -29,7 +29,7 @@ mod seed;
 pub use commit::view_of;
 pub use context::{Ctx, Loaded};
 pub use outcome::{Ack, Incoming, Outcome, Raw, Status};
-pub use parked::{incoming_from_row, ENRICH_KEY};
+pub use parked::{incoming_from_row, ENRICH_FLAG, ENRICH_KEY};
 pub use rederive::{apply_derived, Rederived};
 pub use resolve::membership_key;
 pub use seed::seed_membership;
@@ -230,6 +230,10 @@ fn apply_event(
                 }
                 x.event.product_id = Some(e.items[0].product_id.clone());
                 x.event.plan_id = e.items[0].plan_id.clone();
+                if e.of > 1 {
+                    // One product of a checkout of several: its payment is the checkout's.
+                    x.event.payment = Default::default();
+                }
             }
             Some(Ok(_)) => enrich_failed = Some("the answer lists no item".to_string()),
             Some(Err(why)) => enrich_failed = Some(why),
@@ -261,6 +265,10 @@ fn apply_event(
         tx, &tenant, &provider, ev,
     )? {
         Ok(r) => r,
+        Err(resolve::Ambiguous { member: mem, .. }) if enrich_failed.is_some() => {
+            let why = enrich_failed.take().unwrap_or_default();
+            return keep_unenriched(tx, rec, outcome, Some(mem), &why, now);
+        }
         Err(resolve::Ambiguous { member: mem, count }) => {
             outcome.status = Status::Refused;
             outcome.member_id = Some(mem.id.clone());
@@ -277,18 +285,8 @@ fn apply_event(
     rec.member_id = outcome.member_id.clone();
     rec.membership_id = outcome.membership_id.clone();
     if let Some(why) = enrich_failed {
-        // Kept and flagged where an operator sees it; the reconcile schedule tries the
-        // enrichment again. Never dropped, never guessed.
-        outcome.status = Status::Refused;
-        outcome.reason =
-            Some(format!("{}: {why}; kept, and tried again by the reconcile schedule", parked::ENRICH_FLAG));
-        rec.park_key = Some(parked::ENRICH_KEY.to_string());
-        if let Some(mem) = commit::member_for(tx, &tenant, &provider, ev, member.take(), now)? {
-            outcome.member_id = Some(mem.id.clone());
-            rec.member_id = outcome.member_id.clone();
-            flag_member(tx, &mem, &outcome, now)?;
-        }
-        return finish(tx, rec, outcome);
+        let mem = commit::member_for(tx, &tenant, &provider, ev, member.take(), now)?;
+        return keep_unenriched(tx, rec, outcome, mem, &why, now);
     }
     if let Some(invoice) = unknown_invoice {
         // It names its bill, which no stored event ties to a membership yet: not guessed
@@ -549,6 +547,31 @@ fn judge(
     Ok((rank, decision))
 }
 
+/// An event whose enrichment could not be made: kept (refused, parked under `enrich:`) and
+/// its member flagged where an operator sees it; the reconcile schedule tries again. It is
+/// tied to no membership: none is known to be the one it paid for. Never dropped, never
+/// guessed.
+fn keep_unenriched(
+    tx: &mut dyn Tx,
+    mut rec: EventRow,
+    mut outcome: Outcome,
+    mem: Option<store::MemberRow>,
+    why: &str,
+    now: DateTime<Utc>,
+) -> store::Result<Ack> {
+    outcome.status = Status::Refused;
+    outcome.reason = Some(format!("{}: {why}; kept, and tried again by the reconcile schedule", parked::ENRICH_FLAG));
+    outcome.membership_id = None;
+    rec.membership_id = None;
+    rec.park_key = Some(parked::ENRICH_KEY.to_string());
+    outcome.member_id = mem.as_ref().map(|m| m.id.clone());
+    rec.member_id = outcome.member_id.clone();
+    if let Some(mem) = &mem {
+        flag_member(tx, mem, &outcome, now)?;
+    }
+    finish(tx, rec, outcome)
+}
+
 /// An event whose enrichment fetched several items (a checkout buying several products):
 /// each item is an event of its own (same event id, an idempotency key of its own), each
 /// through the rules and the machine to a membership of its own. The event's row records
@@ -570,16 +593,19 @@ fn fan_out_items(
     let mut parts = Vec::new();
     for item in &e.items {
         let mut sub = x.clone();
-        sub.enrich = None;
         sub.idempotency_key = format!("{}#product:{}", x.idempotency_key, item.product_id);
-        sub.event.product_id = Some(item.product_id.clone());
-        sub.event.plan_id = item.plan_id.clone();
+        // One payment for several memberships: it is tied to none of them (its refund is
+        // for the checkout, not one product: matched by the member, or refused and flagged).
+        sub.event.payment = Default::default();
+        // The part carries its own item (stored with it): replayed alone, it is this product
+        // only.
+        let one = crate::enrich::Enriched { items: vec![item.clone()], of: e.items.len(), ..e.clone() };
         let raw = Raw {
             body: rec.raw.clone(),
             headers: serde_json::from_str(rec.headers.get()).unwrap_or_default(),
             source,
             delivery: false,
-            enrichment: None,
+            enrichment: Some(Ok(one)),
         };
         let ack = apply(loaded, tx, Incoming::Extracted(Box::new(sub)), raw, now)?;
         parts.push(format!("product:{} {}", item.product_id, ack.status.as_str()));

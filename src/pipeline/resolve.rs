@@ -41,7 +41,12 @@ pub(super) fn resolve(
 ) -> store::Result<Result<Resolved, Ambiguous>> {
     let mkey = membership_key(ev);
     let mut membership = match &mkey {
-        Some(k) => tx.membership_by_key(tenant, provider, k)?,
+        Some(k) => match tx.membership_by_key(tenant, provider, k)? {
+            Some(m) => Some(m),
+            // Stored before product keys named their buyer: `product:<id>`, if it is this
+            // buyer's.
+            None => legacy_product_membership(tx, tenant, provider, k, &ev.member)?,
+        },
         None => by_payment(tx, tenant, provider, ev)?,
     };
     let member = match &membership {
@@ -93,10 +98,31 @@ pub(super) fn member_deleted_parts(
             let mut sub = x.clone();
             sub.idempotency_key = format!("{}#{}", x.idempotency_key, ms.key);
             sub.event.subscription_id = ms.key.strip_prefix("sub:").map(str::to_string);
-            sub.event.product_id = ms.key.strip_prefix("product:").map(str::to_string).or(ms.product_id.clone());
+            match product_key_parts(&ms.key) {
+                Some((product, who)) => {
+                    sub.event.product_id = Some(product);
+                    sub.event.member = who; // the key names its buyer: the part finds this membership
+                }
+                None => sub.event.product_id = sub.event.product_id.take().or(ms.product_id.clone()),
+            }
             (ms.key, sub)
         })
         .collect())
+}
+
+/// A `product:<id>` membership (the key before it named its buyer) that belongs to the
+/// member `who` names, for a key `product:<id>@…`.
+fn legacy_product_membership(
+    tx: &mut dyn Tx,
+    tenant: &str,
+    provider: &str,
+    key: &str,
+    who: &MemberRef,
+) -> store::Result<Option<MembershipRow>> {
+    let Some((product, _)) = product_key_parts(key).filter(|_| key.contains('@')) else { return Ok(None) };
+    let Some(m) = tx.membership_by_key(tenant, provider, &format!("product:{product}"))? else { return Ok(None) };
+    let buyer = find_member(tx, tenant, provider, who)?;
+    Ok(buyer.filter(|b| b.id == m.member_id).map(|_| m))
 }
 
 /// The membership an earlier event tied the event's payment to: the charge first, then the
@@ -128,12 +154,36 @@ pub(super) fn needs_membership(kind: Option<EventKind>) -> bool {
     !matches!(kind, None | Some(EventKind::LeadCaptured | EventKind::MemberUpdated | EventKind::MemberDeleted))
 }
 
-/// `sub:<id>` for subscriptions, `product:<id>` for one-time products.
+/// `sub:<id>` for subscriptions; for one-time products, one membership per buyer:
+/// `product:<id>@cid:<provider customer id>` or `product:<id>@email:<email>` (as the event
+/// names the buyer), `product:<id>` when it names none (and for memberships stored before
+/// keys named their buyer).
 pub fn membership_key(ev: &CanonicalEvent) -> Option<String> {
     if let Some(s) = &ev.subscription_id {
         return Some(format!("sub:{s}"));
     }
-    ev.product_id.as_ref().map(|p| format!("product:{p}"))
+    let p = ev.product_id.as_ref()?;
+    Some(match (&ev.member.provider_customer_id, &ev.member.email) {
+        (Some(cid), _) => format!("product:{p}@cid:{cid}"),
+        (None, Some(email)) => format!("product:{p}@email:{}", email.to_lowercase()),
+        (None, None) => format!("product:{p}"),
+    })
+}
+
+/// The product a `product:` key names, and its buyer as a member reference.
+pub(super) fn product_key_parts(key: &str) -> Option<(String, MemberRef)> {
+    let rest = key.strip_prefix("product:")?;
+    let mut who = MemberRef::default();
+    let product = if let Some(i) = rest.find("@cid:") {
+        who.provider_customer_id = Some(rest[i + 5..].to_string());
+        &rest[..i]
+    } else if let Some(i) = rest.find("@email:") {
+        who.email = Some(rest[i + 7..].to_string());
+        &rest[..i]
+    } else {
+        rest
+    };
+    Some((product.to_string(), who))
 }
 
 fn find_member(tx: &mut dyn Tx, tenant: &str, provider: &str, who: &MemberRef) -> store::Result<Option<MemberRow>> {
@@ -165,12 +215,13 @@ pub(super) fn timer_event(tx: &mut dyn Tx, t: &TimerRow) -> store::Result<Option
             event_id: event_id.clone(),
             event_type: format!("timer.{}", t.name),
             occurred_at: t.due_at,
-            member: MemberRef::default(),
+            // A product membership's key names its buyer: the timer's event finds it by that.
+            member: product_key_parts(&m.key).map(|(_, who)| who).unwrap_or_default(),
             subscription_id: m.subscription_id.clone(),
             product_id: if m.subscription_id.is_some() {
                 m.product_id.clone()
             } else {
-                m.key.strip_prefix("product:").map(str::to_string)
+                product_key_parts(&m.key).map(|(p, _)| p)
             },
             plan_id: m.plan_id.clone(),
             status: None,

@@ -198,9 +198,14 @@ pub async fn run(ctx: Arc<Ctx>, reconciliation: Arc<Reconciliation>, shutdown: i
                 }
                 _ = &mut shutdown => return,
             }
-        } else if !said_disabled {
-            tracing::info!("Reconciliation schedule disabled in the config.");
-            said_disabled = true;
+        } else {
+            // Kept events are tried again even with reconciliation off.
+            crate::enrich::retry_parked(&ctx).await;
+            release_overdue_invoice_waits(&ctx).await;
+            if !said_disabled {
+                tracing::info!("Reconciliation schedule disabled in the config.");
+                said_disabled = true;
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(MAX_SLEEP.min(config.reconcile.interval)) => {}

@@ -321,6 +321,8 @@ pub trait Tx {
     /// provider customer links, events and converted leads move to `into`, and `from` is
     /// deleted.
     fn merge_member(&mut self, from: &str, into: &str) -> Result<()>;
+    /// Stores what an enrichment fetched with event `seq` (its row kept from before).
+    fn set_enrichment(&mut self, seq: i64, enrichment: &str) -> Result<()>;
     /// The payment reference `r` as stored.
     fn payment(&mut self, tenant: &str, provider: &str, r: &str) -> Result<Option<PaymentLink>>;
     fn membership(&mut self, id: &str) -> Result<Option<MembershipRow>>;
@@ -394,6 +396,8 @@ pub struct EventFilter {
     pub after_seq: Option<i64>,
     /// At most this many (paging).
     pub limit: Option<usize>,
+    /// Only events parked under this key.
+    pub park_key: Option<String>,
 }
 
 /// A member with everything the admin API shows.

@@ -594,7 +594,11 @@ async fn a_one_time_purchase_with_empty_metadata_gets_its_product_from_the_line_
     let d = linus(&s);
     assert_eq!(d.memberships.len(), 1);
     let m = &d.memberships[0];
-    assert_eq!((m.key.as_str(), m.product_id.as_deref()), ("product:prod_Lifetime001", Some("prod_Lifetime001")));
+    assert_eq!(
+        (m.key.as_str(), m.product_id.as_deref()),
+        ("product:prod_Lifetime001@cid:cus_QxDemo003", Some("prod_Lifetime001")),
+        "one membership per buyer of a product"
+    );
     assert!(m.has_access(clock.now()));
     assert_eq!(m.access_levels, ["lifetime"]);
     assert_eq!(m.period_end, None, "a one-time purchase has no period end");
@@ -682,11 +686,51 @@ async fn a_checkout_of_two_products_is_two_memberships() {
     assert_eq!(ack["status"], "applied", "{ack}");
     let mut keys: Vec<String> = linus(&s).memberships.iter().map(|m| m.key.clone()).collect();
     keys.sort();
-    assert_eq!(keys, ["product:prod_Lifetime001", "product:prod_Pro001"]);
+    assert_eq!(keys, ["product:prod_Lifetime001@cid:cus_QxDemo003", "product:prod_Pro001@cid:cus_QxDemo003"]);
     let mut levels = membersync::views::member_json(&linus(&s), clock.now())["access_levels"].clone();
     levels.as_array_mut().unwrap().sort_by_key(|v| v.to_string());
     assert_eq!(levels, json!(["lifetime", "pro"]));
     assert_eq!(post_payment_link(&s).await["status"], "duplicate");
     assert_eq!(linus(&s).memberships.len(), 2);
+    // Re-derived from what was stored (each part with its own item), nothing differs: no
+    // request is made again.
+    let dry = membersync::replay::dry_run(&s.ctx, &Default::default(), clock.now()).await.unwrap();
+    assert!(dry.differences.is_empty(), "{:?}", dry.differences);
+    assert_eq!(api.hits().len(), 1, "replay reads the stored line items");
+    s.stop().await;
+}
+
+/// Two buyers of the same one-time product each get a membership of their own.
+// See: issue 28 (found on review: the second buyer's purchase landed on the first buyer's
+// membership, keyed by the product alone).
+#[tokio::test]
+async fn two_buyers_of_one_product_each_get_their_own_membership() {
+    let (api, url) = FakeApi::start().await;
+    api.on(LINE_ITEMS, vec![Reply::Json(200, line_items())]);
+    let other_session = "/v1/checkout/sessions/cs_live_b1PayLinkLifetime0002/line_items";
+    api.on(other_session, vec![Reply::Json(200, line_items())]);
+    let clock = Arc::new(FixedClock::new(at(1_773_161_045)));
+    let s = Server::start_tuned(clock.clone(), tune(&url)).await;
+    assert_eq!(post_payment_link(&s).await["status"], "applied");
+    let body = String::from_utf8(fixture("stripe", "checkout_session_completed_payment_link"))
+        .unwrap()
+        .replace("evt_1QyPL1K7dEmoAc01PayLink01", "evt_second_buyer")
+        .replace("cs_live_b1PayLinkLifetime0001", "cs_live_b1PayLinkLifetime0002")
+        .replace("pi_3QyPL1K7dEmoAc01PayLink01", "pi_second_buyer")
+        .replace("cus_QxDemo003", "cus_SecondBuyer")
+        .replace("linus@example.com", "grace@example.com")
+        .into_bytes();
+    let headers = signed_headers(&s.ctx, "stripe", &body, clock.now());
+    let (code, ack) = s.post("/webhooks/demo/stripe", &headers, body).await;
+    assert_eq!((code, ack["status"].as_str()), (200, Some("applied")), "{ack}");
+    let (first, second) = (linus(&s), member(&s.ctx, "grace@example.com"));
+    assert_ne!(first.member.id, second.member.id);
+    for d in [&first, &second] {
+        assert_eq!(d.memberships.len(), 1, "{:?}", d.memberships);
+        assert!(d.memberships[0].has_access(clock.now()));
+    }
+    assert_ne!(first.memberships[0].id, second.memberships[0].id);
+    let dry = membersync::replay::dry_run(&s.ctx, &Default::default(), clock.now()).await.unwrap();
+    assert!(dry.differences.is_empty(), "{:?}", dry.differences);
     s.stop().await;
 }

@@ -273,6 +273,7 @@ pub(super) fn events_where_sql(f: &EventFilter) -> (String, Vec<rusqlite::types:
         ("member_id = ?", f.member_id.clone().map(Value::Text)),
         ("seq = ?", f.seq.map(Value::Integer)),
         ("seq > ?", f.after_seq.map(Value::Integer)),
+        ("park_key = ?", f.park_key.clone().map(Value::Text)),
     ];
     let mut conds: Vec<_> = set.into_iter().filter_map(|(test, v)| Some((test, Some(v?)))).collect();
     if f.deliveries_only {

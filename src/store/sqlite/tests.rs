@@ -48,6 +48,7 @@ fn event_filters_select_what_they_say_through_an_index() {
             deliveries_only: on(4),
             after_seq: on(5).then_some(20),
             limit: on(6).then_some(3),
+            park_key: None,
         };
         let mut want: Vec<i64> = all
             .iter()

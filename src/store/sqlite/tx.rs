@@ -387,6 +387,11 @@ impl Tx for SqliteTx<'_, '_> {
         Ok(())
     }
 
+    fn set_enrichment(&mut self, seq: i64, enrichment: &str) -> Result<()> {
+        self.st("UPDATE events SET enrichment = ?2 WHERE seq = ?1")?.execute(params![seq, enrichment])?;
+        Ok(())
+    }
+
     fn payment(&mut self, tenant: &str, provider: &str, r: &str) -> Result<Option<PaymentLink>> {
         Ok(self
             .st("SELECT membership_id, event_id, counted_by FROM payments WHERE tenant = ?1 AND provider = ?2 AND ref = ?3")?
