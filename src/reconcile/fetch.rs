@@ -11,6 +11,13 @@ use tokio::time::Instant;
 /// How many 429 answers in a row one attempt waits out before giving up until next pass.
 pub const MAX_RETRIES_429: usize = 3;
 
+/// The largest answer read from a provider (one membership's view is a few KB).
+pub const MAX_ANSWER_BYTES: usize = 1 << 20;
+
+/// The longest `Retry-After` read as such; anything longer (or out of range) is this, and
+/// then over the configured wait, so the attempt gives up until the next pass.
+const RETRY_AFTER_CAP: Duration = Duration::from_secs(365 * 86_400);
+
 /// Spaces requests to one provider evenly; a 429 holds every request to it back.
 #[derive(Debug)]
 pub struct Limiter {
@@ -88,18 +95,41 @@ pub async fn send(
             builder = builder.header("content-type", "application/json").body(b.clone());
         }
         let answer = async {
-            let resp = builder.send().await?;
+            let mut resp = builder.send().await.map_err(Read::Http)?;
             let status = resp.status();
             let retry_after = resp.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_string);
-            let body = resp.bytes().await?;
-            Ok::<_, reqwest::Error>((status, retry_after, body))
+            // Read up to the limit, not the whole of whatever is sent.
+            let mut body = Vec::new();
+            while let Some(chunk) = resp.chunk().await.map_err(Read::Http)? {
+                if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+                    return Err(Read::TooLarge);
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok((status, retry_after, body))
         };
         let (status, retry_after, body) = match tokio::time::timeout(timeout, answer).await {
             Err(_) => return Err(timed_out()),
-            Ok(Err(e)) if e.is_timeout() => return Err(timed_out()),
-            Ok(Err(e)) => return Err(Unreachable::Transport { request: req.describe(), cause: transport_error(&e) }),
+            Ok(Err(Read::Http(e))) if e.is_timeout() => return Err(timed_out()),
+            Ok(Err(Read::Http(e))) => {
+                return Err(Unreachable::Transport { request: req.describe(), cause: transport_error(&e) })
+            }
+            Ok(Err(Read::TooLarge)) => {
+                return Err(Unreachable::Transport {
+                    request: req.describe(),
+                    cause: format!("answer larger than {MAX_ANSWER_BYTES} bytes"),
+                })
+            }
             Ok(Ok(r)) => r,
         };
+        if status.is_redirection() {
+            // Not followed: the API key's header must not reach another address.
+            return Err(Unreachable::Status {
+                status: status.to_string(),
+                request: req.describe(),
+                excerpt: "redirects are not followed".into(),
+            });
+        }
         if status.as_u16() == 429 {
             let wait = retry_after.as_deref().and_then(parse_retry_after).unwrap_or(Duration::from_secs(1));
             if wait > max_wait {
@@ -120,20 +150,30 @@ pub async fn send(
                 excerpt: excerpt(&body),
             });
         }
-        return Ok(body.to_vec());
+        return Ok(body);
     }
     Err(Unreachable::StillTooMany { tries: MAX_RETRIES_429, request: req.describe() })
 }
 
-/// `Retry-After`: delay seconds, or an HTTP date.
+/// What reading an answer can fail with.
+enum Read {
+    Http(reqwest::Error),
+    TooLarge,
+}
+
+/// `Retry-After` (RFC 9110): delay seconds, or an HTTP date. A value too large for a
+/// duration (`1e20`) is capped rather than trusted — or turned into a panic.
 pub fn parse_retry_after(v: &str) -> Option<Duration> {
     let v = v.trim();
     if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        if !secs.is_finite() || secs < 0.0 {
+            return None;
+        }
+        return Some(Duration::try_from_secs_f64(secs).unwrap_or(RETRY_AFTER_CAP).min(RETRY_AFTER_CAP));
     }
     let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
     let wait = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
-    Some(wait.to_std().unwrap_or(Duration::ZERO))
+    Some(wait.to_std().unwrap_or(Duration::ZERO).min(RETRY_AFTER_CAP))
 }
 
 /// The cause chain of a transport error, without the URL reqwest adds (already shown).
@@ -172,6 +212,12 @@ mod tests {
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon"), None);
         assert_eq!(parse_retry_after("-1"), None);
+        // Out of range: capped, never a panic (issue 20: `1e20` panicked a lane).
+        for huge in ["1e20", "18446744073709551616", "1e308"] {
+            assert_eq!(parse_retry_after(huge), Some(RETRY_AFTER_CAP), "{huge}");
+        }
+        assert_eq!(parse_retry_after("NaN"), None);
+        assert_eq!(parse_retry_after("inf"), None);
     }
 
     #[tokio::test(start_paused = true)]

@@ -210,6 +210,8 @@ impl Reconciler {
             })
             .collect::<BTreeMap<_, _>>();
         let client = reqwest::Client::builder()
+            // Not followed: a redirect could carry the API key's header to another host.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(config.reconcile.timeout)
             .user_agent(concat!("membersync/", env!("CARGO_PKG_VERSION")))
             .build()

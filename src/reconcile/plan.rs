@@ -136,7 +136,7 @@ fn scalar_text(v: &Value) -> Option<String> {
 }
 
 /// Values a template may name.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(super) struct Vars {
     pub(super) api_base: Option<String>,
     pub(super) subscription_id: Option<String>,
@@ -174,6 +174,10 @@ pub(super) fn fill_with(
             (Some(n), Some(v)) => {
                 let v = v.ok_or_else(|| MissingValue(format!("{{{n}}}")))?;
                 let raw = n == "api_base" || n == "api_key" || !encode;
+                if !raw && (v.is_empty() || v == "." || v == "..") {
+                    // A dot segment would change the path (`/v1/subscriptions/..` is `/v1/`).
+                    return Err(MissingValue(format!("{{{n}}} (`{v}` is not an id)")));
+                }
                 out.push_str(&if raw { v } else { encode_segment(&v) });
                 rest = &after[n.len() + 1..];
             }
@@ -229,6 +233,12 @@ mod tests {
         assert_eq!(fill("/members/{customer_id}", &v, true), Err(MissingValue("{customer_id}".into())));
         assert_eq!(fill_with("Bearer {api_key}", &v, Some("sk_test"), false).unwrap(), "Bearer sk_test");
         assert_eq!(encode_segment("a?b#c é~-_."), "a%3Fb%23c%20%C3%A9~-_.");
+        // A dot segment or nothing would change the path: refused (issue 20: an id `..` made
+        // the request `GET {base}/v1/` with the key attached).
+        for bad in ["", ".", ".."] {
+            let v = Vars { subscription_id: Some(bad.into()), ..v.clone() };
+            assert!(fill("{api_base}/v1/subscriptions/{subscription_id}", &v, true).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -18,8 +18,16 @@ use std::time::Duration;
 #[derive(Clone)]
 enum Reply {
     Json(u16, Value),
-    TooMany { retry_after_secs: u64 },
+    TooMany {
+        retry_after_secs: u64,
+    },
     Slow(Duration, Value),
+    /// 429 with this very `Retry-After` text.
+    TooManyRaw(&'static str),
+    /// 302 to this URL.
+    Redirect(String),
+    /// 200 with a JSON body of this many bytes.
+    Huge(usize),
 }
 
 /// One request the fake provider received.
@@ -90,6 +98,14 @@ impl FakeApi {
             Some(Reply::Slow(d, v)) => {
                 tokio::time::sleep(d).await;
                 axum::Json(v).into_response()
+            }
+            Some(Reply::TooManyRaw(text)) => {
+                (StatusCode::TOO_MANY_REQUESTS, [("retry-after", text)], axum::Json(json!({}))).into_response()
+            }
+            Some(Reply::Redirect(to)) => (StatusCode::FOUND, [("location", to)], "").into_response(),
+            Some(Reply::Huge(n)) => {
+                let body = format!("{{\"pad\": \"{}\"}}", "x".repeat(n));
+                (StatusCode::OK, [("content-type", "application/json")], body).into_response()
             }
         }
     }
@@ -733,4 +749,34 @@ async fn two_buyers_of_one_product_each_get_their_own_membership() {
     let dry = membersync::replay::dry_run(&s.ctx, &Default::default(), clock.now()).await.unwrap();
     assert!(dry.differences.is_empty(), "{:?}", dry.differences);
     s.stop().await;
+}
+
+/// A hostile or broken provider answer is an error for that membership, recorded, never a
+/// panic, a followed redirect (the key's header stays at the provider) or unbounded memory;
+/// the next membership is still asked.
+// See: issue 20 (`Retry-After: 1e20` panicked a lane; the key followed a redirect to
+// another host; a 200 MB answer was read whole).
+#[tokio::test]
+async fn a_hostile_provider_answer_is_a_recorded_error_not_a_panic_or_a_leak() {
+    let (elsewhere, elsewhere_url) = FakeApi::start().await;
+    let cases: Vec<(&str, Reply, &str)> = vec![
+        ("retry-after 1e20", Reply::TooManyRaw("1e20"), "Retry-After"),
+        ("redirect", Reply::Redirect(format!("{elsewhere_url}/steal")), "redirects are not followed"),
+        ("2 MiB answer", Reply::Huge(2 << 20), "answer larger than"),
+    ];
+    for (what, reply, says) in cases {
+        let (api, api_url) = FakeApi::start().await;
+        api.on(SUB, vec![reply]);
+        let (s, _clock, id) = ada_on_stripe(&api_url).await;
+        let (status, m) = s.post_admin(&format!("/members/{id}/resync")).await;
+        assert_eq!(status, 200, "{what}: {m}");
+        let ms = &m["memberships"][0];
+        assert_eq!((ms["state"].as_str(), ms["has_access"].as_bool()), (Some("active"), Some(true)), "{what}");
+        assert_eq!(ms["sync_status"], "provider_unreachable", "{what}: {m}");
+        let err = ms["last_error"]["error"].as_str().unwrap_or_default();
+        assert!(err.contains(says), "{what}: {err}");
+        assert_no_key(&m.to_string());
+        s.stop().await;
+    }
+    assert!(elsewhere.hits().is_empty(), "nothing reached the redirect's target: {:?}", elsewhere.hits());
 }
