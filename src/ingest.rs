@@ -97,6 +97,10 @@ pub async fn accept(
     }
     let delivery = Delivery { tenant, provider, headers: &headers, body: &body, received_at: ctx.clock.now() };
     let taken = intake(&config, &delivery, Check::Signature(tp.secret.as_ref())).map_err(|e| match e {
+        intake::Error::Unverified(e @ crate::verify::Error::Conflicting(_)) => {
+            tracing::warn!(%tenant, %provider, reason = %e, "Webhook names itself twice.");
+            ApiError::BadRequest(e.to_string())
+        }
         intake::Error::Unverified(e) => {
             tracing::warn!(%tenant, %provider, reason = %e, "Signature did not verify.");
             ApiError::Unauthorized(e.to_string())

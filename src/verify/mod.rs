@@ -32,6 +32,10 @@ pub enum Error {
     /// The configured secret cannot be decoded as the scheme requires (401; a config error).
     #[error("the configured secret is not valid for this scheme ({0})")]
     BadSecret(String),
+    /// Two headers name the delivery differently (`webhook-id` and `svix-id`): which one was
+    /// signed decides the idempotency key, so neither is taken (400).
+    #[error("{0}")]
+    Conflicting(String),
 }
 
 /// A provider's verification, compiled once at load: its scheme, and the legacy schemes its

@@ -50,6 +50,14 @@ pub fn verify<'a>(
     tolerance: i64,
 ) -> Result<(), Error> {
     let pick = |name: &str| header(&format!("webhook-{name}")).or_else(|| header(&format!("svix-{name}")));
+    // The id is signed and is the delivery's idempotency key: one delivery, one id. Both
+    // header families naming different ids would let a captured delivery be resent under
+    // a fresh unsigned id.
+    if let (Some(a), Some(b)) = (header("webhook-id"), header("svix-id")) {
+        if a.trim() != b.trim() {
+            return Err(Error::Conflicting("webhook-id and svix-id name different ids".into()));
+        }
+    }
     let id = pick("id").ok_or_else(|| Error::MissingHeader("webhook-id".into()))?;
     let ts = pick("timestamp").ok_or_else(|| Error::MissingHeader("webhook-timestamp".into()))?;
     let sigs = pick("signature").ok_or_else(|| Error::MissingHeader("webhook-signature".into()))?;

@@ -120,7 +120,7 @@ fn provider_request(s: &Server, provider: &str, file: &str) -> (Vec<(String, Str
     let secret = s.ctx.config().tenants["demo"].providers[provider].secret.clone().unwrap();
     let scheme = membersync::verify::Scheme::compile(spec);
     let body = scheme.prepare_body(&secret, &body);
-    headers.retain(|(k, _)| k != "webhook-id");
+    headers.retain(|(k, _)| k != "webhook-id" && k != "svix-id"); // the id is the one signed below
     headers.extend(scheme.sign(&secret, &body, SystemClock.now()));
     headers.push(("content-type".into(), content_type.into()));
     (headers, body)
@@ -355,5 +355,35 @@ async fn send_twice_is_one_delivery_and_a_given_message_id_is_another() {
     assert_ne!(fresh, "duplicate");
     let again = send("memberstack", "member_plan_added.json", &["webhook-id: msg_by_hand_1"]).await;
     assert_eq!(again, "duplicate");
+    s.stop().await;
+}
+
+/// The id that was signed is the idempotency key: a delivery naming itself twice
+/// (`webhook-id` and `svix-id` differ) is refused and stores nothing; one header family or
+/// the other verifies the same way and dedupes by the same id.
+// See: issue 20 (a captured Memberstack delivery resent with a fresh `svix-id` was applied
+// again; Whop under `svix-*` names deduped by a body hash).
+#[tokio::test]
+async fn the_signed_id_is_the_idempotency_key_under_either_header_family() {
+    let s = Server::start().await;
+    let now = SystemClock.now();
+
+    let body = fixture("memberstack", "member_plan_added");
+    let mut headers = signed_headers(&s.ctx, "memberstack", &body, now);
+    headers.push(("svix-id".into(), "msg_fresh_unsigned".into()));
+    let (code, ack) = s.post("/webhooks/demo/memberstack", &headers, body).await;
+    assert_eq!(code, 400, "{ack}");
+    assert!(s.ctx.store.events(None, None, 10).unwrap().is_empty(), "nothing stored");
+
+    let body = fixture("whop", "payment_succeeded");
+    let webhook = signed_headers(&s.ctx, "whop", &body, now);
+    let svix: Vec<(String, String)> =
+        webhook.iter().map(|(k, v)| (k.replacen("webhook-", "svix-", 1), v.clone())).collect();
+    assert!(svix.iter().any(|(k, _)| k == "svix-id"), "{svix:?}");
+    let (code, ack) = s.post("/webhooks/demo/whop", &svix, body.clone()).await;
+    assert_eq!((code, ack["status"].as_str()), (200, Some("applied")), "{ack}");
+    let (code, ack) = s.post("/webhooks/demo/whop", &webhook, body).await;
+    assert_eq!((code, ack["status"].as_str()), (200, Some("duplicate")), "{ack}");
+    assert_eq!(s.ctx.store.events(None, None, 10).unwrap().len(), 1);
     s.stop().await;
 }
