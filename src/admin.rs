@@ -133,19 +133,38 @@ pub async fn members(
 pub struct EventsQuery {
     status: Option<String>,
     limit: Option<usize>,
+    /// The page after the one that answered `next` with this cursor.
+    before: Option<i64>,
 }
 
-/// `GET /events?status=S&limit=N`.
+/// The most `GET /events` lists at once.
+pub const MAX_EVENTS_PAGE: usize = 500;
+
+/// `GET /events?status=S&limit=N&before=CURSOR`: newest first, without raw bodies (they
+/// stay on `GET /events/{id}`); `next` is the cursor of the following page, when there is
+/// one.
 pub async fn events(
     token: AdminToken,
     State(ctx): State<Arc<Ctx>>,
     Query(q): Query<EventsQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = q.limit.unwrap_or(50).min(1000);
+    let limit = q.limit.unwrap_or(50).clamp(1, MAX_EVENTS_PAGE);
     // A tenant's token: that tenant's newest events, however many others arrived since.
     let tenant = token.tenant.clone();
-    let rows = read(&ctx.store, move |s| s.events(q.status.as_deref(), tenant.as_deref(), limit)).await?;
-    Ok(Json(json!({ "events": rows.iter().map(activity_json).collect::<Vec<_>>() })))
+    let before = q.before;
+    let rows =
+        read(&ctx.store, move |s| s.event_list(q.status.as_deref(), tenant.as_deref(), before, limit + 1)).await?;
+    let more = rows.len() > limit;
+    let page = &rows[..rows.len().min(limit)];
+    let next = if more { page.last().map(|e| e.seq) } else { None };
+    Ok(Json(json!({
+        "events": page.iter().map(|e| {
+            let mut j = activity_json(e);
+            j["seq"] = json!(e.seq);
+            j
+        }).collect::<Vec<_>>(),
+        "next": next,
+    })))
 }
 
 /// The full stored event: raw body, canonical event, outcome, rule and transition.

@@ -422,6 +422,15 @@ pub trait Store: Send + Sync + 'static {
     fn members_by_email(&self, email: &str) -> Result<Vec<MemberRow>>;
     /// The newest `limit` events, of one status and/or one tenant if given.
     fn events(&self, status: Option<&str>, tenant: Option<&str>, limit: usize) -> Result<Vec<EventRow>>;
+    /// Newest first, before sequence number `before` (a page of `GET /events`): without their
+    /// raw bodies and headers, which a list does not show and need not load.
+    fn event_list(
+        &self,
+        status: Option<&str>,
+        tenant: Option<&str>,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<EventRow>>;
     fn events_by_event_id(&self, event_id: &str) -> Result<Vec<EventRow>>;
     /// Events in arrival order, filtered (for replay and explain).
     fn events_where(&self, filter: &EventFilter) -> Result<Vec<EventRow>>;

@@ -387,3 +387,44 @@ async fn the_signed_id_is_the_idempotency_key_under_either_header_family() {
     assert_eq!(s.ctx.store.events(None, None, 10).unwrap().len(), 1);
     s.stop().await;
 }
+
+/// `GET /events` pages newest first with a cursor, a capped limit, and loads no raw body (a
+/// list shows none; many large stored bodies listed at once took hundreds of MB).
+// See: issue 20.
+#[tokio::test]
+async fn events_page_with_a_cursor_and_load_no_raw_bodies() {
+    let s = Server::start().await;
+    for name in ["checkout_session_completed", "customer_subscription_created", "invoice_paid", "customer_created"] {
+        let (code, ack) = s.post_signed(name).await;
+        assert_eq!(code, 200, "{name}: {ack}");
+    }
+    let all = s.ctx.store.events(None, None, 100).unwrap();
+    assert_eq!(all.len(), 4);
+    let listed = s.ctx.store.event_list(None, None, None, 100).unwrap();
+    assert!(listed.iter().all(|e| e.raw.is_empty() && e.headers.get() == "[]"), "no body loaded");
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<i64> = None;
+    loop {
+        let path = match cursor {
+            Some(c) => format!("/events?limit=2&before={c}"),
+            None => "/events?limit=2".to_string(),
+        };
+        let (code, page) = s.get(&path, Some(TOKEN)).await;
+        assert_eq!(code, 200, "{page}");
+        for e in page["events"].as_array().unwrap() {
+            assert!(e.get("raw").is_none(), "{e}");
+            seen.push(e["seq"].as_i64().unwrap());
+        }
+        match page["next"].as_i64() {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let mut want: Vec<i64> = all.iter().map(|e| e.seq).collect();
+    want.sort_by(|a, b| b.cmp(a));
+    assert_eq!(seen, want, "every event once, newest first");
+    let (_, capped) = s.get("/events?limit=100000", Some(TOKEN)).await;
+    assert_eq!(capped["events"].as_array().unwrap().len(), 4);
+    s.stop().await;
+}

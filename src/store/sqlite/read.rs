@@ -120,6 +120,35 @@ impl Store for SqliteStore {
         })
     }
 
+    fn event_list(
+        &self,
+        status: Option<&str>,
+        tenant: Option<&str>,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<EventRow>> {
+        self.read(|c| {
+            let mut conds = Vec::new();
+            if let Some(status) = status {
+                conds.push(("status = ?", Some(status.to_string().into())));
+            }
+            if let Some(tenant) = tenant {
+                conds.push(("tenant = ?", Some(tenant.to_string().into())));
+            }
+            if let Some(before) = before {
+                conds.push(("seq < ?", Some(before.into())));
+            }
+            let (sql, values) = events_sql(conds, "DESC", Some(limit));
+            // The raw body and headers stay on disk: a list shows neither.
+            let sql = sql.replacen(", raw, headers,", ", x'', '[]',", 1);
+            let rows = c
+                .prepare_cached(&sql)?
+                .query_map(rusqlite::params_from_iter(values), event_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
     fn events_by_event_id(&self, event_id: &str) -> Result<Vec<EventRow>> {
         self.read(|c| {
             let sql = format!("SELECT {EVENT_COLS} FROM events WHERE event_id = ?1 ORDER BY seq");
