@@ -103,21 +103,7 @@ impl Store for SqliteStore {
     }
 
     fn events(&self, status: Option<&str>, tenant: Option<&str>, limit: usize) -> Result<Vec<EventRow>> {
-        self.read(|c| {
-            let mut conds = Vec::new();
-            if let Some(status) = status {
-                conds.push(("status = ?", Some(status.to_string().into())));
-            }
-            if let Some(tenant) = tenant {
-                conds.push(("tenant = ?", Some(tenant.to_string().into())));
-            }
-            let (sql, values) = events_sql(conds, "DESC", Some(limit));
-            let rows = c
-                .prepare_cached(&sql)?
-                .query_map(rusqlite::params_from_iter(values), event_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows)
-        })
+        self.read(|c| Ok(newest_events(c, status, tenant, None, limit, true)?))
     }
 
     fn event_list(
@@ -127,26 +113,8 @@ impl Store for SqliteStore {
         before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<EventRow>> {
-        self.read(|c| {
-            let mut conds = Vec::new();
-            if let Some(status) = status {
-                conds.push(("status = ?", Some(status.to_string().into())));
-            }
-            if let Some(tenant) = tenant {
-                conds.push(("tenant = ?", Some(tenant.to_string().into())));
-            }
-            if let Some(before) = before {
-                conds.push(("seq < ?", Some(before.into())));
-            }
-            let (sql, values) = events_sql(conds, "DESC", Some(limit));
-            // The raw body and headers stay on disk: a list shows neither.
-            let sql = sql.replacen(", raw, headers,", ", x'', '[]',", 1);
-            let rows = c
-                .prepare_cached(&sql)?
-                .query_map(rusqlite::params_from_iter(values), event_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows)
-        })
+        // The raw body and headers stay on disk: a list shows neither.
+        self.read(|c| Ok(newest_events(c, status, tenant, before, limit, false)?))
     }
 
     fn events_by_event_id(&self, event_id: &str) -> Result<Vec<EventRow>> {
@@ -272,6 +240,34 @@ impl Store for SqliteStore {
 /// parameters are bound, so a generic `(?1 IS NULL OR member_id = ?1)` would keep every
 /// filter off its index (`explain` of one member read the whole events table). Each
 /// distinct statement is kept by the connection's statement cache.
+/// Events newest first, filtered; without raw bodies and headers unless `whole`.
+fn newest_events(
+    c: &rusqlite::Connection,
+    status: Option<&str>,
+    tenant: Option<&str>,
+    before: Option<i64>,
+    limit: usize,
+    whole: bool,
+) -> rusqlite::Result<Vec<EventRow>> {
+    let mut conds = Vec::new();
+    if let Some(status) = status {
+        conds.push(("status = ?", Some(status.to_string().into())));
+    }
+    if let Some(tenant) = tenant {
+        conds.push(("tenant = ?", Some(tenant.to_string().into())));
+    }
+    if let Some(before) = before {
+        conds.push(("seq < ?", Some(before.into())));
+    }
+    let (mut sql, values) = events_sql(conds, "DESC", Some(limit));
+    if !whole {
+        sql = sql.replacen(", raw, headers,", ", x'', '[]',", 1);
+    }
+    let mut st = c.prepare_cached(&sql)?;
+    let rows = st.query_map(rusqlite::params_from_iter(values), event_row)?.collect();
+    rows
+}
+
 pub(super) fn events_sql(
     conds: Vec<(&'static str, Option<rusqlite::types::Value>)>,
     order: &str,
