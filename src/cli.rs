@@ -237,6 +237,24 @@ fn open_store(config: &Config, database: &str) -> Result<Arc<dyn Store>> {
     Ok(Arc::new(store))
 }
 
+/// On any address but loopback, the built-in local secrets (the config's `default:` values,
+/// known to anyone who read this repository) would let anyone sign webhooks or read the
+/// admin API: `serve` refuses to start, naming each and its variable.
+fn refuse_demo_defaults_off_loopback(config: &crate::config::Config) -> Result<()> {
+    let loopback = match config.listen.parse::<std::net::SocketAddr>() {
+        Ok(addr) => addr.ip().is_loopback(),
+        Err(_) => config.listen.starts_with("localhost:"),
+    };
+    if loopback || config.defaulted_secrets.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "refusing to listen on {} with built-in local secrets still in force:\n{}\nset each variable named (or listen on 127.0.0.1)",
+        config.listen,
+        config.defaulted_secrets.iter().map(|s| format!("  {s}\n")).collect::<String>().trim_end()
+    )
+}
+
 async fn serve(config_path: &Path, listen: Option<String>, database: Option<String>) -> Result<ExitCode> {
     // What `check` refuses, the service refuses: at start as at every reload.
     let findings = crate::check::check(config_path);
@@ -255,6 +273,7 @@ async fn serve(config_path: &Path, listen: Option<String>, database: Option<Stri
     if let Some(d) = database {
         config.database = d;
     }
+    refuse_demo_defaults_off_loopback(&config)?;
     let rules = load_rules(&config, Utc::now())?;
     let store = open_store(&config, &config.database)?;
     let listener = tokio::net::TcpListener::bind(&config.listen)

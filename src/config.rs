@@ -136,6 +136,19 @@ pub enum SecretSpec {
 }
 
 impl SecretSpec {
+    /// The environment variable it falls back from, when it resolves to its `default:` (the
+    /// built-in local value: no variable set).
+    fn defaulted(&self) -> Option<&str> {
+        match self {
+            SecretSpec::Env { env, default: Some(_) }
+                if std::env::var(env).ok().filter(|v| !v.is_empty()).is_none() =>
+            {
+                Some(env)
+            }
+            _ => None,
+        }
+    }
+
     fn resolve(&self) -> Option<Secret> {
         match self {
             SecretSpec::Literal(s) => Some(Secret::new(s.clone())),
@@ -224,6 +237,9 @@ pub struct Config {
     pub reconcile: ReconcileSettings,
     /// Provider → API root from `<PROVIDER>_API_BASE` (overrides the YAML's `api_base`).
     pub api_bases: BTreeMap<String, String>,
+    /// Secrets in force at their built-in `default:` (no environment variable set), each as
+    /// `where (VARIABLE)`: fine on loopback, refused by `serve` on any other address.
+    pub defaulted_secrets: Vec<String>,
 }
 
 /// Defaults for local use, documented in the README.
@@ -295,7 +311,22 @@ impl Config {
         } else {
             base.join(database).display().to_string()
         };
+        let mut defaulted_secrets = Vec::new();
+        if let Some(var) = file.admin_token.as_ref().and_then(SecretSpec::defaulted) {
+            defaulted_secrets.push(format!("admin_token ({var})"));
+        }
+        for (name, t) in &file.tenants {
+            if let Some(var) = t.admin_token.as_ref().and_then(SecretSpec::defaulted) {
+                defaulted_secrets.push(format!("tenants.{name}.admin_token ({var})"));
+            }
+            for (pname, p) in &t.providers {
+                if let Some(var) = p.secret.defaulted() {
+                    defaulted_secrets.push(format!("tenants.{name}.providers.{pname}.secret ({var})"));
+                }
+            }
+        }
         Ok(Config {
+            defaulted_secrets,
             path: path.to_path_buf(),
             listen: env("MEMBERSYNC_LISTEN").or(file.listen.clone()).unwrap_or_else(|| DEFAULT_LISTEN.to_string()),
             database,

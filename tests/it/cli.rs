@@ -125,3 +125,42 @@ async fn an_email_in_two_tenants_is_not_guessed_at() {
         );
     }
 }
+
+/// On an address other than loopback, `serve` refuses to start while a secret is still its
+/// built-in local default, and names each with its variable; set them all and it starts.
+// See: issue 20 (the demo secrets and `dev-admin-token` were used silently on any address).
+#[test]
+fn serve_off_loopback_refuses_the_built_in_secrets_and_names_them() {
+    let (dir, _) = editable_config();
+    let vars = [
+        "MEMBERSYNC_ADMIN_TOKEN",
+        "STRIPE_WEBHOOK_SECRET",
+        "MEMBERSTACK_WEBHOOK_SECRET",
+        "WHOP_WEBHOOK_SECRET",
+        "THRIVECART_SECRET_WORD",
+        "MEMBERFUL_WEBHOOK_SECRET",
+    ];
+    let run = |set: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_membersync"));
+        cmd.args(["serve", "--listen", "0.0.0.0:0"]).current_dir(dir.path()).env("MEMBERSYNC_LOG", "warn");
+        for v in vars {
+            cmd.env_remove(v);
+        }
+        for v in set {
+            cmd.env(v, "a-real-secret-not-the-default");
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(&[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refusing to listen on 0.0.0.0:0"), "{err}");
+    for v in vars {
+        assert!(err.contains(v), "{v} named: {err}");
+    }
+    // All but one set: that one is still named, the others are not.
+    let out = run(&vars[..5]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("MEMBERFUL_WEBHOOK_SECRET"), "{err}");
+    assert!(!err.contains("STRIPE_WEBHOOK_SECRET"), "{err}");
+}
