@@ -191,8 +191,24 @@ pub async fn leads(token: AdminToken, State(ctx): State<Arc<Ctx>>) -> Result<Jso
 }
 
 /// `GET /metrics`: OpenMetrics text (see `metrics`).
-pub async fn metrics(State(state): State<AppState>) -> Result<axum::response::Response, ApiError> {
+pub async fn metrics(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
+    // The counts of every tenant: the scraper's token (`metrics_token`) or the global
+    // admin token, never nobody's.
+    let config = state.ctx.config();
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let matches =
+        |s: &crate::secret::Secret| !given.is_empty() && bool::from(given.as_bytes().ct_eq(s.expose().as_bytes()));
+    if !(config.metrics_token.as_ref().is_some_and(matches) || config.admin_token.as_ref().is_some_and(matches)) {
+        return Err(ApiError::AdminUnauthorized);
+    }
     let (events, sync) = read(&state.ctx.store, |s| Ok((s.event_counts()?, s.sync_status_counts()?))).await?;
     let text = state.metrics.render(&events, &sync);
     Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())

@@ -31,6 +31,10 @@ pub struct ConfigFile {
     /// Bearer token for the admin API (env `MEMBERSYNC_ADMIN_TOKEN` overrides).
     #[serde(default)]
     pub admin_token: Option<SecretSpec>,
+    /// Bearer token for `GET /metrics` (a scraper's, apart from the admin token, which is
+    /// accepted too). Without either, `/metrics` answers 401.
+    #[serde(default)]
+    pub metrics_token: Option<SecretSpec>,
     /// Directory holding `*.rhai` and `providers/*.yaml`, relative to the config file.
     #[serde(default)]
     pub rules_dir: Option<String>,
@@ -222,6 +226,8 @@ pub struct Config {
     pub listen: String,
     pub database: String,
     pub admin_token: Option<Secret>,
+    /// Bearer token for `GET /metrics` (the admin token is accepted too).
+    pub metrics_token: Option<Secret>,
     pub rules_dir: PathBuf,
     pub max_body_bytes: usize,
     pub queue_capacity: usize,
@@ -333,6 +339,7 @@ impl Config {
             admin_token: env("MEMBERSYNC_ADMIN_TOKEN")
                 .map(Secret::new)
                 .or_else(|| file.admin_token.as_ref().and_then(SecretSpec::resolve)),
+            metrics_token: file.metrics_token.as_ref().and_then(SecretSpec::resolve),
             rules_dir,
             max_body_bytes: file.limits.max_body_bytes.unwrap_or(1024 * 1024),
             queue_capacity: file.limits.queue_capacity.unwrap_or(4096),

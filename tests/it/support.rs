@@ -225,8 +225,10 @@ impl Server {
         (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
     }
 
+    /// A text answer, asked with the admin token.
     pub async fn get_text(&self, path: &str) -> String {
-        reqwest::get(format!("{}{path}", self.url)).await.unwrap().text().await.unwrap()
+        let req = reqwest::Client::new().get(format!("{}{path}", self.url)).bearer_auth(TOKEN);
+        req.send().await.unwrap().text().await.unwrap()
     }
 }
 

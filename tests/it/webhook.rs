@@ -428,3 +428,34 @@ async fn events_page_with_a_cursor_and_load_no_raw_bodies() {
     assert_eq!(capped["events"].as_array().unwrap().len(), 4);
     s.stop().await;
 }
+
+/// `/metrics` shows every tenant's counts: only to the scraper's `metrics_token` or the
+/// global admin token; nobody else, not a tenant's own token.
+// See: issue 20 (`/metrics` needed no token).
+#[tokio::test]
+async fn metrics_answer_only_the_metrics_or_global_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&dir.path().join("m.db").display().to_string());
+    config.metrics_token = Some(membersync::secret::Secret::new("scrape-token"));
+    config.tenants.get_mut("demo").unwrap().admin_token = Some(membersync::secret::Secret::new("demo-tenant-token"));
+    let s = Server::start_with(config, std::sync::Arc::new(SystemClock), dir).await;
+    let get = |token: Option<&'static str>| {
+        let url = format!("{}/metrics", s.url);
+        async move {
+            let mut req = reqwest::Client::new().get(url);
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    assert_eq!(get(None).await.0, 401);
+    assert_eq!(get(Some("wrong")).await.0, 401);
+    assert_eq!(get(Some("demo-tenant-token")).await.0, 401, "a tenant's token sees one tenant, not all");
+    let (code, text) = get(Some("scrape-token")).await;
+    assert_eq!(code, 200);
+    assert!(text.contains("membersync_build_info"), "{text}");
+    assert_eq!(get(Some(TOKEN)).await.0, 200, "the global admin token");
+    s.stop().await;
+}
