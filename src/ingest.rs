@@ -57,18 +57,20 @@ pub async fn webhook(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Ack>, ApiError> {
+    // What the URL names is shown in logs escaped: it comes from anyone.
+    let (shown_tenant, shown_provider) = (crate::logging::shown(&tenant), crate::logging::shown(&provider));
     target(&ctx.config(), &tenant, &provider).inspect_err(|e| {
-        tracing::warn!(%tenant, %provider, error = %e, "Webhook for an unknown target.");
+        tracing::warn!(tenant = %shown_tenant, provider = %shown_provider, error = %crate::logging::shown(e.to_string()), "Webhook for an unknown target.");
     })?;
     let limit = ctx.config().max_body_bytes;
     let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
         let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
             || e.to_string().contains("length limit");
         if too_large {
-            tracing::warn!(%tenant, %provider, limit, "Webhook body too large.");
+            tracing::warn!(tenant = %shown_tenant, provider = %shown_provider, limit, "Webhook body too large.");
             ApiError::TooLarge(limit)
         } else {
-            tracing::warn!(%tenant, %provider, error = %e, "Webhook body could not be read.");
+            tracing::warn!(tenant = %shown_tenant, provider = %shown_provider, error = %crate::logging::shown(e.to_string()), "Webhook body could not be read.");
             ApiError::BadRequest(e.to_string())
         }
     })?;
@@ -98,20 +100,20 @@ pub async fn accept(
     let delivery = Delivery { tenant, provider, headers: &headers, body: &body, received_at: ctx.clock.now() };
     let taken = intake(&config, &delivery, Check::Signature(tp.secret.as_ref())).map_err(|e| match e {
         intake::Error::Unverified(e @ crate::verify::Error::Conflicting(_)) => {
-            tracing::warn!(%tenant, %provider, reason = %e, "Webhook names itself twice.");
+            tracing::warn!(tenant = %crate::logging::shown(tenant), provider = %crate::logging::shown(provider), reason = %crate::logging::shown(e.to_string()), "Webhook names itself twice.");
             ApiError::BadRequest(e.to_string())
         }
         intake::Error::Unverified(e) => {
-            tracing::warn!(%tenant, %provider, reason = %e, "Signature did not verify.");
+            tracing::warn!(tenant = %crate::logging::shown(tenant), provider = %crate::logging::shown(provider), reason = %crate::logging::shown(e.to_string()), "Signature did not verify.");
             ApiError::Unauthorized(e.to_string())
         }
         e => {
-            tracing::warn!(%tenant, %provider, error = %e, "Webhook body could not be decoded.");
+            tracing::warn!(tenant = %crate::logging::shown(tenant), provider = %crate::logging::shown(provider), error = %crate::logging::shown(e.to_string()), "Webhook body could not be decoded.");
             ApiError::BadRequest(e.to_string())
         }
     })?;
     if let Err(failure) = &taken.extracted {
-        tracing::warn!(%tenant, %provider, event_id = %failure.event_id, error = %failure.error, "Webhook fields could not be read; storing it as failed.");
+        tracing::warn!(tenant = %crate::logging::shown(tenant), provider = %crate::logging::shown(provider), event_id = %crate::logging::shown(&failure.event_id), error = %crate::logging::shown(failure.error.to_string()), "Webhook fields could not be read; storing it as failed.");
     }
     // What the delivery leaves out (`enrich:`), fetched before the event is applied and
     // within the provider's patience; a failure is the event's to record, not the request's.
@@ -120,7 +122,7 @@ pub async fn accept(
         Some(x) if stored_already(ctx, tenant, provider, x).await => None,
         Some(x) => Some(
             crate::enrich::fetch(&config, tenant, provider, x.enrich.as_ref().expect("filtered")).await.map_err(|e| {
-                tracing::warn!(%tenant, %provider, error = %e, "Enrichment failed; the event is kept and tried again.");
+                tracing::warn!(tenant = %crate::logging::shown(tenant), provider = %crate::logging::shown(provider), error = %crate::logging::shown(e.to_string()), "Enrichment failed; the event is kept and tried again.");
                 e.to_string()
             }),
         ),
@@ -131,7 +133,7 @@ pub async fn accept(
         headers.into_iter().filter(|(k, _)| !UNSTORED_HEADERS.contains(&k.as_str())).collect();
     let raw = Raw { body: taken.body, headers: stored, source: Source::Webhook, delivery: true, enrichment };
     pipeline::process(ctx, incoming, raw).await.map_err(|e| {
-        tracing::error!(%tenant, %provider, error = %e, "Webhook could not be stored; the provider will retry.");
+        tracing::error!(%tenant, %provider, error = %crate::logging::shown(e.to_string()), "Webhook could not be stored; the provider will retry.");
         ApiError::from(e)
     })
 }

@@ -228,3 +228,26 @@ mod tests {
         assert!(sink.text().ends_with("plain\n"));
     }
 }
+
+/// A value taken from a request (a URL segment, a header, an id), as a log line may show
+/// it: control characters — a newline that would forge a line, an ANSI escape — escaped,
+/// and at most 200 characters.
+pub fn shown(s: impl AsRef<str>) -> String {
+    let s = s.as_ref();
+    let mut out: String = s.chars().take(200).flat_map(char::escape_debug).collect();
+    if s.chars().count() > 200 {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod shown_tests {
+    #[test]
+    fn request_values_cannot_forge_lines_or_colour_the_log() {
+        assert_eq!(super::shown("demo"), "demo");
+        assert_eq!(super::shown("demo\nFORGED WARN"), "demo\\nFORGED WARN");
+        assert_eq!(super::shown("x\u{1b}[31mred"), "x\\u{1b}[31mred");
+        assert_eq!(super::shown("a".repeat(500)).chars().count(), 201);
+    }
+}

@@ -459,3 +459,27 @@ async fn metrics_answer_only_the_metrics_or_global_admin_token() {
     assert_eq!(get(Some(TOKEN)).await.0, 200, "the global admin token");
     s.stop().await;
 }
+
+/// Anything a request names is escaped in the log: a newline in the URL cannot forge a log
+/// line, an ANSI escape cannot colour the operator's terminal.
+// See: issue 20 (`POST /webhooks/demo%0a…/stripe` wrote a forged line).
+#[tokio::test]
+async fn a_request_cannot_forge_or_colour_a_log_line() {
+    let (dir, _) = editable_config();
+    let svc = spawn(dir.path(), free_port()).await;
+    let url = format!("{}/webhooks/demo%0AFORGED%20ERROR%20admin%20token%20leaked%1B%5B31m/stripe", svc.url);
+    let resp = reqwest::Client::new().post(url).body("{}").send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 404);
+    let mut log = String::new();
+    for _ in 0..50 {
+        log = std::fs::read_to_string(dir.path().join("service.log")).unwrap_or_default();
+        if log.contains("unknown target") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(log.contains("unknown target"), "{log}");
+    assert!(!log.lines().any(|l| l.starts_with("FORGED")), "a forged line: {log}");
+    assert!(!log.contains('\u{1b}'), "a raw escape in the log: {log:?}");
+    assert!(log.contains("\\nFORGED"), "shown escaped: {log}");
+}
