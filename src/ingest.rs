@@ -60,17 +60,23 @@ pub async fn webhook(
     // What the URL names is shown in logs escaped: it comes from anyone.
     let (shown_tenant, shown_provider) = (crate::logging::shown(&tenant), crate::logging::shown(&provider));
     target(&ctx.config(), &tenant, &provider).inspect_err(|e| {
-        tracing::warn!(tenant = %shown_tenant, provider = %shown_provider, error = %crate::logging::shown(e.to_string()), "Webhook for an unknown target.");
+        if let Some(held_back) = ctx.failure_log.first_in_interval("unknown target") {
+            tracing::warn!(held_back, tenant = %shown_tenant, provider = %shown_provider, error = %crate::logging::shown(e.to_string()), "Webhook for an unknown target.");
+        }
     })?;
     let limit = ctx.config().max_body_bytes;
     let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
         let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
             || e.to_string().contains("length limit");
         if too_large {
-            tracing::warn!(tenant = %shown_tenant, provider = %shown_provider, limit, "Webhook body too large.");
+            if let Some(held_back) = ctx.failure_log.first_in_interval("body too large") {
+                tracing::warn!(held_back, tenant = %shown_tenant, provider = %shown_provider, limit, "Webhook body too large.");
+            }
             ApiError::TooLarge(limit)
         } else {
-            tracing::warn!(tenant = %shown_tenant, provider = %shown_provider, error = %crate::logging::shown(e.to_string()), "Webhook body could not be read.");
+            if let Some(held_back) = ctx.failure_log.first_in_interval("body unreadable") {
+                tracing::warn!(held_back, tenant = %shown_tenant, provider = %shown_provider, error = %crate::logging::shown(e.to_string()), "Webhook body could not be read.");
+            }
             ApiError::BadRequest(e.to_string())
         }
     })?;
@@ -100,11 +106,15 @@ pub async fn accept(
     let delivery = Delivery { tenant, provider, headers: &headers, body: &body, received_at: ctx.clock.now() };
     let taken = intake(&config, &delivery, Check::Signature(tp.secret.as_ref())).map_err(|e| match e {
         intake::Error::Unverified(e @ crate::verify::Error::Conflicting(_)) => {
-            tracing::warn!(tenant = %crate::logging::shown(tenant), provider = %crate::logging::shown(provider), reason = %crate::logging::shown(e.to_string()), "Webhook names itself twice.");
+            if let Some(held_back) = ctx.failure_log.first_in_interval("ids conflict") {
+                tracing::warn!(held_back, tenant = %crate::logging::shown(tenant), provider = %crate::logging::shown(provider), reason = %crate::logging::shown(e.to_string()), "Webhook names itself twice.");
+            }
             ApiError::BadRequest(e.to_string())
         }
         intake::Error::Unverified(e) => {
-            tracing::warn!(tenant = %crate::logging::shown(tenant), provider = %crate::logging::shown(provider), reason = %crate::logging::shown(e.to_string()), "Signature did not verify.");
+            if let Some(held_back) = ctx.failure_log.first_in_interval("signature") {
+                tracing::warn!(held_back, tenant = %crate::logging::shown(tenant), provider = %crate::logging::shown(provider), reason = %crate::logging::shown(e.to_string()), "Signature did not verify.");
+            }
             ApiError::Unauthorized(e.to_string())
         }
         e => {

@@ -229,6 +229,40 @@ mod tests {
     }
 }
 
+/// How often each kind of unauthenticated failure is written to the log at most.
+pub const FAILURE_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// When each kind of unauthenticated failure (bad signature, unknown target…) was last
+/// written to the log, and how many were held back since: anyone can send them, so each one
+/// must not cost a flushed line.
+#[derive(Debug, Default)]
+pub struct Throttle(std::sync::Mutex<std::collections::HashMap<&'static str, (std::time::Instant, u64)>>);
+
+impl Throttle {
+    /// Whether a WARN line for `cause` may be written now: the first in each
+    /// [`FAILURE_LOG_INTERVAL`] is, with how many of its kind were held back since the last
+    /// one written; the others are only counted.
+    pub fn first_in_interval(&self, cause: &'static str) -> Option<u64> {
+        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match seen.get_mut(cause) {
+            Some((at, held)) if now.duration_since(*at) < FAILURE_LOG_INTERVAL => {
+                *held += 1;
+                None
+            }
+            Some((at, held)) => {
+                let n = *held;
+                (*at, *held) = (now, 0);
+                Some(n)
+            }
+            None => {
+                seen.insert(cause, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
 /// A value taken from a request (a URL segment, a header, an id), as a log line may show
 /// it: control characters — a newline that would forge a line, an ANSI escape — escaped,
 /// and at most 200 characters.

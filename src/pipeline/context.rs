@@ -82,6 +82,8 @@ pub struct Ctx {
     pub clock: Arc<dyn Clock>,
     /// Woken when a timer is scheduled, so the timer task re-reads the next due time.
     pub timers_changed: tokio::sync::Notify,
+    /// How often this service has logged each kind of unauthenticated failure lately.
+    pub failure_log: crate::logging::Throttle,
 }
 
 impl Ctx {
@@ -91,12 +93,19 @@ impl Ctx {
             store,
             clock,
             timers_changed: tokio::sync::Notify::new(),
+            failure_log: Default::default(),
         }
     }
 
     /// A context sharing an existing snapshot (a scratch run under the rules in force).
     pub fn with_loaded(loaded: Arc<Loaded>, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Ctx {
-        Ctx { loaded: RwLock::new(loaded), store, clock, timers_changed: tokio::sync::Notify::new() }
+        Ctx {
+            loaded: RwLock::new(loaded),
+            store,
+            clock,
+            timers_changed: tokio::sync::Notify::new(),
+            failure_log: Default::default(),
+        }
     }
 
     /// The snapshot in force.

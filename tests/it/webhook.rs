@@ -483,3 +483,30 @@ async fn a_request_cannot_forge_or_colour_a_log_line() {
     assert!(!log.contains('\u{1b}'), "a raw escape in the log: {log:?}");
     assert!(log.contains("\\nFORGED"), "shown escaped: {log}");
 }
+
+/// An unauthenticated failure anyone can send (a bad signature, an unknown target) costs
+/// one WARN line per kind and interval, not one each: the rest are held back, counted, and
+/// the next line says how many.
+// See: issue 20 (every unauthenticated bad request wrote a WARN line flushed at once).
+#[tokio::test]
+async fn unauthenticated_failures_are_summarised_not_logged_one_by_one() {
+    let (dir, _) = editable_config();
+    let svc = spawn(dir.path(), free_port()).await;
+    let client = reqwest::Client::new();
+    for _ in 0..20 {
+        let resp = client
+            .post(format!("{}/webhooks/demo/stripe", svc.url))
+            .header("stripe-signature", "t=1,v1=00")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 401);
+        let resp = client.post(format!("{}/webhooks/nobody/stripe", svc.url)).body("{}").send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 404);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let log = std::fs::read_to_string(dir.path().join("service.log")).unwrap();
+    assert_eq!(log.matches("Signature did not verify.").count(), 1, "{log}");
+    assert_eq!(log.matches("Webhook for an unknown target.").count(), 1, "{log}");
+}
