@@ -111,13 +111,13 @@ pub async fn serve(
         })
     };
     let reconcile_task = tokio::spawn(reconcile::schedule::run(ctx, state.reconcile.clone(), stopped(stop_rx.clone())));
+    let limits = state.ctx.config().connections;
     let app = router(state);
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        })
-        .await;
+    let result = crate::listen::serve(listener, app, limits, async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    })
+    .await;
     let _ = timer_task.await;
     let _ = watch_task.await;
     #[cfg(unix)]

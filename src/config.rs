@@ -101,6 +101,21 @@ pub struct LimitsSpec {
     /// Largest webhook body accepted, in bytes (413 above). Default 1 MiB.
     #[serde(default)]
     pub max_body_bytes: Option<usize>,
+    /// A request's headers must arrive within this many seconds, or the connection is
+    /// closed. Default 10.
+    #[serde(default)]
+    pub header_timeout_secs: Option<u64>,
+    /// A webhook's body must arrive within this many seconds (408 after). Default 30.
+    #[serde(default)]
+    pub body_timeout_secs: Option<u64>,
+    /// A connection that sends nothing for this many seconds is closed (idle keep-alive
+    /// included). Default 60.
+    #[serde(default)]
+    pub idle_timeout_secs: Option<u64>,
+    /// Most connections open at once; past it the service waits before accepting more
+    /// rather than failing accepts. Default 1024.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
     /// Writes that may wait before new ones get 503. Default 4096.
     #[serde(default)]
     pub queue_capacity: Option<usize>,
@@ -230,6 +245,9 @@ pub struct Config {
     pub metrics_token: Option<Secret>,
     pub rules_dir: PathBuf,
     pub max_body_bytes: usize,
+    /// How long a client may take: its headers, its body, its silence; and how many may be
+    /// connected at once.
+    pub connections: ConnectionLimits,
     pub queue_capacity: usize,
     pub max_batch: usize,
     pub checkpoint_interval: std::time::Duration,
@@ -249,6 +267,15 @@ pub struct Config {
 }
 
 /// Defaults for local use, documented in the README.
+/// What a client connection may take (`limits:` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub header_timeout: std::time::Duration,
+    pub body_timeout: std::time::Duration,
+    pub idle_timeout: std::time::Duration,
+    pub max_connections: usize,
+}
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATABASE: &str = "membersync.db";
 
@@ -342,6 +369,12 @@ impl Config {
             metrics_token: file.metrics_token.as_ref().and_then(SecretSpec::resolve),
             rules_dir,
             max_body_bytes: file.limits.max_body_bytes.unwrap_or(1024 * 1024),
+            connections: ConnectionLimits {
+                header_timeout: std::time::Duration::from_secs(file.limits.header_timeout_secs.unwrap_or(10).max(1)),
+                body_timeout: std::time::Duration::from_secs(file.limits.body_timeout_secs.unwrap_or(30).max(1)),
+                idle_timeout: std::time::Duration::from_secs(file.limits.idle_timeout_secs.unwrap_or(60).max(1)),
+                max_connections: file.limits.max_connections.unwrap_or(1024).max(1),
+            },
             queue_capacity: file.limits.queue_capacity.unwrap_or(4096),
             max_batch: file.limits.max_batch.unwrap_or(32),
             checkpoint_interval: std::time::Duration::from_millis(file.limits.checkpoint_interval_ms.unwrap_or(20)),

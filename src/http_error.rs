@@ -24,6 +24,9 @@ pub enum ApiError {
     /// 413: the body is larger than the limit.
     #[error("body larger than {0} bytes")]
     TooLarge(usize),
+    /// 408: the body did not arrive in time.
+    #[error("body not received within {0} s")]
+    BodyTimeout(u64),
     /// 404: no such member or event.
     #[error("not found")]
     NotFound,
@@ -57,6 +60,7 @@ impl ApiError {
             ApiError::Unauthorized(_) | ApiError::AdminUnauthorized => StatusCode::UNAUTHORIZED,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Busy | ApiError::Unhealthy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,

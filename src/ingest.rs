@@ -65,7 +65,12 @@ pub async fn webhook(
         }
     })?;
     let limit = ctx.config().max_body_bytes;
-    let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let body_timeout = ctx.config().connections.body_timeout;
+    // The body within its time, or 408: a client trickling it holds nothing for long.
+    let body = tokio::time::timeout(body_timeout, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| ApiError::BodyTimeout(body_timeout.as_secs()))?;
+    let body = body.map_err(|e| {
         let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
             || e.to_string().contains("length limit");
         if too_large {

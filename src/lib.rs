@@ -21,14 +21,16 @@
 //! # Layout
 //! Every module, top (what drives) to bottom (what is driven); no module imports one
 //! above it:
-//! - `cli`: the commands; `app`: the router, `serve` and the request metrics; `ingest`,
+//! - `cli`: the commands; `app`: the router, `serve` and the request metrics; `listen`: the
+//!   connection loop (connection cap, header and idle time limits); `ingest`,
 //!   `admin`: the HTTP handlers; `views`: the JSON of members, memberships and events;
 //!   `http_error`: the one status table; `logging`: stderr, routine lines batched.
 //! - `state`: the running service's state above the pipeline (the pipeline's context,
 //!   the last reload's outcome, the reconciler in force, the metrics); `metrics`: what
 //!   `/metrics` shows.
 //! - `reload`: swapping in edited rules (checked first by `check`); `reconcile`: the
-//!   provider APIs and the daily schedule; `timers`: the one timer-firing path; `replay`:
+//!   provider APIs and the daily schedule; `enrich`: what a delivery leaves out, fetched
+//!   (Stripe's line items); `timers`: the one timer-firing path; `replay`:
 //!   stored events run again, and the dry run; `explain`, `scenario`, `simulate`: why a
 //!   member has access, lifecycle files run as tests, one payload as a dry run; `check`:
 //!   every problem in the operator's files.
@@ -56,6 +58,7 @@ pub mod extract;
 pub mod http_error;
 pub mod ingest;
 pub mod intake;
+pub mod listen;
 pub mod logging;
 pub mod machine;
 pub mod metrics;

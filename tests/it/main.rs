@@ -2,6 +2,7 @@
 
 mod check;
 mod cli;
+mod connections;
 mod crash;
 mod details;
 mod durability;
