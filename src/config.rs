@@ -102,18 +102,20 @@ pub struct LimitsSpec {
     #[serde(default)]
     pub max_body_bytes: Option<usize>,
     /// A request's headers must arrive within this many seconds, or the connection is
-    /// closed. Default 10.
+    /// closed; an idle keep-alive connection waiting for its next request closes then too.
+    /// Default 10.
     #[serde(default)]
     pub header_timeout_secs: Option<u64>,
     /// A webhook's body must arrive within this many seconds (408 after). Default 30.
     #[serde(default)]
     pub body_timeout_secs: Option<u64>,
-    /// A connection that sends nothing for this many seconds is closed (idle keep-alive
-    /// included). Default 60.
+    /// A client that takes none of its answer for this many seconds is disconnected.
+    /// Default 30.
     #[serde(default)]
-    pub idle_timeout_secs: Option<u64>,
+    pub write_timeout_secs: Option<u64>,
     /// Most connections open at once; past it the service waits before accepting more
-    /// rather than failing accepts. Default 1024.
+    /// rather than failing accepts. Default 512 (under the usual open-file limit of 1024,
+    /// with room for the store and the log).
     #[serde(default)]
     pub max_connections: Option<usize>,
     /// Writes that may wait before new ones get 503. Default 4096.
@@ -272,7 +274,7 @@ pub struct Config {
 pub struct ConnectionLimits {
     pub header_timeout: std::time::Duration,
     pub body_timeout: std::time::Duration,
-    pub idle_timeout: std::time::Duration,
+    pub write_timeout: std::time::Duration,
     pub max_connections: usize,
 }
 
@@ -372,8 +374,8 @@ impl Config {
             connections: ConnectionLimits {
                 header_timeout: std::time::Duration::from_secs(file.limits.header_timeout_secs.unwrap_or(10).max(1)),
                 body_timeout: std::time::Duration::from_secs(file.limits.body_timeout_secs.unwrap_or(30).max(1)),
-                idle_timeout: std::time::Duration::from_secs(file.limits.idle_timeout_secs.unwrap_or(60).max(1)),
-                max_connections: file.limits.max_connections.unwrap_or(1024).max(1),
+                write_timeout: std::time::Duration::from_secs(file.limits.write_timeout_secs.unwrap_or(30).max(1)),
+                max_connections: file.limits.max_connections.unwrap_or(512).max(1),
             },
             queue_capacity: file.limits.queue_capacity.unwrap_or(4096),
             max_batch: file.limits.max_batch.unwrap_or(32),

@@ -22,7 +22,7 @@
 //! Every module, top (what drives) to bottom (what is driven); no module imports one
 //! above it:
 //! - `cli`: the commands; `app`: the router, `serve` and the request metrics; `listen`: the
-//!   connection loop (connection cap, header and idle time limits); `ingest`,
+//!   connection loop (connection cap, header and write time limits); `ingest`,
 //!   `admin`: the HTTP handlers; `views`: the JSON of members, memberships and events;
 //!   `http_error`: the one status table; `logging`: stderr, routine lines batched.
 //! - `state`: the running service's state above the pipeline (the pipeline's context,

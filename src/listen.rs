@@ -1,8 +1,10 @@
 //! The connection loop: accepts at most `max_connections` clients at once (past it, it waits
 //! before accepting more rather than failing accepts), gives each request's headers
-//! `header_timeout` to arrive, and closes a connection silent for `idle_timeout` (idle
-//! keep-alive included); on shutdown it stops accepting and lets every connection finish
-//! what it is answering. The body's own time limit is the handler's (`ingest`).
+//! `header_timeout` to arrive (a new connection's first, an idle keep-alive one's next: so
+//! idle connections close then too), and closes a connection whose client stops reading
+//! what it is sent for `write_timeout`; on shutdown it stops accepting and lets every
+//! connection finish what it is answering. The body's own time limit is the handler's
+//! (`ingest`). No limit runs while a handler works: a slow answer is never cut.
 //!
 //! What this module must never do: answer a request itself, or drop one in flight at
 //! shutdown.
@@ -15,7 +17,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 
 /// Serves `app` on `listener` until `shutdown` resolves, then waits for the connections.
 pub async fn serve(
@@ -27,6 +29,7 @@ pub async fn serve(
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
+    let accept_failures = crate::logging::Throttle::default();
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -38,7 +41,9 @@ pub async fn serve(
                 Ok(s) => s,
                 Err(e) => {
                     // Out of descriptors or a reset before accept: wait a moment, go on.
-                    tracing::warn!(error = %e, "Could not accept a connection.");
+                    if let Some(held_back) = accept_failures.first_in_interval("accept") {
+                        tracing::warn!(held_back, error = %e, "Could not accept a connection.");
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
@@ -46,7 +51,7 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(Quiet::new(stream, limits.idle_timeout));
+        let io = TokioIo::new(Stalled::new(stream, limits.write_timeout));
         let svc = hyper_util::service::TowerToHyperService::new(app.clone());
         let mut stop = stop_rx.clone();
         connections.spawn(async move {
@@ -75,52 +80,46 @@ pub async fn serve(
     Ok(())
 }
 
-/// A connection that errors when the client sends nothing for `idle` (a read waiting that
-/// long): idle keep-alive and stalled clients are closed. Writing counts as activity.
-struct Quiet {
+/// A connection whose writes error when the client has not taken any of what it is sent
+/// for `limit` (a client that pipelines requests and never reads would otherwise hold its
+/// slot, and shutdown, for ever). Reads are left alone: a handler's time is its own.
+struct Stalled {
     inner: TcpStream,
-    idle: std::time::Duration,
-    deadline: Pin<Box<Sleep>>,
+    limit: std::time::Duration,
+    stalled_since: Option<Pin<Box<Sleep>>>,
 }
 
-impl Quiet {
-    fn new(inner: TcpStream, idle: std::time::Duration) -> Quiet {
-        Quiet { inner, idle, deadline: Box::pin(tokio::time::sleep(idle)) }
-    }
-
-    fn active(&mut self) {
-        self.deadline.as_mut().reset(Instant::now() + self.idle);
+impl Stalled {
+    fn new(inner: TcpStream, limit: std::time::Duration) -> Stalled {
+        Stalled { inner, limit, stalled_since: None }
     }
 }
 
-impl AsyncRead for Quiet {
+impl AsyncRead for Stalled {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        match Pin::new(&mut self.inner).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                if buf.filled().len() > before {
-                    self.active();
-                }
-                Poll::Ready(r)
-            }
-            Poll::Pending => match self.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the client sent nothing for the idle limit",
-                ))),
-                Poll::Pending => Poll::Pending,
-            },
-        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for Quiet {
+impl AsyncWrite for Stalled {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.active();
+        match Pin::new(&mut self.inner).poll_write(cx, data) {
+            Poll::Pending => {
+                let limit = self.limit;
+                let since = self.stalled_since.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match since.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client took nothing of the answer for the write limit",
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            ready => {
+                self.stalled_since = None;
+                ready
+            }
         }
-        r
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
