@@ -90,6 +90,22 @@ pub struct Mapping {
     pub enriched_by: Option<String>,
 }
 
+impl Mapping {
+    /// What a file (or an engine source: `timers`, `rederive`) decided, with `event` its
+    /// key there; nothing else known yet.
+    pub fn new(file: impl Into<String>, event: Option<String>) -> Mapping {
+        Mapping {
+            file: file.into(),
+            event,
+            case: None,
+            ignored_because: None,
+            flags: vec![],
+            unreadable: vec![],
+            enriched_by: None,
+        }
+    }
+}
+
 /// An extracted event, with the idempotency key and what decided it.
 #[derive(Debug, Clone)]
 pub struct Extraction {
@@ -218,15 +234,7 @@ impl Extractor {
             Err(e) => return Err(fail(e, None)),
         };
 
-        let mut mapping = Mapping {
-            file: self.file(),
-            event: None,
-            case: None,
-            ignored_because: None,
-            flags: vec![],
-            unreadable: vec![],
-            enriched_by: None,
-        };
+        let mut mapping = Mapping::new(self.file(), None);
         let mut layers: Vec<&Fields> = Vec::with_capacity(3);
         let kind = match self.events.get(&event_type) {
             None => {

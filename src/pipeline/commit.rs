@@ -332,20 +332,22 @@ pub(super) fn apply_flags(
     Ok(())
 }
 
-/// Ties the payments `ev` names to membership `membership_id`; `counted`: the event counts
-/// as that payment (a purchase or renewal applied).
+/// Ties the payment references `refs` that event `event_id` names to membership
+/// `membership_id`; `counted`: the event counts as that payment (a purchase or renewal
+/// applied).
 pub(super) fn link_payments(
     tx: &mut dyn Tx,
     tenant: &str,
     provider: &str,
-    ev: &CanonicalEvent,
+    refs: &[String],
     membership_id: &str,
+    event_id: &str,
     counted: bool,
 ) -> store::Result<()> {
-    for r in ev.payment.refs() {
+    for r in refs {
         // Only a bill is counted: a payment intent or a charge may stand for several.
         let counted = counted && r.starts_with("invoice:");
-        tx.link_payment(tenant, provider, &r, membership_id, &ev.event_id, counted)?;
+        tx.link_payment(tenant, provider, r, membership_id, event_id, counted)?;
     }
     Ok(())
 }

@@ -114,15 +114,27 @@ pub fn apply_with(
     if payments.is_empty() || ack.status == Status::Duplicate {
         return Ok(ack);
     }
-    let Some(ms) = ack.outcome.membership_id.as_deref().map(|id| tx.membership(id)).transpose()?.flatten() else {
-        return Ok(ack);
-    };
-    let Some(mem) = tx.member(&ms.member_id)? else { return Ok(ack) };
-    for r in &payments {
-        tx.link_payment(&tenant, &provider, r, &ms.id, &event_id, false)?;
+    let Some(ms_id) = ack.outcome.membership_id.clone() else { return Ok(ack) };
+    // A transition tied them already (before any parked event it released ran); any other
+    // outcome ties them here.
+    if !(ack.status == Status::Applied && ack.outcome.to.is_some()) {
+        commit::link_payments(tx, &tenant, &provider, &payments, &ms_id, &event_id, false)?;
     }
+    // Parked events are rare: the membership and member are read only for one that waits.
+    let mut found = None;
     for r in &payments {
-        release_parked(loaded, tx, &ms, &mem, &parked::payment_key(r), now)?;
+        let key = parked::payment_key(r);
+        if tx.parked(&tenant, &provider, &key)?.is_empty() {
+            continue;
+        }
+        if found.is_none() {
+            let Some(ms) = tx.membership(&ms_id)? else { break };
+            let Some(mem) = tx.member(&ms.member_id)? else { break };
+            found = Some((ms, mem));
+        }
+        if let Some((ms, mem)) = &found {
+            release_parked(loaded, tx, ms, mem, &key, now)?;
+        }
     }
     Ok(ack)
 }
@@ -476,8 +488,9 @@ fn apply_event(
         now,
     };
     let (ms, created) = commit::apply_transition(tx, &transition, mkey, membership, &mem, &mut effects)?;
+    // Tied before any parked event released below runs: a bill announced twice counts once.
     let counts = matches!(ev.kind, Some(EventKind::Renewed | EventKind::Purchased));
-    commit::link_payments(tx, &tenant, &provider, ev, &ms.id, counts)?;
+    commit::link_payments(tx, &tenant, &provider, &ev.payment.refs(), &ms.id, &ev.event_id, counts)?;
     outcome.member_id = Some(mem.id.clone());
     outcome.membership_id = Some(ms.id.clone());
     rec.member_id = outcome.member_id.clone();

@@ -89,15 +89,7 @@ pub fn apply_derived(
         effects,
         input: None,
         reason: Some(format!("re-derived under rules {version}: {}", changes.join("; "))),
-        mapping: Some(Mapping {
-            file: "rederive".into(),
-            event: None,
-            case: None,
-            ignored_because: None,
-            flags: vec![],
-            unreadable: vec![],
-            enriched_by: None,
-        }),
+        mapping: Some(Mapping::new("rederive", None)),
         rule: Some(RuleRef {
             file: "(the stored deliveries, run again through the rules)".into(),
             function: "rederive".into(),

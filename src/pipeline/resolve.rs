@@ -232,15 +232,7 @@ pub(super) fn timer_event(tx: &mut dyn Tx, t: &TimerRow) -> store::Result<Option
             payment: Default::default(),
         },
         idempotency_key: event_id,
-        mapping: Mapping {
-            file: "timers".into(),
-            event: Some(format!("timer.{}", t.name)),
-            case: None,
-            ignored_because: None,
-            flags: vec![],
-            unreadable: vec![],
-            enriched_by: None,
-        },
+        mapping: Mapping::new("timers", Some(format!("timer.{}", t.name))),
         enrich: None,
     }))
 }

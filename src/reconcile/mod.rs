@@ -534,15 +534,7 @@ fn status_synced(
             payment: Default::default(),
         },
         idempotency_key: event_id,
-        mapping: Mapping {
-            file: plan.file.clone(),
-            event: Some("reconcile".into()),
-            case: None,
-            ignored_because: None,
-            flags: vec![],
-            unreadable: vec![],
-            enriched_by: None,
-        },
+        mapping: Mapping::new(plan.file.clone(), Some("reconcile".into())),
         enrich: None,
     }
 }
