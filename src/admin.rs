@@ -196,8 +196,8 @@ pub async fn metrics(
     headers: axum::http::HeaderMap,
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
-    // The counts of every tenant: the scraper's token (`metrics_token`) or the global
-    // admin token, never nobody's.
+    // With a `metrics_token` configured, only it or the global admin token is answered; the
+    // counts carry no tenant's name either way (DESIGN: `GET /metrics`, Prometheus text).
     let config = state.ctx.config();
     let given = headers
         .get("authorization")
@@ -206,7 +206,9 @@ pub async fn metrics(
         .unwrap_or("");
     let matches =
         |s: &crate::secret::Secret| !given.is_empty() && bool::from(given.as_bytes().ct_eq(s.expose().as_bytes()));
-    if !(config.metrics_token.as_ref().is_some_and(matches) || config.admin_token.as_ref().is_some_and(matches)) {
+    if config.metrics_token.is_some()
+        && !(config.metrics_token.as_ref().is_some_and(matches) || config.admin_token.as_ref().is_some_and(matches))
+    {
         return Err(ApiError::AdminUnauthorized);
     }
     let (events, sync) = read(&state.ctx.store, |s| Ok((s.event_counts()?, s.sync_status_counts()?))).await?;

@@ -31,8 +31,9 @@ pub struct ConfigFile {
     /// Bearer token for the admin API (env `MEMBERSYNC_ADMIN_TOKEN` overrides).
     #[serde(default)]
     pub admin_token: Option<SecretSpec>,
-    /// Bearer token for `GET /metrics` (a scraper's, apart from the admin token, which is
-    /// accepted too). Without either, `/metrics` answers 401.
+    /// Bearer token for `GET /metrics` (a scraper's; the global admin token is accepted
+    /// too). Set, `/metrics` answers 401 without one of them; unset, it answers anyone (the
+    /// counts name no tenant).
     #[serde(default)]
     pub metrics_token: Option<SecretSpec>,
     /// Directory holding `*.rhai` and `providers/*.yaml`, relative to the config file.

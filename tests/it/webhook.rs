@@ -429,8 +429,8 @@ async fn events_page_with_a_cursor_and_load_no_raw_bodies() {
     s.stop().await;
 }
 
-/// `/metrics` shows every tenant's counts: only to the scraper's `metrics_token` or the
-/// global admin token; nobody else, not a tenant's own token.
+/// With a `metrics_token` configured, `/metrics` answers only it or the global admin token,
+/// not a tenant's own token; its counts name no tenant.
 // See: issue 20 (`/metrics` needed no token).
 #[tokio::test]
 async fn metrics_answer_only_the_metrics_or_global_admin_token() {
@@ -457,6 +457,13 @@ async fn metrics_answer_only_the_metrics_or_global_admin_token() {
     assert_eq!(code, 200);
     assert!(text.contains("membersync_build_info"), "{text}");
     assert_eq!(get(Some(TOKEN)).await.0, 200, "the global admin token");
+    assert!(!text.contains("demo"), "no tenant named: {text}");
+    s.stop().await;
+
+    // Without a metrics_token, /metrics stays the open Prometheus endpoint DESIGN names.
+    let s = Server::start().await;
+    let resp = reqwest::get(format!("{}/metrics", s.url)).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
     s.stop().await;
 }
 
