@@ -4,7 +4,10 @@
 //! idle connections close then too), and closes a connection whose client stops reading
 //! what it is sent for `write_timeout`; on shutdown it stops accepting and lets every
 //! connection finish what it is answering. The body's own time limit is the handler's
-//! (`ingest`). No limit runs while a handler works: a slow answer is never cut.
+//! (`ingest`). No limit runs while a handler works: a slow answer is never cut. At start it
+//! raises the open-file limit to what the system allows and, if `max_connections` still
+//! does not fit in it beside the service's own files, serves fewer and says so: accepts
+//! never fail for want of descriptors.
 //!
 //! What this module must never do: answer a request itself, or drop one in flight at
 //! shutdown.
@@ -26,7 +29,7 @@ pub async fn serve(
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let slots = Arc::new(tokio::sync::Semaphore::new(fit_to_open_files(limits.max_connections)));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     let accept_failures = crate::logging::Throttle::default();
@@ -78,6 +81,34 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Descriptors kept for what the service opens beside its clients: the database and its
+/// WAL and shared memory per connection, the log, the rules watcher, outbound clients.
+const RESERVED_FILES: u64 = 64;
+
+/// How many connections to serve at once: `wanted`, or fewer when the open-file limit (once
+/// raised to the system's hard limit) leaves no room for them beside `RESERVED_FILES`.
+fn fit_to_open_files(wanted: usize) -> usize {
+    let soft = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(soft) => soft,
+        Err(e) => {
+            tracing::warn!(error = %e, "Could not read or raise the open-file limit; serving max_connections as configured.");
+            return wanted;
+        }
+    };
+    let room = usize::try_from(soft.saturating_sub(RESERVED_FILES)).unwrap_or(usize::MAX).max(1);
+    if wanted <= room {
+        return wanted;
+    }
+    tracing::warn!(
+        max_connections = wanted,
+        open_file_limit = soft,
+        serving = room,
+        "max_connections does not fit in the open-file limit (ulimit -n) beside the service's own {RESERVED_FILES} files; \
+         serving at most {room} connections at once. Raise the limit or lower limits.max_connections."
+    );
+    room
 }
 
 /// A connection whose writes error when the client has not taken any of what it is sent

@@ -1,6 +1,7 @@
 //! What a client may take: its headers within `header_timeout` (an idle keep-alive
 //! connection's next request too), its body within `body_timeout` (408); and at most
-//! `max_connections` at once, past which the service waits to accept rather than failing.
+//! `max_connections` at once, past which the service waits to accept rather than failing;
+//! and a client that stops taking its answers is disconnected after `write_timeout`.
 //! Each driven by a stalling client on loopback, bounded in time.
 // See: issue 20 (1,000 trickling and 300 idle sockets were all still open after 35 s; with
 // the open-file limit reached, accepts failed and /healthz timed out).
@@ -39,6 +40,19 @@ async fn until_closed(mut c: TcpStream) -> (String, Duration) {
         }
     }
     (String::from_utf8_lossy(&got).into_owned(), start.elapsed())
+}
+
+/// Asks `/healthz` (waiting at most `secs`), expects 200, and returns how long it took.
+async fn healthz_within(url: &str, secs: u64, what: &str) -> Duration {
+    let start = Instant::now();
+    let resp = reqwest::Client::new()
+        .get(format!("{url}/healthz"))
+        .timeout(Duration::from_secs(secs))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(resp.status().as_u16(), 200, "{what}");
+    start.elapsed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,16 +98,60 @@ async fn past_the_connection_cap_a_client_waits_for_a_slot_then_is_served() {
     let hold: Vec<TcpStream> =
         vec![TcpStream::connect(addr(&s)).await.unwrap(), TcpStream::connect(addr(&s)).await.unwrap()];
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let start = Instant::now();
-    let resp = reqwest::Client::new()
-        .get(format!("{}/healthz", s.url))
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .expect("served once a slot frees");
-    assert_eq!(resp.status().as_u16(), 200);
-    let waited = start.elapsed();
+    let waited = healthz_within(&s.url, 10, "served once a slot frees").await;
     assert!(waited >= Duration::from_millis(500), "served before a slot was free: {waited:?}");
     drop(hold);
     s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_taking_its_answers_is_disconnected_at_the_write_limit() {
+    let s = Server::start_tuned(Arc::new(SystemClock), |c| {
+        c.connections.write_timeout = Duration::from_secs(1);
+        c.connections.max_connections = 1;
+    })
+    .await;
+    // One client pipelines requests and never reads: the answers fill both socket buffers
+    // and the service's write stalls with the only slot held.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stalled = socket.connect(addr(&s).parse().unwrap()).await.unwrap();
+    let (_read_half, mut write_half) = stalled.into_split();
+    let writer = tokio::spawn(async move {
+        let request = b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n";
+        for _ in 0..50_000 {
+            if write_half.write_all(request).await.is_err() {
+                break;
+            }
+        }
+        write_half
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waited = healthz_within(&s.url, 10, "served once the stalled client is disconnected").await;
+    assert!(waited >= Duration::from_millis(500), "served while the slot was held: {waited:?}");
+    writer.abort();
+    s.stop().await;
+}
+
+/// With the open-file limit at 256 and `max_connections` at its default (512), 300 idle
+/// clients never make an accept fail: the service serves fewer at once, says so at start,
+/// and answers `/healthz` once the header limit has closed the idle ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_open_file_limit_wait_instead_of_failing_accepts() {
+    let (dir, _) = editable_config();
+    let yaml = dir.path().join("membersync.yaml");
+    let text = std::fs::read_to_string(&yaml).unwrap();
+    std::fs::write(&yaml, text.replace("header_timeout_secs: 10 ", "header_timeout_secs: 1  ")).unwrap();
+    let svc = spawn_under(dir.path(), free_port(), Some(256)).await;
+    let target = svc.url.trim_start_matches("http://").to_string();
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(TcpStream::connect(&target).await.expect("the kernel takes the connection"));
+    }
+    healthz_within(&svc.url, 15, "served once the idle clients are closed").await;
+    drop(idle);
+    drop(svc);
+    let log = std::fs::read_to_string(dir.path().join("service.log")).unwrap();
+    assert!(log.contains("does not fit in the open-file limit") && log.contains("open_file_limit=256"), "{log}");
+    assert!(!log.contains("Could not accept"), "an accept failed:\n{log}");
 }

@@ -248,8 +248,21 @@ pub struct Service {
 /// Starts the service and waits until `/healthz` answers; panics with its log if it exits
 /// or does not come up within 15 s.
 pub async fn spawn(dir: &Path, port: u16) -> Service {
+    spawn_under(dir, port, None).await
+}
+
+/// `spawn`, with the open-file limit (soft and hard) set to `open_files` when given.
+pub async fn spawn_under(dir: &Path, port: u16, open_files: Option<u32>) -> Service {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("service.log")).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_membersync"))
+    let mut command = match open_files {
+        None => std::process::Command::new(env!("CARGO_BIN_EXE_membersync")),
+        Some(n) => {
+            let mut c = std::process::Command::new("sh");
+            c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), env!("CARGO_BIN_EXE_membersync")]);
+            c
+        }
+    };
+    let mut child = command
         .args(["serve", "--config"])
         .arg(dir.join("membersync.yaml"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
