@@ -780,3 +780,37 @@ async fn a_hostile_provider_answer_is_a_recorded_error_not_a_panic_or_a_leak() {
     }
     assert!(elsewhere.hits().is_empty(), "nothing reached the redirect's target: {:?}", elsewhere.hits());
 }
+
+/// In a pass, a hostile answer for the first membership of a provider's lane is recorded
+/// for it, and the lane goes on to the next one.
+// See: issue 20 (`Retry-After: 1e20` panicked the lane on the same membership every pass,
+// so it never reached the others).
+#[tokio::test]
+async fn a_hostile_answer_for_one_membership_leaves_the_rest_of_the_lane_reconciled() {
+    let (api, api_url) = FakeApi::start().await;
+    api.on(SUB, vec![Reply::TooManyRaw("1e20")]);
+    let (s, _clock, ada) = ada_on_stripe(&api_url).await;
+    // A second subscription, created after Ada's, so asked after hers in the lane.
+    deliver_edited(&s.ctx, "stripe", "customer_subscription_created", |v| {
+        v["id"] = json!("evt_second_subscription");
+        v["data"]["object"]["id"] = json!("sub_2QxDemo002");
+        v["data"]["object"]["customer"] = json!("cus_QxDemo002");
+    })
+    .await;
+    let mut canceled = stripe_subscription("canceled");
+    canceled["id"] = json!("sub_2QxDemo002");
+    canceled["customer"] = json!("cus_QxDemo002");
+    api.on("/v1/subscriptions/sub_2QxDemo002", vec![Reply::Json(200, canceled)]);
+
+    let summary = membersync::reconcile::schedule::run_now(&s.ctx, &s.state.reconcile.reconciler(), None)
+        .await
+        .unwrap()
+        .expect("members exist");
+    assert_eq!((summary.checked, summary.provider_unreachable, summary.drift_corrected), (2, 1, 1), "{summary:?}");
+    let asked: Vec<String> = api.hits().into_iter().map(|h| h.path).collect();
+    let first_second = (asked.iter().position(|p| p == SUB), asked.iter().position(|p| p.ends_with("sub_2QxDemo002")));
+    assert!(matches!(first_second, (Some(a), Some(b)) if a < b), "Ada's first, then the next: {asked:?}");
+    let (_, m) = s.get(&format!("/members/{ada}"), Some(TOKEN)).await;
+    assert_eq!(m["memberships"][0]["sync_status"], "provider_unreachable", "{m}");
+    s.stop().await;
+}
