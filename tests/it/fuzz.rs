@@ -1,28 +1,13 @@
 //! No input panics decode, extract or the rules: arbitrary bytes, and real fixtures with
-//! arbitrary JSON dropped into arbitrary places.
+//! arbitrary JSON dropped into arbitrary places (proptest, shrinking what fails); and a
+//! bounded share of the fuzz campaign (`fuzz_campaign`), whose full run is
+//! `cargo bench --bench fuzz`.
 
+use crate::fuzz_campaign::{arb_json, plant, Corpus};
 use crate::support::*;
 use membersync::rules::MembershipView;
 use proptest::prelude::*;
 use serde_json::Value;
-
-fn arb_json() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(Value::from),
-        any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map(Value::Number).unwrap_or(Value::Null)),
-        ".{0,12}".prop_map(Value::String),
-        Just(Value::String("null".into())),
-        Just(Value::String("2026-13-45T99:99:99Z".into())),
-    ];
-    leaf.prop_recursive(3, 24, 4, |inner| {
-        prop_oneof![
-            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-            prop::collection::btree_map(".{0,6}", inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
-        ]
-    })
-}
 
 /// Every (provider, fixture body) pair, decoded.
 fn fixtures() -> Vec<(String, Value)> {
@@ -43,20 +28,6 @@ fn fixtures() -> Vec<(String, Value)> {
         }
     }
     out
-}
-
-/// Sets `value` at the `pick`-th node of `v` (depth-first), replacing what was there.
-fn plant(v: &mut Value, pick: &mut usize, value: &Value) -> bool {
-    if *pick == 0 {
-        *v = value.clone();
-        return true;
-    }
-    *pick -= 1;
-    match v {
-        Value::Object(m) => m.values_mut().any(|c| plant(c, pick, value)),
-        Value::Array(a) => a.iter_mut().any(|c| plant(c, pick, value)),
-        _ => false,
-    }
 }
 
 /// A fixture (picked by `index`) with `value` planted at its `at`-th node, and its bytes.
@@ -134,4 +105,16 @@ proptest! {
             (a, b) => prop_assert!(false, "tree decode {:?}, captured decode {:?}", a.map(|_| ()), b.map(|_| ())),
         }
     }
+}
+
+/// The first 20,000 inputs of the campaign (the full command runs 1M): none panics, and the
+/// mutations reach every stage (a campaign stopped at decode would prove little).
+#[test]
+fn a_bounded_share_of_the_campaign_never_panics() {
+    let corpus = Corpus::load();
+    let tally = corpus.campaign(0x6d73, 20_000, 2);
+    assert!(tally.panics.is_empty(), "{}\n\n{}", tally.render(), tally.panics.join("\n\n"));
+    let share = |n: u64| n as f64 / tally.inputs as f64;
+    assert!(share(tally.decoded) > 0.5 && share(tally.mapped) > 0.3, "{}", tally.render());
+    assert!(share(tally.decided) > 0.2 && tally.stepped > 1000, "{}", tally.render());
 }

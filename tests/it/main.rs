@@ -8,6 +8,7 @@ mod details;
 mod durability;
 mod extract;
 mod fuzz;
+mod fuzz_campaign;
 mod guarantees;
 mod lifecycle;
 mod ordering;
