@@ -26,6 +26,19 @@ impl AdminToken {
         self.tenant.as_deref().is_none_or(|t| t == tenant)
     }
 
+    /// Who asked, as the activity log records it (never the token).
+    pub fn who(&self) -> String {
+        match &self.tenant {
+            None => "the global admin token".into(),
+            Some(t) => format!("tenant {t}'s admin token"),
+        }
+    }
+
+    /// The tenant a tenant's token is for (`None` for the global token).
+    pub fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
+    }
+
     /// Global endpoints (rules, reload) need the global token.
     pub fn require_global(&self) -> Result<(), ApiError> {
         match self.tenant {
@@ -100,33 +113,177 @@ pub async fn resync(
     Ok(Json(out))
 }
 
-#[derive(Deserialize)]
-pub struct EmailQuery {
-    email: Option<String>,
+#[derive(Deserialize, Default)]
+pub struct MembersQuery {
+    /// Exactly this email (any case).
+    pub email: Option<String>,
+    /// Search: member id, provider customer id or subscription id exactly, or part of the
+    /// email or name.
+    pub q: Option<String>,
+    /// The page after the one that answered `next` with this cursor.
+    pub before: Option<String>,
+    pub limit: Option<usize>,
 }
 
-/// `GET /members?email=E`.
-pub async fn members(
-    token: AdminToken,
-    State(ctx): State<Arc<Ctx>>,
-    Query(q): Query<EmailQuery>,
-) -> Result<Json<Value>, ApiError> {
-    let email = q.email.ok_or_else(|| ApiError::BadRequest("`email` query parameter is required".into()))?;
-    let details = read(&ctx.store, move |store| {
-        let mut out = Vec::new();
-        for m in store.members_by_email(&email)? {
-            if !token.allows(&m.tenant) {
-                continue;
-            }
-            if let Some(d) = store.member_detail(&m.id, 20)? {
+/// The most `GET /members` lists at once.
+pub const MAX_MEMBERS_PAGE: usize = 200;
+
+/// A page of members: newest first, searched by `q` if given; `next` is the cursor of the
+/// following page, when there is one.
+pub async fn member_page(
+    ctx: &Arc<Ctx>,
+    tenant: Option<String>,
+    q: &MembersQuery,
+) -> Result<(Vec<crate::store::MemberDetail>, Option<String>), ApiError> {
+    let limit = q.limit.unwrap_or(50).clamp(1, MAX_MEMBERS_PAGE);
+    let (search, before) = (q.q.clone(), q.before.clone());
+    let mut rows = read(&ctx.store, move |s| {
+        let rows = s.search_members(tenant.as_deref(), search.as_deref(), before.as_deref(), limit + 1)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for m in rows {
+            if let Some(d) = s.member_detail(&m.id, 20)? {
                 out.push(d);
             }
         }
         Ok(out)
     })
     .await?;
+    let next = if rows.len() > limit {
+        rows.truncate(limit);
+        rows.last().map(|d| d.member.id.clone())
+    } else {
+        None
+    };
+    Ok((rows, next))
+}
+
+/// `GET /members?email=E` (that email exactly), or `GET /members?q=&before=&limit=` (a
+/// search, or every member without `q`; newest first, paged).
+pub async fn members(
+    token: AdminToken,
+    State(ctx): State<Arc<Ctx>>,
+    Query(q): Query<MembersQuery>,
+) -> Result<Json<Value>, ApiError> {
     let now = ctx.clock.now();
-    Ok(Json(json!({ "members": details.iter().map(|d| member_json(d, now)).collect::<Vec<_>>() })))
+    if let Some(email) = q.email.clone() {
+        let details = read(&ctx.store, move |store| {
+            let mut out = Vec::new();
+            for m in store.members_by_email(&email)? {
+                if !token.allows(&m.tenant) {
+                    continue;
+                }
+                if let Some(d) = store.member_detail(&m.id, 20)? {
+                    out.push(d);
+                }
+            }
+            Ok(out)
+        })
+        .await?;
+        return Ok(Json(json!({ "members": details.iter().map(|d| member_json(d, now)).collect::<Vec<_>>() })));
+    }
+    let (page, next) = member_page(&ctx, token.tenant.clone(), &q).await?;
+    Ok(Json(json!({ "members": page.iter().map(|d| member_json(d, now)).collect::<Vec<_>>(), "next": next })))
+}
+
+/// `POST /members/{id}/grants` with `{levels, until?, reason}`: access granted by hand, as an
+/// event with source `manual` through the rules (see `manual`). 201 with the grant id, the
+/// event's outcome and the member after.
+pub async fn grant(
+    token: AdminToken,
+    State(ctx): State<Arc<Ctx>>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
+    let req: crate::manual::GrantRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::Invalid(format!("expected {{\"levels\": [...], \"until\"?: RFC 3339, \"reason\": \"...\"}}: {e}"))
+    })?;
+    let tenant = tenant_of_member(&ctx, &token, &id).await?;
+    let (grant_id, ack) = crate::manual::grant(&ctx, &tenant, &id, req, &token.who()).await.map_err(manual_error)?;
+    let member = member_after(&ctx, &id).await?;
+    Ok((
+        axum::http::StatusCode::CREATED,
+        Json(json!({
+            "grant_id": grant_id, "event_id": ack.event_id, "status": ack.status, "reason": ack.outcome.reason,
+            "member": member,
+        })),
+    ))
+}
+
+#[derive(Deserialize, Default)]
+pub struct RevokeQuery {
+    pub reason: Option<String>,
+}
+
+/// `DELETE /members/{id}/grants/{grant}[?reason=…]`: ends a manual grant now, as an event with
+/// source `manual`. Revoking it again answers the first revocation.
+pub async fn revoke(
+    token: AdminToken,
+    State(ctx): State<Arc<Ctx>>,
+    Path((id, grant)): Path<(String, String)>,
+    Query(q): Query<RevokeQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = tenant_of_member(&ctx, &token, &id).await?;
+    let reason = q.reason.unwrap_or_default();
+    let ack = crate::manual::revoke(&ctx, &tenant, &id, &grant, &reason, &token.who()).await.map_err(manual_error)?;
+    let member = member_after(&ctx, &id).await?;
+    Ok(Json(json!({
+        "grant_id": grant, "event_id": ack.event_id, "status": ack.status, "reason": ack.outcome.reason, "member": member,
+    })))
+}
+
+/// The tenant of member `id`, if the token may see them (else 404, as for no member).
+async fn tenant_of_member(ctx: &Arc<Ctx>, token: &AdminToken, id: &str) -> Result<String, ApiError> {
+    let who = id.to_string();
+    let d = read(&ctx.store, move |s| s.member_detail(&who, 0)).await?.ok_or(ApiError::NotFound)?;
+    if !token.allows(&d.member.tenant) {
+        return Err(ApiError::NotFound);
+    }
+    Ok(d.member.tenant)
+}
+
+async fn member_after(ctx: &Arc<Ctx>, id: &str) -> Result<Value, ApiError> {
+    let who = id.to_string();
+    let d = read(&ctx.store, move |s| s.member_detail(&who, 50)).await?.ok_or(ApiError::NotFound)?;
+    Ok(member_json(&d, ctx.clock.now()))
+}
+
+fn manual_error(e: crate::manual::Error) -> ApiError {
+    match e {
+        crate::manual::Error::Invalid(m) => ApiError::Invalid(m),
+        crate::manual::Error::NotFound => ApiError::NotFound,
+        crate::manual::Error::Store(e) => e.into(),
+    }
+}
+
+/// `GET /products`: every product and plan id seen per provider (memberships, and the newest
+/// 100,000 events), how many memberships name it, and the access levels it maps to (none:
+/// unmapped, and flagged on its memberships).
+pub async fn products(token: AdminToken, State(ctx): State<Arc<Ctx>>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({ "products": products_json(&ctx, token.tenant.clone()).await? })))
+}
+
+/// How many of the newest events `GET /products` looks at for ids no membership names.
+pub const PRODUCTS_RECENT_EVENTS: usize = 100_000;
+
+/// The rows of `GET /products` (and the console's products page).
+pub async fn products_json(ctx: &Arc<Ctx>, tenant: Option<String>) -> Result<Vec<Value>, ApiError> {
+    let rows = read(&ctx.store, move |s| s.products_seen(tenant.as_deref(), PRODUCTS_RECENT_EVENTS)).await?;
+    let config = ctx.config();
+    Ok(rows
+        .into_iter()
+        .map(|p| {
+            let levels = config.tenants.get(&p.tenant).and_then(|t| {
+                let (product, plan) =
+                    if p.kind == "plan" { (None, Some(p.id.as_str())) } else { (Some(p.id.as_str()), None) };
+                t.access_levels(&p.provider, product, plan)
+            });
+            json!({
+                "tenant": p.tenant, "provider": p.provider, "kind": p.kind, "id": p.id,
+                "memberships": p.memberships, "holding_access": p.holding_access, "events": p.events,
+                "mapped": levels.is_some(), "access_levels": levels,
+            })
+        })
+        .collect())
 }
 
 #[derive(Deserialize)]

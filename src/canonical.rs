@@ -31,11 +31,15 @@ pub enum EventKind {
     StatusSynced,
     MemberUpdated,
     MemberDeleted,
+    /// An operator granted access by hand (`POST /members/{id}/grants`).
+    AccessGranted,
+    /// An operator revoked a grant of theirs (`DELETE /members/{id}/grants/{grant}`).
+    AccessRevoked,
 }
 
 impl EventKind {
     /// Every kind, in declaration order (for `check` hints and schema docs).
-    pub const ALL: [EventKind; 17] = [
+    pub const ALL: [EventKind; 19] = [
         EventKind::LeadCaptured,
         EventKind::TrialStarted,
         EventKind::Purchased,
@@ -53,6 +57,8 @@ impl EventKind {
         EventKind::StatusSynced,
         EventKind::MemberUpdated,
         EventKind::MemberDeleted,
+        EventKind::AccessGranted,
+        EventKind::AccessRevoked,
     ];
 
     /// The snake_case name used in YAML, Rhai and JSON.
@@ -75,6 +81,8 @@ impl EventKind {
             EventKind::StatusSynced => "status_synced",
             EventKind::MemberUpdated => "member_updated",
             EventKind::MemberDeleted => "member_deleted",
+            EventKind::AccessGranted => "access_granted",
+            EventKind::AccessRevoked => "access_revoked",
         }
     }
 
@@ -124,6 +132,10 @@ pub struct CanonicalEvent {
     /// counts once.
     #[serde(default)]
     pub payment: PaymentRef,
+    /// What the source said about the event in words: the operator and their reason for a
+    /// manual grant or revocation. Shown as the event's reason when the rules give none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// A payment as the provider names it. Any may be absent.
@@ -164,10 +176,12 @@ pub enum Source {
     Simulate,
     /// A membership re-derived from its stored deliveries under rules that changed.
     Rederive,
+    /// An operator's grant or revocation of access by hand.
+    Manual,
 }
 
 impl Source {
-    pub const ALL: [Source; 7] = [
+    pub const ALL: [Source; 8] = [
         Source::Webhook,
         Source::Timer,
         Source::Reconcile,
@@ -175,6 +189,7 @@ impl Source {
         Source::Admin,
         Source::Simulate,
         Source::Rederive,
+        Source::Manual,
     ];
 
     /// The source named `s` (as `as_str` writes it).
@@ -191,6 +206,7 @@ impl Source {
             Source::Admin => "admin",
             Source::Simulate => "simulate",
             Source::Rederive => "rederive",
+            Source::Manual => "manual",
         }
     }
 }

@@ -232,6 +232,10 @@ pub struct Tenant {
 impl Tenant {
     /// Access levels for a product (tried by product id, then plan id); `None` when unmapped.
     pub fn access_levels(&self, provider: &str, product: Option<&str>, plan: Option<&str>) -> Option<Vec<String>> {
+        if provider == crate::manual::PROVIDER {
+            // A manual grant's product is the levels it grants (checked when granted).
+            return product.map(|p| p.split(crate::manual::LEVEL_SEPARATOR).map(str::to_string).collect());
+        }
         let p = self.providers.get(provider)?;
         [product, plan].into_iter().flatten().find_map(|id| p.products.get(id).cloned())
     }

@@ -27,6 +27,9 @@ pub enum ApiError {
     /// 408: the body did not arrive in time.
     #[error("body not received within {0} s")]
     BodyTimeout(u64),
+    /// 400: a request the admin API cannot take; the message says what is wrong.
+    #[error("{0}")]
+    Invalid(String),
     /// 404: no such member or event.
     #[error("not found")]
     NotFound,
@@ -58,7 +61,7 @@ impl ApiError {
         match self {
             ApiError::UnknownTarget(_) | ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::Unauthorized(_) | ApiError::AdminUnauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Busy | ApiError::Unhealthy(_) => StatusCode::SERVICE_UNAVAILABLE,

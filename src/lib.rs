@@ -61,6 +61,7 @@ pub mod intake;
 pub mod listen;
 pub mod logging;
 pub mod machine;
+pub mod manual;
 pub mod metrics;
 pub mod pipeline;
 pub mod reconcile;

@@ -232,6 +232,11 @@ fn add_to_view(
     now: DateTime<Utc>,
 ) {
     for (m, timers) in memberships {
+        // An operator's grant comes from the admin API, not a delivery: never derived, so
+        // never compared (and never reported as underived).
+        if m.provider == crate::manual::PROVIDER {
+            continue;
+        }
         let key = (m.tenant.clone(), m.provider.clone(), m.key.clone());
         view.insert(key, (person, Compared::of(&m, &timers, now), m, timers));
     }

@@ -340,6 +340,7 @@ impl Extractor {
                     charge_id: text(F::ChargeId),
                     amount_paid_cents,
                 },
+                note: None,
             })
         };
         match build() {
@@ -376,6 +377,7 @@ impl Extractor {
                         amount_cents: None,
                         currency: None,
                         payment: Default::default(),
+                        note: None,
                     },
                     idempotency_key,
                     mapping,

@@ -465,6 +465,7 @@ pub fn view_of(m: Option<&MembershipRow>) -> MembershipView {
         None => MembershipView::default(),
         Some(m) => MembershipView {
             exists: true,
+            provider: Some(m.provider.clone()),
             state: Some(m.state),
             period_end: m.period_end,
             grace_until: m.grace_until,

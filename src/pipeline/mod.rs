@@ -447,6 +447,7 @@ fn apply_event(
     let mut after = view.clone();
     after.exists = true;
     after.state = Some(to);
+    after.provider = Some(provider.clone());
     after.period_end = commit::period_end_after(ev, view.period_end);
     let renewal_due = match loaded.rules.renewal_due_at(&after, &loaded.policy(&tenant)) {
         Ok(due) => due,
@@ -496,6 +497,10 @@ fn apply_event(
     rec.member_id = outcome.member_id.clone();
     rec.membership_id = outcome.membership_id.clone();
     outcome.effects = effects;
+    // What the source said in words (an operator's reason) stands as the reason of a change.
+    if outcome.reason.is_none() {
+        outcome.reason = ev.note.clone();
+    }
     let ack = finish(tx, rec, outcome)?;
 
     // Events that arrived before this membership existed run now, oldest first, each

@@ -58,6 +58,9 @@ pub(super) fn waits_for(tx: &mut dyn Tx, e: &EventRow, ms: &MembershipRow, mem: 
 /// decoded and extracted from its raw body under the current provider YAML, keeping its
 /// idempotency key. `None` if its provider has no YAML any more.
 pub fn incoming_from_row(config: &Config, e: &EventRow) -> Option<(Incoming, Raw)> {
+    if e.provider == crate::manual::PROVIDER {
+        return crate::manual::incoming_from_row(e);
+    }
     config.extractors.get(&e.provider)?;
     let headers: Vec<(String, String)> = serde_json::from_str(e.headers.get()).unwrap_or_default();
     let enrichment = e.enrichment.as_deref().and_then(|j| serde_json::from_str(j).ok()).map(Ok);

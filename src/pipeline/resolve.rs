@@ -187,6 +187,11 @@ pub(super) fn product_key_parts(key: &str) -> Option<(String, MemberRef)> {
 }
 
 fn find_member(tx: &mut dyn Tx, tenant: &str, provider: &str, who: &MemberRef) -> store::Result<Option<MemberRow>> {
+    if provider == crate::manual::PROVIDER {
+        // A manual event names its member by id, in its tenant; never by email.
+        let Some(id) = &who.provider_customer_id else { return Ok(None) };
+        return Ok(tx.member(id)?.filter(|m| m.tenant == tenant));
+    }
     if let Some(cid) = &who.provider_customer_id {
         if let Some(m) = tx.member_by_customer(tenant, provider, cid)? {
             return Ok(Some(m));
@@ -230,6 +235,7 @@ pub(super) fn timer_event(tx: &mut dyn Tx, t: &TimerRow) -> store::Result<Option
             amount_cents: None,
             currency: None,
             payment: Default::default(),
+            note: None,
         },
         idempotency_key: event_id,
         mapping: Mapping::new("timers", Some(format!("timer.{}", t.name))),

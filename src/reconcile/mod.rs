@@ -532,6 +532,7 @@ fn status_synced(
             amount_cents: None,
             currency: None,
             payment: Default::default(),
+            note: None,
         },
         idempotency_key: event_id,
         mapping: Mapping::new(plan.file.clone(), Some("reconcile".into())),

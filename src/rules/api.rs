@@ -56,6 +56,7 @@ pub fn event_view(ev: &CanonicalEvent) -> Dynamic {
 pub fn membership_view(v: &MembershipView) -> Dynamic {
     let mut m = Map::new();
     m.insert("exists".into(), Dynamic::from(v.exists));
+    m.insert("provider".into(), opt_str(&v.provider));
     m.insert("state".into(), text(v.state.unwrap_or(crate::machine::MState::None).as_str()));
     m.insert("period_end".into(), opt_time(&v.period_end));
     m.insert("grace_until".into(), opt_time(&v.grace_until));

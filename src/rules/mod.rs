@@ -37,6 +37,8 @@ pub struct Error {
 #[derive(Debug, Clone, Default)]
 pub struct MembershipView {
     pub exists: bool,
+    /// The membership's provider (`manual` for an operator's grant); none before it exists.
+    pub provider: Option<String>,
     pub state: Option<MState>,
     pub period_end: Option<DateTime<Utc>>,
     pub grace_until: Option<DateTime<Utc>>,

@@ -19,6 +19,7 @@ fn ev(kind: EventKind) -> CanonicalEvent {
         amount_cents: None,
         currency: None,
         payment: Default::default(),
+        note: None,
     }
 }
 

@@ -275,6 +275,20 @@ pub struct LeadRow {
     pub member_id: Option<String>,
 }
 
+/// A product (or plan) id as the stored memberships and events name it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProductSeen {
+    pub tenant: String,
+    pub provider: String,
+    /// `product` or `plan`.
+    pub kind: String,
+    pub id: String,
+    pub memberships: i64,
+    pub holding_access: i64,
+    /// Events among the newest looked at that name it.
+    pub events: i64,
+}
+
 /// A pending timer.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TimerRow {
@@ -435,6 +449,21 @@ pub trait Store: Send + Sync + 'static {
     /// Events in arrival order, filtered (for replay and explain).
     fn events_where(&self, filter: &EventFilter) -> Result<Vec<EventRow>>;
     fn leads(&self, tenant: Option<&str>) -> Result<Vec<LeadRow>>;
+    /// Members newest first (ids are time-ordered), of one tenant if given, before the id
+    /// `before` (a page's cursor), matching `q` if given: the member id, a provider customer
+    /// id or subscription id exactly, or part of the email or name (any case).
+    fn search_members(
+        &self,
+        tenant: Option<&str>,
+        q: Option<&str>,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<MemberRow>>;
+    /// Every product and plan id the memberships name, per tenant and provider, with how
+    /// many memberships name it and how many of those hold access; and those the newest
+    /// `recent_events` events name that no membership does (abandoned checkouts, refused
+    /// or ignored events).
+    fn products_seen(&self, tenant: Option<&str>, recent_events: usize) -> Result<Vec<ProductSeen>>;
     /// Timers due at or before `now`, oldest first.
     fn due_timers(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<TimerRow>>;
     /// When the next timer falls due.

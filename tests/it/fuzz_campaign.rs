@@ -529,6 +529,7 @@ fn membership(r: &mut TestRunner) -> MembershipView {
     };
     MembershipView {
         exists: state.is_some(),
+        provider: None,
         state,
         period_end: time(r),
         grace_until: time(r),

@@ -141,19 +141,6 @@ async fn runaway_rule_dead_letters_its_event_and_the_service_keeps_serving() {
     assert_eq!(deliver(&ctx, "stripe", "customer_subscription_resumed").await.status, Status::Ignored);
 }
 
-/// A second tenant with its own secrets and its own admin token.
-fn two_tenants(db: &std::path::Path) -> membersync::config::Config {
-    let mut c = config(&db.display().to_string());
-    let mut acme = c.tenants["demo"].clone();
-    acme.name = "acme".into();
-    acme.admin_token = Some(membersync::secret::Secret::new("acme-admin-token"));
-    for p in acme.providers.values_mut() {
-        p.secret = Some(membersync::secret::Secret::new("whsec_YWNtZS1vd24tc2VjcmV0"));
-    }
-    c.tenants.insert("acme".into(), acme);
-    c
-}
-
 #[tokio::test]
 async fn one_tenants_signature_and_admin_token_cannot_touch_another_tenant() {
     let dir = tempfile::tempdir().unwrap();

@@ -225,6 +225,25 @@ impl Server {
         (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
     }
 
+    /// A JSON POST with a token.
+    pub async fn post_json(&self, path: &str, token: &str, body: &Value) -> (u16, Value) {
+        let resp = reqwest::Client::new()
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A DELETE with a token.
+    pub async fn delete(&self, path: &str, token: &str) -> (u16, Value) {
+        let resp =
+            reqwest::Client::new().delete(format!("{}{path}", self.url)).bearer_auth(token).send().await.unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
+    }
+
     /// A text answer, asked with the admin token.
     pub async fn get_text(&self, path: &str) -> String {
         let req = reqwest::Client::new().get(format!("{}{path}", self.url)).bearer_auth(TOKEN);
@@ -319,4 +338,17 @@ impl Rng {
     pub fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
+}
+
+/// A second tenant with its own secrets and its own admin token.
+pub fn two_tenants(db: &std::path::Path) -> membersync::config::Config {
+    let mut c = config(&db.display().to_string());
+    let mut acme = c.tenants["demo"].clone();
+    acme.name = "acme".into();
+    acme.admin_token = Some(membersync::secret::Secret::new("acme-admin-token"));
+    for p in acme.providers.values_mut() {
+        p.secret = Some(membersync::secret::Secret::new("whsec_YWNtZS1vd24tc2VjcmV0"));
+    }
+    c.tenants.insert("acme".into(), acme);
+    c
 }

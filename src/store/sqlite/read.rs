@@ -150,6 +150,100 @@ impl Store for SqliteStore {
         })
     }
 
+    fn search_members(
+        &self,
+        tenant: Option<&str>,
+        q: Option<&str>,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<MemberRow>> {
+        let q = q.map(str::trim).filter(|q| !q.is_empty());
+        let pattern = q.map(|q| {
+            let escaped = q.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+            format!("%{escaped}%")
+        });
+        self.read(|c| {
+            let sql = format!(
+                "SELECT {MEMBER_COLS} FROM members m
+                 WHERE (?1 IS NULL OR m.tenant = ?1)
+                   AND (?3 IS NULL OR m.id < ?3)
+                   AND (?2 IS NULL
+                        OR m.id = ?2
+                        OR m.email_lc LIKE ?4 ESCAPE '\\'
+                        OR lower(m.name) LIKE ?4 ESCAPE '\\'
+                        OR m.id IN (SELECT member_id FROM member_customers WHERE customer_id = ?2)
+                        OR m.id IN (SELECT member_id FROM memberships WHERE subscription_id = ?2))
+                 ORDER BY m.id DESC LIMIT ?5"
+            );
+            let rows = c
+                .prepare_cached(&sql)?
+                .query_map(params![tenant, q, before, pattern, limit as i64], member_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn products_seen(&self, tenant: Option<&str>, recent_events: usize) -> Result<Vec<ProductSeen>> {
+        self.read(|c| {
+            let mut found: std::collections::BTreeMap<(String, String, String, String), ProductSeen> =
+                Default::default();
+            let mut by_memberships = c.prepare_cached(
+                "SELECT tenant, provider, kind, id, COUNT(*), SUM(holds) FROM (
+                     SELECT tenant, provider, 'product' AS kind, product_id AS id,
+                            state IN ('trialing', 'active', 'past_due', 'canceling') AS holds
+                     FROM memberships WHERE product_id IS NOT NULL AND (?1 IS NULL OR tenant = ?1)
+                     UNION ALL
+                     SELECT tenant, provider, 'plan', plan_id,
+                            state IN ('trialing', 'active', 'past_due', 'canceling')
+                     FROM memberships WHERE plan_id IS NOT NULL AND (?1 IS NULL OR tenant = ?1))
+                 GROUP BY tenant, provider, kind, id",
+            )?;
+            let rows = by_memberships.query_map([tenant], |r| {
+                Ok(ProductSeen {
+                    tenant: r.get(0)?,
+                    provider: r.get(1)?,
+                    kind: r.get(2)?,
+                    id: r.get(3)?,
+                    memberships: r.get(4)?,
+                    holding_access: r.get(5)?,
+                    events: 0,
+                })
+            })?;
+            for p in rows {
+                let p = p?;
+                found.insert((p.tenant.clone(), p.provider.clone(), p.kind.clone(), p.id.clone()), p);
+            }
+            let mut by_events = c.prepare_cached(
+                "SELECT tenant, provider, kind, id, COUNT(*) FROM (
+                     SELECT tenant, provider, 'product' AS kind, json_extract(canonical, '$.product_id') AS id
+                     FROM (SELECT * FROM events ORDER BY seq DESC LIMIT ?2)
+                     WHERE canonical IS NOT NULL AND (?1 IS NULL OR tenant = ?1)
+                     UNION ALL
+                     SELECT tenant, provider, 'plan', json_extract(canonical, '$.plan_id')
+                     FROM (SELECT * FROM events ORDER BY seq DESC LIMIT ?2)
+                     WHERE canonical IS NOT NULL AND (?1 IS NULL OR tenant = ?1))
+                 WHERE id IS NOT NULL GROUP BY tenant, provider, kind, id",
+            )?;
+            let rows = by_events.query_map(params![tenant, recent_events as i64], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })?;
+            for row in rows {
+                let (tenant, provider, kind, id, n) = row?;
+                found
+                    .entry((tenant.clone(), provider.clone(), kind.clone(), id.clone()))
+                    .or_insert(ProductSeen { tenant, provider, kind, id, memberships: 0, holding_access: 0, events: 0 })
+                    .events = n;
+            }
+            Ok(found.into_values().collect())
+        })
+    }
+
     fn due_timers(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<TimerRow>> {
         self.read(|c| {
             let rows = c
