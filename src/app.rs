@@ -33,6 +33,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/rederive", axum::routing::post(admin::rederive))
         .route("/metrics", get(admin::metrics))
         .route("/healthz", get(healthz))
+        .merge(crate::console::routes())
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), measure))
         .with_state(state)
 }

@@ -50,6 +50,7 @@ pub mod check;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod diagnostic;
 pub mod effects;
 pub mod enrich;
