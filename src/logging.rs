@@ -102,6 +102,37 @@ impl<W: Write + Send + 'static> Buffered<W> {
     }
 }
 
+/// Appends one formatted line to `out` with every character that could forge a line or
+/// restyle a terminal escaped — line breaks (`\n`, `\r`, U+0085, U+2028, U+2029), other
+/// control characters (ESC among them) and bidirectional overrides — whichever value of
+/// whichever log call carried it (an event id, a provider's answer, an error quoting
+/// either); only the line's own final newline stays.
+fn escape_into(buf: &[u8], out: &mut Vec<u8>) {
+    let (body, end) = match buf.split_last() {
+        Some((b'\n', body)) => (body, "\n"),
+        _ => (buf, ""),
+    };
+    // Bytes that start nothing to escape: ASCII printable and tab, and UTF-8 lead bytes other
+    // than 0xC2 (C1 controls) and 0xE2 (U+2028.., U+202A.., U+2066..).
+    let plain = |b: &u8| matches!(*b, 0x20..=0x7e | b'\t') || (*b >= 0x80 && *b != 0xc2 && *b != 0xe2);
+    if body.iter().all(plain) {
+        out.extend_from_slice(buf);
+        return;
+    }
+    let text = String::from_utf8_lossy(body);
+    for c in text.chars() {
+        let risky = (c.is_control() && c != '\t')
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if risky {
+            out.extend(c.escape_debug().to_string().bytes());
+        } else {
+            let mut b = [0u8; 4];
+            out.extend_from_slice(c.encode_utf8(&mut b).as_bytes());
+        }
+    }
+    out.extend_from_slice(end.as_bytes());
+}
+
 /// One line (as `fmt` writes it: whole, in one `write_all`).
 pub struct Line<'a, W> {
     shared: &'a Shared<W>,
@@ -111,7 +142,7 @@ pub struct Line<'a, W> {
 impl<W: Write> Write for Line<'_, W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let mut state = self.shared.state.lock().map_err(|_| std::io::Error::other("log writer poisoned"))?;
-        state.pending.extend_from_slice(buf);
+        escape_into(buf, &mut state.pending);
         if self.urgent || state.closed || state.pending.len() >= WRITE_AT {
             state.write_out();
         } else if state.pending.len() >= WAKE_AT {
@@ -277,6 +308,21 @@ pub fn shown(s: impl AsRef<str>) -> String {
 
 #[cfg(test)]
 mod shown_tests {
+    #[test]
+    fn a_written_line_keeps_its_own_newline_and_escapes_every_other_break_or_control() {
+        let line = |s: &str| {
+            let mut out = Vec::new();
+            super::escape_into(s.as_bytes(), &mut out);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(line("INFO plain line é ü 名\n"), "INFO plain line é ü 名\n");
+        assert_eq!(line("a\tb\n"), "a\tb\n", "tabs stay");
+        assert_eq!(line("id=x\nERROR forged\n"), "id=x\\nERROR forged\n");
+        assert_eq!(line("x\r\u{1b}[31m\u{85}\u{2028}\u{202e}y\n"), "x\\r\\u{1b}[31m\\u{85}\\u{2028}\\u{202e}y\n");
+        assert_eq!(line("no newline"), "no newline");
+        assert_eq!(line("— “quotes” stay\n"), "— “quotes” stay\n", "other U+20xx characters stay");
+    }
+
     #[test]
     fn request_values_cannot_forge_lines_or_colour_the_log() {
         assert_eq!(super::shown("demo"), "demo");

@@ -27,7 +27,8 @@ fn main() -> ExitCode {
                 "warn"
             })
         }))
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // No colours: the writer escapes every control character, ESC among them.
+        .with_ansi(false)
         .with_writer(log.clone())
         .init();
     let code = membersync::cli::run();

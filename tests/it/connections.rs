@@ -142,7 +142,7 @@ async fn connections_past_the_open_file_limit_wait_instead_of_failing_accepts() 
     let yaml = dir.path().join("membersync.yaml");
     let text = std::fs::read_to_string(&yaml).unwrap();
     std::fs::write(&yaml, text.replace("header_timeout_secs: 10 ", "header_timeout_secs: 1  ")).unwrap();
-    let svc = spawn_under(dir.path(), free_port(), Some(256)).await;
+    let svc = spawn_under(dir.path(), free_port(), Some(256), "warn").await;
     let target = svc.url.trim_start_matches("http://").to_string();
     let mut idle = Vec::new();
     for _ in 0..300 {

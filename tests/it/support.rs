@@ -267,11 +267,12 @@ pub struct Service {
 /// Starts the service and waits until `/healthz` answers; panics with its log if it exits
 /// or does not come up within 15 s.
 pub async fn spawn(dir: &Path, port: u16) -> Service {
-    spawn_under(dir, port, None).await
+    spawn_under(dir, port, None, "warn").await
 }
 
-/// `spawn`, with the open-file limit (soft and hard) set to `open_files` when given.
-pub async fn spawn_under(dir: &Path, port: u16, open_files: Option<u32>) -> Service {
+/// `spawn`, with the open-file limit (soft and hard) set to `open_files` when given, and
+/// the log at `log` (`MEMBERSYNC_LOG`).
+pub async fn spawn_under(dir: &Path, port: u16, open_files: Option<u32>, level: &str) -> Service {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("service.log")).unwrap();
     let mut command = match open_files {
         None => std::process::Command::new(env!("CARGO_BIN_EXE_membersync")),
@@ -285,7 +286,7 @@ pub async fn spawn_under(dir: &Path, port: u16, open_files: Option<u32>) -> Serv
         .args(["serve", "--config"])
         .arg(dir.join("membersync.yaml"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("MEMBERSYNC_LOG", "warn")
+        .env("MEMBERSYNC_LOG", level)
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()

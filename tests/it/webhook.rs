@@ -491,6 +491,45 @@ async fn a_request_cannot_forge_or_colour_a_log_line() {
     assert!(log.contains("\\nFORGED"), "shown escaped: {log}");
 }
 
+/// A delivery's own ids reach the log escaped too, whichever log line shows them: a sender
+/// that may sign (or, for ThriveCart, knows the secret word) cannot forge a line with an
+/// event id.
+// See: issue 20, review (a ThriveCart `webhook_id` and a signed Stripe `id` with a newline
+// wrote a forged ERROR line).
+#[tokio::test]
+async fn a_deliverys_ids_cannot_forge_or_colour_a_log_line() {
+    let (dir, config) = editable_config();
+    let signer = ctx_with(config, std::sync::Arc::new(membersync::clock::FixedClock::new(SystemClock.now())));
+    let svc = spawn_under(dir.path(), free_port(), None, "info").await;
+    let mut v: serde_json::Value = serde_json::from_slice(&fixture("stripe", "checkout_session_completed")).unwrap();
+    v["id"] =
+        serde_json::json!("evt_x\n2026-12-02T07:11:00.000000Z ERROR membersync::store: FORGED\u{1b}[31m\u{2028}\u{85}");
+    let body = serde_json::to_vec(&v).unwrap();
+    let headers = signed_headers(&signer, "stripe", &body, SystemClock.now());
+    let mut req = reqwest::Client::new().post(format!("{}/webhooks/demo/stripe", svc.url)).body(body);
+    for (k, v) in &headers {
+        req = req.header(k, v);
+    }
+    assert_eq!(req.send().await.unwrap().status().as_u16(), 200);
+    let mut log = String::new();
+    for _ in 0..100 {
+        log = std::fs::read_to_string(dir.path().join("service.log")).unwrap_or_default();
+        if log.contains("Webhook processed.") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(log.contains("Webhook processed."), "{log}");
+    assert!(
+        !log.lines().any(|l| l.contains("ERROR") && l.contains("FORGED") && !l.contains("Webhook processed.")),
+        "a forged line: {log}"
+    );
+    for c in ['\u{1b}', '\u{2028}', '\u{85}'] {
+        assert!(!log.contains(c), "{c:?} raw in the log: {log:?}");
+    }
+    assert!(log.contains("evt_x\\n2026"), "shown escaped: {log}");
+}
+
 /// An unauthenticated failure anyone can send (a bad signature, an unknown target) costs
 /// one WARN line per kind and interval, not one each: the rest are held back, counted, and
 /// the next line says how many.
