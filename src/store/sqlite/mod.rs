@@ -33,7 +33,7 @@ use rusqlite::{params, CachedStatement, Connection, OpenFlags, OptionalExtension
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Condvar, LazyLock, Mutex};
 use tokio::sync::mpsc;
 use tx::*;
 use writer::*;
@@ -97,7 +97,7 @@ enum Msg {
 /// The SQLite store.
 pub struct SqliteStore {
     sender: mpsc::Sender<Msg>,
-    readers: Mutex<Vec<Connection>>,
+    readers: Readers,
     uri: String,
     flags: OpenFlags,
     health: Health,
@@ -198,27 +198,66 @@ impl SqliteStore {
                 move || run_writer(writer, receiver, max_batch, committed, unsynced, restart, health)
             })
             .map_err(|e| Error::Thread(format!("cannot start writer: {e}")))?;
-        let mut readers = Vec::new();
+        let mut idle = Vec::new();
         for _ in 0..2 {
-            readers.push(open(&uri, flags, memory)?);
+            idle.push(open(&uri, flags, memory)?);
         }
-        Ok(SqliteStore { sender, readers: Mutex::new(readers), uri, flags, health })
+        let readers = Readers { pool: Mutex::new(Pool { open: idle.len(), idle }), freed: Condvar::new() };
+        Ok(SqliteStore { sender, readers, uri, flags, health })
     }
 
+    /// Runs `f` on a reader connection: an idle one, a new one while fewer than
+    /// `MAX_READERS` are open, else the next one freed (each holds open files: under load,
+    /// reads wait their turn rather than take the descriptors the service accepts with).
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let conn = self.readers.lock().map_err(|_| Error::Closed)?.pop();
+        let conn = {
+            let mut pool = self.readers.pool.lock().map_err(|_| Error::Closed)?;
+            loop {
+                if let Some(c) = pool.idle.pop() {
+                    break Some(c);
+                }
+                if pool.open < MAX_READERS {
+                    pool.open += 1;
+                    break None;
+                }
+                pool = self.readers.freed.wait(pool).map_err(|_| Error::Closed)?;
+            }
+        };
         let conn = match conn {
             Some(c) => c,
-            None => open(&self.uri, self.flags, self.uri.contains("mode=memory"))?,
+            None => match open(&self.uri, self.flags, self.uri.contains("mode=memory")) {
+                Ok(c) => c,
+                Err(e) => {
+                    if let Ok(mut pool) = self.readers.pool.lock() {
+                        pool.open -= 1;
+                    }
+                    self.readers.freed.notify_one();
+                    return Err(e);
+                }
+            },
         };
         let r = f(&conn);
-        if let Ok(mut pool) = self.readers.lock() {
-            if pool.len() < 8 {
-                pool.push(conn);
-            }
+        if let Ok(mut pool) = self.readers.pool.lock() {
+            pool.idle.push(conn);
         }
+        self.readers.freed.notify_one();
         r
     }
+}
+
+/// Most reader connections open at once (each holds the database's, its WAL's and its
+/// shared memory's descriptors).
+pub const MAX_READERS: usize = 8;
+
+/// The reader connections: those idle, how many are open, and a wake-up when one is freed.
+struct Readers {
+    pool: Mutex<Pool>,
+    freed: Condvar,
+}
+
+struct Pool {
+    idle: Vec<Connection>,
+    open: usize,
 }
 
 /// A private scratch database worked by the calling thread directly: no writer thread, no

@@ -214,3 +214,36 @@ fn the_wait_for_a_lock_ends() {
     assert!(!wait_for_lock(120_000), "and the last one gives up");
     assert!(!wait_for_lock(i32::MAX));
 }
+
+/// However many threads read at once, at most `MAX_READERS` reader connections are in use
+/// (each holds open files); the others wait for one and every read completes.
+// See: issue 20, review (each read beyond the idle pool opened a connection of its own:
+// under load the service ran out of descriptors).
+#[test]
+fn concurrent_reads_share_at_most_max_readers_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("m.db").display().to_string(), Options::default()).unwrap();
+    let inside = std::sync::atomic::AtomicUsize::new(0);
+    let most = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..32 {
+            s.spawn(|| {
+                store
+                    .read(|_| {
+                        let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(30));
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                        Ok(())
+                    })
+                    .unwrap();
+                done.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    assert_eq!(done.load(Ordering::SeqCst), 32, "every read completed");
+    let most = most.load(Ordering::SeqCst);
+    assert!(most <= MAX_READERS, "{most} connections in use at once");
+    assert!(most > 1, "reads still run side by side ({most})");
+}
