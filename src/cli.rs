@@ -241,11 +241,7 @@ fn open_store(config: &Config, database: &str) -> Result<Arc<dyn Store>> {
 /// known to anyone who read this repository) would let anyone sign webhooks or read the
 /// admin API: `serve` refuses to start, naming each and its variable.
 fn refuse_demo_defaults_off_loopback(config: &crate::config::Config) -> Result<()> {
-    let loopback = match config.listen.parse::<std::net::SocketAddr>() {
-        Ok(addr) => addr.ip().is_loopback(),
-        Err(_) => config.listen.starts_with("localhost:"),
-    };
-    if loopback || config.defaulted_secrets.is_empty() {
+    if config.defaults_off_loopback().is_empty() {
         return Ok(());
     }
     bail!(

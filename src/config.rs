@@ -159,14 +159,14 @@ pub enum SecretSpec {
 
 impl SecretSpec {
     /// The environment variable it falls back from, when it resolves to its `default:` (the
-    /// built-in local value: no variable set).
+    /// built-in local value: no variable set, or the variable set to that very value).
     fn defaulted(&self) -> Option<&str> {
         match self {
-            SecretSpec::Env { env, default: Some(_) }
-                if std::env::var(env).ok().filter(|v| !v.is_empty()).is_none() =>
-            {
-                Some(env)
-            }
+            SecretSpec::Env { env, default: Some(d) } => match std::env::var(env).ok().filter(|v| !v.is_empty()) {
+                None => Some(env),
+                Some(v) if &v == d => Some(env),
+                Some(_) => None,
+            },
             _ => None,
         }
     }
@@ -287,6 +287,21 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATABASE: &str = "membersync.db";
 
 impl Config {
+    /// The secrets still at their built-in local values (`defaulted_secrets`) when the
+    /// service listens anywhere but loopback: what `serve` refuses to start with and a
+    /// reload refuses to bring in. Empty on loopback.
+    pub fn defaults_off_loopback(&self) -> &[String] {
+        let loopback = match self.listen.parse::<std::net::SocketAddr>() {
+            Ok(addr) => addr.ip().is_loopback(),
+            Err(_) => self.listen.starts_with("localhost:"),
+        };
+        if loopback {
+            &[]
+        } else {
+            &self.defaulted_secrets
+        }
+    }
+
     /// Reads `path` and everything it points at.
     pub fn load(path: &Path) -> Result<Config, Error> {
         let shown = path.display().to_string();

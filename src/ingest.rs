@@ -114,8 +114,9 @@ pub async fn accept(
             if let Some(held_back) = ctx.failure_log.first_in_interval("ids conflict") {
                 tracing::warn!(held_back, tenant = %crate::logging::shown(tenant), provider = %crate::logging::shown(provider), reason = %crate::logging::shown(e.to_string()), "Webhook names itself twice.");
             }
-            ApiError::BadRequest(e.to_string())
+            ApiError::Invalid(e.to_string())
         }
+        e @ intake::Error::TooLong { .. } => ApiError::Invalid(e.to_string()),
         intake::Error::Unverified(e) => {
             if let Some(held_back) = ctx.failure_log.first_in_interval("signature") {
                 tracing::warn!(held_back, tenant = %crate::logging::shown(tenant), provider = %crate::logging::shown(provider), reason = %crate::logging::shown(e.to_string()), "Signature did not verify.");

@@ -50,7 +50,13 @@ pub enum Error {
     Unverified(#[from] crate::verify::Error),
     #[error(transparent)]
     Undecodable(#[from] DecodeError),
+    /// An id longer than any provider's: refused whole (400), so no stored row carries it.
+    #[error("the {what} is {len} bytes long; at most {MAX_ID_BYTES} are taken")]
+    TooLong { what: &'static str, len: usize },
 }
+
+/// The longest event id, idempotency key or event type taken (providers' are tens of bytes).
+pub const MAX_ID_BYTES: usize = 256;
 
 /// Takes one delivery in: verify (per `check`) → redact → decode → extract.
 pub fn intake(config: &Config, d: &Delivery<'_>, check: Check<'_>) -> Result<Taken, Error> {
@@ -65,5 +71,16 @@ pub fn intake(config: &Config, d: &Delivery<'_>, check: Check<'_>) -> Result<Tak
     let content_type = d.headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_str());
     let decoded = extractor.decode_captured(d.body, content_type)?;
     let extracted = extractor.extract(d.tenant, &decoded, &body, d.headers, d.received_at);
+    let ids = match &extracted {
+        Ok(x) => [
+            ("event id", &x.event.event_id),
+            ("idempotency key", &x.idempotency_key),
+            ("event type", &x.event.event_type),
+        ],
+        Err(f) => [("event id", &f.event_id), ("idempotency key", &f.idempotency_key), ("event type", &f.event_type)],
+    };
+    if let Some((what, id)) = ids.into_iter().find(|(_, id)| id.len() > MAX_ID_BYTES) {
+        return Err(Error::TooLong { what, len: id.len() });
+    }
     Ok(Taken { body, extracted })
 }

@@ -72,6 +72,25 @@ fn check_and_load(
     // Where the service listens and stores cannot change while it runs.
     config.database = old.database.clone();
     config.listen = old.listen.clone();
+    // Off loopback, an edit cannot bring in what `serve` refuses to start with.
+    let defaults = config.defaults_off_loopback();
+    if !defaults.is_empty() {
+        let shown = old.path.display().to_string();
+        return Err(defaults
+            .iter()
+            .map(|s| {
+                let mut d = Diagnostic::new(
+                    &shown,
+                    1,
+                    1,
+                    format!("{s} is still its built-in local value while listening on {}", config.listen),
+                );
+                d.hint =
+                    Some("set the variable named (secrets come from the environment), or listen on 127.0.0.1".into());
+                d
+            })
+            .collect());
+    }
     Ok((config, rules))
 }
 

@@ -45,6 +45,10 @@ pub enum Error {
     Undecodable(String),
 }
 
+/// The longest text a mapped field may hold (an email, a name, a product or subscription
+/// id): a longer one is an error for that field, so no stored row or list carries it.
+pub const MAX_FIELD_BYTES: usize = 1024;
+
 fn field_error(field: &'static str) -> impl Fn(String) -> Error {
     move |problem| Error::Field { field, problem }
 }
@@ -284,7 +288,14 @@ impl Extractor {
             }
             Ok(None)
         };
-        let string = |f: F| -> Result<Option<String>, Error> { Ok(get(f)?.and_then(|v| as_string(&v))) };
+        let string = |f: F| -> Result<Option<String>, Error> {
+            match get(f)?.and_then(|v| as_string(&v)) {
+                Some(s) if s.len() > MAX_FIELD_BYTES => {
+                    Err(field_error(f.name())(format!("{} bytes long; at most {MAX_FIELD_BYTES} are read", s.len())))
+                }
+                other => Ok(other),
+            }
+        };
         // Fields the rules can do without (a name, a period end, amounts, payment ids): one
         // that cannot be read is left out and recorded, not a reason to fail the event.
         let unreadable = std::cell::RefCell::new(Vec::<String>::new());

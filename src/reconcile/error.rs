@@ -16,7 +16,7 @@ pub enum Unreachable {
     Timeout { secs: f64, request: String },
     #[error("request failed ({request}): {cause}")]
     Transport { request: String, cause: String },
-    #[error("429 Too Many Requests with Retry-After {wait_secs} s, longer than the {max_secs} s this pass waits ({request})")]
+    #[error("429 Too Many Requests: waiting as asked (Retry-After) would take {wait_secs} s in all, longer than the {max_secs} s a request waits ({request})")]
     WaitTooLong { wait_secs: u64, max_secs: u64, request: String },
     #[error("still 429 Too Many Requests after {tries} waits ({request})")]
     StillTooMany { tries: usize, request: String },

@@ -88,6 +88,9 @@ pub async fn send(
         headers.insert(name, value);
     }
     let timed_out = || Unreachable::Timeout { secs: timeout.as_secs_f64(), request: req.describe() };
+    // Every wait a provider asks for counts against one allowance: a request is never held
+    // longer than `max_wait` in all, however many times it is asked to wait.
+    let mut waited = Duration::ZERO;
     for _ in 0..=MAX_RETRIES_429 {
         limiter.acquire().await;
         let mut builder = client.request(req.method.clone(), &req.url).headers(headers.clone()).timeout(timeout);
@@ -132,15 +135,16 @@ pub async fn send(
         }
         if status.as_u16() == 429 {
             let wait = retry_after.as_deref().and_then(parse_retry_after).unwrap_or(Duration::from_secs(1));
-            if wait > max_wait {
+            if waited + wait > max_wait {
                 return Err(Unreachable::WaitTooLong {
-                    wait_secs: wait.as_secs(),
+                    wait_secs: (waited + wait).as_secs(),
                     max_secs: max_wait.as_secs(),
                     request: req.describe(),
                 });
             }
             tracing::info!(request = %req.describe(), wait_secs = wait.as_secs_f64(), "Provider asked to slow down; waiting.");
             limiter.hold_off(wait).await;
+            waited += wait;
             continue;
         }
         if !status.is_success() {
@@ -161,7 +165,7 @@ enum Read {
     TooLarge,
 }
 
-/// `Retry-After` (RFC 9110): delay seconds, or an HTTP date. A value too large for a
+/// `Retry-After` (RFC 9110): delay seconds, or an HTTP date in any of its three forms. A value too large for a
 /// duration (`1e20`) is capped rather than trusted — or turned into a panic.
 pub fn parse_retry_after(v: &str) -> Option<Duration> {
     let v = v.trim();
@@ -171,9 +175,9 @@ pub fn parse_retry_after(v: &str) -> Option<Duration> {
         }
         return Some(Duration::try_from_secs_f64(secs).unwrap_or(RETRY_AFTER_CAP).min(RETRY_AFTER_CAP));
     }
-    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
-    let wait = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
-    Some(wait.to_std().unwrap_or(Duration::ZERO).min(RETRY_AFTER_CAP))
+    // Any of the three forms RFC 9110 has recipients accept: IMF-fixdate, RFC 850, asctime.
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO).min(RETRY_AFTER_CAP))
 }
 
 /// The cause chain of a transport error, without the URL reqwest adds (already shown).
@@ -210,6 +214,16 @@ mod tests {
         assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
         assert_eq!(parse_retry_after(" 0.5 "), Some(Duration::from_millis(500)));
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        // RFC 9110's other two date forms, an hour ahead: about an hour, not "unreadable".
+        let ahead = std::time::SystemTime::now() + Duration::from_secs(3600);
+        let imf = httpdate::fmt_http_date(ahead);
+        let t = chrono::DateTime::<chrono::Utc>::from(ahead);
+        let rfc850 = t.format("%A, %d-%b-%y %H:%M:%S GMT").to_string();
+        let asctime = t.format("%a %b %e %H:%M:%S %Y").to_string();
+        for form in [imf, rfc850, asctime] {
+            let wait = parse_retry_after(&form).unwrap_or_else(|| panic!("{form} unread"));
+            assert!(wait > Duration::from_secs(3500) && wait <= Duration::from_secs(3600), "{form}: {wait:?}");
+        }
         assert_eq!(parse_retry_after("soon"), None);
         assert_eq!(parse_retry_after("-1"), None);
         // Out of range: capped, never a panic (issue 20: `1e20` panicked a lane).

@@ -419,6 +419,8 @@ pub struct EventFilter {
 pub struct MemberDetail {
     pub member: MemberRow,
     pub memberships: Vec<MembershipRow>,
+    /// The newest events about the member, without their raw bodies and headers (an
+    /// activity log shows neither; `GET /events/{id}` does).
     pub recent_events: Vec<EventRow>,
     pub timers: Vec<TimerRow>,
     /// Reconciliation detail, one per membership.

@@ -163,4 +163,38 @@ fn serve_off_loopback_refuses_the_built_in_secrets_and_names_them() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("MEMBERFUL_WEBHOOK_SECRET"), "{err}");
     assert!(!err.contains("STRIPE_WEBHOOK_SECRET"), "{err}");
+    // A variable set to the built-in value itself is no secret either.
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_membersync"));
+    cmd.args(["serve", "--listen", "0.0.0.0:0"]).current_dir(dir.path()).env("MEMBERSYNC_LOG", "warn");
+    for v in &vars[1..] {
+        cmd.env(v, "a-real-secret-not-the-default");
+    }
+    let out = cmd.env("MEMBERSYNC_ADMIN_TOKEN", "dev-admin-token").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("admin_token (MEMBERSYNC_ADMIN_TOKEN)"), "{err}");
+}
+
+/// Off loopback, a reload cannot bring in what `serve` refuses to start with: a tenant added
+/// with its secrets at their built-in values is refused, naming each, and the config in
+/// force stays.
+// See: issue 20, review (the file watch and POST /admin/reload took in such a tenant; a
+// webhook signed with the demo secret was applied).
+#[test]
+fn a_reload_off_loopback_refuses_the_built_in_secrets() {
+    let (dir, mut config) = editable_config();
+    config.listen = "0.0.0.0:8080".into();
+    config.defaulted_secrets.clear(); // as if every variable were set when it started
+    let ctx = ctx_with(config, std::sync::Arc::new(membersync::clock::FixedClock::new(chrono::Utc::now())));
+    let yaml = dir.path().join("membersync.yaml");
+    let text = std::fs::read_to_string(&yaml).unwrap();
+    let added = text.replace(
+        "tenants:\n",
+        "tenants:\n  t2:\n    providers:\n      stripe:\n        secret: { env: T2_STRIPE_SECRET, default: whsec_t2_local_only }\n        products: {}\n",
+    );
+    assert_ne!(added, text);
+    std::fs::write(&yaml, added).unwrap();
+    let errors = membersync::reload::reload(&ctx, "test").expect_err("refused");
+    let shown: Vec<String> = errors.iter().map(|d| d.to_string()).collect();
+    assert!(shown.iter().any(|e| e.contains("tenants.t2.providers.stripe.secret (T2_STRIPE_SECRET)")), "{shown:?}");
+    assert!(!ctx.config().tenants.contains_key("t2"), "the config in force stays");
 }

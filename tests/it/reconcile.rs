@@ -814,3 +814,31 @@ async fn a_hostile_answer_for_one_membership_leaves_the_rest_of_the_lane_reconci
     assert_eq!(m["memberships"][0]["sync_status"], "provider_unreachable", "{m}");
     s.stop().await;
 }
+
+/// Each `Retry-After` is within the limit, but together they would hold the request past
+/// it: the waits count against one allowance, and the request gives up at it.
+// See: issue 20, review (three waits of `max_retry_after_secs` each held one resync for
+// three times the limit).
+#[tokio::test]
+async fn retry_after_waits_add_up_to_one_allowance_per_request() {
+    let (api, api_url) = FakeApi::start().await;
+    api.on(SUB, vec![Reply::TooManyRaw("0.4"), Reply::TooManyRaw("0.4"), Reply::TooManyRaw("0.4")]);
+    let clock = Arc::new(FixedClock::new(at(T0)));
+    let s = Server::start_tuned(clock, |c| {
+        tune(&api_url)(c);
+        c.reconcile.max_retry_after = Duration::from_secs(1);
+    })
+    .await;
+    deliver(&s.ctx, "stripe", "checkout_session_completed").await;
+    deliver(&s.ctx, "stripe", "customer_subscription_created").await;
+    let id = member(&s.ctx, "ada@example.com").member.id;
+    let started = std::time::Instant::now();
+    let (_, m) = s.post_admin(&format!("/members/{id}/resync")).await;
+    let took = started.elapsed();
+    let ms = &m["memberships"][0];
+    assert_eq!(ms["sync_status"], "provider_unreachable", "{m}");
+    assert!(ms["last_error"]["error"].as_str().unwrap().contains("in all, longer than the 1 s"), "{m}");
+    assert_eq!(api.hits().len(), 3, "asked three times, waiting 0.4 s twice: {:?}", api.hits().len());
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    s.stop().await;
+}

@@ -53,7 +53,9 @@ impl Store for SqliteStore {
             let mut tx = SqliteTx::reader(c);
             let Some(member) = tx.member(id)? else { return Ok(None) };
             let memberships = tx.memberships_of(id)?;
-            let sql = format!("SELECT {EVENT_COLS} FROM events WHERE member_id = ?1 ORDER BY seq DESC LIMIT ?2");
+            // The activity log shows neither raw bodies nor headers: they stay on disk.
+            let cols = EVENT_COLS.replacen(", raw, headers,", ", x'', '[]',", 1);
+            let sql = format!("SELECT {cols} FROM events WHERE member_id = ?1 ORDER BY seq DESC LIMIT ?2");
             let recent_events = c
                 .prepare_cached(&sql)?
                 .query_map(params![id, recent as i64], event_row)?
