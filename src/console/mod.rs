@@ -577,14 +577,11 @@ async fn replay_preview(State(state): State<AppState>, op: Operator, Path(id): P
     };
     let replayable: Vec<&crate::store::EventRow> =
         rows.iter().filter(|e| e.status.is_replayable() && e.source != crate::canonical::Source::Timer).collect();
+    // An event that reached no member (it failed before) may create one: every difference.
     let members: Vec<String> = rows.iter().filter_map(|e| e.member_id.clone()).collect();
-    let diff = if members.is_empty() {
-        Vec::new()
-    } else {
-        match diff_for(&state, Some(members)).await {
-            Ok(d) => d,
-            Err(r) => return r,
-        }
+    let diff = match diff_for(&state, (!members.is_empty()).then_some(members)).await {
+        Ok(d) => d,
+        Err(r) => return r,
     };
     page(
         StatusCode::OK,

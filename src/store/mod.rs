@@ -464,7 +464,7 @@ pub trait Store: Send + Sync + 'static {
     /// Every product and plan id the memberships name, per tenant and provider, with how
     /// many memberships name it and how many of those hold access; and those the newest
     /// `recent_events` events name that no membership does (abandoned checkouts, refused
-    /// or ignored events).
+    /// or ignored events). Manual grants are no provider's products and are left out.
     fn products_seen(&self, tenant: Option<&str>, recent_events: usize) -> Result<Vec<ProductSeen>>;
     /// Timers due at or before `now`, oldest first.
     fn due_timers(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<TimerRow>>;

@@ -3,6 +3,7 @@
 mod check;
 mod cli;
 mod connections;
+mod console;
 mod crash;
 mod details;
 mod durability;

@@ -194,10 +194,12 @@ impl Store for SqliteStore {
                      SELECT tenant, provider, 'product' AS kind, product_id AS id,
                             state IN ('trialing', 'active', 'past_due', 'canceling') AS holds
                      FROM memberships WHERE product_id IS NOT NULL AND (?1 IS NULL OR tenant = ?1)
+                       AND provider != 'manual'
                      UNION ALL
                      SELECT tenant, provider, 'plan', plan_id,
                             state IN ('trialing', 'active', 'past_due', 'canceling')
-                     FROM memberships WHERE plan_id IS NOT NULL AND (?1 IS NULL OR tenant = ?1))
+                     FROM memberships WHERE plan_id IS NOT NULL AND (?1 IS NULL OR tenant = ?1)
+                       AND provider != 'manual')
                  GROUP BY tenant, provider, kind, id",
             )?;
             let rows = by_memberships.query_map([tenant], |r| {
@@ -224,7 +226,7 @@ impl Store for SqliteStore {
                      SELECT tenant, provider, 'plan', json_extract(canonical, '$.plan_id')
                      FROM (SELECT * FROM events ORDER BY seq DESC LIMIT ?2)
                      WHERE canonical IS NOT NULL AND (?1 IS NULL OR tenant = ?1))
-                 WHERE id IS NOT NULL GROUP BY tenant, provider, kind, id",
+                 WHERE id IS NOT NULL AND provider != 'manual' GROUP BY tenant, provider, kind, id",
             )?;
             let rows = by_events.query_map(params![tenant, recent_events as i64], |r| {
                 Ok((
