@@ -23,14 +23,16 @@
 //! above it:
 //! - `cli`: the commands; `app`: the router, `serve` and the request metrics; `listen`: the
 //!   connection loop (connection cap, header and write time limits); `ingest`,
-//!   `admin`: the HTTP handlers; `views`: the JSON of members, memberships and events;
+//!   `admin`: the HTTP handlers; `console`: the admin console's pages and sessions;
+//!   `views`: the JSON of members, memberships and events;
 //!   `http_error`: the one status table; `logging`: stderr, routine lines batched.
 //! - `state`: the running service's state above the pipeline (the pipeline's context,
 //!   the last reload's outcome, the reconciler in force, the metrics); `metrics`: what
 //!   `/metrics` shows.
 //! - `reload`: swapping in edited rules (checked first by `check`); `reconcile`: the
 //!   provider APIs and the daily schedule; `enrich`: what a delivery leaves out, fetched
-//!   (Stripe's line items); `timers`: the one timer-firing path; `replay`:
+//!   (Stripe's line items); `manual`: operators' grants as events; `timers`: the one
+//!   timer-firing path; `replay`:
 //!   stored events run again, and the dry run; `explain`, `scenario`, `simulate`: why a
 //!   member has access, lifecycle files run as tests, one payload as a dry run; `check`:
 //!   every problem in the operator's files.

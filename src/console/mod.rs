@@ -255,7 +255,10 @@ async fn members(State(state): State<AppState>, op: Operator, Query(q): Query<Me
 struct MemberQuery {
     /// An event to show the outcome of (after an action).
     event: Option<String>,
-    notice: Option<String>,
+    /// What a resync just found, membership by membership (not from the URL: shown by the
+    /// resync's own answer).
+    #[serde(skip)]
+    resync: Option<Vec<crate::reconcile::Report>>,
 }
 
 async fn member(
@@ -307,7 +310,7 @@ async fn member_view(state: &AppState, op: &Operator, id: &str, q: MemberQuery, 
                 "m": member_json(&d, now),
                 "history": history,
                 "outcome": outcome,
-                "notice": q.notice,
+                "resync": q.resync,
                 "error": error,
                 "levels": levels,
                 "today": now.format("%Y-%m-%d").to_string(),
@@ -321,10 +324,12 @@ async fn resync(State(state): State<AppState>, op: Operator, Path(id): Path<Stri
         return r;
     }
     let reconciler = state.reconcile.reconciler();
+    // Answered with the page itself, showing what each provider said: asking again (a
+    // reload of the page) is harmless.
     match crate::reconcile::resync_member(&state.ctx, &reconciler, &id).await {
         Ok(Some(summary)) => {
-            let n = summary.reports.len();
-            Redirect::to(&format!("/console/members/{}?notice=resynced-{n}", enc(&id))).into_response()
+            let q = MemberQuery { event: None, resync: Some(summary.reports) };
+            member_view(&state, &op, &id, q, None).await
         }
         Ok(None) => Redirect::to("/console/members").into_response(),
         Err(e) => internal(e),

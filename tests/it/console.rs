@@ -61,18 +61,7 @@ async fn seeded() -> (Server, Arc<FixedClock>, String) {
     deliver(&s.ctx, "stripe", "checkout_session_completed").await;
     deliver(&s.ctx, "stripe", "customer_subscription_created").await;
     deliver(&s.ctx, "stripe", "checkout_session_expired").await;
-    deliver_edited(&s.ctx, "stripe", "customer_subscription_created", |v| {
-        v["id"] = json!("evt_unmapped_product");
-        v["data"]["object"]["id"] = json!("sub_Unmapped01");
-        v["data"]["object"]["customer"] = json!("cus_Unmapped01");
-        for item in v["data"]["object"]["items"]["data"].as_array_mut().unwrap() {
-            item["price"]["product"] = json!("prod_NotInConfig");
-            item["price"]["id"] = json!("price_NotInConfig");
-        }
-        v["data"]["object"]["plan"]["product"] = json!("prod_NotInConfig");
-        v["data"]["object"]["plan"]["id"] = json!("price_NotInConfig");
-    })
-    .await;
+    deliver_unmapped_product(&s.ctx).await;
     deliver_edited(&s.ctx, "stripe", "invoice_paid", |v| v["created"] = json!("yesterday")).await;
     let id = member(&s.ctx, "ada@example.com").member.id;
     (s, clock, id)

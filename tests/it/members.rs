@@ -115,18 +115,7 @@ async fn products_lists_every_id_seen_and_whether_it_is_mapped() {
     let s = Server::start().await;
     deliver(&s.ctx, "stripe", "checkout_session_completed").await;
     deliver(&s.ctx, "stripe", "customer_subscription_created").await;
-    deliver_edited(&s.ctx, "stripe", "customer_subscription_created", |v| {
-        v["id"] = json!("evt_unmapped");
-        v["data"]["object"]["id"] = json!("sub_Unmapped01");
-        v["data"]["object"]["customer"] = json!("cus_Unmapped01");
-        for item in v["data"]["object"]["items"]["data"].as_array_mut().unwrap() {
-            item["price"]["product"] = json!("prod_NotInConfig");
-            item["price"]["id"] = json!("price_NotInConfig");
-        }
-        v["data"]["object"]["plan"]["product"] = json!("prod_NotInConfig");
-        v["data"]["object"]["plan"]["id"] = json!("price_NotInConfig");
-    })
-    .await;
+    deliver_unmapped_product(&s.ctx).await;
     let (status, p) = s.get("/products", Some(TOKEN)).await;
     assert_eq!(status, 200, "{p}");
     let rows = p["products"].as_array().unwrap();

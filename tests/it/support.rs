@@ -68,6 +68,23 @@ pub fn signed_headers(ctx: &Ctx, provider: &str, body: &[u8], now: DateTime<Utc>
     h
 }
 
+/// A Stripe subscription (`sub_Unmapped01`, customer `cus_Unmapped01`) for a product and
+/// price the config maps to nothing (`prod_NotInConfig`, `price_NotInConfig`).
+pub async fn deliver_unmapped_product(ctx: &Arc<Ctx>) -> Ack {
+    deliver_edited(ctx, "stripe", "customer_subscription_created", |v| {
+        v["id"] = serde_json::json!("evt_unmapped_product");
+        v["data"]["object"]["id"] = serde_json::json!("sub_Unmapped01");
+        v["data"]["object"]["customer"] = serde_json::json!("cus_Unmapped01");
+        for item in v["data"]["object"]["items"]["data"].as_array_mut().unwrap() {
+            item["price"]["product"] = serde_json::json!("prod_NotInConfig");
+            item["price"]["id"] = serde_json::json!("price_NotInConfig");
+        }
+        v["data"]["object"]["plan"]["product"] = serde_json::json!("prod_NotInConfig");
+        v["data"]["object"]["plan"]["id"] = serde_json::json!("price_NotInConfig");
+    })
+    .await
+}
+
 /// Posts a fixture through verify → extract → pipeline, signed at the clock's time.
 pub async fn deliver(ctx: &Arc<Ctx>, provider: &str, name: &str) -> Ack {
     let body = fixture(provider, name);
@@ -144,7 +161,8 @@ impl Server {
         opts: Options,
     ) -> Server {
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database, opts).unwrap());
-        let ctx = Arc::new(Ctx::new(config, rules(), store, clock));
+        let rules = RuleSet::load(&config.rules_dir, "rules", Utc::now()).expect("rules compile");
+        let ctx = Arc::new(Ctx::new(config, rules, store, clock));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
