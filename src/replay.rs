@@ -169,8 +169,10 @@ impl Compared {
 /// One membership, stored vs re-derived, where they differ.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Difference {
+    pub tenant: String,
     /// The stored member's email, or its id when it has none.
     pub member: String,
+    /// Empty for a member the deliveries would create (not stored).
     pub member_id: String,
     pub provider: String,
     /// The membership key (`sub:…`, `product:…`).
@@ -217,7 +219,12 @@ struct Person {
 
 impl Person {
     fn shown(&self) -> String {
-        self.email.clone().unwrap_or_else(|| self.id.clone())
+        match (&self.email, self.id.is_empty()) {
+            (Some(e), false) => e.clone(),
+            (Some(e), true) => format!("{e} (not stored yet)"),
+            (None, false) => self.id.clone(),
+            (None, true) => "a member not stored yet".into(),
+        }
     }
 }
 
@@ -325,17 +332,23 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
         });
         let mut result = None;
         let derive = |tx: &mut dyn store::Tx| -> Result<(Side, View), Error> {
+            // The scratch members the deliveries reached: those no stored member matches
+            // are members the deliveries would create (one whose first delivery failed).
+            let mut reached = BTreeSet::new();
             for batch in deliveries {
                 for (when, incoming, raw, pre) in batch? {
                     timers::fire_due_in_tx(&loaded, tx, when, FireAt::DueTime, usize::MAX)?;
-                    pipeline::apply_with(&loaded, tx, incoming, raw, when, pre)?;
+                    let ack = pipeline::apply_with(&loaded, tx, incoming, raw, when, pre)?;
+                    reached.extend(ack.outcome.member_id);
                 }
             }
             timers::fire_due_in_tx(&loaded, tx, now, FireAt::DueTime, usize::MAX)?;
-            let side = reader.join().map_err(|_| store::Error::Thread("the dry run's reader panicked".into()))??;
+            let mut side =
+                reader.join().map_err(|_| store::Error::Thread("the dry run's reader panicked".into()))??;
             // The scratch store has its own member ids: find each stored member there by
             // email, else by a provider customer id they are linked by.
             let mut derived = View::new();
+            let mut matched = BTreeSet::new();
             for (i, p) in side.1.iter().enumerate() {
                 let mut found = match &p.email {
                     Some(e) => tx.member_by_email(&p.tenant, e)?,
@@ -348,6 +361,7 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
                     found = tx.member_by_customer(&p.tenant, provider, cid)?;
                 }
                 if let Some(m) = found {
+                    matched.insert(m.id.clone());
                     let mut with_timers = Vec::new();
                     for ms in tx.memberships_of(&m.id)? {
                         let timers = tx.timers_of(&ms.id)?;
@@ -355,6 +369,17 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
                     }
                     add_to_view(&mut derived, i, with_timers, now);
                 }
+            }
+            for id in reached.difference(&matched) {
+                let Some(m) = tx.member(id)? else { continue };
+                let mut with_timers = Vec::new();
+                for ms in tx.memberships_of(&m.id)? {
+                    let timers = tx.timers_of(&ms.id)?;
+                    with_timers.push((ms, timers));
+                }
+                // Not stored: no member id of ours to name it by.
+                side.1.push(Person { tenant: m.tenant, id: String::new(), email: m.email, links: vec![] });
+                add_to_view(&mut derived, side.1.len() - 1, with_timers, now);
             }
             Ok((side, derived))
         };
@@ -375,6 +400,7 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
             let changes = Compared::changes_to(a.map(|x| &x.1), b.map(|x| &x.1));
             let person = &people[a.or(b)?.0];
             (!changes.is_empty()).then(|| Difference {
+                tenant: k.0,
                 member: person.shown(),
                 member_id: person.id.clone(),
                 provider: k.1,

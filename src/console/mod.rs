@@ -561,16 +561,18 @@ fn pretty_body(raw: &[u8]) -> String {
     }
 }
 
-/// What replaying would change for these members: the dry run (every stored delivery under
-/// the rules in force, on a scratch store) compared with what is stored, for their
-/// memberships.
-async fn diff_for(state: &AppState, members: Option<Vec<String>>) -> Result<Vec<Value>, Response> {
+/// What replaying would change: the dry run (every stored delivery under the rules in force,
+/// on a scratch store) compared with what is stored — for these members and for members the
+/// deliveries would create, or (`None`) for every member; only ever in the operator's
+/// tenants.
+async fn diff_for(state: &AppState, op: &Operator, members: Option<Vec<String>>) -> Result<Vec<Value>, Response> {
     let now = state.ctx.clock.now();
     let run = crate::replay::dry_run(&state.ctx, &EventFilter::default(), now).await.map_err(internal)?;
     Ok(run
         .differences
         .into_iter()
-        .filter(|d| members.as_ref().is_none_or(|m| m.contains(&d.member_id)))
+        .filter(|d| op.0.allows(&d.tenant))
+        .filter(|d| d.member_id.is_empty() || members.as_ref().is_none_or(|m| m.contains(&d.member_id)))
         .map(|d| json!({ "member": d.member, "member_id": d.member_id, "provider": d.provider, "membership": d.membership, "changes": d.changes }))
         .collect())
 }
@@ -584,7 +586,7 @@ async fn replay_preview(State(state): State<AppState>, op: Operator, Path(id): P
         rows.iter().filter(|e| e.status.is_replayable() && e.source != crate::canonical::Source::Timer).collect();
     // An event that reached no member (it failed before) may create one: every difference.
     let members: Vec<String> = rows.iter().filter_map(|e| e.member_id.clone()).collect();
-    let diff = match diff_for(&state, (!members.is_empty()).then_some(members)).await {
+    let diff = match diff_for(&state, &op, (!members.is_empty()).then_some(members)).await {
         Ok(d) => d,
         Err(r) => return r,
     };
@@ -652,7 +654,7 @@ async fn replay_all_preview(State(state): State<AppState>, op: Operator, Query(q
         Err(r) => return r,
     };
     let members: Vec<String> = rows.iter().filter_map(|e| e.member_id.clone()).collect();
-    let diff = match diff_for(&state, Some(members)).await {
+    let diff = match diff_for(&state, &op, Some(members)).await {
         Ok(d) => d,
         Err(r) => return r,
     };

@@ -219,3 +219,55 @@ async fn each_page_renders_to_its_reviewed_html() {
     }
     s.stop().await;
 }
+
+/// A dead letter whose first delivery never reached a member: once its rule is fixed, the
+/// replay preview shows the member the replay would create — and a tenant's session sees
+/// only its own tenant's, never another's.
+// See: issue 21, review (the preview of such an event listed every tenant's differences to
+// a tenant's session, and said nothing of the member the replay then created).
+#[tokio::test]
+async fn the_replay_preview_shows_the_member_a_replay_would_create_in_the_sessions_tenant_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = two_tenants(&dir.path().join("m.db"));
+    let clock = Arc::new(FixedClock::new(at(T0)));
+    let s = Server::start_with(config, clock.clone(), dir).await;
+    // Purchases fail under a broken rule: in both tenants, nobody is created.
+    let good = rules();
+    let rules_dir = root().join("rules");
+    let mut sources = Vec::new();
+    for e in std::fs::read_dir(&rules_dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "rhai") {
+            let src = std::fs::read_to_string(&p).unwrap();
+            let src = src.replace(
+                "fn on_purchased(ev, m, cfg) {",
+                "fn on_purchased(ev, m, cfg) {\n    throw \"broken on purpose\";",
+            );
+            sources.push((format!("rules/{}", p.file_name().unwrap().to_string_lossy()), src));
+        }
+    }
+    let broken = membersync::rules::RuleSet::compile(sources, clock.now()).unwrap();
+    s.ctx.swap(membersync::pipeline::Loaded::new((*s.ctx.config()).clone(), broken));
+    deliver(&s.ctx, "stripe", "checkout_session_completed").await;
+    let body = fixture("stripe", "checkout_session_completed");
+    let acme_secret = s.ctx.config().tenants["acme"].providers["stripe"].secret.clone().unwrap();
+    let spec = &s.ctx.config().extractors["stripe"].spec.verify;
+    let mut headers = membersync::verify::Scheme::compile(spec).sign(&acme_secret, &body, clock.now());
+    headers.push(("content-type".into(), "application/json".into()));
+    let ack = membersync::ingest::accept(&s.ctx, "acme", "stripe", headers, body).await.unwrap();
+    assert_eq!(ack.status.as_str(), "failed");
+    assert!(s.ctx.store.members_by_email("ada@example.com").unwrap().is_empty(), "nobody created");
+    s.ctx.swap(membersync::pipeline::Loaded::new((*s.ctx.config()).clone(), good));
+
+    let event = ack.event_id;
+    let acme = sign_in(&s, "acme-admin-token").await;
+    let (status, html) = page(&s, &acme, &format!("/console/events/{event}/replay")).await;
+    assert_eq!(status, 200);
+    assert!(html.contains("ada@example.com (not stored yet)"), "the member the replay would create: {html}");
+    assert_eq!(html.matches("ada@example.com (not stored yet)").count(), 1, "acme's only, not demo's too: {html}");
+    let (_, all) = page(&s, &acme, "/console/replay?status=failed").await;
+    assert_eq!(all.matches("(not stored yet)").count(), 1, "{all}");
+    let demo_all = page(&s, &sign_in(&s, TOKEN).await, "/console/replay?status=failed").await.1;
+    assert_eq!(demo_all.matches("(not stored yet)").count(), 2, "the global session sees both: {demo_all}");
+    s.stop().await;
+}
