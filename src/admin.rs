@@ -187,7 +187,7 @@ pub async fn members(
 
 /// `POST /members/{id}/grants` with `{levels, until?, reason}`: access granted by hand, as an
 /// event with source `manual` through the rules (see `manual`). 201 with the grant id, the
-/// event's outcome and the member after.
+/// event's outcome and the member after; 422 with the same when the rules did not apply it.
 pub async fn grant(
     token: AdminToken,
     State(ctx): State<Arc<Ctx>>,
@@ -200,8 +200,15 @@ pub async fn grant(
     let tenant = tenant_of_member(&ctx, &token, &id).await?;
     let (grant_id, ack) = crate::manual::grant(&ctx, &tenant, &id, req, &token.who()).await.map_err(manual_error)?;
     let member = member_after(&ctx, &id).await?;
+    // Created only when the rules applied it; otherwise the event is stored (failed,
+    // refused, ignored) and explained, and no grant holds.
+    let status = if ack.status == crate::pipeline::Status::Applied {
+        axum::http::StatusCode::CREATED
+    } else {
+        axum::http::StatusCode::UNPROCESSABLE_ENTITY
+    };
     Ok((
-        axum::http::StatusCode::CREATED,
+        status,
         Json(json!({
             "grant_id": grant_id, "event_id": ack.event_id, "status": ack.status, "reason": ack.outcome.reason,
             "member": member,

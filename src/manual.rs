@@ -21,8 +21,12 @@ use std::sync::Arc;
 /// The provider name manual grants are memberships of.
 pub const PROVIDER: &str = "manual";
 
-/// Joins a grant's levels into its product id (and splits them back).
+/// Joins a grant's levels into its product id (and splits them back): a level whose name
+/// holds it cannot be granted by hand.
 pub const LEVEL_SEPARATOR: char = '+';
+
+/// The longest reason taken, in characters: it is shown in every list of events.
+pub const MAX_REASON_CHARS: usize = 500;
 
 /// What an operator asks for: levels, until when (none: until revoked), and why.
 #[derive(Debug, Clone, Deserialize)]
@@ -126,10 +130,15 @@ pub fn incoming_from_row(e: &EventRow) -> Option<(Incoming, Raw)> {
     Some((Incoming::Extracted(Box::new(x)), body.raw(Source::Replay)))
 }
 
-/// The access levels a tenant's products grant: what a manual grant may name.
+/// The access levels a tenant's products grant: what a manual grant may name (those whose
+/// name holds the separator excepted).
 pub fn known_levels(tenant: &crate::config::Tenant) -> Vec<String> {
-    let mut levels: Vec<String> =
-        tenant.providers.values().flat_map(|p| p.products.values().flatten().cloned()).collect();
+    let mut levels: Vec<String> = tenant
+        .providers
+        .values()
+        .flat_map(|p| p.products.values().flatten().cloned())
+        .filter(|l| !l.contains(LEVEL_SEPARATOR))
+        .collect();
     levels.sort();
     levels.dedup();
     levels
@@ -153,11 +162,16 @@ pub async fn grant(
     if levels.is_empty() {
         return Err(Error::Invalid(format!("`levels` names no access level; known: {}", known.join(", "))));
     }
+    if let Some(bad) = levels.iter().find(|l| l.contains(LEVEL_SEPARATOR)) {
+        return Err(Error::Invalid(format!(
+            "access level `{bad}` cannot be granted by hand: its name holds `{LEVEL_SEPARATOR}`"
+        )));
+    }
     if let Some(bad) = levels.iter().find(|l| !known.contains(l)) {
         let names: Vec<&str> = known.iter().map(String::as_str).collect();
         return Err(Error::Invalid(crate::diagnostic::unknown("access level", bad, &names)));
     }
-    let reason = req.reason.trim();
+    let reason = checked_reason(&req.reason)?;
     if reason.is_empty() {
         return Err(Error::Invalid("`reason` is required: say why this access is granted".into()));
     }
@@ -197,7 +211,7 @@ pub async fn revoke(
     })
     .await?;
     let ms = ms.filter(|m| m.provider == PROVIDER).ok_or(Error::NotFound)?;
-    let reason = reason.trim();
+    let reason = checked_reason(reason)?;
     let body = ManualBody {
         action: "revoke".into(),
         grant_id: grant_id.to_string(),
@@ -209,6 +223,16 @@ pub async fn revoke(
         at: ctx.clock.now(),
     };
     run(ctx, tenant, &body).await
+}
+
+/// A reason trimmed, or why it cannot be taken (too long).
+fn checked_reason(reason: &str) -> Result<&str, Error> {
+    let reason = reason.trim();
+    let n = reason.chars().count();
+    if n > MAX_REASON_CHARS {
+        return Err(Error::Invalid(format!("`reason` is {n} characters long; at most {MAX_REASON_CHARS} are taken")));
+    }
+    Ok(reason)
 }
 
 async fn member_of(ctx: &Arc<Ctx>, tenant: &str, member_id: &str) -> Result<(), Error> {

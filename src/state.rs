@@ -36,8 +36,6 @@ pub struct AppState {
     pub reconcile: Arc<Reconciliation>,
     /// What `/metrics` shows.
     pub metrics: Arc<Metrics>,
-    /// Console sessions logged out before their time.
-    pub console_sessions: Arc<crate::console::session::Ended>,
     reload_status: Arc<Mutex<ReloadStatus>>,
 }
 
@@ -45,7 +43,7 @@ impl AppState {
     pub fn new(ctx: Arc<Ctx>) -> AppState {
         let reconcile = Arc::new(Reconciliation::new(&ctx.config()));
         let metrics = Arc::new(Metrics::new(reconcile.stats()));
-        AppState { ctx, reconcile, metrics, console_sessions: Arc::default(), reload_status: Arc::default() }
+        AppState { ctx, reconcile, metrics, reload_status: Arc::default() }
     }
 
     /// Reloads config and rules (see `reload::reload`), records the outcome for

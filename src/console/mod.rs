@@ -118,8 +118,7 @@ impl FromRequestParts<AppState> for Operator {
         parts: &mut axum::http::request::Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let found = session::from_headers(&parts.headers)
-            .and_then(|v| session::check(&state.ctx.config(), &state.console_sessions, &v, state.ctx.clock.now()));
+        let found = current_session(state, &parts.headers).await;
         match found {
             Some(s) => {
                 if parts.method == axum::http::Method::POST {
@@ -130,6 +129,17 @@ impl FromRequestParts<AppState> for Operator {
             None if parts.method == axum::http::Method::POST => Err(forbidden("sign in again: no valid session")),
             None => Err(Redirect::to("/console/login").into_response()),
         }
+    }
+}
+
+/// The session the request's cookie stands for: signed, in time, and not logged out.
+async fn current_session(state: &AppState, headers: &HeaderMap) -> Option<Session> {
+    let s = session::check(&state.ctx.config(), &session::from_headers(headers)?, state.ctx.clock.now())?;
+    let nonce = s.nonce().to_string();
+    match read(&state.ctx.store, move |st| st.console_session_ended(&nonce)).await {
+        Ok(false) => Some(s),
+        // Logged out, or the store cannot say: no session.
+        _ => None,
     }
 }
 
@@ -184,9 +194,7 @@ fn internal(e: impl std::fmt::Display) -> Response {
 // ---- sign in and out ----
 
 async fn login_page(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let signed_in = session::from_headers(&headers)
-        .and_then(|v| session::check(&state.ctx.config(), &state.console_sessions, &v, state.ctx.clock.now()));
-    if signed_in.is_some() {
+    if current_session(&state, &headers).await.is_some() {
         return Redirect::to("/console/members").into_response();
     }
     page(StatusCode::OK, "login.html", json!({ "title": "Sign in" }))
@@ -228,7 +236,10 @@ async fn login(State(state): State<AppState>, headers: HeaderMap, form: axum::ex
 }
 
 async fn logout(State(state): State<AppState>, op: Operator) -> Response {
-    state.console_sessions.end(&op.0, state.ctx.clock.now());
+    let (nonce, until, now) = (op.0.nonce().to_string(), op.0.expires, state.ctx.clock.now());
+    if let Err(e) = state.ctx.store.write(move |tx| tx.end_console_session(&nonce, until, now)).await {
+        return internal(e);
+    }
     let mut resp = Redirect::to("/console/login").into_response();
     let clear = format!("{}=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0", session::COOKIE);
     resp.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_str(&clear).expect("ASCII"));
@@ -703,6 +714,10 @@ async fn products(State(state): State<AppState>, op: Operator) -> Response {
 }
 
 async fn rules(State(state): State<AppState>, op: Operator) -> Response {
+    // Every tenant's files and errors: the global token's, as `GET /admin/rules`.
+    if op.0.tenant.is_some() {
+        return forbidden("the rules page needs the global admin token");
+    }
     let loaded = state.ctx.loaded();
     let status = state.reload_status();
     page(

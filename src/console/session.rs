@@ -2,7 +2,8 @@
 //! names the scope (every tenant, or one) and when it ends, signed with HMAC-SHA256 under
 //! the token of that scope. The token itself is never in the cookie, a URL or a page; the
 //! cookie is `HttpOnly`, `SameSite=Strict` and scoped to `/console`. Changing the admin
-//! token ends every session it signed; logging out ends that session on this replica.
+//! token ends every session it signed; logging out ends that session for good (the store
+//! keeps it until it would have expired: a restart does not bring it back).
 //!
 //! What this module must never do: accept a cookie whose signature, scope or expiry does
 //! not check out, or put a token anywhere it could be read back.
@@ -12,8 +13,6 @@ use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use std::collections::HashMap;
-use std::sync::Mutex;
 use subtle::ConstantTimeEq;
 
 /// The cookie's name.
@@ -36,29 +35,16 @@ impl Session {
         self.tenant.as_deref().is_none_or(|t| t == tenant)
     }
 
+    /// What names this session when it is ended (`Store::console_session_ended`).
+    pub fn nonce(&self) -> &str {
+        &self.nonce
+    }
+
     /// Who acted, as the activity log records it.
     pub fn who(&self) -> String {
         match &self.tenant {
             None => "the global admin token (console)".into(),
             Some(t) => format!("tenant {t}'s admin token (console)"),
-        }
-    }
-}
-
-/// Sessions ended by logging out before their time (kept until they would have expired).
-#[derive(Default)]
-pub struct Ended(Mutex<HashMap<String, DateTime<Utc>>>);
-
-impl Ended {
-    fn contains(&self, nonce: &str) -> bool {
-        self.0.lock().map(|m| m.contains_key(nonce)).unwrap_or(true)
-    }
-
-    /// Ends `s`; forgets sessions that have expired anyway.
-    pub fn end(&self, s: &Session, now: DateTime<Utc>) {
-        if let Ok(mut m) = self.0.lock() {
-            m.retain(|_, until| *until > now);
-            m.insert(s.nonce.clone(), s.expires);
         }
     }
 }
@@ -97,8 +83,9 @@ pub fn issue(config: &Config, tenant: Option<String>, now: DateTime<Utc>) -> Opt
     Some(format!("{payload}.{}", hex::encode(mac(&key, &payload))))
 }
 
-/// The session a cookie value stands for, if it checks out now.
-pub fn check(config: &Config, ended: &Ended, value: &str, now: DateTime<Utc>) -> Option<Session> {
+/// The session a cookie value stands for, if its signature and time check out now (whether
+/// it was logged out is the store's to say).
+pub fn check(config: &Config, value: &str, now: DateTime<Utc>) -> Option<Session> {
     let (payload, signature) = value.split_once('.')?;
     let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
     let v: serde_json::Value = serde_json::from_slice(&json).ok()?;
@@ -114,7 +101,7 @@ pub fn check(config: &Config, ended: &Ended, value: &str, now: DateTime<Utc>) ->
     }
     let expires = DateTime::from_timestamp(v["e"].as_i64()?, 0)?;
     let nonce = v["n"].as_str()?.to_string();
-    if expires <= now || ended.contains(&nonce) {
+    if expires <= now {
         return None;
     }
     Some(Session { tenant, expires, nonce })
@@ -136,27 +123,25 @@ mod tests {
     }
 
     #[test]
-    fn a_session_checks_out_until_it_expires_is_ended_or_is_tampered_with() {
+    fn a_session_checks_out_until_it_expires_or_is_tampered_with() {
         let c = config();
         let now = Utc::now();
-        let ended = Ended::default();
         let v = issue(&c, None, now).unwrap();
-        let s = check(&c, &ended, &v, now).expect("fresh");
+        let s = check(&c, &v, now).expect("fresh");
         assert_eq!(s.tenant, None);
         assert!(!v.contains(c.admin_token.as_ref().unwrap().expose()), "the token is not in the cookie");
-        assert!(check(&c, &ended, &v, now + LIFETIME).is_none(), "expired");
+        assert!(check(&c, &v, now + LIFETIME).is_none(), "expired");
         // Another scope in the payload, same signature: refused.
         let (payload, sig) = v.split_once('.').unwrap();
         let forged = serde_json::json!({"t": "demo", "e": (now + LIFETIME).timestamp(), "n": "x"}).to_string();
         let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(forged);
-        assert!(check(&c, &ended, &format!("{forged}.{sig}"), now).is_none());
-        assert!(check(&c, &ended, &format!("{payload}.{}", "00".repeat(32)), now).is_none());
-        assert!(check(&c, &ended, "garbage", now).is_none());
+        assert!(check(&c, &format!("{forged}.{sig}"), now).is_none());
+        assert!(check(&c, &format!("{payload}.{}", "00".repeat(32)), now).is_none());
+        assert!(check(&c, "garbage", now).is_none());
         // Another token signs differently: a changed admin token ends its sessions.
         let mut other = c.clone();
         other.admin_token = Some(crate::secret::Secret::new("another-token"));
-        assert!(check(&other, &ended, &v, now).is_none());
-        ended.end(&s, now);
-        assert!(check(&c, &ended, &v, now).is_none(), "logged out");
+        assert!(check(&other, &v, now).is_none());
+        assert_eq!(s.nonce().len(), 32);
     }
 }

@@ -459,6 +459,16 @@ fn apply_event(
         }
     };
 
+    // An operator's grant is about a stored member, named by id: never one created for it.
+    if provider == crate::manual::PROVIDER && member.is_none() {
+        outcome.status = Status::Refused;
+        outcome.to = None;
+        outcome.reason = Some(format!(
+            "the member this names ({}) is not stored (merged into another, or gone): grant on the member's page again",
+            ev.member.provider_customer_id.clone().unwrap_or_default()
+        ));
+        return finish(tx, rec, outcome);
+    }
     // Commit: who it is (created on first sight, new details learnt), then the membership.
     let Some(mem) = commit::member_for(tx, &tenant, &provider, ev, member.take(), now)? else {
         outcome.status = Status::Refused;

@@ -596,7 +596,8 @@ pub async fn resync_member(ctx: &Arc<Ctx>, reconciler: &Reconciler, member_id: &
         return Ok(None);
     };
     let mut summary = Summary::default();
-    for m in &detail.memberships {
+    // An operator's grant has no provider to ask (and nothing is recorded on it).
+    for m in detail.memberships.iter().filter(|m| m.provider != crate::manual::PROVIDER) {
         summary.add(reconciler.reconcile(ctx, m).await);
     }
     Ok(Some(summary))

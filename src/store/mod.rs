@@ -337,6 +337,9 @@ pub trait Tx {
     fn merge_member(&mut self, from: &str, into: &str) -> Result<()>;
     /// Stores what an enrichment fetched with event `seq` (its row kept from before).
     fn set_enrichment(&mut self, seq: i64, enrichment: &str) -> Result<()>;
+    /// Records a console session ended before its time (`until`: when it would have
+    /// expired), forgetting those past their time at `now`.
+    fn end_console_session(&mut self, nonce: &str, until: DateTime<Utc>, now: DateTime<Utc>) -> Result<()>;
     /// The payment reference `r` as stored.
     fn payment(&mut self, tenant: &str, provider: &str, r: &str) -> Result<Option<PaymentLink>>;
     fn membership(&mut self, id: &str) -> Result<Option<MembershipRow>>;
@@ -451,6 +454,8 @@ pub trait Store: Send + Sync + 'static {
     /// Events in arrival order, filtered (for replay and explain).
     fn events_where(&self, filter: &EventFilter) -> Result<Vec<EventRow>>;
     fn leads(&self, tenant: Option<&str>) -> Result<Vec<LeadRow>>;
+    /// Whether the console session `nonce` was ended by logging out.
+    fn console_session_ended(&self, nonce: &str) -> Result<bool>;
     /// Members newest first (ids are time-ordered), of one tenant if given, before the id
     /// `before` (a page's cursor), matching `q` if given: the member id, a provider customer
     /// id or subscription id exactly, or part of the email or name (any case).
@@ -463,7 +468,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<MemberRow>>;
     /// Every product and plan id the memberships name, per tenant and provider, with how
     /// many memberships name it and how many of those hold access; and those the newest
-    /// `recent_events` events name that no membership does (abandoned checkouts, refused
+    /// `recent_events` events (of that tenant) name that no membership does (abandoned checkouts, refused
     /// or ignored events). Manual grants are no provider's products and are left out.
     fn products_seen(&self, tenant: Option<&str>, recent_events: usize) -> Result<Vec<ProductSeen>>;
     /// Timers due at or before `now`, oldest first.

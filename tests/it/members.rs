@@ -129,3 +129,23 @@ async fn products_lists_every_id_seen_and_whether_it_is_mapped() {
     assert_eq!(row("prod_NotInConfig")["provider"], "stripe");
     s.stop().await;
 }
+
+/// A name is found in any case in every script, not ASCII only.
+// See: issue 21, review (`Émile` and `ÉMILE` found nothing: SQLite's `lower` knows ASCII).
+#[tokio::test]
+async fn names_are_found_in_any_case_in_every_script() {
+    let s = Server::start().await;
+    deliver_edited(&s.ctx, "stripe", "checkout_session_completed", |v| {
+        v["data"]["object"]["customer_details"]["name"] = json!("Émile Zola");
+    })
+    .await;
+    let id = member(&s.ctx, "ada@example.com").member.id;
+    for q in ["Émile", "ÉMILE", "émile zola", "ZOLA"] {
+        assert_eq!(
+            ids(&s.get(&format!("/members?q={}", urlencode(q)), Some(TOKEN)).await.1),
+            vec![id.clone()],
+            "q={q}"
+        );
+    }
+    s.stop().await;
+}

@@ -45,6 +45,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/004_lookup_indexes.sql"),
     include_str!("../migrations/sqlite/005_payments.sql"),
     include_str!("../migrations/sqlite/006_enrichment.sql"),
+    include_str!("../migrations/sqlite/007_console_sessions.sql"),
 ];
 
 /// Tuning for the writer.

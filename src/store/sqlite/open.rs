@@ -24,6 +24,20 @@ pub(super) fn configure(conn: &Connection, memory: bool) -> Result<()> {
     }
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    add_functions(conn)?;
+    Ok(())
+}
+
+/// `ms_lower(text)`: lower case as Rust knows it, every script (SQLite's `lower` knows
+/// ASCII only), so a search matches `Émile` as it matches `emile`.
+pub(super) fn add_functions(conn: &Connection) -> Result<()> {
+    use rusqlite::functions::FunctionFlags;
+    conn.create_scalar_function(
+        "ms_lower",
+        1,
+        FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+        |ctx| Ok(ctx.get::<Option<String>>(0)?.map(|s| s.to_lowercase())),
+    )?;
     Ok(())
 }
 

@@ -152,6 +152,15 @@ impl Store for SqliteStore {
         })
     }
 
+    fn console_session_ended(&self, nonce: &str) -> Result<bool> {
+        self.read(|c| {
+            let n: i64 = c
+                .prepare_cached("SELECT COUNT(*) FROM console_logouts WHERE nonce = ?1")?
+                .query_row([nonce], |r| r.get(0))?;
+            Ok(n > 0)
+        })
+    }
+
     fn search_members(
         &self,
         tenant: Option<&str>,
@@ -172,7 +181,7 @@ impl Store for SqliteStore {
                    AND (?2 IS NULL
                         OR m.id = ?2
                         OR m.email_lc LIKE ?4 ESCAPE '\\'
-                        OR lower(m.name) LIKE ?4 ESCAPE '\\'
+                        OR ms_lower(m.name) LIKE ?4 ESCAPE '\\'
                         OR m.id IN (SELECT member_id FROM member_customers WHERE customer_id = ?2)
                         OR m.id IN (SELECT member_id FROM memberships WHERE subscription_id = ?2))
                  ORDER BY m.id DESC LIMIT ?5"
@@ -220,12 +229,14 @@ impl Store for SqliteStore {
             let mut by_events = c.prepare_cached(
                 "SELECT tenant, provider, kind, id, COUNT(*) FROM (
                      SELECT tenant, provider, 'product' AS kind, json_extract(canonical, '$.product_id') AS id
-                     FROM (SELECT * FROM events ORDER BY seq DESC LIMIT ?2)
-                     WHERE canonical IS NOT NULL AND (?1 IS NULL OR tenant = ?1)
+                     FROM (SELECT tenant, provider, canonical FROM events WHERE (?1 IS NULL OR tenant = ?1)
+                           ORDER BY seq DESC LIMIT ?2)
+                     WHERE canonical IS NOT NULL
                      UNION ALL
                      SELECT tenant, provider, 'plan', json_extract(canonical, '$.plan_id')
-                     FROM (SELECT * FROM events ORDER BY seq DESC LIMIT ?2)
-                     WHERE canonical IS NOT NULL AND (?1 IS NULL OR tenant = ?1))
+                     FROM (SELECT tenant, provider, canonical FROM events WHERE (?1 IS NULL OR tenant = ?1)
+                           ORDER BY seq DESC LIMIT ?2)
+                     WHERE canonical IS NOT NULL)
                  WHERE id IS NOT NULL AND provider != 'manual' GROUP BY tenant, provider, kind, id",
             )?;
             let rows = by_events.query_map(params![tenant, recent_events as i64], |r| {

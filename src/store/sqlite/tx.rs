@@ -387,6 +387,13 @@ impl Tx for SqliteTx<'_, '_> {
         Ok(())
     }
 
+    fn end_console_session(&mut self, nonce: &str, until: DateTime<Utc>, now: DateTime<Utc>) -> Result<()> {
+        self.st("DELETE FROM console_logouts WHERE until <= ?1")?.execute([ts(now)])?;
+        self.st("INSERT OR IGNORE INTO console_logouts (nonce, until) VALUES (?1, ?2)")?
+            .execute(params![nonce, ts(until)])?;
+        Ok(())
+    }
+
     fn set_enrichment(&mut self, seq: i64, enrichment: &str) -> Result<()> {
         self.st("UPDATE events SET enrichment = ?2 WHERE seq = ?1")?.execute(params![seq, enrichment])?;
         Ok(())
