@@ -1,12 +1,12 @@
 //! Admin API (bearer token): members with their memberships, access and activity log,
 //! events with raw body and outcome, leads; resync of one member. Never shows a secret.
 
-use crate::http_error::ApiError;
+use crate::http_error::{ApiError, ApiPath as Path, ApiQuery as Query, ErrorBody};
 use crate::pipeline::Ctx;
 use crate::state::AppState;
 use crate::store::read;
 use crate::views::{activity_json, event_json, member_json, rfc};
-use axum::extract::{FromRef, FromRequestParts, Path, Query, State};
+use axum::extract::{FromRef, FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::Json;
 use serde::Deserialize;
@@ -79,6 +79,10 @@ where
 }
 
 /// `GET /members/{id}`.
+#[utoipa::path(get, path = "/members/{id}", tag = "members", security(("admin_token" = [])),
+    params(("id" = String, Path, description = "Member id")),
+    responses((status = 200, description = "The member: memberships with state, access, sync status; recent events", body = Object),
+        (status = 404, description = "No such member (or another tenant's)", body = ErrorBody), (status = 401, description = "Admin token missing or wrong", body = ErrorBody), (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
 pub async fn member(
     token: AdminToken,
     State(ctx): State<Arc<Ctx>>,
@@ -94,6 +98,10 @@ pub async fn member(
 /// `POST /members/{id}/resync`: compares every membership of the member with its
 /// provider now, corrects drift through the rules, and answers the member JSON after,
 /// with what each membership's comparison found under `resync`.
+#[utoipa::path(post, path = "/members/{id}/resync", tag = "members", security(("admin_token" = [])),
+    params(("id" = String, Path, description = "Member id")),
+    responses((status = 200, description = "The member after comparing with the providers, with `resync`", body = Object),
+        (status = 404, description = "No such member", body = ErrorBody), (status = 401, description = "Admin token missing or wrong", body = ErrorBody), (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
 pub async fn resync(
     token: AdminToken,
     State(state): State<AppState>,
@@ -113,7 +121,8 @@ pub async fn resync(
     Ok(Json(out))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct MembersQuery {
     /// Exactly this email (any case).
     pub email: Option<String>,
@@ -122,7 +131,18 @@ pub struct MembersQuery {
     pub q: Option<String>,
     /// The page after the one that answered `next` with this cursor.
     pub before: Option<String>,
-    pub limit: Option<usize>,
+    /// At most this many (at least 1, at most 200: clamped).
+    #[param(minimum = 0)]
+    pub limit: Option<i64>,
+}
+
+/// A page's `limit`: 50 unless given, clamped to `1..=most`; a negative one is an error.
+fn page_limit(limit: Option<i64>, most: usize) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(50.min(most)),
+        Some(n) if n < 0 => Err(ApiError::Invalid(format!("`limit` is {n}; it is at least 0"))),
+        Some(n) => Ok(usize::try_from(n).unwrap_or(usize::MAX).clamp(1, most)),
+    }
 }
 
 /// The most `GET /members` lists at once.
@@ -135,7 +155,7 @@ pub async fn member_page(
     tenant: Option<String>,
     q: &MembersQuery,
 ) -> Result<(Vec<crate::store::MemberDetail>, Option<String>), ApiError> {
-    let limit = q.limit.unwrap_or(50).clamp(1, MAX_MEMBERS_PAGE);
+    let limit = page_limit(q.limit, MAX_MEMBERS_PAGE)?;
     let (search, before) = (q.q.clone(), q.before.clone());
     let mut rows = read(&ctx.store, move |s| {
         let rows = s.search_members(tenant.as_deref(), search.as_deref(), before.as_deref(), limit + 1)?;
@@ -159,12 +179,16 @@ pub async fn member_page(
 
 /// `GET /members?email=E` (that email exactly), or `GET /members?q=&before=&limit=` (a
 /// search, or every member without `q`; newest first, paged).
+#[utoipa::path(get, path = "/members", tag = "members", security(("admin_token" = [])), params(MembersQuery),
+    responses((status = 200, description = "`{members: [...], next}`", body = Object),
+        (status = 400, description = "A parameter that cannot be read", body = ErrorBody), (status = 401, description = "Admin token missing or wrong", body = ErrorBody), (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
 pub async fn members(
     token: AdminToken,
     State(ctx): State<Arc<Ctx>>,
     Query(q): Query<MembersQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let now = ctx.clock.now();
+    page_limit(q.limit, MAX_MEMBERS_PAGE)?;
     if let Some(email) = q.email.clone() {
         let details = read(&ctx.store, move |store| {
             let mut out = Vec::new();
@@ -188,6 +212,13 @@ pub async fn members(
 /// `POST /members/{id}/grants` with `{levels, until?, reason}`: access granted by hand, as an
 /// event with source `manual` through the rules (see `manual`). 201 with the grant id, the
 /// event's outcome and the member after; 422 with the same when the rules did not apply it.
+#[utoipa::path(post, path = "/members/{id}/grants", tag = "members", security(("admin_token" = [])),
+    params(("id" = String, Path, description = "Member id")),
+    request_body = crate::manual::GrantRequest,
+    responses((status = 201, description = "Granted: `{grant_id, event_id, status, reason, member}`", body = Object),
+        (status = 400, description = "A level, reason or date the grant cannot take", body = ErrorBody),
+        (status = 404, description = "No such member", body = ErrorBody),
+        (status = 422, description = "Stored, but the rules did not apply it: `error` says why, with the grant, event and member", body = ErrorBody), (status = 401, description = "Admin token missing or wrong", body = ErrorBody), (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
 pub async fn grant(
     token: AdminToken,
     State(ctx): State<Arc<Ctx>>,
@@ -207,22 +238,33 @@ pub async fn grant(
     } else {
         axum::http::StatusCode::UNPROCESSABLE_ENTITY
     };
-    Ok((
-        status,
-        Json(json!({
-            "grant_id": grant_id, "event_id": ack.event_id, "status": ack.status, "reason": ack.outcome.reason,
-            "member": member,
-        })),
-    ))
+    let mut body = json!({
+        "grant_id": grant_id, "event_id": ack.event_id, "status": ack.status, "reason": ack.outcome.reason,
+        "member": member,
+    });
+    if status != axum::http::StatusCode::CREATED {
+        body["error"] = json!(format!(
+            "the grant was not applied ({}): {}",
+            ack.status.as_str(),
+            ack.outcome.reason.clone().unwrap_or_default()
+        ));
+    }
+    Ok((status, Json(body)))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct RevokeQuery {
     pub reason: Option<String>,
 }
 
 /// `DELETE /members/{id}/grants/{grant}[?reason=…]`: ends a manual grant now, as an event with
 /// source `manual`. Revoking it again answers the first revocation.
+#[utoipa::path(delete, path = "/members/{id}/grants/{grant}", tag = "members", security(("admin_token" = [])),
+    params(("id" = String, Path, description = "Member id"), ("grant" = String, Path, description = "Grant id"), RevokeQuery),
+    responses((status = 200, description = "Revoked (or, again, the first revocation): `{grant_id, event_id, status, reason, member}`", body = Object),
+        (status = 400, description = "A reason the revocation cannot take", body = ErrorBody),
+        (status = 404, description = "No such member or grant of theirs", body = ErrorBody), (status = 401, description = "Admin token missing or wrong", body = ErrorBody), (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
 pub async fn revoke(
     token: AdminToken,
     State(ctx): State<Arc<Ctx>>,
@@ -265,6 +307,8 @@ fn manual_error(e: crate::manual::Error) -> ApiError {
 /// `GET /products`: every product and plan id seen per provider (memberships, and the newest
 /// 100,000 events), how many memberships name it, and the access levels it maps to (none:
 /// unmapped, and flagged on its memberships).
+#[utoipa::path(get, path = "/products", tag = "members", security(("admin_token" = [])),
+    responses((status = 200, description = "`{products: [...]}`", body = Object), (status = 401, description = "Admin token missing or wrong", body = ErrorBody), (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
 pub async fn products(token: AdminToken, State(ctx): State<Arc<Ctx>>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({ "products": products_json(&ctx, token.tenant.clone()).await? })))
 }
@@ -293,10 +337,13 @@ pub async fn products_json(ctx: &Arc<Ctx>, tenant: Option<String>) -> Result<Vec
         .collect())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
     status: Option<String>,
-    limit: Option<usize>,
+    /// At most this many (at least 1, at most 500: clamped).
+    #[param(minimum = 0)]
+    limit: Option<i64>,
     /// The page after the one that answered `next` with this cursor.
     before: Option<i64>,
 }
@@ -307,12 +354,15 @@ pub const MAX_EVENTS_PAGE: usize = 500;
 /// `GET /events?status=S&limit=N&before=CURSOR`: newest first, without raw bodies (they
 /// stay on `GET /events/{id}`); `next` is the cursor of the following page, when there is
 /// one.
+#[utoipa::path(get, path = "/events", tag = "events", security(("admin_token" = [])), params(EventsQuery),
+    responses((status = 200, description = "`{events: [...], next}`, newest first, without raw bodies", body = Object),
+        (status = 400, description = "A parameter that cannot be read", body = ErrorBody), (status = 401, description = "Admin token missing or wrong", body = ErrorBody), (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
 pub async fn events(
     token: AdminToken,
     State(ctx): State<Arc<Ctx>>,
     Query(q): Query<EventsQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = q.limit.unwrap_or(50).clamp(1, MAX_EVENTS_PAGE);
+    let limit = page_limit(q.limit, MAX_EVENTS_PAGE)?;
     // A tenant's token: that tenant's newest events, however many others arrived since.
     let tenant = token.tenant.clone();
     let before = q.before;
@@ -333,6 +383,10 @@ pub async fn events(
 
 /// The full stored event: raw body, canonical event, outcome, rule and transition.
 /// `GET /events/{event_id}`.
+#[utoipa::path(get, path = "/events/{event_id}", tag = "events", security(("admin_token" = [])),
+    params(("event_id" = String, Path, description = "The provider's event id")),
+    responses((status = 200, description = "The stored event: raw body, canonical event, outcome, rule, transition", body = Object),
+        (status = 404, description = "No such event", body = ErrorBody), (status = 401, description = "Admin token missing or wrong", body = ErrorBody), (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
 pub async fn event(
     token: AdminToken,
     State(ctx): State<Arc<Ctx>>,
@@ -348,6 +402,8 @@ pub async fn event(
 }
 
 /// `GET /leads`.
+#[utoipa::path(get, path = "/leads", tag = "members", security(("admin_token" = [])),
+    responses((status = 200, description = "`{leads: [...]}`", body = Object), (status = 401, description = "Admin token missing or wrong", body = ErrorBody), (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
 pub async fn leads(token: AdminToken, State(ctx): State<Arc<Ctx>>) -> Result<Json<Value>, ApiError> {
     let tenant = token.tenant.clone();
     let rows = read(&ctx.store, move |s| s.leads(tenant.as_deref())).await?;
@@ -355,6 +411,10 @@ pub async fn leads(token: AdminToken, State(ctx): State<Arc<Ctx>>) -> Result<Jso
 }
 
 /// `GET /metrics`: OpenMetrics text (see `metrics`).
+#[utoipa::path(get, path = "/metrics", tag = "service",
+    responses((status = 200, description = "OpenMetrics text (Prometheus)", content_type = "application/openmetrics-text", body = String),
+        (status = 401, description = "A `metrics_token` is set and was not given", body = ErrorBody),
+        (status = 503, description = "The store cannot be read", body = ErrorBody)))]
 pub async fn metrics(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
@@ -381,6 +441,9 @@ pub async fn metrics(
 }
 
 /// `GET /admin/rules`: the rule set in force and the last reload attempt.
+#[utoipa::path(get, path = "/admin/rules", tag = "admin", security(("admin_token" = [])),
+    responses((status = 200, description = "The rule set in force and the last reload", body = Object),
+        (status = 403, description = "A tenant's token", body = ErrorBody), (status = 401, description = "Admin token missing or wrong", body = ErrorBody), (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
 pub async fn rules(token: AdminToken, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     token.require_global()?;
     let loaded = state.ctx.loaded();
@@ -406,6 +469,10 @@ pub async fn rules(token: AdminToken, State(state): State<AppState>) -> Result<J
 
 /// `POST /admin/reload`: reload now; 200 with the new version, or 422 with every problem
 /// (the previous rules stay in force).
+#[utoipa::path(post, path = "/admin/reload", tag = "admin", security(("admin_token" = [])),
+    responses((status = 200, description = "`{ok, version}`", body = Object),
+        (status = 403, description = "A tenant's token", body = ErrorBody),
+        (status = 422, description = "Refused: every problem, and the version still in force", body = ErrorBody), (status = 401, description = "Admin token missing or wrong", body = ErrorBody), (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
 pub async fn reload(token: AdminToken, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     token.require_global()?;
     match state.reload("admin") {
@@ -417,7 +484,8 @@ pub async fn reload(token: AdminToken, State(state): State<AppState>) -> Result<
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct RederiveQuery {
     /// Only this member's memberships (id or email).
     member: Option<String>,
@@ -429,6 +497,12 @@ pub struct RederiveQuery {
 /// `POST /admin/rederive[?member=ID-or-EMAIL][&dry_run=true]`: sets each membership to what
 /// its stored deliveries derive under the rules in force, recorded as events with source
 /// `rederive` (global token; see `replay::rederive`).
+#[utoipa::path(post, path = "/admin/rederive", tag = "admin", security(("admin_token" = [])), params(RederiveQuery),
+    responses((status = 200, description = "`{version, dry_run, deliveries, compared, memberships}`", body = Object),
+        (status = 400, description = "A parameter that cannot be read", body = ErrorBody),
+        (status = 403, description = "A tenant's token", body = ErrorBody),
+        (status = 404, description = "No such member", body = ErrorBody),
+        (status = 409, description = "An email several members have", body = ErrorBody), (status = 401, description = "Admin token missing or wrong", body = ErrorBody), (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
 pub async fn rederive(
     token: AdminToken,
     State(ctx): State<Arc<Ctx>>,
@@ -455,6 +529,11 @@ pub async fn rederive(
 
 /// `POST /events/{event_id}/replay`: run a failed, refused or ignored event again under
 /// the rules in force (409 for any other status).
+#[utoipa::path(post, path = "/events/{event_id}/replay", tag = "events", security(("admin_token" = [])),
+    params(("event_id" = String, Path, description = "The provider's event id")),
+    responses((status = 200, description = "`{event_id, was, status, reason}`", body = Object),
+        (status = 404, description = "No such event", body = ErrorBody),
+        (status = 409, description = "Not failed, refused or ignored (or replayed already)", body = ErrorBody), (status = 401, description = "Admin token missing or wrong", body = ErrorBody), (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
 pub async fn replay_event(
     token: AdminToken,
     State(ctx): State<Arc<Ctx>>,

@@ -7,35 +7,32 @@
 
 use crate::pipeline::Ctx;
 use crate::state::AppState;
-use crate::{admin, ingest, reconcile, timers};
-use axum::routing::{get, post};
+use crate::{reconcile, timers};
+use axum::routing::get;
 use axum::Router;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
+/// The API's routes and their OpenAPI document, declared together (see `openapi`).
+pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    crate::openapi::api().routes(utoipa_axum::routes!(healthz)).split_for_parts()
+}
+
 /// The router, for `serve` and for `oneshot` tests.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/webhooks/{tenant}/{provider}", get(ingest::probe).head(ingest::probe).post(ingest::webhook))
-        .route("/members", get(admin::members))
-        .route("/members/{id}", get(admin::member))
-        .route("/members/{id}/resync", post(admin::resync))
-        .route("/members/{id}/grants", post(admin::grant))
-        .route("/members/{id}/grants/{grant}", axum::routing::delete(admin::revoke))
-        .route("/products", get(admin::products))
-        .route("/events", get(admin::events))
-        .route("/events/{event_id}", get(admin::event))
-        .route("/events/{event_id}/replay", axum::routing::post(admin::replay_event))
-        .route("/leads", get(admin::leads))
-        .route("/admin/rules", get(admin::rules))
-        .route("/admin/reload", axum::routing::post(admin::reload))
-        .route("/admin/rederive", axum::routing::post(admin::rederive))
-        .route("/metrics", get(admin::metrics))
-        .route("/healthz", get(healthz))
-        .merge(crate::console::routes())
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), measure))
-        .with_state(state)
+    let (api, spec) = api();
+    let spec = std::sync::Arc::new(crate::openapi::document(&spec));
+    api.route(
+        "/openapi.json",
+        get(move || {
+            let spec = spec.clone();
+            async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], (*spec).clone()) }
+        }),
+    )
+    .merge(crate::console::routes())
+    .route_layer(axum::middleware::from_fn_with_state(state.clone(), measure))
+    .with_state(state)
 }
 
 /// Times every request to a known route and counts its answer (see `metrics`). A webhook is
@@ -65,6 +62,9 @@ async fn measure(
 
 /// `GET /healthz`: 200 `{"status": "ok"}`, or 503 `{"status": "failed", "error"}` once
 /// the store has hit an I/O error (it then takes no writes; restart it).
+#[utoipa::path(get, path = "/healthz", tag = "service",
+    responses((status = 200, description = "`{status: ok}`", body = Object),
+        (status = 503, description = "The store hit an I/O error: `{status: failed, error}`", body = crate::http_error::ErrorBody)))]
 async fn healthz(
     axum::extract::State(ctx): axum::extract::State<Arc<Ctx>>,
 ) -> Result<axum::Json<serde_json::Value>, crate::http_error::ApiError> {

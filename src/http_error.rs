@@ -7,7 +7,6 @@
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
 /// Errors answered over HTTP.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +81,47 @@ impl From<crate::store::Error> for ApiError {
     }
 }
 
+/// The body of every error answer: what went wrong, and for some errors more (a refused
+/// reload's problems and the version still in force; a failed store's status).
+#[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+    /// `false` on a refused reload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ok: Option<bool>,
+    /// The rule-set version still in force (a refused reload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Every problem found (a refused reload), each `file:line:column: message`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<String>>,
+    /// `failed` when the store takes no writes (`/healthz`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+}
+
+/// `Query`, whose rejection is an [`ApiError`] (400, the error body) rather than text.
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
+
+/// `Path`, whose rejection is an [`ApiError`] (400, the error body) rather than text.
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
+
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(r: axum::extract::rejection::QueryRejection) -> Self {
+        ApiError::Invalid(r.body_text())
+    }
+}
+
+impl From<axum::extract::rejection::PathRejection> for ApiError {
+    fn from(r: axum::extract::rejection::PathRejection) -> Self {
+        ApiError::Invalid(r.body_text())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status_code();
@@ -92,14 +132,17 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let body = match &self {
+        let mut body = ErrorBody { error: message, ok: None, version: None, errors: None, status: None };
+        match &self {
             // What was wrong, every problem, and the version still in force.
             ApiError::ReloadRefused { version, errors } => {
-                json!({ "error": message, "ok": false, "version": version, "errors": errors })
+                body.ok = Some(false);
+                body.version = Some(version.clone());
+                body.errors = Some(errors.clone());
             }
-            ApiError::Unhealthy(_) => json!({ "status": "failed", "error": message }),
-            _ => json!({ "error": message }),
-        };
+            ApiError::Unhealthy(_) => body.status = Some("failed".into()),
+            _ => {}
+        }
         let mut resp = (status, Json(body)).into_response();
         if matches!(self, ApiError::Busy) {
             resp.headers_mut().insert("retry-after", HeaderValue::from_static("1"));

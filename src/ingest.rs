@@ -3,11 +3,11 @@
 //! URL answer 200 (providers probe the URL when it is added). Never logs a secret.
 
 use crate::canonical::Source;
-use crate::http_error::ApiError;
+use crate::http_error::{ApiError, ApiPath as Path, ErrorBody};
 use crate::intake::{self, intake, Check, Delivery};
 use crate::pipeline::{self, Ack, Ctx, Incoming, Raw};
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json;
 use serde_json::{json, Value};
@@ -26,6 +26,10 @@ async fn stored_already(ctx: &Arc<Ctx>, tenant: &str, provider: &str, x: &crate:
 }
 
 /// `HEAD`/`GET /webhooks/{tenant}/{provider}`: the URL check providers make.
+#[utoipa::path(method(get, head), path = "/webhooks/{tenant}/{provider}", tag = "webhooks",
+    params(("tenant" = String, Path), ("provider" = String, Path)),
+    responses((status = 200, description = "The tenant takes this provider's webhooks", body = Object),
+        (status = 404, description = "Unknown tenant or provider", body = ErrorBody)))]
 pub async fn probe(
     State(ctx): State<Arc<Ctx>>,
     Path((tenant, provider)): Path<(String, String)>,
@@ -51,6 +55,16 @@ fn target<'a>(
 }
 
 /// `POST /webhooks/{tenant}/{provider}`.
+#[utoipa::path(post, path = "/webhooks/{tenant}/{provider}", tag = "webhooks",
+    params(("tenant" = String, Path), ("provider" = String, Path)),
+    request_body(content = String, description = "The provider's payload as sent (JSON or a form), signed its way", content_type = "application/json"),
+    responses((status = 200, description = "Durable: `{event_id, status}`", body = Object),
+        (status = 400, description = "Undecodable, or ids that conflict or are too long", body = ErrorBody),
+        (status = 401, description = "Bad, missing or expired signature", body = ErrorBody),
+        (status = 404, description = "Unknown tenant or provider", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 413, description = "Body over `limits.max_body_bytes`", body = ErrorBody),
+        (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
 pub async fn webhook(
     State(ctx): State<Arc<Ctx>>,
     Path((tenant, provider)): Path<(String, String)>,

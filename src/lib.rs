@@ -66,6 +66,7 @@ pub mod logging;
 pub mod machine;
 pub mod manual;
 pub mod metrics;
+pub mod openapi;
 pub mod pipeline;
 pub mod reconcile;
 pub mod reload;

@@ -29,12 +29,17 @@ pub const LEVEL_SEPARATOR: char = '+';
 pub const MAX_REASON_CHARS: usize = 500;
 
 /// What an operator asks for: levels, until when (none: until revoked), and why.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GrantRequest {
+    /// Access levels the tenant's products map to.
+    #[schema(min_items = 1)]
     pub levels: Vec<String>,
+    /// When the grant ends (RFC 3339); without it, when it is revoked.
     #[serde(default)]
     pub until: Option<DateTime<Utc>>,
+    /// Why (required, at most 500 characters): the activity log and `explain` show it.
+    #[schema(min_length = 1, max_length = 500)]
     pub reason: String,
 }
 

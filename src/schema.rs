@@ -24,5 +24,6 @@ pub fn all() -> Vec<(&'static str, String)> {
         ("effect.schema.json", schema::<Effect>()),
         ("membership.graph.json", graph::to_json()),
         ("membership.mmd", graph::to_mermaid()),
+        ("openapi.json", crate::openapi::document(&crate::app::api().1)),
     ]
 }

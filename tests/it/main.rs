@@ -15,6 +15,7 @@ mod grants;
 mod guarantees;
 mod lifecycle;
 mod members;
+mod openapi;
 mod ordering;
 mod reconcile;
 mod reload;
