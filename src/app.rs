@@ -31,8 +31,69 @@ pub fn router(state: AppState) -> Router {
         }),
     )
     .merge(crate::console::routes())
+    .route_service("/mcp", mcp_service(state.clone()))
     .route_layer(axum::middleware::from_fn_with_state(state.clone(), measure))
     .with_state(state)
+}
+
+/// `/mcp`: the assistant's tools over streamable HTTP, stateless (every request stands
+/// alone, so any replica answers), behind the MCP token (see `mcp`).
+fn mcp_service(
+    state: AppState,
+) -> impl tower::Service<
+    axum::extract::Request,
+    Response = axum::response::Response,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    use rmcp::transport::streamable_http_server::session::never::NeverSessionManager;
+    use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+    let ctx = state.ctx.clone();
+    let service = StreamableHttpService::new(
+        move || Ok(crate::mcp::Assistant::new(ctx.clone(), false)),
+        Arc::new(NeverSessionManager::default()),
+        // The token, not the Host header, is what keeps other sites out.
+        StreamableHttpServerConfig::default()
+            .with_legacy_session_mode(false)
+            .with_json_response(true)
+            .disable_allowed_hosts(),
+    );
+    tower::ServiceBuilder::new().layer(axum::middleware::from_fn_with_state(state, mcp_token)).service(service)
+}
+
+/// Lets a request through to `/mcp` with the scope its MCP bearer token opens; 401 without
+/// one (the admin token is not one).
+async fn mcp_token(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let given = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    match crate::mcp::scope_of(&state.ctx.config(), given) {
+        Some(scope) => {
+            req.extensions_mut().insert(scope);
+            next.run(req).await
+        }
+        None => {
+            let body = crate::http_error::ErrorBody {
+                error: "MCP token missing or wrong (MEMBERSYNC_MCP_TOKEN; the admin token is not one)".into(),
+                ok: None,
+                version: None,
+                errors: None,
+                status: None,
+            };
+            (axum::http::StatusCode::UNAUTHORIZED, axum::Json(body)).into_response()
+        }
+    }
 }
 
 /// Times every request to a known route and counts its answer (see `metrics`). A webhook is

@@ -140,6 +140,15 @@ pub enum Command {
         #[arg(long)]
         database: Option<String>,
     },
+    /// Serve the read-only MCP tools to an AI assistant over stdio (every tenant; over HTTP
+    /// the same tools are at `/mcp` with `MEMBERSYNC_MCP_TOKEN`).
+    Mcp {
+        #[arg(long, default_value = "membersync.yaml")]
+        config: PathBuf,
+        /// SQLite database file (overrides the config and MEMBERSYNC_DATABASE).
+        #[arg(long)]
+        database: Option<String>,
+    },
 }
 
 /// `membersync simulate`.
@@ -201,7 +210,27 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
             send(&config, &provider, &tenant, url, &headers, &file).await
         }
         Command::Reconcile { member, json, config, database } => reconcile(&config, database, member, json).await,
+        Command::Mcp { config, database } => mcp(&config, database).await,
     }
+}
+
+/// `membersync mcp`: the MCP tools on stdin/stdout until the client closes them (the log
+/// stays on stderr).
+async fn mcp(config_path: &Path, database: Option<String>) -> Result<ExitCode> {
+    use rmcp::ServiceExt;
+    let mut config = load_config(config_path)?;
+    if let Some(d) = database {
+        config.database = d;
+    }
+    let rules = load_rules(&config, Utc::now())?;
+    let store = open_existing_store(&config)?;
+    let ctx = Arc::new(Ctx::new(config, rules, store, Arc::new(SystemClock)));
+    let service = crate::mcp::Assistant::new(ctx, true)
+        .serve(rmcp::transport::stdio())
+        .await
+        .context("Failed to start the MCP session on stdio")?;
+    service.waiting().await.context("The MCP session on stdio failed")?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load_config(path: &Path) -> Result<Config> {

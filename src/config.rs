@@ -36,6 +36,11 @@ pub struct ConfigFile {
     /// counts name no tenant).
     #[serde(default)]
     pub metrics_token: Option<SecretSpec>,
+    /// Bearer token for AI assistants at `/mcp` (env `MEMBERSYNC_MCP_TOKEN`): read-only
+    /// tools over every tenant. The admin token is not accepted there. Unset: `/mcp`
+    /// answers 401.
+    #[serde(default)]
+    pub mcp_token: Option<SecretSpec>,
     /// Directory holding `*.rhai` and `providers/*.yaml`, relative to the config file.
     #[serde(default)]
     pub rules_dir: Option<String>,
@@ -189,6 +194,9 @@ pub struct TenantSpec {
     /// tenant); the global `admin_token` sees every tenant.
     #[serde(default)]
     pub admin_token: Option<SecretSpec>,
+    /// A bearer token for AI assistants at `/mcp` that sees this tenant only.
+    #[serde(default)]
+    pub mcp_token: Option<SecretSpec>,
     /// Policy values handed to the rules as `cfg` (e.g. `grace_days`).
     #[serde(default)]
     pub policy: serde_json::Map<String, serde_json::Value>,
@@ -225,6 +233,7 @@ pub struct TenantProvider {
 pub struct Tenant {
     pub name: String,
     pub admin_token: Option<Secret>,
+    pub mcp_token: Option<Secret>,
     pub policy: serde_json::Map<String, serde_json::Value>,
     pub providers: BTreeMap<String, TenantProvider>,
 }
@@ -250,6 +259,7 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     /// Bearer token for `GET /metrics` (the admin token is accepted too).
     pub metrics_token: Option<Secret>,
+    pub mcp_token: Option<Secret>,
     pub rules_dir: PathBuf,
     pub max_body_bytes: usize,
     /// How long a client may take: its headers, its body, its silence; and how many may be
@@ -350,6 +360,7 @@ impl Config {
                 Tenant {
                     name: name.clone(),
                     admin_token: t.admin_token.as_ref().and_then(SecretSpec::resolve),
+                    mcp_token: t.mcp_token.as_ref().and_then(SecretSpec::resolve),
                     policy: t.policy.clone(),
                     providers,
                 },
@@ -389,6 +400,9 @@ impl Config {
                 .map(Secret::new)
                 .or_else(|| file.admin_token.as_ref().and_then(SecretSpec::resolve)),
             metrics_token: file.metrics_token.as_ref().and_then(SecretSpec::resolve),
+            mcp_token: env("MEMBERSYNC_MCP_TOKEN")
+                .map(Secret::new)
+                .or_else(|| file.mcp_token.as_ref().and_then(SecretSpec::resolve)),
             rules_dir,
             max_body_bytes: file.limits.max_body_bytes.unwrap_or(1024 * 1024),
             connections: ConnectionLimits {

@@ -24,6 +24,7 @@
 //! - `cli`: the commands; `app`: the router, `serve` and the request metrics; `listen`: the
 //!   connection loop (connection cap, header and write time limits); `ingest`,
 //!   `admin`: the HTTP handlers; `console`: the admin console's pages and sessions;
+//!   `mcp`: the read-only tools for AI assistants; `openapi`: the API's OpenAPI document;
 //!   `views`: the JSON of members, memberships and events;
 //!   `http_error`: the one status table; `logging`: stderr, routine lines batched.
 //! - `state`: the running service's state above the pipeline (the pipeline's context,
@@ -65,6 +66,7 @@ pub mod listen;
 pub mod logging;
 pub mod machine;
 pub mod manual;
+pub mod mcp;
 pub mod metrics;
 pub mod openapi;
 pub mod pipeline;

@@ -14,6 +14,7 @@ mod fuzz_campaign;
 mod grants;
 mod guarantees;
 mod lifecycle;
+mod mcp;
 mod members;
 mod openapi;
 mod ordering;

@@ -1,0 +1,188 @@
+//! The MCP server: an assistant asks "what is this member's payment sync status?" over
+//! streamable HTTP (`/mcp`, its own token) and over stdio (`membersync mcp`), and gets each
+//! membership's state, access, last webhook, last reconcile and drift — read-only tools
+//! only, no secret or raw body in any answer, one tenant for a tenant's token.
+
+use crate::support::*;
+use membersync::clock::{Clock, FixedClock};
+use membersync::secret::Secret;
+use serde_json::{json, Value};
+use std::io::{BufRead, Write};
+use std::sync::Arc;
+
+const T0: i64 = 1_767_300_000;
+const MCP: &str = "mcp-test-token";
+
+/// One JSON-RPC request to `/mcp` with `token`: (HTTP status, the JSON answer).
+async fn rpc(s: &Server, token: Option<&str>, method: &str, params: Value) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .post(format!("{}/mcp", s.url))
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2025-06-18")
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn call(s: &Server, token: &str, tool: &str, args: Value) -> Value {
+    let (status, answer) = rpc(s, Some(token), "tools/call", json!({"name": tool, "arguments": args})).await;
+    assert_eq!(status, 200, "{answer}");
+    answer
+}
+
+/// Ada on Stripe, reconciled once with a drift corrected; a dead letter; a second tenant.
+async fn seeded() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = two_tenants(&dir.path().join("m.db"));
+    config.mcp_token = Some(Secret::new(MCP));
+    config.tenants.get_mut("acme").unwrap().mcp_token = Some(Secret::new("acme-mcp-token"));
+    let clock = Arc::new(FixedClock::new(at(T0)));
+    let s = Server::start_with(config, clock.clone(), dir).await;
+    deliver(&s.ctx, "stripe", "checkout_session_completed").await;
+    deliver(&s.ctx, "stripe", "customer_subscription_created").await;
+    deliver_edited(&s.ctx, "stripe", "invoice_paid", |v| v["created"] = json!("yesterday")).await;
+    let ms = member(&s.ctx, "ada@example.com").memberships[0].id.clone();
+    let now = clock.now();
+    s.ctx
+        .store
+        .write(move |tx| {
+            tx.record_sync(&membersync::store::SyncRecord {
+                membership_id: ms,
+                sync_status: membersync::store::SyncState::DriftCorrected,
+                attempted_at: now,
+                reconciled_at: Some(now),
+                detail: Some("drift corrected: period_end moved".into()),
+                drift: Some((now, "period_end: 2026-02-01T00:00:00Z → 2026-03-01T00:00:00Z".into())),
+                error: None,
+            })
+        })
+        .await
+        .unwrap();
+    s
+}
+
+fn no_secret_in(answer: &Value) {
+    let text = answer.to_string();
+    for secret in [TOKEN, MCP, "whsec_demo_local_only", "\"raw\""] {
+        assert!(!text.contains(secret), "{secret} in an answer: {text}");
+    }
+}
+
+#[tokio::test]
+async fn an_assistant_over_http_gets_the_members_sync_status_with_its_own_token() {
+    let s = seeded().await;
+    // Its own token, and only it.
+    assert_eq!(rpc(&s, None, "tools/list", json!({})).await.0, 401);
+    assert_eq!(rpc(&s, Some(TOKEN), "tools/list", json!({})).await.0, 401, "the admin token is not an MCP token");
+    let (status, init) = rpc(
+        &s,
+        Some(MCP),
+        "initialize",
+        json!({"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "test", "version": "1"}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{init}");
+    assert_eq!(init["result"]["serverInfo"]["name"], "membersync");
+
+    // Four tools, each read-only.
+    let (_, tools) = rpc(&s, Some(MCP), "tools/list", json!({})).await;
+    let mut names: Vec<&str> =
+        tools["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["explain_access", "find_members", "list_failed_events", "member_sync_status"]);
+    for t in tools["result"]["tools"].as_array().unwrap() {
+        assert_eq!(t["annotations"]["readOnlyHint"], true, "{t}");
+    }
+
+    // The seed's question.
+    let a = call(&s, MCP, "member_sync_status", json!({"member": "ada@example.com"})).await;
+    let st = &a["result"]["structuredContent"];
+    let m = &st["memberships"][0];
+    assert_eq!((m["provider"].as_str(), m["state"].as_str()), (Some("stripe"), Some("active")), "{a}");
+    assert_eq!(m["access_levels"], json!(["pro"]));
+    assert_eq!(m["sync_status"], "drift_corrected");
+    assert_eq!(m["last_reconciled_at"], "2026-01-01T20:40:00Z");
+    assert!(m["last_webhook_at"].is_string(), "{m}");
+    assert!(m["last_drift"]["what"].as_str().unwrap().contains("period_end"), "{m}");
+    let text = a["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(text.contains("stripe sub_1QxDemo001: active") && text.contains("last drift"), "{text}");
+    no_secret_in(&a);
+
+    // The other tools.
+    let why = call(&s, MCP, "explain_access", json!({"member": "ada@example.com"})).await;
+    assert!(why["result"]["content"][0]["text"].as_str().unwrap().contains("rules/access.rhai"), "{why}");
+    no_secret_in(&why);
+    let found = call(&s, MCP, "find_members", json!({"q": "lovelace"})).await;
+    assert_eq!(found["result"]["structuredContent"]["members"][0]["email"], "ada@example.com", "{found}");
+    let failed = call(&s, MCP, "list_failed_events", json!({})).await;
+    let dead = &failed["result"]["structuredContent"]["events"][0];
+    assert_eq!(dead["event_type"], "invoice.paid", "{failed}");
+    assert!(dead["reason"].as_str().unwrap().contains("occurred_at"), "{failed}");
+    no_secret_in(&failed);
+
+    // No write tool exists; a name it does not have is an error.
+    let (_, other) = rpc(&s, Some(MCP), "tools/call", json!({"name": "grant_access", "arguments": {}})).await;
+    assert!(other.get("error").is_some() || other["result"]["isError"] == true, "{other}");
+
+    // A tenant's MCP token sees that tenant only.
+    let theirs = call(&s, "acme-mcp-token", "member_sync_status", json!({"member": "ada@example.com"})).await;
+    assert_eq!(theirs["result"]["isError"], true, "{theirs}");
+    let none = call(&s, "acme-mcp-token", "find_members", json!({})).await;
+    assert_eq!(none["result"]["structuredContent"]["members"], json!([]));
+    s.stop().await;
+}
+
+/// `membersync mcp` on stdio: the same tools over the configured database.
+#[tokio::test]
+async fn an_assistant_over_stdio_gets_the_members_sync_status() {
+    let (dir, config) = editable_config();
+    {
+        let ctx = ctx_with(config.clone(), Arc::new(FixedClock::new(at(T0))));
+        deliver(&ctx, "stripe", "checkout_session_completed").await;
+        deliver(&ctx, "stripe", "customer_subscription_created").await;
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_membersync"))
+        .args(["mcp", "--config"])
+        .arg(dir.path().join("membersync.yaml"))
+        .args(["--database", &config.database])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let answers = tokio::task::spawn_blocking(move || {
+        let mut send = |v: Value| writeln!(stdin, "{v}").and_then(|_| stdin.flush()).unwrap();
+        let mut read = || {
+            let mut line = String::new();
+            stdout.read_line(&mut line).unwrap();
+            serde_json::from_str::<Value>(&line).unwrap_or(Value::Null)
+        };
+        send(json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params":
+            {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "test", "version": "1"}}}));
+        let init = read();
+        send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+        send(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params":
+            {"name": "member_sync_status", "arguments": {"member": "ada@example.com"}}}));
+        let status = read();
+        drop(stdin);
+        (init, status)
+    });
+    let (init, status) =
+        tokio::time::timeout(std::time::Duration::from_secs(30), answers).await.expect("answers within 30 s").unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(init["result"]["serverInfo"]["name"], "membersync", "{init}");
+    let m = &status["result"]["structuredContent"]["memberships"][0];
+    assert_eq!(
+        (m["state"].as_str(), m["sync_status"].as_str()),
+        (Some("active"), Some("never_reconciled")),
+        "{status}"
+    );
+    assert!(m["last_webhook_at"].is_string(), "{status}");
+    no_secret_in(&status);
+}
