@@ -214,17 +214,23 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
     }
 }
 
-/// `membersync mcp`: the MCP tools on stdin/stdout until the client closes them (the log
-/// stays on stderr).
-async fn mcp(config_path: &Path, database: Option<String>) -> Result<ExitCode> {
-    use rmcp::ServiceExt;
+/// A context over the database `serve` stored (`database` overriding the config's), on the
+/// wall clock: one that does not exist is an error.
+fn existing_ctx(config_path: &Path, database: Option<String>) -> Result<Arc<Ctx>> {
     let mut config = load_config(config_path)?;
     if let Some(d) = database {
         config.database = d;
     }
     let rules = load_rules(&config, Utc::now())?;
     let store = open_existing_store(&config)?;
-    let ctx = Arc::new(Ctx::new(config, rules, store, Arc::new(SystemClock)));
+    Ok(Arc::new(Ctx::new(config, rules, store, Arc::new(SystemClock))))
+}
+
+/// `membersync mcp`: the MCP tools on stdin/stdout until the client closes them (the log
+/// stays on stderr).
+async fn mcp(config_path: &Path, database: Option<String>) -> Result<ExitCode> {
+    use rmcp::ServiceExt;
+    let ctx = existing_ctx(config_path, database)?;
     let service = crate::mcp::Assistant::new(ctx, true)
         .serve(rmcp::transport::stdio())
         .await
@@ -369,13 +375,7 @@ async fn reconcile(
     member: Option<String>,
     json: bool,
 ) -> Result<ExitCode> {
-    let mut config = load_config(config_path)?;
-    if let Some(d) = database {
-        config.database = d;
-    }
-    let rules = load_rules(&config, Utc::now())?;
-    let store = open_existing_store(&config)?;
-    let ctx = Arc::new(Ctx::new(config, rules, store, Arc::new(SystemClock)));
+    let ctx = existing_ctx(config_path, database)?;
     let reconciler = Arc::new(crate::reconcile::Reconciler::new(&ctx.config(), Default::default()));
     // A member by id or email, as `explain` takes them.
     let member_id = match &member {
