@@ -8,7 +8,6 @@
 use crate::pipeline::Ctx;
 use crate::state::AppState;
 use crate::{reconcile, timers};
-use axum::routing::get;
 use axum::Router;
 use std::future::Future;
 use std::sync::Arc;
@@ -21,19 +20,15 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
 
 /// The router, for `serve` and for `oneshot` tests.
 pub fn router(state: AppState) -> Router {
-    let (api, spec) = api();
-    let spec = std::sync::Arc::new(crate::openapi::document(&spec));
-    api.route(
-        "/openapi.json",
-        get(move || {
-            let spec = spec.clone();
-            async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], (*spec).clone()) }
-        }),
-    )
-    .merge(crate::console::routes())
-    .route_service("/mcp", mcp_service(state.clone()))
-    .route_layer(axum::middleware::from_fn_with_state(state.clone(), measure))
-    .with_state(state)
+    api()
+        .0
+        .merge(crate::console::routes())
+        .route_service("/mcp", mcp_service(state.clone()))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), measure))
+        // No route: a 404 that `uniform` gives the error body.
+        .fallback(|| async { axum::http::StatusCode::NOT_FOUND })
+        .layer(axum::middleware::from_fn(crate::http_error::uniform))
+        .with_state(state)
 }
 
 /// `/mcp`: the assistant's tools over streamable HTTP, stateless (every request stands
@@ -59,16 +54,19 @@ fn mcp_service(
         StreamableHttpServerConfig::default()
             .with_legacy_session_mode(false)
             .with_json_response(true)
+            // The body is read within `max_body_bytes` before it gets here (`mcp_token`).
+            .with_max_request_body_bytes(usize::MAX)
             .disable_allowed_hosts(),
     );
     tower::ServiceBuilder::new().layer(axum::middleware::from_fn_with_state(state, mcp_token)).service(service)
 }
 
-/// Lets a request through to `/mcp` with the scope its MCP bearer token opens; 401 without
-/// one (the admin token is not one).
+/// Lets a request through to `/mcp` with the scope its MCP bearer token opens, its body
+/// read within `max_body_bytes` and the body timeout like a webhook's; 401 without a token
+/// (the admin token is not one).
 async fn mcp_token(
     axum::extract::State(state): axum::extract::State<AppState>,
-    mut req: axum::extract::Request,
+    req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
@@ -80,8 +78,15 @@ async fn mcp_token(
         .unwrap_or("");
     match crate::mcp::scope_of(&state.ctx.config(), given) {
         Some(scope) => {
-            req.extensions_mut().insert(scope);
-            next.run(req).await
+            let config = state.ctx.config();
+            let (mut parts, body) = req.into_parts();
+            match crate::ingest::read_body(body, config.max_body_bytes, config.connections.body_timeout).await {
+                Ok(bytes) => {
+                    parts.extensions.insert(scope);
+                    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
+                }
+                Err(e) => e.into_response(),
+            }
         }
         None => {
             let body = crate::http_error::ErrorBody {

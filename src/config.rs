@@ -391,7 +391,7 @@ impl Config {
                 }
             }
         }
-        Ok(Config {
+        let config = Config {
             defaulted_secrets,
             path: path.to_path_buf(),
             listen: env("MEMBERSYNC_LISTEN").or(file.listen.clone()).unwrap_or_else(|| DEFAULT_LISTEN.to_string()),
@@ -434,7 +434,25 @@ impl Config {
                 .map(|(p, x)| (p.clone(), crate::verify::Verifier::compile(&x.spec.verify, &x.spec.verify_also)))
                 .collect(),
             extractors,
-        })
+        };
+        // An MCP token opens less than an admin token: one that is also an admin token
+        // would make the admin token usable at /mcp, and the MCP token able to write.
+        let admins: Vec<&Secret> =
+            config.admin_token.iter().chain(config.tenants.values().filter_map(|t| t.admin_token.as_ref())).collect();
+        let mcps = config.mcp_token.iter().map(|t| ("mcp_token".to_string(), t)).chain(
+            config
+                .tenants
+                .values()
+                .filter_map(|t| Some((format!("tenants.{}.mcp_token", t.name), t.mcp_token.as_ref()?))),
+        );
+        for (name, mcp) in mcps {
+            if admins.iter().any(|a| a.expose() == mcp.expose()) {
+                let (line, col) = crate::diagnostic::locate(src, "mcp_token");
+                let why = format!("{name} is also an admin token: give the assistant a token of its own");
+                return Err(Error(vec![Diagnostic::new(&shown, line, col, why)]));
+            }
+        }
+        Ok(config)
     }
 }
 

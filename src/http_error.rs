@@ -150,3 +150,40 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+/// Gives every error answer outside the console the error body. The handlers' errors have it
+/// already; this rewrites the rest: the router's own (404 for an unknown path, 405 with
+/// `Allow`) and the MCP transport's (415, 406, 405, in text). JSON answers pass as they are
+/// (the MCP transport's JSON-RPC errors among them), and so does the console, whose pages
+/// are for people.
+pub async fn uniform(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let console = req.uri().path() == "/console" || req.uri().path().starts_with("/console/");
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json"));
+    if console || json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    // What the answer said, briefly; a body too long to be a message is not one.
+    let said = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| crate::extract::time::cut(String::from_utf8_lossy(&b).trim(), 300))
+        .unwrap_or_default();
+    let error = match status {
+        _ if !said.is_empty() => said,
+        StatusCode::NOT_FOUND => "no such route".to_string(),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            "method not allowed on this route (the Allow header names those that are)".to_string()
+        }
+        other => other.canonical_reason().unwrap_or("error").to_lowercase(),
+    };
+    let body = ErrorBody { error, ok: None, version: None, errors: None, status: None };
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Response::from_parts(parts, axum::body::Body::from(serde_json::to_vec(&body).unwrap_or_default()))
+}

@@ -78,25 +78,15 @@ pub async fn webhook(
             tracing::warn!(held_back, tenant = %shown_tenant, provider = %shown_provider, error = %crate::logging::shown(e.to_string()), "Webhook for an unknown target.");
         }
     })?;
-    let limit = ctx.config().max_body_bytes;
-    let body_timeout = ctx.config().connections.body_timeout;
-    // The body within its time, or 408: a client trickling it holds nothing for long.
-    let body = tokio::time::timeout(body_timeout, axum::body::to_bytes(body, limit))
-        .await
-        .map_err(|_| ApiError::BodyTimeout(body_timeout.as_secs()))?;
-    let body = body.map_err(|e| {
-        let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-            || e.to_string().contains("length limit");
-        if too_large {
-            if let Some(held_back) = ctx.failure_log.first_in_interval("body too large") {
-                tracing::warn!(held_back, tenant = %shown_tenant, provider = %shown_provider, limit, "Webhook body too large.");
-            }
-            ApiError::TooLarge(limit)
-        } else {
-            if let Some(held_back) = ctx.failure_log.first_in_interval("body unreadable") {
-                tracing::warn!(held_back, tenant = %shown_tenant, provider = %shown_provider, error = %crate::logging::shown(e.to_string()), "Webhook body could not be read.");
-            }
-            ApiError::BadRequest(e.to_string())
+    let (limit, body_timeout) = (ctx.config().max_body_bytes, ctx.config().connections.body_timeout);
+    let body = read_body(body, limit, body_timeout).await.inspect_err(|e| {
+        let what = match e {
+            ApiError::TooLarge(_) => "body too large",
+            ApiError::BodyTimeout(_) => return,
+            _ => "body unreadable",
+        };
+        if let Some(held_back) = ctx.failure_log.first_in_interval(what) {
+            tracing::warn!(held_back, tenant = %shown_tenant, provider = %shown_provider, limit, error = %crate::logging::shown(e.to_string()), "Webhook {what}.");
         }
     })?;
     let hdrs: Vec<(String, String)> =
@@ -104,6 +94,23 @@ pub async fn webhook(
     let ack = accept(&ctx, &tenant, &provider, hdrs, body.to_vec()).await?;
     tracing::info!(%tenant, %provider, event_id = %ack.event_id, status = ack.status.as_str(), "Webhook processed.");
     Ok(Json(ack))
+}
+
+/// A request body within `limit` bytes and `timeout`: 413 past the limit, 408 when it
+/// trickles (a client doing so holds nothing for long), 400 when it cannot be read.
+pub async fn read_body(body: Body, limit: usize, timeout: std::time::Duration) -> Result<axum::body::Bytes, ApiError> {
+    let body = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| ApiError::BodyTimeout(timeout.as_secs()))?;
+    body.map_err(|e| {
+        let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit");
+        if too_large {
+            ApiError::TooLarge(limit)
+        } else {
+            ApiError::BadRequest(e.to_string())
+        }
+    })
 }
 
 /// Verifies, decodes and extracts one delivery, then runs it through the pipeline.

@@ -117,6 +117,8 @@ impl Assistant {
         .map_err(internal)?;
         let mut mine: Vec<MemberDetail> =
             found.into_iter().filter(|d| scope.as_deref().is_none_or(|t| t == d.member.tenant)).collect();
+        // The caller's words come back short: a tool's answer is read by the assistant.
+        let who = crate::extract::time::brief_text(who.trim());
         Ok(match mine.len() {
             0 => Err(format!("no member `{who}` (by email or member id)")),
             1 => Ok(mine.remove(0)),

@@ -27,18 +27,18 @@ fn split_key(key: &str) -> Result<Vec<String>, DecodeError> {
         None => (key, ""),
     };
     if head.is_empty() {
-        return Err(DecodeError::BadKey(key.to_string()));
+        return Err(DecodeError::BadKey(super::time::brief_text(key)));
     }
     let mut segs = vec![head.to_string()];
     while !rest.is_empty() {
         if !rest.starts_with('[') {
-            return Err(DecodeError::BadKey(key.to_string()));
+            return Err(DecodeError::BadKey(super::time::brief_text(key)));
         }
-        let close = rest.find(']').ok_or_else(|| DecodeError::BadKey(key.to_string()))?;
+        let close = rest.find(']').ok_or_else(|| DecodeError::BadKey(super::time::brief_text(key)))?;
         segs.push(rest[1..close].to_string());
         rest = &rest[close + 1..];
         if segs.len() > MAX_FORM_DEPTH {
-            return Err(DecodeError::TooDeep(key.to_string()));
+            return Err(DecodeError::TooDeep(super::time::brief_text(key)));
         }
     }
     Ok(segs)

@@ -322,8 +322,9 @@ impl Extractor {
             let text = |f: F| optional(&unreadable, string(f));
             let cancel_at_period_end = match get(F::CancelAtPeriodEnd)? {
                 None => false,
-                Some(v) => as_bool(&v)
-                    .ok_or_else(|| field_error("cancel_at_period_end")(format!("expected a boolean, got {v}")))?,
+                Some(v) => as_bool(&v).ok_or_else(|| {
+                    field_error("cancel_at_period_end")(format!("expected a boolean, got {}", time::brief(&v)))
+                })?,
             };
             Ok(CanonicalEvent {
                 kind,

@@ -63,7 +63,9 @@ impl FieldReader {
     }
 
     pub fn bool(&self, body: &Value) -> Result<Option<bool>, String> {
-        self.value(body)?.map(|v| as_bool(&v).ok_or_else(|| format!("expected a boolean, got {v}"))).transpose()
+        self.value(body)?
+            .map(|v| as_bool(&v).ok_or_else(|| format!("expected a boolean, got {}", time::brief(&v))))
+            .transpose()
     }
 }
 

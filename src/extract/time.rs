@@ -26,10 +26,10 @@ pub fn to_time(v: &Value, unit: TimeUnit) -> Result<DateTime<Utc>, String> {
         (TimeUnit::Auto, Some(n)) => from_millis_f(n * 1000.0),
         (TimeUnit::Iso8601 | TimeUnit::Auto, None) => match v {
             Value::String(s) => parse_iso(s),
-            other => Err(format!("expected a time, got {other}")),
+            other => Err(format!("expected a time, got {}", brief(other))),
         },
-        (TimeUnit::Iso8601, Some(_)) => Err(format!("expected an ISO 8601 time, got {v}")),
-        (_, None) => Err(format!("expected a unix time, got {v}")),
+        (TimeUnit::Iso8601, Some(_)) => Err(format!("expected an ISO 8601 time, got {}", brief(v))),
+        (_, None) => Err(format!("expected a unix time, got {}", brief(v))),
     }
 }
 
@@ -62,8 +62,31 @@ fn parse_iso(s: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
         return Ok(Utc.from_utc_datetime(&d.and_time(chrono::NaiveTime::MIN)));
     }
-    Err(format!("`{s}` is not an ISO 8601 time"))
+    Err(format!("`{}` is not an ISO 8601 time", brief_text(s)))
 }
+
+/// How an error names a value it could not read: as JSON, at most [`BRIEF_CHARS`]
+/// characters of it, the rest cut with `…`. Whoever sent the value chose it: an error is
+/// stored, listed and shown to operators and assistants, so it repeats no more than this.
+pub fn brief(v: &Value) -> String {
+    brief_text(&v.to_string())
+}
+
+/// Text as an error repeats it: at most [`BRIEF_CHARS`] characters, the rest cut with `…`.
+pub fn brief_text(s: &str) -> String {
+    cut(s, BRIEF_CHARS)
+}
+
+/// At most `chars` characters of `s`, the rest cut with `…`.
+pub fn cut(s: &str, chars: usize) -> String {
+    match s.char_indices().nth(chars) {
+        Some((cut, _)) => format!("{}…", &s[..cut]),
+        None => s.to_string(),
+    }
+}
+
+/// How much of a value an error repeats (see [`brief`]).
+pub const BRIEF_CHARS: usize = 64;
 
 /// Reads an amount as integer cents.
 pub fn to_cents(v: &Value, unit: AmountUnit) -> Result<i64, String> {
@@ -72,13 +95,13 @@ pub fn to_cents(v: &Value, unit: AmountUnit) -> Result<i64, String> {
         Value::String(s) => s.trim().parse::<f64>().ok(),
         _ => None,
     }
-    .ok_or_else(|| format!("expected an amount, got {v}"))?;
+    .ok_or_else(|| format!("expected an amount, got {}", brief(v)))?;
     let cents = match unit {
         AmountUnit::Cents => n,
         AmountUnit::Major => n * 100.0,
     };
     if !cents.is_finite() || cents.abs() > 1e15 {
-        return Err(format!("amount {v} is out of range"));
+        return Err(format!("amount {} is out of range", brief(v)));
     }
     Ok(cents.round() as i64)
 }
