@@ -56,12 +56,7 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let config = Arc::<Ctx>::from_ref(state).config();
-        let given = parts
-            .headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+        let given = crate::http_error::bearer(&parts.headers);
         if given.is_empty() {
             return Err(ApiError::AdminUnauthorized);
         }
@@ -82,6 +77,7 @@ where
 #[utoipa::path(get, path = "/members/{id}", tag = "members", security(("admin_token" = [])),
     params(("id" = String, Path, description = "Member id")),
     responses((status = 200, description = "The member: memberships with state, access, sync status; recent events", body = Object),
+        (status = 400, description = "A path that cannot be read (not UTF-8)", body = ErrorBody),
         (status = 404, description = "No such member (or another tenant's)", body = ErrorBody), (status = 401, description = "Admin token missing or wrong", body = ErrorBody), (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
 pub async fn member(
     token: AdminToken,
@@ -101,6 +97,7 @@ pub async fn member(
 #[utoipa::path(post, path = "/members/{id}/resync", tag = "members", security(("admin_token" = [])),
     params(("id" = String, Path, description = "Member id")),
     responses((status = 200, description = "The member after comparing with the providers, with `resync`", body = Object),
+        (status = 400, description = "A path that cannot be read (not UTF-8)", body = ErrorBody),
         (status = 404, description = "No such member", body = ErrorBody), (status = 401, description = "Admin token missing or wrong", body = ErrorBody), (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
 pub async fn resync(
     token: AdminToken,
@@ -127,7 +124,8 @@ pub struct MembersQuery {
     /// Exactly this email (any case).
     pub email: Option<String>,
     /// Search: member id, provider customer id or subscription id exactly, or part of the
-    /// email or name.
+    /// email or name; at most 256 characters.
+    #[param(max_length = 256)]
     pub q: Option<String>,
     /// The page after the one that answered `next` with this cursor.
     pub before: Option<String>,
@@ -150,12 +148,27 @@ pub const MAX_MEMBERS_PAGE: usize = 200;
 
 /// A page of members: newest first, searched by `q` if given; `next` is the cursor of the
 /// following page, when there is one.
+/// The longest search text (`q`).
+pub const MAX_SEARCH_CHARS: usize = 256;
+
+/// A search text no longer than any name or id; past that, SQLite's LIKE gives up ("pattern
+/// too complex").
+fn search_text(q: &MembersQuery) -> Result<(), ApiError> {
+    match &q.q {
+        Some(text) if text.chars().count() > MAX_SEARCH_CHARS => {
+            Err(ApiError::Invalid(format!("`q` is at most {MAX_SEARCH_CHARS} characters")))
+        }
+        _ => Ok(()),
+    }
+}
+
 pub async fn member_page(
     ctx: &Arc<Ctx>,
     tenant: Option<String>,
     q: &MembersQuery,
 ) -> Result<(Vec<crate::store::MemberDetail>, Option<String>), ApiError> {
     let limit = page_limit(q.limit, MAX_MEMBERS_PAGE)?;
+    search_text(q)?;
     let (search, before) = (q.q.clone(), q.before.clone());
     let mut rows = read(&ctx.store, move |s| {
         let rows = s.search_members(tenant.as_deref(), search.as_deref(), before.as_deref(), limit + 1)?;
@@ -189,6 +202,7 @@ pub async fn members(
 ) -> Result<Json<Value>, ApiError> {
     let now = ctx.clock.now();
     page_limit(q.limit, MAX_MEMBERS_PAGE)?;
+    search_text(&q)?;
     if let Some(email) = q.email.clone() {
         let details = read(&ctx.store, move |store| {
             let mut out = Vec::new();
@@ -386,6 +400,7 @@ pub async fn events(
 #[utoipa::path(get, path = "/events/{event_id}", tag = "events", security(("admin_token" = [])),
     params(("event_id" = String, Path, description = "The provider's event id")),
     responses((status = 200, description = "The stored event: raw body, canonical event, outcome, rule, transition", body = Object),
+        (status = 400, description = "A path that cannot be read (not UTF-8)", body = ErrorBody),
         (status = 404, description = "No such event", body = ErrorBody), (status = 401, description = "Admin token missing or wrong", body = ErrorBody), (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
 pub async fn event(
     token: AdminToken,
@@ -423,11 +438,7 @@ pub async fn metrics(
     // With a `metrics_token` configured, only it or the global admin token is answered; the
     // counts carry no tenant's name either way (DESIGN: `GET /metrics`, Prometheus text).
     let config = state.ctx.config();
-    let given = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let given = crate::http_error::bearer(&headers);
     let matches =
         |s: &crate::secret::Secret| !given.is_empty() && bool::from(given.as_bytes().ct_eq(s.expose().as_bytes()));
     if config.metrics_token.is_some()
@@ -532,6 +543,7 @@ pub async fn rederive(
 #[utoipa::path(post, path = "/events/{event_id}/replay", tag = "events", security(("admin_token" = [])),
     params(("event_id" = String, Path, description = "The provider's event id")),
     responses((status = 200, description = "`{event_id, was, status, reason}`", body = Object),
+        (status = 400, description = "A path that cannot be read (not UTF-8)", body = ErrorBody),
         (status = 404, description = "No such event", body = ErrorBody),
         (status = 409, description = "Not failed, refused or ignored (or replayed already)", body = ErrorBody), (status = 401, description = "Admin token missing or wrong", body = ErrorBody), (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
 pub async fn replay_event(

@@ -70,12 +70,7 @@ async fn mcp_token(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let given = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let given = crate::http_error::bearer(req.headers());
     match crate::mcp::scope_of(&state.ctx.config(), given) {
         Some(scope) => {
             let config = state.ctx.config();

@@ -436,19 +436,51 @@ impl Config {
             extractors,
         };
         // An MCP token opens less than an admin token: one that is also an admin token
-        // would make the admin token usable at /mcp, and the MCP token able to write.
+        // would make the admin token usable at /mcp, and the MCP token able to write. And
+        // each opens one scope: a tenant's equal to another's, or to the global one, would
+        // open whichever is found first.
         let admins: Vec<&Secret> =
             config.admin_token.iter().chain(config.tenants.values().filter_map(|t| t.admin_token.as_ref())).collect();
-        let mcps = config.mcp_token.iter().map(|t| ("mcp_token".to_string(), t)).chain(
-            config
-                .tenants
-                .values()
-                .filter_map(|t| Some((format!("tenants.{}.mcp_token", t.name), t.mcp_token.as_ref()?))),
-        );
-        for (name, mcp) in mcps {
-            if admins.iter().any(|a| a.expose() == mcp.expose()) {
-                let (line, col) = crate::diagnostic::locate(src, "mcp_token");
-                let why = format!("{name} is also an admin token: give the assistant a token of its own");
+        let mcps: Vec<(Option<&str>, &Secret)> = config
+            .mcp_token
+            .iter()
+            .map(|t| (None, t))
+            .chain(config.tenants.values().filter_map(|t| Some((Some(t.name.as_str()), t.mcp_token.as_ref()?))))
+            .collect();
+        let named = |tenant: Option<&str>| match tenant {
+            None => "mcp_token".to_string(),
+            Some(t) => format!("tenants.{t}.mcp_token"),
+        };
+        // Where a tenant's key is written: after its own `name:` line under `tenants:`.
+        let at = |tenant: Option<&str>| {
+            let from = tenant
+                .and_then(|t| {
+                    let tenants = src.find("\ntenants:")?;
+                    Some(tenants + src[tenants..].find(&format!(" {t}:"))?)
+                })
+                .unwrap_or(0);
+            let (line, col) = crate::diagnostic::locate(&src[from..], "mcp_token");
+            let lines_before = src[..from].matches('\n').count();
+            if src[from..].contains("mcp_token") {
+                (line + lines_before, col)
+            } else {
+                (1, 1)
+            }
+        };
+        for (i, (tenant, mcp)) in mcps.iter().enumerate() {
+            let why = if admins.iter().any(|a| a.expose() == mcp.expose()) {
+                Some(format!("{} is also an admin token: give the assistant a token of its own", named(*tenant)))
+            } else {
+                mcps[..i].iter().find(|(_, other)| other.expose() == mcp.expose()).map(|(other, _)| {
+                    format!(
+                        "{} is the same token as {}: each MCP token opens one scope, so give each its own",
+                        named(*tenant),
+                        named(*other)
+                    )
+                })
+            };
+            if let Some(why) = why {
+                let (line, col) = at(*tenant);
                 return Err(Error(vec![Diagnostic::new(&shown, line, col, why)]));
             }
         }

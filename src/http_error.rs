@@ -153,29 +153,34 @@ impl IntoResponse for ApiError {
 
 /// Gives every error answer outside the console the error body. The handlers' errors have it
 /// already; this rewrites the rest: the router's own (404 for an unknown path, 405 with
-/// `Allow`) and the MCP transport's (415, 406, 405, in text). JSON answers pass as they are
-/// (the MCP transport's JSON-RPC errors among them), and so does the console, whose pages
-/// are for people.
+/// `Allow`) and the MCP transport's (415, 406, 405 in text; 400 as a JSON-RPC error). The
+/// console passes as it is: its pages are for people.
 pub async fn uniform(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let console = req.uri().path() == "/console" || req.uri().path().starts_with("/console/");
     let resp = next.run(req).await;
     let status = resp.status();
+    if console || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
     let json = resp
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|t| t.starts_with("application/json"));
-    if console || json || !(status.is_client_error() || status.is_server_error()) {
-        return resp;
-    }
     let (mut parts, body) = resp.into_parts();
-    // What the answer said, briefly; a body too long to be a message is not one.
-    let said = axum::body::to_bytes(body, 4096)
-        .await
-        .map(|b| crate::extract::time::cut(String::from_utf8_lossy(&b).trim(), 300))
-        .unwrap_or_default();
+    // Small: an error's body is a message. One too long to be one is not kept.
+    let bytes = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+    let said: Option<serde_json::Value> = if json { serde_json::from_slice(&bytes).ok() } else { None };
+    if said.as_ref().is_some_and(|v| v["error"].is_string()) {
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    }
+    // What the answer said, briefly and on one line: a JSON-RPC error's message, or text.
+    let text = match &said {
+        Some(v) => v["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| v.to_string()),
+        None => String::from_utf8_lossy(&bytes).trim().to_string(),
+    };
     let error = match status {
-        _ if !said.is_empty() => said,
+        _ if !text.is_empty() => crate::logging::one_line(&text, 300),
         StatusCode::NOT_FOUND => "no such route".to_string(),
         StatusCode::METHOD_NOT_ALLOWED => {
             "method not allowed on this route (the Allow header names those that are)".to_string()
@@ -186,4 +191,16 @@ pub async fn uniform(req: axum::extract::Request, next: axum::middleware::Next) 
     parts.headers.remove(axum::http::header::CONTENT_LENGTH);
     parts.headers.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Response::from_parts(parts, axum::body::Body::from(serde_json::to_vec(&body).unwrap_or_default()))
+}
+
+/// The token of an `Authorization: Bearer …` header; the scheme in any case (RFC 9110), the
+/// token with surrounding blanks trimmed. Empty when there is none.
+pub fn bearer(headers: &axum::http::HeaderMap) -> &str {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim_start().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+        .unwrap_or("")
 }

@@ -29,6 +29,7 @@ async fn stored_already(ctx: &Arc<Ctx>, tenant: &str, provider: &str, x: &crate:
 #[utoipa::path(method(get, head), path = "/webhooks/{tenant}/{provider}", tag = "webhooks",
     params(("tenant" = String, Path), ("provider" = String, Path)),
     responses((status = 200, description = "The tenant takes this provider's webhooks", body = Object),
+        (status = 400, description = "A path that cannot be read (not UTF-8)", body = ErrorBody),
         (status = 404, description = "Unknown tenant or provider", body = ErrorBody)))]
 pub async fn probe(
     State(ctx): State<Arc<Ctx>>,

@@ -121,9 +121,7 @@ fn escape_into(buf: &[u8], out: &mut Vec<u8>) {
     }
     let text = String::from_utf8_lossy(body);
     for c in text.chars() {
-        let risky = (c.is_control() && c != '\t')
-            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-        if risky {
+        if risky(c) {
             out.extend(c.escape_debug().to_string().bytes());
         } else {
             let mut b = [0u8; 4];
@@ -131,6 +129,32 @@ fn escape_into(buf: &[u8], out: &mut Vec<u8>) {
         }
     }
     out.extend_from_slice(end.as_bytes());
+}
+
+/// A character that could break a line, forge one or reorder what a reader sees: line
+/// breaks, other control characters but tab, and bidirectional overrides.
+fn risky(c: char) -> bool {
+    (c.is_control() && c != '\t')
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Text as one line for a reader that takes lines as structure (an assistant reading a
+/// tool's answer): every risky character escaped, at most `max_chars` characters of the
+/// text, the rest cut with `…`.
+pub fn one_line(s: &str, max_chars: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max_chars * 2));
+    for (i, c) in s.chars().enumerate() {
+        if i == max_chars {
+            out.push('…');
+            break;
+        }
+        if risky(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// One line (as `fmt` writes it: whole, in one `write_all`).

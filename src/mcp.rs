@@ -46,8 +46,8 @@ pub struct Who {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct Search {
-    /// Part of an email or name, or a member, customer or subscription id exactly; empty:
-    /// the newest members.
+    /// Part of an email or name, or a member, customer or subscription id exactly (at most
+    /// 256 characters); empty: the newest members.
     #[serde(default)]
     pub q: Option<String>,
     /// At most this many (1–50, default 20).
@@ -65,6 +65,26 @@ pub struct Failed {
     pub limit: Option<u32>,
 }
 
+/// How much of any one stored string an answer repeats (see [`clean`]).
+const ANSWER_CHARS: usize = 200;
+
+/// How many events `explain_access` tells, the newest.
+const HISTORY_EVENTS: usize = 50;
+
+/// Every string in `v` as an answer may carry it: senders choose much of what is stored
+/// (names, emails, statuses, product and event ids) and the assistant reads the answer as
+/// its own input, so no stored value may start a line of its own or run on for pages.
+fn clean(v: &mut Value) {
+    match v {
+        Value::String(s) if s.chars().count() > ANSWER_CHARS || s.chars().any(|c| c.is_control() || !c.is_ascii()) => {
+            *s = crate::logging::one_line(s, ANSWER_CHARS);
+        }
+        Value::Array(items) => items.iter_mut().for_each(clean),
+        Value::Object(fields) => fields.values_mut().for_each(clean),
+        _ => {}
+    }
+}
+
 fn answer(text: String, structured: Value) -> CallToolResult {
     let mut r = CallToolResult::success(vec![ContentBlock::text(text)]);
     r.structured_content = Some(structured);
@@ -75,7 +95,8 @@ fn refused(text: impl Into<String>) -> CallToolResult {
     CallToolResult::error(vec![ContentBlock::text(text.into())])
 }
 
-fn internal(e: impl std::fmt::Display) -> ErrorData {
+fn internal(e: impl std::fmt::Display + std::fmt::Debug) -> ErrorData {
+    tracing::error!(error = ?e, "An MCP tool could not read the store.");
     ErrorData::internal_error(format!("the store could not be read: {e}"), None)
 }
 
@@ -118,7 +139,7 @@ impl Assistant {
         let mut mine: Vec<MemberDetail> =
             found.into_iter().filter(|d| scope.as_deref().is_none_or(|t| t == d.member.tenant)).collect();
         // The caller's words come back short: a tool's answer is read by the assistant.
-        let who = crate::extract::time::brief_text(who.trim());
+        let who = crate::logging::one_line(who.trim(), crate::extract::time::BRIEF_CHARS);
         Ok(match mine.len() {
             0 => Err(format!("no member `{who}` (by email or member id)")),
             1 => Ok(mine.remove(0)),
@@ -139,7 +160,8 @@ impl Assistant {
             Ok(d) => d,
             Err(why) => return Ok(refused(why)),
         };
-        let full = member_json(&d, self.ctx.clock.now());
+        let mut full = member_json(&d, self.ctx.clock.now());
+        clean(&mut full);
         let memberships: Vec<Value> = full["memberships"]
             .as_array()
             .into_iter()
@@ -220,11 +242,22 @@ impl Assistant {
             Err(why) => return Ok(refused(why)),
         };
         let now = self.ctx.clock.now();
-        let story = read(&self.ctx.store, move |s| crate::explain::explain_json(s, &d, now)).await.map_err(internal)?;
-        let text = crate::explain::explain_text(&story);
+        let mut story =
+            read(&self.ctx.store, move |s| crate::explain::explain_json(s, &d, now)).await.map_err(internal)?;
+        // The newest events only; the console and `membersync explain` have them all.
+        let mut omitted = 0;
+        if let Some(history) = story["history"].as_array_mut() {
+            omitted = history.len().saturating_sub(HISTORY_EVENTS);
+            history.drain(..omitted);
+        }
+        clean(&mut story);
+        let mut text = crate::explain::explain_text(&story);
+        if omitted > 0 {
+            text = format!("({omitted} earlier event(s) left out; the console has them all)\n{text}");
+        }
         let structured = json!({
             "member_id": story["id"], "email": story["email"], "access_levels": story["access_levels"],
-            "history": story["history"], "as_of": story["as_of"],
+            "history": story["history"], "omitted_earlier_events": omitted, "as_of": story["as_of"],
         });
         Ok(answer(text, structured))
     }
@@ -244,12 +277,17 @@ impl Assistant {
             limit: Some(i64::from(search.limit.unwrap_or(20).clamp(1, 50))),
             ..Default::default()
         };
-        let (page, _) = crate::admin::member_page(&self.ctx, scope, &q).await.map_err(internal)?;
+        let (page, _) = match crate::admin::member_page(&self.ctx, scope, &q).await {
+            Ok(found) => found,
+            Err(crate::http_error::ApiError::Invalid(why)) => return Ok(refused(why)),
+            Err(e) => return Err(internal(e)),
+        };
         let now = self.ctx.clock.now();
         let found: Vec<Value> = page
             .iter()
             .map(|d| {
-                let j = member_json(d, now);
+                let mut j = member_json(d, now);
+                clean(&mut j);
                 json!({
                     "member_id": j["id"], "tenant": j["tenant"], "email": j["email"], "name": j["name"],
                     "access_levels": j["access_levels"],
@@ -290,11 +328,12 @@ impl Assistant {
             .iter()
             .filter(|e| f.since.is_none_or(|t| e.received_at >= t))
             .map(|e| {
-                let j = activity_json(e);
-                json!({
-                    "event_id": j["event_id"], "tenant": e.tenant, "provider": j["provider"], "event_type": j["event_type"],
-                    "received_at": j["received_at"], "reason": j["reason"], "member_id": e.member_id,
-                })
+                let mut j = json!({
+                    "event_id": e.event_id, "tenant": e.tenant, "provider": e.provider, "event_type": e.event_type,
+                    "received_at": activity_json(e)["received_at"], "reason": e.reason, "member_id": e.member_id,
+                });
+                clean(&mut j);
+                j
             })
             .collect();
         let mut text = format!("{} failed event(s)", events.len());

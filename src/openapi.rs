@@ -62,6 +62,7 @@ struct Mcp;
     responses(
         (status = 200, description = "The JSON-RPC answer (a tool's failure is a JSON-RPC result or error, not an HTTP one)", body = Object),
         (status = 202, description = "A notification, taken"),
+        (status = 400, description = "A message the server does not take (a JSON-RPC response, an unsupported `MCP-Protocol-Version`)", body = crate::http_error::ErrorBody),
         (status = 401, description = "MCP token missing or wrong (the admin token is not one)", body = crate::http_error::ErrorBody),
         (status = 406, description = "`Accept` does not name both answer types", body = crate::http_error::ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = crate::http_error::ErrorBody),

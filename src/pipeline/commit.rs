@@ -266,6 +266,9 @@ pub(super) fn apply_transition(
             ms.access_levels = vec![];
             let reason = match ms.product_id.clone().or(ms.plan_id.clone()) {
                 Some(id) => {
+                    // The id as the sender wrote it, briefly: flags are read by operators and
+                    // assistants (the whole id is on the membership and in `GET /products`).
+                    let id = crate::extract::time::brief_text(&id);
                     format!("unmapped_product: {provider} product `{id}` maps to no access level in the config")
                 }
                 None => "unmapped_product: no product known for this membership yet".to_string(),
