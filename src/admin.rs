@@ -231,6 +231,7 @@ pub async fn members(
     request_body = crate::manual::GrantRequest,
     responses((status = 201, description = "Granted: `{grant_id, event_id, status, reason, member}`", body = Object),
         (status = 400, description = "A level, reason or date the grant cannot take", body = ErrorBody),
+        (status = 413, description = "A body over 2 MB", body = ErrorBody),
         (status = 404, description = "No such member", body = ErrorBody),
         (status = 422, description = "Stored, but the rules did not apply it: `error` says why, with the grant, event and member", body = ErrorBody), (status = 401, description = "Admin token missing or wrong", body = ErrorBody), (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
 pub async fn grant(

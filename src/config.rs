@@ -467,9 +467,18 @@ impl Config {
                 (1, 1)
             }
         };
+        // The scraper's token opens `/metrics` only.
+        let metrics = config.metrics_token.as_ref();
+        if metrics.is_some_and(|m| admins.iter().any(|a| a.expose() == m.expose())) {
+            let (line, col) = crate::diagnostic::locate(src, "metrics_token");
+            let why = "metrics_token is also an admin token: give the scraper a token of its own";
+            return Err(Error(vec![Diagnostic::new(&shown, line, col, why)]));
+        }
         for (i, (tenant, mcp)) in mcps.iter().enumerate() {
             let why = if admins.iter().any(|a| a.expose() == mcp.expose()) {
                 Some(format!("{} is also an admin token: give the assistant a token of its own", named(*tenant)))
+            } else if metrics.is_some_and(|m| m.expose() == mcp.expose()) {
+                Some(format!("{} is also the metrics_token: give the assistant a token of its own", named(*tenant)))
             } else {
                 mcps[..i].iter().find(|(_, other)| other.expose() == mcp.expose()).map(|(other, _)| {
                     format!(

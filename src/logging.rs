@@ -131,27 +131,43 @@ fn escape_into(buf: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(end.as_bytes());
 }
 
-/// A character that could break a line, forge one or reorder what a reader sees: line
-/// breaks, other control characters but tab, and bidirectional overrides.
+/// A character that could break a line, forge one, reorder what a reader sees or hide
+/// text from one: line breaks, other control characters but tab, bidirectional marks and
+/// overrides, zero-width and other invisible format characters, and the tag characters
+/// (which can spell out text no one sees).
 fn risky(c: char) -> bool {
     (c.is_control() && c != '\t')
-        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        || matches!(
+            c,
+            '\u{00ad}'
+                | '\u{061c}'
+                | '\u{180e}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{206f}'
+                | '\u{feff}'
+                | '\u{fff9}'..='\u{fffb}'
+                | '\u{e0000}'..='\u{e007f}'
+        )
 }
 
 /// Text as one line for a reader that takes lines as structure (an assistant reading a
-/// tool's answer): every risky character escaped, at most `max_chars` characters of the
-/// text, the rest cut with `…`.
+/// tool's answer): every risky character escaped, at most `max_chars` characters written
+/// (escapes counted), the rest cut with `…`.
 pub fn one_line(s: &str, max_chars: usize) -> String {
-    let mut out = String::with_capacity(s.len().min(max_chars * 2));
-    for (i, c) in s.chars().enumerate() {
-        if i == max_chars {
+    let mut out = String::with_capacity(s.len().min(max_chars * 4));
+    let mut written = 0;
+    for c in s.chars() {
+        let escaped: Option<std::char::EscapeDebug> = risky(c).then(|| c.escape_debug());
+        let width = escaped.as_ref().map_or(1, |e| e.clone().count());
+        if written + width > max_chars {
             out.push('…');
             break;
         }
-        if risky(c) {
-            out.extend(c.escape_debug());
-        } else {
-            out.push(c);
+        written += width;
+        match escaped {
+            Some(e) => out.extend(e),
+            None => out.push(c),
         }
     }
     out

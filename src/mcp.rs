@@ -71,6 +71,32 @@ const ANSWER_CHARS: usize = 200;
 /// How many events `explain_access` tells, the newest.
 const HISTORY_EVENTS: usize = 50;
 
+/// How many memberships an answer lists (the newest), and flags of each.
+const MEMBERSHIPS: usize = 20;
+const FLAGS: usize = 10;
+
+/// A member's JSON as an answer carries it: the newest [`MEMBERSHIPS`] memberships, at most
+/// [`FLAGS`] flags on it and on each, every string cleaned (see [`clean`]). Returns how many
+/// memberships were left out.
+fn bounded(member: &mut Value) -> usize {
+    let cap_flags = |v: &mut Value| {
+        if let Some(flags) = v["flags"].as_array_mut().filter(|f| f.len() > FLAGS) {
+            let more = flags.len() - FLAGS;
+            flags.truncate(FLAGS);
+            flags.push(json!(format!("… {more} more flag(s); the console has them all")));
+        }
+    };
+    cap_flags(member);
+    let mut omitted = 0;
+    if let Some(all) = member["memberships"].as_array_mut() {
+        omitted = all.len().saturating_sub(MEMBERSHIPS);
+        all.drain(..omitted);
+        all.iter_mut().for_each(cap_flags);
+    }
+    clean(member);
+    omitted
+}
+
 /// Every string in `v` as an answer may carry it: senders choose much of what is stored
 /// (names, emails, statuses, product and event ids) and the assistant reads the answer as
 /// its own input, so no stored value may start a line of its own or run on for pages.
@@ -161,7 +187,7 @@ impl Assistant {
             Err(why) => return Ok(refused(why)),
         };
         let mut full = member_json(&d, self.ctx.clock.now());
-        clean(&mut full);
+        let omitted = bounded(&mut full);
         let memberships: Vec<Value> = full["memberships"]
             .as_array()
             .into_iter()
@@ -188,7 +214,7 @@ impl Assistant {
         let structured = json!({
             "member_id": full["id"], "tenant": full["tenant"], "email": full["email"], "name": full["name"],
             "has_access": full["has_access"], "access_levels": full["access_levels"], "flags": full["flags"],
-            "memberships": memberships,
+            "memberships": memberships, "omitted_older_memberships": omitted,
         });
         let mut text = format!(
             "{} ({}): {}.",
@@ -200,6 +226,9 @@ impl Assistant {
                 "no access".into()
             }
         );
+        if omitted > 0 {
+            text.push_str(&format!(" ({omitted} older membership(s) left out; the console has them all)"));
+        }
         for m in &memberships {
             text.push_str(&format!(
                 "\n- {} {}: {}, access {}, until {}; sync {}; last webhook {}; last reconcile {}",
@@ -250,10 +279,12 @@ impl Assistant {
             omitted = history.len().saturating_sub(HISTORY_EVENTS);
             history.drain(..omitted);
         }
-        clean(&mut story);
+        let older = bounded(&mut story);
         let mut text = crate::explain::explain_text(&story);
-        if omitted > 0 {
-            text = format!("({omitted} earlier event(s) left out; the console has them all)\n{text}");
+        if omitted > 0 || older > 0 {
+            text = format!(
+                "({omitted} earlier event(s) and {older} older membership(s) left out; the console has them all)\n{text}"
+            );
         }
         let structured = json!({
             "member_id": story["id"], "email": story["email"], "access_levels": story["access_levels"],
@@ -287,7 +318,7 @@ impl Assistant {
             .iter()
             .map(|d| {
                 let mut j = member_json(d, now);
-                clean(&mut j);
+                bounded(&mut j);
                 json!({
                     "member_id": j["id"], "tenant": j["tenant"], "email": j["email"], "name": j["name"],
                     "access_levels": j["access_levels"],
