@@ -15,9 +15,22 @@
 //! The client is hyper HTTP/1.1 on its own tokio runtime in this process, one task per
 //! keep-alive connection, one request in flight per connection (like `wrk`).
 //!
-//! Payloads: Stripe `invoice.paid` (tests/fixtures/stripe/invoice_paid.json, 3.3 KB), each
-//! with its own event id and subscription id, signed with `Stripe-Signature` **before**
-//! the timed window. A warm-up precedes each timed window and is not counted.
+//! Workloads (`cargo bench --bench http_load -- WORKLOAD…`, default `signups`; `all` runs
+//! the three, each against a fresh `serve` and the same bare handler):
+//! - `renewals`: Stripe `invoice.paid` (3.3 KB), each with its own event and subscription
+//!   id, for one customer: the cheapest path, kept to compare with earlier runs.
+//! - `signups`: each request a `customer.subscription.created` (3.2 KB) for a new customer
+//!   and subscription: every request creates a member and a membership.
+//! - `lifecycle`: per new customer, the five events of a subscription's life in order on
+//!   one connection: created `incomplete` → updated `active` → `invoice.paid` →
+//!   `invoice.payment_failed` → deleted.
+//!
+//! The full side's requests are built and signed (`Stripe-Signature`) by the load
+//! generator as each is sent, in the timed window; its cost, on the same two cores, counts
+//! against the full side. The bare side, which only reads the body, cycles 20,000 requests
+//! made the same way before its first window, so its client costs as little as it can. A warm-up precedes
+//! each timed window and is not counted. The full side's answers are tallied by the
+//! outcome they report (`applied`, `ignored`, …); a `failed` or `refused` one is an error.
 //!
 //! Reported per side: requests/s, p50 and p99 latency, server CPU per request
 //! (utime+stime from /proc/<pid>/stat over the timed window / requests answered in it),
@@ -27,8 +40,7 @@
 //! `MEMBERSYNC_LOAD_SECS` (timed seconds per side, over all rounds; default 12),
 //! `MEMBERSYNC_LOAD_ROUNDS` (default 3), `MEMBERSYNC_LOAD_WARMUP_SECS` (before each part;
 //! default 1), `MEMBERSYNC_LOAD_CONNECTIONS` (default 64), `MEMBERSYNC_LOAD_CLIENT_THREADS`
-//! (default 1), `MEMBERSYNC_LOAD_POOL` (distinct signed payloads; default 25k per second
-//! of run — when the full side uses them all up, its window ends early and says so).
+//! (default 1).
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -38,7 +50,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,31 +99,119 @@ struct Settings {
     rounds: u64,
     connections: usize,
     client_threads: usize,
-    pool: usize,
 }
 
-/// Signed requests: (body, Stripe-Signature), each with its own event and subscription id.
-struct Pool {
-    items: Vec<(Bytes, String)>,
+/// The workloads, by the name the command line gives them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Workload {
+    Renewals,
+    Signups,
+    Lifecycle,
 }
 
-fn build_pool(n: usize) -> Pool {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let config = membersync::config::Config::load(&root.join("membersync.yaml")).expect("config");
-    let scheme = membersync::verify::Scheme::compile(&config.extractors["stripe"].spec.verify);
-    let secret = membersync::secret::Secret::new(SECRET);
-    let template = std::fs::read_to_string(root.join("tests/fixtures/stripe/invoice_paid.json")).expect("fixture");
-    let now = chrono::Utc::now();
-    let items = (0..n)
-        .map(|i| {
-            let body = template
-                .replace("evt_1QxaZ1K7dEmoAc01GAm3W0e2", &format!("evt_load_{i:09}"))
-                .replace("sub_1QxDemo001", &format!("sub_load_{i:09}"));
-            let headers = scheme.sign(&secret, body.as_bytes(), now);
-            (Bytes::from(body), headers.into_iter().next().expect("signature header").1)
-        })
-        .collect();
-    Pool { items }
+impl Workload {
+    const ALL: [Workload; 3] = [Workload::Renewals, Workload::Signups, Workload::Lifecycle];
+
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Renewals => "renewals",
+            Workload::Signups => "signups",
+            Workload::Lifecycle => "lifecycle",
+        }
+    }
+
+    /// The target ratio to the bare handler, where the issue sets one.
+    fn target(self) -> Option<f64> {
+        match self {
+            Workload::Renewals => None,
+            Workload::Signups => Some(0.25),
+            Workload::Lifecycle => Some(0.3),
+        }
+    }
+}
+
+/// How many requests the bare side cycles.
+const BARE_POOL: usize = 20_000;
+
+/// The period end the Stripe fixtures carry (2026-02-01).
+const FIXTURE_PERIOD_END: &str = "1769904000";
+
+/// Where a request's number goes in a template.
+const MARK: &str = "@@N@@";
+
+/// Builds and signs each workload's requests: a customer's number makes its ids.
+struct Generator {
+    /// One template per step of a customer's sequence.
+    steps: Vec<String>,
+    scheme: membersync::verify::Scheme,
+    secret: membersync::secret::Secret,
+    /// The bare side's requests, made before any window.
+    pool: Vec<(Bytes, String)>,
+}
+
+impl Generator {
+    fn new(workload: Workload) -> Generator {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let config = membersync::config::Config::load(&root.join("membersync.yaml")).expect("config");
+        let fixture = |name: &str| -> serde_json::Value {
+            let text =
+                std::fs::read_to_string(root.join(format!("tests/fixtures/stripe/{name}.json"))).expect("fixture");
+            serde_json::from_str(&text).expect("fixture JSON")
+        };
+        let now = chrono::Utc::now().timestamp();
+        // Each step: the fixture, its own event id, a time after the step before, and the
+        // customer's ids and email (a renewal keeps the fixture's customer: one member, many
+        // subscriptions, as before).
+        let step = |name: &str, i: usize, edit: &dyn Fn(&mut serde_json::Value)| -> String {
+            let mut v = fixture(name);
+            edit(&mut v);
+            v["id"] = serde_json::json!(format!("evt_ld{i}_{MARK}"));
+            v["created"] = serde_json::json!(now - 3_000 + 600 * i as i64);
+            // The fixtures' period ends a month from now, as a new subscription's would: no
+            // timer of the run falls due during it.
+            let text = v
+                .to_string()
+                .replace("sub_1QxDemo001", &format!("sub_ld_{MARK}"))
+                .replace(FIXTURE_PERIOD_END, &(now + 30 * 86_400).to_string());
+            if workload == Workload::Renewals {
+                text
+            } else {
+                let text = text
+                    .replace("cus_QxDemo001", &format!("cus_ld_{MARK}"))
+                    .replace("ada@example.com", &format!("m{MARK}@example.com"));
+                // Invoice and charge ids of the fixtures, each the customer's own.
+                ["in_1Qx", "ch_3Qx", "pi_3Qx"].iter().fold(text, |t, p| t.replace(p, &format!("{p}{MARK}_")))
+            }
+        };
+        let keep = |_: &mut serde_json::Value| {};
+        let steps = match workload {
+            Workload::Renewals => vec![step("invoice_paid", 0, &keep)],
+            Workload::Signups => vec![step("customer_subscription_created", 0, &keep)],
+            Workload::Lifecycle => vec![
+                step("customer_subscription_created", 0, &|v| v["data"]["object"]["status"] = "incomplete".into()),
+                step("customer_subscription_updated_active", 1, &keep),
+                step("invoice_paid", 2, &keep),
+                step("invoice_payment_failed", 3, &keep),
+                step("customer_subscription_deleted", 4, &keep),
+            ],
+        };
+        let mut g = Generator {
+            steps,
+            scheme: membersync::verify::Scheme::compile(&config.extractors["stripe"].spec.verify),
+            secret: membersync::secret::Secret::new(SECRET),
+            pool: Vec::new(),
+        };
+        let per = g.steps.len();
+        g.pool = (0..BARE_POOL).map(|i| g.request(u64::MAX / 2 + (i / per) as u64, i % per)).collect();
+        g
+    }
+
+    /// Step `step` of customer `n`: (body, Stripe-Signature), signed now.
+    fn request(&self, n: u64, step: usize) -> (Bytes, String) {
+        let body = self.steps[step].replace(MARK, &format!("{n:010}"));
+        let headers = self.scheme.sign(&self.secret, body.as_bytes(), chrono::Utc::now());
+        (Bytes::from(body), headers.into_iter().next().expect("signature header").1)
+    }
 }
 
 /// What one side measured.
@@ -124,7 +224,8 @@ struct Side {
     cpu_ticks: u64,
     ticks_per_sec: u64,
     peak_rss_kb: u64,
-    exhausted: bool,
+    /// The full side's answers by the outcome they report.
+    outcomes: std::collections::BTreeMap<String, u64>,
     /// Requests per second of each round's part.
     rounds: Vec<f64>,
 }
@@ -140,7 +241,7 @@ impl Side {
             cpu_ticks: 0,
             ticks_per_sec: 0,
             peak_rss_kb: 0,
-            exhausted: false,
+            outcomes: Default::default(),
             rounds: Vec::new(),
         }
     }
@@ -208,68 +309,73 @@ struct ConnResult {
     latencies_us: Vec<u32>,
     ok: u64,
     errors: u64,
-    exhausted: bool,
+    outcomes: std::collections::BTreeMap<String, u64>,
 }
 
+/// One keep-alive connection: customer after customer, each customer's steps in order.
 async fn connection(
     addr: SocketAddr,
-    pool: Arc<Pool>,
-    next: Arc<AtomicUsize>,
-    cycle: bool,
+    generator: Arc<Generator>,
+    next: Arc<AtomicU64>,
+    full: bool,
     warm_until: Instant,
     deadline: Instant,
 ) -> ConnResult {
-    let mut r = ConnResult { latencies_us: Vec::with_capacity(65_536), ok: 0, errors: 0, exhausted: false };
+    let mut r = ConnResult { latencies_us: Vec::with_capacity(65_536), ok: 0, errors: 0, outcomes: Default::default() };
     let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     stream.set_nodelay(true).expect("nodelay");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
     tokio::spawn(conn);
     let host = addr.to_string();
-    loop {
-        if Instant::now() >= deadline {
-            break;
-        }
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        if !cycle && i >= pool.items.len() {
-            r.exhausted = true;
-            break;
-        }
-        let (body, sig) = &pool.items[i % pool.items.len()];
-        let req = Request::post(PATH)
-            .header("host", &host)
-            .header("content-type", "application/json")
-            .header("stripe-signature", sig)
-            .body(Full::new(body.clone()))
-            .expect("request");
-        if sender.ready().await.is_err() {
-            r.errors += 1;
-            break;
-        }
-        let t0 = Instant::now();
-        let ok = match sender.send_request(req).await {
-            Ok(resp) => {
-                let good = resp.status() == 200;
-                match resp.into_body().collect().await {
-                    Ok(b) => good && (cycle || contains(&b.to_bytes(), b"\"status\":\"applied\"")),
-                    Err(_) => false,
-                }
+    'customers: while Instant::now() < deadline {
+        let n = next.fetch_add(1, Ordering::Relaxed);
+        for step in 0..generator.steps.len() {
+            if Instant::now() >= deadline {
+                break 'customers;
             }
-            Err(_) => false,
-        };
-        if t0 >= warm_until {
-            r.latencies_us.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
-            if ok {
-                r.ok += 1;
+            let (body, sig) = if full {
+                generator.request(n, step)
             } else {
+                generator.pool[((n as usize) * generator.steps.len() + step) % BARE_POOL].clone()
+            };
+            let req = Request::post(PATH)
+                .header("host", &host)
+                .header("content-type", "application/json")
+                .header("stripe-signature", sig)
+                .body(Full::new(body))
+                .expect("request");
+            if sender.ready().await.is_err() {
                 r.errors += 1;
+                break 'customers;
+            }
+            let t0 = Instant::now();
+            let outcome = match sender.send_request(req).await {
+                Ok(resp) if resp.status() == 200 => match resp.into_body().collect().await {
+                    Ok(b) if full => outcome_of(&b.to_bytes()),
+                    Ok(_) => Some("ok".to_string()),
+                    Err(_) => None,
+                },
+                _ => None,
+            };
+            if t0 >= warm_until {
+                r.latencies_us.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                let good = outcome.as_deref().is_some_and(|o| o != "failed" && o != "refused");
+                if good {
+                    r.ok += 1;
+                } else {
+                    r.errors += 1;
+                }
+                *r.outcomes.entry(outcome.unwrap_or_else(|| "error".into())).or_default() += 1;
             }
         }
     }
     r
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
+/// The `status` of a webhook's answer (`{"event_id", "status", …}`).
+fn outcome_of(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v["status"].as_str().map(str::to_string)
 }
 
 /// A server under test: a child process and where it listens.
@@ -277,8 +383,8 @@ struct Server {
     name: &'static str,
     child: Child,
     addr: SocketAddr,
-    /// Payloads handed out so far (the full side never sends one twice).
-    next: Arc<AtomicUsize>,
+    /// Customers begun so far (the full side never sees one twice).
+    next: Arc<AtomicU64>,
     side: Side,
 }
 
@@ -290,7 +396,7 @@ impl Server {
             name,
             child,
             addr,
-            next: Arc::new(AtomicUsize::new(0)),
+            next: Arc::new(AtomicU64::new(0)),
             side: Side { ticks_per_sec: clock_ticks(), ..Side::empty(name) },
         };
         wait_ready(addr, &mut server.child);
@@ -298,19 +404,19 @@ impl Server {
     }
 
     /// One part: `warmup` untimed, then `secs` timed, on fresh connections.
-    fn part(&mut self, s: &Settings, pool: &Arc<Pool>, secs: f64) {
+    fn part(&mut self, s: &Settings, generator: &Arc<Generator>, secs: f64) {
         let pid = self.child.id();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(s.client_threads)
             .enable_all()
             .build()
             .expect("client runtime");
-        let cycle = self.name == "bare";
+        let full = self.name != "bare";
         let start = Instant::now();
         let warm_until = start + Duration::from_secs(s.warmup);
         let deadline = warm_until + Duration::from_secs_f64(secs);
         let tasks: Vec<_> = (0..s.connections)
-            .map(|_| rt.spawn(connection(self.addr, pool.clone(), self.next.clone(), cycle, warm_until, deadline)))
+            .map(|_| rt.spawn(connection(self.addr, generator.clone(), self.next.clone(), full, warm_until, deadline)))
             .collect();
         std::thread::sleep(warm_until.saturating_duration_since(Instant::now()));
         let cpu0 = cpu_ticks(pid);
@@ -332,7 +438,9 @@ impl Server {
         side.errors += results.iter().map(|r| r.errors).sum::<u64>();
         side.window += window;
         side.cpu_ticks += cpu1 - cpu0;
-        side.exhausted |= results.iter().any(|r| r.exhausted);
+        for (k, v) in results.iter().flat_map(|r| r.outcomes.iter()) {
+            *side.outcomes.entry(k.clone()).or_default() += v;
+        }
         side.latencies_us.extend(results.iter().flat_map(|r| r.latencies_us.iter().copied()));
     }
 
@@ -365,67 +473,36 @@ impl Drop for Server {
 
 fn drive() {
     let secs = env_num("MEMBERSYNC_LOAD_SECS", 12);
-    let warmup = env_num("MEMBERSYNC_LOAD_WARMUP_SECS", 1);
-    let rounds = env_num("MEMBERSYNC_LOAD_ROUNDS", 3).max(1);
     let s = Settings {
         secs,
-        warmup,
-        rounds,
+        warmup: env_num("MEMBERSYNC_LOAD_WARMUP_SECS", 1),
+        rounds: env_num("MEMBERSYNC_LOAD_ROUNDS", 3).max(1),
         connections: env_num("MEMBERSYNC_LOAD_CONNECTIONS", 64) as usize,
         client_threads: env_num("MEMBERSYNC_LOAD_CLIENT_THREADS", 1) as usize,
-        pool: env_num("MEMBERSYNC_LOAD_POOL", 25_000 * (secs + warmup * rounds)) as usize,
+    };
+    // `cargo bench` passes `--bench`; the words are ours.
+    let words: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let workloads: Vec<Workload> = if words.iter().any(|w| w == "all") {
+        Workload::ALL.to_vec()
+    } else if words.is_empty() {
+        vec![Workload::Signups]
+    } else {
+        words
+            .iter()
+            .map(|w| {
+                Workload::ALL
+                    .into_iter()
+                    .find(|x| x.name() == w)
+                    .unwrap_or_else(|| panic!("unknown workload `{w}`: one of renewals, signups, lifecycle, all"))
+            })
+            .collect()
     };
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let signing = Instant::now();
-    let pool = Arc::new(build_pool(s.pool));
-    eprintln!("signed {} payloads in {:.1} s (before any timed window)", s.pool, signing.elapsed().as_secs_f64());
-
-    // Bare handler.
-    let port = free_port();
-    let bare = Command::new(std::env::current_exe().expect("exe"))
-        .env(ROLE_ENV, "bare")
-        .env(PORT_ENV, port.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("bare server");
-    let mut bare = Server::start("bare", bare, port);
-
-    // Full ingest: the real `serve`, fresh database, its default log to a file.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let log = std::fs::File::create(dir.path().join("serve.log")).expect("log");
-    let full = Command::new(env!("CARGO_BIN_EXE_membersync"))
-        .arg("serve")
-        .arg("--config")
-        .arg(root.join("membersync.yaml"))
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--database")
-        .arg(dir.path().join("load.db"))
-        .env("STRIPE_WEBHOOK_SECRET", SECRET)
-        .env_remove("STRIPE_API_KEY")
-        .env_remove("MEMBERSYNC_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("membersync serve");
-    let mut full = Server::start("full", full, port);
-
-    // Both servers are up; the load alternates between them, so each side's parts are
-    // spread over the same stretch of time and a change in the machine meets both.
-    let part = s.secs as f64 / s.rounds as f64;
-    for _ in 0..s.rounds {
-        bare.part(&s, &pool, part);
-        full.part(&s, &pool, part);
-    }
-    let (bare, full) = (bare.stop(), full.stop());
 
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "\nhttp_load: {} connections, {} s timed per side in {} alternating parts (+{} s warm-up each), {} client thread(s), nproc {}",
+        "http_load: {} connections, {} s timed per side in {} alternating parts (+{} s warm-up each), {} client thread(s), nproc {}",
         s.connections,
         s.secs,
         s.rounds,
@@ -433,15 +510,66 @@ fn drive() {
         s.client_threads,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
+    for workload in workloads {
+        let generator = Arc::new(Generator::new(workload));
+
+        // Bare handler: a fresh one per workload, so its peak RSS is the workload's.
+        let port = free_port();
+        let bare = Command::new(std::env::current_exe().expect("exe"))
+            .env(ROLE_ENV, "bare")
+            .env(PORT_ENV, port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("bare server");
+        let mut bare = Server::start("bare", bare, port);
+
+        // Full ingest: the real `serve`, fresh database, its default log to a file.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("serve.log")).expect("log");
+        let full = Command::new(env!("CARGO_BIN_EXE_membersync"))
+            .arg("serve")
+            .arg("--config")
+            .arg(root.join("membersync.yaml"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--database")
+            .arg(dir.path().join("load.db"))
+            .env("STRIPE_WEBHOOK_SECRET", SECRET)
+            .env_remove("STRIPE_API_KEY")
+            .env_remove("MEMBERSYNC_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("membersync serve");
+        let mut full = Server::start("full", full, port);
+
+        // Both servers are up; the load alternates between them, so each side's parts are
+        // spread over the same stretch of time and a change in the machine meets both.
+        let part = s.secs as f64 / s.rounds as f64;
+        for _ in 0..s.rounds {
+            bare.part(&s, &generator, part);
+            full.part(&s, &generator, part);
+        }
+        let (bare, full) = (bare.stop(), full.stop());
+        report(&mut out, workload, &bare, &full);
+    }
+}
+
+fn report(out: &mut impl Write, workload: Workload, bare: &Side, full: &Side) {
+    let _ =
+        writeln!(out, "\n== {} ({} request(s) per customer)", workload.name(), Generator::new(workload).steps.len());
     let _ = writeln!(
         out,
         "{:<6} {:>10} {:>8} {:>9} {:>9} {:>12} {:>10}",
         "side", "req/s", "errors", "p50 ms", "p99 ms", "CPU us/req", "peak RSS"
     );
-    for side in [&bare, &full] {
+    for side in [bare, full] {
         let _ = writeln!(
             out,
-            "{:<6} {:>10.0} {:>8} {:>9.2} {:>9.2} {:>12.1} {:>7.1} MB{}",
+            "{:<6} {:>10.0} {:>8} {:>9.2} {:>9.2} {:>12.1} {:>7.1} MB",
             side.name,
             side.rps(),
             side.errors,
@@ -449,18 +577,25 @@ fn drive() {
             side.pct(0.99),
             side.cpu_us_per_req(),
             side.peak_rss_kb as f64 / 1024.0,
-            if side.exhausted {
-                format!("  (payload pool used up after {:.1} s; raise MEMBERSYNC_LOAD_POOL)", side.window.as_secs_f64())
-            } else {
-                String::new()
-            }
         );
     }
+    let mix: Vec<String> = full.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let _ = writeln!(out, "full answers: {}", mix.join(", "));
     let each: Vec<String> =
         bare.rounds.iter().zip(&full.rounds).map(|(b, f)| format!("{:.0}/{:.0} = {:.3}", f, b, f / b)).collect();
     let _ = writeln!(out, "rounds (full/bare req/s): {}", each.join(", "));
     let ratio = full.rps() / bare.rps();
-    let _ = writeln!(out, "full / bare = {ratio:.3}  (target >= 0.25)");
-    let _ = writeln!(out, "full p99 = {:.2} ms  (target <= 20 ms)", full.pct(0.99));
-    let _ = writeln!(out, "full peak RSS = {:.1} MB  (target <= 100 MB)", full.peak_rss_kb as f64 / 1024.0);
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    match workload.target() {
+        Some(t) => {
+            let _ = writeln!(out, "full / bare = {ratio:.3}  (target >= {t}: {})", verdict(ratio >= t));
+        }
+        None => {
+            let _ = writeln!(out, "full / bare = {ratio:.3}");
+        }
+    }
+    let p99 = full.pct(0.99);
+    let _ = writeln!(out, "full p99 = {p99:.2} ms  (target <= 10 ms: {})", verdict(p99 <= 10.0));
+    let rss = full.peak_rss_kb as f64 / 1024.0;
+    let _ = writeln!(out, "full peak RSS = {rss:.1} MB  (target <= 64 MB: {})", verdict(rss <= 64.0));
 }
