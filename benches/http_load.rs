@@ -40,7 +40,9 @@
 //! `MEMBERSYNC_LOAD_SECS` (timed seconds per side, over all rounds; default 12),
 //! `MEMBERSYNC_LOAD_ROUNDS` (default 3), `MEMBERSYNC_LOAD_WARMUP_SECS` (before each part;
 //! default 1), `MEMBERSYNC_LOAD_CONNECTIONS` (default 64), `MEMBERSYNC_LOAD_CLIENT_THREADS`
-//! (default 1).
+//! (default 1), `MEMBERSYNC_LOAD_VS` (another `membersync` binary: its `serve` takes its
+//! parts in the same rounds, and the report adds it and the ratio of the two — an A/B of
+//! two builds in one run), `MEMBERSYNC_LOAD_CONFIG` (another `membersync.yaml`).
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -524,38 +526,65 @@ fn drive() {
             .expect("bare server");
         let mut bare = Server::start("bare", bare, port);
 
-        // Full ingest: the real `serve`, fresh database, its default log to a file.
+        // Full ingest: the real `serve`, fresh database, its default log to a file. With
+        // `MEMBERSYNC_LOAD_VS=BIN`, a second `serve` (another build) takes its parts too, in
+        // the same rounds: an A/B in one stretch of time.
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let log = std::fs::File::create(dir.path().join("serve.log")).expect("log");
-        let full = Command::new(env!("CARGO_BIN_EXE_membersync"))
-            .arg("serve")
-            .arg("--config")
-            .arg(root.join("membersync.yaml"))
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--database")
-            .arg(dir.path().join("load.db"))
-            .env("STRIPE_WEBHOOK_SECRET", SECRET)
-            .env_remove("STRIPE_API_KEY")
-            .env_remove("MEMBERSYNC_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("membersync serve");
-        let mut full = Server::start("full", full, port);
+        let serve = |name: &'static str, bin: &std::ffi::OsStr| {
+            let port = free_port();
+            let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).expect("log");
+            let child = Command::new(bin)
+                .arg("serve")
+                .arg("--config")
+                .arg(config_path(&root))
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--database")
+                .arg(dir.path().join(format!("{name}.db")))
+                .env("STRIPE_WEBHOOK_SECRET", SECRET)
+                .env_remove("STRIPE_API_KEY")
+                .env_remove("MEMBERSYNC_LOG")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("membersync serve");
+            Server::start(name, child, port)
+        };
+        let mut full = serve("full", std::ffi::OsStr::new(env!("CARGO_BIN_EXE_membersync")));
+        let mut vs = std::env::var_os("MEMBERSYNC_LOAD_VS").map(|bin| serve("vs", &bin));
 
-        // Both servers are up; the load alternates between them, so each side's parts are
+        // The servers are up; the load alternates between them, so each side's parts are
         // spread over the same stretch of time and a change in the machine meets both.
         let part = s.secs as f64 / s.rounds as f64;
         for _ in 0..s.rounds {
             bare.part(&s, &generator, part);
             full.part(&s, &generator, part);
+            if let Some(vs) = vs.as_mut() {
+                vs.part(&s, &generator, part);
+            }
         }
         let (bare, full) = (bare.stop(), full.stop());
         report(&mut out, workload, &bare, &full);
+        if let Some(vs) = vs.map(Server::stop) {
+            let _ = writeln!(out, "-- vs {}", std::env::var("MEMBERSYNC_LOAD_VS").unwrap_or_default());
+            report(&mut out, workload, &bare, &vs);
+            let each: Vec<String> = full.rounds.iter().zip(&vs.rounds).map(|(a, b)| format!("{:.3}", a / b)).collect();
+            let _ = writeln!(
+                out,
+                "full / vs = {:.3} req/s (rounds {}), CPU/req {:.1} / {:.1} us",
+                full.rps() / vs.rps(),
+                each.join(", "),
+                full.cpu_us_per_req(),
+                vs.cpu_us_per_req()
+            );
+        }
     }
+}
+
+/// The config both `serve`s read: `MEMBERSYNC_LOAD_CONFIG`, or the checked-in one.
+fn config_path(root: &std::path::Path) -> PathBuf {
+    std::env::var_os("MEMBERSYNC_LOAD_CONFIG").map(PathBuf::from).unwrap_or_else(|| root.join("membersync.yaml"))
 }
 
 fn report(out: &mut impl Write, workload: Workload, bare: &Side, full: &Side) {

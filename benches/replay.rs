@@ -75,7 +75,12 @@ fn main() {
                             .replace("\"id\": \"evt_", &format!("\"id\": \"evt_r{i}_{k}_"))
                             .replace("sub_1QxDemo001", &format!("sub_r{i}"))
                             .replace("cus_QxDemo001", &format!("cus_r{i}"))
-                            .replace("ada@example.com", &format!("ada+{i}@example.com"));
+                            .replace("ada@example.com", &format!("ada+{i}@example.com"))
+                            // Each subscription's own invoices, charges and payments: one
+                            // payment is counted once (`payments`), across subscriptions too.
+                            .replace("\"in_1Qx", &format!("\"in_r{i}_"))
+                            .replace("\"ch_3Qx", &format!("\"ch_r{i}_"))
+                            .replace("\"pi_3Qx", &format!("\"pi_r{i}_"));
                         let decoded = x.decode_captured(body.as_bytes(), None).expect("decodes");
                         let ex = x.extract("demo", &decoded, body.as_bytes(), &[], now).expect("extracts");
                         let raw = Raw {

@@ -46,6 +46,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/005_payments.sql"),
     include_str!("../migrations/sqlite/006_enrichment.sql"),
     include_str!("../migrations/sqlite/007_console_sessions.sql"),
+    include_str!("../migrations/sqlite/008_member_customers_index.sql"),
 ];
 
 /// Tuning for the writer.
@@ -126,9 +127,11 @@ impl SqliteStore {
         // Each event runs in its own savepoint: keep its page copies in memory, not in a
         // temporary file.
         writer.pragma_update(None, "temp_store", "MEMORY")?;
-        // A 32 MiB page cache (SQLite's default is 2 MiB): index pages a batch revisits are
-        // read from memory, not from the file.
-        writer.pragma_update(None, "cache_size", -32_768)?;
+        // An 8 MiB page cache (SQLite's default is 2 MiB): the pages a batch revisits (the
+        // right edges of the tables and indexes, a member's rows) stay in memory. 32 MiB gave
+        // the same throughput in every load workload and 29 MB more peak RSS (BENCHMARKS.md,
+        // 2026-12-02 issue 23).
+        writer.pragma_update(None, "cache_size", -8_192)?;
         // The writer commits without waiting for the disk; the syncer thread makes each
         // batch durable (fdatasync of the WAL) before any of its requests hears back, so the
         // next batch runs during the sync. A `:memory:` database has nothing to sync.

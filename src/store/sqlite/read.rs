@@ -3,6 +3,11 @@
 
 use super::*;
 
+/// A member's first customer id at a provider (replay's comparison, resync).
+pub(super) const CUSTOMER_OF_MEMBER: &str =
+    "SELECT customer_id FROM member_customers WHERE tenant = ?1 AND provider = ?2 AND member_id = ?3
+     ORDER BY customer_id LIMIT 1";
+
 /// The reconciliation detail of one membership, with its last webhook time.
 pub(super) fn sync_row(c: &Connection, membership_id: &str) -> Result<SyncRow> {
     let last_webhook_at: Option<i64> = c
@@ -311,12 +316,9 @@ impl Store for SqliteStore {
 
     fn customer_id(&self, tenant: &str, provider: &str, member_id: &str) -> Result<Option<String>> {
         self.read(|c| {
-            Ok(c.prepare_cached(
-                "SELECT customer_id FROM member_customers WHERE tenant = ?1 AND provider = ?2 AND member_id = ?3
-                 ORDER BY customer_id LIMIT 1",
-            )?
-            .query_row(params![tenant, provider, member_id], |r| r.get(0))
-            .optional()?)
+            Ok(c.prepare_cached(CUSTOMER_OF_MEMBER)?
+                .query_row(params![tenant, provider, member_id], |r| r.get(0))
+                .optional()?)
         })
     }
 

@@ -2,7 +2,7 @@
 //!
 //! What this module must never do: assert a timing; speed lives in the benchmarks.
 
-use super::read::events_where_sql;
+use super::read::{events_where_sql, CUSTOMER_OF_MEMBER};
 use super::*;
 
 fn member(i: usize) -> MemberRow {
@@ -246,4 +246,22 @@ fn concurrent_reads_share_at_most_max_readers_connections() {
     let most = most.load(Ordering::SeqCst);
     assert!(most <= MAX_READERS, "{most} connections in use at once");
     assert!(most > 1, "reads still run side by side ({most})");
+}
+
+/// A member's customer id is found through an index on the member, not by reading every
+/// customer of the tenant and provider in order (what the primary key offered, and what
+/// the planner chose for the `ORDER BY`): replay's comparison asks it once per member, so
+/// the scan made a 100k-event dry run quadratic (983 events/s; BENCHMARKS.md).
+#[test]
+fn a_members_customer_id_is_read_through_its_index() {
+    let mut conn = Connection::open_in_memory().unwrap();
+    migrate(&mut conn).unwrap();
+    let plan: Vec<String> = conn
+        .prepare(&format!("EXPLAIN QUERY PLAN {CUSTOMER_OF_MEMBER}"))
+        .unwrap()
+        .query_map(params!["t", "stripe", "mbr_1"], |r| r.get::<_, String>(3))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert_eq!(plan, ["SEARCH member_customers USING COVERING INDEX member_customers_member (member_id=? AND tenant=? AND provider=?)"]);
 }
