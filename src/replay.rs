@@ -315,15 +315,8 @@ fn dry_run_blocking(ctx: &Ctx, filter: &EventFilter, now: DateTime<Utc>) -> Resu
             touched.dedup();
             let mut stored = View::new();
             let mut people = Vec::new();
-            for (member, memberships) in ctx.store.members_with_memberships(&touched)? {
-                let providers: BTreeSet<&str> = memberships.iter().map(|m| m.provider.as_str()).collect();
-                let mut links = Vec::new();
-                for p in providers {
-                    if let Some(cid) = ctx.store.customer_id(&member.tenant, p, &member.id)? {
-                        links.push((p.to_string(), cid));
-                    }
-                }
-                let timers = ctx.store.member_detail(&member.id, 0)?.map(|d| d.timers).unwrap_or_default();
+            for found in ctx.store.members_with_memberships(&touched)? {
+                let crate::store::StoredMember { member, memberships, timers, customers: links } = found;
                 let with_timers = memberships.into_iter().map(|m| (m, timers.clone())).collect();
                 add_to_view(&mut stored, people.len(), with_timers, now);
                 people.push(Person { tenant: member.tenant, id: member.id, email: member.email, links });

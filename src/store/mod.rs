@@ -433,6 +433,17 @@ pub struct MemberDetail {
 /// What runs on a scratch store (`Store::scratch`).
 pub type ScratchJob<'a> = Box<dyn FnOnce(&mut dyn Tx) -> Result<()> + 'a>;
 
+/// A member as replay's comparison reads it (see `members_with_memberships`).
+#[derive(Debug, Clone)]
+pub struct StoredMember {
+    pub member: MemberRow,
+    pub memberships: Vec<MembershipRow>,
+    /// The timers of every membership of theirs.
+    pub timers: Vec<TimerRow>,
+    /// (provider, customer id): the first customer id at each provider of a membership.
+    pub customers: Vec<(String, String)>,
+}
+
 /// Durable storage. Reads block (call them from `spawn_blocking`); writes are queued.
 pub trait Store: Send + Sync + 'static {
     /// Queues a job for the writer; `Busy` when the queue is full.
@@ -487,9 +498,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<MembershipRow>>;
     /// A member by id.
     fn member(&self, id: &str) -> Result<Option<MemberRow>>;
-    /// These members (those that exist) with their memberships, read in one go (replay's
+    /// These members (those that exist) with their memberships, their timers and their
+    /// customer id at each of their memberships' providers, read in one go (replay's
     /// compare).
-    fn members_with_memberships(&self, ids: &[String]) -> Result<Vec<(MemberRow, Vec<MembershipRow>)>>;
+    fn members_with_memberships(&self, ids: &[String]) -> Result<Vec<StoredMember>>;
     /// The member's customer id at a provider (what `{customer_id}` stands for).
     fn customer_id(&self, tenant: &str, provider: &str, member_id: &str) -> Result<Option<String>>;
     /// Count of memberships by sync status (for /metrics).

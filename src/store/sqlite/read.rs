@@ -82,17 +82,29 @@ impl Store for SqliteStore {
         self.read(|c| Tx::member(&mut SqliteTx::reader(c), id))
     }
 
-    fn members_with_memberships(&self, ids: &[String]) -> Result<Vec<(MemberRow, Vec<MembershipRow>)>> {
-        // Two statements prepared once for the whole list (the cached ones would be
-        // re-planned on every run, see `Prepared`).
+    fn members_with_memberships(&self, ids: &[String]) -> Result<Vec<StoredMember>> {
+        // The statements prepared once for the whole list: the cached ones would be
+        // re-planned on every run (see `Prepared`), once per member.
         self.read(|c| {
             let (mut member, mut of) = (c.prepare(&MEMBER_BY_ID)?, c.prepare(&MEMBERSHIPS_OF)?);
+            let (mut timers_of, mut customer) = (c.prepare(super::tx::TIMERS_OF)?, c.prepare(CUSTOMER_OF_MEMBER)?);
             let mut out = Vec::new();
             for id in ids {
-                if let Some(m) = member.query_row([id], member_row).optional()? {
-                    let ms = of.query_map([id], membership_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
-                    out.push((m, ms));
+                let Some(m) = member.query_row([id], member_row).optional()? else { continue };
+                let memberships = of.query_map([id], membership_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+                let mut timers = Vec::new();
+                for ms in &memberships {
+                    timers.extend(timers_of.query_map([&ms.id], timer_row)?.collect::<rusqlite::Result<Vec<_>>>()?);
                 }
+                let providers: std::collections::BTreeSet<&str> =
+                    memberships.iter().map(|ms| ms.provider.as_str()).collect();
+                let mut customers = Vec::new();
+                for p in providers {
+                    let found: Option<String> =
+                        customer.query_row(params![m.tenant, p, m.id], |r| r.get(0)).optional()?;
+                    customers.extend(found.map(|cid| (p.to_string(), cid)));
+                }
+                out.push(StoredMember { member: m, memberships, timers, customers });
             }
             Ok(out)
         })
