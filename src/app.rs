@@ -84,13 +84,9 @@ async fn mcp_token(
             }
         }
         None => {
-            let body = crate::http_error::ErrorBody {
-                error: "MCP token missing or wrong (MEMBERSYNC_MCP_TOKEN; the admin token is not one)".into(),
-                ok: None,
-                version: None,
-                errors: None,
-                status: None,
-            };
+            let body = crate::http_error::ErrorBody::saying(
+                "MCP token missing or wrong (MEMBERSYNC_MCP_TOKEN; the admin token is not one)",
+            );
             (axum::http::StatusCode::UNAUTHORIZED, axum::Json(body)).into_response()
         }
     }

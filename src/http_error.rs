@@ -100,6 +100,13 @@ pub struct ErrorBody {
     pub status: Option<String>,
 }
 
+impl ErrorBody {
+    /// The body of an error that says only what went wrong.
+    pub fn saying(error: impl Into<String>) -> ErrorBody {
+        ErrorBody { error: error.into(), ok: None, version: None, errors: None, status: None }
+    }
+}
+
 /// `Query`, whose rejection is an [`ApiError`] (400, the error body) rather than text.
 #[derive(axum::extract::FromRequestParts)]
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
@@ -132,7 +139,7 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let mut body = ErrorBody { error: message, ok: None, version: None, errors: None, status: None };
+        let mut body = ErrorBody::saying(message);
         match &self {
             // What was wrong, every problem, and the version still in force.
             ApiError::ReloadRefused { version, errors } => {
@@ -187,7 +194,7 @@ pub async fn uniform(req: axum::extract::Request, next: axum::middleware::Next) 
         }
         other => other.canonical_reason().unwrap_or("error").to_lowercase(),
     };
-    let body = ErrorBody { error, ok: None, version: None, errors: None, status: None };
+    let body = ErrorBody::saying(error);
     parts.headers.remove(axum::http::header::CONTENT_LENGTH);
     parts.headers.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Response::from_parts(parts, axum::body::Body::from(serde_json::to_vec(&body).unwrap_or_default()))

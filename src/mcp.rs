@@ -165,7 +165,7 @@ impl Assistant {
         let mut mine: Vec<MemberDetail> =
             found.into_iter().filter(|d| scope.as_deref().is_none_or(|t| t == d.member.tenant)).collect();
         // The caller's words come back short: a tool's answer is read by the assistant.
-        let who = crate::logging::one_line(who.trim(), crate::extract::time::BRIEF_CHARS);
+        let who = crate::extract::time::brief_text(who.trim());
         Ok(match mine.len() {
             0 => Err(format!("no member `{who}` (by email or member id)")),
             1 => Ok(mine.remove(0)),

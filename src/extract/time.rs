@@ -72,17 +72,10 @@ pub fn brief(v: &Value) -> String {
     brief_text(&v.to_string())
 }
 
-/// Text as an error repeats it: at most [`BRIEF_CHARS`] characters, the rest cut with `…`.
+/// Text as an error repeats it: on one line, at most [`BRIEF_CHARS`] characters, the rest
+/// cut with `…` (see `logging::one_line`).
 pub fn brief_text(s: &str) -> String {
-    cut(s, BRIEF_CHARS)
-}
-
-/// At most `chars` characters of `s`, the rest cut with `…`.
-pub fn cut(s: &str, chars: usize) -> String {
-    match s.char_indices().nth(chars) {
-        Some((cut, _)) => format!("{}…", &s[..cut]),
-        None => s.to_string(),
-    }
+    crate::logging::one_line(s, BRIEF_CHARS)
 }
 
 /// How much of a value an error repeats (see [`brief`]).

@@ -85,7 +85,7 @@ fn effect(kind: &str, fields: Vec<(&str, Dynamic)>) -> Map {
 pub fn register(e: &mut Engine) {
     e.register_fn("days", |n: i64| n * 86_400);
     // A sender's value as a reason or flag may repeat it: briefly, on one line.
-    e.register_fn("brief", |s: ImmutableString| crate::logging::one_line(&s, crate::extract::time::BRIEF_CHARS));
+    e.register_fn("brief", |s: ImmutableString| crate::extract::time::brief_text(&s));
     e.register_fn("hours", |n: i64| n * 3_600);
     e.register_fn("set_grace", |until: i64| effect("set_grace", vec![("until", Dynamic::from(until))]));
     e.register_fn("clear_grace", || effect("set_grace", vec![("until", Dynamic::UNIT)]));
