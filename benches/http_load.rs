@@ -42,7 +42,11 @@
 //! default 1), `MEMBERSYNC_LOAD_CONNECTIONS` (default 64), `MEMBERSYNC_LOAD_CLIENT_THREADS`
 //! (default 1), `MEMBERSYNC_LOAD_VS` (another `membersync` binary: its `serve` takes its
 //! parts in the same rounds, and the report adds it and the ratio of the two — an A/B of
-//! two builds in one run), `MEMBERSYNC_LOAD_CONFIG` (another `membersync.yaml`).
+//! two builds in one run), `MEMBERSYNC_LOAD_CONFIG` (another `membersync.yaml`),
+//! `MEMBERSYNC_LOAD_VS_CONFIG` (the config of the `MEMBERSYNC_LOAD_VS` build, when its
+//! config or rules differ; default: the same as the full side's), `MEMBERSYNC_LOAD_PARKED`
+//! (before the first part, this many checkouts that name a customer but no subscription,
+//! parked for members that never come, as a store gathers them; default 0).
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -149,6 +153,9 @@ struct Generator {
     secret: membersync::secret::Secret,
     /// The bare side's requests, made before any window.
     pool: Vec<(Bytes, String)>,
+    /// A checkout that names its customer but no subscription or product: parked until a
+    /// membership of that customer exists, which never comes (`MEMBERSYNC_LOAD_PARKED`).
+    parked: String,
 }
 
 impl Generator {
@@ -197,8 +204,17 @@ impl Generator {
                 step("customer_subscription_deleted", 4, &keep),
             ],
         };
+        let mut parked = fixture("checkout_session_completed");
+        parked["id"] = serde_json::json!(format!("evt_parked_{MARK}"));
+        parked["created"] = serde_json::json!(now - 86_400);
+        let o = &mut parked["data"]["object"];
+        o["subscription"] = serde_json::Value::Null;
+        o["customer"] = serde_json::json!(format!("cus_parked_{MARK}"));
+        o["customer_details"]["email"] = serde_json::json!(format!("parked{MARK}@example.com"));
+        o["customer_email"] = serde_json::Value::Null;
         let mut g = Generator {
             steps,
+            parked: parked.to_string(),
             scheme: membersync::verify::Scheme::compile(&config.extractors["stripe"].spec.verify),
             secret: membersync::secret::Secret::new(SECRET),
             pool: Vec::new(),
@@ -206,6 +222,13 @@ impl Generator {
         let per = g.steps.len();
         g.pool = (0..BARE_POOL).map(|i| g.request(u64::MAX / 2 + (i / per) as u64, i % per)).collect();
         g
+    }
+
+    /// The `n`th parked checkout: (body, Stripe-Signature), signed now.
+    fn parked(&self, n: u64) -> (Bytes, String) {
+        let body = self.parked.replace(MARK, &format!("{n:010}"));
+        let headers = self.scheme.sign(&self.secret, body.as_bytes(), chrono::Utc::now());
+        (Bytes::from(body), headers.into_iter().next().expect("signature header").1)
     }
 
     /// Step `step` of customer `n`: (body, Stripe-Signature), signed now.
@@ -473,6 +496,34 @@ impl Drop for Server {
     }
 }
 
+/// Posts `n` parked checkouts to a server before its first part (untimed), one at a time;
+/// returns how many it answered `refused` (parked), as each must be.
+fn seed_parked(addr: SocketAddr, generator: &Generator, n: u64) -> u64 {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("seed runtime");
+    rt.block_on(async {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+        tokio::spawn(conn);
+        let mut parked = 0;
+        for i in 0..n {
+            let (body, sig) = generator.parked(i);
+            let req = Request::post(PATH)
+                .header("host", addr.to_string())
+                .header("content-type", "application/json")
+                .header("stripe-signature", sig)
+                .body(Full::new(body))
+                .expect("request");
+            sender.ready().await.expect("ready");
+            let resp = sender.send_request(req).await.expect("seed request");
+            let body = resp.into_body().collect().await.expect("seed answer").to_bytes();
+            if outcome_of(&body).as_deref() == Some("refused") {
+                parked += 1;
+            }
+        }
+        parked
+    })
+}
+
 fn drive() {
     let secs = env_num("MEMBERSYNC_LOAD_SECS", 12);
     let s = Settings {
@@ -530,13 +581,13 @@ fn drive() {
         // `MEMBERSYNC_LOAD_VS=BIN`, a second `serve` (another build) takes its parts too, in
         // the same rounds: an A/B in one stretch of time.
         let dir = tempfile::tempdir().expect("tempdir");
-        let serve = |name: &'static str, bin: &std::ffi::OsStr| {
+        let serve = |name: &'static str, bin: &std::ffi::OsStr, config: PathBuf| {
             let port = free_port();
             let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).expect("log");
             let child = Command::new(bin)
                 .arg("serve")
                 .arg("--config")
-                .arg(config_path(&root))
+                .arg(config)
                 .arg("--listen")
                 .arg(format!("127.0.0.1:{port}"))
                 .arg("--database")
@@ -551,8 +602,20 @@ fn drive() {
                 .expect("membersync serve");
             Server::start(name, child, port)
         };
-        let mut full = serve("full", std::ffi::OsStr::new(env!("CARGO_BIN_EXE_membersync")));
-        let mut vs = std::env::var_os("MEMBERSYNC_LOAD_VS").map(|bin| serve("vs", &bin));
+        let mut full = serve("full", std::ffi::OsStr::new(env!("CARGO_BIN_EXE_membersync")), config_path(&root));
+        let vs_config =
+            std::env::var_os("MEMBERSYNC_LOAD_VS_CONFIG").map(PathBuf::from).unwrap_or_else(|| config_path(&root));
+        let mut vs = std::env::var_os("MEMBERSYNC_LOAD_VS").map(|bin| serve("vs", &bin, vs_config.clone()));
+
+        // Events parked for members that never come, as a store gathers them over months.
+        let seed = env_num("MEMBERSYNC_LOAD_PARKED", 0);
+        if seed > 0 {
+            for server in std::iter::once(&full).chain(vs.as_ref()) {
+                let parked = seed_parked(server.addr, &generator, seed);
+                let _ =
+                    writeln!(out, "{}: {parked} of {seed} checkouts parked for members that never come", server.name);
+            }
+        }
 
         // The servers are up; the load alternates between them, so each side's parts are
         // spread over the same stretch of time and a change in the machine meets both.

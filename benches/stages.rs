@@ -159,6 +159,13 @@ fn rules(c: &mut Criterion) {
     let ev = event("invoice_paid_renewal.json");
     assert_eq!(rules.rank(&ev).expect("ranks"), 30);
     g.bench_function("rank_renewed", |b| b.iter(|| rules.rank(black_box(&ev))));
+    // When an active membership's renewal is due: asked after every transition.
+    assert!(rules.renewal_due_at(&active, &policy).expect("due").is_some());
+    g.bench_function("renewal_due_active", |b| b.iter(|| rules.renewal_due_at(black_box(&active), &policy)));
+    // A rule call's fixed cost: the membership's view, the policy, the call, a `()` back.
+    let empty =
+        RuleSet::compile(vec![("t.rhai".into(), "fn renewal_due_at(m, cfg) { () }".into())], now).expect("rules");
+    g.bench_function("empty_rule_call", |b| b.iter(|| empty.renewal_due_at(black_box(&active), &policy)));
     g.finish();
 }
 

@@ -124,7 +124,7 @@ pub fn apply_with(
     let mut found = None;
     for r in &payments {
         let key = parked::payment_key(r);
-        if tx.parked(&tenant, &provider, &key)?.is_empty() {
+        if tx.parked(&tenant, &provider, &key, &ms_id)?.is_empty() {
             continue;
         }
         if found.is_none() {
@@ -531,7 +531,7 @@ fn release_parked(
     key: &str,
     now: DateTime<Utc>,
 ) -> store::Result<()> {
-    for e in tx.parked(&ms.tenant, &ms.provider, key)? {
+    for e in tx.parked(&ms.tenant, &ms.provider, key, &ms.id)? {
         if !parked::waits_for(tx, &e, ms, mem)? {
             continue;
         }

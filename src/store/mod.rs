@@ -309,9 +309,11 @@ pub trait Tx {
     /// parked event whose membership now exists — and never again; returns false (and
     /// changes nothing) if it is not one of those any more (it already ran again).
     fn mark_replayed(&mut self, seq: i64, note: &str) -> Result<bool>;
-    /// Parked events of a provider waiting for membership `key` (or for any membership of
-    /// their member), oldest first.
-    fn parked(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Vec<EventRow>>;
+    /// Parked events of a provider that may wait for membership `membership_id`: those
+    /// parked under `key`, and those parked for any membership of their member that name
+    /// this membership's member (by one of its customer ids at this provider, or its
+    /// email in any ASCII case); oldest first. Events parked for other members are not read.
+    fn parked(&mut self, tenant: &str, provider: &str, key: &str, membership_id: &str) -> Result<Vec<EventRow>>;
     /// Inserts an event; returns its sequence number.
     fn insert_event(&mut self, e: &EventRow) -> Result<i64>;
     fn member(&mut self, id: &str) -> Result<Option<MemberRow>>;

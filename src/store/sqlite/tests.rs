@@ -265,3 +265,108 @@ fn a_members_customer_id_is_read_through_its_index() {
         .unwrap();
     assert_eq!(plan, ["SEARCH member_customers USING COVERING INDEX member_customers_member (member_id=? AND tenant=? AND provider=?)"]);
 }
+
+/// The lookup of parked events for a new (or newly paid) membership reads the events
+/// parked under its key and, of those parked for "a membership of the member they name",
+/// only the ones naming its member — by a customer id at this provider or by email in any
+/// ASCII case — each part through its index. It read every member's such events before,
+/// with their bodies, on every membership a provider created or tied to a payment.
+#[test]
+fn parked_events_are_read_for_their_own_member_only_through_indexes() {
+    let mut conn = Connection::open_in_memory().unwrap();
+    migrate(&mut conn).unwrap();
+    let canonical = |cid: Option<&str>, email: Option<&str>| {
+        serde_json::json!({"member": {"provider_customer_id": cid, "email": email}}).to_string()
+    };
+    let park = |conn: &Connection, id: &str, key: &str, canonical: String| {
+        conn.execute(
+            "INSERT INTO events (tenant, provider, event_id, idempotency_key, event_type, source, received_at,
+             occurred_at, status, raw, canonical, outcome, park_key)
+             VALUES ('t', 'stripe', ?1, ?1, 'x', 'webhook', 1000, 1000, 'refused', x'7b7d', ?2, '{}', ?3)",
+            params![id, canonical, key],
+        )
+        .unwrap();
+    };
+    conn.execute_batch(
+        "INSERT INTO members (id, tenant, email, email_lc, created_at, updated_at)
+           VALUES ('mbr_ada', 't', 'Ada@Example.com', 'ada@example.com', 0, 0),
+                  ('mbr_bob', 't', 'bob@example.com', 'bob@example.com', 0, 0);
+         INSERT INTO member_customers VALUES ('t', 'stripe', 'cus_ada', 'mbr_ada'), ('t', 'whop', 'cus_ada_w', 'mbr_ada'),
+                                             ('t', 'stripe', 'cus_bob', 'mbr_bob');
+         INSERT INTO memberships (id, tenant, member_id, provider, key, state, created_at, updated_at)
+           VALUES ('msp_ada', 't', 'mbr_ada', 'stripe', 'sub_ada', 'active', 0, 0);",
+    )
+    .unwrap();
+    park(&conn, "evt_key", "sub_ada", canonical(None, None));
+    park(&conn, "evt_by_customer", "", canonical(Some("cus_ada"), None));
+    park(&conn, "evt_by_email", "", canonical(None, Some("ADA@example.COM")));
+    park(&conn, "evt_both", "", canonical(Some("cus_ada"), Some("ada@example.com")));
+    // Not Ada's: another member, Ada's customer id at another provider, another key.
+    park(&conn, "evt_bob", "", canonical(Some("cus_bob"), Some("bob@example.com")));
+    park(&conn, "evt_other_provider_id", "", canonical(Some("cus_ada_w"), None));
+    park(&conn, "evt_nobody", "", canonical(None, None));
+    park(&conn, "evt_other_key", "sub_bob", canonical(Some("cus_ada"), None));
+
+    let mut prepared = Prepared::new();
+    let mut tx = SqliteTx { conn: &conn, prepared: Some(&mut prepared), lean: false };
+    let ids: Vec<String> =
+        tx.parked("t", "stripe", "sub_ada", "msp_ada").unwrap().into_iter().map(|e| e.event_id).collect();
+    assert_eq!(ids, ["evt_key", "evt_by_customer", "evt_by_email", "evt_both"]);
+
+    let plan: Vec<String> = conn
+        .prepare(&format!("EXPLAIN QUERY PLAN {}", *tx::PARKED))
+        .unwrap()
+        .query_map(params!["t", "stripe", "sub_ada", "msp_ada"], |r| r.get::<_, String>(3))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    let events: Vec<&String> = plan.iter().filter(|l| l.contains(" events ") || l.starts_with("SEARCH e ")).collect();
+    assert_eq!(events.len(), 3, "{plan:#?}");
+    for (line, index) in events.iter().zip(["events_parked ", "events_parked_customer ", "events_parked_email "]) {
+        let searched = line.starts_with("SEARCH events USING INDEX ") || line.starts_with("SEARCH e USING INDEX ");
+        assert!(searched && line.contains(index), "{plan:#?}");
+        // By the whole key, the customer id or email included: not every such event of the
+        // tenant's provider.
+        assert!(line.contains("park_key=?)") || line.contains("<expr>=?)"), "{plan:#?}");
+    }
+    assert!(!plan.iter().any(|l| l.starts_with("SCAN")), "{plan:#?}");
+
+    // Prepared once, run for key after key: SQLite never prepares it again (a plan that
+    // looked at a bound value would be re-prepared on each new value, as it once was).
+    let mut st = conn.prepare(&tx::PARKED).unwrap();
+    for key in ["sub_ada", "sub_bob", "sub_cy", ""] {
+        st.query_map(params!["t", "stripe", key, "msp_ada"], |_| Ok(())).unwrap().for_each(drop);
+    }
+    assert_eq!(st.get_status(rusqlite::StatementStatus::RePrepare), 0);
+}
+
+/// A store parked events in before migration 009 finds them by member after it: the
+/// indexes are built over the rows already there (their canonical JSON as it was stored).
+#[test]
+fn events_parked_before_the_member_indexes_are_found_by_member_after_the_upgrade() {
+    let mut conn = Connection::open_in_memory().unwrap();
+    for sql in &MIGRATIONS[..8] {
+        conn.execute_batch(sql).unwrap();
+    }
+    conn.pragma_update(None, "user_version", 8).unwrap();
+    conn.execute_batch(
+        r#"INSERT INTO members (id, tenant, email, email_lc, created_at, updated_at)
+             VALUES ('mbr_ada', 't', 'ada@example.com', 'ada@example.com', 0, 0);
+           INSERT INTO member_customers VALUES ('t', 'stripe', 'cus_ada', 'mbr_ada');
+           INSERT INTO memberships (id, tenant, member_id, provider, key, state, created_at, updated_at)
+             VALUES ('msp_ada', 't', 'mbr_ada', 'stripe', 'sub_ada', 'active', 0, 0);
+           INSERT INTO events (tenant, provider, event_id, idempotency_key, event_type, source, received_at,
+             occurred_at, status, raw, canonical, outcome, park_key)
+           VALUES ('t', 'stripe', 'evt_old', 'evt_old', 'x', 'webhook', 1, 1, 'refused', x'7b7d',
+                   '{"member":{"provider_customer_id":"cus_ada","email":null}}', '{}', ''),
+                  ('t', 'stripe', 'evt_lean', 'evt_lean', 'x', 'webhook', 1, 1, 'applied', x'', NULL, 'null', NULL);"#,
+    )
+    .unwrap();
+    migrate(&mut conn).unwrap();
+    assert_eq!(conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0)).unwrap(), MIGRATIONS.len() as i64);
+    let mut prepared = Prepared::new();
+    let mut tx = SqliteTx { conn: &conn, prepared: Some(&mut prepared), lean: false };
+    let ids: Vec<String> =
+        tx.parked("t", "stripe", "sub_ada", "msp_ada").unwrap().into_iter().map(|e| e.event_id).collect();
+    assert_eq!(ids, ["evt_old"]);
+}
