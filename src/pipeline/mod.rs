@@ -531,7 +531,20 @@ fn release_parked(
     key: &str,
     now: DateTime<Utc>,
 ) -> store::Result<()> {
-    for e in tx.parked(&ms.tenant, &ms.provider, key, &ms.id)? {
+    let mut rows = tx.parked(&ms.tenant, &ms.provider, key, &ms.id)?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    // Each event is weighed against the store as it is at its turn: one that runs again
+    // may tie another customer id (or merge a member) into this member, and make a later
+    // one this member's. So the list is read again after each run, and taken up past the
+    // last one weighed; rows the runs store (an event parked again) are not taken up.
+    let stored = tx.last_event_seq()?;
+    let mut weighed: Option<(Option<DateTime<Utc>>, i64)> = None;
+    loop {
+        let next = rows.iter().position(|e| e.seq <= stored && weighed.is_none_or(|w| (e.occurred_at, e.seq) > w));
+        let Some(e) = next.map(|i| rows.remove(i)) else { break };
+        weighed = Some((e.occurred_at, e.seq));
         if !parked::waits_for(tx, &e, ms, mem)? {
             continue;
         }
@@ -541,6 +554,7 @@ fn release_parked(
         }
         let parked = apply(loaded, tx, incoming, raw, now)?;
         tracing::info!(membership = %ms.id, parked = %format!("{} {}", e.event_id, parked.status.as_str()), "Parked event re-applied.");
+        rows = tx.parked(&ms.tenant, &ms.provider, key, &ms.id)?;
     }
     Ok(())
 }

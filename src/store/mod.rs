@@ -314,6 +314,8 @@ pub trait Tx {
     /// this membership's member (by one of its customer ids at this provider, or its
     /// email in any ASCII case); oldest first. Events parked for other members are not read.
     fn parked(&mut self, tenant: &str, provider: &str, key: &str, membership_id: &str) -> Result<Vec<EventRow>>;
+    /// The sequence number of the newest stored event (0 in an empty store).
+    fn last_event_seq(&mut self) -> Result<i64>;
     /// Inserts an event; returns its sequence number.
     fn insert_event(&mut self, e: &EventRow) -> Result<i64>;
     fn member(&mut self, id: &str) -> Result<Option<MemberRow>>;

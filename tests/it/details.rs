@@ -211,6 +211,44 @@ async fn an_event_parked_for_its_member_is_released_by_that_members_membership_o
     }
 }
 
+/// Events parked for "a membership of the member they name" are weighed at their turn,
+/// against the store as the runs before them left it: a refund naming Ada's email and a
+/// second customer id of hers runs again when her membership comes and ties that id to
+/// her, so a later refund naming only that id is hers too and runs in the same release.
+/// (The lookup once read each member's such events before the release began, and left
+/// the second one parked.)
+#[tokio::test]
+async fn a_parked_event_made_its_members_by_an_earlier_release_runs_in_the_same_release() {
+    let (_dir, clock, ctx) = fresh();
+    for (id, t, email) in [("evt_refund_email", JAN + 100, true), ("evt_refund_id_only", JAN + 200, false)] {
+        let ack = deliver_edited(&ctx, "stripe", "charge_refunded", |v| {
+            v["id"] = id.into();
+            v["created"] = t.into();
+            let o = &mut v["data"]["object"];
+            // It names no payment (so it waits for its member, not for a payment) ...
+            for k in ["invoice", "id", "payment_intent"] {
+                o[k] = serde_json::Value::Null;
+            }
+            // ... and a customer id of Ada's that her checkout does not name.
+            o["customer"] = "cus_Second01".into();
+            if !email {
+                o["billing_details"]["email"] = serde_json::Value::Null;
+            }
+        })
+        .await;
+        assert_eq!(ack.status, Status::Refused, "{id}: {:?}", ack.outcome.reason);
+    }
+    clock.set(at(JAN + 20));
+    let own = deliver(&ctx, "stripe", "checkout_session_completed").await;
+    assert_eq!(own.status, Status::Applied, "{:?}", own.outcome.reason);
+    for id in ["evt_refund_email", "evt_refund_id_only"] {
+        let rows = ctx.store.events_by_event_id(id).unwrap();
+        let statuses: Vec<&str> = rows.iter().map(|e| e.status.as_str()).collect();
+        assert_eq!(statuses[0], "replayed", "{id} ran again in Ada's release: {statuses:?}");
+        assert!(rows.iter().all(|e| e.park_key.is_none()), "{id} is parked no more");
+    }
+}
+
 /// `simulate --state` seeds the membership as that state holds it: past_due with its grace
 /// still ahead, canceling with access until the period end.
 #[tokio::test]

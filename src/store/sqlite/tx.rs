@@ -120,7 +120,10 @@ pub(super) static EVENT_BY_KEY: LazyLock<String> = LazyLock::new(|| {
 /// planner, left to itself, took `events_parked` for `park_key = ''` and read them all, or
 /// (without `CROSS JOIN`, which fixes the order) read the events before the customer ids;
 /// and weighing the `park_key = ''` indexes for `park_key = ?3`, it looked at the key's
-/// value, so that each new key re-prepared the whole statement (`INDEXED BY` there).
+/// value, so that each new key re-prepared the whole statement (`INDEXED BY` there). (A
+/// store an operator has run `ANALYZE` on has statistics that SQLite weighs bound values
+/// against, for this statement as for any other: it is then re-prepared per run, on the
+/// same indexes. membersync itself never runs `ANALYZE`.)
 pub(super) static PARKED: LazyLock<String> = LazyLock::new(|| {
     let e_cols = EVENT_COLS.split(", ").map(|c| format!("e.{c}")).collect::<Vec<_>>().join(", ");
     format!(
@@ -312,6 +315,10 @@ impl Tx for SqliteTx<'_, '_> {
         rows.sort_by_key(|e| (e.occurred_at, e.seq));
         rows.dedup_by_key(|e| e.seq);
         Ok(rows)
+    }
+
+    fn last_event_seq(&mut self) -> Result<i64> {
+        Ok(self.st("SELECT COALESCE(MAX(seq), 0) FROM events")?.query_row([], |r| r.get(0))?)
     }
 
     fn insert_event(&mut self, e: &EventRow) -> Result<i64> {
