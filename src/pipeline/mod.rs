@@ -537,9 +537,12 @@ fn release_parked(
     }
     // Each event is weighed against the store as it is at its turn: one that runs again
     // may tie another customer id (or merge a member) into this member, and make a later
-    // one this member's. So the list is read again after each run, and taken up past the
-    // last one weighed; rows the runs store (an event parked again) are not taken up.
+    // one this member's. So after a run that changed who the member is, the list is read
+    // again and taken up past the last one weighed (only then: a re-read after every run
+    // made a release of many events read them all again each time); rows the runs store
+    // (an event parked again) are not taken up.
     let stored = tx.last_event_seq()?;
+    let mut identity = tx.parked_identity(&ms.tenant, &ms.provider, &ms.id)?;
     let mut weighed: Option<(Option<DateTime<Utc>>, i64)> = None;
     loop {
         let next = rows.iter().position(|e| e.seq <= stored && weighed.is_none_or(|w| (e.occurred_at, e.seq) > w));
@@ -554,7 +557,11 @@ fn release_parked(
         }
         let parked = apply(loaded, tx, incoming, raw, now)?;
         tracing::info!(membership = %ms.id, parked = %format!("{} {}", e.event_id, parked.status.as_str()), "Parked event re-applied.");
-        rows = tx.parked(&ms.tenant, &ms.provider, key, &ms.id)?;
+        let now_identity = tx.parked_identity(&ms.tenant, &ms.provider, &ms.id)?;
+        if now_identity != identity {
+            identity = now_identity;
+            rows = tx.parked(&ms.tenant, &ms.provider, key, &ms.id)?;
+        }
     }
     Ok(())
 }

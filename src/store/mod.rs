@@ -316,6 +316,10 @@ pub trait Tx {
     fn parked(&mut self, tenant: &str, provider: &str, key: &str, membership_id: &str) -> Result<Vec<EventRow>>;
     /// The sequence number of the newest stored event (0 in an empty store).
     fn last_event_seq(&mut self) -> Result<i64>;
+    /// What [`Tx::parked`]'s search for events parked for membership `membership_id`'s
+    /// member depends on, as one comparable value: that member, its email and its customer
+    /// ids at this provider. Unchanged value, unchanged search.
+    fn parked_identity(&mut self, tenant: &str, provider: &str, membership_id: &str) -> Result<String>;
     /// Inserts an event; returns its sequence number.
     fn insert_event(&mut self, e: &EventRow) -> Result<i64>;
     fn member(&mut self, id: &str) -> Result<Option<MemberRow>>;

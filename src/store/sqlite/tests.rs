@@ -313,6 +313,17 @@ fn parked_events_are_read_for_their_own_member_only_through_indexes() {
         tx.parked("t", "stripe", "sub_ada", "msp_ada").unwrap().into_iter().map(|e| e.event_id).collect();
     assert_eq!(ids, ["evt_key", "evt_by_customer", "evt_by_email", "evt_both"]);
 
+    // What that search depends on: the same until the member gets a customer id at this
+    // provider (not another's), another email, or another member.
+    let before = tx.parked_identity("t", "stripe", "msp_ada").unwrap();
+    tx.link_customer("t", "whop", "cus_ada_w2", "mbr_ada").unwrap();
+    assert_eq!(tx.parked_identity("t", "stripe", "msp_ada").unwrap(), before);
+    tx.link_customer("t", "stripe", "cus_ada_2", "mbr_ada").unwrap();
+    let linked = tx.parked_identity("t", "stripe", "msp_ada").unwrap();
+    assert_ne!(linked, before);
+    conn.execute("UPDATE members SET email = 'ada@example.org' WHERE id = 'mbr_ada'", []).unwrap();
+    assert_ne!(tx.parked_identity("t", "stripe", "msp_ada").unwrap(), linked);
+
     let plan: Vec<String> = conn
         .prepare(&format!("EXPLAIN QUERY PLAN {}", *tx::PARKED))
         .unwrap()

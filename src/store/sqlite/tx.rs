@@ -317,6 +317,18 @@ impl Tx for SqliteTx<'_, '_> {
         Ok(rows)
     }
 
+    fn parked_identity(&mut self, tenant: &str, provider: &str, membership_id: &str) -> Result<String> {
+        let who: Option<String> = self
+            .st("SELECT m.id || char(10) || COALESCE(lower(m.email), '') || char(10) ||
+                   COALESCE((SELECT group_concat(customer_id, char(10)) FROM
+                     (SELECT customer_id FROM member_customers
+                       WHERE member_id = m.id AND tenant = ?1 AND provider = ?2 ORDER BY customer_id)), '')
+                 FROM memberships s JOIN members m ON m.id = s.member_id WHERE s.id = ?3")?
+            .query_row(params![tenant, provider, membership_id], |r| r.get(0))
+            .optional()?;
+        Ok(who.unwrap_or_default())
+    }
+
     fn last_event_seq(&mut self) -> Result<i64> {
         Ok(self.st("SELECT COALESCE(MAX(seq), 0) FROM events")?.query_row([], |r| r.get(0))?)
     }
