@@ -303,7 +303,7 @@ impl Store for SqliteStore {
             return Ok(vec![]);
         }
         self.read(|c| {
-            let cols = MEMBERSHIP_COLS.split(", ").map(|c| format!("m.{c}")).collect::<Vec<_>>().join(", ");
+            let cols = super::tx::qualified("m", MEMBERSHIP_COLS);
             let which = (0..targets.len())
                 .map(|i| format!("(m.tenant = ?{} AND m.provider = ?{})", 3 + 2 * i, 4 + 2 * i))
                 .collect::<Vec<_>>()

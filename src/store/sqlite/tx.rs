@@ -110,6 +110,12 @@ pub(super) const MEMBER_COLS: &str = "id, tenant, email, name, flags, created_at
 pub(super) const MEMBERSHIP_COLS: &str = "id, tenant, member_id, provider, key, subscription_id, product_id, plan_id, status, state, period_end, grace_until, access_until, cancel_at_period_end, access_levels, flags, last_event_at, last_event_id, last_reconciled_at, sync_status, created_at, updated_at, last_event_rank";
 
 // The writer's lookups that name their columns (built once; kept prepared by the writer).
+/// A column list (`a, b`) with each column named through a table's alias (`t.a, t.b`),
+/// for statements that join.
+pub(super) fn qualified(alias: &str, cols: &str) -> String {
+    cols.split(", ").map(|c| format!("{alias}.{c}")).collect::<Vec<_>>().join(", ")
+}
+
 pub(super) static EVENT_BY_KEY: LazyLock<String> = LazyLock::new(|| {
     format!("SELECT {EVENT_COLS} FROM events WHERE tenant = ?1 AND provider = ?2 AND idempotency_key = ?3")
 });
@@ -125,7 +131,7 @@ pub(super) static EVENT_BY_KEY: LazyLock<String> = LazyLock::new(|| {
 /// against, for this statement as for any other: it is then re-prepared per run, on the
 /// same indexes. membersync itself never runs `ANALYZE`.)
 pub(super) static PARKED: LazyLock<String> = LazyLock::new(|| {
-    let e_cols = EVENT_COLS.split(", ").map(|c| format!("e.{c}")).collect::<Vec<_>>().join(", ");
+    let e_cols = qualified("e", EVENT_COLS);
     format!(
         "SELECT {EVENT_COLS} FROM events INDEXED BY events_parked WHERE tenant = ?1 AND provider = ?2 AND park_key = ?3
          UNION ALL
@@ -148,7 +154,7 @@ pub(super) static MEMBER_BY_CUSTOMER: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT {} FROM members m JOIN member_customers c ON c.member_id = m.id
          WHERE c.tenant = ?1 AND c.provider = ?2 AND c.customer_id = ?3",
-        MEMBER_COLS.split(", ").map(|c| format!("m.{c}")).collect::<Vec<_>>().join(", ")
+        qualified("m", MEMBER_COLS)
     )
 });
 pub(super) static MEMBER_BY_EMAIL: LazyLock<String> = LazyLock::new(|| {
