@@ -8,7 +8,7 @@ use crate::config::Config;
 use crate::machine::MState;
 use crate::pipeline::Ctx;
 use crate::rules::RuleSet;
-use crate::store::sqlite::{Options, SqliteStore};
+use crate::store::sqlite::Options;
 use crate::store::Store;
 use anyhow::{bail, Context as _, Result};
 use chrono::{DateTime, Utc};
@@ -33,7 +33,8 @@ pub enum Command {
         /// Address to listen on (overrides the config and MEMBERSYNC_LISTEN).
         #[arg(long)]
         listen: Option<String>,
-        /// SQLite database file (overrides the config and MEMBERSYNC_DATABASE).
+        /// The database: an SQLite file, or a postgres:// URL shared by several replicas
+        /// (overrides the config and MEMBERSYNC_DATABASE).
         #[arg(long)]
         database: Option<String>,
     },
@@ -136,7 +137,8 @@ pub enum Command {
         json: bool,
         #[arg(long, default_value = "membersync.yaml")]
         config: PathBuf,
-        /// SQLite database file (overrides the config and MEMBERSYNC_DATABASE).
+        /// The database: an SQLite file, or a postgres:// URL shared by several replicas
+        /// (overrides the config and MEMBERSYNC_DATABASE).
         #[arg(long)]
         database: Option<String>,
     },
@@ -145,7 +147,8 @@ pub enum Command {
     Mcp {
         #[arg(long, default_value = "membersync.yaml")]
         config: PathBuf,
-        /// SQLite database file (overrides the config and MEMBERSYNC_DATABASE).
+        /// The database: an SQLite file, or a postgres:// URL shared by several replicas
+        /// (overrides the config and MEMBERSYNC_DATABASE).
         #[arg(long)]
         database: Option<String>,
     },
@@ -251,7 +254,7 @@ fn load_rules(config: &Config, now: DateTime<Utc>) -> Result<RuleSet> {
 /// one that does not exist is an error, not a new empty database.
 fn open_existing_store(config: &Config) -> Result<Arc<dyn Store>> {
     let db = &config.database;
-    if db != ":memory:" && !Path::new(db).exists() {
+    if db != ":memory:" && !crate::store::pg::is_postgres_url(db) && !Path::new(db).exists() {
         bail!(
             "no database at {db}: nothing was stored there yet (`membersync serve` creates it; \
              `database:` in the config or MEMBERSYNC_DATABASE names another)"
@@ -268,8 +271,13 @@ fn open_store(config: &Config, database: &str) -> Result<Arc<dyn Store>> {
         startup_check: config.startup_check,
         ..Options::default()
     };
-    let store = SqliteStore::open(database, opts).with_context(|| format!("Failed to open the database {database}"))?;
-    Ok(Arc::new(store))
+    let pg = crate::store::pg::Options {
+        queue_capacity: config.queue_capacity,
+        max_batch: config.max_batch,
+        ..Default::default()
+    };
+    crate::store::open_database(database, opts, pg)
+        .with_context(|| format!("Failed to open the database {}", crate::store::pg::redacted(database)))
 }
 
 /// On any address but loopback, the built-in local secrets (the config's `default:` values,
@@ -313,7 +321,7 @@ async fn serve(config_path: &Path, listen: Option<String>, database: Option<Stri
     let addr = listener.local_addr()?;
     let ctx = Arc::new(Ctx::new(config, rules, store, Arc::new(SystemClock)));
     let config = ctx.config();
-    tracing::info!(%addr, database = %config.database, rules = %ctx.rules().version, tenants = config.tenants.len(), "Listening.");
+    tracing::info!(%addr, database = %crate::store::pg::redacted(&config.database), rules = %ctx.rules().version, tenants = config.tenants.len(), "Listening.");
     for name in &config.removed_settings {
         tracing::warn!(setting = %name, "This setting was removed and is ignored; delete it from the config.");
     }

@@ -372,7 +372,10 @@ impl Config {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let database =
             env("MEMBERSYNC_DATABASE").or(file.database.clone()).unwrap_or_else(|| DEFAULT_DATABASE.to_string());
-        let database = if database == ":memory:" || Path::new(&database).is_absolute() {
+        let database = if database == ":memory:"
+            || crate::store::pg::is_postgres_url(&database)
+            || Path::new(&database).is_absolute()
+        {
             database
         } else {
             base.join(database).display().to_string()

@@ -2,8 +2,10 @@
 //! leads and timers. Writes go through one writer that batches concurrent jobs into one
 //! transaction (group commit); each job runs in its own savepoint, and its caller hears
 //! back only after the batch commits. A full queue is `Busy` (503), never unbounded memory.
-//! `Tx` is what a PostgreSQL implementation fills in; nothing above this module writes SQL.
+//! Two implementations: `sqlite` (embedded, the default) and `pg` (PostgreSQL, shared by
+//! several replicas); nothing above this module writes SQL.
 
+pub mod pg;
 pub mod sqlite;
 
 use crate::canonical::Source;
@@ -521,6 +523,49 @@ pub trait Store: Send + Sync + 'static {
     fn health(&self) -> Result<()> {
         Ok(())
     }
+}
+
+// What both stores share: times stored as unix seconds, lists as JSON text, the column
+// lists their statements read.
+
+pub(crate) fn ts(t: DateTime<Utc>) -> i64 {
+    t.timestamp()
+}
+
+pub(crate) fn opt_ts(t: Option<DateTime<Utc>>) -> Option<i64> {
+    t.map(ts)
+}
+
+pub(crate) fn from_ts(s: i64) -> DateTime<Utc> {
+    use chrono::TimeZone;
+    Utc.timestamp_opt(s, 0).single().unwrap_or_default()
+}
+
+pub(crate) fn opt_from(s: Option<i64>) -> Option<DateTime<Utc>> {
+    s.map(from_ts)
+}
+
+pub(crate) fn to_json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+pub(crate) const EVENT_COLS: &str = "seq, tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key, deliveries, enrichment";
+pub(crate) const MEMBER_COLS: &str = "id, tenant, email, name, flags, created_at, updated_at";
+pub(crate) const MEMBERSHIP_COLS: &str = "id, tenant, member_id, provider, key, subscription_id, product_id, plan_id, status, state, period_end, grace_until, access_until, cancel_at_period_end, access_levels, flags, last_event_at, last_event_id, last_reconciled_at, sync_status, created_at, updated_at, last_event_rank";
+
+/// A column list (`a, b`) with each column named through a table's alias (`t.a, t.b`),
+/// for statements that join.
+pub(crate) fn qualified(alias: &str, cols: &str) -> String {
+    cols.split(", ").map(|c| format!("{alias}.{c}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Opens the store `database` names: a `postgres://` URL (the shared store), else an SQLite
+/// file (`:memory:`: a private in-memory one).
+pub fn open_database(database: &str, sqlite_opts: sqlite::Options, pg_opts: pg::Options) -> Result<Arc<dyn Store>> {
+    Ok(match pg::is_postgres_url(database) {
+        true => Arc::new(pg::PgStore::open(database, pg_opts)?),
+        false => Arc::new(sqlite::SqliteStore::open(database, sqlite_opts)?),
+    })
 }
 
 /// Runs a blocking read off the async threads — the one way async code reads the store. A

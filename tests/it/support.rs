@@ -160,7 +160,7 @@ impl Server {
         dir: tempfile::TempDir,
         opts: Options,
     ) -> Server {
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database, opts).unwrap());
+        let store = membersync::store::open_database(&config.database, opts, Default::default()).unwrap();
         let rules = RuleSet::load(&config.rules_dir, "rules", Utc::now()).expect("rules compile");
         let ctx = Arc::new(Ctx::new(config, rules, store, clock));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

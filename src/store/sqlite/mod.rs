@@ -26,7 +26,6 @@ mod writer;
 
 use super::*;
 use alloc::*;
-use chrono::TimeZone;
 use health::*;
 use open::*;
 use rusqlite::{params, CachedStatement, Connection, OpenFlags, OptionalExtension, Row, Statement};
@@ -263,6 +262,12 @@ struct Readers {
 struct Pool {
     idle: Vec<Connection>,
     open: usize,
+}
+
+/// Runs `f` in one transaction on a new private scratch database, dropped afterwards
+/// (`Store::scratch` of either store: a dry run's scratch is never shared).
+pub(crate) fn scratch(f: ScratchJob<'_>) -> Result<()> {
+    Scratch::open()?.session(f)
 }
 
 /// A private scratch database worked by the calling thread directly: no writer thread, no

@@ -38,7 +38,7 @@ pub(super) fn sync_row(c: &Connection, membership_id: &str) -> Result<SyncRow> {
 
 impl Store for SqliteStore {
     fn scratch(&self, f: ScratchJob<'_>) -> Result<()> {
-        Scratch::open()?.session(f)
+        scratch(f)
     }
 
     fn submit(&self, work: Work) -> Result<()> {
@@ -303,7 +303,7 @@ impl Store for SqliteStore {
             return Ok(vec![]);
         }
         self.read(|c| {
-            let cols = super::tx::qualified("m", MEMBERSHIP_COLS);
+            let cols = qualified("m", MEMBERSHIP_COLS);
             let which = (0..targets.len())
                 .map(|i| format!("(m.tenant = ?{} AND m.provider = ?{})", 3 + 2 * i, 4 + 2 * i))
                 .collect::<Vec<_>>()

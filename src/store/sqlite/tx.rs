@@ -5,22 +5,6 @@
 
 use super::*;
 
-pub(super) fn ts(t: DateTime<Utc>) -> i64 {
-    t.timestamp()
-}
-
-pub(super) fn opt_ts(t: Option<DateTime<Utc>>) -> Option<i64> {
-    t.map(ts)
-}
-
-pub(super) fn from_ts(s: i64) -> DateTime<Utc> {
-    Utc.timestamp_opt(s, 0).single().unwrap_or_default()
-}
-
-pub(super) fn opt_from(s: Option<i64>) -> Option<DateTime<Utc>> {
-    s.map(from_ts)
-}
-
 pub(super) fn json_list(s: String) -> rusqlite::Result<Vec<String>> {
     serde_json::from_str(&s)
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
@@ -105,17 +89,7 @@ pub(super) const DUE_TIMERS: &str =
     "SELECT tenant, membership_id, name, due_at, set_by_event FROM timers WHERE due_at <= ?1
      ORDER BY due_at, membership_id, name LIMIT ?2";
 
-pub(super) const EVENT_COLS: &str = "seq, tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key, deliveries, enrichment";
-pub(super) const MEMBER_COLS: &str = "id, tenant, email, name, flags, created_at, updated_at";
-pub(super) const MEMBERSHIP_COLS: &str = "id, tenant, member_id, provider, key, subscription_id, product_id, plan_id, status, state, period_end, grace_until, access_until, cancel_at_period_end, access_levels, flags, last_event_at, last_event_id, last_reconciled_at, sync_status, created_at, updated_at, last_event_rank";
-
 // The writer's lookups that name their columns (built once; kept prepared by the writer).
-/// A column list (`a, b`) with each column named through a table's alias (`t.a, t.b`),
-/// for statements that join.
-pub(super) fn qualified(alias: &str, cols: &str) -> String {
-    cols.split(", ").map(|c| format!("{alias}.{c}")).collect::<Vec<_>>().join(", ")
-}
-
 pub(super) static EVENT_BY_KEY: LazyLock<String> = LazyLock::new(|| {
     format!("SELECT {EVENT_COLS} FROM events WHERE tenant = ?1 AND provider = ?2 AND idempotency_key = ?3")
 });
@@ -285,10 +259,6 @@ pub(super) fn timer_row(r: &Row) -> rusqlite::Result<TimerRow> {
         due_at: from_ts(r.get(3)?),
         set_by_event: r.get(4)?,
     })
-}
-
-pub(super) fn to_json<T: Serialize>(v: &T) -> String {
-    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
 impl Tx for SqliteTx<'_, '_> {

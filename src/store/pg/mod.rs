@@ -1,0 +1,287 @@
+//! The shared PostgreSQL store: what several replicas of membersync write to together.
+//! `--database postgres://…` (or `database:` in `membersync.yaml`) chooses it.
+//!
+//! Each replica keeps one writer thread with group commit, as on SQLite: a batch of jobs is
+//! one transaction, each job in its own savepoint, and no caller hears back before the
+//! commit returned (`synchronous_commit = on`: PostgreSQL flushed its WAL). Every batch
+//! first takes one transaction-scoped advisory lock, the writers' lock, so that the
+//! batches of all replicas run one after another, as the batches of one SQLite writer do:
+//! what a job reads (is this delivery stored? which member has this email? which timers
+//! are due?) is what the job before it, on whichever replica, committed. Dedupe still has
+//! the unique key behind it (`ON CONFLICT DO NOTHING RETURNING`).
+//!
+//! Reads (the admin API, reports, the timer task's look) use a small pool of connections
+//! and never write. Migrations run under a session advisory lock: replicas that start
+//! together migrate once. A dry run's scratch store is a private SQLite database, as on
+//! SQLite: it is never shared.
+//!
+//! Here: `PgStore` (open, the read pool, the writer). Beside it: `tx` (`Tx`: the writes and
+//! lookups of a job) and `read` (`Store`: the reads).
+
+mod read;
+mod tx;
+
+use super::*;
+use postgres::{Client, NoTls};
+use std::sync::{Condvar, Mutex};
+use tokio::sync::mpsc;
+use tx::*;
+
+const MIGRATIONS: &[&str] = &[include_str!("../migrations/postgres/001_init.sql")];
+
+/// The advisory lock every writer batch holds: one batch at a time across replicas.
+pub const WRITER_LOCK: i64 = 0x6d73_796e_6377_7269; // "msyncwri"
+/// The advisory lock migrations run under.
+pub const MIGRATION_LOCK: i64 = 0x6d73_796e_636d_6967; // "msyncmig"
+
+/// Tuning for the writer and the read pool.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Jobs that may wait for the writer before new ones are refused (503).
+    pub queue_capacity: usize,
+    /// Most jobs committed in one transaction.
+    pub max_batch: usize,
+    /// Most read connections open at once.
+    pub max_readers: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { queue_capacity: 4096, max_batch: 32, max_readers: 8 }
+    }
+}
+
+/// The PostgreSQL store.
+pub struct PgStore {
+    sender: mpsc::Sender<Work>,
+    readers: Readers,
+    url: String,
+}
+
+/// Whether `database` names a PostgreSQL database (`postgres://…` or `postgresql://…`).
+pub fn is_postgres_url(database: &str) -> bool {
+    database.starts_with("postgres://") || database.starts_with("postgresql://")
+}
+
+/// The URL without its password, for logs and errors.
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl From<postgres::Error> for Error {
+    fn from(e: postgres::Error) -> Self {
+        let message = match e.as_db_error() {
+            Some(db) => format!("{}: {}", db.code().code(), db.message()),
+            None => e.to_string(),
+        };
+        Error::Db { code: None, message }
+    }
+}
+
+/// Runs `f` on a thread of its own: the blocking client runs a runtime of its own, which
+/// must not be started on a thread that is driving async tasks (opening the store happens
+/// in `main`'s).
+fn off_runtime<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(f).join().unwrap_or_else(|_| Err(Error::Thread("a PostgreSQL connection thread panicked".into())))
+    })
+}
+
+/// A new connection: `synchronous_commit` on whatever the server's default, and times in UTC.
+pub fn connect(url: &str) -> Result<Client> {
+    let mut client = Client::connect(url, NoTls).map_err(|e| Error::Db {
+        code: None,
+        message: format!("cannot connect to PostgreSQL at {}: {e}", redacted(url)),
+    })?;
+    client.batch_execute("SET synchronous_commit = on; SET TIME ZONE 'UTC'")?;
+    Ok(client)
+}
+
+/// Applies the migrations not yet applied, under the migration lock: replicas starting at
+/// once wait for the first, which migrates; the others find nothing left to do. Each
+/// migration is recorded with when it was applied.
+pub fn migrate(client: &mut Client) -> Result<usize> {
+    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])?;
+    let result = (|| -> Result<usize> {
+        client.batch_execute(
+            "CREATE TABLE IF NOT EXISTS membersync_migrations (
+                 version    INTEGER PRIMARY KEY,
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+             )",
+        )?;
+        let done: i32 = client.query_one("SELECT COALESCE(MAX(version), 0) FROM membersync_migrations", &[])?.get(0);
+        let mut applied = 0;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(done.max(0) as usize) {
+            let mut tx = client.transaction()?;
+            tx.batch_execute(sql)?;
+            tx.execute("INSERT INTO membersync_migrations (version) VALUES ($1)", &[&((i + 1) as i32)])?;
+            tx.commit()?;
+            applied += 1;
+            tracing::info!(version = i + 1, "Migrated the PostgreSQL database.");
+        }
+        Ok(applied)
+    })();
+    let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]);
+    let applied = result?;
+    unlocked?;
+    Ok(applied)
+}
+
+impl PgStore {
+    /// Connects to `url`, migrates it (once across replicas) and starts the writer thread.
+    pub fn open(url: &str, opts: Options) -> Result<PgStore> {
+        let (writer, idle) = off_runtime(|| {
+            let mut writer = connect(url)?;
+            migrate(&mut writer)?;
+            let idle = vec![connect(url)?];
+            Ok((writer, idle))
+        })?;
+        let (sender, receiver) = mpsc::channel(opts.queue_capacity.max(1));
+        let max_batch = opts.max_batch.max(1);
+        let writer_url = url.to_string();
+        std::thread::Builder::new()
+            .name("membersync-writer".into())
+            .spawn(move || run_writer(writer, &writer_url, receiver, max_batch))
+            .map_err(|e| Error::Thread(format!("cannot start writer: {e}")))?;
+        let readers = Readers {
+            pool: Mutex::new(Pool { open: idle.len(), idle }),
+            freed: Condvar::new(),
+            max: opts.max_readers.max(1),
+        };
+        Ok(PgStore { sender, readers, url: url.to_string() })
+    }
+
+    /// Runs `f` on a read connection: an idle one, a new one while fewer than the most are
+    /// open, else the next one freed. A connection that broke is dropped, not returned.
+    fn read<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
+        let conn = {
+            let mut pool = self.readers.pool.lock().map_err(|_| Error::Closed)?;
+            loop {
+                if let Some(c) = pool.idle.pop() {
+                    break Some(c);
+                }
+                if pool.open < self.readers.max {
+                    pool.open += 1;
+                    break None;
+                }
+                pool = self.readers.freed.wait(pool).map_err(|_| Error::Closed)?;
+            }
+        };
+        let conn = match conn {
+            Some(c) if !c.is_closed() => Ok(c),
+            _ => connect(&self.url),
+        };
+        let mut conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                self.readers.give_back(None);
+                return Err(e);
+            }
+        };
+        let r = f(&mut conn);
+        self.readers.give_back((!conn.is_closed()).then_some(conn));
+        r
+    }
+}
+
+/// The read connections: those idle, how many are open, and a wake-up when one is freed.
+struct Readers {
+    pool: Mutex<Pool>,
+    freed: Condvar,
+    max: usize,
+}
+
+impl Readers {
+    fn give_back(&self, conn: Option<Client>) {
+        if let Ok(mut pool) = self.pool.lock() {
+            match conn {
+                Some(c) => pool.idle.push(c),
+                None => pool.open -= 1,
+            }
+        }
+        self.freed.notify_one();
+    }
+}
+
+struct Pool {
+    idle: Vec<Client>,
+    open: usize,
+}
+
+impl Drop for PgStore {
+    /// Closing a connection blocks on the client's own runtime, which must not happen on a
+    /// thread driving async tasks (where the last handle on a store is often dropped): the
+    /// idle connections are closed on a thread of their own.
+    fn drop(&mut self) {
+        let idle = match self.readers.pool.lock() {
+            Ok(mut pool) => std::mem::take(&mut pool.idle),
+            Err(_) => return,
+        };
+        if !idle.is_empty() {
+            let _ = std::thread::Builder::new().name("membersync-pg-close".into()).spawn(move || drop(idle));
+        }
+    }
+}
+
+/// Runs jobs in batches, one transaction each under the writers' lock, every job in its
+/// own savepoint; each caller hears back once the commit returned (or failed: then none
+/// hears `Ok`). A lost connection fails its batch and is opened again for the next.
+fn run_writer(client: Client, url: &str, mut rx: mpsc::Receiver<Work>, max_batch: usize) {
+    let mut client = Some(client);
+    let mut prepared = Prepared::new();
+    while let Some(first) = rx.blocking_recv() {
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            prepared.clear();
+            client = match connect(url) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::error!(error = %e, "The writer cannot reach PostgreSQL; the job is not acknowledged.");
+                    drop(first); // its caller hears `Closed` (503)
+                    continue;
+                }
+            };
+        }
+        let Some(conn) = client.as_mut() else { continue };
+        let mut dones = Vec::new();
+        let result = (|| -> Result<()> {
+            conn.batch_execute("BEGIN")?;
+            let lock = prepared.get(conn, "SELECT pg_advisory_xact_lock($1)")?;
+            conn.execute(&lock, &[&WRITER_LOCK])?;
+            let mut next = Some(first);
+            while let Some(work) = next.take() {
+                conn.batch_execute("SAVEPOINT job")?;
+                let mut tx = PgTx { conn: &mut *conn, prepared: &mut prepared };
+                let (ok, done) = work(&mut tx);
+                if !ok {
+                    conn.batch_execute("ROLLBACK TO SAVEPOINT job")?;
+                }
+                conn.batch_execute("RELEASE SAVEPOINT job")?;
+                dones.push(done);
+                if dones.len() < max_batch {
+                    next = rx.try_recv().ok();
+                }
+            }
+            conn.batch_execute("COMMIT")?;
+            Ok(())
+        })();
+        if let Err(e) = &result {
+            tracing::error!(error = %e, jobs = dones.len(), "Batch failed to commit; none of its requests is acknowledged.");
+            // Whatever state the connection is in, nothing of the batch stays.
+            if conn.batch_execute("ROLLBACK").is_err() {
+                client = None;
+            }
+        }
+        for done in dones {
+            done(result.clone());
+        }
+    }
+}
