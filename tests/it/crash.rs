@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 /// A distinct `invoice.paid` per index (its own event and subscription), paid far ahead
 /// (its renewal is not missed while the test runs).
-fn event(i: usize) -> (String, Vec<u8>) {
+pub(crate) fn event(i: usize) -> (String, Vec<u8>) {
     let id = format!("evt_crash_{i}");
     let body = invoice_paid_far_ahead()
         .replace("evt_1QxaZ1K7dEmoAc01GAm3W0e2", &id)
@@ -37,10 +37,28 @@ async fn send(client: &reqwest::Client, url: &str, ctx: &membersync::pipeline::C
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_no_acknowledged_event_and_timers_fire_after_restart() {
-    let (dir, config) = editable_config();
+    sigkill_mid_stream(None).await;
+}
+
+/// The same on the shared PostgreSQL store: a replica killed mid-batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_a_replica_on_postgres_mid_stream_loses_no_acknowledged_event() {
+    sigkill_mid_stream(Some(crate::pg_cluster::fresh_database())).await;
+}
+
+/// Events streamed to the service, SIGKILL once a hundred are acknowledged, a restart on
+/// the same database (`database`, else the SQLite file beside the config): every
+/// acknowledged event is there, applied; the rest are accepted when resent; the timer
+/// that fell due while it was down fires at start; each event was applied once.
+async fn sigkill_mid_stream(database: Option<String>) {
+    let (dir, mut config) = editable_config();
+    if let Some(db) = &database {
+        config.database = db.clone();
+    }
     let signer = ctx_with(config, Arc::new(membersync::clock::FixedClock::new(SystemClock.now())));
     let port = free_port();
-    let mut svc = spawn(dir.path(), port).await;
+    let db = database.as_deref();
+    let mut svc = spawn_on(dir.path(), port, None, "warn", db).await;
     let client = reqwest::Client::new();
 
     // A subscription whose period ends 3 s from now, cancel scheduled: its timer falls due
@@ -91,7 +109,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_event_and_timers_fire_after_re
 
     // Down past the period end; then up again on the same database.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let mut svc = spawn(dir.path(), port).await;
+    let mut svc = spawn_on(dir.path(), port, None, "warn", db).await;
 
     // Every acknowledged event is stored and applied.
     for id in &acked {
@@ -119,12 +137,10 @@ async fn sigkill_mid_stream_loses_no_acknowledged_event_and_timers_fire_after_re
     assert_eq!(state, "canceled");
     svc.child.kill().unwrap();
     svc.child.wait().unwrap();
-    let store = membersync::store::sqlite::SqliteStore::open(
-        &dir.path().join("membersync.db").display().to_string(),
-        Default::default(),
-    )
-    .unwrap();
-    let applied = store.event_counts().unwrap().into_iter().find(|(s, _)| s == "applied").map(|(_, n)| n).unwrap();
+    let path = database.unwrap_or_else(|| dir.path().join("membersync.db").display().to_string());
+    let store = membersync::store::open_database(&path, Default::default(), Default::default()).unwrap();
+    let counts = membersync::store::read(&store, |s| s.event_counts()).await.unwrap();
+    let applied = counts.into_iter().find(|(s, _)| s == "applied").map(|(_, n)| n).unwrap();
     assert_eq!(applied as usize, total + 3 + 1, "every event applied exactly once (+3 setup +1 timer)");
 }
 

@@ -3,8 +3,15 @@
 //! sent to two at once is applied once, a due timer fires once, replicas starting together
 //! migrate once, and a replica killed mid-batch loses no acknowledged event.
 
+use crate::ordering::{deliver_burst, one_node, same_end, scenarios, shuffled};
 use crate::pg_cluster::*;
+use crate::support::*;
+use membersync::canonical::Source;
+use membersync::clock::{Clock, FixedClock, SystemClock};
+use membersync::pipeline::Ctx;
 use membersync::store::pg::{Options, PgStore};
+use membersync::store::EventStatus;
+use std::sync::Arc;
 
 /// Three stores opening an empty database at the same moment: one migrates, the others
 /// wait for it and find nothing left to do; each migration is applied (and recorded) once
@@ -35,4 +42,111 @@ fn three_replicas_opening_an_empty_database_at_once_migrate_it_once() {
     });
     assert_eq!(versions, vec![1], "each migration recorded once");
     assert_eq!(tables, 1);
+}
+
+/// A replica: its own store (writer, reads), rules and clock on the shared database `url`.
+fn replica(url: &str, clock: Arc<FixedClock>) -> Arc<Ctx> {
+    ctx_with(config(url), clock)
+}
+
+/// Every scenario's deliveries, shuffled and some sent twice, all at once to three
+/// replicas (one file to each in turn), then every replica firing what is due at once:
+/// each membership ends in the state, and with the access, that one SQLite node gives
+/// when the same deliveries arrive in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_fed_shuffled_and_duplicated_lifecycles_end_where_one_sqlite_node_does() {
+    let mut failures = Vec::new();
+    for (name, sc, fixtures, sends, end) in scenarios() {
+        let expected = deliver_burst(&sc, &fixtures, &sends, end, &one_node(end)).await;
+        for seed in 1..=2u64 {
+            let order = shuffled(&sends, seed);
+            let url = fresh_database();
+            let replicas: Vec<_> = (0..3).map(|_| replica(&url, Arc::new(FixedClock::new(end)))).collect();
+            let got = deliver_burst(&sc, &fixtures, &order, end, &replicas).await;
+            if !same_end(&sc, &got, &expected) {
+                failures
+                    .push(format!("{name} seed {seed}: order {order:?}\n  expected {expected:?}\n  got      {got:?}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} burst(s) ended elsewhere:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// Twenty deliveries, each sent to two replicas (two HTTP servers on one database) at the
+/// same moment: every one is answered 2xx by both, applied by exactly one and a duplicate
+/// at the other, and stored once with both deliveries counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_delivery_sent_to_two_replicas_at_once_is_applied_once() {
+    let url = fresh_database();
+    let start = |url: String| async move {
+        let (dir, mut config) = editable_config();
+        config.database = url;
+        Server::start_with(config, Arc::new(SystemClock), dir).await
+    };
+    let (a, b) = (start(url.clone()).await, start(url.clone()).await);
+    let n = 20;
+    for i in 0..n {
+        let (_, body) = crate::crash::event(i);
+        let headers = signed_headers(&a.ctx, "stripe", &body, SystemClock.now());
+        let ((sa, ra), (sb, rb)) = tokio::join!(
+            a.post("/webhooks/demo/stripe", &headers, body.clone()),
+            b.post("/webhooks/demo/stripe", &headers, body)
+        );
+        assert_eq!((sa, sb), (200, 200), "{ra} {rb}");
+        let mut statuses = [ra["status"].as_str().unwrap().to_string(), rb["status"].as_str().unwrap().to_string()];
+        statuses.sort();
+        assert_eq!(statuses, ["applied", "duplicate"], "event {i}");
+    }
+    let events = membersync::store::read(&a.ctx.store, |s| s.events(None, None, 1000)).await.unwrap();
+    assert_eq!(events.len(), n);
+    assert!(events.iter().all(|e| e.deliveries == 2 && e.status == EventStatus::Applied), "{events:?}");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Twelve memberships whose renewal timers (and the timers those set) fall due, and three
+/// replicas firing what is due at the same moment: each timer fires exactly once (no two
+/// `timer` events for the same timer and due time), as many fire as on one SQLite node
+/// doing the same alone, and none is left due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_timer_fires_once_across_three_replicas() {
+    let url = fresh_database();
+    let now = SystemClock.now();
+    let later = chrono::DateTime::parse_from_rfc3339("2101-01-01T00:00:00Z").unwrap().to_utc();
+    let replicas: Vec<_> = (0..3).map(|_| replica(&url, Arc::new(FixedClock::new(now)))).collect();
+    let alone = ctx_on(std::path::Path::new(":memory:"), Arc::new(FixedClock::new(now)));
+    for i in 0..12 {
+        let (_, body) = crate::crash::event(i);
+        let headers = signed_headers(&alone, "stripe", &body, now);
+        for ctx in [&replicas[i % 3], &alone] {
+            let ack = membersync::ingest::accept(ctx, "demo", "stripe", headers.clone(), body.clone()).await.unwrap();
+            assert_eq!(ack.status, membersync::pipeline::Status::Applied);
+        }
+    }
+    let due = membersync::store::read(&replicas[0].store, move |s| s.due_timers(later, 1000)).await.unwrap();
+    assert_eq!(due.len(), 12, "each membership has its renewal timer: {due:?}");
+    let fired: Vec<_> = replicas
+        .iter()
+        .map(|ctx| {
+            let ctx = ctx.clone();
+            tokio::spawn(async move { membersync::timers::fire_due(&ctx, later).await })
+        })
+        .collect();
+    let mut total = 0;
+    for f in fired {
+        total += f.await.unwrap();
+    }
+    let expected = membersync::timers::fire_due(&alone, later).await;
+    assert!(expected > 12, "firing a renewal timer sets another: {expected}");
+    assert_eq!(total, expected, "three replicas fired {total} timers, one node {expected}");
+    let events = membersync::store::read(&replicas[0].store, |s| s.events(None, None, 1000)).await.unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for e in events.iter().filter(|e| e.source == Source::Timer) {
+        let t: serde_json::Value = serde_json::from_slice(&e.raw).unwrap();
+        let key = (t["membership_id"].to_string(), t["name"].to_string(), t["due_at"].to_string());
+        assert!(seen.insert(key.clone()), "timer {key:?} fired twice");
+    }
+    assert_eq!(seen.len(), expected);
+    let left = membersync::store::read(&replicas[0].store, move |s| s.due_timers(later, 1000)).await.unwrap();
+    assert!(left.is_empty(), "still due: {left:?}");
 }

@@ -42,7 +42,8 @@ pub fn ctx_on(db: &Path, clock: Arc<FixedClock>) -> Arc<Ctx> {
 /// A pipeline context for an edited config (see `editable_config`) with a fixed clock.
 pub fn ctx_with(config: Config, clock: Arc<FixedClock>) -> Arc<Ctx> {
     let rules = RuleSet::load(&config.rules_dir, "rules", Utc::now()).expect("rules compile");
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database, Options::default()).expect("store opens"));
+    let store = membersync::store::open_database(&config.database, Options::default(), Default::default())
+        .expect("store opens");
     Arc::new(Ctx::new(config, rules, store, clock))
 }
 
@@ -291,6 +292,11 @@ pub async fn spawn(dir: &Path, port: u16) -> Service {
 /// `spawn`, with the open-file limit (soft and hard) set to `open_files` when given, and
 /// the log at `log` (`MEMBERSYNC_LOG`).
 pub async fn spawn_under(dir: &Path, port: u16, open_files: Option<u32>, level: &str) -> Service {
+    spawn_on(dir, port, open_files, level, None).await
+}
+
+/// `spawn_under`, on `database` (`MEMBERSYNC_DATABASE`) when given.
+pub async fn spawn_on(dir: &Path, port: u16, open_files: Option<u32>, level: &str, database: Option<&str>) -> Service {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("service.log")).unwrap();
     let mut command = match open_files {
         None => std::process::Command::new(env!("CARGO_BIN_EXE_membersync")),
@@ -305,6 +311,7 @@ pub async fn spawn_under(dir: &Path, port: u16, open_files: Option<u32>, level: 
         .arg(dir.join("membersync.yaml"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .env("MEMBERSYNC_LOG", level)
+        .envs(database.map(|d| ("MEMBERSYNC_DATABASE", d)))
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()

@@ -96,13 +96,19 @@ fn off_runtime<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     })
 }
 
-/// A new connection: `synchronous_commit` on whatever the server's default, and times in UTC.
+/// A new connection: `synchronous_commit` on whatever the server's default; times in UTC;
+/// a wait for the writers' lock given up after 30 s (a replica cut off mid-batch holds it
+/// until the server drops it: after 60 s idle in its transaction), so a stuck replica
+/// turns the others' requests into errors their providers retry, never into a hang.
 pub fn connect(url: &str) -> Result<Client> {
     let mut client = Client::connect(url, NoTls).map_err(|e| Error::Db {
         code: None,
         message: format!("cannot connect to PostgreSQL at {}: {e}", redacted(url)),
     })?;
-    client.batch_execute("SET synchronous_commit = on; SET TIME ZONE 'UTC'")?;
+    client.batch_execute(
+        "SET synchronous_commit = on; SET TIME ZONE 'UTC'; SET lock_timeout = '30s';
+         SET idle_in_transaction_session_timeout = '60s'",
+    )?;
     Ok(client)
 }
 
