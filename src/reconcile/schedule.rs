@@ -30,6 +30,24 @@ pub async fn next_batch(
     crate::store::read(&ctx.store, move |s| s.reconcile_queue(&targets, asked_before, limit)).await
 }
 
+/// How long a membership taken for a pass stays leased to the process that took it: past
+/// this, one that died before asking is taken again by another.
+pub const LEASE: chrono::Duration = chrono::Duration::minutes(15);
+
+/// Takes the next memberships to ask, as [`next_batch`] orders them, leasing each to this
+/// process: replicas (or a `membersync reconcile` beside `serve`) running passes at once
+/// each take their own, and none asks a membership another has taken.
+pub async fn lease_batch(
+    ctx: &Arc<Ctx>,
+    reconciler: &Reconciler,
+    asked_before: DateTime<Utc>,
+    limit: usize,
+) -> crate::store::Result<Vec<MembershipRow>> {
+    let targets = reconciler.targets(&ctx.config());
+    let now = ctx.clock.now();
+    ctx.store.write(move |tx| tx.lease_reconcile(&targets, asked_before, now, now + LEASE, limit)).await
+}
+
 /// Reconciles a batch: one lane per provider, in parallel; in order within a lane.
 pub async fn reconcile_batch(ctx: &Arc<Ctx>, reconciler: &Arc<Reconciler>, batch: Vec<MembershipRow>) -> Vec<Report> {
     let mut lanes: BTreeMap<String, Vec<MembershipRow>> = BTreeMap::new();
@@ -70,7 +88,7 @@ pub async fn run_pass(ctx: &Arc<Ctx>, reconciler: &Arc<Reconciler>, asked_before
     let mut summary = Summary::default();
     let mut seen = std::collections::HashSet::new();
     loop {
-        let batch = match next_batch(ctx, reconciler, asked_before, BATCH).await {
+        let batch = match lease_batch(ctx, reconciler, asked_before, BATCH).await {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "Could not read the reconcile queue.");

@@ -370,8 +370,19 @@ pub trait Tx {
     /// Whether an event from `source` was applied to the membership.
     fn applied_from(&mut self, membership_id: &str, source: Source) -> Result<bool>;
     /// Records a reconciliation attempt: sync status, times, drift or error. Touches only
-    /// the sync columns, so a webhook applied meanwhile is kept.
+    /// the sync columns, so a webhook applied meanwhile is kept; ends its lease.
     fn record_sync(&mut self, r: &SyncRecord) -> Result<()>;
+    /// Takes the next memberships to reconcile, as [`Store::reconcile_queue`] orders them,
+    /// leaving out those leased by anyone until after `now`, and leases each one taken
+    /// until `until`: however many replicas ask at once, each membership is taken by one.
+    fn lease_reconcile(
+        &mut self,
+        targets: &[(String, String)],
+        attempted_before: DateTime<Utc>,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<MembershipRow>>;
 }
 
 /// One reconciliation attempt's result, as stored.

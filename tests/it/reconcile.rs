@@ -842,3 +842,81 @@ async fn retry_after_waits_add_up_to_one_allowance_per_request() {
     assert!(took < Duration::from_secs(5), "{took:?}");
     s.stop().await;
 }
+
+/// Two replicas on one PostgreSQL (`tune`d like the others, on the database `url`), with
+/// six Stripe subscriptions stored through the first, each answered `active` by the fake.
+async fn two_replicas_with_six_subscriptions(api: &FakeApi, api_url: &str, clock: Arc<FixedClock>) -> (Server, Server) {
+    let url = crate::pg_cluster::fresh_database();
+    let on = |url: String| {
+        let api_url = api_url.to_string();
+        move |c: &mut Config| {
+            tune(&api_url)(c);
+            c.database = url;
+        }
+    };
+    let a = Server::start_tuned(clock.clone(), on(url.clone())).await;
+    let b = Server::start_tuned(clock.clone(), on(url)).await;
+    for i in 0..6 {
+        let sub = format!("sub_Lease{i}");
+        let body = String::from_utf8(fixture("stripe", "customer_subscription_created"))
+            .unwrap()
+            .replace("sub_1QxDemo001", &sub)
+            .replace("cus_QxDemo001", &format!("cus_Lease{i}"))
+            .replace("evt_", &format!("evt_lease{i}_"))
+            .into_bytes();
+        let headers = signed_headers(&a.ctx, "stripe", &body, at(T0));
+        membersync::ingest::accept(&a.ctx, "demo", "stripe", headers, body).await.unwrap();
+        let mut answer = stripe_subscription("active");
+        answer["id"] = json!(sub);
+        api.on(&format!("/v1/subscriptions/{sub}"), vec![Reply::Json(200, answer)]);
+    }
+    (a, b)
+}
+
+/// Two replicas running their reconcile passes at the same moment: each membership is
+/// asked once (one request to the provider), by one of them, and all end in sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_reconciling_at_once_ask_each_membership_once() {
+    let (api, api_url) = FakeApi::start().await;
+    let clock = Arc::new(FixedClock::new(at(T0)));
+    let (a, b) = two_replicas_with_six_subscriptions(&api, &api_url, clock.clone()).await;
+    let pass = |s: &Server| {
+        let (ctx, r) = (s.ctx.clone(), s.state.reconcile.reconciler());
+        tokio::spawn(async move { membersync::reconcile::schedule::run_pass(&ctx, &r, at(T0 + 1)).await })
+    };
+    let (pa, pb) = (pass(&a), pass(&b));
+    let (sa, sb) = (pa.await.unwrap(), pb.await.unwrap());
+    let mut asked: Vec<String> = api.hits().into_iter().map(|h| h.path).collect();
+    asked.sort();
+    let want: Vec<String> = (0..6).map(|i| format!("/v1/subscriptions/sub_Lease{i}")).collect();
+    assert_eq!(asked, want, "each subscription asked once: {sa:?} {sb:?}");
+    let counts = membersync::store::read(&a.ctx.store, |s| s.sync_status_counts()).await.unwrap();
+    assert_eq!(counts, vec![("in_sync".to_string(), 6)]);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A replica that took memberships for a pass and died before asking: another replica's
+/// pass leaves them alone while the lease is in force, and asks them once it has run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memberships_leased_by_a_replica_that_died_are_asked_once_the_lease_runs_out() {
+    let (api, api_url) = FakeApi::start().await;
+    let clock = Arc::new(FixedClock::new(at(T0)));
+    let (a, b) = two_replicas_with_six_subscriptions(&api, &api_url, clock.clone()).await;
+    let taken = membersync::reconcile::schedule::lease_batch(&a.ctx, &a.state.reconcile.reconciler(), at(T0 + 1), 4)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 4);
+    a.stop().await; // and never asks them
+    let r = b.state.reconcile.reconciler();
+    membersync::reconcile::schedule::run_pass(&b.ctx, &r, at(T0 + 1)).await;
+    assert_eq!(api.hits().len(), 2, "only the two not leased were asked");
+    // Past the lease; those asked at T0 are not due again.
+    clock.set(at(T0) + membersync::reconcile::schedule::LEASE + chrono::Duration::seconds(1));
+    membersync::reconcile::schedule::run_pass(&b.ctx, &r, at(T0)).await;
+    let mut asked: Vec<String> = api.hits().into_iter().map(|h| h.path).collect();
+    asked.sort();
+    let want: Vec<String> = (0..6).map(|i| format!("/v1/subscriptions/sub_Lease{i}")).collect();
+    assert_eq!(asked, want, "each asked once, the leased ones after their lease ran out");
+    b.stop().await;
+}

@@ -119,6 +119,17 @@ static PARKED: LazyLock<&'static str> = LazyLock::new(|| {
         )
     })
 });
+static LEASE_RECONCILE: LazyLock<&'static str> = LazyLock::new(|| {
+    leak(format!(
+        "SELECT {} FROM memberships m LEFT JOIN membership_sync s ON s.membership_id = m.id
+           LEFT JOIN reconcile_leases l ON l.membership_id = m.id
+         WHERE (m.tenant, m.provider) IN (SELECT * FROM unnest($4::text[], $5::text[]))
+           AND (s.attempted_at IS NULL OR s.attempted_at < $1)
+           AND (l.locked_until IS NULL OR l.locked_until <= $3)
+         ORDER BY COALESCE(s.attempted_at, -1), m.id LIMIT $2 FOR UPDATE OF m SKIP LOCKED",
+        qualified("m", MEMBERSHIP_COLS)
+    ))
+});
 pub(super) static MEMBER_BY_ID: LazyLock<&'static str> =
     LazyLock::new(|| leak(format!("SELECT {MEMBER_COLS} FROM members WHERE id = $1")));
 static MEMBER_BY_CUSTOMER: LazyLock<&'static str> = LazyLock::new(|| {
@@ -531,7 +542,35 @@ impl Tx for PgTx<'_> {
             .is_some())
     }
 
+    fn lease_reconcile(
+        &mut self,
+        targets: &[(String, String)],
+        attempted_before: DateTime<Utc>,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<MembershipRow>> {
+        if targets.is_empty() {
+            return Ok(vec![]);
+        }
+        let (tenants, providers): (Vec<String>, Vec<String>) = targets.iter().cloned().unzip();
+        // Rows another transaction holds are skipped, never waited for.
+        let taken = rows(
+            self.query(*LEASE_RECONCILE, &[&ts(attempted_before), &(limit as i64), &ts(now), &tenants, &providers])?,
+            membership_row,
+        )?;
+        for m in &taken {
+            self.exec(
+                "INSERT INTO reconcile_leases (membership_id, locked_until) VALUES ($1, $2)
+                 ON CONFLICT (membership_id) DO UPDATE SET locked_until = excluded.locked_until",
+                &[&m.id, &ts(until)],
+            )?;
+        }
+        Ok(taken)
+    }
+
     fn record_sync(&mut self, r: &SyncRecord) -> Result<()> {
+        self.exec("DELETE FROM reconcile_leases WHERE membership_id = $1", &[&r.membership_id])?;
         // Only the sync columns: a webhook applied meanwhile keeps everything else.
         self.exec(
             "UPDATE memberships SET sync_status = $2, last_reconciled_at = COALESCE($3, last_reconciled_at) WHERE id = $1",

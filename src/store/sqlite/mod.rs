@@ -47,6 +47,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/007_console_sessions.sql"),
     include_str!("../migrations/sqlite/008_member_customers_index.sql"),
     include_str!("../migrations/sqlite/009_parked_by_member.sql"),
+    include_str!("../migrations/sqlite/010_reconcile_leases.sql"),
 ];
 
 /// Tuning for the writer.

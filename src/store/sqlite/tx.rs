@@ -546,7 +546,50 @@ impl Tx for SqliteTx<'_, '_> {
         Ok(n > 0)
     }
 
+    fn lease_reconcile(
+        &mut self,
+        targets: &[(String, String)],
+        attempted_before: DateTime<Utc>,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<MembershipRow>> {
+        if targets.is_empty() {
+            return Ok(vec![]);
+        }
+        let cols = qualified("m", MEMBERSHIP_COLS);
+        let which = (0..targets.len())
+            .map(|i| format!("(m.tenant = ?{} AND m.provider = ?{})", 4 + 2 * i, 5 + 2 * i))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        let sql = format!(
+            "SELECT {cols} FROM memberships m LEFT JOIN membership_sync s ON s.membership_id = m.id
+               LEFT JOIN reconcile_leases l ON l.membership_id = m.id
+             WHERE ({which}) AND (s.attempted_at IS NULL OR s.attempted_at < ?1)
+               AND (l.locked_until IS NULL OR l.locked_until <= ?3)
+             ORDER BY COALESCE(s.attempted_at, -1), m.id LIMIT ?2"
+        );
+        let mut args: Vec<rusqlite::types::Value> =
+            vec![ts(attempted_before).into(), (limit as i64).into(), ts(now).into()];
+        for (t, p) in targets {
+            args.push(t.clone().into());
+            args.push(p.clone().into());
+        }
+        let taken = self
+            .conn
+            .prepare(&sql)?
+            .query_map(rusqlite::params_from_iter(args), membership_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        for m in &taken {
+            self.st("INSERT INTO reconcile_leases (membership_id, locked_until) VALUES (?1, ?2)
+                 ON CONFLICT (membership_id) DO UPDATE SET locked_until = excluded.locked_until")?
+                .execute(params![m.id, ts(until)])?;
+        }
+        Ok(taken)
+    }
+
     fn record_sync(&mut self, r: &SyncRecord) -> Result<()> {
+        self.st("DELETE FROM reconcile_leases WHERE membership_id = ?1")?.execute([&r.membership_id])?;
         // Only the sync columns: a webhook applied meanwhile keeps everything else.
         self.st("UPDATE memberships SET sync_status = ?2,
                    last_reconciled_at = COALESCE(?3, last_reconciled_at) WHERE id = ?1")?

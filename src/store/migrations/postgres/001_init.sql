@@ -138,3 +138,10 @@ CREATE TABLE console_logouts (
     nonce   TEXT PRIMARY KEY,
     "until" BIGINT NOT NULL
 );
+
+-- Reconcile work leased per membership: a membership is asked once per pass however many
+-- replicas ask, and one leased by a replica that died is taken again once its lease ran out.
+CREATE TABLE reconcile_leases (
+    membership_id TEXT PRIMARY KEY REFERENCES memberships (id),
+    locked_until  BIGINT NOT NULL
+);
