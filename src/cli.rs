@@ -38,6 +38,16 @@ pub enum Command {
         #[arg(long)]
         database: Option<String>,
     },
+    /// Copy an SQLite database into an empty PostgreSQL database (the move to several
+    /// replicas): every row, event numbers kept, in one transaction. Stop `serve` first.
+    MigrateStore {
+        /// The SQLite database: sqlite://PATH or a path.
+        #[arg(long)]
+        from: String,
+        /// The PostgreSQL database: postgres://USER:PASSWORD@HOST:PORT/NAME (empty).
+        #[arg(long)]
+        to: String,
+    },
     /// Validate the config, provider YAML and Rhai rules; report every problem.
     Check {
         #[arg(long, default_value = "membersync.yaml")]
@@ -202,6 +212,7 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
     match cmd {
         Command::Serve { config, listen, database } => serve(&config, listen, database).await,
         Command::Check { config, strict, verbose } => Ok(check(&config, strict, verbose)),
+        Command::MigrateStore { from, to } => migrate_store(&from, &to),
         Command::Rederive { member, dry_run, json, config } => rederive(&config, member, dry_run, json).await,
         Command::Replay { status, since, member, dry_run, config } => {
             replay(&config, status, since.as_deref(), member, dry_run).await
@@ -278,6 +289,24 @@ fn open_store(config: &Config, database: &str) -> Result<Arc<dyn Store>> {
     };
     crate::store::open_database(database, opts, pg)
         .with_context(|| format!("Failed to open the database {}", crate::store::pg::redacted(database)))
+}
+
+/// `membersync migrate-store`: the copy, and what it copied.
+fn migrate_store(from: &str, to: &str) -> Result<ExitCode> {
+    use crate::store::pg;
+    if !pg::is_postgres_url(to) {
+        bail!("--to must name a PostgreSQL database (postgres://…), not {to}");
+    }
+    if pg::is_postgres_url(from) {
+        bail!("--from must name an SQLite database (sqlite://PATH or a path), not {}", pg::redacted(from));
+    }
+    let copied = pg::copy_sqlite_to_pg(from, to)
+        .with_context(|| format!("Failed to copy {from} into {}; nothing was written there", pg::redacted(to)))?;
+    for (table, n) in &copied {
+        println!("{table:>18}  {n} rows");
+    }
+    println!("Copied {from} into {}. Point `database:` (or MEMBERSYNC_DATABASE) at it.", pg::redacted(to));
+    Ok(ExitCode::SUCCESS)
 }
 
 /// On any address but loopback, the built-in local secrets (the config's `default:` values,

@@ -4,6 +4,7 @@
 
 use crate::support::*;
 use std::path::Path;
+use std::sync::Arc;
 
 fn run(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
     let out =
@@ -197,4 +198,87 @@ fn a_reload_off_loopback_refuses_the_built_in_secrets() {
     let shown: Vec<String> = errors.iter().map(|d| d.to_string()).collect();
     assert!(shown.iter().any(|e| e.contains("tenants.t2.providers.stripe.secret (T2_STRIPE_SECRET)")), "{shown:?}");
     assert!(!ctx.config().tenants.contains_key("t2"), "the config in force stays");
+}
+
+/// `membersync migrate-store` copies an SQLite database a service wrote (members, their
+/// memberships, events with their bodies, leads, timers, payments) into an empty
+/// PostgreSQL database, where every read answers as on the SQLite file; new events there
+/// are numbered after the copied ones; and a second copy into the now full database is
+/// refused, changing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_store_copies_an_sqlite_database_into_postgres_where_every_read_answers_alike() {
+    use membersync::store::{self, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db");
+    let clock = Arc::new(membersync::clock::FixedClock::new(at(1_767_300_000)));
+    let ctx = ctx_on(&db, clock.clone());
+    for f in [
+        "checkout_session_expired",
+        "checkout_session_completed",
+        "customer_subscription_created",
+        "invoice_paid",
+        "customer_subscription_paused",
+        "customer_subscription_resumed",
+        "charge_refunded_unlinked",
+    ] {
+        deliver(&ctx, "stripe", f).await;
+    }
+    deliver(&ctx, "stripe", "invoice_paid").await; // a duplicate: two deliveries counted
+    membersync::timers::fire_due(&ctx, at(1_800_000_000)).await;
+    let url = crate::pg_cluster::empty_database();
+    let run = |url: String| {
+        let db = db.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_membersync"))
+                .args(["migrate-store", "--from", &format!("sqlite://{}", db.display()), "--to", &url])
+                .output()
+                .unwrap()
+        })
+        .join()
+        .unwrap()
+    };
+    let out = run(url.clone());
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("events") && said.contains("Copied"), "{said}");
+
+    let pg = store::open_database(&url, Default::default(), Default::default()).unwrap();
+    let sqlite = ctx.store.clone();
+    let view = |s: Arc<dyn Store>| async move {
+        store::read(&s, |s| {
+            let mut out = vec![format!("{:?}", s.events(None, None, 1000)?), format!("{:?}", s.event_counts()?)];
+            out.push(format!("{:?}", s.leads(None)?));
+            out.push(format!("{:?}", s.due_timers(at(4_000_000_000), 100)?));
+            out.push(format!("{:?}", s.products_seen(None, 100)?));
+            for m in s.search_members(None, None, None, 100)? {
+                let d = s.member_detail(&m.id, 100)?.unwrap();
+                out.push(format!(
+                    "{:?} {:?} {:?} {:?} {:?}",
+                    d.member, d.memberships, d.recent_events, d.timers, d.sync
+                ));
+            }
+            Ok(out)
+        })
+        .await
+        .unwrap()
+    };
+    let (a, b) = (view(sqlite.clone()).await, view(pg.clone()).await);
+    assert!(a.len() >= 6 && a[0].len() > 1000 && a[3].contains("renewal_due"), "something was stored: {}", a.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x, y);
+    }
+    assert_eq!(a.len(), b.len());
+
+    // Numbering continues after the copied events.
+    let last = sqlite.write(|tx| tx.last_event_seq()).await.unwrap();
+    let pg_ctx = Arc::new(membersync::pipeline::Ctx::new(config(&url), rules(), pg, clock));
+    let ack = deliver(&pg_ctx, "stripe", "customer_subscription_deleted").await;
+    let stored = store::read(&pg_ctx.store, |s| s.events(None, None, 1)).await.unwrap();
+    assert_eq!(stored[0].event_id, ack.event_id);
+    assert!(stored[0].seq > last, "{} after {last}", stored[0].seq);
+
+    let again = run(url);
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success());
+    assert!(said.contains("already holds members or events"), "{said}");
 }

@@ -16,10 +16,13 @@
 //! SQLite: it is never shared.
 //!
 //! Here: `PgStore` (open, the read pool, the writer). Beside it: `tx` (`Tx`: the writes and
-//! lookups of a job) and `read` (`Store`: the reads).
+//! lookups of a job), `read` (`Store`: the reads) and `copy` (`migrate-store`).
 
+mod copy;
 mod read;
 mod tx;
+
+pub use copy::{copy_sqlite_to_pg, Copied};
 
 use super::*;
 use postgres::{Client, NoTls};

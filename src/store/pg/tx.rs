@@ -99,7 +99,9 @@ static EVENT_BY_KEY: LazyLock<&'static str> = LazyLock::new(|| {
 });
 /// Events parked under a key, then those parked for a membership of the member of
 /// membership `$4` that name that member: by a customer id of it at this provider, or by
-/// its email (ASCII case folded); the expressions are the indexes'.
+/// its email (ASCII case folded); the expressions are the indexes'. The index's `lower`
+/// folds as the database's locale does (every letter, under most); the second test of the
+/// email folds ASCII only, as SQLite does and as `parked_identity` assumes.
 static PARKED: LazyLock<&'static str> = LazyLock::new(|| {
     leak({
         let e_cols = qualified("e", EVENT_COLS);
@@ -115,7 +117,9 @@ static PARKED: LazyLock<&'static str> = LazyLock::new(|| {
              SELECT {EVENT_COLS} FROM events
               WHERE tenant = $1 AND provider = $2 AND park_key = ''
                AND (lower(canonical::jsonb -> 'member' ->> 'email') COLLATE \"C\") =
-                 (SELECT lower(m.email) COLLATE \"C\" FROM memberships s JOIN members m ON m.id = s.member_id WHERE s.id = $4)"
+                 (SELECT lower(m.email) COLLATE \"C\" FROM memberships s JOIN members m ON m.id = s.member_id WHERE s.id = $4)
+               AND lower((canonical::jsonb -> 'member' ->> 'email') COLLATE \"C\") =
+                 (SELECT lower(m.email COLLATE \"C\") FROM memberships s JOIN members m ON m.id = s.member_id WHERE s.id = $4)"
         )
     })
 });
@@ -277,7 +281,7 @@ impl Tx for PgTx<'_> {
 
     fn parked_identity(&mut self, tenant: &str, provider: &str, membership_id: &str) -> Result<String> {
         let who = self.opt(
-            "SELECT m.id || chr(10) || COALESCE(lower(m.email), '') || chr(10) ||
+            "SELECT m.id || chr(10) || COALESCE(lower(m.email COLLATE \"C\"), '') || chr(10) ||
                COALESCE((SELECT string_agg(customer_id, chr(10) ORDER BY customer_id) FROM member_customers
                    WHERE member_id = m.id AND tenant = $1 AND provider = $2), '')
              FROM memberships s JOIN members m ON m.id = s.member_id WHERE s.id = $3",
