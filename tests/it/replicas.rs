@@ -178,3 +178,12 @@ async fn a_due_timer_fires_once_across_three_replicas() {
     let left = membersync::store::read(&replicas[0].store, move |s| s.due_timers(later, 1000)).await.unwrap();
     assert!(left.is_empty(), "still due: {left:?}");
 }
+
+/// This build speaks to PostgreSQL without TLS: a URL that asks for it is refused at start
+/// with a reason, never served unencrypted.
+#[test]
+fn a_database_url_that_asks_for_tls_is_refused_at_start() {
+    let url = format!("{}?sslmode=require", fresh_database());
+    let err = PgStore::open(&url, Options::default()).map(drop).unwrap_err().to_string();
+    assert!(err.contains("cannot connect to PostgreSQL") && err.contains("TLS"), "{err}");
+}
