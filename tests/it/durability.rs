@@ -199,6 +199,30 @@ async fn issue_16_kill_then_redelivery_loses_nothing_and_keeps_the_database_whol
 /// milliseconds apart, beside new traffic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_under_load_then_redelivery_loses_no_acknowledged_event() {
+    kill9_under_load(None).await;
+}
+
+/// The same torture on the shared PostgreSQL store: a replica killed six times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_a_replica_on_postgres_under_load_then_redelivery_loses_no_acknowledged_event() {
+    kill9_under_load(Some(crate::pg_cluster::fresh_database())).await;
+}
+
+/// Each event's stored delivery count, in the database as the kill left it: the SQLite
+/// file and its WAL (checked whole, see [`check_copy`]), or the PostgreSQL database.
+fn stored_counts(dir: &Path, database: Option<&str>) -> BTreeMap<String, u32> {
+    let Some(url) = database else { return check_copy(dir) };
+    crate::pg_cluster::query(url, |c| {
+        c.query("SELECT event_id, SUM(deliveries)::BIGINT FROM events GROUP BY event_id", &[])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u32))
+            .collect()
+    })
+}
+
+async fn kill9_under_load(database: Option<String>) {
+    let db = database.as_deref();
     let seed = std::env::var("MEMBERSYNC_TORTURE_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -213,7 +237,7 @@ async fn kill9_under_load_then_redelivery_loses_no_acknowledged_event() {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
     for cycle in 0..6 {
-        let mut svc = spawn(dir.path(), port).await;
+        let mut svc = spawn_on(dir.path(), port, None, "warn", db).await;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut tasks = Vec::new();
 
@@ -284,7 +308,7 @@ async fn kill9_under_load_then_redelivery_loses_no_acknowledged_event() {
         let l = ledger.lock().unwrap();
         let answered_now: u32 = l.answered.values().sum();
         assert!(answered_now > answered_before, "cycle {cycle}: the service answered nothing");
-        assert_answered_are_stored(&l, &check_copy(dir.path()), &format!("kill {}", cycle + 1));
+        assert_answered_are_stored(&l, &stored_counts(dir.path(), db), &format!("kill {}", cycle + 1));
         eprintln!(
             "kill {} ({}): {} ids sent, {} answered, {} owed",
             cycle + 1,
@@ -296,7 +320,7 @@ async fn kill9_under_load_then_redelivery_loses_no_acknowledged_event() {
     }
 
     // Up once more: every owed delivery is answered, every answered one readable.
-    let mut svc = spawn(dir.path(), port).await;
+    let mut svc = spawn_on(dir.path(), port, None, "warn", db).await;
     let owed = ledger.lock().unwrap().owed();
     for id in owed {
         assert!(post(&client, &svc.url, &signer, &ledger, &id).await.is_some(), "{id} answered after the last restart");
@@ -305,7 +329,7 @@ async fn kill9_under_load_then_redelivery_loses_no_acknowledged_event() {
     let pid = svc.child.id().to_string();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     assert!(svc.child.wait().unwrap().success(), "clean exit");
-    assert_answered_are_stored(&ledger.lock().unwrap(), &check_copy(dir.path()), "after a clean stop");
+    assert_answered_are_stored(&ledger.lock().unwrap(), &stored_counts(dir.path(), db), "after a clean stop");
 }
 
 async fn get(url: &str, path: &str) -> (u16, Value) {
