@@ -370,7 +370,8 @@ pub trait Tx {
     /// Whether an event from `source` was applied to the membership.
     fn applied_from(&mut self, membership_id: &str, source: Source) -> Result<bool>;
     /// Records a reconciliation attempt: sync status, times, drift or error. Touches only
-    /// the sync columns, so a webhook applied meanwhile is kept; ends its lease.
+    /// the sync columns, so a webhook applied meanwhile is kept. (Its lease, if any, runs
+    /// out by itself: until then no other pass takes the membership, whatever its clock.)
     fn record_sync(&mut self, r: &SyncRecord) -> Result<()>;
     /// Takes the next memberships to reconcile, as [`Store::reconcile_queue`] orders them,
     /// leaving out those leased by anyone until after `now`, and leases each one taken

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 struct Cluster {
     /// `postgres://user@host:port` (no database).
     base: String,
+    /// The certificate the server presents (self-signed, for 127.0.0.1), when it offers TLS.
+    ca: Option<PathBuf>,
 }
 
 static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
@@ -46,13 +48,23 @@ pub fn empty_database() -> String {
     create_database("e", "template0")
 }
 
+/// A new database's URL, without TLS (`tls_url` makes one that requires it).
 fn create_database(prefix: &str, template: &str) -> String {
     let cluster = cluster();
     let name = format!("{prefix}{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
-    let admin = format!("{}/postgres", cluster.base);
+    let admin = format!("{}/postgres?sslmode=disable", cluster.base);
     query(&admin, |c| c.batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}")))
         .unwrap_or_else(|e| panic!("cannot create the test database {name}: {e}"));
-    format!("{}/{name}", cluster.base)
+    format!("{}/{name}?sslmode=disable", cluster.base)
+}
+
+/// `url` asking for TLS, and the certificate of the authority that signed the server's
+/// (`MEMBERSYNC_TEST_POSTGRES_CA` with a server of one's own).
+pub fn tls_url(url: &str) -> (String, PathBuf) {
+    let ca = cluster().ca.clone().expect(
+        "the test cluster offers TLS; with MEMBERSYNC_TEST_POSTGRES, set MEMBERSYNC_TEST_POSTGRES_CA to its authority's certificate",
+    );
+    (url.replace("sslmode=disable", "sslmode=require"), ca)
 }
 
 /// A blocking client on `url`, on a thread of its own (tests run inside tokio).
@@ -68,12 +80,14 @@ pub fn query<T: Send>(url: &str, f: impl FnOnce(&mut postgres::Client) -> T + Se
 }
 
 fn start() -> Result<Cluster, String> {
-    let base = match std::env::var("MEMBERSYNC_TEST_POSTGRES") {
-        Ok(url) if !url.is_empty() => url.trim_end_matches('/').to_string(),
+    let (base, ca) = match std::env::var("MEMBERSYNC_TEST_POSTGRES") {
+        Ok(url) if !url.is_empty() => {
+            (url.trim_end_matches('/').to_string(), std::env::var_os("MEMBERSYNC_TEST_POSTGRES_CA").map(PathBuf::from))
+        }
         _ => start_own()?,
     };
     make_template(&base)?;
-    Ok(Cluster { base })
+    Ok(Cluster { base, ca })
 }
 
 /// The directory of Debian's PostgreSQL binaries (the newest installed), installing
@@ -152,7 +166,32 @@ fn remove_stale(parent: &Path) {
     }
 }
 
-fn start_own() -> Result<String, String> {
+/// A test authority and, signed by it, the server's certificate for 127.0.0.1 and its key
+/// (`openssl`); returns the authority's certificate.
+fn make_certificate(dir: &Path, who: Option<(u32, u32)>) -> Result<PathBuf, String> {
+    let script = "set -e
+        openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=membersync-test-ca -keyout ca.key -out ca.crt
+        openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout server.key -out server.csr
+        printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\n' > server.ext
+        openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile server.ext -out server.crt
+        chmod 600 server.key";
+    let out = Command::new("sh")
+        .args(["-c", script])
+        .current_dir(dir)
+        .output()
+        .map_err(|e| format!("openssl did not run: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("making the test certificates failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    if let Some((uid, gid)) = who {
+        for f in ["server.crt", "server.key"] {
+            std::os::unix::fs::chown(dir.join(f), Some(uid), Some(gid)).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(dir.join("ca.crt"))
+}
+
+fn start_own() -> Result<(String, Option<PathBuf>), String> {
     let bin = bin_dir()?;
     let who = run_as()?;
     let parent = std::env::temp_dir();
@@ -180,6 +219,7 @@ fn start_own() -> Result<String, String> {
         let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
         l.local_addr().map_err(|e| e.to_string())?.port()
     };
+    let ca = make_certificate(&dir, who)?;
     let log = std::fs::File::create(dir.join("server.log")).map_err(|e| e.to_string())?;
     if let Some((uid, gid)) = who {
         let _ = std::os::unix::fs::chown(dir.join("server.log"), Some(uid), Some(gid));
@@ -193,6 +233,10 @@ fn start_own() -> Result<String, String> {
         .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
         // Tests only: a crash of this machine loses nothing anyone needs.
         .args(["-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=400"])
+        .args(["-c", "ssl=on", "-c"])
+        .arg(format!("ssl_cert_file={}", dir.join("server.crt").display()))
+        .arg("-c")
+        .arg(format!("ssl_key_file={}", dir.join("server.key").display()))
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
         .stderr(log);
@@ -216,7 +260,7 @@ fn start_own() -> Result<String, String> {
     let base = format!("postgres://membersync@127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        match postgres::Client::connect(&format!("{base}/postgres"), postgres::NoTls) {
+        match postgres::Client::connect(&format!("{base}/postgres?sslmode=disable"), postgres::NoTls) {
             Ok(_) => break,
             Err(e) if Instant::now() > deadline => {
                 let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
@@ -225,7 +269,7 @@ fn start_own() -> Result<String, String> {
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
-    Ok(base)
+    Ok((base, Some(ca)))
 }
 
 /// The template every test's database is cloned from: migrated once, then left without
@@ -235,7 +279,7 @@ fn make_template(base: &str) -> Result<(), String> {
         postgres::Client::connect(&format!("{base}/postgres"), postgres::NoTls).map_err(|e| e.to_string())?;
     admin.batch_execute(&format!("DROP DATABASE IF EXISTS {TEMPLATE}")).map_err(|e| e.to_string())?;
     admin.batch_execute(&format!("CREATE DATABASE {TEMPLATE}")).map_err(|e| e.to_string())?;
-    let url = format!("{base}/{TEMPLATE}");
+    let url = format!("{base}/{TEMPLATE}?sslmode=disable");
     let mut c = postgres::Client::connect(&url, postgres::NoTls).map_err(|e| e.to_string())?;
     membersync::store::pg::migrate(&mut c).map_err(|e| e.to_string())?;
     drop(c);

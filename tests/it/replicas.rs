@@ -179,11 +179,46 @@ async fn a_due_timer_fires_once_across_three_replicas() {
     assert!(left.is_empty(), "still due: {left:?}");
 }
 
-/// This build speaks to PostgreSQL without TLS: a URL that asks for it is refused at start
-/// with a reason, never served unencrypted.
+/// A replica told to require TLS, and given the authority of the server's certificate
+/// (`MEMBERSYNC_DATABASE_CA`), serves over TLS connections only: it starts, applies a
+/// delivery, and every connection it holds to the database is encrypted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_requiring_tls_speaks_it_to_a_server_whose_authority_it_is_given() {
+    let plain = fresh_database();
+    let (url, ca) = tls_url(&plain);
+    let (dir, config) = editable_config();
+    let signer = ctx_with(config, Arc::new(FixedClock::new(SystemClock.now())));
+    let ca = ca.display().to_string();
+    let env = [("MEMBERSYNC_DATABASE", url.as_str()), ("MEMBERSYNC_DATABASE_CA", ca.as_str())];
+    let mut svc = spawn_env(dir.path(), free_port(), None, "warn", &env).await;
+    let (_, body) = crate::crash::event(0);
+    let headers = signed_headers(&signer, "stripe", &body, SystemClock.now());
+    let mut req = reqwest::Client::new().post(format!("{}/webhooks/demo/stripe", svc.url)).body(body);
+    for (k, v) in headers {
+        req = req.header(k, v);
+    }
+    let ack: serde_json::Value = req.send().await.unwrap().json().await.unwrap();
+    assert_eq!(ack["status"], "applied", "{ack}");
+    let name = plain.rsplit('/').next().unwrap().split('?').next().unwrap().to_string();
+    let (tls, total): (i64, i64) = query(&plain, move |c| {
+        let r = c
+            .query_one(
+                "SELECT COUNT(*) FILTER (WHERE s.ssl), COUNT(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+                 WHERE a.datname = $1 AND a.pid <> pg_backend_pid()",
+                &[&name],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    });
+    assert!(total >= 2 && tls == total, "{tls} of the replica's {total} connections use TLS");
+    svc.kill9();
+}
+
+/// A server whose certificate nothing here vouches for is refused at start, with what to do
+/// about it; nothing is served unchecked.
 #[test]
-fn a_database_url_that_asks_for_tls_is_refused_at_start() {
-    let url = format!("{}?sslmode=require", fresh_database());
+fn a_server_certificate_no_authority_here_vouches_for_is_refused_at_start() {
+    let (url, _) = tls_url(&fresh_database());
     let err = PgStore::open(&url, Options::default()).map(drop).unwrap_err().to_string();
-    assert!(err.contains("cannot connect to PostgreSQL") && err.contains("TLS"), "{err}");
+    assert!(err.contains("cannot connect to PostgreSQL") && err.contains("MEMBERSYNC_DATABASE_CA"), "{err}");
 }

@@ -687,8 +687,9 @@ async fn member_search_matches_ids_customer_and_subscription_ids_exactly_and_ema
         member("mbr_06", "t", Some("x1yz@example.com"), Some("back\\slash"), 6),
         member("mbr_07", "u", None, Some("ÅSA ÖBERG"), 7),
     ];
-    let queries: Vec<(Option<&str>, Option<&str>, Option<&str>, usize, Vec<&str>)> = vec![
-        // (tenant, q, before, limit, expected ids)
+    /// (tenant, q, before, limit, the ids expected).
+    type Search<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a str>, usize, Vec<&'a str>);
+    let queries: Vec<Search> = vec![
         (None, None, None, 100, vec!["mbr_07", "mbr_06", "mbr_05", "mbr_04", "mbr_03", "mbr_02", "mbr_01"]),
         (None, Some("   "), None, 100, vec!["mbr_07", "mbr_06", "mbr_05", "mbr_04", "mbr_03", "mbr_02", "mbr_01"]),
         (None, Some("mbr_03"), None, 100, vec!["mbr_03"]),
@@ -1621,6 +1622,7 @@ async fn products_seen_counts_memberships_access_and_recent_events_per_product_a
         let mut want: Vec<ProductSeen> = t_rows(0, 0)
             .into_iter()
             .filter(|r| r.memberships > 0)
+            .map(|r| ProductSeen { events: 0, ..r })
             .chain([p("u", "stripe", "product", "prod_a", 1, 1, 0), p("u", "stripe", "product", "prod_u", 0, 0, 1)])
             .collect();
         want.sort_by(|a, b| (&a.tenant, &a.provider, &a.kind, &a.id).cmp(&(&b.tenant, &b.provider, &b.kind, &b.id)));

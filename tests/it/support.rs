@@ -297,6 +297,12 @@ pub async fn spawn_under(dir: &Path, port: u16, open_files: Option<u32>, level: 
 
 /// `spawn_under`, on `database` (`MEMBERSYNC_DATABASE`) when given.
 pub async fn spawn_on(dir: &Path, port: u16, open_files: Option<u32>, level: &str, database: Option<&str>) -> Service {
+    let env: Vec<(&str, &str)> = database.map(|d| ("MEMBERSYNC_DATABASE", d)).into_iter().collect();
+    spawn_env(dir, port, open_files, level, &env).await
+}
+
+/// `spawn_under`, with these environment variables set.
+pub async fn spawn_env(dir: &Path, port: u16, open_files: Option<u32>, level: &str, env: &[(&str, &str)]) -> Service {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("service.log")).unwrap();
     let mut command = match open_files {
         None => std::process::Command::new(env!("CARGO_BIN_EXE_membersync")),
@@ -311,7 +317,7 @@ pub async fn spawn_on(dir: &Path, port: u16, open_files: Option<u32>, level: &st
         .arg(dir.join("membersync.yaml"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .env("MEMBERSYNC_LOG", level)
-        .envs(database.map(|d| ("MEMBERSYNC_DATABASE", d)))
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()

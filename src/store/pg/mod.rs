@@ -25,7 +25,7 @@ mod tx;
 pub use copy::{copy_sqlite_to_pg, Copied};
 
 use super::*;
-use postgres::{Client, NoTls};
+use postgres::Client;
 use std::sync::{Condvar, Mutex};
 use tokio::sync::mpsc;
 use tx::*;
@@ -99,14 +99,53 @@ fn off_runtime<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     })
 }
 
+/// The file of extra certificate authorities to trust for the server's certificate (PEM).
+pub const CA_ENV: &str = "MEMBERSYNC_DATABASE_CA";
+
+/// TLS as the URL's `sslmode` asks (`prefer`, the default: when the server offers it;
+/// `require`; `disable`), the server's certificate checked against the system's
+/// certificate store and the authorities in `MEMBERSYNC_DATABASE_CA`, if set.
+fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert); // one the system store holds that rustls cannot use: left out
+    }
+    if let Some(path) = std::env::var_os(CA_ENV).filter(|p| !p.is_empty()) {
+        let shown = std::path::Path::new(&path).display().to_string();
+        let bad = |e: &dyn std::fmt::Display| Error::File { path: shown.clone(), message: format!("{CA_ENV}: {e}") };
+        let certs = CertificateDer::pem_file_iter(&path).map_err(|e| bad(&e))?;
+        let mut n = 0;
+        for cert in certs {
+            roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(bad(&"no certificate in the file"));
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Thread(format!("TLS set-up failed: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
 /// A new connection: `synchronous_commit` on whatever the server's default; times in UTC;
 /// a wait for the writers' lock given up after 30 s (a replica cut off mid-batch holds it
 /// until the server drops it: after 60 s idle in its transaction), so a stuck replica
 /// turns the others' requests into errors their providers retry, never into a hang.
 pub fn connect(url: &str) -> Result<Client> {
-    let mut client = Client::connect(url, NoTls).map_err(|e| Error::Db {
-        code: None,
-        message: format!("cannot connect to PostgreSQL at {}: {e}", redacted(url)),
+    let mut client = Client::connect(url, tls()?).map_err(|e| {
+        let why = std::error::Error::source(&e).map(|s| format!("{e}: {s}")).unwrap_or_else(|| e.to_string());
+        let hint = if why.contains("certificate") || why.contains("Certificate") {
+            format!(" (a server certificate not trusted here: {CA_ENV}=ca.pem names its authority)")
+        } else {
+            String::new()
+        };
+        Error::Db { code: None, message: format!("cannot connect to PostgreSQL at {}: {why}{hint}", redacted(url)) }
     })?;
     client.batch_execute(
         "SET synchronous_commit = on; SET TIME ZONE 'UTC'; SET lock_timeout = '30s';

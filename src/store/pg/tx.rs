@@ -574,7 +574,6 @@ impl Tx for PgTx<'_> {
     }
 
     fn record_sync(&mut self, r: &SyncRecord) -> Result<()> {
-        self.exec("DELETE FROM reconcile_leases WHERE membership_id = $1", &[&r.membership_id])?;
         // Only the sync columns: a webhook applied meanwhile keeps everything else.
         self.exec(
             "UPDATE memberships SET sync_status = $2, last_reconciled_at = COALESCE($3, last_reconciled_at) WHERE id = $1",

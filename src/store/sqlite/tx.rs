@@ -589,7 +589,6 @@ impl Tx for SqliteTx<'_, '_> {
     }
 
     fn record_sync(&mut self, r: &SyncRecord) -> Result<()> {
-        self.st("DELETE FROM reconcile_leases WHERE membership_id = ?1")?.execute([&r.membership_id])?;
         // Only the sync columns: a webhook applied meanwhile keeps everything else.
         self.st("UPDATE memberships SET sync_status = ?2,
                    last_reconciled_at = COALESCE(?3, last_reconciled_at) WHERE id = ?1")?
