@@ -222,3 +222,46 @@ fn a_server_certificate_no_authority_here_vouches_for_is_refused_at_start() {
     let err = PgStore::open(&url, Options::default()).map(drop).unwrap_err().to_string();
     assert!(err.contains("cannot connect to PostgreSQL") && err.contains("MEMBERSYNC_DATABASE_CA"), "{err}");
 }
+
+/// The database drops a replica's connections (a failover, an operator's
+/// `pg_terminate_backend`): the write caught on the dead connection is answered with an
+/// error, never as stored, and nothing of it is stored; the next write opens a new
+/// connection and is stored; a read on a dropped connection is read again on a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_connections_are_dropped_answers_no_write_as_stored_and_reconnects() {
+    let url = fresh_database();
+    let store = membersync::store::open_database(&url, Default::default(), Default::default()).unwrap();
+    let member = |id: &str| membersync::store::MemberRow {
+        id: id.to_string(),
+        tenant: "demo".into(),
+        email: Some(format!("{id}@example.com")),
+        name: None,
+        flags: vec![],
+        created_at: SystemClock.now(),
+        updated_at: SystemClock.now(),
+    };
+    let m0 = member("mbr_before");
+    store.write(move |tx| tx.save_member(&m0)).await.unwrap();
+    assert!(membersync::store::read(&store, |s| s.member("mbr_before")).await.unwrap().is_some());
+    let name = url.rsplit('/').next().unwrap().split('?').next().unwrap().to_string();
+    let killed: i64 = query(&url, move |c| {
+        c.query_one(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&name],
+        )
+        .unwrap()
+        .get(0)
+    });
+    assert!(killed >= 2, "the writer's and a reader's connections: {killed}");
+    let m1 = member("mbr_lost");
+    let lost = store.write(move |tx| tx.save_member(&m1)).await;
+    assert!(lost.is_err(), "a write on a dropped connection is not answered as stored");
+    let m2 = member("mbr_after");
+    store.write(move |tx| tx.save_member(&m2)).await.expect("the next write reconnects");
+    // The read meets its dropped connection, and reads again on a new one.
+    let (lost, after) = membersync::store::read(&store, |s| Ok((s.member("mbr_lost")?, s.member("mbr_after")?)))
+        .await
+        .expect("a read on a dropped connection is read again");
+    assert!(lost.is_none(), "the failed write stored nothing");
+    assert!(after.is_some());
+}

@@ -209,10 +209,23 @@ impl PgStore {
     }
 
     /// Runs `f` on a read connection: an idle one, a new one while fewer than the most are
-    /// open, else the next one freed. A connection that broke is dropped, not returned.
-    fn read<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
+    /// open, else the next one freed. A connection that broke is dropped, not returned; a
+    /// read that failed because its idle connection had been dropped by the server (a
+    /// failover, a restart) runs once more on a new one: reads change nothing.
+    fn read<T>(&self, f: impl Fn(&mut Client) -> Result<T>) -> Result<T> {
+        match self.read_once(&f) {
+            Err((e, true)) => {
+                tracing::warn!(error = %e, "A read connection was gone; reading again on a new one.");
+                self.read_once(&f).map_err(|(e, _)| e)
+            }
+            r => r.map_err(|(e, _)| e),
+        }
+    }
+
+    /// One try of `read`; an error says whether the connection it ran on was found closed.
+    fn read_once<T>(&self, f: &impl Fn(&mut Client) -> Result<T>) -> std::result::Result<T, (Error, bool)> {
         let conn = {
-            let mut pool = self.readers.pool.lock().map_err(|_| Error::Closed)?;
+            let mut pool = self.readers.pool.lock().map_err(|_| (Error::Closed, false))?;
             loop {
                 if let Some(c) = pool.idle.pop() {
                     break Some(c);
@@ -221,9 +234,10 @@ impl PgStore {
                     pool.open += 1;
                     break None;
                 }
-                pool = self.readers.freed.wait(pool).map_err(|_| Error::Closed)?;
+                pool = self.readers.freed.wait(pool).map_err(|_| (Error::Closed, false))?;
             }
         };
+        let pooled = conn.is_some();
         let conn = match conn {
             Some(c) if !c.is_closed() => Ok(c),
             _ => connect(&self.url),
@@ -232,12 +246,13 @@ impl PgStore {
             Ok(c) => c,
             Err(e) => {
                 self.readers.give_back(None);
-                return Err(e);
+                return Err((e, false));
             }
         };
         let r = f(&mut conn);
-        self.readers.give_back((!conn.is_closed()).then_some(conn));
-        r
+        let closed = conn.is_closed();
+        self.readers.give_back((!closed).then_some(conn));
+        r.map_err(|e| (e, closed && pooled))
     }
 }
 
