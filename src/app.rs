@@ -118,14 +118,15 @@ async fn measure(
 }
 
 /// `GET /healthz`: 200 `{"status": "ok"}`, or 503 `{"status": "failed", "error"}` once
-/// the store has hit an I/O error (it then takes no writes; restart it).
+/// the store has hit an I/O error (it then takes no writes; restart it), or while the
+/// shared PostgreSQL store cannot be reached (a load balancer then sends elsewhere).
 #[utoipa::path(get, path = "/healthz", tag = "service",
     responses((status = 200, description = "`{status: ok}`", body = Object),
-        (status = 503, description = "The store hit an I/O error: `{status: failed, error}`", body = crate::http_error::ErrorBody)))]
+        (status = 503, description = "The store hit an I/O error, or its PostgreSQL database cannot be reached: `{status: failed, error}`", body = crate::http_error::ErrorBody)))]
 async fn healthz(
     axum::extract::State(ctx): axum::extract::State<Arc<Ctx>>,
 ) -> Result<axum::Json<serde_json::Value>, crate::http_error::ApiError> {
-    match ctx.store.health() {
+    match crate::store::read(&ctx.store, |s| s.health()).await {
         Ok(()) => Ok(axum::Json(serde_json::json!({"status": "ok"}))),
         Err(e) => Err(crate::http_error::ApiError::Unhealthy(e.to_string())),
     }

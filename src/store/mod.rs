@@ -531,7 +531,8 @@ pub trait Store: Send + Sync + 'static {
     /// Runs `f` in one transaction on an empty scratch store of the same schema, dropped
     /// afterwards: what a dry run re-derives state into. Nothing reaches this store.
     fn scratch(&self, f: ScratchJob<'_>) -> Result<()>;
-    /// `Failed` once the store has hit an I/O error (`/healthz` answers 503 then).
+    /// `Failed` once the store has hit an I/O error, or while it cannot reach its database
+    /// (`/healthz` answers 503 then). Blocks (called through [`read`]).
     fn health(&self) -> Result<()> {
         Ok(())
     }

@@ -265,3 +265,20 @@ async fn a_replica_whose_connections_are_dropped_answers_no_write_as_stored_and_
     assert!(lost.is_none(), "the failed write stored nothing");
     assert!(after.is_some());
 }
+
+/// `/healthz` says whether the replica can reach its database: 200 while it can, 503 once
+/// the database is gone (a load balancer then sends elsewhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_503_while_the_database_cannot_be_reached() {
+    let url = fresh_database();
+    let (dir, mut config) = editable_config();
+    config.database = url.clone();
+    let s = Server::start_with(config, Arc::new(SystemClock), dir).await;
+    assert_eq!(s.get("/healthz", None).await.0, 200);
+    let name = url.rsplit('/').next().unwrap().split('?').next().unwrap().to_string();
+    let admin = url.replace(&format!("/{name}?"), "/postgres?");
+    query(&admin, move |c| c.batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)")).unwrap());
+    let (status, body) = s.get("/healthz", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.to_string().contains("cannot be reached"), "{body}");
+}

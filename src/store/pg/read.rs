@@ -89,6 +89,12 @@ impl Store for PgStore {
         crate::store::sqlite::scratch(f)
     }
 
+    /// Whether the database answers now (`SELECT 1` on a read connection).
+    fn health(&self) -> Result<()> {
+        self.read(|c| c.batch_execute("SELECT 1").map_err(Error::from))
+            .map_err(|e| Error::Failed(format!("the PostgreSQL database cannot be reached: {e}")))
+    }
+
     fn submit(&self, work: Work) -> Result<()> {
         self.sender.try_send(work).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Error::Busy,
