@@ -277,8 +277,32 @@ async fn migrate_store_copies_an_sqlite_database_into_postgres_where_every_read_
     assert_eq!(stored[0].event_id, ack.event_id);
     assert!(stored[0].seq > last, "{} after {last}", stored[0].seq);
 
-    let again = run(url);
+    let again = run(url.clone());
     let said = String::from_utf8_lossy(&again.stderr);
     assert!(!again.status.success());
     assert!(said.contains("already holds members or events"), "{said}");
+
+    // The commands that read what `serve` stored read the PostgreSQL database alike.
+    let config = root().join("membersync.yaml");
+    for (args, says) in [
+        (vec!["explain", "ada@example.com"], "Ada Lovelace <ada@example.com>"),
+        (vec!["replay", "--dry-run"], "1 membership(s) compared; 0 differ"),
+        (vec!["rederive", "--dry-run", "--member", "ada@example.com"], "1 membership(s) compared; 0 differ"),
+    ] {
+        let (url, config) = (url.clone(), config.clone());
+        let out = std::thread::spawn(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_membersync"))
+                .args(&args)
+                .arg("--config")
+                .arg(&config)
+                .env("MEMBERSYNC_DATABASE", &url)
+                .output()
+                .unwrap()
+        })
+        .join()
+        .unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{said}");
+        assert!(!said.contains("panicked") && said.contains(says), "{said}");
+    }
 }
