@@ -126,9 +126,12 @@ async fn measure(
 async fn healthz(
     axum::extract::State(ctx): axum::extract::State<Arc<Ctx>>,
 ) -> Result<axum::Json<serde_json::Value>, crate::http_error::ApiError> {
-    match crate::store::read(&ctx.store, |s| s.health()).await {
-        Ok(()) => Ok(axum::Json(serde_json::json!({"status": "ok"}))),
-        Err(e) => Err(crate::http_error::ApiError::Unhealthy(e.to_string())),
+    // A store that does not answer within 5 s is as unhealthy as one that says so.
+    let asked = tokio::time::timeout(std::time::Duration::from_secs(5), crate::store::read(&ctx.store, |s| s.health()));
+    match asked.await {
+        Ok(Ok(())) => Ok(axum::Json(serde_json::json!({"status": "ok"}))),
+        Ok(Err(e)) => Err(crate::http_error::ApiError::Unhealthy(e.to_string())),
+        Err(_) => Err(crate::http_error::ApiError::Unhealthy("the store did not answer within 5 s".into())),
     }
 }
 

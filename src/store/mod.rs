@@ -536,6 +536,12 @@ pub trait Store: Send + Sync + 'static {
     fn health(&self) -> Result<()> {
         Ok(())
     }
+    /// Longest a write's caller waits for its commit (none: as long as it takes). One that
+    /// waited longer hears `Busy` (503): the provider delivers again, and dedupe makes the
+    /// commit harmless if it comes after all.
+    fn write_deadline(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 // What both stores share: times stored as unix seconds, lists as JSON text, the column
@@ -609,6 +615,18 @@ impl dyn Store {
             (ok, done)
         });
         self.submit(work)?;
-        rx.await.map_err(|_| Error::Closed)?
+        match self.write_deadline() {
+            None => rx.await.map_err(|_| Error::Closed)?,
+            Some(limit) => match tokio::time::timeout(limit, rx).await {
+                Ok(answer) => answer.map_err(|_| Error::Closed)?,
+                Err(_) => {
+                    tracing::error!(
+                        waited_secs = limit.as_secs_f64(),
+                        "A write was not committed in time; answered 503."
+                    );
+                    Err(Error::Busy)
+                }
+            },
+        }
     }
 }

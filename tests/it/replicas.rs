@@ -282,3 +282,97 @@ async fn healthz_answers_503_while_the_database_cannot_be_reached() {
     assert_eq!(status, 503, "{body}");
     assert!(body.to_string().contains("cannot be reached"), "{body}");
 }
+
+/// A TCP proxy to the test cluster that can go silent: nothing forwarded, nothing closed
+/// (a partition, or a server hung on its disk, as the replica sees it).
+struct Proxy {
+    silent: Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn proxy(url: &str) -> (Proxy, String) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let rest = url.strip_prefix("postgres://").unwrap();
+    let (userhost, db) = rest.split_once('/').unwrap();
+    let (user, hostport) = userhost.rsplit_once('@').unwrap();
+    let target = hostport.to_string();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = silent.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let Ok(server) = std::net::TcpStream::connect(&target) else { continue };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server.try_clone().unwrap(), client.try_clone().unwrap()),
+            ] {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        while s.load(Ordering::SeqCst) {
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                        }
+                        if to.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (Proxy { silent }, format!("postgres://{user}@127.0.0.1:{port}/{db}"))
+}
+
+/// The database goes silent under a replica (nothing answers, nothing closes): a write is
+/// answered 503 by its deadline rather than hanging, and the replica's health says it is
+/// stuck, so a load balancer sends elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_database_goes_silent_answers_writes_by_their_deadline_and_says_it_is_unhealthy() {
+    let (p, url) = proxy(&fresh_database());
+    let deadline = std::time::Duration::from_secs(2);
+    let store: Arc<dyn membersync::store::Store> = Arc::new(
+        std::thread::spawn(move || PgStore::open(&url, Options { write_deadline: deadline, ..Options::default() }))
+            .join()
+            .unwrap()
+            .unwrap(),
+    );
+    store.write(|tx| tx.last_event_seq()).await.expect("a write through the proxy");
+    p.silent.store(true, std::sync::atomic::Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let r = tokio::time::timeout(std::time::Duration::from_secs(20), store.write(|tx| tx.last_event_seq())).await;
+    let waited = started.elapsed();
+    assert!(matches!(r, Ok(Err(membersync::store::Error::Busy))), "{r:?} after {waited:?}");
+    assert!(waited < deadline + std::time::Duration::from_secs(3), "answered after {waited:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let health =
+        tokio::time::timeout(std::time::Duration::from_secs(5), membersync::store::read(&store, |s| s.health()))
+            .await
+            .expect("health answers at once when the writer is stuck");
+    assert!(health.unwrap_err().to_string().contains("waited"), "the stuck writer is reported");
+}
+
+/// A password never reaches a log or an error: neither the one in the URL's user part nor
+/// one given as a parameter.
+#[test]
+fn a_database_password_is_never_shown() {
+    use membersync::store::pg::redacted;
+    for url in [
+        "postgres://membersync@db.internal:5432/ms?password=hunter2",
+        "postgres://db.internal/ms?user=membersync&PASSWORD=hunter2&sslmode=require",
+        "postgresql://membersync:hunter2@db.internal/ms",
+        "postgres://membersync:hunter2@db.internal/ms?application_name=a@b",
+    ] {
+        let r = redacted(url);
+        assert!(!r.contains("hunter2") && r.contains("db.internal"), "{url} -> {r}");
+    }
+    let url = "postgres://membersync@127.0.0.1:1/ms?password=hunter2&connect_timeout=2";
+    let err = PgStore::open(url, Options::default()).map(drop).unwrap_err().to_string();
+    assert!(!err.contains("hunter2") && err.contains("cannot connect"), "{err}");
+}

@@ -26,7 +26,7 @@ pub use copy::{copy_sqlite_to_pg, Copied};
 
 use super::*;
 use postgres::Client;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use tokio::sync::mpsc;
 use tx::*;
 
@@ -46,11 +46,20 @@ pub struct Options {
     pub max_batch: usize,
     /// Most read connections open at once.
     pub max_readers: usize,
+    /// Longest a write's caller waits for its commit before it is answered with an error
+    /// (503; the provider delivers again, and dedupe makes a late commit harmless). Past it,
+    /// `/healthz` answers 503 too while the batch is still waiting.
+    pub write_deadline: std::time::Duration,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { queue_capacity: 4096, max_batch: 32, max_readers: 8 }
+        Options {
+            queue_capacity: 4096,
+            max_batch: 32,
+            max_readers: 8,
+            write_deadline: std::time::Duration::from_secs(30),
+        }
     }
 }
 
@@ -59,6 +68,9 @@ pub struct PgStore {
     sender: mpsc::Sender<Work>,
     readers: Readers,
     url: String,
+    write_deadline: std::time::Duration,
+    /// When the batch the writer is running began (ms since the epoch; 0: none is).
+    batch_since: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// Whether `database` names a PostgreSQL database (`postgres://…` or `postgresql://…`).
@@ -66,17 +78,33 @@ pub fn is_postgres_url(database: &str) -> bool {
     database.starts_with("postgres://") || database.starts_with("postgresql://")
 }
 
-/// The URL without its password, for logs and errors.
+/// The URL without its password, for logs and errors: the one in its user part
+/// (`user:***@`) and a `password=` parameter (`password=***`).
 pub fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
-            }
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (url, None),
+    };
+    let head = match (head.find("://"), head.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => match head[scheme + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &head[..scheme + 3], &head[at..]),
+            None => head.to_string(),
+        },
+        _ => head.to_string(),
+    };
+    match query {
+        None => head,
+        Some(q) => {
+            let q = q
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("&");
+            format!("{head}?{q}")
         }
-        _ => url.to_string(),
     }
 }
 
@@ -138,7 +166,19 @@ fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
 /// until the server drops it: after 60 s idle in its transaction), so a stuck replica
 /// turns the others' requests into errors their providers retry, never into a hang.
 pub fn connect(url: &str) -> Result<Client> {
-    let mut client = Client::connect(url, tls()?).map_err(|e| {
+    use std::time::Duration;
+    let mut config: postgres::Config = url.parse().map_err(|e| Error::Db {
+        code: None,
+        message: format!("cannot read the PostgreSQL URL {}: {e}", redacted(url)),
+    })?;
+    // A server gone silent (a partition, a dead host) is noticed: data unacknowledged for
+    // 30 s, or an idle connection whose keepalives go unanswered for ~25 s, closes it.
+    config.keepalives(true).keepalives_idle(Duration::from_secs(10)).keepalives_interval(Duration::from_secs(5));
+    config.keepalives_retries(3).tcp_user_timeout(Duration::from_secs(30));
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    let mut client = config.connect(tls()?).map_err(|e| {
         let why = std::error::Error::source(&e).map(|s| format!("{e}: {s}")).unwrap_or_else(|| e.to_string());
         let hint = if why.contains("certificate") || why.contains("Certificate") {
             format!(" (a server certificate not trusted here: {CA_ENV}=ca.pem names its authority)")
@@ -158,6 +198,8 @@ pub fn connect(url: &str) -> Result<Client> {
 /// once wait for the first, which migrates; the others find nothing left to do. Each
 /// migration is recorded with when it was applied.
 pub fn migrate(client: &mut Client) -> Result<usize> {
+    // However long another replica's migration takes: wait for it (no `lock_timeout`).
+    client.batch_execute("SET lock_timeout = 0")?;
     client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])?;
     let result = (|| -> Result<usize> {
         client.batch_execute(
@@ -181,6 +223,7 @@ pub fn migrate(client: &mut Client) -> Result<usize> {
     let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]);
     let applied = result?;
     unlocked?;
+    client.batch_execute("SET lock_timeout = '30s'")?;
     Ok(applied)
 }
 
@@ -196,16 +239,18 @@ impl PgStore {
         let (sender, receiver) = mpsc::channel(opts.queue_capacity.max(1));
         let max_batch = opts.max_batch.max(1);
         let writer_url = url.to_string();
+        let batch_since = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let since = batch_since.clone();
         std::thread::Builder::new()
             .name("membersync-writer".into())
-            .spawn(move || run_writer(writer, &writer_url, receiver, max_batch))
+            .spawn(move || run_writer(writer, &writer_url, receiver, max_batch, &since))
             .map_err(|e| Error::Thread(format!("cannot start writer: {e}")))?;
         let readers = Readers {
             pool: Mutex::new(Pool { open: idle.len(), idle }),
             freed: Condvar::new(),
             max: opts.max_readers.max(1),
         };
-        Ok(PgStore { sender, readers, url: url.to_string() })
+        Ok(PgStore { sender, readers, url: url.to_string(), write_deadline: opts.write_deadline, batch_since })
     }
 
     /// Runs `f` on a read connection: an idle one, a new one while fewer than the most are
@@ -298,7 +343,13 @@ impl Drop for PgStore {
 /// Runs jobs in batches, one transaction each under the writers' lock, every job in its
 /// own savepoint; each caller hears back once the commit returned (or failed: then none
 /// hears `Ok`). A lost connection fails its batch and is opened again for the next.
-fn run_writer(client: Client, url: &str, mut rx: mpsc::Receiver<Work>, max_batch: usize) {
+fn run_writer(
+    client: Client,
+    url: &str,
+    mut rx: mpsc::Receiver<Work>,
+    max_batch: usize,
+    since: &std::sync::atomic::AtomicI64,
+) {
     let mut client = Some(client);
     let mut prepared = Prepared::new();
     while let Some(first) = rx.blocking_recv() {
@@ -314,6 +365,7 @@ fn run_writer(client: Client, url: &str, mut rx: mpsc::Receiver<Work>, max_batch
             };
         }
         let Some(conn) = client.as_mut() else { continue };
+        since.store(Utc::now().timestamp_millis(), std::sync::atomic::Ordering::Release);
         let mut dones = Vec::new();
         let result = (|| -> Result<()> {
             conn.batch_execute("BEGIN")?;
@@ -343,6 +395,7 @@ fn run_writer(client: Client, url: &str, mut rx: mpsc::Receiver<Work>, max_batch
                 client = None;
             }
         }
+        since.store(0, std::sync::atomic::Ordering::Release);
         for done in dones {
             done(result.clone());
         }

@@ -89,10 +89,23 @@ impl Store for PgStore {
         crate::store::sqlite::scratch(f)
     }
 
-    /// Whether the database answers now (`SELECT 1` on a read connection).
+    /// Whether the writer is not stuck on a batch past the write deadline, and the
+    /// database answers now (`SELECT 1` on a read connection).
     fn health(&self) -> Result<()> {
+        let since = self.batch_since.load(std::sync::atomic::Ordering::Acquire);
+        let waited = Utc::now().timestamp_millis() - since;
+        if since != 0 && waited > self.write_deadline.as_millis() as i64 {
+            return Err(Error::Failed(format!(
+                "the writer has waited {:.0} s for PostgreSQL to commit a batch",
+                waited as f64 / 1000.0
+            )));
+        }
         self.read(|c| c.batch_execute("SELECT 1").map_err(Error::from))
             .map_err(|e| Error::Failed(format!("the PostgreSQL database cannot be reached: {e}")))
+    }
+
+    fn write_deadline(&self) -> Option<std::time::Duration> {
+        Some(self.write_deadline)
     }
 
     fn submit(&self, work: Work) -> Result<()> {
