@@ -58,6 +58,55 @@ pub enum Error {
 /// The longest event id, idempotency key or event type taken (providers' are tens of bytes).
 pub const MAX_ID_BYTES: usize = 256;
 
+/// What stands in for U+0000 in what is taken from a delivery.
+const NUL_STANDS_FOR: &str = "\u{FFFD}";
+
+/// Whether a body may carry U+0000 into a field: escaped in JSON (`\u0000`), encoded in a
+/// form (`%00`), or as it is. Checked before anything is rewritten: almost no body does.
+fn may_hold_nul(body: &[u8]) -> bool {
+    body.contains(&0) || body.windows(6).any(|w| w == b"\\u0000") || body.windows(3).any(|w| w == b"%00")
+}
+
+/// U+0000 replaced by U+FFFD in every field taken from a delivery: PostgreSQL's text holds
+/// no U+0000 (SQLite's does), and a provider's field (a customer's name) must not decide
+/// which store can take the delivery; both store the same. The raw body is kept as sent.
+fn without_nul(extracted: &mut Result<Extraction, Box<Failure>>) {
+    let fix = |s: &mut String| {
+        if s.contains('\0') {
+            *s = s.replace('\0', NUL_STANDS_FOR);
+        }
+    };
+    match extracted {
+        Ok(x) => {
+            fix(&mut x.idempotency_key);
+            if let Some(plan) = &mut x.enrich {
+                plan.vars.values_mut().for_each(fix);
+            }
+            let mut v = match serde_json::to_value(&x.event) {
+                Ok(v) => v,
+                Err(_) => return,
+            };
+            fn walk(v: &mut serde_json::Value) {
+                match v {
+                    serde_json::Value::String(s) if s.contains('\0') => *s = s.replace('\0', NUL_STANDS_FOR),
+                    serde_json::Value::Array(a) => a.iter_mut().for_each(walk),
+                    serde_json::Value::Object(o) => o.values_mut().for_each(walk),
+                    _ => {}
+                }
+            }
+            walk(&mut v);
+            if let Ok(event) = serde_json::from_value(v) {
+                x.event = event;
+            }
+        }
+        Err(f) => {
+            fix(&mut f.idempotency_key);
+            fix(&mut f.event_id);
+            fix(&mut f.event_type);
+        }
+    }
+}
+
 /// Takes one delivery in: verify (per `check`) → redact → decode → extract.
 pub fn intake(config: &Config, d: &Delivery<'_>, check: Check<'_>) -> Result<Taken, Error> {
     let unknown = || Error::UnknownProvider(d.provider.to_string());
@@ -70,7 +119,10 @@ pub fn intake(config: &Config, d: &Delivery<'_>, check: Check<'_>) -> Result<Tak
     let body = verifier.scheme.redact(d.body);
     let content_type = d.headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_str());
     let decoded = extractor.decode_captured(d.body, content_type)?;
-    let extracted = extractor.extract(d.tenant, &decoded, &body, d.headers, d.received_at);
+    let mut extracted = extractor.extract(d.tenant, &decoded, &body, d.headers, d.received_at);
+    if may_hold_nul(d.body) {
+        without_nul(&mut extracted);
+    }
     let ids = match &extracted {
         Ok(x) => [
             ("event id", &x.event.event_id),

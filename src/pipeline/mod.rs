@@ -220,7 +220,8 @@ fn apply_event(
             rec.event_type = failure.event_type.clone();
             rec.occurred_at = failure.occurred_at;
             let mut outcome = Outcome::new(Status::Failed, source);
-            outcome.reason = Some(failure.error.to_string());
+            // Without U+0000, which PostgreSQL's text cannot hold (see `intake`).
+            outcome.reason = Some(failure.error.to_string().replace('\0', "\u{FFFD}"));
             return finish(tx, rec, outcome);
         }
         Incoming::Extracted(x) => x,

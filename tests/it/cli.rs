@@ -306,3 +306,68 @@ async fn migrate_store_copies_an_sqlite_database_into_postgres_where_every_read_
         assert!(!said.contains("panicked") && said.contains(says), "{said}");
     }
 }
+
+/// An SQLite database written before deliveries had U+0000 replaced holds it in text and,
+/// escaped, in JSON (a parked event's canonical form, which PostgreSQL reads as `jsonb`):
+/// `migrate-store` copies it, U+FFFD in its place (the parked event's row goes through the
+/// `jsonb` index expressions), an escaped backslash before `u0000` and the raw body as they
+/// were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_store_copies_text_holding_nul() {
+    use membersync::store::{self, EventRow, MemberRow};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db").display().to_string();
+    let sqlite = store::open_database(&db, Default::default(), Default::default()).unwrap();
+    let now = at(1_767_300_000);
+    sqlite
+        .write(move |tx| {
+            tx.save_member(&MemberRow {
+                id: "mbr_nul".into(),
+                tenant: "demo".into(),
+                email: Some("nul@example.com".into()),
+                name: Some("Ada\0Lovelace".into()),
+                flags: vec![],
+                created_at: now,
+                updated_at: now,
+            })?;
+            let canonical = r#"{"member":{"provider_customer_id":"cus_nul","email":"nul@example.com","name":"Ada\u0000L"},"path":"C:\\u0000"}"#;
+            tx.insert_event(&EventRow {
+                seq: 0,
+                tenant: "demo".into(),
+                provider: "stripe".into(),
+                event_id: "evt_nul".into(),
+                idempotency_key: "evt_nul".into(),
+                event_type: "x".into(),
+                kind: None,
+                source: membersync::canonical::Source::Webhook,
+                received_at: now,
+                occurred_at: Some(now),
+                member_id: None,
+                membership_id: None,
+                status: store::EventStatus::Refused,
+                reason: Some("waits\0".into()),
+                raw: b"{\"a\":\"\\u0000\"}".to_vec(),
+                headers: store::stored_json(&Vec::<(String, String)>::new()),
+                canonical: Some(serde_json::value::RawValue::from_string(canonical.into()).unwrap()),
+                outcome: store::null_json(),
+                park_key: Some(String::new()),
+                deliveries: 1,
+                enrichment: None,
+            })
+        })
+        .await
+        .unwrap();
+    drop(sqlite);
+    let url = crate::pg_cluster::empty_database();
+    let (from, to) = (db.clone(), url.clone());
+    std::thread::spawn(move || membersync::store::pg::copy_sqlite_to_pg(&from, &to)).join().unwrap().unwrap();
+    let pg = store::open_database(&url, Default::default(), Default::default()).unwrap();
+    let (member, event) =
+        store::read(&pg, |s| Ok((s.member("mbr_nul")?, s.events(None, None, 1)?.remove(0)))).await.unwrap();
+    assert_eq!(member.unwrap().name.as_deref(), Some("Ada\u{FFFD}Lovelace"));
+    assert_eq!(event.reason.as_deref(), Some("waits\u{FFFD}"));
+    let canonical = event.canonical.unwrap().get().to_string();
+    assert!(canonical.contains(r#""name":"Ada\ufffdL""#), "{canonical}");
+    assert!(canonical.contains(r#""path":"C:\\u0000""#), "an escaped backslash is left alone: {canonical}");
+    assert_eq!(event.raw, b"{\"a\":\"\\u0000\"}".to_vec(), "the raw body as it was");
+}

@@ -376,3 +376,37 @@ fn a_database_password_is_never_shown() {
     let err = PgStore::open(url, Options::default()).map(drop).unwrap_err().to_string();
     assert!(!err.contains("hunter2") && err.contains("cannot connect"), "{err}");
 }
+
+/// A delivery carrying U+0000 in its fields (a customer's name, the event id — escaped in
+/// JSON as `\u0000`): PostgreSQL's text cannot hold it, SQLite's can. Both stores take it
+/// alike — applied, U+FFFD in its place, the raw body kept as sent — so a provider's field
+/// never decides whether a cancellation or a refund can be stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_carrying_nul_is_taken_alike_by_both_stores() {
+    let now = SystemClock.now();
+    let pg = replica(&fresh_database(), Arc::new(FixedClock::new(now)));
+    let sqlite = ctx_on(std::path::Path::new(":memory:"), Arc::new(FixedClock::new(now)));
+    let mut v: serde_json::Value = serde_json::from_str(&invoice_paid_far_ahead()).unwrap();
+    v["id"] = "evt_nul_\u{0}x".into();
+    v["data"]["object"]["customer_name"] = "Ada\u{0}Lovelace".into();
+    let body = serde_json::to_vec(&v).unwrap();
+    assert!(body.windows(6).any(|w| w == b"\\u0000"));
+    let mut seen = Vec::new();
+    for ctx in [&sqlite, &pg] {
+        let headers = signed_headers(ctx, "stripe", &body, now);
+        let ack = membersync::ingest::accept(ctx, "demo", "stripe", headers, body.clone()).await.unwrap();
+        assert_eq!(ack.status, membersync::pipeline::Status::Applied);
+        assert_eq!(ack.event_id, "evt_nul_\u{FFFD}x");
+        let stored = membersync::store::read(&ctx.store, |s| {
+            let e = s.events(None, None, 1)?.remove(0);
+            let m = s.member(e.member_id.as_deref().unwrap())?.unwrap();
+            Ok((e.raw, m.name))
+        })
+        .await
+        .unwrap();
+        assert_eq!(stored.0, body, "the raw body as sent");
+        seen.push(stored.1);
+    }
+    assert_eq!(seen[0].as_deref(), Some("Ada\u{FFFD}Lovelace"));
+    assert_eq!(seen[0], seen[1]);
+}

@@ -13,6 +13,8 @@ use rusqlite::types::Value;
 #[derive(Clone, Copy)]
 enum Kind {
     Text,
+    /// Text holding JSON.
+    Json,
     Int,
     Bool,
     Bytes,
@@ -30,7 +32,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("email", Text),
             ("email_lc", Text),
             ("name", Text),
-            ("flags", Text),
+            ("flags", Json),
             ("created_at", Int),
             ("updated_at", Int),
         ],
@@ -53,8 +55,8 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("grace_until", Int),
             ("access_until", Int),
             ("cancel_at_period_end", Bool),
-            ("access_levels", Text),
-            ("flags", Text),
+            ("access_levels", Json),
+            ("flags", Json),
             ("last_event_at", Int),
             ("last_event_id", Text),
             ("last_reconciled_at", Int),
@@ -82,12 +84,12 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("status", Text),
             ("reason", Text),
             ("raw", Bytes),
-            ("headers", Text),
-            ("canonical", Text),
-            ("outcome", Text),
+            ("headers", Json),
+            ("canonical", Json),
+            ("outcome", Json),
             ("deliveries", Int),
             ("park_key", Text),
-            ("enrichment", Text),
+            ("enrichment", Json),
         ],
     ),
     (
@@ -138,11 +140,38 @@ fn bad(table: &str, column: &str, v: &Value) -> Error {
     Error::Corrupt(format!("{table}.{column} holds {v:?}, which the schema does not allow"))
 }
 
-/// One SQLite value as the PostgreSQL column takes it.
+/// JSON text with every escaped U+0000 (`\u0000`, not an escaped backslash before `u0000`)
+/// written as U+FFFD, which PostgreSQL's `jsonb` takes.
+fn json_without_nul(s: String) -> String {
+    if !s.contains("\\u0000") {
+        return s;
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut backslashes = 0;
+    let mut rest = s.as_str();
+    while let Some(c) = rest.chars().next() {
+        if c == '\\' && backslashes % 2 == 0 && rest.starts_with("\\u0000") {
+            out.push_str("\\ufffd");
+            rest = &rest[6..];
+            backslashes = 0;
+            continue;
+        }
+        backslashes = if c == '\\' { backslashes + 1 } else { 0 };
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// One SQLite value as the PostgreSQL column takes it. U+0000, which SQLite's text holds
+/// and PostgreSQL's does not (a delivery stored before `intake` replaced it), becomes
+/// U+FFFD, as `intake` now makes it.
 fn convert(table: &str, column: &str, kind: Kind, v: Value) -> Result<Box<dyn ToSql + Sync>> {
     Ok(match (kind, v) {
-        (Text, Value::Null) => Box::new(None::<String>),
+        (Text | Json, Value::Null) => Box::new(None::<String>),
+        (Text, Value::Text(s)) if s.contains('\0') => Box::new(Some(s.replace('\0', "\u{FFFD}"))),
         (Text, Value::Text(s)) => Box::new(Some(s)),
+        (Json, Value::Text(s)) => Box::new(Some(json_without_nul(s))),
         (Int, Value::Null) => Box::new(None::<i64>),
         (Int, Value::Integer(i)) => Box::new(Some(i)),
         (Bool, Value::Integer(i)) => Box::new(i != 0),
