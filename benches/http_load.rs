@@ -46,7 +46,20 @@
 //! `MEMBERSYNC_LOAD_VS_CONFIG` (the config of the `MEMBERSYNC_LOAD_VS` build, when its
 //! config or rules differ; default: the same as the full side's), `MEMBERSYNC_LOAD_PARKED`
 //! (before the first part, this many checkouts that name a customer but no subscription,
-//! parked for members that never come, as a store gathers them; default 0).
+//! parked for members that never come, as a store gathers them; default 0),
+//! `MEMBERSYNC_LOAD_DATABASE` (a `postgres://` URL every `serve` runs on instead of its own
+//! SQLite file, used as is: an empty database, one workload, no `MEMBERSYNC_LOAD_VS`; or
+//! `throwaway`: a PostgreSQL of the bench's own, started as the tests' in
+//! `tests/it/pg_cluster.rs` but with `fsync` and `full_page_writes` on, as shown by `SHOW`,
+//! and a fresh migrated database per `serve` side and workload; the report adds the server's
+//! CPU per request, its postmaster and backends), `MEMBERSYNC_LOAD_REPLICAS` (default 1: this
+//! many `serve` processes per side on one PostgreSQL database, connection i to replica
+//! i % N; CPU per request and peak RSS are then sums over the replicas).
+
+// The tests' throwaway PostgreSQL: its template and fresh databases (`throwaway`).
+#[path = "../tests/it/pg_cluster.rs"]
+#[allow(dead_code)]
+mod pg_cluster;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -246,9 +259,16 @@ struct Side {
     errors: u64,
     window: Duration,
     latencies_us: Vec<u32>,
+    /// Summed over the side's processes (its replicas).
     cpu_ticks: u64,
     ticks_per_sec: u64,
+    /// Summed over the side's processes, and the largest of them.
     peak_rss_kb: u64,
+    peak_rss_max_kb: u64,
+    /// `serve` processes (replicas) of the side.
+    replicas: usize,
+    /// The PostgreSQL server's (`throwaway`) over the side's timed windows.
+    db_cpu_ticks: Option<u64>,
     /// The full side's answers by the outcome they report.
     outcomes: std::collections::BTreeMap<String, u64>,
     /// Requests per second of each round's part.
@@ -266,6 +286,9 @@ impl Side {
             cpu_ticks: 0,
             ticks_per_sec: 0,
             peak_rss_kb: 0,
+            peak_rss_max_kb: 0,
+            replicas: 1,
+            db_cpu_ticks: None,
             outcomes: Default::default(),
             rounds: Vec::new(),
         }
@@ -283,6 +306,9 @@ impl Side {
     }
     fn cpu_us_per_req(&self) -> f64 {
         self.cpu_ticks as f64 * 1e6 / self.ticks_per_sec as f64 / self.requests.max(1) as f64
+    }
+    fn db_cpu_us_per_req(&self) -> Option<f64> {
+        self.db_cpu_ticks.map(|t| t as f64 * 1e6 / self.ticks_per_sec as f64 / self.requests.max(1) as f64)
     }
 }
 
@@ -309,6 +335,27 @@ fn cpu_ticks(pid: u32) -> u64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     // rest starts at field 3 (state); utime is field 14, stime 15.
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// CPU ticks of a PostgreSQL server: its postmaster, the children it reaped, and its live
+/// children (backends, WAL writer, checkpointer, …).
+fn server_ticks(postmaster: u32) -> u64 {
+    // From the state on: ppid [1], utime [11], stime [12], cutime [13], cstime [14].
+    let fields = |pid: &str| -> Option<Vec<u64>> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 2..];
+        Some(rest.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect())
+    };
+    let mut ticks = fields(&postmaster.to_string()).map_or(0, |f| f[11] + f[12] + f[13] + f[14]);
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.bytes().all(|b| b.is_ascii_digit()) {
+            if let Some(f) = fields(&name).filter(|f| f[1] == postmaster as u64) {
+                ticks += f[11] + f[12];
+            }
+        }
+    }
+    ticks
 }
 
 fn peak_rss_kb(pid: u32) -> u64 {
@@ -403,34 +450,43 @@ fn outcome_of(body: &[u8]) -> Option<String> {
     v["status"].as_str().map(str::to_string)
 }
 
-/// A server under test: a child process and where it listens.
+/// A server under test: its child processes (replicas) and where each listens.
 struct Server {
     name: &'static str,
-    child: Child,
-    addr: SocketAddr,
-    /// Customers begun so far (the full side never sees one twice).
+    children: Vec<Child>,
+    addrs: Vec<SocketAddr>,
+    /// The postmaster of the PostgreSQL it runs on, when it is the bench's own.
+    db_pid: Option<u32>,
+    /// Customers begun so far (the full side never sees one twice, on any replica).
     next: Arc<AtomicU64>,
     side: Side,
 }
 
 impl Server {
-    fn start(name: &'static str, child: Child, port: u16) -> Server {
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        // Owned from here: a panic while waiting still stops the child (`Drop`).
+    fn start(name: &'static str, replicas: Vec<(Child, u16)>, db_pid: Option<u32>) -> Server {
+        let (children, ports): (Vec<Child>, Vec<u16>) = replicas.into_iter().unzip();
+        let addrs: Vec<SocketAddr> = ports.into_iter().map(|p| SocketAddr::from(([127, 0, 0, 1], p))).collect();
+        // Owned from here: a panic while waiting still stops the children (`Drop`).
         let mut server = Server {
             name,
-            child,
-            addr,
+            side: Side { ticks_per_sec: clock_ticks(), replicas: children.len(), ..Side::empty(name) },
+            children,
+            addrs,
+            db_pid,
             next: Arc::new(AtomicU64::new(0)),
-            side: Side { ticks_per_sec: clock_ticks(), ..Side::empty(name) },
         };
-        wait_ready(addr, &mut server.child);
+        for (addr, child) in server.addrs.iter().zip(server.children.iter_mut()) {
+            wait_ready(*addr, child);
+        }
         server
+    }
+
+    fn cpu_ticks(&self) -> u64 {
+        self.children.iter().map(|c| cpu_ticks(c.id())).sum()
     }
 
     /// One part: `warmup` untimed, then `secs` timed, on fresh connections.
     fn part(&mut self, s: &Settings, generator: &Arc<Generator>, secs: f64) {
-        let pid = self.child.id();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(s.client_threads)
             .enable_all()
@@ -441,10 +497,14 @@ impl Server {
         let warm_until = start + Duration::from_secs(s.warmup);
         let deadline = warm_until + Duration::from_secs_f64(secs);
         let tasks: Vec<_> = (0..s.connections)
-            .map(|_| rt.spawn(connection(self.addr, generator.clone(), self.next.clone(), full, warm_until, deadline)))
+            .map(|i| {
+                let addr = self.addrs[i % self.addrs.len()];
+                rt.spawn(connection(addr, generator.clone(), self.next.clone(), full, warm_until, deadline))
+            })
             .collect();
         std::thread::sleep(warm_until.saturating_duration_since(Instant::now()));
-        let cpu0 = cpu_ticks(pid);
+        let cpu0 = self.cpu_ticks();
+        let db0 = self.db_pid.map(server_ticks);
         let t0 = Instant::now();
         let results: Vec<ConnResult> = rt.block_on(async {
             let mut out = Vec::new();
@@ -454,7 +514,8 @@ impl Server {
             out
         });
         let window = t0.elapsed();
-        let cpu1 = cpu_ticks(pid);
+        let cpu1 = self.cpu_ticks();
+        let db1 = self.db_pid.map(server_ticks);
         drop(rt);
         let requests: u64 = results.iter().map(|r| r.ok).sum();
         let side = &mut self.side;
@@ -463,6 +524,9 @@ impl Server {
         side.errors += results.iter().map(|r| r.errors).sum::<u64>();
         side.window += window;
         side.cpu_ticks += cpu1 - cpu0;
+        if let (Some(a), Some(b)) = (db0, db1) {
+            *side.db_cpu_ticks.get_or_insert(0) += b.saturating_sub(a);
+        }
         for (k, v) in results.iter().flat_map(|r| r.outcomes.iter()) {
             *side.outcomes.entry(k.clone()).or_default() += v;
         }
@@ -472,12 +536,15 @@ impl Server {
     /// Stops the server (SIGTERM: `serve` finishes in-flight commits, then make sure) and
     /// returns what it measured.
     fn stop(mut self) -> Side {
-        let pid = self.child.id();
-        self.side.peak_rss_kb = peak_rss_kb(pid);
-        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        let peaks: Vec<u64> = self.children.iter().map(|c| peak_rss_kb(c.id())).collect();
+        self.side.peak_rss_kb = peaks.iter().sum();
+        self.side.peak_rss_max_kb = peaks.iter().copied().max().unwrap_or(0);
+        for child in &self.children {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        }
         let stop = Instant::now();
         while stop.elapsed() < Duration::from_secs(10) {
-            if let Ok(Some(_)) = self.child.try_wait() {
+            if self.children.iter_mut().all(|c| matches!(c.try_wait(), Ok(Some(_)))) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -491,8 +558,10 @@ impl Server {
 /// Whatever happened — a finished run or a panic in between — no server outlives the bench.
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -524,6 +593,114 @@ fn seed_parked(addr: SocketAddr, generator: &Generator, n: u64) -> u64 {
     })
 }
 
+/// `MEMBERSYNC_LOAD_DATABASE=throwaway`: a PostgreSQL of the bench's own, started as the
+/// tests' harness (`tests/it/pg_cluster.rs`) starts its own (Debian's binaries, `initdb` into a
+/// temp dir, as the `postgres` user when root) but with its defaults for durability (`fsync`
+/// and `full_page_writes` on): the harness passes `fsync=off` on the server's command line,
+/// which outranks `ALTER SYSTEM`, and SQLite syncs every commit. The harness then makes its
+/// template and the fresh databases on it (`MEMBERSYNC_TEST_POSTGRES`). Stopped (fast
+/// shutdown) when dropped.
+struct Postgres {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Postgres {
+    fn start() -> Postgres {
+        use std::os::unix::process::CommandExt;
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .filter(|d| d.join("initdb").exists() && d.join("postgres").exists())
+            .max_by_key(|d| d.parent().and_then(|v| v.file_name()?.to_str()?.parse::<u32>().ok()))
+            .expect("MEMBERSYNC_LOAD_DATABASE=throwaway needs Debian's `postgresql` (apt-get install postgresql)");
+        // initdb refuses root: as the `postgres` user then.
+        let who = (unsafe { libc::geteuid() } == 0).then(|| {
+            let name = std::ffi::CString::new("postgres").unwrap();
+            let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+            assert!(!pw.is_null(), "MEMBERSYNC_LOAD_DATABASE=throwaway as root needs a `postgres` user");
+            unsafe { ((*pw).pw_uid, (*pw).pw_gid) }
+        });
+        let as_user = |cmd: &mut Command| {
+            if let Some((uid, gid)) = who {
+                cmd.uid(uid).gid(gid);
+            }
+        };
+        let dir = tempfile::Builder::new().prefix("membersync-load-pg-").tempdir().expect("tempdir");
+        if let Some((uid, gid)) = who {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown");
+        }
+        let data = dir.path().join("data");
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb.arg("-D").arg(&data).args(["-U", "membersync", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]);
+        as_user(&mut initdb);
+        let done = initdb.stdout(Stdio::null()).output().expect("initdb");
+        assert!(done.status.success(), "initdb failed: {}", String::from_utf8_lossy(&done.stderr));
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("server.log")).expect("log");
+        let mut server = Command::new(bin.join("postgres"));
+        server
+            .arg("-D")
+            .arg(&data)
+            .arg("-k")
+            .arg(dir.path())
+            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        as_user(&mut server);
+        let mut pg = Postgres { child: server.spawn().expect("postgres"), _dir: dir };
+        let base = format!("postgres://membersync@127.0.0.1:{port}");
+        let start = Instant::now();
+        while postgres::Client::connect(&format!("{base}/postgres"), postgres::NoTls).is_err() {
+            if let Ok(Some(status)) = pg.child.try_wait() {
+                panic!("the throwaway PostgreSQL exited: {status}");
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "the throwaway PostgreSQL did not answer within 60 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::env::set_var("MEMBERSYNC_TEST_POSTGRES", &base);
+        pg
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+        let _ = self.child.wait();
+    }
+}
+
+/// What durability the PostgreSQL at `url` (a superuser's) has, as `SHOW` tells; with `set`,
+/// `fsync` and `full_page_writes` are turned on first (`ALTER SYSTEM`) and must show on.
+fn pg_durability(url: &str, set: bool) -> String {
+    pg_cluster::query(url, |c| {
+        if set {
+            // One statement at a time: ALTER SYSTEM runs outside a transaction block.
+            for sql in
+                ["ALTER SYSTEM SET fsync = on", "ALTER SYSTEM SET full_page_writes = on", "SELECT pg_reload_conf()"]
+            {
+                c.batch_execute(sql).expect("ALTER SYSTEM (a superuser's URL)");
+            }
+            // The reload reaches this backend after the postmaster's signal.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let mut show =
+            |name: &str| -> String { c.query_one(&format!("SHOW {name}"), &[]).expect("SHOW").get::<_, String>(0) };
+        let (version, fsync, fpw, sync) =
+            (show("server_version"), show("fsync"), show("full_page_writes"), show("synchronous_commit"));
+        if set {
+            assert!(fsync == "on" && fpw == "on", "fsync {fsync}, full_page_writes {fpw}: no honest comparison");
+        }
+        format!(
+            "PostgreSQL {version}: fsync {fsync}, full_page_writes {fpw}, synchronous_commit {sync} (SHOW; \
+             membersync sets synchronous_commit on per connection)"
+        )
+    })
+}
+
 fn drive() {
     let secs = env_num("MEMBERSYNC_LOAD_SECS", 12);
     let s = Settings {
@@ -551,6 +728,32 @@ fn drive() {
             .collect()
     };
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let replicas = env_num("MEMBERSYNC_LOAD_REPLICAS", 1).max(1) as usize;
+    let database = std::env::var("MEMBERSYNC_LOAD_DATABASE").ok().filter(|d| !d.is_empty());
+    assert!(
+        replicas == 1 || database.is_some(),
+        "MEMBERSYNC_LOAD_REPLICAS={replicas}: replicas share one PostgreSQL database, so set \
+         MEMBERSYNC_LOAD_DATABASE (a postgres:// URL, or `throwaway`); on SQLite only one `serve` runs"
+    );
+    let throwaway = database.as_deref() == Some("throwaway");
+    assert!(
+        database.is_none() || throwaway || (workloads.len() == 1 && std::env::var_os("MEMBERSYNC_LOAD_VS").is_none()),
+        "MEMBERSYNC_LOAD_DATABASE=URL is used as is by every `serve`: one workload and no MEMBERSYNC_LOAD_VS \
+         (`throwaway` gives each a fresh database)"
+    );
+    // The bench's own PostgreSQL, unless MEMBERSYNC_TEST_POSTGRES names one, as for the tests.
+    let own_pg =
+        (throwaway && !std::env::var("MEMBERSYNC_TEST_POSTGRES").is_ok_and(|u| !u.is_empty())).then(Postgres::start);
+    let db_pid = own_pg.as_ref().map(|pg| pg.child.id());
+    let db_line = match database.as_deref() {
+        None => "SQLite, a fresh file per `serve` side in a temp dir".to_string(),
+        Some("throwaway") => {
+            let base = std::env::var("MEMBERSYNC_TEST_POSTGRES").expect("the throwaway PostgreSQL");
+            let base = base.trim_end_matches('/');
+            format!("{} at {base}, a fresh database per side", pg_durability(&format!("{base}/postgres"), true))
+        }
+        Some(url) => format!("{} at {}", pg_durability(url, false), membersync::store::pg::redacted(url)),
+    };
 
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
@@ -562,6 +765,11 @@ fn drive() {
         s.warmup,
         s.client_threads,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    let _ = writeln!(
+        out,
+        "database: {db_line}; {replicas} `serve` replica(s) per side{}",
+        if replicas > 1 { " (CPU us/req and peak RSS: sums over the replicas)" } else { "" }
     );
     for workload in workloads {
         let generator = Arc::new(Generator::new(workload));
@@ -575,32 +783,43 @@ fn drive() {
             .stdout(Stdio::null())
             .spawn()
             .expect("bare server");
-        let mut bare = Server::start("bare", bare, port);
+        let mut bare = Server::start("bare", vec![(bare, port)], None);
 
         // Full ingest: the real `serve`, fresh database, its default log to a file. With
         // `MEMBERSYNC_LOAD_VS=BIN`, a second `serve` (another build) takes its parts too, in
         // the same rounds: an A/B in one stretch of time.
         let dir = tempfile::tempdir().expect("tempdir");
+        // With `MEMBERSYNC_LOAD_DATABASE`, on PostgreSQL, `MEMBERSYNC_LOAD_REPLICAS` of them.
         let serve = |name: &'static str, bin: &std::ffi::OsStr, config: PathBuf| {
-            let port = free_port();
-            let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).expect("log");
-            let child = Command::new(bin)
-                .arg("serve")
-                .arg("--config")
-                .arg(config)
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
-                .arg("--database")
-                .arg(dir.path().join(format!("{name}.db")))
-                .env("STRIPE_WEBHOOK_SECRET", SECRET)
-                .env_remove("STRIPE_API_KEY")
-                .env_remove("MEMBERSYNC_LOG")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("membersync serve");
-            Server::start(name, child, port)
+            let database: std::ffi::OsString = match database.as_deref() {
+                None => dir.path().join(format!("{name}.db")).into(),
+                Some("throwaway") => pg_cluster::fresh_database().into(),
+                Some(url) => url.into(),
+            };
+            let children = (0..replicas)
+                .map(|r| {
+                    let port = free_port();
+                    let log = std::fs::File::create(dir.path().join(format!("{name}-{r}.log"))).expect("log");
+                    let child = Command::new(bin)
+                        .arg("serve")
+                        .arg("--config")
+                        .arg(&config)
+                        .arg("--listen")
+                        .arg(format!("127.0.0.1:{port}"))
+                        .arg("--database")
+                        .arg(&database)
+                        .env("STRIPE_WEBHOOK_SECRET", SECRET)
+                        .env_remove("STRIPE_API_KEY")
+                        .env_remove("MEMBERSYNC_LOG")
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(log)
+                        .spawn()
+                        .expect("membersync serve");
+                    (child, port)
+                })
+                .collect();
+            Server::start(name, children, db_pid)
         };
         let mut full = serve("full", std::ffi::OsStr::new(env!("CARGO_BIN_EXE_membersync")), config_path(&root));
         let vs_config =
@@ -611,7 +830,7 @@ fn drive() {
         let seed = env_num("MEMBERSYNC_LOAD_PARKED", 0);
         if seed > 0 {
             for server in std::iter::once(&full).chain(vs.as_ref()) {
-                let parked = seed_parked(server.addr, &generator, seed);
+                let parked = seed_parked(server.addrs[0], &generator, seed);
                 let _ =
                     writeln!(out, "{}: {parked} of {seed} checkouts parked for members that never come", server.name);
             }
@@ -671,6 +890,21 @@ fn report(out: &mut impl Write, workload: Workload, bare: &Side, full: &Side) {
             side.peak_rss_kb as f64 / 1024.0,
         );
     }
+    if full.replicas > 1 {
+        let _ = writeln!(
+            out,
+            "{}: {} replicas on one database; its CPU us/req and peak RSS are sums over the {} processes",
+            full.name, full.replicas, full.replicas
+        );
+    }
+    if let Some(db) = full.db_cpu_us_per_req() {
+        let _ = writeln!(
+            out,
+            "{}: PostgreSQL's CPU us/req (postmaster and backends) {db:.1}; serve's and PostgreSQL's {:.1}",
+            full.name,
+            db + full.cpu_us_per_req()
+        );
+    }
     let mix: Vec<String> = full.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
     let _ = writeln!(out, "full answers: {}", mix.join(", "));
     let each: Vec<String> =
@@ -689,5 +923,15 @@ fn report(out: &mut impl Write, workload: Workload, bare: &Side, full: &Side) {
     let p99 = full.pct(0.99);
     let _ = writeln!(out, "full p99 = {p99:.2} ms  (target <= 10 ms: {})", verdict(p99 <= 10.0));
     let rss = full.peak_rss_kb as f64 / 1024.0;
-    let _ = writeln!(out, "full peak RSS = {rss:.1} MB  (target <= 64 MB: {})", verdict(rss <= 64.0));
+    if full.replicas > 1 {
+        let max = full.peak_rss_max_kb as f64 / 1024.0;
+        let _ = writeln!(
+            out,
+            "full peak RSS = {rss:.1} MB over {} replicas, largest {max:.1} MB  (target <= 64 MB each: {})",
+            full.replicas,
+            verdict(max <= 64.0)
+        );
+    } else {
+        let _ = writeln!(out, "full peak RSS = {rss:.1} MB  (target <= 64 MB: {})", verdict(rss <= 64.0));
+    }
 }
