@@ -108,11 +108,11 @@ static PARKED: LazyLock<&'static str> = LazyLock::new(|| {
         format!(
             "SELECT {EVENT_COLS} FROM events WHERE tenant = $1 AND provider = $2 AND park_key = $3
              UNION ALL
-             SELECT {e_cols} FROM memberships s
-               JOIN member_customers c ON c.member_id = s.member_id AND c.tenant = $1 AND c.provider = $2
+             SELECT {e_cols} FROM member_customers c
                JOIN events e ON e.tenant = $1 AND e.provider = $2 AND e.park_key = ''
                 AND (e.canonical::jsonb -> 'member' ->> 'provider_customer_id') = c.customer_id
-              WHERE s.id = $4
+              WHERE c.member_id = (SELECT member_id FROM memberships WHERE id = $4)
+                AND c.tenant = $1 AND c.provider = $2
              UNION ALL
              SELECT {EVENT_COLS} FROM events
               WHERE tenant = $1 AND provider = $2 AND park_key = ''
