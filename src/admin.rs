@@ -295,6 +295,25 @@ pub async fn revoke(
     })))
 }
 
+/// `DELETE /members/{id}/personal-data`: erases the member's personal data (email, name,
+/// and what stored raw bodies hold of them), keeping memberships, states and the audit
+/// trail under the member id; the erasure is recorded with the token that asked.
+#[utoipa::path(delete, path = "/members/{id}/personal-data", tag = "members", security(("admin_token" = [])),
+    params(("id" = String, Path, description = "Member id")),
+    responses((status = 200, description = "Erased: `{member_id, tenant, erased_by, erased_at, member_fields, events_examined, events_rewritten, leads_deleted}`", body = Object),
+        (status = 400, description = "A path that cannot be read (not UTF-8)", body = ErrorBody),
+        (status = 404, description = "No such member", body = ErrorBody), (status = 401, description = "Admin token missing or wrong", body = ErrorBody), (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
+pub async fn erase_personal_data(
+    token: AdminToken,
+    State(ctx): State<Arc<Ctx>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    tenant_of_member(&ctx, &token, &id).await?;
+    let detail = crate::erase::erase_member(&ctx, &id, &token.who()).await?.ok_or(ApiError::NotFound)?;
+    tracing::info!(member = %detail.member_id, by = %detail.erased_by, events = detail.events_rewritten, "Personal data erased.");
+    Ok(Json(json!(detail)))
+}
+
 /// The tenant of member `id`, if the token may see them (else 404, as for no member).
 async fn tenant_of_member(ctx: &Arc<Ctx>, token: &AdminToken, id: &str) -> Result<String, ApiError> {
     let who = id.to_string();
@@ -546,7 +565,7 @@ pub async fn rederive(
     responses((status = 200, description = "`{event_id, was, status, reason}`", body = Object),
         (status = 400, description = "A path that cannot be read (not UTF-8)", body = ErrorBody),
         (status = 404, description = "No such event", body = ErrorBody),
-        (status = 409, description = "Not failed, refused or ignored (or replayed already)", body = ErrorBody), (status = 401, description = "Admin token missing or wrong", body = ErrorBody), (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
+        (status = 409, description = "Not failed, refused or ignored (or replayed already), or its raw body was pruned", body = ErrorBody), (status = 401, description = "Admin token missing or wrong", body = ErrorBody), (status = 503, description = "Busy (Retry-After) or the store failed", body = ErrorBody)))]
 pub async fn replay_event(
     token: AdminToken,
     State(ctx): State<Arc<Ctx>>,
@@ -561,7 +580,9 @@ pub async fn replay_event(
         Ok(ack) => Ok(Json(json!({
             "event_id": ack.event_id, "was": e.status, "status": ack.status, "reason": ack.outcome.reason,
         }))),
-        Err(err @ crate::replay::Error::NotReplayable(..)) => Err(ApiError::Conflict(err.to_string())),
+        Err(err @ (crate::replay::Error::NotReplayable(..) | crate::replay::Error::Pruned(..))) => {
+            Err(ApiError::Conflict(err.to_string()))
+        }
         Err(crate::replay::Error::Store(err)) => Err(err.into()),
         Err(other) => Err(ApiError::Internal(other.to_string())),
     }

@@ -175,6 +175,7 @@ pub async fn serve(
             }
         })
     };
+    let retention_task = tokio::spawn(crate::retention::run(ctx.clone(), stopped(stop_rx.clone())));
     let reconcile_task = tokio::spawn(reconcile::schedule::run(ctx, state.reconcile.clone(), stopped(stop_rx.clone())));
     let limits = state.ctx.config().connections;
     let app = router(state);
@@ -188,5 +189,6 @@ pub async fn serve(
     #[cfg(unix)]
     let _ = hup_task.await;
     let _ = reconcile_task.await;
+    let _ = retention_task.await;
     result
 }

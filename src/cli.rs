@@ -152,6 +152,46 @@ pub enum Command {
         #[arg(long)]
         database: Option<String>,
     },
+    /// Drop the raw bodies (and headers) of deliveries older than `retention.raw_body_days`
+    /// (`serve` also does it daily when that is set). Canonical forms, outcomes, rules and
+    /// transitions stay, so `explain` still tells the story.
+    Prune {
+        /// Count what would be dropped; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Days to keep, instead of the config's `retention.raw_body_days`.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        days: Option<u32>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "membersync.yaml")]
+        config: PathBuf,
+        /// The database: an SQLite file, or a postgres:// URL (overrides the config and
+        /// MEMBERSYNC_DATABASE).
+        #[arg(long)]
+        database: Option<String>,
+    },
+    /// Erase a member's personal data (email, name, and what stored raw bodies hold of
+    /// them) on request; memberships, states and the audit trail stay under the member id,
+    /// and the erasure is recorded (who, when, what).
+    Erase {
+        /// The member: its `mbr_…` id or email.
+        #[arg(long)]
+        member: String,
+        /// Who asks (recorded with the erasure); default: $USER.
+        #[arg(long)]
+        by: Option<String>,
+        /// Print what was erased as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "membersync.yaml")]
+        config: PathBuf,
+        /// The database: an SQLite file, or a postgres:// URL (overrides the config and
+        /// MEMBERSYNC_DATABASE).
+        #[arg(long)]
+        database: Option<String>,
+    },
     /// Serve the read-only MCP tools to an AI assistant over stdio (every tenant; over HTTP
     /// the same tools are at `/mcp` with `MEMBERSYNC_MCP_TOKEN`).
     Mcp {
@@ -225,7 +265,68 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
         }
         Command::Reconcile { member, json, config, database } => reconcile(&config, database, member, json).await,
         Command::Mcp { config, database } => mcp(&config, database).await,
+        Command::Prune { dry_run, days, json, config, database } => prune(&config, database, dry_run, days, json).await,
+        Command::Erase { member, by, json, config, database } => erase(&config, database, &member, by, json).await,
     }
+}
+
+/// `membersync prune`.
+async fn prune(
+    config_path: &Path,
+    database: Option<String>,
+    dry_run: bool,
+    days: Option<u32>,
+    json: bool,
+) -> Result<ExitCode> {
+    let ctx = existing_ctx(config_path, database)?;
+    let Some(days) = days.or(ctx.config().raw_body_days) else {
+        bail!(
+            "retention.raw_body_days is not set in {}: raw bodies are kept forever. Set it (days to keep), or pass --days N",
+            config_path.display()
+        );
+    };
+    let report = crate::retention::prune(&ctx.store, days, Utc::now(), dry_run).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `membersync erase`.
+async fn erase(
+    config_path: &Path,
+    database: Option<String>,
+    who: &str,
+    by: Option<String>,
+    json: bool,
+) -> Result<ExitCode> {
+    let ctx = existing_ctx(config_path, database)?;
+    let w = who.to_string();
+    let found = crate::store::read(&ctx.store, move |s| crate::explain::find(s, &w)).await?;
+    let member = found.one(who).map_err(anyhow::Error::msg)?.member;
+    let by = by
+        .or_else(|| std::env::var("USER").ok())
+        .filter(|b| !b.trim().is_empty())
+        .unwrap_or_else(|| "the command line".into());
+    let d = crate::erase::erase_member(&ctx, &member.id, &by).await?.with_context(|| format!("no member `{who}`"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&d)?);
+    } else {
+        println!(
+            "erased {} of member {} (tenant {}): {} of {} stored event(s) rewritten, {} lead(s) deleted; recorded as by {} at {}",
+            if d.member_fields.is_empty() { "no own field".to_string() } else { d.member_fields.join(" and ") },
+            d.member_id,
+            d.tenant,
+            d.events_rewritten,
+            d.events_examined,
+            d.leads_deleted,
+            d.erased_by,
+            d.erased_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A context over the database `serve` stored (`database` overriding the config's), on the

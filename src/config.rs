@@ -52,6 +52,35 @@ pub struct ConfigFile {
     /// Reconciliation schedule and limits.
     #[serde(default)]
     pub reconcile: ReconcileConfigSpec,
+    /// How long raw deliveries are kept (`membersync prune`).
+    #[serde(default)]
+    pub retention: RetentionSpec,
+    /// What erasing a member's personal data removes (`membersync erase`).
+    #[serde(default)]
+    pub erasure: ErasureSpec,
+}
+
+/// How long raw deliveries are kept.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSpec {
+    /// Raw bodies and headers of deliveries received more than this many days ago are
+    /// dropped by `membersync prune`, and by `serve` once a day; each event's canonical
+    /// form, outcome, rule and transition stay. Unset: kept forever.
+    #[serde(default)]
+    #[schemars(range(min = 1))]
+    pub raw_body_days: Option<u32>,
+}
+
+/// What erasing a member's personal data removes from stored raw bodies, beyond every
+/// value that is the member's email or name (or a word of it).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ErasureSpec {
+    /// Field names (any depth, any case) whose values are personal: removed from the
+    /// member's stored bodies whatever they hold (a phone number, an address line).
+    #[serde(default)]
+    pub personal_fields: Vec<String>,
 }
 
 /// How often and how fast memberships are compared with the providers.
@@ -276,6 +305,10 @@ pub struct Config {
     /// Provider → its verification, compiled from the same file.
     pub verifiers: BTreeMap<String, crate::verify::Verifier>,
     pub reconcile: ReconcileSettings,
+    /// Raw bodies older than this are pruned (`retention.raw_body_days`); `None`: kept.
+    pub raw_body_days: Option<u32>,
+    /// Field names whose values erasure removes (`erasure.personal_fields`), lowercased.
+    pub personal_fields: Vec<String>,
     /// Provider → API root from `<PROVIDER>_API_BASE` (overrides the YAML's `api_base`).
     pub api_bases: BTreeMap<String, String>,
     /// Secrets in force at their built-in `default:` (no environment variable set), each as
@@ -428,6 +461,8 @@ impl Config {
             startup_check: std::time::Duration::from_secs(file.limits.startup_check_secs.unwrap_or(10)),
             tenants,
             reconcile: ReconcileSettings::from_spec(&file.reconcile),
+            raw_body_days: file.retention.raw_body_days,
+            personal_fields: file.erasure.personal_fields.iter().map(|f| f.to_lowercase()).collect(),
             api_bases: extractors
                 .keys()
                 .filter_map(|p| env(&format!("{}_API_BASE", p.to_ascii_uppercase())).map(|b| (p.clone(), b)))

@@ -77,6 +77,7 @@ fn history_entry(e: &EventRow) -> Value {
     let mut v = crate::views::activity_json_with(e, &outcome);
     v["seq"] = json!(e.seq);
     v["mapping"] = outcome.get("mapping").cloned().unwrap_or(Value::Null);
+    v["body_pruned_at"] = json!(e.body_pruned_at.map(|at| t(Some(at))));
     v
 }
 
@@ -94,6 +95,9 @@ pub fn explain_text(j: &Value) -> String {
     );
     for flag in j["flags"].as_array().into_iter().flatten() {
         let _ = writeln!(out, "  ! {}", s(flag));
+    }
+    for e in j["erasures"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "  Personal data erased at {} by {}", s(&e["erased_at"]), s(&e["erased_by"]));
     }
     let _ = writeln!(out, "\nMemberships:");
     for m in j["memberships"].as_array().into_iter().flatten() {
@@ -190,6 +194,13 @@ pub fn explain_text(j: &Value) -> String {
         }
         if !e["reason"].is_null() {
             let _ = writeln!(out, "      why:     {}", s(&e["reason"]));
+        }
+        if !e["body_pruned_at"].is_null() {
+            let _ = writeln!(
+                out,
+                "      body:    pruned at {} (the canonical form above is kept)",
+                s(&e["body_pruned_at"])
+            );
         }
     }
     out

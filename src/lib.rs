@@ -34,7 +34,8 @@
 //!   provider APIs and the daily schedule; `enrich`: what a delivery leaves out, fetched
 //!   (Stripe's line items); `manual`: operators' grants as events; `timers`: the one
 //!   timer-firing path; `replay`:
-//!   stored events run again, and the dry run; `explain`, `scenario`, `simulate`: why a
+//!   stored events run again, and the dry run; `retention`: old raw bodies dropped;
+//!   `erase`: a member's personal data removed; `explain`, `scenario`, `simulate`: why a
 //!   member has access, lifecycle files run as tests, one payload as a dry run; `check`:
 //!   every problem in the operator's files.
 //! - `pipeline`: the order of stages (`resolve`, `commit`, `parked`); `intake`: how a
@@ -57,6 +58,7 @@ pub mod console;
 pub mod diagnostic;
 pub mod effects;
 pub mod enrich;
+pub mod erase;
 pub mod explain;
 pub mod extract;
 pub mod http_error;
@@ -73,6 +75,7 @@ pub mod pipeline;
 pub mod reconcile;
 pub mod reload;
 pub mod replay;
+pub mod retention;
 pub mod rules;
 pub mod scenario;
 pub mod schema;

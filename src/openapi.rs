@@ -26,6 +26,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(admin::resync))
         .routes(routes!(admin::grant))
         .routes(routes!(admin::revoke))
+        .routes(routes!(admin::erase_personal_data))
         .routes(routes!(admin::products))
         .routes(routes!(admin::events))
         .routes(routes!(admin::event))

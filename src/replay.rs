@@ -23,6 +23,9 @@ pub enum Error {
     /// Only events that changed nothing may run again (applied ones would apply twice).
     #[error("event #{0} is {1}: only failed, refused or ignored deliveries are replayed, each once")]
     NotReplayable(i64, String),
+    /// Retention dropped its body, which is what would run again.
+    #[error("event #{0}'s raw body was pruned at {1} (retention.raw_body_days): it cannot run again; its canonical form and outcome are kept")]
+    Pruned(i64, String),
     /// The provider has no YAML any more.
     #[error("no provider `{0}` in the rules")]
     NoProvider(String),
@@ -44,6 +47,9 @@ pub async fn replay_one(ctx: &Arc<Ctx>, e: &EventRow) -> Result<Ack, Error> {
         // Its stored body is the timer, not a provider's payload: run again as a delivery
         // it could only fail, and the timer itself is gone once it fired.
         return Err(Error::NotReplayable(e.seq, format!("{} (a timer's event)", e.status)));
+    }
+    if let Some(at) = e.body_pruned_at {
+        return Err(Error::Pruned(e.seq, at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)));
     }
     let (incoming, raw) = incoming(&ctx.config(), e)?;
     let seq = e.seq;
@@ -80,7 +86,13 @@ pub async fn replay(ctx: &Arc<Ctx>, filter: &EventFilter) -> Result<Vec<Replayed
     let rows = store::read(&ctx.store, move |s| s.events_where(&f)).await?;
     let mut out = Vec::new();
     for e in rows.iter().filter(|e| e.status.is_replayable() && e.source != Source::Timer) {
-        let ack = replay_one(ctx, e).await?;
+        let ack = match replay_one(ctx, e).await {
+            Err(why @ Error::Pruned(..)) => {
+                tracing::warn!(seq = e.seq, event_id = %e.event_id, "{why}");
+                continue;
+            }
+            other => other?,
+        };
         out.push(Replayed {
             seq: e.seq,
             event_id: e.event_id.clone(),

@@ -104,13 +104,21 @@ pub fn member_json(d: &MemberDetail, now: DateTime<Utc>) -> Value {
             j
         }).collect::<Vec<_>>(),
         "recent_events": d.recent_events.iter().map(activity_json).collect::<Vec<_>>(),
+        "erasures": d.erasures.iter().map(erasure_json).collect::<Vec<_>>(),
     })
 }
 
+/// One erasure of a member's personal data: who, when, what.
+pub fn erasure_json(e: &crate::store::ErasureRow) -> Value {
+    json!({ "erased_by": e.erased_by, "erased_at": rfc(Some(e.erased_at)), "detail": e.detail })
+}
+
 /// One stored event as `GET /events/{event_id}` shows it: the raw body (UTF-8, else
-/// base64), headers, canonical event and outcome.
+/// base64), headers, canonical event and outcome. A body retention dropped is
+/// `{"encoding": "pruned", "body": null}`, and `body_pruned_at` says when.
 pub fn event_json(e: &EventRow) -> Value {
     let raw = match std::str::from_utf8(&e.raw) {
+        _ if e.body_pruned_at.is_some() => json!({ "encoding": "pruned", "body": null }),
         Ok(s) => json!({ "encoding": "utf-8", "body": s }),
         Err(_) => {
             json!({ "encoding": "base64", "body": base64::engine::general_purpose::STANDARD.encode(&e.raw) })
@@ -136,5 +144,6 @@ pub fn event_json(e: &EventRow) -> Value {
         "canonical": e.canonical,
         "outcome": e.outcome,
         "deliveries": e.deliveries,
+        "body_pruned_at": rfc(e.body_pruned_at),
     })
 }

@@ -542,8 +542,13 @@ async fn event(
         .iter()
         .map(|e| {
             let mut j = event_json(e);
-            j["raw_text"] = json!(pretty_body(&e.raw));
-            j["replayable"] = json!(e.status.is_replayable() && e.source != crate::canonical::Source::Timer);
+            j["raw_text"] = json!(match e.body_pruned_at {
+                Some(at) => format!("(raw body and headers pruned at {} by retention.raw_body_days)", at.to_rfc3339()),
+                None => pretty_body(&e.raw),
+            });
+            j["replayable"] = json!(
+                e.status.is_replayable() && e.source != crate::canonical::Source::Timer && e.body_pruned_at.is_none()
+            );
             j["pretty_canonical"] = json!(e.canonical.as_deref().map(crate::store::json_of).map(|v| pretty(&v)));
             j["pretty_outcome"] = json!(pretty(&crate::store::json_of(&e.outcome)));
             j["pretty_headers"] = json!(pretty(&crate::store::json_of(&e.headers)));
@@ -623,7 +628,7 @@ async fn replay_one(State(state): State<AppState>, op: Operator, Path(id): Path<
     };
     let notice = match crate::replay::replay_one(&state.ctx, e).await {
         Ok(ack) => format!("replayed-{}", ack.status.as_str()),
-        Err(crate::replay::Error::NotReplayable(..)) => "not-replayable".into(),
+        Err(crate::replay::Error::NotReplayable(..) | crate::replay::Error::Pruned(..)) => "not-replayable".into(),
         Err(e) => return internal(e),
     };
     Redirect::to(&format!("/console/events/{}?notice={notice}", enc(&id))).into_response()
@@ -689,7 +694,7 @@ async fn replay_all(State(state): State<AppState>, op: Operator, form: axum::ext
     for e in &rows {
         match crate::replay::replay_one(&state.ctx, e).await {
             Ok(_) => done += 1,
-            Err(crate::replay::Error::NotReplayable(..)) => {}
+            Err(crate::replay::Error::NotReplayable(..) | crate::replay::Error::Pruned(..)) => {}
             Err(e) => return internal(e),
         }
     }

@@ -212,6 +212,7 @@ fn apply_event(
         // A provider's request; a timer, replay or reconciliation is none.
         deliveries: i64::from(delivery),
         enrichment: None,
+        body_pruned_at: None,
     };
 
     let x = match incoming {

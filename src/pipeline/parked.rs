@@ -57,16 +57,46 @@ pub(super) fn waits_for(tx: &mut dyn Tx, e: &EventRow, ms: &MembershipRow, mem: 
 /// A stored event as the pipeline's input again (replay, release of parked events):
 /// decoded and extracted from its raw body under the current provider YAML, keeping its
 /// idempotency key. `None` if its provider has no YAML any more.
-pub fn incoming_from_row(config: &Config, e: &EventRow) -> Option<(Incoming, Raw)> {
-    if e.provider == crate::manual::PROVIDER {
-        return crate::manual::incoming_from_row(e);
-    }
-    config.extractors.get(&e.provider)?;
-    let headers: Vec<(String, String)> = serde_json::from_str(e.headers.get()).unwrap_or_default();
-    let enrichment = e.enrichment.as_deref().and_then(|j| serde_json::from_str(j).ok()).map(Ok);
-    let raw =
-        Raw { body: e.raw.clone(), headers: headers.clone(), source: Source::Replay, delivery: false, enrichment };
-    let unreadable = |error: String| Incoming::Unreadable {
+/// An event whose body retention dropped, to run again from what was stored of it: its
+/// canonical form and the mapping that produced it (so the rules in force decide again;
+/// an edited provider file cannot re-read it). One stored without a canonical form (its
+/// fields could not be read) is unreadable again, saying why.
+fn from_canonical(
+    e: &EventRow,
+    pruned_at: chrono::DateTime<chrono::Utc>,
+    enrichment: Option<Result<crate::enrich::Enriched, String>>,
+) -> (Incoming, Raw) {
+    let raw = Raw { body: vec![], headers: vec![], source: Source::Replay, delivery: false, enrichment };
+    let event =
+        e.canonical.as_ref().and_then(|c| serde_json::from_str::<crate::canonical::CanonicalEvent>(c.get()).ok());
+    let incoming = match event {
+        Some(event) => {
+            let outcome = store::json_of(&e.outcome);
+            let mapping =
+                outcome.get("mapping").and_then(|m| serde_json::from_value(m.clone()).ok()).unwrap_or_else(|| {
+                    crate::extract::Mapping::new(format!("{}.yaml", e.provider), Some(e.event_type.clone()))
+                });
+            Incoming::Extracted(Box::new(crate::extract::Extraction {
+                event,
+                idempotency_key: e.idempotency_key.clone(),
+                mapping,
+                enrich: None,
+            }))
+        }
+        None => unreadable(
+            e,
+            format!(
+                "its raw body was pruned at {} and its fields were never read",
+                pruned_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ),
+        ),
+    };
+    (incoming, raw)
+}
+
+/// Stored event `e` as one whose fields cannot be read, for `error`.
+fn unreadable(e: &EventRow, error: String) -> Incoming {
+    Incoming::Unreadable {
         provider: e.provider.clone(),
         tenant: e.tenant.clone(),
         failure: Box::new(Failure {
@@ -76,7 +106,21 @@ pub fn incoming_from_row(config: &Config, e: &EventRow) -> Option<(Incoming, Raw
             occurred_at: e.occurred_at,
             error: crate::extract::Error::Undecodable(error),
         }),
-    };
+    }
+}
+
+pub fn incoming_from_row(config: &Config, e: &EventRow) -> Option<(Incoming, Raw)> {
+    if e.provider == crate::manual::PROVIDER {
+        return crate::manual::incoming_from_row(e);
+    }
+    config.extractors.get(&e.provider)?;
+    let headers: Vec<(String, String)> = serde_json::from_str(e.headers.get()).unwrap_or_default();
+    let enrichment = e.enrichment.as_deref().and_then(|j| serde_json::from_str(j).ok()).map(Ok);
+    if let Some(pruned_at) = e.body_pruned_at {
+        return Some(from_canonical(e, pruned_at, enrichment));
+    }
+    let raw =
+        Raw { body: e.raw.clone(), headers: headers.clone(), source: Source::Replay, delivery: false, enrichment };
     let delivery = Delivery {
         tenant: &e.tenant,
         provider: &e.provider,
@@ -85,7 +129,7 @@ pub fn incoming_from_row(config: &Config, e: &EventRow) -> Option<(Incoming, Raw
         received_at: e.received_at,
     };
     let incoming = match intake(config, &delivery, Check::Trusted) {
-        Err(err) => unreadable(err.to_string()),
+        Err(err) => unreadable(e, err.to_string()),
         Ok(taken) => match taken.extracted {
             Ok(mut ex) => {
                 ex.idempotency_key = e.idempotency_key.clone();

@@ -122,6 +122,7 @@ pub fn apply_derived(
         park_key: None,
         deliveries: 0,
         enrichment: None,
+        body_pruned_at: None,
     };
     Ok(Rederived::Applied(Box::new(finish(tx, rec, outcome)?)))
 }

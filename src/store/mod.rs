@@ -262,6 +262,9 @@ pub struct EventRow {
     pub deliveries: i64,
     /// What an enrichment fetched for it (JSON, `enrich::Enriched`), if one did.
     pub enrichment: Option<String>,
+    /// When retention dropped its raw body and headers (`raw` is then empty); its
+    /// canonical form and outcome stay.
+    pub body_pruned_at: Option<DateTime<Utc>>,
 }
 
 /// An abandoned checkout's contact, until (and after) it converts.
@@ -384,6 +387,47 @@ pub trait Tx {
         until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<MembershipRow>>;
+    /// Drops the raw body and headers of up to `limit` events received before `before`,
+    /// oldest first, marking each pruned at `now`: deliveries from a provider (a manual
+    /// grant's and a timer's bodies are the record itself), and none still parked (a parked
+    /// event runs again from its body when its membership arrives). Returns what was dropped.
+    fn prune_bodies(&mut self, before: DateTime<Utc>, now: DateTime<Utc>, limit: usize) -> Result<Pruned>;
+    /// Every event naming member `member_id` of `tenant`: those stored under it, and those
+    /// stored under no member whose canonical form names `email_lc` (parked, failed or a
+    /// lead's abandoned checkout), with their bodies; oldest first.
+    fn events_naming(&mut self, tenant: &str, member_id: &str, email_lc: Option<&str>) -> Result<Vec<EventRow>>;
+    /// Writes back an event's raw body, headers, canonical form, outcome, reason and
+    /// enrichment (an erasure's rewrite); nothing else of it changes.
+    fn rewrite_event(&mut self, e: &EventRow) -> Result<()>;
+    /// Blanks a member's email and name and marks it erased at `at`; from then on it takes
+    /// neither again (`save_member` keeps them blank) and matches no email.
+    fn erase_member_row(&mut self, member_id: &str, at: DateTime<Utc>) -> Result<()>;
+    /// Deletes the leads of `tenant` with this email or converted to this member; returns
+    /// how many.
+    fn delete_leads(&mut self, tenant: &str, email_lc: Option<&str>, member_id: &str) -> Result<u64>;
+    /// Records an erasure.
+    fn record_erasure(&mut self, e: &ErasureRow) -> Result<()>;
+}
+
+/// What one prune dropped (or, for a dry run, would drop).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Pruned {
+    /// Events whose body was dropped.
+    pub events: u64,
+    /// Bytes of raw bodies and headers dropped.
+    pub bytes: u64,
+}
+
+/// One erasure of a member's personal data, as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ErasureRow {
+    pub tenant: String,
+    pub member_id: String,
+    /// Who asked: the operator's name given to `erase --by`, or `admin-api`.
+    pub erased_by: String,
+    pub erased_at: DateTime<Utc>,
+    /// What was removed (JSON, `erase::Detail`).
+    pub detail: serde_json::Value,
 }
 
 /// One reconciliation attempt's result, as stored.
@@ -450,6 +494,8 @@ pub struct MemberDetail {
     pub timers: Vec<TimerRow>,
     /// Reconciliation detail, one per membership.
     pub sync: Vec<SyncRow>,
+    /// Erasures of the member's personal data, oldest first.
+    pub erasures: Vec<ErasureRow>,
 }
 
 /// What runs on a scratch store (`Store::scratch`).
@@ -528,6 +574,8 @@ pub trait Store: Send + Sync + 'static {
     fn customer_id(&self, tenant: &str, provider: &str, member_id: &str) -> Result<Option<String>>;
     /// Count of memberships by sync status (for /metrics).
     fn sync_status_counts(&self) -> Result<Vec<(String, i64)>>;
+    /// What `Tx::prune_bodies` would drop of the events received before `before`.
+    fn prunable(&self, before: DateTime<Utc>) -> Result<Pruned>;
     /// Runs `f` in one transaction on an empty scratch store of the same schema, dropped
     /// afterwards: what a dry run re-derives state into. Nothing reaches this store.
     fn scratch(&self, f: ScratchJob<'_>) -> Result<()>;
@@ -568,9 +616,14 @@ pub(crate) fn to_json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
-pub(crate) const EVENT_COLS: &str = "seq, tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key, deliveries, enrichment";
+pub(crate) const EVENT_COLS: &str = "seq, tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key, deliveries, enrichment, body_pruned_at";
 pub(crate) const MEMBER_COLS: &str = "id, tenant, email, name, flags, created_at, updated_at";
 pub(crate) const MEMBERSHIP_COLS: &str = "id, tenant, member_id, provider, key, subscription_id, product_id, plan_id, status, state, period_end, grace_until, access_until, cancel_at_period_end, access_levels, flags, last_event_at, last_event_id, last_reconciled_at, sync_status, created_at, updated_at, last_event_rank";
+
+/// The events whose raw body a prune may drop (see `Tx::prune_bodies`): the condition of
+/// the `events_unpruned` index in both schemas, which each store's prune names in full so
+/// that the index serves it.
+pub(crate) const PRUNABLE: &str = "body_pruned_at IS NULL AND park_key IS NULL AND provider <> 'manual' AND source IN ('webhook', 'reconcile', 'replay')";
 
 /// A column list (`a, b`) with each column named through a table's alias (`t.a, t.b`),
 /// for statements that join.

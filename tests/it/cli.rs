@@ -353,6 +353,7 @@ async fn migrate_store_copies_text_holding_nul() {
                 park_key: Some(String::new()),
                 deliveries: 1,
                 enrichment: None,
+                body_pruned_at: None,
             })
         })
         .await

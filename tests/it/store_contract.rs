@@ -137,6 +137,7 @@ fn event(tenant: &str, provider: &str, key: &str) -> EventRow {
         park_key: None,
         deliveries: 1,
         enrichment: None,
+        body_pruned_at: None,
     }
 }
 
@@ -1783,4 +1784,122 @@ async fn scratch_runs_a_job_on_an_empty_store_and_nothing_reaches_the_real_one()
                 .unwrap();
         assert!(failed.is_err(), "{k}");
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Retention and erasure.
+// ---------------------------------------------------------------------------------------
+
+/// Only old deliveries from a provider lose their body: not a young one, a parked one, a
+/// manual grant's or a timer's; a second prune finds nothing; the dry run counts what the
+/// prune drops, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_drops_only_old_unparked_provider_bodies() {
+    let mut answers = Vec::new();
+    for db in stores() {
+        db.w(|tx| {
+            let old = |k: &str| EventRow { received_at: at(100), ..event("t", "stripe", k) };
+            tx.insert_event(&old("old_webhook"))?;
+            tx.insert_event(&EventRow { source: Source::Replay, ..old("old_replay") })?;
+            tx.insert_event(&EventRow { source: Source::Reconcile, ..old("old_reconcile") })?;
+            tx.insert_event(&EventRow { park_key: Some("sub:x".into()), ..old("old_parked") })?;
+            tx.insert_event(&EventRow { source: Source::Timer, ..old("old_timer") })?;
+            tx.insert_event(&EventRow { provider: "manual".into(), source: Source::Manual, ..old("old_manual") })?;
+            tx.insert_event(&EventRow { received_at: at(1000), ..event("t", "stripe", "young") })?;
+            Ok(())
+        })
+        .await;
+        let counted = db.r(|s| s.prunable(at(500))).await;
+        let pruned = db.w(|tx| tx.prune_bodies(at(500), at(2000), 2)).await;
+        assert_eq!(pruned.events, 2, "{}: the limit", db.kind);
+        let rest = db.w(|tx| tx.prune_bodies(at(500), at(2000), 100)).await;
+        assert_eq!(pruned.events + rest.events, 3, "{}", db.kind);
+        assert_eq!(pruned.bytes + rest.bytes, counted.bytes, "{}: dry run and prune disagree", db.kind);
+        assert_eq!(counted.events, 3, "{}", db.kind);
+        assert_eq!(db.w(|tx| tx.prune_bodies(at(500), at(2000), 100)).await.events, 0, "{}: twice", db.kind);
+        assert_eq!(db.r(|s| s.prunable(at(500))).await.events, 0, "{}", db.kind);
+        let rows = db.r(|s| s.events_where(&EventFilter::default())).await;
+        let shown: Vec<(String, bool, usize, String)> = rows
+            .iter()
+            .map(|e| (e.event_id.clone(), e.body_pruned_at == Some(at(2000)), e.raw.len(), e.headers.get().to_string()))
+            .collect();
+        for (id, pruned, raw, headers) in &shown {
+            let should = matches!(id.as_str(), "old_webhook" | "old_replay" | "old_reconcile");
+            assert_eq!(*pruned, should, "{}: {id}", db.kind);
+            assert_eq!(*raw == 0 && headers == "[]", should, "{}: {id}", db.kind);
+        }
+        answers.push((db.kind, (counted, shown)));
+    }
+    alike("prune", &answers);
+}
+
+/// An erased member keeps no email or name whatever is saved over it, matches no email,
+/// and its leads and the events naming it (under its id, or under none by its email) are
+/// found and rewritten; the erasure is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erased_member_takes_no_personal_data_again() {
+    let mut answers = Vec::new();
+    for db in stores() {
+        let ada = member("mbr_ada", "t", Some("Ada@Example.com"), Some("Ada"), 0);
+        let kept = ada.clone();
+        db.w(move |tx| {
+            tx.save_member(&kept)?;
+            tx.save_member(&member("mbr_bob", "t", Some("bob@example.com"), None, 0))?;
+            tx.insert_event(&EventRow { member_id: Some("mbr_ada".into()), ..event("t", "stripe", "e_ada") })?;
+            tx.insert_event(&EventRow {
+                canonical: Some(stored_json(&json!({"member": {"email": "ADA@example.com"}}))),
+                ..event("t", "stripe", "e_lead")
+            })?;
+            tx.insert_event(&EventRow {
+                canonical: Some(stored_json(&json!({"member": {"email": "ada@example.com"}}))),
+                ..event("u", "stripe", "e_other_tenant")
+            })?;
+            tx.insert_event(&EventRow { member_id: Some("mbr_bob".into()), ..event("t", "stripe", "e_bob") })?;
+            tx.capture_lead(&lead("t", "ada@example.com", Some("Ada"), "stripe", "e_lead", 5))?;
+            tx.capture_lead(&lead("t", "bob@example.com", None, "stripe", "e_bob", 5))?;
+            Ok(())
+        })
+        .await;
+        let naming = db.w(|tx| tx.events_naming("t", "mbr_ada", Some("ada@example.com"))).await;
+        let named: Vec<String> = naming.iter().map(|e| e.event_id.clone()).collect();
+        assert_eq!(named, ["e_ada", "e_lead"], "{}", db.kind);
+        let mut rewritten = naming[1].clone();
+        rewritten.raw = b"{}".to_vec();
+        rewritten.canonical = Some(stored_json(&json!({"member": {"email": null}})));
+        rewritten.reason = Some("[erased]".into());
+        let deleted = db
+            .w(move |tx| {
+                tx.rewrite_event(&rewritten)?;
+                tx.erase_member_row("mbr_ada", at(50))?;
+                let n = tx.delete_leads("t", Some("ada@example.com"), "mbr_ada")?;
+                tx.record_erasure(&store::ErasureRow {
+                    tenant: "t".into(),
+                    member_id: "mbr_ada".into(),
+                    erased_by: "dpo".into(),
+                    erased_at: at(50),
+                    detail: json!({"events_rewritten": 1}),
+                })?;
+                // The pipeline saves the member again with what a later delivery said.
+                tx.save_member(&ada)?;
+                Ok(n)
+            })
+            .await;
+        assert_eq!(deleted, 1, "{}", db.kind);
+        let m = db.r(|s| s.member("mbr_ada")).await.unwrap();
+        assert_eq!((m.email.clone(), m.name.clone()), (None, None), "{}", db.kind);
+        assert!(db.r(|s| s.members_by_email("ada@example.com")).await.is_empty(), "{}", db.kind);
+        assert!(db.w(|tx| tx.member_by_email("t", "ada@example.com")).await.is_none(), "{}", db.kind);
+        let leads = db.r(|s| s.leads(Some("t"))).await;
+        assert_eq!(leads.iter().map(|l| l.email.as_str()).collect::<Vec<_>>(), ["bob@example.com"], "{}", db.kind);
+        let d = db.r(|s| s.member_detail("mbr_ada", 10)).await.unwrap();
+        assert_eq!(d.erasures.len(), 1, "{}", db.kind);
+        assert_eq!(d.erasures[0].erased_by, "dpo");
+        let e = db.r(|s| s.events_by_event_id("e_lead")).await.remove(0);
+        assert_eq!((e.raw.clone(), e.reason.clone()), (b"{}".to_vec(), Some("[erased]".to_string())), "{}", db.kind);
+        // Bob is untouched.
+        let bob = db.r(|s| s.member("mbr_bob")).await.unwrap();
+        assert_eq!(bob.email.as_deref(), Some("bob@example.com"), "{}", db.kind);
+        answers.push((db.kind, (named, m, d.erasures)));
+    }
+    alike("erasure", &answers);
 }

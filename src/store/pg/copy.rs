@@ -35,6 +35,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("flags", Json),
             ("created_at", Int),
             ("updated_at", Int),
+            ("erased_at", Int),
         ],
     ),
     ("member_customers", &[("tenant", Text), ("provider", Text), ("customer_id", Text), ("member_id", Text)]),
@@ -90,6 +91,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("deliveries", Int),
             ("park_key", Text),
             ("enrichment", Json),
+            ("body_pruned_at", Int),
         ],
     ),
     (
@@ -131,6 +133,17 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
         ],
     ),
     ("console_logouts", &[("nonce", Text), ("until", Int)]),
+    (
+        "erasures",
+        &[
+            ("id", Int),
+            ("tenant", Text),
+            ("member_id", Text),
+            ("erased_by", Text),
+            ("erased_at", Int),
+            ("detail", Text),
+        ],
+    ),
 ];
 
 /// What was copied: rows per table, in copy order.
@@ -226,11 +239,16 @@ pub fn copy_sqlite_to_pg(from: &str, to: &str) -> Result<Copied> {
             }
             copied.push((*table, n));
         }
-        // New events are numbered after the copied ones.
-        tx.execute(
-            "SELECT setval(pg_get_serial_sequence('events', 'seq'), GREATEST((SELECT MAX(seq) FROM events), 0) + 1, false)",
-            &[],
-        )?;
+        // New events (and erasures) are numbered after the copied ones.
+        for table in ["events", "erasures"] {
+            let key = if table == "events" { "seq" } else { "id" };
+            tx.execute(
+                &format!(
+                    "SELECT setval(pg_get_serial_sequence('{table}', '{key}'), GREATEST((SELECT MAX({key}) FROM {table}), 0) + 1, false)"
+                ),
+                &[],
+            )?;
+        }
         tx.commit()?;
         Ok(copied)
     })

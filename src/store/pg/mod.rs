@@ -30,7 +30,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use tokio::sync::mpsc;
 use tx::*;
 
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/postgres/001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/postgres/001_init.sql"),
+    include_str!("../migrations/postgres/002_retention_erasure.sql"),
+];
 
 /// The advisory lock every writer batch holds: one batch at a time across replicas.
 pub const WRITER_LOCK: i64 = 0x6d73_796e_6377_7269; // "msyncwri"

@@ -132,7 +132,23 @@ impl Store for PgStore {
             for m in &memberships {
                 sync.push(sync_row(c, &m.id)?);
             }
-            Ok(Some(MemberDetail { member, memberships, recent_events, timers, sync }))
+            let erasures = c
+                .query(
+                    "SELECT tenant, member_id, erased_by, erased_at, detail FROM erasures WHERE member_id = $1 ORDER BY id",
+                    &[&id],
+                )?
+                .iter()
+                .map(|r| {
+                    Ok(ErasureRow {
+                        tenant: r.try_get(0)?,
+                        member_id: r.try_get(1)?,
+                        erased_by: r.try_get(2)?,
+                        erased_at: from_ts(r.try_get(3)?),
+                        detail: serde_json::from_str(r.try_get::<_, &str>(4)?).unwrap_or_default(),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Some(MemberDetail { member, memberships, recent_events, timers, sync, erasures }))
         })
     }
 
@@ -350,6 +366,18 @@ impl Store for PgStore {
                 Some(r) => Some(r.try_get(0)?),
                 None => None,
             })
+        })
+    }
+
+    fn prunable(&self, before: DateTime<Utc>) -> Result<Pruned> {
+        let sql = format!(
+            "SELECT COUNT(*)::BIGINT, COALESCE(SUM(octet_length(raw) + octet_length(headers)), 0)::BIGINT FROM events
+             WHERE {PRUNABLE} AND received_at < $1"
+        );
+        self.read(|c| {
+            let row = c.query_one(&sql, &[&ts(before)])?;
+            let (events, bytes): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+            Ok(Pruned { events: events.max(0) as u64, bytes: bytes.max(0) as u64 })
         })
     }
 

@@ -182,6 +182,7 @@ pub(super) fn event_row(r: &Row) -> Result<EventRow> {
         park_key: r.try_get(18)?,
         deliveries: r.try_get(19)?,
         enrichment: r.try_get(20)?,
+        body_pruned_at: opt_from(r.try_get(21)?),
     })
 }
 
@@ -355,8 +356,11 @@ impl Tx for PgTx<'_> {
         self.exec(
             "INSERT INTO members (id, tenant, email, email_lc, name, flags, created_at, updated_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (id) DO UPDATE SET email = excluded.email, email_lc = excluded.email_lc,
-               name = excluded.name, flags = excluded.flags, updated_at = excluded.updated_at",
+             ON CONFLICT (id) DO UPDATE SET
+               email = CASE WHEN members.erased_at IS NULL THEN excluded.email END,
+               email_lc = CASE WHEN members.erased_at IS NULL THEN excluded.email_lc END,
+               name = CASE WHEN members.erased_at IS NULL THEN excluded.name END,
+               flags = excluded.flags, updated_at = excluded.updated_at",
             &[
                 &m.id,
                 &m.tenant,
@@ -571,6 +575,80 @@ impl Tx for PgTx<'_> {
             )?;
         }
         Ok(taken)
+    }
+
+    fn prune_bodies(&mut self, before: DateTime<Utc>, now: DateTime<Utc>, limit: usize) -> Result<Pruned> {
+        static OLDEST: LazyLock<&'static str> = LazyLock::new(|| {
+            leak(format!(
+                "SELECT seq, (octet_length(raw) + octet_length(headers))::BIGINT FROM events
+                 WHERE {PRUNABLE} AND received_at < $1 ORDER BY received_at LIMIT $2 FOR UPDATE"
+            ))
+        });
+        let found = self.query(*OLDEST, &[&ts(before), &(limit as i64)])?;
+        let mut pruned = Pruned::default();
+        for row in found {
+            let (seq, bytes): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+            self.exec(
+                "UPDATE events SET raw = ''::bytea, headers = '[]', body_pruned_at = $2 WHERE seq = $1",
+                &[&seq, &ts(now)],
+            )?;
+            pruned.events += 1;
+            pruned.bytes += bytes.max(0) as u64;
+        }
+        Ok(pruned)
+    }
+
+    fn events_naming(&mut self, tenant: &str, member_id: &str, email_lc: Option<&str>) -> Result<Vec<EventRow>> {
+        static NAMING: LazyLock<&'static str> = LazyLock::new(|| {
+            leak(format!(
+                "SELECT {EVENT_COLS} FROM events WHERE member_id = $1
+                 UNION ALL
+                 SELECT {EVENT_COLS} FROM events WHERE $3::TEXT IS NOT NULL AND member_id IS NULL AND tenant = $2
+                   AND lower(canonical::jsonb -> 'member' ->> 'email') = $3::TEXT
+                 ORDER BY seq"
+            ))
+        });
+        rows(self.query(*NAMING, &[&member_id, &tenant, &email_lc])?, event_row)
+    }
+
+    fn rewrite_event(&mut self, e: &EventRow) -> Result<()> {
+        self.exec(
+            "UPDATE events SET raw = $2, headers = $3, canonical = $4, outcome = $5, reason = $6, enrichment = $7
+             WHERE seq = $1",
+            &[
+                &e.seq,
+                &e.raw,
+                &e.headers.get(),
+                &e.canonical.as_ref().map(|c| c.get()),
+                &e.outcome.get(),
+                &e.reason,
+                &e.enrichment,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn erase_member_row(&mut self, member_id: &str, at: DateTime<Utc>) -> Result<()> {
+        self.exec(
+            "UPDATE members SET email = NULL, email_lc = NULL, name = NULL, erased_at = $2, updated_at = $2 WHERE id = $1",
+            &[&member_id, &ts(at)],
+        )?;
+        Ok(())
+    }
+
+    fn delete_leads(&mut self, tenant: &str, email_lc: Option<&str>, member_id: &str) -> Result<u64> {
+        self.exec(
+            "DELETE FROM leads WHERE tenant = $1 AND (email_lc = $2 OR member_id = $3)",
+            &[&tenant, &email_lc, &member_id],
+        )
+    }
+
+    fn record_erasure(&mut self, e: &ErasureRow) -> Result<()> {
+        self.exec(
+            "INSERT INTO erasures (tenant, member_id, erased_by, erased_at, detail) VALUES ($1, $2, $3, $4, $5)",
+            &[&e.tenant, &e.member_id, &e.erased_by, &ts(e.erased_at), &e.detail.to_string()],
+        )?;
+        Ok(())
     }
 
     fn record_sync(&mut self, r: &SyncRecord) -> Result<()> {

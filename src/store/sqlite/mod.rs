@@ -48,6 +48,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/008_member_customers_index.sql"),
     include_str!("../migrations/sqlite/009_parked_by_member.sql"),
     include_str!("../migrations/sqlite/010_reconcile_leases.sql"),
+    include_str!("../migrations/sqlite/011_retention_erasure.sql"),
 ];
 
 /// Tuning for the writer.

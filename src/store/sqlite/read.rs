@@ -74,7 +74,21 @@ impl Store for SqliteStore {
             for m in &memberships {
                 sync.push(sync_row(c, &m.id)?);
             }
-            Ok(Some(MemberDetail { member, memberships, recent_events, timers, sync }))
+            let erasures = c
+                .prepare_cached(
+                    "SELECT tenant, member_id, erased_by, erased_at, detail FROM erasures WHERE member_id = ?1 ORDER BY id",
+                )?
+                .query_map([id], |r| {
+                    Ok(ErasureRow {
+                        tenant: r.get(0)?,
+                        member_id: r.get(1)?,
+                        erased_by: r.get(2)?,
+                        erased_at: from_ts(r.get(3)?),
+                        detail: serde_json::from_str(&r.get::<_, String>(4)?).unwrap_or_default(),
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Some(MemberDetail { member, memberships, recent_events, timers, sync, erasures }))
         })
     }
 
@@ -331,6 +345,20 @@ impl Store for SqliteStore {
             Ok(c.prepare_cached(CUSTOMER_OF_MEMBER)?
                 .query_row(params![tenant, provider, member_id], |r| r.get(0))
                 .optional()?)
+        })
+    }
+
+    fn prunable(&self, before: DateTime<Utc>) -> Result<Pruned> {
+        static COUNT: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "SELECT COUNT(*), COALESCE(SUM(length(raw) + length(headers)), 0) FROM events
+                 WHERE {PRUNABLE} AND received_at < ?1"
+            )
+        });
+        self.read(|c| {
+            let (events, bytes): (i64, i64) =
+                c.prepare_cached(&COUNT)?.query_row([ts(before)], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(Pruned { events: events.max(0) as u64, bytes: bytes.max(0) as u64 })
         })
     }
 

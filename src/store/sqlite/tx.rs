@@ -188,6 +188,7 @@ pub(super) fn event_row(r: &Row) -> rusqlite::Result<EventRow> {
         park_key: r.get(18)?,
         deliveries: r.get(19)?,
         enrichment: r.get(20)?,
+        body_pruned_at: opt_from(r.get(21)?),
     })
 }
 
@@ -356,8 +357,11 @@ impl Tx for SqliteTx<'_, '_> {
     fn save_member(&mut self, m: &MemberRow) -> Result<()> {
         self.st("INSERT INTO members (id, tenant, email, email_lc, name, flags, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                 ON CONFLICT (id) DO UPDATE SET email = excluded.email, email_lc = excluded.email_lc,
-                   name = excluded.name, flags = excluded.flags, updated_at = excluded.updated_at")?
+                 ON CONFLICT (id) DO UPDATE SET
+                   email = CASE WHEN members.erased_at IS NULL THEN excluded.email END,
+                   email_lc = CASE WHEN members.erased_at IS NULL THEN excluded.email_lc END,
+                   name = CASE WHEN members.erased_at IS NULL THEN excluded.name END,
+                   flags = excluded.flags, updated_at = excluded.updated_at")?
             .execute(params![
                 m.id,
                 m.tenant,
@@ -586,6 +590,79 @@ impl Tx for SqliteTx<'_, '_> {
                 .execute(params![m.id, ts(until)])?;
         }
         Ok(taken)
+    }
+
+    fn prune_bodies(&mut self, before: DateTime<Utc>, now: DateTime<Utc>, limit: usize) -> Result<Pruned> {
+        static OLDEST: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "SELECT seq, length(raw) + length(headers) FROM events WHERE {PRUNABLE} AND received_at < ?1
+                 ORDER BY received_at LIMIT ?2"
+            )
+        });
+        let found = self
+            .st(&OLDEST)?
+            .query_map(params![ts(before), limit as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut pruned = Pruned::default();
+        for (seq, bytes) in found {
+            self.st("UPDATE events SET raw = x'', headers = '[]', body_pruned_at = ?2 WHERE seq = ?1")?
+                .execute(params![seq, ts(now)])?;
+            pruned.events += 1;
+            pruned.bytes += bytes.max(0) as u64;
+        }
+        Ok(pruned)
+    }
+
+    fn events_naming(&mut self, tenant: &str, member_id: &str, email_lc: Option<&str>) -> Result<Vec<EventRow>> {
+        static NAMING: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "SELECT {EVENT_COLS} FROM events WHERE member_id = ?1
+                 UNION ALL
+                 SELECT {EVENT_COLS} FROM events WHERE ?3 IS NOT NULL AND member_id IS NULL AND tenant = ?2
+                   AND lower(json_extract(canonical, '$.member.email')) = ?3
+                 ORDER BY seq"
+            )
+        });
+        let rows = self
+            .st(&NAMING)?
+            .query_map(params![member_id, tenant, email_lc], event_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    fn rewrite_event(&mut self, e: &EventRow) -> Result<()> {
+        self.st("UPDATE events SET raw = ?2, headers = ?3, canonical = ?4, outcome = ?5, reason = ?6, enrichment = ?7
+                 WHERE seq = ?1")?
+            .execute(params![
+                e.seq,
+                e.raw,
+                e.headers.get(),
+                e.canonical.as_ref().map(|c| c.get()),
+                e.outcome.get(),
+                e.reason,
+                e.enrichment
+            ])?;
+        Ok(())
+    }
+
+    fn erase_member_row(&mut self, member_id: &str, at: DateTime<Utc>) -> Result<()> {
+        self.st("UPDATE members SET email = NULL, email_lc = NULL, name = NULL, erased_at = ?2, updated_at = ?2
+                 WHERE id = ?1")?
+            .execute(params![member_id, ts(at)])?;
+        Ok(())
+    }
+
+    fn delete_leads(&mut self, tenant: &str, email_lc: Option<&str>, member_id: &str) -> Result<u64> {
+        let n = self
+            .st("DELETE FROM leads WHERE tenant = ?1 AND (email_lc = ?2 OR member_id = ?3)")?
+            .execute(params![tenant, email_lc, member_id])?;
+        Ok(n as u64)
+    }
+
+    fn record_erasure(&mut self, e: &ErasureRow) -> Result<()> {
+        self.st("INSERT INTO erasures (tenant, member_id, erased_by, erased_at, detail) VALUES (?1, ?2, ?3, ?4, ?5)")?
+            .execute(params![e.tenant, e.member_id, e.erased_by, ts(e.erased_at), e.detail.to_string()])?;
+        Ok(())
     }
 
     fn record_sync(&mut self, r: &SyncRecord) -> Result<()> {
