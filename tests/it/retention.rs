@@ -20,8 +20,8 @@ fn run(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
 const T0: i64 = 1_767_225_600;
 
 /// Ada's Stripe lifecycle (checkout, subscription, a paid invoice) delivered at `T0` into
-/// `config`'s database, plus a dead letter (an invoice whose fields cannot be read) and, a day later, one
-/// more paid invoice.
+/// `config`'s database, plus a dead letter (an invoice whose fields cannot be read) and, a day later, someone else's
+/// abandoned checkout.
 async fn lifecycle(config: membersync::config::Config) -> Arc<membersync::pipeline::Ctx> {
     let clock = Arc::new(FixedClock::new(at(T0)));
     let ctx = ctx_with(config, clock.clone());
@@ -32,7 +32,7 @@ async fn lifecycle(config: membersync::config::Config) -> Arc<membersync::pipeli
     let headers = signed_headers(&ctx, "stripe", &body, ctx.clock.now());
     membersync::ingest::accept(&ctx, "demo", "stripe", headers, body).await.expect("stored as a dead letter");
     clock.advance(chrono::Duration::days(1));
-    deliver_edited(&ctx, "stripe", "invoice_paid", |v| v["id"] = "evt_paid_later".into()).await;
+    deliver_edited(&ctx, "stripe", "checkout_session_expired", |v| v["id"] = "evt_later".into()).await;
     ctx
 }
 
@@ -103,7 +103,7 @@ async fn prune_drops_old_bodies_and_explain_tells_the_same_story() {
     let after = events(&ctx);
     assert_eq!(after.len(), all.len(), "prune deleted events");
     for (a, b) in all.iter().zip(&after) {
-        let later = a.event_id == "evt_paid_later";
+        let later = a.event_id == "evt_later";
         assert_eq!(b.body_pruned_at.is_some(), !later, "{}", a.event_id);
         if later {
             assert_eq!(a.raw, b.raw);
@@ -130,6 +130,7 @@ async fn prune_drops_old_bodies_and_explain_tells_the_same_story() {
     // the day after the last delivery: no service ran the timers due since).
     let run_ = membersync::replay::dry_run(&ctx, &EventFilter::default(), at(T0 + 2 * 86_400)).await.unwrap();
     assert!(run_.deliveries >= 4, "{}", run_.deliveries);
+    assert_eq!(run_.compared, 1, "Ada's membership compared");
     assert!(run_.differences.is_empty(), "{:?}", run_.differences);
 
     // A pruned dead letter is not replayed from nothing: refused, saying why, unchanged.
@@ -149,7 +150,7 @@ async fn serve_prunes_by_itself_when_retention_is_set() {
     let server = Server::start_with(config, Arc::new(FixedClock::new(at(T0 + 40 * 86_400))), dir).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        let (status, body) = server.get("/events/evt_paid_later", Some(TOKEN)).await;
+        let (status, body) = server.get("/events/evt_later", Some(TOKEN)).await;
         assert_eq!(status, 200, "{body}");
         if body["raw"]["encoding"] == "pruned" {
             assert!(body["body_pruned_at"].is_string(), "{body}");
@@ -170,7 +171,7 @@ async fn the_service_keeps_bodies_forever_unless_told() {
     drop(lifecycle(config.clone()).await);
     assert_eq!(config.raw_body_days, None, "the shipped config keeps bodies");
     let server = Server::start_with(config, Arc::new(FixedClock::new(at(T0 + 4000 * 86_400))), dir).await;
-    let (status, body) = server.get("/events/evt_paid_later", Some(TOKEN)).await;
+    let (status, body) = server.get("/events/evt_later", Some(TOKEN)).await;
     assert_eq!(status, 200);
     assert_eq!(body["raw"]["encoding"], "utf-8", "{body}");
     assert_eq!(body["body_pruned_at"], Value::Null);
