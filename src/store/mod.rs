@@ -625,6 +625,15 @@ pub(crate) const MEMBERSHIP_COLS: &str = "id, tenant, member_id, provider, key, 
 /// that the index serves it.
 pub(crate) const PRUNABLE: &str = "body_pruned_at IS NULL AND park_key IS NULL AND provider <> 'manual' AND source IN ('webhook', 'reconcile', 'replay')";
 
+/// A database migrated by a newer membersync than this one: refused, since this binary
+/// would write what it does not know about wrongly (an erased member's email, say).
+pub(crate) fn newer_schema(found: i64, known: usize) -> Error {
+    Error::Damaged(format!(
+        "the database is at schema version {found}, newer than this membersync knows ({known}): it was \
+         migrated by a newer release. Run that release, or restore the backup taken before the upgrade"
+    ))
+}
+
 /// A column list (`a, b`) with each column named through a table's alias (`t.a, t.b`),
 /// for statements that join.
 pub(crate) fn qualified(alias: &str, cols: &str) -> String {

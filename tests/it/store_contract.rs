@@ -1903,3 +1903,26 @@ async fn an_erased_member_takes_no_personal_data_again() {
     }
     alike("erasure", &answers);
 }
+
+/// A database a newer release migrated is refused at open, on both stores, rather than
+/// written by a binary that does not know what the newer schema holds (an erased member
+/// whose email an older `save_member` would write back).
+#[test]
+fn a_database_migrated_by_a_newer_release_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.db");
+    drop(SqliteStore::open(path.to_str().unwrap(), Default::default()).unwrap());
+    rusqlite::Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
+    let err = SqliteStore::open(path.to_str().unwrap(), Default::default()).err().expect("refused").to_string();
+    assert!(err.contains("schema version 99, newer than this membersync knows"), "{err}");
+
+    let url = crate::pg_cluster::fresh_database();
+    crate::pg_cluster::query(&url, |c| {
+        c.execute("INSERT INTO membersync_migrations (version) VALUES (99)", &[]).unwrap();
+    });
+    let u = url.clone();
+    let err = std::thread::spawn(move || PgStore::open(&u, Default::default()).err().expect("refused").to_string())
+        .join()
+        .unwrap();
+    assert!(err.contains("schema version 99, newer than this membersync knows"), "{err}");
+}

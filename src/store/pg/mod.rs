@@ -212,6 +212,9 @@ pub fn migrate(client: &mut Client) -> Result<usize> {
              )",
         )?;
         let done: i32 = client.query_one("SELECT COALESCE(MAX(version), 0) FROM membersync_migrations", &[])?.get(0);
+        if done as usize > MIGRATIONS.len() {
+            return Err(newer_schema(i64::from(done), MIGRATIONS.len()));
+        }
         let mut applied = 0;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(done.max(0) as usize) {
             let mut tx = client.transaction()?;
