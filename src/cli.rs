@@ -48,6 +48,33 @@ pub enum Command {
         #[arg(long)]
         to: String,
     },
+    /// Copy the SQLite database into FILE, beside a running `serve`: one consistent
+    /// snapshot, checked (`PRAGMA integrity_check`) before it takes FILE's name.
+    Backup {
+        /// The backup's file (a single SQLite file).
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
+        #[arg(long, default_value = "membersync.yaml")]
+        config: PathBuf,
+        /// The SQLite database (overrides the config and MEMBERSYNC_DATABASE).
+        #[arg(long)]
+        database: Option<String>,
+    },
+    /// Put a backup in place of the SQLite database; `serve` must be stopped. The files it
+    /// replaces are renamed aside, not deleted.
+    Restore {
+        /// A file written by `membersync backup`.
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        #[arg(long, default_value = "membersync.yaml")]
+        config: PathBuf,
+        /// The SQLite database to replace (overrides the config and MEMBERSYNC_DATABASE).
+        #[arg(long)]
+        database: Option<String>,
+    },
     /// Validate the config, provider YAML and Rhai rules; report every problem.
     Check {
         #[arg(long, default_value = "membersync.yaml")]
@@ -253,6 +280,8 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
         Command::Serve { config, listen, database } => serve(&config, listen, database).await,
         Command::Check { config, strict, verbose } => Ok(check(&config, strict, verbose)),
         Command::MigrateStore { from, to } => migrate_store(&from, &to),
+        Command::Backup { to, force, config, database } => backup(&config, database, &to, force),
+        Command::Restore { from, config, database } => restore(&config, database, &from),
         Command::Rederive { member, dry_run, json, config } => rederive(&config, member, dry_run, json).await,
         Command::Replay { status, since, member, dry_run, config } => {
             replay(&config, status, since.as_deref(), member, dry_run).await
@@ -410,6 +439,57 @@ fn migrate_store(from: &str, to: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The database a command names: `--database`, else the config's (`database:` or
+/// MEMBERSYNC_DATABASE).
+fn database_of(config_path: &Path, database: Option<String>) -> Result<String> {
+    match database {
+        Some(d) => Ok(d),
+        None => Ok(load_config(config_path)?.database),
+    }
+}
+
+/// `membersync backup`: the copy, and what it holds.
+fn backup(config_path: &Path, database: Option<String>, to: &Path, force: bool) -> Result<ExitCode> {
+    let database = database_of(config_path, database)?;
+    let c = crate::store::sqlite::backup::backup(&database, to, force)?;
+    println!(
+        "Backed up {} to {}: {}, {} events (highest seq {}), schema version {}, in {:.2} s.",
+        c.database.display(),
+        c.file.display(),
+        size(c.bytes),
+        c.contents.events,
+        c.contents.highest_seq,
+        c.contents.schema_version,
+        c.took.as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `membersync restore`: what was kept aside, and what was restored.
+fn restore(config_path: &Path, database: Option<String>, from: &Path) -> Result<ExitCode> {
+    let database = database_of(config_path, database)?;
+    let r = crate::store::sqlite::backup::restore(from, &database)?;
+    for p in &r.kept_aside {
+        println!("Kept aside: {}", p.display());
+    }
+    println!(
+        "Restored {} into {}: {} events (highest seq {}), schema version {}, in {:.2} s. \
+         The next `membersync serve` migrates it if it needs to.",
+        from.display(),
+        r.database.display(),
+        r.contents.events,
+        r.contents.highest_seq,
+        r.contents.schema_version,
+        r.took.as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bytes` for a person: `12.3 MiB (12901234 bytes)`.
+fn size(bytes: u64) -> String {
+    format!("{:.1} MiB ({bytes} bytes)", bytes as f64 / (1024.0 * 1024.0))
+}
+
 /// On any address but loopback, the built-in local secrets (the config's `default:` values,
 /// known to anyone who read this repository) would let anyone sign webhooks or read the
 /// admin API: `serve` refuses to start, naming each and its variable.
@@ -444,6 +524,9 @@ async fn serve(config_path: &Path, listen: Option<String>, database: Option<Stri
     }
     refuse_demo_defaults_off_loopback(&config)?;
     let rules = load_rules(&config, Utc::now())?;
+    // Held until `serve` returns (the kernel drops it if the process dies): `restore`
+    // refuses to replace the database while it is held.
+    let _serve_lock = crate::store::sqlite::lock::ServeLock::for_serve(&config.database)?;
     let store = open_store(&config, &config.database)?;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await

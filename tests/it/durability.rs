@@ -35,7 +35,7 @@ impl Ledger {
 type Shared = Arc<Mutex<Ledger>>;
 
 /// A Stripe `customer.created` (stored, ignored by the rules).
-fn customer_created(id: &str, n: usize) -> Vec<u8> {
+pub(crate) fn customer_created(id: &str, n: usize) -> Vec<u8> {
     let now = SystemClock.now().timestamp();
     serde_json::to_vec(&serde_json::json!({
         "id": id, "object": "event", "type": "customer.created", "created": now, "livemode": false,
@@ -48,7 +48,7 @@ fn customer_created(id: &str, n: usize) -> Vec<u8> {
 
 /// A Stripe `invoice.paid` for a customer and subscription of its own (a new member), paid
 /// far ahead (no renewal timer fires while the test runs).
-fn invoice_paid(id: &str, n: usize) -> Vec<u8> {
+pub(crate) fn invoice_paid(id: &str, n: usize) -> Vec<u8> {
     invoice_paid_far_ahead()
         .replace("evt_1QxaZ1K7dEmoAc01GAm3W0e2", id)
         .replace("sub_1QxDemo001", &format!("sub_torture_{n}"))

@@ -1,5 +1,6 @@
 //! Integration tests: one binary (one link step), a module per area.
 
+mod backup;
 mod browser;
 mod check;
 mod cli;

@@ -13,10 +13,13 @@
 //! Here: `Options`, `SqliteStore` (open, the read pool) and `Scratch`. Beside it:
 //! `open` (connections, the startup check, migrations), `writer` (writer, syncer and
 //! checkpointer threads), `health` (I/O failures, a failed sync), `tx` (`Tx`: the writes
-//! and lookups of a job), `read` (`Store`: the reads), `alloc` (SQLite's allocator).
+//! and lookups of a job), `read` (`Store`: the reads), `alloc` (SQLite's allocator),
+//! `backup` (`membersync backup` and `restore`), `lock` (`serve`'s lock beside the file).
 
 mod alloc;
+pub mod backup;
 mod health;
+pub mod lock;
 mod open;
 mod read;
 #[cfg(test)]
