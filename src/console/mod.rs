@@ -44,6 +44,7 @@ pub fn routes() -> Router<AppState> {
         .route("/console/members/{id}/resync", post(resync))
         .route("/console/members/{id}/grants", post(grant))
         .route("/console/members/{id}/grants/{grant}/revoke", post(revoke))
+        .route("/console/members/{id}/erase", post(erase))
         .route("/console/leads", get(leads))
         .route("/console/events", get(events))
         .route("/console/events/{event_id}", get(event))
@@ -430,6 +431,33 @@ async fn revoke(
         Err(crate::manual::Error::Invalid(e)) => member_view(&state, &op, &id, MemberQuery::default(), Some(e)).await,
         Err(crate::manual::Error::NotFound) => (StatusCode::NOT_FOUND, "no such grant").into_response(),
         Err(crate::manual::Error::Store(e)) => internal(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct EraseForm {
+    #[serde(default)]
+    confirm: String,
+}
+
+/// Erases the member's personal data once the operator has typed `erase` to confirm.
+async fn erase(
+    State(state): State<AppState>,
+    op: Operator,
+    Path(id): Path<String>,
+    form: axum::extract::Form<EraseForm>,
+) -> Response {
+    if let Err(r) = visible_member(&state, &op, &id).await {
+        return r;
+    }
+    if form.confirm.trim() != "erase" {
+        let why = "Nothing was erased: type erase to confirm.".to_string();
+        return member_view(&state, &op, &id, MemberQuery::default(), Some(why)).await;
+    }
+    match crate::erase::erase_member(&state.ctx, &id, &op.0.who()).await {
+        Ok(Some(_)) => Redirect::to(&format!("/console/members/{}#erasure", enc(&id))).into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, "no such member").into_response(),
+        Err(e) => internal(e),
     }
 }
 

@@ -294,3 +294,26 @@ async fn a_logged_out_session_stays_ended_across_a_restart() {
     assert_eq!(page(&s, &still_signed_in, "/console/members").await.0, 200, "another session is not");
     s.stop().await;
 }
+
+/// Erasing from the console asks for the word first; then the member page says who erased
+/// and when, and the email is gone everywhere the page shows it.
+#[tokio::test]
+async fn erasing_from_the_console_needs_the_word_and_then_shows_who_erased() {
+    let (s, _clock, id) = seeded().await;
+    let cookie = sign_in(&s, TOKEN).await;
+    let path = format!("/console/members/{id}/erase");
+    assert_eq!(post_form(&s, &cookie, &path, Some("http://evil.example"), &[("confirm", "erase")]).await.0, 403);
+    let (status, html) = post_form(&s, &cookie, &path, Some(&s.url), &[("confirm", "yes")]).await;
+    assert_eq!(status, 400, "{html}");
+    assert!(html.contains("Nothing was erased: type erase to confirm."), "{html}");
+    assert_eq!(s.ctx.store.member(&id).unwrap().unwrap().email.as_deref(), Some("ada@example.com"));
+    let (status, to) = post_form(&s, &cookie, &path, Some(&s.url), &[("confirm", "erase")]).await;
+    assert_eq!(status, 303, "{to}");
+    assert_eq!(to, format!("/console/members/{id}#erasure"));
+    assert_eq!(s.ctx.store.member(&id).unwrap().unwrap().email, None);
+    let (status, html) = page(&s, &cookie, &format!("/console/members/{id}")).await;
+    assert_eq!(status, 200);
+    assert!(html.contains("by the global admin token"), "{html}");
+    assert!(!html.to_lowercase().contains("ada@example.com"), "the email is still shown");
+    s.stop().await;
+}
