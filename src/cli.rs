@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 #[derive(Debug, Parser)]
-#[command(name = "membersync", version, about = "Keeps member access in sync with payment-provider webhooks.")]
+#[command(name = "membersync", version = crate::VERSION, about = "Keeps member access in sync with payment-provider webhooks.")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -162,6 +162,12 @@ pub enum Command {
         #[arg(long)]
         database: Option<String>,
     },
+    /// Print the shell's completion script for membersync on stdout (see the README for
+    /// where each shell reads it).
+    Completions {
+        /// The shell the script is for.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// `membersync simulate`.
@@ -225,7 +231,18 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
         }
         Command::Reconcile { member, json, config, database } => reconcile(&config, database, member, json).await,
         Command::Mcp { config, database } => mcp(&config, database).await,
+        Command::Completions { shell } => completions(shell),
     }
+}
+
+/// `membersync completions SHELL`: the script, from the same definition that parses.
+fn completions(shell: clap_complete::Shell) -> Result<ExitCode> {
+    use clap::CommandFactory;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "membersync", &mut script);
+    std::io::Write::write_all(&mut std::io::stdout().lock(), &script)
+        .context("Failed to write the script to stdout")?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A context over the database `serve` stored (`database` overriding the config's), on the

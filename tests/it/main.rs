@@ -17,6 +17,7 @@ mod lifecycle;
 mod mcp;
 mod members;
 mod openapi;
+mod ops;
 mod ordering;
 mod pg_cluster;
 mod reconcile;
