@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 #[derive(Debug, Parser)]
-#[command(name = "membersync", version, about = "Keeps member access in sync with payment-provider webhooks.")]
+#[command(name = "membersync", version = crate::VERSION, about = "Keeps member access in sync with payment-provider webhooks.")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -229,6 +229,12 @@ pub enum Command {
         #[arg(long)]
         database: Option<String>,
     },
+    /// Print the shell's completion script for membersync on stdout (see the README for
+    /// where each shell reads it).
+    Completions {
+        /// The shell the script is for.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// `membersync simulate`.
@@ -296,6 +302,7 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
         Command::Mcp { config, database } => mcp(&config, database).await,
         Command::Prune { dry_run, days, json, config, database } => prune(&config, database, dry_run, days, json).await,
         Command::Erase { member, by, json, config, database } => erase(&config, database, &member, by, json).await,
+        Command::Completions { shell } => completions(shell),
     }
 }
 
@@ -355,6 +362,16 @@ async fn erase(
             d.erased_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `membersync completions SHELL`: the script, from the same definition that parses.
+fn completions(shell: clap_complete::Shell) -> Result<ExitCode> {
+    use clap::CommandFactory;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "membersync", &mut script);
+    std::io::Write::write_all(&mut std::io::stdout().lock(), &script)
+        .context("Failed to write the script to stdout")?;
     Ok(ExitCode::SUCCESS)
 }
 

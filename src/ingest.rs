@@ -72,6 +72,8 @@ pub async fn webhook(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Ack>, ApiError> {
+    // The line's `duration_ms`: from here (the headers read) to the answer being ready.
+    let started = std::time::Instant::now();
     // What the URL names is shown in logs escaped: it comes from anyone.
     let (shown_tenant, shown_provider) = (crate::logging::shown(&tenant), crate::logging::shown(&provider));
     target(&ctx.config(), &tenant, &provider).inspect_err(|e| {
@@ -93,7 +95,8 @@ pub async fn webhook(
     let hdrs: Vec<(String, String)> =
         headers.iter().filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string()))).collect();
     let ack = accept(&ctx, &tenant, &provider, hdrs, body.to_vec()).await?;
-    tracing::info!(%tenant, %provider, event_id = %ack.event_id, status = ack.status.as_str(), "Webhook processed.");
+    let duration_ms = (started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
+    tracing::info!(%tenant, %provider, event_id = %ack.event_id, status = ack.status.as_str(), duration_ms, "Webhook processed.");
     Ok(Json(ack))
 }
 

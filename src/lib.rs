@@ -26,7 +26,8 @@
 //!   `admin`: the HTTP handlers; `console`: the admin console's pages and sessions;
 //!   `mcp`: the read-only tools for AI assistants; `openapi`: the API's OpenAPI document;
 //!   `views`: the JSON of members, memberships and events;
-//!   `http_error`: the one status table; `logging`: stderr, routine lines batched.
+//!   `http_error`: the one status table; `logging`: stderr as text or JSON, routine lines
+//!   batched.
 //! - `state`: the running service's state above the pipeline (the pipeline's context,
 //!   the last reload's outcome, the reconciler in force, the metrics); `metrics`: what
 //!   `/metrics` shows.
@@ -46,6 +47,21 @@
 //!   model; `clock`: injectable time; `diagnostic`: file:line:column problems and the one
 //!   "did you mean"; `schema`: the JSON Schemas; `secret`: redacted secrets; `yaml`: the
 //!   one YAML parser.
+
+/// The git commit this build was made from (12 hex digits), from `build.rs`: outside a
+/// checkout, `MEMBERSYNC_BUILD_COMMIT` as the build was given it, else `unknown`.
+pub const BUILD_COMMIT: &str = env!("MEMBERSYNC_BUILD_COMMIT");
+
+/// Whether tracked files differed from [`BUILD_COMMIT`] when it was built.
+pub const BUILD_MODIFIED: bool = !env!("MEMBERSYNC_BUILD_MODIFIED").is_empty();
+
+/// What `--version` prints after the name: `0.1.0 (commit 1a2b3c4d5e6f)`, with
+/// `, modified` inside the brackets when [`BUILD_MODIFIED`].
+pub const VERSION: &str = if BUILD_MODIFIED {
+    concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("MEMBERSYNC_BUILD_COMMIT"), ", modified)")
+} else {
+    concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("MEMBERSYNC_BUILD_COMMIT"), ")")
+};
 
 pub mod admin;
 pub mod app;

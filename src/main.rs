@@ -1,4 +1,4 @@
-//! The `membersync` binary: the allocator, the log writer and the panic hook, then the
+//! The `membersync` binary: the allocator, the log format and writer, the panic hook, then the
 //! command line (`cli`).
 //!
 //! What this module must never do: anything a command does; that is the library's.
@@ -12,25 +12,29 @@ use std::process::ExitCode;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let log = membersync::logging::Buffered::new(std::io::stderr(), membersync::logging::FLUSH_EVERY);
+    // Refused before anything starts: a service whose lines no one can read is no use.
+    let format = match membersync::logging::Format::from_env() {
+        Ok(format) => format,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let log = membersync::logging::Buffered::with_format(std::io::stderr(), membersync::logging::FLUSH_EVERY, format);
     let on_panic = log.clone();
     let report_panic = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         on_panic.flush();
         report_panic(info)
     }));
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MEMBERSYNC_LOG").unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new(if std::env::args().nth(1).as_deref() == Some("serve") {
-                "info"
-            } else {
-                "warn"
-            })
-        }))
-        // No colours: the writer escapes every control character, ESC among them.
-        .with_ansi(false)
-        .with_writer(log.clone())
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MEMBERSYNC_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if std::env::args().nth(1).as_deref() == Some("serve") {
+            "info"
+        } else {
+            "warn"
+        })
+    });
+    membersync::logging::install(format, &log, filter);
     let code = membersync::cli::run();
     log.close();
     code

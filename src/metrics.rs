@@ -3,7 +3,7 @@
 //! their latency per route and provider, deliveries whose signature did not verify per
 //! provider, and reconciliation outcomes. Gauges read from the store at each scrape:
 //! stored events by status, memberships by sync status. `membersync_build_info` names the
-//! version.
+//! version, the git commit it was built from and whether tracked files differed from it.
 //!
 //! What this module must never do: label by anything a caller chooses freely (an unknown
 //! provider in a webhook URL is counted as `unknown`, unmatched paths are not counted), or
@@ -46,8 +46,11 @@ struct Status {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct Version {
+struct Build {
     version: String,
+    commit: String,
+    /// `true` when tracked files differed from `commit` at build time.
+    modified: String,
 }
 
 fn latency_histogram() -> Histogram {
@@ -76,8 +79,12 @@ impl Metrics {
         let sync_status = Family::<Status, Gauge>::default();
         registry.register(
             "membersync_build",
-            "The running version",
-            Info::new(Version { version: env!("CARGO_PKG_VERSION").to_string() }),
+            "The running version and the git commit it was built from",
+            Info::new(Build {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                commit: crate::BUILD_COMMIT.to_string(),
+                modified: crate::BUILD_MODIFIED.to_string(),
+            }),
         );
         registry.register(
             "membersync_http_request_duration_seconds",

@@ -19,6 +19,7 @@ mod lifecycle;
 mod mcp;
 mod members;
 mod openapi;
+mod ops;
 mod ordering;
 mod pg_cluster;
 mod reconcile;

@@ -89,7 +89,12 @@ async fn webhook_answers_each_bad_input_with_its_status() {
         format!(r#"membersync_http_requests_total{{{route},provider="unknown",status="404"}} 1"#),
         format!(r#"membersync_http_request_duration_seconds_count{{{route},provider="stripe"}} 9"#),
         r#"membersync_http_requests_total{route="/events",provider="",status="200"} 1"#.to_string(),
-        format!("membersync_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION")),
+        format!(
+            r#"membersync_build_info{{version="{}",commit="{}",modified="{}"}} 1"#,
+            env!("CARGO_PKG_VERSION"),
+            membersync::BUILD_COMMIT,
+            membersync::BUILD_MODIFIED
+        ),
         r#"membersync_events_stored{status="ignored"} 1"#.to_string(),
         "# TYPE membersync_http_requests counter".to_string(),
         "# TYPE membersync_events_stored gauge".to_string(),

@@ -9,7 +9,14 @@
 //! [`FLUSH_EVERY`] of routine lines; what happened to each event is in the database, not in
 //! the log.
 //!
+//! Lines are text (`tracing`'s format) or, with `MEMBERSYNC_LOG_FORMAT=json`, one JSON
+//! object each (see [`format`]); either way no value can break a line or forge one.
+//!
 //! What this module must never do: hold back a warning or an error behind routine lines.
+
+pub mod format;
+
+pub use format::{install, Format};
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};
@@ -41,6 +48,9 @@ impl<W: Write + Send + 'static> Clone for Buffered<W> {
 struct Shared<W> {
     state: Mutex<State<W>>,
     wake: Condvar,
+    /// How a risky character is escaped: `\u{..}` in text, `\uXXXX` in JSON (where the
+    /// former would not parse).
+    format: Format,
 }
 
 struct State<W> {
@@ -61,11 +71,18 @@ impl<W: Write> State<W> {
 }
 
 impl<W: Write + Send + 'static> Buffered<W> {
-    /// A writer over `sink` and the thread that flushes it every `every`.
+    /// A writer of text lines over `sink` and the thread that flushes it every `every`.
     pub fn new(sink: W, every: Duration) -> Buffered<W> {
+        Buffered::with_format(sink, every, Format::Text)
+    }
+
+    /// A writer over `sink` for lines in `format`, and the thread that flushes it every
+    /// `every`.
+    pub fn with_format(sink: W, every: Duration, format: Format) -> Buffered<W> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State { pending: Vec::with_capacity(WAKE_AT), sink, closed: false }),
             wake: Condvar::new(),
+            format,
         });
         let weak = Arc::downgrade(&shared);
         let spawned = std::thread::Builder::new().name("membersync-log".into()).spawn(move || loop {
@@ -106,8 +123,9 @@ impl<W: Write + Send + 'static> Buffered<W> {
 /// restyle a terminal escaped — line breaks (`\n`, `\r`, U+0085, U+2028, U+2029), other
 /// control characters (ESC among them) and bidirectional overrides — whichever value of
 /// whichever log call carried it (an event id, a provider's answer, an error quoting
-/// either); only the line's own final newline stays.
-fn escape_into(buf: &[u8], out: &mut Vec<u8>) {
+/// either); only the line's own final newline stays. In a JSON line the escape is JSON's
+/// (`\uXXXX`), so the line still parses and the value reads back as it was.
+fn escape_into(buf: &[u8], out: &mut Vec<u8>, format: Format) {
     let (body, end) = match buf.split_last() {
         Some((b'\n', body)) => (body, "\n"),
         _ => (buf, ""),
@@ -121,7 +139,14 @@ fn escape_into(buf: &[u8], out: &mut Vec<u8>) {
     }
     let text = String::from_utf8_lossy(body);
     for c in text.chars() {
-        if risky(c) {
+        if risky(c) && format == Format::Json {
+            // Within a string: JSON's own structure is ASCII, and `serde_json` has already
+            // escaped what JSON requires (below U+0020, `"` and `\`).
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                out.extend(format!("\\u{unit:04x}").bytes());
+            }
+        } else if risky(c) {
             out.extend(c.escape_debug().to_string().bytes());
         } else {
             let mut b = [0u8; 4];
@@ -182,7 +207,7 @@ pub struct Line<'a, W> {
 impl<W: Write> Write for Line<'_, W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let mut state = self.shared.state.lock().map_err(|_| std::io::Error::other("log writer poisoned"))?;
-        escape_into(buf, &mut state.pending);
+        escape_into(buf, &mut state.pending, self.shared.format);
         if self.urgent || state.closed || state.pending.len() >= WRITE_AT {
             state.write_out();
         } else if state.pending.len() >= WAKE_AT {
@@ -352,7 +377,7 @@ mod shown_tests {
     fn a_written_line_keeps_its_own_newline_and_escapes_every_other_break_or_control() {
         let line = |s: &str| {
             let mut out = Vec::new();
-            super::escape_into(s.as_bytes(), &mut out);
+            super::escape_into(s.as_bytes(), &mut out, super::Format::Text);
             String::from_utf8(out).unwrap()
         };
         assert_eq!(line("INFO plain line é ü 名\n"), "INFO plain line é ü 名\n");
@@ -361,6 +386,20 @@ mod shown_tests {
         assert_eq!(line("x\r\u{1b}[31m\u{85}\u{2028}\u{202e}y\n"), "x\\r\\u{1b}[31m\\u{85}\\u{2028}\\u{202e}y\n");
         assert_eq!(line("no newline"), "no newline");
         assert_eq!(line("— “quotes” stay\n"), "— “quotes” stay\n", "other U+20xx characters stay");
+    }
+
+    #[test]
+    fn a_json_line_stays_json_and_reads_back_the_value_it_was_given() {
+        let hostile = "x\u{85}\u{2028}\u{202e}\u{7f}\u{e0041}\u{200b}é名y";
+        let line = format!("{}\n", serde_json::json!({ "fields": { "tenant": hostile } }));
+        let mut out = Vec::new();
+        super::escape_into(line.as_bytes(), &mut out, super::Format::Json);
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(out.matches('\n').count(), 1, "{out}");
+        assert!(out.ends_with('\n') && !out.contains('\u{2028}') && !out.contains('\u{85}'), "{out}");
+        assert!(out.contains(r"\udb40\udc41"), "a character past U+FFFF as a surrogate pair: {out}");
+        let back: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert_eq!(back["fields"]["tenant"], hostile);
     }
 
     #[test]
