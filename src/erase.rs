@@ -272,7 +272,16 @@ pub fn erase(
         }
     }
     let leads_deleted = tx.delete_leads(&m.tenant, email_lc.as_deref(), &m.id)?;
-    tx.erase_member_row(&m.id, now)?;
+    // Flags name an email now and then ("merged member … both had the email …").
+    let flags: Vec<String> = m.flags.iter().map(|f| personal.scrub_text(f)).collect();
+    tx.erase_member_row(&m.id, &flags, now)?;
+    for mut ms in tx.memberships_of(&m.id)? {
+        let scrubbed: Vec<String> = ms.flags.iter().map(|f| personal.scrub_text(f)).collect();
+        if scrubbed != ms.flags {
+            ms.flags = scrubbed;
+            tx.save_membership(&ms)?;
+        }
+    }
     let member_fields: Vec<String> = [("email", m.email.is_some()), ("name", m.name.is_some())]
         .into_iter()
         .filter(|(_, had)| *had)

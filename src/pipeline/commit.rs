@@ -20,13 +20,18 @@ use chrono::{DateTime, Utc};
 /// email another member has merges the two. A changed email is taken only when nothing else
 /// rests on the old one: not when the member holds memberships at another provider (one
 /// provider's profile edit must not move access bought elsewhere) or another member has the
-/// new email; then the change is flagged, not applied.
+/// new email; then the change is flagged, not applied. An erased member learns nothing.
 pub(super) fn update_member_details(
     tx: &mut dyn Tx,
     ev: &CanonicalEvent,
     m: &mut MemberRow,
     now: DateTime<Utc>,
 ) -> store::Result<()> {
+    if m.erased_at.is_some() {
+        // Erased on request: it learns no email or name again (a new purchase with that
+        // email is someone new to us), and is never merged by one.
+        return Ok(());
+    }
     let email = ev.member.email.clone().filter(|e| !m.email.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(e)));
     let name = ev.member.name.clone().filter(|n| m.name.as_deref() != Some(n.as_str()));
     if email.is_none() && name.is_none() {
@@ -93,6 +98,8 @@ pub(super) fn member_for(
     now: DateTime<Utc>,
 ) -> store::Result<Option<MemberRow>> {
     let mem = match member {
+        // Erased on request: it learns no email or name again, and merges with no one.
+        Some(m) if m.erased_at.is_some() => m,
         Some(mut m) => {
             let mut changed = false;
             let mut new_email = false;
@@ -128,6 +135,7 @@ pub(super) fn member_for(
                 flags: vec![],
                 created_at: now,
                 updated_at: now,
+                erased_at: None,
             };
             tx.save_member(&m)?;
             m

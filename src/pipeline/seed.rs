@@ -22,6 +22,7 @@ pub fn seed_membership(tx: &mut dyn Tx, config: &Config, ev: &CanonicalEvent, st
         flags: vec![],
         created_at: at,
         updated_at: at,
+        erased_at: None,
     };
     tx.save_member(&member)?;
     if let Some(cid) = &ev.member.provider_customer_id {

@@ -158,6 +158,9 @@ pub struct MemberRow {
     pub flags: Vec<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When the member's personal data was erased (see `erase`): it learns no email or
+    /// name again. Not written by `save_member`; set by `Tx::erase_member_row` only.
+    pub erased_at: Option<DateTime<Utc>>,
 }
 
 /// One subscription (or one-time product) of a member at one provider.
@@ -399,9 +402,10 @@ pub trait Tx {
     /// Writes back an event's raw body, headers, canonical form, outcome, reason and
     /// enrichment (an erasure's rewrite); nothing else of it changes.
     fn rewrite_event(&mut self, e: &EventRow) -> Result<()>;
-    /// Blanks a member's email and name and marks it erased at `at`; from then on it takes
-    /// neither again (`save_member` keeps them blank) and matches no email.
-    fn erase_member_row(&mut self, member_id: &str, at: DateTime<Utc>) -> Result<()>;
+    /// Blanks a member's email and name, sets its flags to `flags` (without what named
+    /// them) and marks it erased at `at`; from then on it takes neither again
+    /// (`save_member` keeps them blank) and matches no email.
+    fn erase_member_row(&mut self, member_id: &str, flags: &[String], at: DateTime<Utc>) -> Result<()>;
     /// Deletes the leads of `tenant` with this email or converted to this member; returns
     /// how many.
     fn delete_leads(&mut self, tenant: &str, email_lc: Option<&str>, member_id: &str) -> Result<u64>;
@@ -617,7 +621,7 @@ pub(crate) fn to_json<T: Serialize>(v: &T) -> String {
 }
 
 pub(crate) const EVENT_COLS: &str = "seq, tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at, member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key, deliveries, enrichment, body_pruned_at";
-pub(crate) const MEMBER_COLS: &str = "id, tenant, email, name, flags, created_at, updated_at";
+pub(crate) const MEMBER_COLS: &str = "id, tenant, email, name, flags, created_at, updated_at, erased_at";
 pub(crate) const MEMBERSHIP_COLS: &str = "id, tenant, member_id, provider, key, subscription_id, product_id, plan_id, status, state, period_end, grace_until, access_until, cancel_at_period_end, access_levels, flags, last_event_at, last_event_id, last_reconciled_at, sync_status, created_at, updated_at, last_event_rank";
 
 /// The events whose raw body a prune may drop (see `Tx::prune_bodies`): the condition of

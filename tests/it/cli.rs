@@ -329,6 +329,7 @@ async fn migrate_store_copies_text_holding_nul() {
                 flags: vec![],
                 created_at: now,
                 updated_at: now,
+                erased_at: None,
             })?;
             let canonical = r#"{"member":{"provider_customer_id":"cus_nul","email":"nul@example.com","name":"Ada\u0000L"},"path":"C:\\u0000"}"#;
             tx.insert_event(&EventRow {

@@ -121,13 +121,7 @@ async fn erasure_removes_every_stored_trace_and_keeps_access_and_its_story() {
     let run = membersync::replay::dry_run(&server.ctx, &EventFilter::default(), SystemClock.now()).await.unwrap();
     assert!(run.differences.is_empty(), "{:?}", run.differences);
 
-    // The provider sends her again by customer id: the same member, still without email.
-    let (status, body) = post_edited(&server, "invoice_paid", |v| v["id"] = "evt_after_erasure".into()).await;
-    assert_eq!(status, 200, "{body}");
-    let (_, m) = server.get(&format!("/members/{id}"), Some(TOKEN)).await;
-    assert_eq!(m["email"], Value::Null, "an erased member took its email again: {m}");
-    assert!(m["recent_events"].to_string().contains("evt_after_erasure"), "{m}");
-    // A purchase naming only her email (another customer) is someone new to us.
+    // A purchase naming her email under another customer is someone new to us.
     let (status, body) = post_edited(&server, "checkout_session_completed", |v| {
         v["id"] = "evt_new_ada".into();
         v["data"]["object"]["customer"] = "cus_NewAda".into();
@@ -138,7 +132,23 @@ async fn erasure_removes_every_stored_trace_and_keeps_access_and_its_story() {
     let (_, found) = server.get(&format!("/members?email={EMAIL}"), Some(TOKEN)).await;
     let ids: Vec<&str> = found["members"].as_array().unwrap().iter().filter_map(|m| m["id"].as_str()).collect();
     assert_eq!(ids.len(), 1, "{found}");
-    assert_ne!(ids[0], id, "the erased member matched by email");
+    let newcomer = ids[0].to_string();
+    assert_ne!(newcomer, id, "the erased member matched by email");
+    // The provider then sends the erased member's invoice again, naming her email: it
+    // reaches the erased member by customer id, which learns no email and merges with no one.
+    let (status, body) = post_edited(&server, "invoice_paid", |v| {
+        v["id"] = "evt_after_erasure".into();
+        v["data"]["object"]["id"] = "in_AfterErasure".into();
+    })
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, m) = server.get(&format!("/members/{id}"), Some(TOKEN)).await;
+    assert_eq!(m["email"], Value::Null, "an erased member took its email again: {m}");
+    assert!(m["recent_events"].to_string().contains("evt_after_erasure"), "{m}");
+    assert!(!m.to_string().to_lowercase().contains(EMAIL), "{m}");
+    let (status, other) = server.get(&format!("/members/{newcomer}"), Some(TOKEN)).await;
+    assert_eq!(status, 200, "the newcomer was merged away: {other}");
+    assert_eq!(other["email"], EMAIL);
 
     let (status, _) = server.delete("/members/mbr_nobody/personal-data", TOKEN).await;
     assert_eq!(status, 404);

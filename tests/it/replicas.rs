@@ -239,6 +239,7 @@ async fn a_replica_whose_connections_are_dropped_answers_no_write_as_stored_and_
         flags: vec![],
         created_at: SystemClock.now(),
         updated_at: SystemClock.now(),
+        erased_at: None,
     };
     let m0 = member("mbr_before");
     store.write(move |tx| tx.save_member(&m0)).await.unwrap();

@@ -83,6 +83,7 @@ fn member(id: &str, tenant: &str, email: Option<&str>, name: Option<&str>, creat
         flags: vec![],
         created_at: at(created),
         updated_at: at(created),
+        erased_at: None,
     }
 }
 
@@ -531,6 +532,7 @@ async fn members_are_upserted_and_found_by_customer_id_and_by_email_in_any_case(
             name: None,
             flags: vec!["vip".into(), "beta".into()],
             updated_at: at(50),
+            erased_at: None,
             created_at: at(40),
             tenant: "other".into(),
             ..ann.clone()
@@ -1870,7 +1872,7 @@ async fn an_erased_member_takes_no_personal_data_again() {
         let deleted = db
             .w(move |tx| {
                 tx.rewrite_event(&rewritten)?;
-                tx.erase_member_row("mbr_ada", at(50))?;
+                tx.erase_member_row("mbr_ada", &["kept".to_string()], at(50))?;
                 let n = tx.delete_leads("t", Some("ada@example.com"), "mbr_ada")?;
                 tx.record_erasure(&store::ErasureRow {
                     tenant: "t".into(),

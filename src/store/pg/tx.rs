@@ -195,6 +195,7 @@ pub(super) fn member_row(r: &Row) -> Result<MemberRow> {
         flags: json_list(r.try_get(4)?)?,
         created_at: from_ts(r.try_get(5)?),
         updated_at: from_ts(r.try_get(6)?),
+        erased_at: opt_from(r.try_get(7)?),
     })
 }
 
@@ -628,10 +629,11 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
-    fn erase_member_row(&mut self, member_id: &str, at: DateTime<Utc>) -> Result<()> {
+    fn erase_member_row(&mut self, member_id: &str, flags: &[String], at: DateTime<Utc>) -> Result<()> {
         self.exec(
-            "UPDATE members SET email = NULL, email_lc = NULL, name = NULL, erased_at = $2, updated_at = $2 WHERE id = $1",
-            &[&member_id, &ts(at)],
+            "UPDATE members SET email = NULL, email_lc = NULL, name = NULL, flags = $3, erased_at = $2, updated_at = $2
+             WHERE id = $1",
+            &[&member_id, &ts(at), &to_json(&flags)],
         )?;
         Ok(())
     }

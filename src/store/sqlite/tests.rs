@@ -14,6 +14,7 @@ fn member(i: usize) -> MemberRow {
         flags: vec![],
         created_at: from_ts(1_700_000_000),
         updated_at: from_ts(1_700_000_000),
+        erased_at: None,
     }
 }
 

@@ -201,6 +201,7 @@ pub(super) fn member_row(r: &Row) -> rusqlite::Result<MemberRow> {
         flags: json_list(r.get(4)?)?,
         created_at: from_ts(r.get(5)?),
         updated_at: from_ts(r.get(6)?),
+        erased_at: opt_from(r.get(7)?),
     })
 }
 
@@ -645,10 +646,10 @@ impl Tx for SqliteTx<'_, '_> {
         Ok(())
     }
 
-    fn erase_member_row(&mut self, member_id: &str, at: DateTime<Utc>) -> Result<()> {
-        self.st("UPDATE members SET email = NULL, email_lc = NULL, name = NULL, erased_at = ?2, updated_at = ?2
-                 WHERE id = ?1")?
-            .execute(params![member_id, ts(at)])?;
+    fn erase_member_row(&mut self, member_id: &str, flags: &[String], at: DateTime<Utc>) -> Result<()> {
+        self.st("UPDATE members SET email = NULL, email_lc = NULL, name = NULL, flags = ?3, erased_at = ?2,
+                   updated_at = ?2 WHERE id = ?1")?
+            .execute(params![member_id, ts(at), to_json(&flags)])?;
         Ok(())
     }
 
