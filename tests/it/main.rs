@@ -10,6 +10,7 @@ mod crash;
 mod details;
 mod durability;
 mod erasure;
+mod erasure_leaks;
 mod extract;
 mod fuzz;
 mod fuzz_campaign;
