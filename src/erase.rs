@@ -2,7 +2,7 @@
 //!
 //! The member's email and name are blanked; every stored event naming them (under their
 //! id, or under none but naming their email: a parked event, a failed one, an abandoned
-//! checkout) has its raw body, headers, canonical form, outcome, reason and enrichment
+//! checkout, a dead letter whose body holds it) has its raw body, headers, canonical form, outcome, reason and enrichment
 //! rewritten without them; their leads are deleted. What stays: the member id, its
 //! memberships, states, access, timers and customer links (so the provider's later
 //! events still find the member), and every event's ids, kinds, outcome, rule and
@@ -12,7 +12,10 @@
 //!
 //! What counts as personal in a raw body: any value that is the member's email (or holds
 //! it), their name or a word of it, and the value of any field named in
-//! `erasure.personal_fields` of `membersync.yaml` (a phone number, an address line).
+//! `erasure.personal_fields` of `membersync.yaml` (a phone number, an address line); the
+//! email or the full name inside a longer text is replaced by `[erased]`. "The member's
+//! email" and "name" are every one its events gave (a billing email, a fuller name), not
+//! only those its row kept. The member's flags lose them too.
 //!
 //! What this module must never do: change what a membership grants, or leave the
 //! member's email in an event it rewrote.
@@ -53,17 +56,25 @@ struct Personal {
 const ERASED: &str = "[erased]";
 
 impl Personal {
-    fn of(email: Option<&str>, name: Option<&str>, fields: &[String]) -> Personal {
+    /// From every email and name the member was known by (its own, and each one its
+    /// events gave: a provider may send a billing email or a fuller name for the same
+    /// customer).
+    fn of<'a>(
+        emails: impl IntoIterator<Item = &'a str>,
+        names: impl IntoIterator<Item = &'a str>,
+        fields: &[String],
+    ) -> Personal {
         let mut values = Vec::new();
         let mut phrases = Vec::new();
-        for v in [email, name].into_iter().flatten() {
+        let names: Vec<&str> = names.into_iter().collect();
+        for v in emails.into_iter().chain(names.iter().copied()) {
             let v = v.trim().to_lowercase();
-            if !v.is_empty() {
+            if !v.is_empty() && !values.contains(&v) {
                 values.push(v.clone());
                 phrases.push(v);
             }
         }
-        if let Some(n) = name {
+        for n in names {
             values.extend(n.split_whitespace().map(str::to_lowercase).filter(|w| w.chars().count() >= 2));
         }
         // Longest first, so that a full name goes before a word of it.
@@ -123,7 +134,10 @@ impl Personal {
             return vec![];
         }
         if let Ok(mut v) = serde_json::from_slice::<Value>(raw) {
-            return match self.scrub_json(&mut v) {
+            // A value that is personal goes; the email or full name inside a longer text
+            // (a description, a note) is replaced.
+            let changed = self.scrub_json(&mut v) | self.scrub_strings(&mut v);
+            return match changed {
                 true => serde_json::to_vec(&v).unwrap_or_else(|_| raw.to_vec()),
                 false => raw.to_vec(),
             };
@@ -262,8 +276,21 @@ pub fn erase(
 ) -> store::Result<Option<Detail>> {
     let Some(m) = tx.member(member_id)? else { return Ok(None) };
     let email_lc = m.email.as_deref().map(str::to_lowercase);
-    let personal = Personal::of(m.email.as_deref(), m.name.as_deref(), personal_fields);
     let events = tx.events_naming(&m.tenant, &m.id, email_lc.as_deref())?;
+    // Every email and name the member's events gave, not only the ones its row kept.
+    let given = |field: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter_map(|e| e.canonical.as_ref())
+            .filter_map(|c| store::json_of(c)["member"][field].as_str().map(str::to_string))
+            .collect()
+    };
+    let (emails, names) = (given("email"), given("name"));
+    let personal = Personal::of(
+        m.email.as_deref().into_iter().chain(emails.iter().map(String::as_str)),
+        m.name.as_deref().into_iter().chain(names.iter().map(String::as_str)),
+        personal_fields,
+    );
     let mut rewritten = 0;
     for e in &events {
         if let Some(clean) = personal.scrub_event(e) {
@@ -272,6 +299,11 @@ pub fn erase(
         }
     }
     let leads_deleted = tx.delete_leads(&m.tenant, email_lc.as_deref(), &m.id)?;
+    // Its flags may name an email (a merge, an email change not applied).
+    let flags: Vec<String> = m.flags.iter().map(|f| personal.scrub_text(f)).collect();
+    if flags != m.flags {
+        tx.save_member(&store::MemberRow { flags, updated_at: now, ..m.clone() })?;
+    }
     tx.erase_member_row(&m.id, now)?;
     let member_fields: Vec<String> = [("email", m.email.is_some()), ("name", m.name.is_some())]
         .into_iter()
@@ -309,7 +341,7 @@ mod tests {
     use super::*;
 
     fn ada() -> Personal {
-        Personal::of(Some("Ada@Example.com"), Some("Ada Lovelace"), &["phone".into(), "line1".into()])
+        Personal::of(["Ada@Example.com"], ["Ada Lovelace"], &["phone".into(), "line1".into()])
     }
 
     #[test]

@@ -394,7 +394,9 @@ pub trait Tx {
     fn prune_bodies(&mut self, before: DateTime<Utc>, now: DateTime<Utc>, limit: usize) -> Result<Pruned>;
     /// Every event naming member `member_id` of `tenant`: those stored under it, and those
     /// stored under no member whose canonical form names `email_lc` (parked, failed or a
-    /// lead's abandoned checkout), with their bodies; oldest first.
+    /// lead's abandoned checkout), and those stored under no member and without a canonical
+    /// form (a dead letter whose fields could not be read) whose body holds `email_lc` (or
+    /// its form-encoded spelling), with their bodies; oldest first.
     fn events_naming(&mut self, tenant: &str, member_id: &str, email_lc: Option<&str>) -> Result<Vec<EventRow>>;
     /// Writes back an event's raw body, headers, canonical form, outcome, reason and
     /// enrichment (an erasure's rewrite); nothing else of it changes.

@@ -605,6 +605,11 @@ impl Tx for PgTx<'_> {
                  UNION ALL
                  SELECT {EVENT_COLS} FROM events WHERE $3::TEXT IS NOT NULL AND member_id IS NULL AND tenant = $2
                    AND lower(canonical::jsonb -> 'member' ->> 'email') = $3::TEXT
+                 UNION ALL
+                 SELECT {EVENT_COLS} FROM events WHERE $3::TEXT IS NOT NULL AND member_id IS NULL AND tenant = $2
+                   AND canonical IS NULL AND body_pruned_at IS NULL
+                   AND (strpos(lower(encode(raw, 'escape')), $3::TEXT) > 0
+                        OR strpos(lower(encode(raw, 'escape')), replace($3::TEXT, '@', '%40')) > 0)
                  ORDER BY seq"
             ))
         });

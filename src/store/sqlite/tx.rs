@@ -620,6 +620,11 @@ impl Tx for SqliteTx<'_, '_> {
                  UNION ALL
                  SELECT {EVENT_COLS} FROM events WHERE ?3 IS NOT NULL AND member_id IS NULL AND tenant = ?2
                    AND lower(json_extract(canonical, '$.member.email')) = ?3
+                 UNION ALL
+                 SELECT {EVENT_COLS} FROM events WHERE ?3 IS NOT NULL AND member_id IS NULL AND tenant = ?2
+                   AND canonical IS NULL AND body_pruned_at IS NULL
+                   AND (instr(lower(CAST(raw AS TEXT)), ?3) > 0
+                        OR instr(lower(CAST(raw AS TEXT)), replace(?3, '@', '%40')) > 0)
                  ORDER BY seq"
             )
         });
