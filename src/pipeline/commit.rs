@@ -29,7 +29,8 @@ pub(super) fn update_member_details(
 ) -> store::Result<()> {
     let email = ev.member.email.clone().filter(|e| !m.email.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(e)));
     let name = ev.member.name.clone().filter(|n| m.name.as_deref() != Some(n.as_str()));
-    if email.is_none() && name.is_none() {
+    // An erased member takes neither again (and so merges with no one).
+    if (email.is_none() && name.is_none()) || tx.member_erased(&m.id)? {
         return Ok(());
     }
     m.name = name.or(m.name.take());
@@ -94,22 +95,28 @@ pub(super) fn member_for(
 ) -> store::Result<Option<MemberRow>> {
     let mem = match member {
         Some(mut m) => {
-            let mut changed = false;
-            let mut new_email = false;
-            if m.email.is_none() && ev.member.email.is_some() {
-                m.email = ev.member.email.clone();
-                (changed, new_email) = (true, true);
-            }
-            if m.name.is_none() && ev.member.name.is_some() {
-                m.name = ev.member.name.clone();
-                changed = true;
-            }
-            if new_email {
-                m = merge_same_email(tx, m, now)?;
-            }
-            if changed {
-                m.updated_at = now;
-                tx.save_member(&m)?;
+            // An erased member takes no email or name again, so it merges with no one:
+            // the person, back under a new member with the same email, stays that member.
+            let fills =
+                (m.email.is_none() && ev.member.email.is_some()) || (m.name.is_none() && ev.member.name.is_some());
+            if fills && !tx.member_erased(&m.id)? {
+                let mut changed = false;
+                let mut new_email = false;
+                if m.email.is_none() && ev.member.email.is_some() {
+                    m.email = ev.member.email.clone();
+                    (changed, new_email) = (true, true);
+                }
+                if m.name.is_none() && ev.member.name.is_some() {
+                    m.name = ev.member.name.clone();
+                    changed = true;
+                }
+                if new_email {
+                    m = merge_same_email(tx, m, now)?;
+                }
+                if changed {
+                    m.updated_at = now;
+                    tx.save_member(&m)?;
+                }
             }
             m
         }

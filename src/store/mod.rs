@@ -404,6 +404,8 @@ pub trait Tx {
     /// Blanks a member's email and name and marks it erased at `at`; from then on it takes
     /// neither again (`save_member` keeps them blank) and matches no email.
     fn erase_member_row(&mut self, member_id: &str, at: DateTime<Utc>) -> Result<()>;
+    /// Whether member `member_id`'s personal data was erased (`erase_member_row`).
+    fn member_erased(&mut self, member_id: &str) -> Result<bool>;
     /// Deletes the leads of `tenant` with this email or converted to this member; returns
     /// how many.
     fn delete_leads(&mut self, tenant: &str, email_lc: Option<&str>, member_id: &str) -> Result<u64>;

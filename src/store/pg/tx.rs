@@ -641,6 +641,11 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
+    fn member_erased(&mut self, member_id: &str) -> Result<bool> {
+        let row = self.opt("SELECT erased_at IS NOT NULL FROM members WHERE id = $1", &[&member_id])?;
+        Ok(row.is_some_and(|r| r.get::<_, bool>(0)))
+    }
+
     fn delete_leads(&mut self, tenant: &str, email_lc: Option<&str>, member_id: &str) -> Result<u64> {
         self.exec(
             "DELETE FROM leads WHERE tenant = $1 AND (email_lc = $2 OR member_id = $3)",

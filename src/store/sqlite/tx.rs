@@ -657,6 +657,12 @@ impl Tx for SqliteTx<'_, '_> {
         Ok(())
     }
 
+    fn member_erased(&mut self, member_id: &str) -> Result<bool> {
+        let at: Option<Option<i64>> =
+            self.st("SELECT erased_at FROM members WHERE id = ?1")?.query_row([member_id], |r| r.get(0)).optional()?;
+        Ok(at.flatten().is_some())
+    }
+
     fn delete_leads(&mut self, tenant: &str, email_lc: Option<&str>, member_id: &str) -> Result<u64> {
         let n = self
             .st("DELETE FROM leads WHERE tenant = ?1 AND (email_lc = ?2 OR member_id = ?3)")?
