@@ -236,3 +236,50 @@ async fn an_erased_member_does_not_swallow_the_customers_new_member_sqlite() {
 async fn an_erased_member_does_not_swallow_the_customers_new_member_postgres() {
     a_returning_customer(true).await;
 }
+
+/// A customer names herself after a word the provider's payloads also use as a value
+/// (`Unpaid`): erasing her must blank her name, not that value, or a re-derivation from
+/// the rewritten bodies reads her unpaid checkout as a paid one and grants access.
+#[tokio::test]
+async fn a_name_made_of_payload_words_leaves_the_bodies_meaning_alone() {
+    let (_dir, ctx) = ctx(false);
+    let name = "Ada Unpaid";
+    // Her subscription, then a one-time purchase she has not paid yet (ignored).
+    for f in ["checkout_session_completed", "customer_subscription_created"] {
+        deliver_edited(&ctx, "stripe", f, |v| {
+            if v["data"]["object"].get("customer_details").is_some() {
+                v["data"]["object"]["customer_details"]["name"] = name.into();
+            }
+        })
+        .await;
+    }
+    let ack = deliver_edited(&ctx, "stripe", "checkout_session_completed_payment", |v| {
+        let o = &mut v["data"]["object"];
+        o["customer"] = "cus_QxDemo001".into();
+        o["customer_details"]["email"] = EMAIL.into();
+        o["customer_details"]["name"] = name.into();
+        o["payment_status"] = "unpaid".into();
+    })
+    .await;
+    assert_eq!(ack.status.as_str(), "ignored", "{:?}", ack.outcome);
+    let d = ada(&ctx).await;
+    assert_eq!(d.member.name.as_deref(), Some(name));
+    let now = at(T0 + 86_400);
+    let before = membersync::replay::dry_run(&ctx, &EventFilter::default(), now).await.unwrap();
+    assert!(before.differences.is_empty(), "{:?}", before.differences);
+    erase(&ctx, &d.member.id).await;
+    assert_gone(&ctx, &[EMAIL, name]).await;
+    let after = membersync::replay::dry_run(&ctx, &EventFilter::default(), now).await.unwrap();
+    assert!(after.differences.is_empty(), "re-derived from the erased bodies: {:?}", after.differences);
+    // An operator replays the ignored delivery (as one does once a payment is settled):
+    // it is still the unpaid checkout it was.
+    let event_id = ack.event_id.clone();
+    let row = store::read(&ctx.store, move |s| Ok(s.events_by_event_id(&event_id)?.into_iter().next()))
+        .await
+        .unwrap()
+        .unwrap();
+    let raw: serde_json::Value = serde_json::from_slice(&row.raw).unwrap();
+    assert_eq!(raw["data"]["object"]["payment_status"], "unpaid", "erasure changed what the delivery says");
+    let replayed = membersync::replay::replay_one(&ctx, &row).await.unwrap();
+    assert_eq!(replayed.status.as_str(), "ignored", "{:?}", replayed.outcome);
+}
