@@ -11,7 +11,8 @@
 //! matches no email (see `Tx::erase_member_row`).
 //!
 //! What counts as personal in a raw body: any value that is the member's email (or holds
-//! it), their name or a word of it, and the value of any field named in
+//! it), their name, a word of it as the value of a field named for a name (`first_name`;
+//! elsewhere a word such as `unpaid` may be the payload's own), and the value of any field named in
 //! `erasure.personal_fields` of `membersync.yaml` (a phone number, an address line); the
 //! email or the full name inside a longer text is replaced by `[erased]`. "The member's
 //! email" and "name" are every one its events gave (a billing email, a fuller name), not
@@ -44,8 +45,12 @@ pub struct Detail {
 
 /// What is personal for one member.
 struct Personal {
-    /// Lowercased: the email, the name, each word of the name (two letters or more).
+    /// Lowercased: the emails and the names.
     values: Vec<String>,
+    /// Lowercased: each word of a name (two letters or more), personal only as the value
+    /// of a field whose key names a name (`first_name`, `last_name`): as any value it
+    /// would also blank a payload's own words (`paid`, `unpaid`) when a name holds one.
+    words: Vec<String>,
     /// Lowercased: the email and the full name, removed wherever they appear in text.
     phrases: Vec<String>,
     /// Field names (lowercased) whose values are removed whatever they hold.
@@ -74,34 +79,42 @@ impl Personal {
                 phrases.push(v);
             }
         }
-        for n in names {
-            values.extend(n.split_whitespace().map(str::to_lowercase).filter(|w| w.chars().count() >= 2));
-        }
+        let words = names
+            .iter()
+            .flat_map(|n| n.split_whitespace().map(str::to_lowercase).filter(|w| w.chars().count() >= 2))
+            .collect();
         // Longest first, so that a full name goes before a word of it.
         phrases.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        Personal { values, phrases, fields: fields.to_vec() }
+        Personal { values, words, phrases, fields: fields.to_vec() }
     }
 
-    fn is_personal(&self, s: &str) -> bool {
+    /// Whether `s`, the value of field `key` (none: an array's item at the top), is personal.
+    fn is_personal(&self, key: Option<&str>, s: &str) -> bool {
         let l = s.trim().to_lowercase();
-        !l.is_empty() && (self.values.contains(&l) || self.phrases.iter().any(|p| p.contains('@') && l.contains(p)))
+        !l.is_empty()
+            && (self.values.contains(&l)
+                || self.phrases.iter().any(|p| p.contains('@') && l.contains(p))
+                || (self.words.contains(&l) && key.is_some_and(|k| last_key(k).contains("name"))))
     }
 
     fn is_personal_field(&self, key: &str) -> bool {
-        // `customer[first_name]` (a form's key) is `first_name`.
-        let last = key.trim_end_matches(']').rsplit('[').next().unwrap_or(key).to_lowercase();
-        self.fields.contains(&last)
+        self.fields.contains(&last_key(key))
     }
 
     /// Removes personal values from JSON: a personal string, or any value of a personal
     /// field, becomes `null`; returns whether anything changed.
     fn scrub_json(&self, v: &mut Value) -> bool {
+        self.scrub_json_under(None, v)
+    }
+
+    /// `scrub_json` of the value of field `key` (an array's items keep their field's key).
+    fn scrub_json_under(&self, key: Option<&str>, v: &mut Value) -> bool {
         match v {
-            Value::String(s) if self.is_personal(s) => {
+            Value::String(s) if self.is_personal(key, s) => {
                 *v = Value::Null;
                 true
             }
-            Value::Array(items) => items.iter_mut().fold(false, |c, x| self.scrub_json(x) | c),
+            Value::Array(items) => items.iter_mut().fold(false, |c, x| self.scrub_json_under(key, x) | c),
             Value::Object(map) => {
                 let mut changed = false;
                 for (k, x) in map.iter_mut() {
@@ -109,7 +122,7 @@ impl Personal {
                         *x = Value::Null;
                         changed = true;
                     } else {
-                        changed |= self.scrub_json(x);
+                        changed |= self.scrub_json_under(Some(k), x);
                     }
                 }
                 changed
@@ -148,7 +161,7 @@ impl Personal {
             let mut changed = false;
             let mut out = form_urlencoded::Serializer::new(String::new());
             for (k, v) in form_urlencoded::parse(raw) {
-                if (self.is_personal_field(&k) || self.is_personal(&v)) && !v.is_empty() {
+                if (self.is_personal_field(&k) || self.is_personal(Some(&k), &v)) && !v.is_empty() {
                     out.append_pair(&k, "");
                     changed = true;
                 } else {
@@ -234,6 +247,11 @@ impl Personal {
         }
         changed.then_some(out)
     }
+}
+
+/// A field's own key, lowercased: `customer[first_name]` (a form's key) is `first_name`.
+fn last_key(key: &str) -> String {
+    key.trim_end_matches(']').rsplit('[').next().unwrap_or(key).to_lowercase()
 }
 
 /// `s` with every occurrence of `lower_needle` (already lowercased), in any case, replaced.
@@ -358,6 +376,16 @@ mod tests {
         }
         assert_eq!(d["address"]["line1"], Value::Null);
         assert!(!String::from_utf8_lossy(&ada().scrub_body(body)).to_lowercase().contains("ada"));
+    }
+
+    #[test]
+    fn a_word_of_the_name_goes_only_as_a_name_fields_value() {
+        let p = Personal::of(["ada@example.com"], ["Ada Unpaid"], &[]);
+        let body = br#"{"payment_status":"unpaid","customer":{"last_name":"Unpaid","names":["Ada"]}}"#;
+        let out: Value = serde_json::from_slice(&p.scrub_body(body)).unwrap();
+        assert_eq!(out["payment_status"], "unpaid");
+        assert_eq!(out["customer"]["last_name"], Value::Null);
+        assert_eq!(out["customer"]["names"][0], Value::Null);
     }
 
     #[test]
