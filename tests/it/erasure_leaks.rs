@@ -283,3 +283,68 @@ async fn a_name_made_of_payload_words_leaves_the_bodies_meaning_alone() {
     let replayed = membersync::replay::replay_one(&ctx, &row).await.unwrap();
     assert_eq!(replayed.status.as_str(), "ignored", "{:?}", replayed.outcome);
 }
+
+/// A guest checkout (Stripe creates no customer for a one-time payment unless asked): the
+/// member is known by email alone. Once erased, the dry run must still re-derive and check
+/// its membership, not lose track of it (nothing compared, nothing reported).
+#[tokio::test]
+async fn a_guest_known_by_email_alone_is_still_rederived_after_erasure() {
+    let (_dir, ctx) = ctx(false);
+    deliver_edited(&ctx, "stripe", "checkout_session_completed_payment", |v| {
+        v["data"]["object"]["customer"] = Value::Null;
+        v["data"]["object"]["customer_creation"] = "if_required".into();
+    })
+    .await;
+    let guest = by_email(&ctx, "linus@example.com").await.into_iter().next().expect("a member by email").id;
+    let d = detail(&ctx, &guest).await;
+    assert_eq!(d.memberships.len(), 1, "{:?}", d.memberships);
+    let now = at(T0 + 86_400);
+    let filter = EventFilter { member_id: Some(guest.clone()), ..Default::default() };
+    let before = membersync::replay::dry_run(&ctx, &filter, now).await.unwrap();
+    assert_eq!((before.compared, before.differences.len()), (1, 0), "{:?}", before.differences);
+    erase(&ctx, &guest).await;
+    let after = membersync::replay::dry_run(&ctx, &filter, now).await.unwrap();
+    assert_eq!((after.compared, after.differences.len()), (1, 0), "after erasure: {:?}", after.differences);
+}
+
+/// A guest's membership is keyed by product and email (`product:…@email:…`): erasure must
+/// not leave the email in that key, and the guest buying again after it is a new member
+/// with a membership of their own, not a purchase attached to the erased one.
+#[tokio::test]
+async fn a_guests_membership_key_loses_the_email_sqlite() {
+    a_guests_membership_key(false).await;
+}
+
+#[tokio::test]
+async fn a_guests_membership_key_loses_the_email_postgres() {
+    a_guests_membership_key(true).await;
+}
+
+async fn a_guests_membership_key(postgres: bool) {
+    let (_dir, ctx) = ctx(postgres);
+    let guest_buys = |id: &'static str| {
+        let ctx = ctx.clone();
+        async move {
+            deliver_edited(&ctx, "stripe", "checkout_session_completed_payment", |v| {
+                v["id"] = id.into();
+                v["data"]["object"]["customer"] = Value::Null;
+                v["data"]["object"]["customer_creation"] = "if_required".into();
+            })
+            .await
+        }
+    };
+    guest_buys("evt_guest_1").await;
+    let guest = by_email(&ctx, "linus@example.com").await.into_iter().next().expect("a member by email").id;
+    erase(&ctx, &guest).await;
+    let d = detail(&ctx, &guest).await;
+    assert!(!format!("{:?}", d.memberships).contains("linus@"), "a membership keeps the email: {:?}", d.memberships);
+    let shown = membersync::views::member_json(&d, at(T0)).to_string();
+    assert!(!shown.contains("linus@"), "{shown}");
+
+    guest_buys("evt_guest_2").await;
+    let again = by_email(&ctx, "linus@example.com").await.into_iter().next().expect("a new member by email").id;
+    assert_ne!(again, guest);
+    let d = detail(&ctx, &again).await;
+    assert_eq!(d.memberships.len(), 1, "the new purchase went elsewhere: {:?}", d.memberships);
+    assert!(d.memberships[0].has_access(at(T0)), "{:?}", d.memberships);
+}
