@@ -27,6 +27,7 @@ mod reload;
 mod replay;
 mod replicas;
 mod restart;
+mod restore_race;
 mod retention;
 mod scenarios;
 mod schemas;
