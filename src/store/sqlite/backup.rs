@@ -63,16 +63,15 @@ pub enum Error {
          would lose: take a backup with `membersync backup --to FILE` and restore that"
     )]
     LiveWal { file: String },
-    /// A `serve` holds the lock beside the database.
+    /// A `serve`, or a command that writes, holds the lock beside the database.
     #[error(
-        "a `membersync serve` is running on {database} (it holds {lock}): stop it, then restore; \
-         nothing was changed"
+        "a `membersync serve` is running on {database}, or a command that writes to it (reconcile, replay, \
+         rederive, prune, erase, simulate --apply; it holds {lock}): let such a command finish, or \
+         stop it, then restore; nothing was changed"
     )]
     ServeRunning { database: String, lock: String },
     /// A `restore` holds the lock beside the database.
-    #[error(
-        "a `membersync restore` into {database} is in progress (it holds {lock}): start serve once it has finished"
-    )]
+    #[error("a `membersync restore` into {database} is in progress (it holds {lock}): run this once it has finished")]
     Restoring { database: String, lock: String },
     /// The source database stayed locked for a minute.
     #[error("{0} stayed locked for a minute; nothing was copied. Try again")]
