@@ -1,6 +1,7 @@
 //! Integration tests: one binary (one link step), a module per area.
 
 mod backup;
+mod backup_misuse;
 mod browser;
 mod check;
 mod cli;
