@@ -314,6 +314,7 @@ async fn prune(
     days: Option<u32>,
     json: bool,
 ) -> Result<ExitCode> {
+    let _lock = if dry_run { None } else { hold_against_restore(config_path, database.clone())? };
     let ctx = existing_ctx(config_path, database)?;
     let Some(days) = days.or(ctx.config().raw_body_days) else {
         bail!(
@@ -338,6 +339,7 @@ async fn erase(
     by: Option<String>,
     json: bool,
 ) -> Result<ExitCode> {
+    let _lock = hold_against_restore(config_path, database.clone())?;
     let ctx = existing_ctx(config_path, database)?;
     let w = who.to_string();
     let found = crate::store::read(&ctx.store, move |s| crate::explain::find(s, &w)).await?;
@@ -458,6 +460,16 @@ fn migrate_store(from: &str, to: &str) -> Result<ExitCode> {
 
 /// The database a command names: `--database`, else the config's (`database:` or
 /// MEMBERSYNC_DATABASE).
+/// The lock a command that writes to an SQLite database holds while it runs (the one
+/// `serve` holds), so that a `restore` refuses instead of swapping the file under it: its
+/// writes would land in the file set aside. `None` for PostgreSQL and `:memory:`.
+fn hold_against_restore(
+    config_path: &Path,
+    database: Option<String>,
+) -> Result<Option<crate::store::sqlite::lock::ServeLock>> {
+    Ok(crate::store::sqlite::lock::ServeLock::for_serve(&database_of(config_path, database)?)?)
+}
+
 fn database_of(config_path: &Path, database: Option<String>) -> Result<String> {
     match database {
         Some(d) => Ok(d),
@@ -613,6 +625,7 @@ async fn reconcile(
     member: Option<String>,
     json: bool,
 ) -> Result<ExitCode> {
+    let _lock = hold_against_restore(config_path, database.clone())?;
     let ctx = existing_ctx(config_path, database)?;
     let reconciler = Arc::new(crate::reconcile::Reconciler::new(&ctx.config(), Default::default()));
     // A member by id or email, as `explain` takes them.
@@ -674,6 +687,7 @@ async fn simulate(args: SimulateArgs) -> Result<ExitCode> {
     // The examples' `${now…}` times, as `send` fills them: from `--now`, else the clock.
     let body = crate::simulate::expand_time(&body, now.unwrap_or_else(Utc::now).timestamp())
         .with_context(|| format!("Failed to expand times in {}", file.display()))?;
+    let _lock = if apply { hold_against_restore(&config_path, Some(config.database.clone()))? } else { None };
     let store = if apply { open_existing_store(&config)? } else { open_store(&config, ":memory:")? };
     let input = crate::simulate::SimulateInput {
         headers: parse_headers(&headers)?,
@@ -759,6 +773,7 @@ async fn open_ctx(config_path: &Path) -> Result<Arc<Ctx>> {
 }
 
 async fn rederive(config_path: &Path, member: Option<String>, dry_run: bool, json: bool) -> Result<ExitCode> {
+    let _lock = if dry_run { None } else { hold_against_restore(config_path, None)? };
     let ctx = open_ctx(config_path).await?;
     let mut filter = crate::store::EventFilter::default();
     if let Some(who) = &member {
@@ -803,6 +818,7 @@ async fn replay(
     if dry_run && since.is_some() {
         bail!("--since does not go with --dry-run: a membership is derived from all its deliveries, not from a part");
     }
+    let _lock = if dry_run { None } else { hold_against_restore(config_path, None)? };
     let ctx = open_ctx(config_path).await?;
     let since = since.map(|s| parse_time(s, "--since")).transpose()?;
     let mut filter = crate::store::EventFilter { since, member_id: member, ..Default::default() };

@@ -2,7 +2,7 @@
 //!
 //! The member's email and name are blanked; every stored event naming them (under their
 //! id, or under none but naming their email: a parked event, a failed one, an abandoned
-//! checkout) has its raw body, headers, canonical form, outcome, reason and enrichment
+//! checkout, a dead letter whose body holds it) has its raw body, headers, canonical form, outcome, reason and enrichment
 //! rewritten without them; their leads are deleted. What stays: the member id, its
 //! memberships, states, access, timers and customer links (so the provider's later
 //! events still find the member), and every event's ids, kinds, outcome, rule and
@@ -11,8 +11,12 @@
 //! matches no email (see `Tx::erase_member_row`).
 //!
 //! What counts as personal in a raw body: any value that is the member's email (or holds
-//! it), their name or a word of it, and the value of any field named in
-//! `erasure.personal_fields` of `membersync.yaml` (a phone number, an address line).
+//! it), their name, a word of it as the value of a field named for a name (`first_name`;
+//! elsewhere a word such as `unpaid` may be the payload's own), and the value of any field named in
+//! `erasure.personal_fields` of `membersync.yaml` (a phone number, an address line); the
+//! email or the full name inside a longer text is replaced by `[erased]`. "The member's
+//! email" and "name" are every one its events gave (a billing email, a fuller name), not
+//! only those its row kept. The member's flags lose them too.
 //!
 //! What this module must never do: change what a membership grants, or leave the
 //! member's email in an event it rewrote.
@@ -41,56 +45,79 @@ pub struct Detail {
 
 /// What is personal for one member.
 struct Personal {
-    /// Lowercased: the email, the name, each word of the name (two letters or more).
+    /// Lowercased: the emails and the names.
     values: Vec<String>,
+    /// Lowercased: each word of a name (two letters or more), personal only as the value
+    /// of a field whose key names a name (`first_name`, `last_name`): as any value it
+    /// would also blank a payload's own words (`paid`, `unpaid`) when a name holds one.
+    words: Vec<String>,
     /// Lowercased: the email and the full name, removed wherever they appear in text.
     phrases: Vec<String>,
     /// Field names (lowercased) whose values are removed whatever they hold.
     fields: Vec<String>,
 }
 
+/// The customer id an erased guest's membership is keyed by (followed by the member id).
+pub const ERASED_CUSTOMER: &str = "erased-";
+
 /// What replaces a personal phrase inside text (a reason, a note).
 const ERASED: &str = "[erased]";
 
 impl Personal {
-    fn of(email: Option<&str>, name: Option<&str>, fields: &[String]) -> Personal {
+    /// From every email and name the member was known by (its own, and each one its
+    /// events gave: a provider may send a billing email or a fuller name for the same
+    /// customer).
+    fn of<'a>(
+        emails: impl IntoIterator<Item = &'a str>,
+        names: impl IntoIterator<Item = &'a str>,
+        fields: &[String],
+    ) -> Personal {
         let mut values = Vec::new();
         let mut phrases = Vec::new();
-        for v in [email, name].into_iter().flatten() {
+        let names: Vec<&str> = names.into_iter().collect();
+        for v in emails.into_iter().chain(names.iter().copied()) {
             let v = v.trim().to_lowercase();
-            if !v.is_empty() {
+            if !v.is_empty() && !values.contains(&v) {
                 values.push(v.clone());
                 phrases.push(v);
             }
         }
-        if let Some(n) = name {
-            values.extend(n.split_whitespace().map(str::to_lowercase).filter(|w| w.chars().count() >= 2));
-        }
+        let words = names
+            .iter()
+            .flat_map(|n| n.split_whitespace().map(str::to_lowercase).filter(|w| w.chars().count() >= 2))
+            .collect();
         // Longest first, so that a full name goes before a word of it.
         phrases.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        Personal { values, phrases, fields: fields.to_vec() }
+        Personal { values, words, phrases, fields: fields.to_vec() }
     }
 
-    fn is_personal(&self, s: &str) -> bool {
+    /// Whether `s`, the value of field `key` (none: an array's item at the top), is personal.
+    fn is_personal(&self, key: Option<&str>, s: &str) -> bool {
         let l = s.trim().to_lowercase();
-        !l.is_empty() && (self.values.contains(&l) || self.phrases.iter().any(|p| p.contains('@') && l.contains(p)))
+        !l.is_empty()
+            && (self.values.contains(&l)
+                || self.phrases.iter().any(|p| p.contains('@') && l.contains(p))
+                || (self.words.contains(&l) && key.is_some_and(|k| last_key(k).contains("name"))))
     }
 
     fn is_personal_field(&self, key: &str) -> bool {
-        // `customer[first_name]` (a form's key) is `first_name`.
-        let last = key.trim_end_matches(']').rsplit('[').next().unwrap_or(key).to_lowercase();
-        self.fields.contains(&last)
+        self.fields.contains(&last_key(key))
     }
 
     /// Removes personal values from JSON: a personal string, or any value of a personal
     /// field, becomes `null`; returns whether anything changed.
     fn scrub_json(&self, v: &mut Value) -> bool {
+        self.scrub_json_under(None, v)
+    }
+
+    /// `scrub_json` of the value of field `key` (an array's items keep their field's key).
+    fn scrub_json_under(&self, key: Option<&str>, v: &mut Value) -> bool {
         match v {
-            Value::String(s) if self.is_personal(s) => {
+            Value::String(s) if self.is_personal(key, s) => {
                 *v = Value::Null;
                 true
             }
-            Value::Array(items) => items.iter_mut().fold(false, |c, x| self.scrub_json(x) | c),
+            Value::Array(items) => items.iter_mut().fold(false, |c, x| self.scrub_json_under(key, x) | c),
             Value::Object(map) => {
                 let mut changed = false;
                 for (k, x) in map.iter_mut() {
@@ -98,7 +125,7 @@ impl Personal {
                         *x = Value::Null;
                         changed = true;
                     } else {
-                        changed |= self.scrub_json(x);
+                        changed |= self.scrub_json_under(Some(k), x);
                     }
                 }
                 changed
@@ -123,7 +150,10 @@ impl Personal {
             return vec![];
         }
         if let Ok(mut v) = serde_json::from_slice::<Value>(raw) {
-            return match self.scrub_json(&mut v) {
+            // A value that is personal goes; the email or full name inside a longer text
+            // (a description, a note) is replaced.
+            let changed = self.scrub_json(&mut v) | self.scrub_strings(&mut v);
+            return match changed {
                 true => serde_json::to_vec(&v).unwrap_or_else(|_| raw.to_vec()),
                 false => raw.to_vec(),
             };
@@ -134,7 +164,7 @@ impl Personal {
             let mut changed = false;
             let mut out = form_urlencoded::Serializer::new(String::new());
             for (k, v) in form_urlencoded::parse(raw) {
-                if (self.is_personal_field(&k) || self.is_personal(&v)) && !v.is_empty() {
+                if (self.is_personal_field(&k) || self.is_personal(Some(&k), &v)) && !v.is_empty() {
                     out.append_pair(&k, "");
                     changed = true;
                 } else {
@@ -222,6 +252,11 @@ impl Personal {
     }
 }
 
+/// A field's own key, lowercased: `customer[first_name]` (a form's key) is `first_name`.
+fn last_key(key: &str) -> String {
+    key.trim_end_matches(']').rsplit('[').next().unwrap_or(key).to_lowercase()
+}
+
 /// `s` with every occurrence of `lower_needle` (already lowercased), in any case, replaced.
 fn replace_ignoring_case(s: &str, lower_needle: &str, with: &str) -> String {
     if lower_needle.is_empty() {
@@ -262,8 +297,21 @@ pub fn erase(
 ) -> store::Result<Option<Detail>> {
     let Some(m) = tx.member(member_id)? else { return Ok(None) };
     let email_lc = m.email.as_deref().map(str::to_lowercase);
-    let personal = Personal::of(m.email.as_deref(), m.name.as_deref(), personal_fields);
     let events = tx.events_naming(&m.tenant, &m.id, email_lc.as_deref())?;
+    // Every email and name the member's events gave, not only the ones its row kept.
+    let given = |field: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter_map(|e| e.canonical.as_ref())
+            .filter_map(|c| store::json_of(c)["member"][field].as_str().map(str::to_string))
+            .collect()
+    };
+    let (emails, names) = (given("email"), given("name"));
+    let personal = Personal::of(
+        m.email.as_deref().into_iter().chain(emails.iter().map(String::as_str)),
+        m.name.as_deref().into_iter().chain(names.iter().map(String::as_str)),
+        personal_fields,
+    );
     let mut rewritten = 0;
     for e in &events {
         if let Some(clean) = personal.scrub_event(e) {
@@ -280,6 +328,16 @@ pub fn erase(
         if scrubbed != ms.flags {
             ms.flags = scrubbed;
             tx.save_membership(&ms)?;
+        }
+        // A guest's one-time purchase (no provider customer id) is keyed by the buyer's
+        // email: re-keyed by a customer id no provider sends, linked to this member, so
+        // that its timers still find it and a later purchase with that email (someone new
+        // to us) does not.
+        if let Some(i) = ms.key.find("@email:") {
+            let cid = format!("{ERASED_CUSTOMER}{}", m.id);
+            let new_key = format!("{}@cid:{cid}", &ms.key[..i]);
+            tx.link_customer(&m.tenant, &ms.provider, &cid, &m.id)?;
+            tx.rekey_membership(&ms.id, &ms.key, &new_key)?;
         }
     }
     let member_fields: Vec<String> = [("email", m.email.is_some()), ("name", m.name.is_some())]
@@ -318,7 +376,7 @@ mod tests {
     use super::*;
 
     fn ada() -> Personal {
-        Personal::of(Some("Ada@Example.com"), Some("Ada Lovelace"), &["phone".into(), "line1".into()])
+        Personal::of(["Ada@Example.com"], ["Ada Lovelace"], &["phone".into(), "line1".into()])
     }
 
     #[test]
@@ -335,6 +393,16 @@ mod tests {
         }
         assert_eq!(d["address"]["line1"], Value::Null);
         assert!(!String::from_utf8_lossy(&ada().scrub_body(body)).to_lowercase().contains("ada"));
+    }
+
+    #[test]
+    fn a_word_of_the_name_goes_only_as_a_name_fields_value() {
+        let p = Personal::of(["ada@example.com"], ["Ada Unpaid"], &[]);
+        let body = br#"{"payment_status":"unpaid","customer":{"last_name":"Unpaid","names":["Ada"]}}"#;
+        let out: Value = serde_json::from_slice(&p.scrub_body(body)).unwrap();
+        assert_eq!(out["payment_status"], "unpaid");
+        assert_eq!(out["customer"]["last_name"], Value::Null);
+        assert_eq!(out["customer"]["names"][0], Value::Null);
     }
 
     #[test]

@@ -101,22 +101,26 @@ pub(super) fn member_for(
         // Erased on request: it learns no email or name again, and merges with no one.
         Some(m) if m.erased_at.is_some() => m,
         Some(mut m) => {
-            let mut changed = false;
-            let mut new_email = false;
-            if m.email.is_none() && ev.member.email.is_some() {
-                m.email = ev.member.email.clone();
-                (changed, new_email) = (true, true);
-            }
-            if m.name.is_none() && ev.member.name.is_some() {
-                m.name = ev.member.name.clone();
-                changed = true;
-            }
-            if new_email {
-                m = merge_same_email(tx, m, now)?;
-            }
-            if changed {
-                m.updated_at = now;
-                tx.save_member(&m)?;
+            let fills =
+                (m.email.is_none() && ev.member.email.is_some()) || (m.name.is_none() && ev.member.name.is_some());
+            if fills {
+                let mut changed = false;
+                let mut new_email = false;
+                if m.email.is_none() && ev.member.email.is_some() {
+                    m.email = ev.member.email.clone();
+                    (changed, new_email) = (true, true);
+                }
+                if m.name.is_none() && ev.member.name.is_some() {
+                    m.name = ev.member.name.clone();
+                    changed = true;
+                }
+                if new_email {
+                    m = merge_same_email(tx, m, now)?;
+                }
+                if changed {
+                    m.updated_at = now;
+                    tx.save_member(&m)?;
+                }
             }
             m
         }

@@ -397,7 +397,9 @@ pub trait Tx {
     fn prune_bodies(&mut self, before: DateTime<Utc>, now: DateTime<Utc>, limit: usize) -> Result<Pruned>;
     /// Every event naming member `member_id` of `tenant`: those stored under it, and those
     /// stored under no member whose canonical form names `email_lc` (parked, failed or a
-    /// lead's abandoned checkout), with their bodies; oldest first.
+    /// lead's abandoned checkout), and those stored under no member and without a canonical
+    /// form (a dead letter whose fields could not be read) whose body holds `email_lc` (or
+    /// its form-encoded spelling), with their bodies; oldest first.
     fn events_naming(&mut self, tenant: &str, member_id: &str, email_lc: Option<&str>) -> Result<Vec<EventRow>>;
     /// Writes back an event's raw body, headers, canonical form, outcome, reason and
     /// enrichment (an erasure's rewrite); nothing else of it changes.
@@ -406,6 +408,10 @@ pub trait Tx {
     /// them) and marks it erased at `at`; from then on it takes neither again
     /// (`save_member` keeps them blank) and matches no email.
     fn erase_member_row(&mut self, member_id: &str, flags: &[String], at: DateTime<Utc>) -> Result<()>;
+    /// Gives membership `id` the key `new_key` in place of `old_key`, and the events parked
+    /// under the old key the new one (an erasure's re-key of a guest's membership, whose key
+    /// named the buyer's email).
+    fn rekey_membership(&mut self, id: &str, old_key: &str, new_key: &str) -> Result<()>;
     /// Deletes the leads of `tenant` with this email or converted to this member; returns
     /// how many.
     fn delete_leads(&mut self, tenant: &str, email_lc: Option<&str>, member_id: &str) -> Result<u64>;

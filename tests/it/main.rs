@@ -1,6 +1,7 @@
 //! Integration tests: one binary (one link step), a module per area.
 
 mod backup;
+mod backup_misuse;
 mod browser;
 mod check;
 mod cli;
@@ -10,6 +11,7 @@ mod crash;
 mod details;
 mod durability;
 mod erasure;
+mod erasure_leaks;
 mod extract;
 mod fuzz;
 mod fuzz_campaign;
@@ -27,6 +29,7 @@ mod reload;
 mod replay;
 mod replicas;
 mod restart;
+mod restore_race;
 mod retention;
 mod scenarios;
 mod schemas;

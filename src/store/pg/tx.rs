@@ -606,6 +606,11 @@ impl Tx for PgTx<'_> {
                  UNION ALL
                  SELECT {EVENT_COLS} FROM events WHERE $3::TEXT IS NOT NULL AND member_id IS NULL AND tenant = $2
                    AND lower(canonical::jsonb -> 'member' ->> 'email') = $3::TEXT
+                 UNION ALL
+                 SELECT {EVENT_COLS} FROM events WHERE $3::TEXT IS NOT NULL AND member_id IS NULL AND tenant = $2
+                   AND canonical IS NULL AND body_pruned_at IS NULL
+                   AND (strpos(lower(encode(raw, 'escape')), $3::TEXT) > 0
+                        OR strpos(lower(encode(raw, 'escape')), replace($3::TEXT, '@', '%40')) > 0)
                  ORDER BY seq"
             ))
         });
@@ -635,6 +640,16 @@ impl Tx for PgTx<'_> {
              WHERE id = $1",
             &[&member_id, &ts(at), &to_json(&flags)],
         )?;
+        Ok(())
+    }
+
+    fn rekey_membership(&mut self, id: &str, old_key: &str, new_key: &str) -> Result<()> {
+        self.exec(
+            "UPDATE events SET park_key = $3
+             WHERE park_key = $2 AND (tenant, provider) = (SELECT tenant, provider FROM memberships WHERE id = $1)",
+            &[&id, &old_key, &new_key],
+        )?;
+        self.exec("UPDATE memberships SET key = $3 WHERE id = $1 AND key = $2", &[&id, &old_key, &new_key])?;
         Ok(())
     }
 

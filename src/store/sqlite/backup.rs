@@ -45,6 +45,12 @@ pub enum Error {
     /// The file named is the database itself.
     #[error("{0} is the database itself: name another file")]
     SameFile(String),
+    /// The destination is a file kept beside the database.
+    #[error(
+        "{0} is a file kept beside the database (its write-ahead log, shared memory, journal or \
+         serve lock), which the live database depends on: name another file"
+    )]
+    BesideDatabase(String),
     /// A copy failed SQLite's integrity check.
     #[error("{file} failed SQLite's integrity check, so it was not used:\n{findings}")]
     Damaged { file: String, findings: String },
@@ -63,16 +69,15 @@ pub enum Error {
          would lose: take a backup with `membersync backup --to FILE` and restore that"
     )]
     LiveWal { file: String },
-    /// A `serve` holds the lock beside the database.
+    /// A `serve`, or a command that writes, holds the lock beside the database.
     #[error(
-        "a `membersync serve` is running on {database} (it holds {lock}): stop it, then restore; \
-         nothing was changed"
+        "a `membersync serve` is running on {database}, or a command that writes to it (reconcile, replay, \
+         rederive, prune, erase, simulate --apply; it holds {lock}): let such a command finish, or \
+         stop it, then restore; nothing was changed"
     )]
     ServeRunning { database: String, lock: String },
     /// A `restore` holds the lock beside the database.
-    #[error(
-        "a `membersync restore` into {database} is in progress (it holds {lock}): start serve once it has finished"
-    )]
+    #[error("a `membersync restore` into {database} is in progress (it holds {lock}): run this once it has finished")]
     Restoring { database: String, lock: String },
     /// The source database stayed locked for a minute.
     #[error("{0} stayed locked for a minute; nothing was copied. Try again")]
@@ -143,6 +148,9 @@ pub fn backup(database: &str, to: &Path, force: bool) -> Result<Copied> {
     let db = database_file(database)?;
     if !db.is_file() {
         return Err(Error::NoDatabase(db.display().to_string()));
+    }
+    if beside(&db, to) {
+        return Err(Error::BesideDatabase(to.display().to_string()));
     }
     if to.exists() {
         if same_file(&db, to) {
@@ -359,6 +367,25 @@ fn set_aside(db: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Whether `a` and `b` are the same file (both exist).
+/// Whether `file` is one SQLite (or `serve`) keeps beside database `db`: `-wal`, `-shm`,
+/// `-journal`, `.serve-lock`, or the file `restore` stages. Compared by
+/// directory (resolved) and name, since the file need not exist.
+fn beside(db: &Path, file: &Path) -> bool {
+    let dir_of = |p: &Path| {
+        let parent = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::canonicalize(parent).ok()
+    };
+    let (Some(name), Some(file_name)) = (db.file_name(), file.file_name()) else { return false };
+    if dir_of(db).is_none() || dir_of(db) != dir_of(file) {
+        return false;
+    }
+    ["-wal", "-shm", "-journal", ".serve-lock", ".restoring"].iter().any(|suffix| {
+        let mut n = name.to_os_string();
+        n.push(suffix);
+        n == file_name
+    })
+}
+
 fn same_file(a: &Path, b: &Path) -> bool {
     match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
         (Ok(a), Ok(b)) => a == b,

@@ -1,13 +1,15 @@
-//! Store stage: the lock that tells `restore` a `serve` is running on a database. An
-//! advisory `flock(2)` on a file beside it, `DB.serve-lock`: every `serve` holds it shared
-//! for its whole life, `restore` takes it exclusive (without waiting) for as long as it
-//! replaces files. The kernel drops a lock when its process ends, however it ends (even by
-//! `kill -9`), so a stale lock never stops a restore.
+//! Store stage: the lock that tells `restore` a `serve` (or a command that writes) is
+//! running on a database. An advisory `flock(2)` on a file beside it, `DB.serve-lock`:
+//! every `serve` holds it shared for its whole life, and so does each command that writes
+//! (`reconcile`, `replay`, `rederive`, `prune`, `erase`, `simulate --apply`) while it runs,
+//! since a file swapped under it would take its writes into the copy set aside; `restore`
+//! takes it exclusive (without waiting) for as long as it replaces files. The kernel drops a
+//! lock when its process ends, however it ends (even by `kill -9`), so a stale lock never
+//! stops a restore.
 //!
-//! Shared rather than exclusive for `serve`: the lock is there to keep `restore` away,
-//! not to decide how many processes may serve one file, which SQLite's own locking governs.
-//! Only `serve` takes it: `explain`, `reconcile`, `replay`, `mcp` and `backup` open the
-//! database beside a running service, as they are meant to.
+//! Shared rather than exclusive: the lock is there to keep `restore` away, not to decide
+//! how many processes may use one file, which SQLite's own locking governs. Commands that
+//! only read (`explain`, `mcp`, `backup`, dry runs) do not take it.
 //!
 //! What this module must never do: wait for the lock (a refusal names the reason at once),
 //! or remove the lock file (a process holding it would then lock a file nobody else sees).

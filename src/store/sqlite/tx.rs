@@ -621,6 +621,11 @@ impl Tx for SqliteTx<'_, '_> {
                  UNION ALL
                  SELECT {EVENT_COLS} FROM events WHERE ?3 IS NOT NULL AND member_id IS NULL AND tenant = ?2
                    AND lower(json_extract(canonical, '$.member.email')) = ?3
+                 UNION ALL
+                 SELECT {EVENT_COLS} FROM events WHERE ?3 IS NOT NULL AND member_id IS NULL AND tenant = ?2
+                   AND canonical IS NULL AND body_pruned_at IS NULL
+                   AND (instr(lower(CAST(raw AS TEXT)), ?3) > 0
+                        OR instr(lower(CAST(raw AS TEXT)), replace(?3, '@', '%40')) > 0)
                  ORDER BY seq"
             )
         });
@@ -650,6 +655,17 @@ impl Tx for SqliteTx<'_, '_> {
         self.st("UPDATE members SET email = NULL, email_lc = NULL, name = NULL, flags = ?3, erased_at = ?2,
                    updated_at = ?2 WHERE id = ?1")?
             .execute(params![member_id, ts(at), to_json(&flags)])?;
+        Ok(())
+    }
+
+    fn rekey_membership(&mut self, id: &str, old_key: &str, new_key: &str) -> Result<()> {
+        self.st(
+            "UPDATE events SET park_key = ?3
+                 WHERE park_key = ?2 AND (tenant, provider) = (SELECT tenant, provider FROM memberships WHERE id = ?1)",
+        )?
+        .execute(params![id, old_key, new_key])?;
+        self.st("UPDATE memberships SET key = ?3 WHERE id = ?1 AND key = ?2")?
+            .execute(params![id, old_key, new_key])?;
         Ok(())
     }
 
