@@ -92,9 +92,24 @@ async fn prune_drops_old_bodies_and_explain_tells_the_same_story() {
     assert!(events(&ctx).iter().all(|e| e.body_pruned_at.is_none()), "a dry run wrote");
     drop(ctx);
 
+    // The index a prune reads by costs every delivery an entry: it is made by the first
+    // prune, not before (the default keeps bodies forever).
+    let has_index = || {
+        let c = rusqlite::Connection::open(dir.path().join("membersync.db")).unwrap();
+        let n: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'events_unpruned'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        n == 1
+    };
+    assert!(!has_index(), "made before any prune");
     let (code, out, err) = run(dir.path(), &["prune", "--days", &keep]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.starts_with("dropped 4 raw bodies"), "{out}");
+    assert!(has_index(), "the first prune made no index");
     let (code, out, _) = run(dir.path(), &["prune", "--days", &keep]);
     assert_eq!(code, Some(0));
     assert!(out.starts_with("dropped 0 raw bodies"), "a second prune found more: {out}");

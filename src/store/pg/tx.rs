@@ -585,6 +585,8 @@ impl Tx for PgTx<'_> {
                  WHERE {PRUNABLE} AND received_at < $1 ORDER BY received_at LIMIT $2 FOR UPDATE"
             ))
         });
+        static INDEX: LazyLock<&'static str> = LazyLock::new(|| leak(PRUNABLE_INDEX.clone()));
+        self.exec(*INDEX, &[])?;
         let found = self.query(*OLDEST, &[&ts(before), &(limit as i64)])?;
         let mut pruned = Pruned::default();
         for row in found {

@@ -600,6 +600,7 @@ impl Tx for SqliteTx<'_, '_> {
                  ORDER BY received_at LIMIT ?2"
             )
         });
+        self.st(&PRUNABLE_INDEX)?.execute([])?;
         let found = self
             .st(&OLDEST)?
             .query_map(params![ts(before), limit as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?

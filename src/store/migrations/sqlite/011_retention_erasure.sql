@@ -5,11 +5,8 @@
 -- takes no email or name again. Each erasure is recorded: who, when, what.
 ALTER TABLE events ADD COLUMN body_pruned_at INTEGER;
 ALTER TABLE members ADD COLUMN erased_at INTEGER;
--- The bodies a prune may still drop, oldest first (the condition is `store::PRUNABLE`);
--- a pruned event leaves the index.
-CREATE INDEX events_unpruned ON events (received_at)
-    WHERE body_pruned_at IS NULL AND park_key IS NULL AND provider <> 'manual'
-      AND source IN ('webhook', 'reconcile', 'replay');
+-- (The index a prune reads by, `events_unpruned`, is made by the first prune: see
+-- `store::PRUNABLE_INDEX`.)
 CREATE TABLE erasures (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     tenant      TEXT NOT NULL,
