@@ -636,9 +636,10 @@ pub(crate) const MEMBERSHIP_COLS: &str = "id, tenant, member_id, provider, key, 
 pub(crate) const PRUNABLE: &str = "body_pruned_at IS NULL AND park_key IS NULL AND provider <> 'manual' AND source IN ('webhook', 'reconcile', 'replay')";
 
 /// The index a prune finds the oldest droppable bodies by, made by the first prune (same
-/// SQL in both stores) rather than by a migration: every stored event is one more entry to
-/// write (6–7% more CPU per delivery under the load benchmark), which an install that keeps
-/// bodies forever (the default) should not pay. A pruned event leaves it.
+/// SQL in both stores) rather than by a migration: it is one more entry to write for every
+/// stored event, which an install that keeps bodies forever (the default) need not pay
+/// (the load benchmark could not tell the difference: `BENCHMARKS.md`, 2026-12-03). A
+/// pruned event leaves it.
 pub(crate) static PRUNABLE_INDEX: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!("CREATE INDEX IF NOT EXISTS events_unpruned ON events (received_at) WHERE {PRUNABLE}")
 });
