@@ -75,7 +75,10 @@ impl ApiError {
 impl From<crate::store::Error> for ApiError {
     fn from(e: crate::store::Error) -> Self {
         match e {
-            crate::store::Error::Busy | crate::store::Error::Closed | crate::store::Error::Failed(_) => ApiError::Busy,
+            crate::store::Error::Busy
+            | crate::store::Error::Closed
+            | crate::store::Error::Failed(_)
+            | crate::store::Error::Contended => ApiError::Busy,
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -92,7 +92,9 @@ pub async fn fire_due(ctx: &Arc<Ctx>, now: DateTime<Utc>) -> usize {
     let mut seen = std::collections::HashSet::new();
     loop {
         let loaded = ctx.loaded();
-        match ctx.store.write(move |tx| fire_due_in_tx(&loaded, tx, now, FireAt::Now(now), 1)).await {
+        // It may run again on the shared store (another replica's batch held the member of
+        // the timer it took): it changes nothing but through `tx`.
+        match ctx.store.write_again(vec![], move |tx| fire_due_in_tx(&loaded, tx, now, FireAt::Now(now), 1)).await {
             Ok(fired) => {
                 for f in &fired {
                     tracing::info!(membership = %f.membership, timer = %f.timer, status = f.status.as_str(), "Timer fired.");

@@ -48,18 +48,50 @@ pub async fn process(ctx: &Arc<Ctx>, incoming: Incoming, raw: Raw) -> store::Res
     let now = ctx.clock.now();
     let loaded = ctx.loaded();
     let pre = Precomputed::of(&loaded, &incoming, &raw);
-    let ack = ctx.store.write(move |tx| apply_with(&loaded, tx, incoming, raw, now, pre)).await?;
+    let hint = lock_hint(&incoming);
+    // On the shared store it may run again (another replica's batch held its member): it
+    // runs on copies, and changes nothing but through `tx`.
+    let ack = ctx
+        .store
+        .write_again(hint, move |tx| apply_with(&loaded, tx, incoming.clone(), raw.clone(), now, pre.clone()))
+        .await?;
     if ack.outcome.effects.iter().any(|e| matches!(e, Effect::ScheduleTimer { .. })) {
         ctx.timers_changed.notify_one();
     }
     Ok(ack)
 }
 
+/// What the job for `incoming` will lock on the shared store, as far as the event tells
+/// (`store::lock_keys`): its delivery, the customer id, email and membership key it names,
+/// the payments it names and what may be parked under them. The member it turns out to be
+/// about is locked when it is found.
+pub fn lock_hint(incoming: &Incoming) -> Vec<i64> {
+    use store::lock_keys as k;
+    let Incoming::Extracted(x) = incoming else { return vec![] };
+    let (t, p, ev) = (&x.event.tenant, &x.event.provider, &x.event);
+    let mut ids = vec![k::event(t, p, &x.idempotency_key)];
+    if p == crate::manual::PROVIDER {
+        ids.extend(ev.member.provider_customer_id.as_deref().map(k::member));
+    } else {
+        ids.extend(ev.member.provider_customer_id.as_deref().map(|c| k::customer(t, p, c)));
+        ids.extend(ev.member.email.as_deref().map(|e| k::email(t, e)));
+    }
+    if let Some(key) = resolve::membership_key(ev) {
+        ids.push(k::membership_key(t, p, &key));
+        ids.push(k::parked(t, p, &key));
+    }
+    for r in ev.payment.refs() {
+        ids.push(k::payment(t, p, &r));
+        ids.push(k::parked(t, p, &parked::payment_key(&r)));
+    }
+    ids
+}
+
 /// What the writer would otherwise work out from the event alone — its rule view and rank,
 /// its canonical JSON, the request headers' JSON — worked out before it, on the caller's
 /// thread, under the same snapshot. None of it depends on stored state; the single writer
 /// thread is what bounds ingest, so the less it does per event the better.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Precomputed {
     rank: Option<Result<i64, crate::rules::Error>>,
     canonical: Option<store::StoredJson>,

@@ -94,6 +94,7 @@ pub struct Ack {
 }
 
 /// An event ready for the writer.
+#[derive(Clone)]
 pub enum Incoming {
     /// A delivery whose fields were extracted.
     Extracted(Box<Extraction>),
@@ -116,6 +117,7 @@ impl Incoming {
 }
 
 /// The raw request kept with the event.
+#[derive(Clone)]
 pub struct Raw {
     pub body: Vec<u8>,
     pub headers: Vec<(String, String)>,

@@ -134,6 +134,11 @@ pub enum Error {
     /// The database failed its integrity check at start; the message says how to recover.
     #[error("{0}")]
     Damaged(String),
+    /// Another replica's batch holds a member (or key) this job reached: the job is rolled
+    /// back and runs again in the writer's next batch. Its caller never hears it, unless it
+    /// could not run again (503).
+    #[error("another replica is writing the same member; try again")]
+    Contended,
 }
 
 impl From<rusqlite::Error> for Error {
@@ -470,11 +475,93 @@ pub struct SyncRow {
     pub last_webhook_at: Option<DateTime<Utc>>,
 }
 
-/// What the writer runs: a job gets the transaction and returns whether it succeeded
-/// (its savepoint is rolled back otherwise) and what to do once the batch has committed.
-pub type Work = Box<dyn FnOnce(&mut dyn Tx) -> (bool, Done) + Send>;
+/// What the writer runs: a job gets the transaction and returns whether it succeeded (its
+/// savepoint is rolled back otherwise); `done` hears once the batch holding it committed.
+///
+/// A job that may run again (`rerun`) leaves nothing behind but what it writes through the
+/// `Tx`: the shared PostgreSQL store runs it beside other replicas' batches and, when a
+/// member it reaches is held by one of them, rolls its savepoint back and runs it again in
+/// the next batch (see `pg`). One that may not runs once, in a batch of its own kind that
+/// no other replica's batch runs beside.
+pub struct Work {
+    pub run: Run,
+    pub done: Done,
+    /// What the job will lock, as far as it is known before it runs (`lock_id`s): taken at
+    /// the start of its batch, in order, with everything else the batch takes.
+    pub hint: Vec<i64>,
+    pub rerun: bool,
+}
+
+impl Work {
+    /// A job that runs once, with no hint.
+    pub fn once(
+        run: impl FnMut(&mut dyn Tx) -> bool + Send + 'static,
+        done: impl FnOnce(Result<()>) + Send + 'static,
+    ) -> Work {
+        Work { run: Box::new(run), done: Box::new(done), hint: Vec::new(), rerun: false }
+    }
+}
+
 /// Called after the batch commits (or fails to).
 pub type Done = Box<dyn FnOnce(Result<()>) + Send>;
+/// A job's body: whether it succeeded.
+pub type Run = Box<dyn FnMut(&mut dyn Tx) -> bool + Send>;
+
+/// The records the shared store's writers lock, as `lock_id`s: what a job reads a record
+/// by (a delivery's idempotency key, a customer id, an email, a membership key, a payment
+/// reference, a park key) and whose it is (a member). The PostgreSQL `Tx` takes each before
+/// it reads or writes by it; a job's hint names them in advance.
+pub mod lock_keys {
+    use super::lock_id;
+
+    pub fn member(id: &str) -> i64 {
+        lock_id(&["m", id])
+    }
+    pub fn event(tenant: &str, provider: &str, idempotency_key: &str) -> i64 {
+        lock_id(&["ev", tenant, provider, idempotency_key])
+    }
+    pub fn customer(tenant: &str, provider: &str, customer_id: &str) -> i64 {
+        lock_id(&["cid", tenant, provider, customer_id])
+    }
+    /// Any case: the lookups by email fold it.
+    pub fn email(tenant: &str, email: &str) -> i64 {
+        lock_id(&["email", tenant, &email.to_lowercase()])
+    }
+    pub fn membership_key(tenant: &str, provider: &str, key: &str) -> i64 {
+        lock_id(&["mk", tenant, provider, key])
+    }
+    pub fn payment(tenant: &str, provider: &str, r: &str) -> i64 {
+        lock_id(&["pay", tenant, provider, r])
+    }
+    pub fn parked(tenant: &str, provider: &str, park_key: &str) -> i64 {
+        lock_id(&["park", tenant, provider, park_key])
+    }
+    /// A membership that is not stored (yet): its timers.
+    pub fn membership(id: &str) -> i64 {
+        lock_id(&["ms", id])
+    }
+}
+
+/// The 64-bit advisory lock id of a record the shared store's writers lock: the first 8
+/// bytes of the SHA-256 of its parts (`["m", member_id]`, `["cid", tenant, provider, id]`,
+/// ...), the same in every release and on every replica. Never one of the store's own
+/// fixed locks (the writers' and the migrations').
+pub fn lock_id(parts: &[&str]) -> i64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            h.update([0x1f]);
+        }
+        h.update(p.as_bytes());
+    }
+    let d = h.finalize();
+    let id = i64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
+    match id {
+        pg::WRITER_LOCK | pg::MIGRATION_LOCK => id ^ 1,
+        _ => id,
+    }
+}
 
 /// Which stored events to read, in arrival order.
 #[derive(Debug, Clone, Default)]
@@ -681,20 +768,56 @@ pub async fn read<T: Send + 'static>(
 }
 
 impl dyn Store {
-    /// Runs `f` in the writer and returns its result once the batch holding it committed.
+    /// Runs `f` in the writer and returns its result once the batch holding it committed:
+    /// once, in a batch no other replica's runs beside (see [`Work`]).
     pub async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut dyn Tx) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        let mut f = Some(f);
+        self.write_work(Vec::new(), false, move |t| match f.take() {
+            Some(f) => f(t),
+            None => Err(Error::Thread("a job that runs once was run again".into())),
+        })
+        .await
+    }
+
+    /// `write` for a job that may run again (see [`Work`]): `f` leaves nothing behind but
+    /// what it writes through the `Tx`; `hint`: the `lock_id`s it is known to take.
+    pub async fn write_again<T: Send + 'static>(
+        &self,
+        hint: Vec<i64>,
+        f: impl FnMut(&mut dyn Tx) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.write_work(hint, true, f).await
+    }
+
+    async fn write_work<T: Send + 'static>(
+        &self,
+        hint: Vec<i64>,
+        rerun: bool,
+        mut f: impl FnMut(&mut dyn Tx) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let work: Work = Box::new(move |t: &mut dyn Tx| {
-            let r = f(t);
-            let ok = r.is_ok();
-            let done: Done = Box::new(move |commit: Result<()>| {
+        // The last run's result: the one its batch committed.
+        let slot = Arc::new(std::sync::Mutex::new(None));
+        let ran = slot.clone();
+        let work = Work {
+            run: Box::new(move |t: &mut dyn Tx| {
+                let r = f(t);
+                let ok = r.is_ok();
+                if let Ok(mut s) = ran.lock() {
+                    *s = Some(r);
+                }
+                ok
+            }),
+            done: Box::new(move |commit: Result<()>| {
+                let r = slot.lock().ok().and_then(|mut s| s.take()).unwrap_or(Err(Error::Closed));
                 let _ = tx.send(commit.and(r));
-            });
-            (ok, done)
-        });
+            }),
+            hint,
+            rerun,
+        };
         self.submit(work)?;
         match self.write_deadline() {
             None => rx.await.map_err(|_| Error::Closed)?,

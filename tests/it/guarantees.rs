@@ -55,14 +55,17 @@ async fn full_write_queue_answers_503_with_retry_after() {
     let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
     let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
     store
-        .submit(Box::new(move |_tx| {
-            let _ = held_tx.send(());
-            let _ = release_rx.recv();
-            (true, Box::new(|_| {}))
-        }))
+        .submit(membersync::store::Work::once(
+            move |_tx| {
+                let _ = held_tx.send(());
+                let _ = release_rx.recv();
+                true
+            },
+            |_| {},
+        ))
         .unwrap();
     held_rx.recv().unwrap();
-    store.submit(Box::new(|_tx| (true, Box::new(|_| {})))).unwrap();
+    store.submit(membersync::store::Work::once(|_tx| true, |_| {})).unwrap();
 
     let app = membersync::app::router(membersync::state::AppState::new(ctx.clone()));
     let body = fixture("stripe", "invoice_paid");

@@ -19,6 +19,7 @@ mod grants;
 mod guarantees;
 mod lifecycle;
 mod mcp;
+mod member_locks;
 mod members;
 mod openapi;
 mod ops;

@@ -3,12 +3,13 @@
 //!
 //! Each replica keeps one writer thread with group commit, as on SQLite: a batch of jobs is
 //! one transaction, each job in its own savepoint, and no caller hears back before the
-//! commit returned (`synchronous_commit = on`: PostgreSQL flushed its WAL). Every batch
-//! first takes one transaction-scoped advisory lock, the writers' lock, so that the
-//! batches of all replicas run one after another, as the batches of one SQLite writer do:
-//! what a job reads (is this delivery stored? which member has this email? which timers
-//! are due?) is what the job before it, on whichever replica, committed. Dedupe still has
-//! the unique key behind it (`ON CONFLICT DO NOTHING RETURNING`).
+//! commit returned (`synchronous_commit = on`: PostgreSQL flushed its WAL). The batches of
+//! several replicas run side by side, never on the same member at once: each batch locks
+//! the members its jobs reach, and the keys they look records up by, until it commits, and
+//! a job that reaches one another replica's batch holds runs again after it (`locks`).
+//! Whatever a job reads (is this delivery stored? which member has this email? which
+//! timers are due?) is therefore what the jobs before it, on whichever replica, committed.
+//! Dedupe still has the unique key behind it (`ON CONFLICT DO NOTHING RETURNING`).
 //!
 //! Reads (the admin API, reports, the timer task's look) use a small pool of connections
 //! and never write. Migrations run under a session advisory lock: replicas that start
@@ -16,15 +17,18 @@
 //! SQLite: it is never shared.
 //!
 //! Here: `PgStore` (open, the read pool, the writer). Beside it: `tx` (`Tx`: the writes and
-//! lookups of a job), `read` (`Store`: the reads) and `copy` (`migrate-store`).
+//! lookups of a job, each under its locks), `locks` (what a batch holds), `read` (`Store`:
+//! the reads) and `copy` (`migrate-store`).
 
 mod copy;
+mod locks;
 mod read;
 mod tx;
 
 pub use copy::{copy_sqlite_to_pg, Copied};
 
 use super::*;
+use locks::Locks;
 use postgres::Client;
 use std::sync::{Arc, Condvar, Mutex};
 use tokio::sync::mpsc;
@@ -35,7 +39,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/002_retention_erasure.sql"),
 ];
 
-/// The advisory lock every writer batch holds: one batch at a time across replicas.
+/// The advisory lock every writer batch holds: shared by batches that lock the members
+/// they reach (several run at once), exclusively by one that runs alone (see `locks`).
 pub const WRITER_LOCK: i64 = 0x6d73_796e_6377_7269; // "msyncwri"
 /// The advisory lock migrations run under.
 pub const MIGRATION_LOCK: i64 = 0x6d73_796e_636d_6967; // "msyncmig"
@@ -165,9 +170,10 @@ fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
 }
 
 /// A new connection: `synchronous_commit` on whatever the server's default; times in UTC;
-/// a wait for the writers' lock given up after 30 s (a replica cut off mid-batch holds it
-/// until the server drops it: after 60 s idle in its transaction), so a stuck replica
-/// turns the others' requests into errors their providers retry, never into a hang.
+/// a wait for a lock (the writers' lock, a member another replica's batch holds) given up
+/// after 30 s (a replica cut off mid-batch holds its locks until the server drops it: after
+/// 60 s idle in its transaction), so a stuck replica turns the others' requests into errors
+/// their providers retry, never into a hang.
 pub fn connect(url: &str) -> Result<Client> {
     use std::time::Duration;
     let mut config: postgres::Config = url.parse().map_err(|e| Error::Db {
@@ -346,9 +352,36 @@ impl Drop for PgStore {
     }
 }
 
-/// Runs jobs in batches, one transaction each under the writers' lock, every job in its
-/// own savepoint; each caller hears back once the commit returned (or failed: then none
-/// hears `Ok`). A lost connection fails its batch and is opened again for the next.
+/// A job waiting for its batch, with what an earlier run of it reached.
+struct Pending {
+    work: Work,
+    /// The lock ids its last run claimed: taken, in order, before its next run.
+    learned: Vec<i64>,
+    /// How many runs were rolled back for a lock another batch held.
+    deferred: u32,
+    /// Its last run reached what only an exclusive batch may do.
+    exclusive: bool,
+}
+
+/// Runs after this many runs were rolled back: in an exclusive batch, which always
+/// completes.
+const MOST_DEFERRALS: u32 = 4;
+
+impl Pending {
+    fn new(work: Work) -> Pending {
+        Pending { work, learned: Vec::new(), deferred: 0, exclusive: false }
+    }
+
+    fn needs_exclusive(&self) -> bool {
+        !self.work.rerun || self.exclusive || self.deferred >= MOST_DEFERRALS
+    }
+}
+
+/// Runs jobs in batches, one transaction each, every job in its own savepoint; each caller
+/// hears back once the commit returned (or failed: then none hears `Ok`). A batch is
+/// exclusive or keyed (see `locks`): a job a keyed batch cannot finish (another replica's
+/// batch holds a member it reached) is rolled back and runs again in the next batch. A
+/// lost connection fails its batch and is opened again for the next.
 fn run_writer(
     client: Client,
     url: &str,
@@ -358,52 +391,103 @@ fn run_writer(
 ) {
     let mut client = Some(client);
     let mut prepared = Prepared::new();
-    while let Some(first) = rx.blocking_recv() {
+    let mut waiting: Vec<Pending> = Vec::new();
+    loop {
+        if waiting.is_empty() {
+            match rx.blocking_recv() {
+                Some(work) => waiting.push(Pending::new(work)),
+                None => return,
+            }
+        }
+        while waiting.len() < max_batch {
+            match rx.try_recv() {
+                Ok(work) => waiting.push(Pending::new(work)),
+                Err(_) => break,
+            }
+        }
+        let mut batch = std::mem::take(&mut waiting);
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             prepared.clear();
             client = match connect(url) {
                 Ok(c) => Some(c),
                 Err(e) => {
-                    tracing::error!(error = %e, "The writer cannot reach PostgreSQL; the job is not acknowledged.");
-                    drop(first); // its caller hears `Closed` (503)
+                    tracing::error!(error = %e, jobs = batch.len(), "The writer cannot reach PostgreSQL; the jobs are not acknowledged.");
+                    for p in batch {
+                        (p.work.done)(Err(Error::Closed));
+                    }
                     continue;
                 }
             };
         }
         let Some(conn) = client.as_mut() else { continue };
         since.store(Utc::now().timestamp_millis(), std::sync::atomic::Ordering::Release);
-        let mut dones = Vec::new();
+        let exclusive = batch.iter().any(Pending::needs_exclusive);
+        let mut ran: Vec<(Pending, bool)> = Vec::with_capacity(batch.len());
         let result = (|| -> Result<()> {
             conn.batch_execute("BEGIN")?;
-            let lock = prepared.get(conn, "SELECT pg_advisory_xact_lock($1)")?;
-            conn.execute(&lock, &[&WRITER_LOCK])?;
-            let mut next = Some(first);
-            while let Some(work) = next.take() {
+            let mut locks = match exclusive {
+                true => {
+                    let lock = prepared.get(conn, "SELECT pg_advisory_xact_lock($1)")?;
+                    conn.execute(&lock, &[&WRITER_LOCK])?;
+                    Locks::new(true, [])
+                }
+                false => {
+                    let lock = prepared.get(conn, "SELECT pg_advisory_xact_lock_shared($1)")?;
+                    conn.execute(&lock, &[&WRITER_LOCK])?;
+                    // What the jobs are known to need, sorted: batches taking theirs in
+                    // the same order never wait on each other in a circle.
+                    let mut ids: Vec<i64> =
+                        batch.iter().flat_map(|p| p.work.hint.iter().chain(&p.learned)).copied().collect();
+                    ids.sort_unstable();
+                    ids.dedup();
+                    let take = prepared
+                        .get(conn, "SELECT count(pg_advisory_xact_lock(id)) FROM unnest($1::BIGINT[]) AS id")?;
+                    conn.execute(&take, &[&ids])?;
+                    Locks::new(false, ids)
+                }
+            };
+            for mut p in batch.drain(..) {
                 conn.batch_execute("SAVEPOINT job")?;
-                let mut tx = PgTx { conn: &mut *conn, prepared: &mut prepared };
-                let (ok, done) = work(&mut tx);
-                if !ok {
+                locks.start_job();
+                let ok = {
+                    let mut tx = PgTx { conn: &mut *conn, prepared: &mut prepared, locks: Some(&mut locks) };
+                    (p.work.run)(&mut tx)
+                };
+                let again = locks.job.contended || locks.job.needs_exclusive;
+                if !ok || again {
                     conn.batch_execute("ROLLBACK TO SAVEPOINT job")?;
                 }
                 conn.batch_execute("RELEASE SAVEPOINT job")?;
-                dones.push(done);
-                if dones.len() < max_batch {
-                    next = rx.try_recv().ok();
+                let job = locks.end_job(!ok || again);
+                if again {
+                    p.learned = job.claimed;
+                    p.deferred += 1;
+                    p.exclusive |= job.needs_exclusive;
                 }
+                ran.push((p, again));
             }
             conn.batch_execute("COMMIT")?;
             Ok(())
         })();
         if let Err(e) = &result {
-            tracing::error!(error = %e, jobs = dones.len(), "Batch failed to commit; none of its requests is acknowledged.");
+            tracing::error!(error = %e, jobs = ran.len(), "Batch failed to commit; none of its requests is acknowledged.");
             // Whatever state the connection is in, nothing of the batch stays.
             if conn.batch_execute("ROLLBACK").is_err() {
                 client = None;
             }
         }
         since.store(0, std::sync::atomic::Ordering::Release);
-        for done in dones {
-            done(result.clone());
+        // Jobs the batch never reached (an error before them) are dropped: their callers
+        // hear `Closed`.
+        drop(batch);
+        for (p, again) in ran {
+            match (&result, again) {
+                (Ok(()), true) => waiting.push(p),
+                _ => (p.work.done)(result.clone()),
+            }
+        }
+        if !waiting.is_empty() {
+            tracing::debug!(jobs = waiting.len(), "Jobs another replica's batch held a member of run again.");
         }
     }
 }

@@ -118,7 +118,7 @@ impl Store for PgStore {
     fn member_detail(&self, id: &str, recent: usize) -> Result<Option<MemberDetail>> {
         self.read(|c| {
             let mut prepared = Prepared::new();
-            let mut tx = PgTx { conn: &mut *c, prepared: &mut prepared };
+            let mut tx = PgTx { conn: &mut *c, prepared: &mut prepared, locks: None };
             let Some(member) = tx.member(id)? else { return Ok(None) };
             let memberships = tx.memberships_of(id)?;
             let mut timers = Vec::new();
@@ -153,7 +153,7 @@ impl Store for PgStore {
     }
 
     fn member(&self, id: &str) -> Result<Option<MemberRow>> {
-        self.read(|c| Tx::member(&mut PgTx { conn: c, prepared: &mut Prepared::new() }, id))
+        self.read(|c| Tx::member(&mut PgTx { conn: c, prepared: &mut Prepared::new(), locks: None }, id))
     }
 
     fn members_with_memberships(&self, ids: &[String]) -> Result<Vec<StoredMember>> {
@@ -162,7 +162,7 @@ impl Store for PgStore {
             let customer = c.prepare(CUSTOMER_OF_MEMBER)?;
             let mut out = Vec::new();
             for id in ids {
-                let mut tx = PgTx { conn: &mut *c, prepared: &mut prepared };
+                let mut tx = PgTx { conn: &mut *c, prepared: &mut prepared, locks: None };
                 let Some(m) = tx.member(id)? else { continue };
                 let memberships = tx.memberships_of(id)?;
                 let mut timers = Vec::new();

@@ -51,11 +51,12 @@ impl Prepared {
     }
 }
 
-/// The writer's transaction (with its kept statements), or a read connection (with
-/// statements kept for one read).
+/// The writer's transaction (with its kept statements and its batch's locks), or a read
+/// connection (with statements kept for one read, and no locks).
 pub(super) struct PgTx<'a> {
     pub(super) conn: &'a mut Client,
     pub(super) prepared: &'a mut Prepared,
+    pub(super) locks: Option<&'a mut Locks>,
 }
 
 impl PgTx<'_> {
@@ -72,6 +73,73 @@ impl PgTx<'_> {
     fn exec(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
         let st = self.prepared.get(self.conn, sql)?;
         Ok(self.conn.execute(&st, params)?)
+    }
+
+    /// Takes lock `id` for the rest of the batch (see `locks`); true when it was taken just
+    /// now (so that what was read before it must be read again), false when the batch held
+    /// it already or takes no locks. `Contended` when another batch holds it.
+    fn claim(&mut self, id: i64) -> Result<bool> {
+        let Some(locks) = self.locks.as_deref_mut() else { return Ok(false) };
+        if !locks.wants(id)? {
+            return Ok(false);
+        }
+        let st = self.prepared.get(self.conn, "SELECT pg_try_advisory_xact_lock($1)")?;
+        let taken: bool = self.conn.query_one(&st, &[&id])?.try_get(0)?;
+        let locks = self.locks.as_deref_mut().ok_or(Error::Closed)?;
+        locks.got(id, taken)?;
+        Ok(true)
+    }
+
+    /// What only an exclusive batch may do: a keyed batch's job stops here and runs again
+    /// in an exclusive one.
+    fn exclusive_only(&mut self) -> Result<()> {
+        match self.locks.as_deref_mut() {
+            Some(locks) => locks.exclusive_only(),
+            None => Ok(()),
+        }
+    }
+
+    /// A member found by a lookup, its lock taken: read again while the lock was taken
+    /// only after the read (another batch may have changed it just before).
+    fn owned_member(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<MemberRow>> {
+        loop {
+            let found = self.opt(sql, params)?.as_ref().map(member_row).transpose()?;
+            match &found {
+                Some(m) if self.claim(lock_keys::member(&m.id))? => continue,
+                _ => return Ok(found),
+            }
+        }
+    }
+
+    /// A membership, its member's lock taken, read as `owned_member` reads a member.
+    fn owned_membership(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<MembershipRow>> {
+        loop {
+            let found = self.opt(sql, params)?.as_ref().map(membership_row).transpose()?;
+            let Some(ms) = &found else { return Ok(found) };
+            if let Some(locks) = self.locks.as_deref_mut() {
+                locks.note_owner(&ms.id, &ms.member_id);
+            }
+            if !self.claim(lock_keys::member(&ms.member_id))? {
+                return Ok(found);
+            }
+        }
+    }
+
+    /// The lock of membership `id`'s member (its timers, its events), taken: known from
+    /// an earlier read in the batch, else read; a membership not stored has its own.
+    fn claim_membership(&mut self, id: &str) -> Result<()> {
+        let Some(locks) = self.locks.as_deref() else { return Ok(()) };
+        if locks.exclusive {
+            return Ok(());
+        }
+        if let Some(owner) = locks.owner(id).map(str::to_string) {
+            self.claim(lock_keys::member(&owner))?;
+            return Ok(());
+        }
+        if self.owned_membership(*MEMBERSHIP_BY_ID, &[&id])?.is_none() {
+            self.claim(lock_keys::membership(id))?;
+        }
+        Ok(())
     }
 }
 
@@ -256,6 +324,7 @@ pub(super) fn rows<T>(rows: Vec<Row>, f: fn(&Row) -> Result<T>) -> Result<Vec<T>
 
 impl Tx for PgTx<'_> {
     fn event_by_key(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Option<EventRow>> {
+        self.claim(lock_keys::event(tenant, provider, key))?;
         self.opt(*EVENT_BY_KEY, &[&tenant, &provider, &key])?.as_ref().map(event_row).transpose()
     }
 
@@ -275,6 +344,17 @@ impl Tx for PgTx<'_> {
     }
 
     fn parked(&mut self, tenant: &str, provider: &str, key: &str, membership_id: &str) -> Result<Vec<EventRow>> {
+        // What a parked event was stored under: the key; else the member it names, by a
+        // customer id (whose lookup and link take the customer id) or by the email of the
+        // membership's member (taken here).
+        self.claim(lock_keys::parked(tenant, provider, key))?;
+        if self.locks.as_deref().is_some_and(|l| !l.exclusive) {
+            if let Some(ms) = self.owned_membership(*MEMBERSHIP_BY_ID, &[&membership_id])? {
+                if let Some(email) = self.member(&ms.member_id)?.and_then(|m| m.email) {
+                    self.claim(lock_keys::email(tenant, &email))?;
+                }
+            }
+        }
         let mut found = rows(self.query(*PARKED, &[&tenant, &provider, &key, &membership_id])?, event_row)?;
         found.sort_by_key(|e| (e.occurred_at, e.seq));
         found.dedup_by_key(|e| e.seq);
@@ -282,6 +362,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn parked_identity(&mut self, tenant: &str, provider: &str, membership_id: &str) -> Result<String> {
+        self.claim_membership(membership_id)?;
         let who = self.opt(
             "SELECT m.id || chr(10) || COALESCE(lower(m.email COLLATE \"C\"), '') || chr(10) ||
                COALESCE((SELECT string_agg(customer_id, chr(10) ORDER BY customer_id) FROM member_customers
@@ -296,10 +377,33 @@ impl Tx for PgTx<'_> {
     }
 
     fn last_event_seq(&mut self) -> Result<i64> {
+        self.exclusive_only()?;
         Ok(self.query("SELECT COALESCE(MAX(seq), 0)::BIGINT FROM events", &[])?[0].try_get(0)?)
     }
 
     fn insert_event(&mut self, e: &EventRow) -> Result<i64> {
+        self.claim(lock_keys::event(&e.tenant, &e.provider, &e.idempotency_key))?;
+        if let Some(member) = &e.member_id {
+            self.claim(lock_keys::member(member))?;
+        }
+        match e.park_key.as_deref() {
+            None => {}
+            // Parked for whichever membership of its member: found by the member it names.
+            Some("") => {
+                let named = e.canonical.as_ref().and_then(|c| serde_json::from_str::<serde_json::Value>(c.get()).ok());
+                let who = named.as_ref().and_then(|c| c.get("member"));
+                let field = |f: &str| who.and_then(|w| w.get(f)).and_then(|v| v.as_str()).map(str::to_string);
+                if let Some(cid) = field("provider_customer_id") {
+                    self.claim(lock_keys::customer(&e.tenant, &e.provider, &cid))?;
+                }
+                if let Some(email) = field("email") {
+                    self.claim(lock_keys::email(&e.tenant, &email))?;
+                }
+            }
+            Some(key) => {
+                self.claim(lock_keys::parked(&e.tenant, &e.provider, key))?;
+            }
+        }
         let row = self.opt(
             "INSERT INTO events (tenant, provider, event_id, idempotency_key, event_type, kind, source, received_at, occurred_at,
                member_id, membership_id, status, reason, raw, headers, canonical, outcome, park_key, deliveries, enrichment)
@@ -330,7 +434,7 @@ impl Tx for PgTx<'_> {
         )?;
         match row {
             Some(r) => Ok(r.try_get(0)?),
-            // Only a transaction outside the writers' lock can have stored it meanwhile.
+            // Only a transaction that took no lock on its key can have stored it meanwhile.
             None => Err(Error::Db {
                 code: None,
                 message: format!(
@@ -342,18 +446,25 @@ impl Tx for PgTx<'_> {
     }
 
     fn member(&mut self, id: &str) -> Result<Option<MemberRow>> {
+        self.claim(lock_keys::member(id))?;
         self.opt(*MEMBER_BY_ID, &[&id])?.as_ref().map(member_row).transpose()
     }
 
     fn member_by_customer(&mut self, tenant: &str, provider: &str, customer_id: &str) -> Result<Option<MemberRow>> {
-        self.opt(*MEMBER_BY_CUSTOMER, &[&tenant, &provider, &customer_id])?.as_ref().map(member_row).transpose()
+        self.claim(lock_keys::customer(tenant, provider, customer_id))?;
+        self.owned_member(*MEMBER_BY_CUSTOMER, &[&tenant, &provider, &customer_id])
     }
 
     fn member_by_email(&mut self, tenant: &str, email: &str) -> Result<Option<MemberRow>> {
-        self.opt(*MEMBER_BY_EMAIL, &[&tenant, &email.to_lowercase()])?.as_ref().map(member_row).transpose()
+        self.claim(lock_keys::email(tenant, email))?;
+        self.owned_member(*MEMBER_BY_EMAIL, &[&tenant, &email.to_lowercase()])
     }
 
     fn save_member(&mut self, m: &MemberRow) -> Result<()> {
+        self.claim(lock_keys::member(&m.id))?;
+        if let Some(email) = &m.email {
+            self.claim(lock_keys::email(&m.tenant, email))?;
+        }
         self.exec(
             "INSERT INTO members (id, tenant, email, email_lc, name, flags, created_at, updated_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
@@ -377,6 +488,8 @@ impl Tx for PgTx<'_> {
     }
 
     fn link_customer(&mut self, tenant: &str, provider: &str, customer_id: &str, member_id: &str) -> Result<()> {
+        self.claim(lock_keys::customer(tenant, provider, customer_id))?;
+        self.claim(lock_keys::member(member_id))?;
         self.exec(
             "INSERT INTO member_customers (tenant, provider, customer_id, member_id) VALUES ($1, $2, $3, $4)
              ON CONFLICT DO NOTHING",
@@ -394,6 +507,7 @@ impl Tx for PgTx<'_> {
         event_id: &str,
         counted: bool,
     ) -> Result<()> {
+        self.claim(lock_keys::payment(tenant, provider, r))?;
         self.exec(
             "INSERT INTO payments (tenant, provider, \"ref\", membership_id, event_id, counted_by)
              VALUES ($1, $2, $3, $4, $5, $6)
@@ -405,6 +519,9 @@ impl Tx for PgTx<'_> {
     }
 
     fn merge_member(&mut self, from: &str, into: &str) -> Result<()> {
+        // Moves what other members' keys lead to (customer ids, leads): rare enough to run
+        // alone.
+        self.exclusive_only()?;
         self.exec("UPDATE memberships SET member_id = $2 WHERE member_id = $1", &[&from, &into])?;
         self.exec("UPDATE member_customers SET member_id = $2 WHERE member_id = $1", &[&from, &into])?;
         self.exec("UPDATE events SET member_id = $2 WHERE member_id = $1", &[&from, &into])?;
@@ -428,6 +545,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn payment(&mut self, tenant: &str, provider: &str, r: &str) -> Result<Option<PaymentLink>> {
+        self.claim(lock_keys::payment(tenant, provider, r))?;
         let row = self.opt(
             "SELECT membership_id, event_id, counted_by FROM payments WHERE tenant = $1 AND provider = $2 AND \"ref\" = $3",
             &[&tenant, &provider, &r],
@@ -439,18 +557,27 @@ impl Tx for PgTx<'_> {
     }
 
     fn membership(&mut self, id: &str) -> Result<Option<MembershipRow>> {
-        self.opt(*MEMBERSHIP_BY_ID, &[&id])?.as_ref().map(membership_row).transpose()
+        self.owned_membership(*MEMBERSHIP_BY_ID, &[&id])
     }
 
     fn membership_by_key(&mut self, tenant: &str, provider: &str, key: &str) -> Result<Option<MembershipRow>> {
-        self.opt(*MEMBERSHIP_BY_KEY, &[&tenant, &provider, &key])?.as_ref().map(membership_row).transpose()
+        self.claim(lock_keys::membership_key(tenant, provider, key))?;
+        self.owned_membership(*MEMBERSHIP_BY_KEY, &[&tenant, &provider, &key])
     }
 
     fn memberships_of(&mut self, member_id: &str) -> Result<Vec<MembershipRow>> {
+        self.claim(lock_keys::member(member_id))?;
         rows(self.query(*MEMBERSHIPS_OF, &[&member_id])?, membership_row)
     }
 
     fn save_membership(&mut self, m: &MembershipRow) -> Result<()> {
+        // Its member before (if stored: a move from one to another) and after, and its key.
+        self.claim_membership(&m.id)?;
+        self.claim(lock_keys::member(&m.member_id))?;
+        self.claim(lock_keys::membership_key(&m.tenant, &m.provider, &m.key))?;
+        if let Some(locks) = self.locks.as_deref_mut() {
+            locks.note_owner(&m.id, &m.member_id);
+        }
         self.exec(
             "INSERT INTO memberships (id, tenant, member_id, provider, key, subscription_id, product_id, plan_id, status, state,
                period_end, grace_until, access_until, cancel_at_period_end, access_levels, flags, last_event_at, last_event_id,
@@ -493,6 +620,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn capture_lead(&mut self, l: &LeadRow) -> Result<()> {
+        self.claim(lock_keys::email(&l.tenant, &l.email))?;
         self.exec(
             "INSERT INTO leads (tenant, email_lc, email, name, provider, event_id, captured_at, converted_at, member_id)
              VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, NULL)
@@ -505,6 +633,8 @@ impl Tx for PgTx<'_> {
     }
 
     fn convert_lead(&mut self, tenant: &str, email: &str, member_id: &str, at: DateTime<Utc>) -> Result<()> {
+        self.claim(lock_keys::email(tenant, email))?;
+        self.claim(lock_keys::member(member_id))?;
         self.exec(
             "UPDATE leads SET converted_at = $4, member_id = $3 WHERE tenant = $1 AND email_lc = $2 AND converted_at IS NULL",
             &[&tenant, &email.to_lowercase(), &member_id, &ts(at)],
@@ -513,6 +643,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn set_timer(&mut self, t: &TimerRow) -> Result<()> {
+        self.claim_membership(&t.membership_id)?;
         self.exec(
             "INSERT INTO timers (membership_id, name, tenant, due_at, set_by_event) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (membership_id, name) DO UPDATE SET due_at = excluded.due_at, set_by_event = excluded.set_by_event",
@@ -522,11 +653,13 @@ impl Tx for PgTx<'_> {
     }
 
     fn cancel_timer(&mut self, membership_id: &str, name: &str) -> Result<()> {
+        self.claim_membership(membership_id)?;
         self.exec("DELETE FROM timers WHERE membership_id = $1 AND name = $2", &[&membership_id, &name])?;
         Ok(())
     }
 
     fn delete_timer_if_due(&mut self, membership_id: &str, name: &str, due_at: DateTime<Utc>) -> Result<bool> {
+        self.claim_membership(membership_id)?;
         let n = self.exec(
             "DELETE FROM timers WHERE membership_id = $1 AND name = $2 AND due_at = $3",
             &[&membership_id, &name, &ts(due_at)],
@@ -535,14 +668,22 @@ impl Tx for PgTx<'_> {
     }
 
     fn due_timers_tx(&mut self, now: DateTime<Utc>, limit: usize) -> Result<Vec<TimerRow>> {
-        rows(self.query(DUE_TIMERS_CLAIMED, &[&ts(now), &(limit as i64)])?, timer_row)
+        // Rows another batch holds are skipped; the member of each one taken is locked
+        // before it fires, so that its firing and a delivery about it never run at once.
+        let due = rows(self.query(DUE_TIMERS_CLAIMED, &[&ts(now), &(limit as i64)])?, timer_row)?;
+        for t in &due {
+            self.claim_membership(&t.membership_id)?;
+        }
+        Ok(due)
     }
 
     fn timers_of(&mut self, membership_id: &str) -> Result<Vec<TimerRow>> {
+        self.claim_membership(membership_id)?;
         rows(self.query(TIMERS_OF, &[&membership_id])?, timer_row)
     }
 
     fn applied_from(&mut self, membership_id: &str, source: Source) -> Result<bool> {
+        self.claim_membership(membership_id)?;
         Ok(self
             .opt(
                 "SELECT 1 FROM events WHERE membership_id = $1 AND source = $2 AND status = 'applied' LIMIT 1",
@@ -559,6 +700,7 @@ impl Tx for PgTx<'_> {
         until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<MembershipRow>> {
+        self.exclusive_only()?;
         if targets.is_empty() {
             return Ok(vec![]);
         }
@@ -579,6 +721,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn prune_bodies(&mut self, before: DateTime<Utc>, now: DateTime<Utc>, limit: usize) -> Result<Pruned> {
+        self.exclusive_only()?;
         static OLDEST: LazyLock<&'static str> = LazyLock::new(|| {
             leak(format!(
                 "SELECT seq, (octet_length(raw) + octet_length(headers))::BIGINT FROM events
@@ -602,6 +745,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn events_naming(&mut self, tenant: &str, member_id: &str, email_lc: Option<&str>) -> Result<Vec<EventRow>> {
+        self.exclusive_only()?;
         static NAMING: LazyLock<&'static str> = LazyLock::new(|| {
             leak(format!(
                 "SELECT {EVENT_COLS} FROM events WHERE member_id = $1
@@ -620,6 +764,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn rewrite_event(&mut self, e: &EventRow) -> Result<()> {
+        self.exclusive_only()?;
         self.exec(
             "UPDATE events SET raw = $2, headers = $3, canonical = $4, outcome = $5, reason = $6, enrichment = $7
              WHERE seq = $1",
@@ -637,6 +782,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn erase_member_row(&mut self, member_id: &str, flags: &[String], at: DateTime<Utc>) -> Result<()> {
+        self.exclusive_only()?;
         self.exec(
             "UPDATE members SET email = NULL, email_lc = NULL, name = NULL, flags = $3, erased_at = $2, updated_at = $2
              WHERE id = $1",
@@ -646,6 +792,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn rekey_membership(&mut self, id: &str, old_key: &str, new_key: &str) -> Result<()> {
+        self.exclusive_only()?;
         self.exec(
             "UPDATE events SET park_key = $3
              WHERE park_key = $2 AND (tenant, provider) = (SELECT tenant, provider FROM memberships WHERE id = $1)",
@@ -656,6 +803,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn delete_leads(&mut self, tenant: &str, email_lc: Option<&str>, member_id: &str) -> Result<u64> {
+        self.exclusive_only()?;
         self.exec(
             "DELETE FROM leads WHERE tenant = $1 AND (email_lc = $2 OR member_id = $3)",
             &[&tenant, &email_lc, &member_id],
@@ -663,6 +811,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn record_erasure(&mut self, e: &ErasureRow) -> Result<()> {
+        self.exclusive_only()?;
         self.exec(
             "INSERT INTO erasures (tenant, member_id, erased_by, erased_at, detail) VALUES ($1, $2, $3, $4, $5)",
             &[&e.tenant, &e.member_id, &e.erased_by, &ts(e.erased_at), &e.detail.to_string()],
@@ -671,6 +820,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn record_sync(&mut self, r: &SyncRecord) -> Result<()> {
+        self.exclusive_only()?;
         // Only the sync columns: a webhook applied meanwhile keeps everything else.
         self.exec(
             "UPDATE memberships SET sync_status = $2, last_reconciled_at = COALESCE($3, last_reconciled_at) WHERE id = $1",

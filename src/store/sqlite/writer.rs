@@ -177,10 +177,12 @@ pub(super) fn run_writer(
                 .map_err(|e| storage_error(e, &health, "the writer's transaction failed"))?;
             let mut tx = SqliteTx { conn: &conn, prepared: Some(&mut prepared), lean: false };
             let mut next = Some(first);
-            while let Some(work) = next.take() {
+            while let Some(mut work) = next.take() {
                 let step = |e| storage_error(e, &health, "the writer's transaction failed");
                 tx.st("SAVEPOINT job")?.execute([]).map_err(step)?;
-                let (ok, done) = work(&mut tx);
+                // One writer: nothing else holds a member, so every job runs once.
+                let ok = (work.run)(&mut tx);
+                let done = work.done;
                 if !ok {
                     tx.st("ROLLBACK TO job")?.execute([]).map_err(step)?;
                 }
