@@ -35,6 +35,9 @@ pub(super) struct Locks {
     held: HashSet<i64>,
     /// The member of each membership read or written in this batch.
     owners: HashMap<String, String>,
+    /// Memberships whose member's email a search for parked events took (the email a
+    /// member takes later in the batch is taken by the save that gives it).
+    searched: HashSet<String>,
     pub(super) job: JobLocks,
 }
 
@@ -53,7 +56,13 @@ pub(super) struct JobLocks {
 
 impl Locks {
     pub(super) fn new(exclusive: bool, held: impl IntoIterator<Item = i64>) -> Locks {
-        Locks { exclusive, held: held.into_iter().collect(), owners: HashMap::new(), job: JobLocks::default() }
+        Locks {
+            exclusive,
+            held: held.into_iter().collect(),
+            owners: HashMap::new(),
+            searched: HashSet::new(),
+            job: JobLocks::default(),
+        }
     }
 
     pub(super) fn start_job(&mut self) {
@@ -69,6 +78,7 @@ impl Locks {
                 self.held.remove(id);
             }
             self.owners.clear();
+            self.searched.clear();
         }
         job
     }
@@ -106,13 +116,29 @@ impl Locks {
         Err(super::Error::Contended)
     }
 
+    /// Whether a search for the events parked for membership `id` was locked in this batch.
+    pub(super) fn searched(&self, id: &str) -> bool {
+        self.exclusive || self.searched.contains(id)
+    }
+
+    pub(super) fn note_searched(&mut self, id: &str) {
+        self.searched.insert(id.to_string());
+    }
+
     pub(super) fn owner(&self, membership_id: &str) -> Option<&str> {
         self.owners.get(membership_id).map(String::as_str)
     }
 
+    /// Membership `membership_id` is member `member_id`'s: a search for its parked events
+    /// locked under another member is locked again.
     pub(super) fn note_owner(&mut self, membership_id: &str, member_id: &str) {
-        if !self.exclusive {
-            self.owners.insert(membership_id.to_string(), member_id.to_string());
+        if self.exclusive {
+            return;
+        }
+        if let Some(before) = self.owners.insert(membership_id.to_string(), member_id.to_string()) {
+            if before != member_id {
+                self.searched.remove(membership_id);
+            }
         }
     }
 }

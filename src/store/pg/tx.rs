@@ -125,6 +125,33 @@ impl PgTx<'_> {
         }
     }
 
+    /// The locks a search for the events parked for membership `id`'s member reads under:
+    /// that member, and its email (read in one go, again while the member was taken only
+    /// after the read).
+    fn claim_parked_for(&mut self, tenant: &str, id: &str) -> Result<()> {
+        loop {
+            let who = self.opt(
+                "SELECT s.member_id, m.email FROM memberships s LEFT JOIN members m ON m.id = s.member_id WHERE s.id = $1",
+                &[&id],
+            )?;
+            let Some(row) = who else { return Ok(()) };
+            let (member, email): (String, Option<String>) = (row.try_get(0)?, row.try_get(1)?);
+            if let Some(locks) = self.locks.as_deref_mut() {
+                locks.note_owner(id, &member);
+            }
+            if self.claim(lock_keys::member(&member))? {
+                continue;
+            }
+            if let Some(email) = email {
+                self.claim(lock_keys::email(tenant, &email))?;
+            }
+            if let Some(locks) = self.locks.as_deref_mut() {
+                locks.note_searched(id);
+            }
+            return Ok(());
+        }
+    }
+
     /// The lock of membership `id`'s member (its timers, its events), taken: known from
     /// an earlier read in the batch, else read; a membership not stored has its own.
     fn claim_membership(&mut self, id: &str) -> Result<()> {
@@ -348,12 +375,8 @@ impl Tx for PgTx<'_> {
         // customer id (whose lookup and link take the customer id) or by the email of the
         // membership's member (taken here).
         self.claim(lock_keys::parked(tenant, provider, key))?;
-        if self.locks.as_deref().is_some_and(|l| !l.exclusive) {
-            if let Some(ms) = self.owned_membership(*MEMBERSHIP_BY_ID, &[&membership_id])? {
-                if let Some(email) = self.member(&ms.member_id)?.and_then(|m| m.email) {
-                    self.claim(lock_keys::email(tenant, &email))?;
-                }
-            }
+        if self.locks.as_deref().is_some_and(|l| !l.searched(membership_id)) {
+            self.claim_parked_for(tenant, membership_id)?;
         }
         let mut found = rows(self.query(*PARKED, &[&tenant, &provider, &key, &membership_id])?, event_row)?;
         found.sort_by_key(|e| (e.occurred_at, e.seq));
