@@ -467,7 +467,7 @@ pub async fn metrics(
         return Err(ApiError::AdminUnauthorized);
     }
     let (events, sync) = read(&state.ctx.store, |s| Ok((s.event_counts()?, s.sync_status_counts()?))).await?;
-    let text = state.metrics.render(&events, &sync);
+    let text = state.metrics.render(&events, &sync, state.ctx.store.writer_stats());
     Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 

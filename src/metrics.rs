@@ -2,7 +2,8 @@
 //! Counters (names ending `_total`) count since the process started: HTTP requests and
 //! their latency per route and provider, deliveries whose signature did not verify per
 //! provider, and reconciliation outcomes. Gauges read from the store at each scrape:
-//! stored events by status, memberships by sync status. `membersync_build_info` names the
+//! stored events by status, memberships by sync status; on the shared store, the writer's
+//! batches by kind and the jobs it ran again. `membersync_build_info` names the
 //! version, the git commit it was built from and whether tracked files differed from it.
 //!
 //! What this module must never do: label by anything a caller chooses freely (an unknown
@@ -66,6 +67,13 @@ pub struct Metrics {
     unverified: Family<Provider, Counter>,
     events_stored: Family<Status, Gauge>,
     sync_status: Family<Status, Gauge>,
+    writer_batches: Family<Kind, Counter>,
+    writer_reruns: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Kind {
+    kind: &'static str,
 }
 
 impl Metrics {
@@ -103,8 +111,20 @@ impl Metrics {
             "Memberships by reconciliation status",
             sync_status.clone(),
         );
+        let writer_batches = Family::<Kind, Counter>::default();
+        let writer_reruns = Counter::default();
+        registry.register(
+            "membersync_writer_batches",
+            "Batches the shared store's writer committed or tried: beside other replicas' (keyed) or alone (exclusive)",
+            writer_batches.clone(),
+        );
+        registry.register(
+            "membersync_writer_reruns",
+            "Jobs rolled back because another replica's batch held a member they reached, each run again",
+            writer_reruns.clone(),
+        );
         reconcile.register(&mut registry);
-        Metrics { registry, latency, requests, unverified, events_stored, sync_status }
+        Metrics { registry, latency, requests, unverified, events_stored, sync_status, writer_batches, writer_reruns }
     }
 
     /// One request answered. `provider` is empty outside the webhook routes.
@@ -120,7 +140,21 @@ impl Metrics {
     }
 
     /// The text for a scrape, with the store's counts as they are now.
-    pub fn render(&self, events_by_status: &[(String, i64)], memberships_by_sync_status: &[(String, i64)]) -> String {
+    pub fn render(
+        &self,
+        events_by_status: &[(String, i64)],
+        memberships_by_sync_status: &[(String, i64)],
+        writer: crate::store::WriterStats,
+    ) -> String {
+        // The store counts since it opened; the counters take what it counted since the last
+        // scrape.
+        for (kind, n) in [("keyed", writer.keyed_batches), ("exclusive", writer.exclusive_batches)] {
+            if n > 0 {
+                let c = self.writer_batches.get_or_create(&Kind { kind });
+                c.inc_by(n.saturating_sub(c.get()));
+            }
+        }
+        self.writer_reruns.inc_by(writer.reruns.saturating_sub(self.writer_reruns.get()));
         for (family, counts) in
             [(&self.events_stored, events_by_status), (&self.sync_status, memberships_by_sync_status)]
         {

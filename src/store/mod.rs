@@ -687,6 +687,21 @@ pub trait Store: Send + Sync + 'static {
     fn write_deadline(&self) -> Option<std::time::Duration> {
         None
     }
+    /// What the writer has done since the store opened, where it runs beside other
+    /// replicas' writers (`/metrics`).
+    fn writer_stats(&self) -> WriterStats {
+        WriterStats::default()
+    }
+}
+
+/// Counts of the shared store's writer since it opened: batches that ran beside other
+/// replicas' (keyed) and alone (exclusive), and runs of jobs rolled back because another
+/// replica's batch held a member they reached (each then ran again).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    pub keyed_batches: u64,
+    pub exclusive_batches: u64,
+    pub reruns: u64,
 }
 
 // What both stores share: times stored as unix seconds, lists as JSON text, the column

@@ -126,6 +126,8 @@ async fn a_replica_writing_a_member_holds_back_another_on_that_member_and_no_oth
     same.await.unwrap().expect("B's job on X commits once A's did");
     assert_eq!(name_of(&b, "mbr_x").await.as_deref(), Some("x+a+b"), "B's job saw what A's wrote");
     assert_eq!(name_of(&b, "mbr_y").await.as_deref(), Some("y+b"));
+    let stats = b.writer_stats();
+    assert!(stats.reruns >= 1 && stats.exclusive_batches == 0, "B's job on X was rolled back and run again: {stats:?}");
 }
 
 /// A's batch looked an email up, found nobody and is about to create its member; B's job

@@ -128,6 +128,13 @@ async fn one_delivery_sent_to_two_replicas_at_once_is_applied_once() {
     let events = membersync::store::read(&a.ctx.store, |s| s.events(None, None, 1000)).await.unwrap();
     assert_eq!(events.len(), n);
     assert!(events.iter().all(|e| e.deliveries == 2 && e.status == EventStatus::Applied), "{events:?}");
+    // Each replica's writer ran its batches beside the other's, and says so.
+    for r in [&a, &b] {
+        let metrics = r.get_text("/metrics").await;
+        let keyed = metrics.lines().find(|l| l.starts_with("membersync_writer_batches_total{kind=\"keyed\"}"));
+        assert!(keyed.is_some_and(|l| !l.ends_with(" 0")), "{metrics}");
+        assert!(metrics.contains("membersync_writer_reruns_total "), "{metrics}");
+    }
     a.stop().await;
     b.stop().await;
 }

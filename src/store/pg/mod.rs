@@ -79,6 +79,30 @@ pub struct PgStore {
     write_deadline: std::time::Duration,
     /// When the batch the writer is running began (ms since the epoch; 0: none is).
     batch_since: Arc<std::sync::atomic::AtomicI64>,
+    stats: Arc<Stats>,
+}
+
+/// The writer's counts (`WriterStats`).
+#[derive(Default)]
+struct Stats {
+    keyed: std::sync::atomic::AtomicU64,
+    exclusive: std::sync::atomic::AtomicU64,
+    reruns: std::sync::atomic::AtomicU64,
+}
+
+impl Stats {
+    fn add(n: &std::sync::atomic::AtomicU64) {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(super) fn read(&self) -> WriterStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        WriterStats {
+            keyed_batches: self.keyed.load(Relaxed),
+            exclusive_batches: self.exclusive.load(Relaxed),
+            reruns: self.reruns.load(Relaxed),
+        }
+    }
 }
 
 /// Whether `database` names a PostgreSQL database (`postgres://…` or `postgresql://…`).
@@ -253,16 +277,18 @@ impl PgStore {
         let writer_url = url.to_string();
         let batch_since = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let since = batch_since.clone();
+        let stats = Arc::new(Stats::default());
+        let counts = stats.clone();
         std::thread::Builder::new()
             .name("membersync-writer".into())
-            .spawn(move || run_writer(writer, &writer_url, receiver, max_batch, &since))
+            .spawn(move || run_writer(writer, &writer_url, receiver, max_batch, &since, &counts))
             .map_err(|e| Error::Thread(format!("cannot start writer: {e}")))?;
         let readers = Readers {
             pool: Mutex::new(Pool { open: idle.len(), idle }),
             freed: Condvar::new(),
             max: opts.max_readers.max(1),
         };
-        Ok(PgStore { sender, readers, url: url.to_string(), write_deadline: opts.write_deadline, batch_since })
+        Ok(PgStore { sender, readers, url: url.to_string(), write_deadline: opts.write_deadline, batch_since, stats })
     }
 
     /// Runs `f` on a read connection: an idle one, a new one while fewer than the most are
@@ -388,6 +414,7 @@ fn run_writer(
     mut rx: mpsc::Receiver<Work>,
     max_batch: usize,
     since: &std::sync::atomic::AtomicI64,
+    stats: &Stats,
 ) {
     let mut client = Some(client);
     let mut prepared = Prepared::new();
@@ -422,6 +449,7 @@ fn run_writer(
         let Some(conn) = client.as_mut() else { continue };
         since.store(Utc::now().timestamp_millis(), std::sync::atomic::Ordering::Release);
         let exclusive = batch.iter().any(Pending::needs_exclusive);
+        Stats::add(if exclusive { &stats.exclusive } else { &stats.keyed });
         let mut ran: Vec<(Pending, bool)> = Vec::with_capacity(batch.len());
         let result = (|| -> Result<()> {
             conn.batch_execute("BEGIN")?;
@@ -460,6 +488,7 @@ fn run_writer(
                 conn.batch_execute("RELEASE SAVEPOINT job")?;
                 let job = locks.end_job(!ok || again);
                 if again {
+                    Stats::add(&stats.reruns);
                     p.learned = job.claimed;
                     p.deferred += 1;
                     p.exclusive |= job.needs_exclusive;

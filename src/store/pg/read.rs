@@ -108,6 +108,10 @@ impl Store for PgStore {
         Some(self.write_deadline)
     }
 
+    fn writer_stats(&self) -> WriterStats {
+        self.stats.read()
+    }
+
     fn submit(&self, work: Work) -> Result<()> {
         self.sender.try_send(work).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Error::Busy,
