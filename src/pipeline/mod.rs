@@ -48,7 +48,10 @@ pub async fn process(ctx: &Arc<Ctx>, incoming: Incoming, raw: Raw) -> store::Res
     let now = ctx.clock.now();
     let loaded = ctx.loaded();
     let pre = Precomputed::of(&loaded, &incoming, &raw);
-    let hint = lock_hint(&incoming);
+    let mut hint = lock_hint(&incoming);
+    if ctx.store.shared() {
+        hint.extend(members_named(ctx, &incoming).await.iter().map(|m| store::lock_keys::member(m)));
+    }
     // On the shared store it may run again (another replica's batch held its member): it
     // runs on copies, and changes nothing but through `tx`.
     let ack = ctx
@@ -85,6 +88,22 @@ pub fn lock_hint(incoming: &Incoming) -> Vec<i64> {
         ids.push(k::parked(t, p, &parked::payment_key(&r)));
     }
     ids
+}
+
+/// The members an event is likely about, as stored now (`Store::members_named`): the
+/// shared store takes their locks at the start of its batch, with the hint's, rather than
+/// one by one as its job finds them. A guess that could not be read is no guess.
+async fn members_named(ctx: &Arc<Ctx>, incoming: &Incoming) -> Vec<String> {
+    let Incoming::Extracted(x) = incoming else { return vec![] };
+    if x.event.provider == crate::manual::PROVIDER {
+        return vec![]; // named by id: in the hint already
+    }
+    let ev = &x.event;
+    let (t, p, mkey) = (ev.tenant.clone(), ev.provider.clone(), resolve::membership_key(ev));
+    let (cid, email) = (ev.member.provider_customer_id.clone(), ev.member.email.clone());
+    store::read(&ctx.store, move |s| s.members_named(&t, &p, mkey.as_deref(), cid.as_deref(), email.as_deref()))
+        .await
+        .unwrap_or_default()
 }
 
 /// What the writer would otherwise work out from the event alone — its rule view and rank,

@@ -692,6 +692,23 @@ pub trait Store: Send + Sync + 'static {
     fn writer_stats(&self) -> WriterStats {
         WriterStats::default()
     }
+    /// Whether writers of other replicas share this store (its jobs' lock hints count).
+    fn shared(&self) -> bool {
+        false
+    }
+    /// The members a delivery naming these is likely about, as stored now: the member of the
+    /// membership keyed `mkey`, of the customer id, of the email (any case). A guess read
+    /// before the write, for its lock hint: the write finds and locks the member itself.
+    fn members_named(
+        &self,
+        _tenant: &str,
+        _provider: &str,
+        _mkey: Option<&str>,
+        _customer_id: Option<&str>,
+        _email: Option<&str>,
+    ) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
 }
 
 /// Counts of the shared store's writer since it opened: batches that ran beside other

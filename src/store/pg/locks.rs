@@ -35,6 +35,8 @@ pub(super) struct Locks {
     held: HashSet<i64>,
     /// The member of each membership read or written in this batch.
     owners: HashMap<String, String>,
+    /// The email of each member read or written in this batch (`None`: it has none).
+    emails: HashMap<String, Option<String>>,
     /// Memberships whose member's email a search for parked events took (the email a
     /// member takes later in the batch is taken by the save that gives it).
     searched: HashSet<String>,
@@ -60,6 +62,7 @@ impl Locks {
             exclusive,
             held: held.into_iter().collect(),
             owners: HashMap::new(),
+            emails: HashMap::new(),
             searched: HashSet::new(),
             job: JobLocks::default(),
         }
@@ -78,6 +81,7 @@ impl Locks {
                 self.held.remove(id);
             }
             self.owners.clear();
+            self.emails.clear();
             self.searched.clear();
         }
         job
@@ -123,6 +127,17 @@ impl Locks {
 
     pub(super) fn note_searched(&mut self, id: &str) {
         self.searched.insert(id.to_string());
+    }
+
+    /// Member `id`'s email as read or written in this batch, if it was.
+    pub(super) fn email_of(&self, id: &str) -> Option<Option<&str>> {
+        self.emails.get(id).map(Option::as_deref)
+    }
+
+    pub(super) fn note_email(&mut self, id: &str, email: Option<&str>) {
+        if !self.exclusive {
+            self.emails.insert(id.to_string(), email.map(str::to_string));
+        }
     }
 
     pub(super) fn owner(&self, membership_id: &str) -> Option<&str> {

@@ -112,6 +112,32 @@ impl Store for PgStore {
         self.stats.read()
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn members_named(
+        &self,
+        tenant: &str,
+        provider: &str,
+        mkey: Option<&str>,
+        customer_id: Option<&str>,
+        email: Option<&str>,
+    ) -> Result<Vec<String>> {
+        let email = email.map(str::to_lowercase);
+        self.read(|c| {
+            let rows = c.query(
+                "SELECT m FROM (VALUES
+                   ((SELECT member_id FROM memberships WHERE tenant = $1 AND provider = $2 AND key = $3)),
+                   ((SELECT member_id FROM member_customers WHERE tenant = $1 AND provider = $2 AND customer_id = $4)),
+                   ((SELECT id FROM members WHERE tenant = $1 AND email_lc = $5 ORDER BY created_at, id LIMIT 1))
+                 ) AS v(m) WHERE m IS NOT NULL",
+                &[&tenant, &provider, &mkey, &customer_id, &email],
+            )?;
+            rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+        })
+    }
+
     fn submit(&self, work: Work) -> Result<()> {
         self.sender.try_send(work).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Error::Busy,

@@ -106,7 +106,13 @@ impl PgTx<'_> {
             let found = self.opt(sql, params)?.as_ref().map(member_row).transpose()?;
             match &found {
                 Some(m) if self.claim(lock_keys::member(&m.id))? => continue,
-                _ => return Ok(found),
+                Some(m) => {
+                    if let Some(locks) = self.locks.as_deref_mut() {
+                        locks.note_email(&m.id, m.email.as_deref());
+                    }
+                    return Ok(found);
+                }
+                None => return Ok(found),
             }
         }
     }
@@ -129,6 +135,21 @@ impl PgTx<'_> {
     /// that member, and its email (read in one go, again while the member was taken only
     /// after the read).
     fn claim_parked_for(&mut self, tenant: &str, id: &str) -> Result<()> {
+        // Known from this batch's reads (under the member's lock): nothing to read.
+        let known = self.locks.as_deref().and_then(|l| {
+            let owner = l.owner(id)?;
+            l.email_of(owner).map(|e| (owner.to_string(), e.map(str::to_string)))
+        });
+        if let Some((member, email)) = known {
+            self.claim(lock_keys::member(&member))?;
+            if let Some(email) = email {
+                self.claim(lock_keys::email(tenant, &email))?;
+            }
+            if let Some(locks) = self.locks.as_deref_mut() {
+                locks.note_searched(id);
+            }
+            return Ok(());
+        }
         loop {
             let who = self.opt(
                 "SELECT s.member_id, m.email FROM memberships s LEFT JOIN members m ON m.id = s.member_id WHERE s.id = $1",
@@ -470,7 +491,11 @@ impl Tx for PgTx<'_> {
 
     fn member(&mut self, id: &str) -> Result<Option<MemberRow>> {
         self.claim(lock_keys::member(id))?;
-        self.opt(*MEMBER_BY_ID, &[&id])?.as_ref().map(member_row).transpose()
+        let found = self.opt(*MEMBER_BY_ID, &[&id])?.as_ref().map(member_row).transpose()?;
+        if let (Some(m), Some(locks)) = (&found, self.locks.as_deref_mut()) {
+            locks.note_email(&m.id, m.email.as_deref());
+        }
+        Ok(found)
     }
 
     fn member_by_customer(&mut self, tenant: &str, provider: &str, customer_id: &str) -> Result<Option<MemberRow>> {
@@ -487,6 +512,10 @@ impl Tx for PgTx<'_> {
         self.claim(lock_keys::member(&m.id))?;
         if let Some(email) = &m.email {
             self.claim(lock_keys::email(&m.tenant, email))?;
+        }
+        // (An erased member keeps none whatever is saved: its email locked is one too many.)
+        if let Some(locks) = self.locks.as_deref_mut() {
+            locks.note_email(&m.id, m.email.as_deref());
         }
         self.exec(
             "INSERT INTO members (id, tenant, email, email_lc, name, flags, created_at, updated_at)
