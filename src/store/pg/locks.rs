@@ -28,6 +28,14 @@
 
 use std::collections::{HashMap, HashSet};
 
+/// Most record locks one job takes in a keyed batch: one that reaches more (a member deleted
+/// at the provider with thousands of memberships, each a record of its own) runs again
+/// alone, where it takes none. PostgreSQL's shared lock table is finite
+/// (`max_locks_per_transaction` × connections: some thousands by default) and shared by
+/// every session of the server; a job locking without bound would fill it, fail (`out of
+/// shared memory`) on every run, and make every other session's locks fail meanwhile.
+pub(super) const MOST_JOB_LOCKS: usize = 256;
+
 /// What one batch holds.
 pub(super) struct Locks {
     /// Holds the writers' lock exclusively: every claim is granted without locking.
@@ -81,8 +89,12 @@ impl Locks {
         if self.job.contended || self.job.needs_exclusive {
             return Err(super::Error::Contended);
         }
+        let wanted = !self.held.contains(&id);
+        if wanted && self.job.taken.len() >= MOST_JOB_LOCKS {
+            return self.exclusive_only().map(|()| false);
+        }
         self.job.claimed.push(id);
-        Ok(!self.held.contains(&id))
+        Ok(wanted)
     }
 
     /// The try-lock's answer for `id`.

@@ -84,7 +84,16 @@ impl PgTx<'_> {
             return Ok(false);
         }
         let st = self.prepared.get(self.conn, "SELECT pg_try_advisory_xact_lock($1)")?;
-        let taken: bool = self.conn.query_one(&st, &[&id])?.try_get(0)?;
+        let taken: bool = match self.conn.query_one(&st, &[&id]) {
+            Ok(row) => row.try_get(0)?,
+            // The server's lock table is full (other sessions hold the rest): the job is
+            // rolled back, which frees what it took, and runs again alone, taking none.
+            Err(e) if e.code() == Some(&postgres::error::SqlState::OUT_OF_MEMORY) => {
+                self.exclusive_only()?;
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        };
         let locks = self.locks.as_deref_mut().ok_or(Error::Closed)?;
         locks.got(id, taken)?;
         Ok(true)
