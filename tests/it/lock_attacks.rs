@@ -416,3 +416,54 @@ async fn a_job_reaching_more_records_than_the_lock_table_holds_still_commits() {
         .count();
     assert_eq!(canceled, N);
 }
+
+/// Replica A's batch holds member X (mid-job). Replica B's job on X is rolled back and
+/// waits for A's commit — as it should. B's next job, on member Y, which A's batch does not
+/// hold, must not wait too ("one that reaches none of them does not wait",
+/// `member_locks`): it should commit while A still holds X. (B's next batch starts by
+/// taking, blocking, what its deferred job learned — X — so every job in it waits for A:
+/// for as long as A holds X, and past `lock_timeout` the whole batch fails, Y's job with it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_deferred_behind_another_replica_holds_up_no_job_on_another_member() {
+    let url = fresh_database();
+    let (a, b) = (open(&url), open(&url));
+    a.write(|tx| {
+        tx.save_member(&member("mbr_x", "x@example.com"))?;
+        tx.save_member(&member("mbr_y", "y@example.com"))
+    })
+    .await
+    .unwrap();
+    let (at_tx, at) = channel();
+    let (go, go_rx) = channel::<()>();
+    let mut go_rx = Some(go_rx);
+    let a2 = a.clone();
+    let held = tokio::spawn(async move {
+        a2.write_again(vec![], move |tx| {
+            tx.member("mbr_x")?;
+            let _ = at_tx.send(());
+            if let Some(go) = go_rx.take() {
+                let _ = go.recv_timeout(Duration::from_secs(20));
+            }
+            Ok(())
+        })
+        .await
+    });
+    at.recv_timeout(Duration::from_secs(20)).expect("A's batch holds X");
+    let rename = |id: &'static str| {
+        move |tx: &mut dyn Tx| -> membersync::store::Result<()> {
+            let mut m = tx.member(id)?.expect("stored");
+            m.name = Some("b".into());
+            tx.save_member(&m)
+        }
+    };
+    let b2 = b.clone();
+    let on_x = tokio::spawn(async move { b2.write_again(vec![], rename("mbr_x")).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!on_x.is_finished(), "B's job on X ran while A's batch held X");
+    let b3 = b.clone();
+    let on_y = tokio::time::timeout(Duration::from_secs(3), b3.write_again(vec![], rename("mbr_y"))).await;
+    go.send(()).unwrap();
+    held.await.unwrap().unwrap();
+    on_x.await.unwrap().unwrap();
+    assert!(matches!(on_y, Ok(Ok(()))), "B's job on Y waited for A's hold on X: {on_y:?}");
+}
