@@ -467,3 +467,51 @@ async fn a_job_deferred_behind_another_replica_holds_up_no_job_on_another_member
     on_x.await.unwrap().unwrap();
     assert!(matches!(on_y, Ok(Ok(()))), "B's job on Y waited for A's hold on X: {on_y:?}");
 }
+
+/// Eight members deleted at the provider at once, 100 memberships each, on one replica:
+/// one batch whose jobs reach 1,600 records together, each job 200: fewer than a job's most.
+/// The server's lock table (small here) fills before the batch's most is reached: the job
+/// that finds it full is rolled back (freeing what it took) and runs again alone; every
+/// fan-out is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_jobs_that_together_fill_the_lock_table_still_commits_each() {
+    let url = small_lock_table_database();
+    let store: Arc<dyn Store> = Arc::new(PgStore::open(&url, Options::default()).expect("the store opens"));
+    const MEMBERS: usize = 8;
+    const EACH: usize = 100;
+    store
+        .write(|tx| {
+            for j in 0..MEMBERS {
+                let id = format!("mbr_{j}");
+                tx.save_member(&member(&id, &format!("m{j}@example.com")))?;
+                for i in 0..EACH {
+                    tx.save_membership(&membership(&format!("msp_{j}_{i:03}"), &id, &format!("sub:{j}_{i:03}")))?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for j in 0..MEMBERS {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .write_again(vec![], move |tx| {
+                    let all = tx.memberships_of(&format!("mbr_{j}"))?;
+                    for ms in &all {
+                        tx.event_by_key("demo", "stripe", &format!("evt_deleted_{j}#{}", ms.key))?;
+                        let mut m = tx.membership_by_key("demo", "stripe", &ms.key)?.expect("stored");
+                        m.state = MState::Canceled;
+                        tx.save_membership(&m)?;
+                    }
+                    Ok(all.len())
+                })
+                .await
+        }));
+    }
+    let done = tokio::time::timeout(Duration::from_secs(30), futures_join(tasks)).await.expect("every job ends");
+    for (j, r) in done.iter().enumerate() {
+        assert!(matches!(r, Ok(EACH)), "member {j}'s fan-out: {r:?}");
+    }
+}
