@@ -36,6 +36,10 @@ use std::collections::{HashMap, HashSet};
 /// shared memory`) on every run, and make every other session's locks fail meanwhile.
 pub(super) const MOST_JOB_LOCKS: usize = 256;
 
+/// Most record locks a keyed batch holds: past them, a job that reaches one more runs
+/// again alone, so that a batch of many large jobs cannot fill the table either.
+pub(super) const MOST_BATCH_LOCKS: usize = 1024;
+
 /// What one batch holds.
 pub(super) struct Locks {
     /// Holds the writers' lock exclusively: every claim is granted without locking.
@@ -90,7 +94,7 @@ impl Locks {
             return Err(super::Error::Contended);
         }
         let wanted = !self.held.contains(&id);
-        if wanted && self.job.taken.len() >= MOST_JOB_LOCKS {
+        if wanted && (self.job.taken.len() >= MOST_JOB_LOCKS || self.held.len() >= MOST_BATCH_LOCKS) {
             return self.exclusive_only().map(|()| false);
         }
         self.job.claimed.push(id);
