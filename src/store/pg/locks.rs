@@ -13,14 +13,18 @@
 //!   locked even where nothing is stored under it yet, so that two jobs cannot both find
 //!   it free and create it twice.
 //!
-//! A keyed batch first takes, blocking and sorted by id, what its jobs are known to need
-//! (their hints, and what an earlier run of a deferred job took): sorted acquisition
-//! cannot deadlock. What a job reaches beyond that (the member a customer id turns out to
+//! A keyed batch first takes what its jobs are known to need (their hints, and what an
+//! earlier run of a deferred job took) without waiting: a job needing one another batch
+//! holds is set aside for a later batch, and the others run now. Only when none can run
+//! (or a job was set aside too often) does the batch wait for them, in a transaction
+//! holding nothing else yet, sorted by id: sorted acquisition cannot deadlock. What a job reaches beyond that (the member a customer id turns out to
 //! name) is taken with `pg_try_advisory_xact_lock` — a job never waits for a lock mid-batch,
 //! so no cycle of waits can form either. A record taken after it was read is read again,
 //! until what was read is what is held. A job that finds one held by another batch is
 //! rolled back to its savepoint and runs again in the writer's next batch, which takes
-//! everything the failed run reached, in order, before it starts.
+//! everything the failed run reached before it starts. A job that would hold more locks
+//! than `MOST_JOB_LOCKS` (or its batch more than `MOST_BATCH_LOCKS`), or that finds the
+//! server's lock table full, runs again in an exclusive batch.
 //!
 //! Every read and write of a job is made under a lock held from before it to the commit:
 //! strict two-phase locking, so the batches of all replicas commit in an order in which
