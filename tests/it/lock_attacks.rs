@@ -370,6 +370,10 @@ async fn futures_join<T: Send + 'static>(tasks: Vec<tokio::task::JoinHandle<T>>)
     out
 }
 
+/// The tests on the server with a small lock table run one at a time: one filling the
+/// table fails the other's statements (as it would any session's), which is what they show.
+static SMALL_TABLE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A member deleted at the provider fans out to each of their memberships: the job reaches
 /// each one by its key and stores an event of its own under a key of its own — two record
 /// locks per membership, all held to the commit. A member with more memberships than
@@ -380,6 +384,7 @@ async fn futures_join<T: Send + 'static>(tasks: Vec<tokio::task::JoinHandle<T>>)
 /// lock fails too. One SQLite node — or the same job run alone — commits it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_reaching_more_records_than_the_lock_table_holds_still_commits() {
+    let _alone = SMALL_TABLE.lock().await;
     let url = small_lock_table_database();
     let store = open(&url);
     const N: usize = 1500;
@@ -475,6 +480,7 @@ async fn a_job_deferred_behind_another_replica_holds_up_no_job_on_another_member
 /// fan-out is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_jobs_that_together_fill_the_lock_table_still_commits_each() {
+    let _alone = SMALL_TABLE.lock().await;
     let url = small_lock_table_database();
     let store: Arc<dyn Store> = Arc::new(PgStore::open(&url, Options::default()).expect("the store opens"));
     const MEMBERS: usize = 8;
