@@ -18,6 +18,7 @@ mod fuzz_campaign;
 mod grants;
 mod guarantees;
 mod lifecycle;
+mod lock_attacks;
 mod mcp;
 mod member_locks;
 mod members;

@@ -43,6 +43,36 @@ pub fn fresh_database() -> String {
     create_database("t", TEMPLATE)
 }
 
+/// A second server of its own (started by the first test that asks) whose shared lock
+/// table is small: `max_connections=20`, `max_locks_per_transaction=10` (room for a few
+/// hundred locks, where a production default holds some thousands): what a job that locks
+/// more than the table holds meets, without starving the other tests' server. The URL of a
+/// new, migrated, empty database on it.
+pub fn small_lock_table_database() -> String {
+    static SMALL: OnceLock<Result<String, String>> = OnceLock::new();
+    let base = SMALL
+        .get_or_init(|| {
+            std::thread::spawn(|| {
+                let (base, _) = start_own(
+                    "-small",
+                    &["max_connections=20", "max_locks_per_transaction=10", "max_wal_senders=0", "wal_level=minimal"],
+                )?;
+                make_template(&base)?;
+                Ok(base)
+            })
+            .join()
+            .unwrap_or_else(|_| Err("starting the small cluster panicked".into()))
+        })
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let name = format!("s{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
+    query(&format!("{base}/postgres?sslmode=disable"), |c| {
+        c.batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
+    })
+    .unwrap_or_else(|e| panic!("cannot create the test database {name}: {e}"));
+    format!("{base}/{name}?sslmode=disable")
+}
+
 /// The URL of a new database with nothing in it (not even the schema).
 pub fn empty_database() -> String {
     create_database("e", "template0")
@@ -84,7 +114,7 @@ fn start() -> Result<Cluster, String> {
         Ok(url) if !url.is_empty() => {
             (url.trim_end_matches('/').to_string(), std::env::var_os("MEMBERSYNC_TEST_POSTGRES_CA").map(PathBuf::from))
         }
-        _ => start_own()?,
+        _ => start_own("", &[])?,
     };
     make_template(&base)?;
     Ok(Cluster { base, ca })
@@ -159,7 +189,13 @@ fn remove_stale(parent: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else { return };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let Some(pid) = name.strip_prefix("membersync-test-pg-").and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Some(pid) = name
+            .strip_prefix("membersync-test-pg-")
+            .map(|p| p.trim_end_matches(|c: char| !c.is_ascii_digit()))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
         if !Path::new(&format!("/proc/{pid}")).exists() {
             let _ = std::fs::remove_dir_all(e.path());
         }
@@ -191,12 +227,12 @@ fn make_certificate(dir: &Path, who: Option<(u32, u32)>) -> Result<PathBuf, Stri
     Ok(dir.join("ca.crt"))
 }
 
-fn start_own() -> Result<(String, Option<PathBuf>), String> {
+fn start_own(tag: &str, settings: &[&str]) -> Result<(String, Option<PathBuf>), String> {
     let bin = bin_dir()?;
     let who = run_as()?;
     let parent = std::env::temp_dir();
     remove_stale(&parent);
-    let dir = parent.join(format!("membersync-test-pg-{}", std::process::id()));
+    let dir = parent.join(format!("membersync-test-pg-{}{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
     if let Some((uid, gid)) = who {
@@ -233,6 +269,7 @@ fn start_own() -> Result<(String, Option<PathBuf>), String> {
         .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
         // Tests only: a crash of this machine loses nothing anyone needs.
         .args(["-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=400"])
+        .args(settings.iter().flat_map(|kv| ["-c", kv]))
         .args(["-c", "ssl=on", "-c"])
         .arg(format!("ssl_cert_file={}", dir.join("server.crt").display()))
         .arg("-c")

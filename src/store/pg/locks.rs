@@ -13,20 +13,36 @@
 //!   locked even where nothing is stored under it yet, so that two jobs cannot both find
 //!   it free and create it twice.
 //!
-//! A keyed batch first takes, blocking and sorted by id, what its jobs are known to need
-//! (their hints, and what an earlier run of a deferred job took): sorted acquisition
-//! cannot deadlock. What a job reaches beyond that (the member a customer id turns out to
+//! A keyed batch first takes what its jobs are known to need (their hints, and what an
+//! earlier run of a deferred job took) without waiting: a job needing one another batch
+//! holds is set aside for a later batch, and the others run now. Only when none can run
+//! (or a job was set aside too often) does the batch wait for them, in a transaction
+//! holding nothing else yet, sorted by id: sorted acquisition cannot deadlock. What a job reaches beyond that (the member a customer id turns out to
 //! name) is taken with `pg_try_advisory_xact_lock` — a job never waits for a lock mid-batch,
 //! so no cycle of waits can form either. A record taken after it was read is read again,
 //! until what was read is what is held. A job that finds one held by another batch is
 //! rolled back to its savepoint and runs again in the writer's next batch, which takes
-//! everything the failed run reached, in order, before it starts.
+//! everything the failed run reached before it starts. A job that would hold more locks
+//! than `MOST_JOB_LOCKS` (or its batch more than `MOST_BATCH_LOCKS`), or that finds the
+//! server's lock table full, runs again in an exclusive batch.
 //!
 //! Every read and write of a job is made under a lock held from before it to the commit:
 //! strict two-phase locking, so the batches of all replicas commit in an order in which
 //! each saw what the ones before it wrote, as one writer's batches do.
 
 use std::collections::{HashMap, HashSet};
+
+/// Most record locks one job takes in a keyed batch: one that reaches more (a member deleted
+/// at the provider with thousands of memberships, each a record of its own) runs again
+/// alone, where it takes none. PostgreSQL's shared lock table is finite
+/// (`max_locks_per_transaction` × connections: some thousands by default) and shared by
+/// every session of the server; a job locking without bound would fill it, fail (`out of
+/// shared memory`) on every run, and make every other session's locks fail meanwhile.
+pub(super) const MOST_JOB_LOCKS: usize = 256;
+
+/// Most record locks a keyed batch holds: past them, a job that reaches one more runs
+/// again alone, so that a batch of many large jobs cannot fill the table either.
+pub(super) const MOST_BATCH_LOCKS: usize = 1024;
 
 /// What one batch holds.
 pub(super) struct Locks {
@@ -95,8 +111,12 @@ impl Locks {
         if self.job.contended || self.job.needs_exclusive {
             return Err(super::Error::Contended);
         }
+        let wanted = !self.held.contains(&id);
+        if wanted && (self.job.taken.len() >= MOST_JOB_LOCKS || self.held.len() >= MOST_BATCH_LOCKS) {
+            return self.exclusive_only().map(|()| false);
+        }
         self.job.claimed.push(id);
-        Ok(!self.held.contains(&id))
+        Ok(wanted)
     }
 
     /// The try-lock's answer for `id`.

@@ -30,6 +30,7 @@ pub use copy::{copy_sqlite_to_pg, Copied};
 use super::*;
 use locks::Locks;
 use postgres::Client;
+use std::collections::HashSet;
 use std::sync::{Arc, Condvar, Mutex};
 use tokio::sync::mpsc;
 use tx::*;
@@ -387,7 +388,18 @@ struct Pending {
     deferred: u32,
     /// Its last run reached what only an exclusive batch may do.
     exclusive: bool,
+    /// How many batches set it aside, before it ran, for what another batch held.
+    set_aside: u32,
 }
+
+/// A job set aside this many times makes its batch wait for what it needs (and hold up the
+/// rest of the batch meanwhile): it cannot be passed over for ever.
+const MOST_SET_ASIDE: u32 = 8;
+
+/// How long a batch all of whose jobs need what other batches hold waits for it before
+/// they are set aside (and the writer looks for jobs that can run), until one of them was
+/// set aside `MOST_SET_ASIDE` times.
+const PATIENCE: &str = "SET LOCAL lock_timeout = '200ms'";
 
 /// Runs after this many runs were rolled back: in an exclusive batch, which always
 /// completes.
@@ -395,7 +407,7 @@ const MOST_DEFERRALS: u32 = 4;
 
 impl Pending {
     fn new(work: Work) -> Pending {
-        Pending { work, learned: Vec::new(), deferred: 0, exclusive: false }
+        Pending { work, learned: Vec::new(), deferred: 0, exclusive: false, set_aside: 0 }
     }
 
     fn needs_exclusive(&self) -> bool {
@@ -451,6 +463,7 @@ fn run_writer(
         let exclusive = batch.iter().any(Pending::needs_exclusive);
         Stats::add(if exclusive { &stats.exclusive } else { &stats.keyed });
         let mut ran: Vec<(Pending, bool)> = Vec::with_capacity(batch.len());
+        let mut aside: Vec<Pending> = Vec::new();
         let result = (|| -> Result<()> {
             conn.batch_execute("BEGIN")?;
             let mut locks = match exclusive {
@@ -460,17 +473,67 @@ fn run_writer(
                     Locks::new(true, [])
                 }
                 false => {
-                    let lock = prepared.get(conn, "SELECT pg_advisory_xact_lock_shared($1)")?;
-                    conn.execute(&lock, &[&WRITER_LOCK])?;
-                    // What the jobs are known to need, sorted: batches taking theirs in
-                    // the same order never wait on each other in a circle.
-                    let mut ids: Vec<i64> =
-                        batch.iter().flat_map(|p| p.work.hint.iter().chain(&p.learned)).copied().collect();
+                    let shared = prepared.get(conn, "SELECT pg_advisory_xact_lock_shared($1)")?;
+                    conn.execute(&shared, &[&WRITER_LOCK])?;
+                    let wants = |p: &Pending| p.work.hint.iter().chain(&p.learned).copied().collect::<Vec<i64>>();
+                    let mut ids: Vec<i64> = batch.iter().flat_map(wants).collect();
                     ids.sort_unstable();
                     ids.dedup();
-                    let take = prepared
-                        .get(conn, "SELECT count(pg_advisory_xact_lock(id)) FROM unnest($1::BIGINT[]) AS id")?;
-                    conn.execute(&take, &[&ids])?;
+                    // First without waiting: the jobs that need something another batch
+                    // holds wait for a later batch, and the others run now, held up by
+                    // none of it. Only when none could run (or one was set aside too
+                    // often) does the batch wait, in a transaction of its own holding
+                    // nothing yet, for everything, sorted: batches taking theirs in the
+                    // same order never wait on each other in a circle.
+                    let mut wait = batch.iter().any(|p| p.set_aside >= MOST_SET_ASIDE);
+                    let mut briefly = false;
+                    if !wait {
+                        let try_all = prepared.get(
+                            conn,
+                            "SELECT id FROM unnest($1::BIGINT[]) AS id WHERE NOT pg_try_advisory_xact_lock(id)",
+                        )?;
+                        let busy: HashSet<i64> = conn.query(&try_all, &[&ids])?.iter().map(|r| r.get(0)).collect();
+                        if !busy.is_empty() {
+                            let (ready, held_up): (Vec<Pending>, Vec<Pending>) =
+                                batch.drain(..).partition(|p| !wants(p).iter().any(|id| busy.contains(id)));
+                            match ready.is_empty() {
+                                true => {
+                                    batch = held_up;
+                                    wait = true;
+                                    conn.batch_execute("ROLLBACK; BEGIN")?;
+                                    conn.execute(&shared, &[&WRITER_LOCK])?;
+                                    // Briefly, at first: jobs that arrive meanwhile run
+                                    // in the next batch rather than wait behind these.
+                                    conn.batch_execute(PATIENCE)?;
+                                    briefly = true;
+                                }
+                                false => {
+                                    batch = ready;
+                                    for mut p in held_up {
+                                        p.set_aside += 1;
+                                        aside.push(p);
+                                    }
+                                    ids.retain(|id| !busy.contains(id));
+                                }
+                            }
+                        }
+                    }
+                    if wait {
+                        let take = prepared
+                            .get(conn, "SELECT count(pg_advisory_xact_lock(id)) FROM unnest($1::BIGINT[]) AS id")?;
+                        match conn.execute(&take, &[&ids]) {
+                            Ok(_) => {}
+                            Err(e) if briefly && e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                                conn.batch_execute("ROLLBACK")?;
+                                for mut p in batch.drain(..) {
+                                    p.set_aside += 1;
+                                    aside.push(p);
+                                }
+                                return Ok(());
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
                     Locks::new(false, ids)
                 }
             };
@@ -509,6 +572,9 @@ fn run_writer(
         // Jobs the batch never reached (an error before them) are dropped: their callers
         // hear `Closed`.
         drop(batch);
+        // Set aside before it ran (what it needs was held): it waits, whatever became of the
+        // batch.
+        waiting.append(&mut aside);
         for (p, again) in ran {
             match (&result, again) {
                 (Ok(()), true) => waiting.push(p),

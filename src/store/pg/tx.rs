@@ -62,17 +62,30 @@ pub(super) struct PgTx<'a> {
 impl PgTx<'_> {
     fn query(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
         let st = self.prepared.get(self.conn, sql)?;
-        Ok(self.conn.query(&st, params)?)
+        self.conn.query(&st, params).map_err(|e| self.failed(e))
     }
 
     fn opt(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>> {
         let st = self.prepared.get(self.conn, sql)?;
-        Ok(self.conn.query_opt(&st, params)?)
+        self.conn.query_opt(&st, params).map_err(|e| self.failed(e))
     }
 
     fn exec(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
         let st = self.prepared.get(self.conn, sql)?;
-        Ok(self.conn.execute(&st, params)?)
+        self.conn.execute(&st, params).map_err(|e| self.failed(e))
+    }
+
+    /// A statement's error. The server's lock table full (`out of shared memory`: the locks
+    /// of this batch and of other sessions fill it) fails any statement that takes a lock,
+    /// a record's or a table's: in a keyed batch, the job is rolled back, which frees what
+    /// it took, and runs again alone, where it takes no record lock.
+    fn failed(&mut self, e: postgres::Error) -> Error {
+        if e.code() == Some(&postgres::error::SqlState::OUT_OF_MEMORY) {
+            if let Some(Err(contended)) = self.locks.as_deref_mut().map(Locks::exclusive_only) {
+                return contended;
+            }
+        }
+        e.into()
     }
 
     /// Takes lock `id` for the rest of the batch (see `locks`); true when it was taken just
@@ -84,7 +97,7 @@ impl PgTx<'_> {
             return Ok(false);
         }
         let st = self.prepared.get(self.conn, "SELECT pg_try_advisory_xact_lock($1)")?;
-        let taken: bool = self.conn.query_one(&st, &[&id])?.try_get(0)?;
+        let taken: bool = self.conn.query_one(&st, &[&id]).map_err(|e| self.failed(e))?.try_get(0)?;
         let locks = self.locks.as_deref_mut().ok_or(Error::Closed)?;
         locks.got(id, taken)?;
         Ok(true)
