@@ -400,6 +400,9 @@ const MOST_SET_ASIDE: u32 = 8;
 /// they are set aside (and the writer looks for jobs that can run), until one of them was
 /// set aside `MOST_SET_ASIDE` times.
 const PATIENCE: &str = "SET LOCAL lock_timeout = '200ms'";
+/// The wait every statement of a batch may make (as `connect` sets it), back after
+/// `PATIENCE`.
+const PATIENCE_OVER: &str = "SET LOCAL lock_timeout = '30s'";
 
 /// Runs after this many runs were rolled back: in an exclusive batch, which always
 /// completes.
@@ -522,6 +525,9 @@ fn run_writer(
                         let take = prepared
                             .get(conn, "SELECT count(pg_advisory_xact_lock(id)) FROM unnest($1::BIGINT[]) AS id")?;
                         match conn.execute(&take, &[&ids]) {
+                            // The jobs' own statements wait as long as any (a row another
+                            // batch holds), not the brief wait's time.
+                            Ok(_) if briefly => conn.batch_execute(PATIENCE_OVER)?,
                             Ok(_) => {}
                             Err(e) if briefly && e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
                                 conn.batch_execute("ROLLBACK")?;
