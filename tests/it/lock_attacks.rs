@@ -372,7 +372,7 @@ async fn futures_join<T: Send + 'static>(tasks: Vec<tokio::task::JoinHandle<T>>)
 
 /// The tests on the server with a small lock table run one at a time: one filling the
 /// table fails the other's statements (as it would any session's), which is what they show.
-static SMALL_TABLE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static SMALL_TABLE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A member deleted at the provider fans out to each of their memberships: the job reaches
 /// each one by its key and stores an event of its own under a key of its own — two record

@@ -19,6 +19,7 @@ mod grants;
 mod guarantees;
 mod lifecycle;
 mod lock_attacks;
+mod lock_attacks2;
 mod mcp;
 mod member_locks;
 mod members;

@@ -24,7 +24,9 @@
 //! rolled back to its savepoint and runs again in the writer's next batch, which takes
 //! everything the failed run reached before it starts. A job that would hold more locks
 //! than `MOST_JOB_LOCKS` (or its batch more than `MOST_BATCH_LOCKS`), or that finds the
-//! server's lock table full, runs again in an exclusive batch.
+//! server's lock table full, runs again in an exclusive batch. So is what a batch takes at
+//! its start: at most `MOST_BATCH_LOCKS` (jobs past it wait for the next batch), and a lock
+//! table found full while taking it sends the batch's jobs to run alone.
 //!
 //! Every read and write of a job is made under a lock held from before it to the commit:
 //! strict two-phase locking, so the batches of all replicas commit in an order in which

@@ -418,6 +418,20 @@ impl Pending {
     }
 }
 
+/// Whether `e` is the server's lock table found full (`out of shared memory`).
+fn lock_table_full(e: &postgres::Error) -> bool {
+    e.code() == Some(&postgres::error::SqlState::OUT_OF_MEMORY)
+}
+
+/// The server's lock table was full when a keyed batch took what its jobs need: they run
+/// again alone, where they take no record lock (and are not counted as set aside).
+fn alone(batch: &mut Vec<Pending>, aside: &mut Vec<Pending>) {
+    for mut p in batch.drain(..) {
+        p.exclusive = true;
+        aside.push(p);
+    }
+}
+
 /// Runs jobs in batches, one transaction each, every job in its own savepoint; each caller
 /// hears back once the commit returned (or failed: then none hears `Ok`). A batch is
 /// exclusive or keyed (see `locks`): a job a keyed batch cannot finish (another replica's
@@ -448,6 +462,13 @@ fn run_writer(
             }
         }
         let mut batch = std::mem::take(&mut waiting);
+        // A job that would start by taking more than a job's most runs alone, as it would
+        // on reaching them.
+        for p in batch.iter_mut() {
+            if p.work.hint.len() + p.learned.len() > locks::MOST_JOB_LOCKS {
+                p.exclusive = true;
+            }
+        }
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             prepared.clear();
             client = match connect(url) {
@@ -464,6 +485,21 @@ fn run_writer(
         let Some(conn) = client.as_mut() else { continue };
         since.store(Utc::now().timestamp_millis(), std::sync::atomic::Ordering::Release);
         let exclusive = batch.iter().any(Pending::needs_exclusive);
+        if !exclusive {
+            // What a keyed batch takes at its start is bounded as what its jobs reach is
+            // (`MOST_BATCH_LOCKS`): jobs past it wait for the next batch. (Jobs run again
+            // take what their rolled-back runs learned, which together may be far more.)
+            let mut ids: HashSet<i64> = HashSet::new();
+            for p in std::mem::take(&mut batch) {
+                let wants: HashSet<i64> = p.work.hint.iter().chain(&p.learned).copied().collect();
+                if batch.is_empty() || ids.union(&wants).count() <= locks::MOST_BATCH_LOCKS {
+                    ids.extend(wants);
+                    batch.push(p);
+                } else {
+                    waiting.push(p);
+                }
+            }
+        }
         Stats::add(if exclusive { &stats.exclusive } else { &stats.keyed });
         let mut ran: Vec<(Pending, bool)> = Vec::with_capacity(batch.len());
         let mut aside: Vec<Pending> = Vec::new();
@@ -495,7 +531,15 @@ fn run_writer(
                             conn,
                             "SELECT id FROM unnest($1::BIGINT[]) AS id WHERE NOT pg_try_advisory_xact_lock(id)",
                         )?;
-                        let busy: HashSet<i64> = conn.query(&try_all, &[&ids])?.iter().map(|r| r.get(0)).collect();
+                        let busy: HashSet<i64> = match conn.query(&try_all, &[&ids]) {
+                            Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+                            Err(e) if lock_table_full(&e) => {
+                                conn.batch_execute("ROLLBACK")?;
+                                alone(&mut batch, &mut aside);
+                                return Ok(());
+                            }
+                            Err(e) => return Err(e.into()),
+                        };
                         if !busy.is_empty() {
                             let (ready, held_up): (Vec<Pending>, Vec<Pending>) =
                                 batch.drain(..).partition(|p| !wants(p).iter().any(|id| busy.contains(id)));
@@ -535,6 +579,11 @@ fn run_writer(
                                     p.set_aside += 1;
                                     aside.push(p);
                                 }
+                                return Ok(());
+                            }
+                            Err(e) if lock_table_full(&e) => {
+                                conn.batch_execute("ROLLBACK")?;
+                                alone(&mut batch, &mut aside);
                                 return Ok(());
                             }
                             Err(e) => return Err(e.into()),
