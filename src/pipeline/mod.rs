@@ -48,16 +48,19 @@ pub async fn process(ctx: &Arc<Ctx>, incoming: Incoming, raw: Raw) -> store::Res
     let now = ctx.clock.now();
     let loaded = ctx.loaded();
     let pre = Precomputed::of(&loaded, &incoming, &raw);
-    let mut hint = lock_hint(&incoming);
-    if ctx.store.shared() {
-        hint.extend(members_named(ctx, &incoming).await.iter().map(|m| store::lock_keys::member(m)));
-    }
-    // On the shared store it may run again (another replica's batch held its member): it
-    // runs on copies, and changes nothing but through `tx`.
-    let ack = ctx
-        .store
-        .write_again(hint, move |tx| apply_with(&loaded, tx, incoming.clone(), raw.clone(), now, pre.clone()))
-        .await?;
+    let ack = match ctx.store.shared() {
+        // On the shared store it may run again (another replica's batch held its member):
+        // it runs on copies, and changes nothing but through `tx`; its hint names what it
+        // will lock.
+        true => {
+            let mut hint = lock_hint(&incoming);
+            hint.extend(members_named(ctx, &incoming).await.iter().map(|m| store::lock_keys::member(m)));
+            let job = move |tx: &mut dyn Tx| apply_with(&loaded, tx, incoming.clone(), raw.clone(), now, pre.clone());
+            ctx.store.write_again(hint, job).await?
+        }
+        // One writer runs every job once: no copies, no hint.
+        false => ctx.store.write(move |tx| apply_with(&loaded, tx, incoming, raw, now, pre)).await?,
+    };
     if ack.outcome.effects.iter().any(|e| matches!(e, Effect::ScheduleTimer { .. })) {
         ctx.timers_changed.notify_one();
     }

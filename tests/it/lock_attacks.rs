@@ -10,16 +10,14 @@ use crate::support::Rng;
 use chrono::{Duration as CDuration, Utc};
 use membersync::machine::MState;
 use membersync::store::pg::{Options, PgStore};
-use membersync::store::{MemberRow, MembershipRow, Store, SyncState, TimerRow, Tx};
+use membersync::store::{MemberRow, MembershipRow, Store, TimerRow, Tx};
 use std::sync::mpsc::channel;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn open(url: &str) -> Arc<dyn Store> {
-    Arc::new(PgStore::open(url, Options::default()).expect("the store opens"))
-}
+pub(crate) use crate::member_locks::open;
 
-fn member(id: &str, email: &str) -> MemberRow {
+pub(crate) fn member(id: &str, email: &str) -> MemberRow {
     MemberRow {
         id: id.into(),
         tenant: "demo".into(),
@@ -32,33 +30,9 @@ fn member(id: &str, email: &str) -> MemberRow {
     }
 }
 
-fn membership(id: &str, member_id: &str, key: &str) -> MembershipRow {
-    let now = Utc::now();
-    MembershipRow {
-        id: id.into(),
-        tenant: "demo".into(),
-        member_id: member_id.into(),
-        provider: "stripe".into(),
-        key: key.into(),
-        subscription_id: None,
-        product_id: None,
-        plan_id: None,
-        status: None,
-        state: MState::Active,
-        period_end: None,
-        grace_until: None,
-        access_until: None,
-        cancel_at_period_end: false,
-        access_levels: vec!["pro".into()],
-        flags: vec![],
-        last_event_at: None,
-        last_event_id: None,
-        last_reconciled_at: None,
-        sync_status: SyncState::NeverReconciled,
-        created_at: now,
-        updated_at: now,
-        last_event_rank: 0,
-    }
+/// A Stripe membership of tenant `demo`.
+pub(crate) fn membership(id: &str, member_id: &str, key: &str) -> MembershipRow {
+    crate::store_contract::membership(id, "demo", member_id, "stripe", key)
 }
 
 /// The lock ids the store takes, as the SQL the writer runs takes them, on two plain

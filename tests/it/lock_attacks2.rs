@@ -7,58 +7,12 @@ use crate::pg_cluster::*;
 use chrono::Utc;
 use membersync::canonical::Source;
 use membersync::machine::MState;
-use membersync::store::pg::{Options, PgStore};
-use membersync::store::{stored_json, EventRow, EventStatus, MemberRow, MembershipRow, Store, SyncState};
+use membersync::store::{stored_json, EventRow, EventStatus};
 use serde_json::json;
 use std::sync::mpsc::channel;
-use std::sync::Arc;
 use std::time::Duration;
 
-fn open(url: &str) -> Arc<dyn Store> {
-    Arc::new(PgStore::open(url, Options::default()).expect("the store opens"))
-}
-
-fn member(id: &str, email: &str) -> MemberRow {
-    MemberRow {
-        id: id.into(),
-        tenant: "demo".into(),
-        email: Some(email.into()),
-        name: Some(String::new()),
-        flags: vec![],
-        created_at: Utc::now(),
-        updated_at: Utc::now(),
-        erased_at: None,
-    }
-}
-
-fn membership(id: &str, member_id: &str, key: &str) -> MembershipRow {
-    let now = Utc::now();
-    MembershipRow {
-        id: id.into(),
-        tenant: "demo".into(),
-        member_id: member_id.into(),
-        provider: "stripe".into(),
-        key: key.into(),
-        subscription_id: None,
-        product_id: None,
-        plan_id: None,
-        status: None,
-        state: MState::Active,
-        period_end: None,
-        grace_until: None,
-        access_until: None,
-        cancel_at_period_end: false,
-        access_levels: vec!["pro".into()],
-        flags: vec![],
-        last_event_at: None,
-        last_event_id: None,
-        last_reconciled_at: None,
-        sync_status: SyncState::NeverReconciled,
-        created_at: now,
-        updated_at: now,
-        last_event_rank: 0,
-    }
-}
+use crate::lock_attacks::{member, membership, open};
 
 /// Replica A's batch holds member H (mid-job). Replica B runs fan-outs of four members,
 /// 100 memberships each (200 record locks a job, under a job's most), each of which also

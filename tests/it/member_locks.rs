@@ -13,7 +13,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
-fn open(url: &str) -> Arc<dyn Store> {
+pub(crate) fn open(url: &str) -> Arc<dyn Store> {
     Arc::new(PgStore::open(url, Options::default()).expect("the store opens"))
 }
 

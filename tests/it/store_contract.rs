@@ -87,7 +87,7 @@ fn member(id: &str, tenant: &str, email: Option<&str>, name: Option<&str>, creat
     }
 }
 
-fn membership(id: &str, tenant: &str, member_id: &str, provider: &str, key: &str) -> MembershipRow {
+pub(crate) fn membership(id: &str, tenant: &str, member_id: &str, provider: &str, key: &str) -> MembershipRow {
     MembershipRow {
         id: id.into(),
         tenant: tenant.into(),
